@@ -1,0 +1,70 @@
+"""The `mypt` command: a table from subcommand to module, and the one place errors become exit 2.
+
+Each subcommand module has a docstring (its --help, with an example), `add_arguments(parser)`
+and `run(args) -> int`. The spec's scripts (train.py, generate.py, scripts/*.py) call `main`
+with their subcommand, so they are aliases of the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mypt.errors import MyPTError
+
+COMMANDS = {
+    "train": "mypt.cli.train",
+    "generate": "mypt.cli.generate",
+    "configs": "mypt.cli.configs",
+    "inspect": "mypt.cli.inspect",
+    "eval": "mypt.cli.evaluate",
+    "compare": "mypt.cli.compare",
+    "export": "mypt.cli.export",
+    "import": "mypt.cli.import_hf",
+}
+SUMMARIES = {
+    "train": "train a model, or resume one",
+    "generate": "sample text from a trained model",
+    "configs": "list the presets with exact parameter counts and memory estimates",
+    "inspect": "show what a checkpoint folder holds",
+    "eval": "loss, perplexity and bits per character of models on one text",
+    "compare": "continue one prompt with several models side by side",
+    "export": "write a model as a Hugging Face transformers folder",
+    "import": "turn a Hugging Face GPT-2 folder into a MyPT checkpoint",
+}
+
+
+def build_parser(command: str, prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    module = importlib.import_module(COMMANDS[command])
+    parser = argparse.ArgumentParser(
+        prog=prog or f"mypt {command}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return parser, module
+
+
+def run_command(command: str, argv: list[str], prog: str | None = None) -> int:
+    """Parse argv for one subcommand and run it; a MyPTError becomes one message and status 2."""
+    parser, module = build_parser(command, prog)
+    args = parser.parse_args(argv)
+    try:
+        return module.run(args) or 0
+    except MyPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<9} {SUMMARIES[name]}" for name in COMMANDS]
+        usage = "usage: mypt <command> [options]   (mypt <command> --help for each)\n\ncommands:\n"
+        print(usage + "\n".join(lines), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    return run_command(argv[0], argv[1:])

@@ -1,0 +1,261 @@
+"""Configuration: the preset files, their validation, and the precedence rules.
+
+Owns `ModelConfig` (what a preset file holds: the architecture plus its batch size) and
+`TrainConfig` (the per-run training flags). Every problem in a config is collected and raised
+once as a `MyPTError` naming the file and the field. Precedence is written here and only here:
+
+* defaults < preset file < CLI for training fields,
+* the preset file wins over the CLI's architecture flags (each ignored flag gets a warning),
+* on resume, the checkpoint's saved config.json wins over both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mypt.errors import MyPTError
+
+REQUIRED_FIELDS: dict[str, type] = {
+    "batch_size": int,
+    "block_size": int,
+    "vocab_size": int,
+    "n_embd": int,
+    "n_head": int,
+    "n_layer": int,
+    "dropout": float,
+    "bias": bool,
+}
+OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str}
+# The CLI flags the spec calls "architecture parameters": taken from the preset when one is given.
+ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias")
+GPT2_VOCAB_SIZE = 50304  # 50257 GPT-2 tokens padded up to a multiple of 64 for fast matmuls
+
+PACKAGE_PRESETS = Path(__file__).parent / "presets"  # a link to the repository's configs/
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT architecture and the batch size it was tested with (one preset file)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    block_size: int = 128
+    vocab_size: int = GPT2_VOCAB_SIZE
+    dropout: float = 0.1
+    bias: bool = False
+    batch_size: int = 12
+    name: str = "GPT-Custom"
+    description: str = ""
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = _field_problems(dataclasses.asdict(self))
+        if problems:
+            raise MyPTError(_format_problems("model config", problems))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> ModelConfig:
+        """Validate a parsed preset: every missing, unknown, mistyped or out-of-range field at once."""
+        problems = []
+        known = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known fields: {', '.join(known)})"
+                problems.append(f"unknown field '{key}'{hint}")
+        for key in REQUIRED_FIELDS:
+            if key not in data:
+                problems.append(f"missing required field '{key}'")
+        problems += _field_problems({k: v for k, v in data.items() if k in known})
+        if problems:
+            raise MyPTError(_format_problems(source, problems))
+        values = {k: (float(v) if REQUIRED_FIELDS.get(k) is float else v) for k, v in data.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["device"] is None:
+            del d["device"]
+        return d
+
+    def arch_dict(self) -> dict[str, Any]:
+        """The fields that shape the network (what a checkpoint's weights depend on)."""
+        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+
+
+def _type_ok(value: Any, want: type) -> bool:
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _field_problems(data: dict[str, Any]) -> list[str]:
+    """Type and range problems of the fields present in `data` (missing ones are not checked here)."""
+    problems = []
+    types = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}
+    for key, value in data.items():
+        want = types.get(key)
+        if want is None or (value is None and key in OPTIONAL_FIELDS):
+            continue
+        if not _type_ok(value, want):
+            problems.append(f"{key} ({json.dumps(value)}) must be {_TYPE_NAMES[want]}")
+        elif want is int and value <= 0:
+            problems.append(f"{key} ({value}) must be a positive integer")
+        elif key == "dropout" and not 0 <= value < 1:
+            problems.append(f"dropout ({value}) must be at least 0 and below 1")
+    n_embd, n_head = data.get("n_embd"), data.get("n_head")
+    if _type_ok(n_embd, int) and _type_ok(n_head, int) and n_embd > 0 and n_head > 0 and n_embd % n_head:
+        problems.append(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    return problems
+
+
+def _format_problems(source: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def preset_dirs() -> list[Path]:
+    """Where presets are looked up by name: ./configs first, then the ones shipped with MyPT."""
+    dirs = [Path("configs"), PACKAGE_PRESETS]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_presets(configs_dir: Path | None = None) -> list[Path]:
+    folders = [configs_dir] if configs_dir else preset_dirs()[:1]
+    return sorted(p for d in folders for p in d.glob("*.json"))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or a preset name such as `tiny` or `tiny.json` from the preset folders."""
+    path = Path(name)
+    if path.exists():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".json") else path.name
+    if path.parent in (Path("."), Path("configs")):
+        for folder in preset_dirs():
+            candidate = folder / f"{stem}.json"
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in preset_dirs() for p in d.glob("*.json")})
+    raise MyPTError(
+        f"--config_file {name}: no such file. Presets: {', '.join(known) or 'none found'}"
+        " (give a path such as configs/tiny.json, or a preset name such as tiny)"
+    )
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """Parse a JSON file; a directory, unreadable or malformed file is a MyPTError naming it."""
+    if path.is_dir():
+        raise MyPTError(f"{path}: is a directory, expected a JSON {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MyPTError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MyPTError(f"{path}: cannot be read as a UTF-8 JSON {what} ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MyPTError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def load_model_config(name: str | Path) -> ModelConfig:
+    """Load and validate a preset file (a path or a preset name)."""
+    path = resolve_config_path(str(name))
+    data = read_json(path, "config")
+    if not isinstance(data, dict):
+        raise MyPTError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
+    return ModelConfig.from_dict(data, str(path))
+
+
+def apply_arch_flags(
+    base: ModelConfig | None, flags: dict[str, Any], source: str | None
+) -> tuple[ModelConfig, list[str]]:
+    """Combine a preset (or None) with the CLI's architecture flags (None = not given).
+
+    With a preset (or a saved checkpoint config) the preset wins and each differing flag is
+    reported in a warning naming the value used instead. Without one, the flags override the
+    defaults (the tiny preset's architecture).
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    if base is None:
+        values = {**ModelConfig().to_dict(), **given}
+        return ModelConfig.from_dict(values, "command line"), []
+    warnings = [
+        f"--{k} {_flag_str(v)} ignored: {source} sets {k} = {_flag_str(getattr(base, k))}"
+        for k, v in given.items()
+        if getattr(base, k) != v
+    ]
+    return base, warnings
+
+
+def _flag_str(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass
+class TrainConfig:
+    """Per-run training settings: always from the CLI (or defaults), never from a preset."""
+
+    max_iters: int = 2000
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    learning_rate: float = 1e-3
+    min_lr: float | None = None  # default: learning_rate / 10
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # default: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    seed: int = 1337
+    val_split: float = 0.1
+    dtype: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"--{key} ({value}) must be a positive integer")
+        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if value is not None and not (value >= 0 and value != float("inf")):
+                problems.append(f"--{key} ({value}) must be a non-negative number")
+        if self.learning_rate <= 0:
+            problems.append(f"--learning_rate ({self.learning_rate}) must be above 0")
+        if self.warmup_iters < 0:
+            problems.append(f"--warmup_iters ({self.warmup_iters}) must be 0 or more")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                problems.append(f"--{key} ({getattr(self, key)}) must be at least 0 and below 1")
+        if not 0 < self.val_split <= 0.5:
+            problems.append(f"--val_split ({self.val_split}) must be above 0 and at most 0.5")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"--dtype ({self.dtype}) must be one of auto, fp32, bf16, fp16")
+        if problems:
+            raise MyPTError(_format_problems("training flags", problems))
+
+    @property
+    def final_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,218 @@
+"""The GPT model: GPT-2 architecture, a KV cache for generation, and a fused loss head.
+
+Imports torch only: no files, CLI, tokenizers or distributed code. The configuration is any
+object with the attributes n_layer, n_head, n_embd, block_size, vocab_size, dropout and bias
+(`mypt.config.ModelConfig`). Parameter names follow nanoGPT / GPT-2 (transformer.h.0.attn.c_attn ...).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits computed at a time by the loss head
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated for block_size."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, block_size: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (n_layer, batch, n_head, block_size, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
+        start, end = self.pos, self.pos + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            if T == 1:
+                causal = False  # one new query may see every cached position
+            elif past > 0:
+                # queries sit at positions past..past+T-1: each sees keys up to its own position
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                causal = False
+        # No dropout on the attention probabilities: it would force the memory-hungry math
+        # kernel (B, nh, T, T) instead of the flash kernel. Dropout acts on the residual stream.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix, counted once
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, n_embd) for tokens idx (B, T)."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        assert start + T <= self.config.block_size, "sequence longer than block_size"
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, loss). With targets the logits are never materialised: (None, mean loss)."""
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x), None
+        return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+
+    @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, vocab) for the position after idx; with a cache idx holds only the new tokens."""
+        x = self.hidden_states(idx, cache)
+        return self.lm_head(x[:, -1, :]).float()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (x @ weight.T) without keeping the (N, vocab) logits.
+
+    The logits are made chunk by chunk in the autocast dtype (bf16 where enabled), the softmax
+    and loss in fp32, and the gradients for x and weight are computed in the same pass, so
+    backward only scales them. Memory: one (chunk, vocab) block instead of all N rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        n = x.size(0)
+        w = weight.to(dtype)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            for start in range(0, n, LOSS_CHUNK_ROWS):
+                xc = x[start:start + LOSS_CHUNK_ROWS].to(dtype)
+                tc = targets[start:start + LOSS_CHUNK_ROWS]
+                logits = (xc @ w.T).float()  # (chunk, vocab)
+                lse = torch.logsumexp(logits, dim=1)
+                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                # d(loss_sum)/d(logits) = softmax - one_hot(target)
+                grad = torch.exp(logits.sub_(lse[:, None]))
+                grad[torch.arange(tc.numel(), device=x.device), tc] -= 1.0
+                grad = grad.to(dtype)
+                grad_x[start:start + LOSS_CHUNK_ROWS] = grad @ w
+                grad_w += (grad.T @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.n = n
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,))."""
+    dtype = _compute_dtype(x)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(x, weight, targets, dtype)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    w = weight.to(dtype)
+    for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
+        logits = (x[start:start + LOSS_CHUNK_ROWS].to(dtype) @ w.T).float()
+        total += F.cross_entropy(logits, targets[start:start + LOSS_CHUNK_ROWS], reduction="sum")
+    return total / x.size(0)

@@ -1,0 +1,11 @@
+"""Alias of `mypt train`: see `python train.py --help`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works before `pip install` too
+
+from mypt.cli import run_command  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_command("train", sys.argv[1:], prog="python train.py"))
