@@ -14,6 +14,7 @@ import codecs
 import functools
 import hashlib
 import importlib.resources
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,9 +25,7 @@ import tiktoken
 from mypt.errors import MyPTError
 
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-GPT2_PAT_STR = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 KNOWN_KINDS = ("gpt2", "char")
@@ -151,6 +150,10 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
 
 
+def _sorted_unique(chars: Sequence[str]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(chars))
+
+
 def _format_chars(chars: Sequence[str]) -> str:
     shown = ", ".join(repr(c) for c in chars[:_MAX_LISTED_CHARS])
     more = len(chars) - _MAX_LISTED_CHARS
@@ -164,7 +167,7 @@ class CharTokenizer(Tokenizer):
 
     def __init__(self, chars: Sequence[str]) -> None:
         assert chars and all(len(c) == 1 for c in chars), "chars must be single characters"
-        assert all(a < b for a, b in zip(chars, chars[1:])), "chars must be sorted and unique"
+        assert _sorted_unique(chars), "chars must be sorted and unique"
         self.chars = list(chars)
         self.n_vocab = len(self.chars)
         self._points = _code_points("".join(self.chars))
@@ -237,7 +240,7 @@ def _chars_from_json(chars: object, source: str) -> list[str]:
         isinstance(chars, list)
         and len(chars) > 0
         and all(isinstance(c, str) and len(c) == 1 for c in chars)
-        and all(a < b for a, b in zip(chars, chars[1:]))
+        and _sorted_unique(chars)
     )
     if not ok:
         raise MyPTError(

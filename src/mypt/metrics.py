@@ -1,0 +1,131 @@
+"""What a run reports while it trains: the terminal, metrics.jsonl, loss.png, TensorBoard.
+
+Knows the checkpoint folder's metric files but nothing of the loop or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class Progress:
+    """A tqdm bar when stdout is a terminal, plain log lines otherwise; silent on non-main ranks."""
+
+    def __init__(self, start: int, total: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+        self.last = start
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(row["iter"] - self.last)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+        else:
+            print(f"iter {row['iter']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+                  f"{row['tokens_per_sec']:,.0f} tokens/s", flush=True)
+        self.last = row["iter"]
+
+    def eval(self, iteration: int, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = f"eval at iter {iteration}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(ckpt_dir: Path) -> list[dict[str, Any]]:
+    path = ckpt_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the rest of the file is still good
+    return rows
+
+
+class MetricsWriter:
+    """Appends eval rows to metrics.jsonl, redraws loss.png, and optionally writes TensorBoard scalars."""
+
+    def __init__(self, ckpt_dir: Path, tensorboard: bool, resume_iter: int) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.tensorboard = tensorboard
+        self.writer = None
+        self.resume_iter = resume_iter
+
+    def _tb(self) -> Any:
+        if self.writer is None and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.ckpt_dir / TENSORBOARD_DIR), purge_step=self.resume_iter + 1)
+        return self.writer
+
+    def train_row(self, row: dict[str, Any]) -> None:
+        if self.tensorboard and self.ckpt_dir.exists():
+            tb = self._tb()
+            for key, tag in (("loss", "train/loss"), ("lr", "train/lr"),
+                             ("tokens_per_sec", "train/tokens_per_sec"), ("grad_norm", "train/grad_norm")):
+                tb.add_scalar(tag, row[key], row["iter"])
+
+    def eval_row(self, row: dict[str, Any]) -> None:
+        rows = [r for r in read_metrics(self.ckpt_dir) if r["iter"] < row["iter"]] + [row]
+        _atomic_write(self.ckpt_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        plot_losses(rows, self.ckpt_dir / PLOT_FILE)
+        if self.tensorboard:
+            tb = self._tb()
+            tb.add_scalar("val/loss", row["val_loss"], row["iter"])
+            tb.add_scalar("eval/train_loss", row["train_loss"], row["iter"])
+            tb.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    iters = [r["iter"] for r in rows]
+    ax.plot(iters, [r["train_loss"] for r in rows], marker=".", label="train")
+    ax.plot(iters, [r["val_loss"] for r in rows], marker=".", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

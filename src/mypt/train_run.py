@@ -1,0 +1,249 @@
+"""One training run, new or resumed: decide the configs, build the objects, call the Trainer.
+
+Everything the user gave is checked before anything is written. Owns the resume rules of the
+spec: the saved config.json and tokenizer.json win, the saved input file is reused (a changed
+one needs --allow_data_change), saved training flags are the defaults for the new run.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mypt import __version__, dist
+from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
+from mypt.config import GPT2_VOCAB_SIZE, ModelConfig, TrainConfig, apply_arch_flags, load_model_config
+from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
+from mypt.data import check_input_file, char_vocab_of_file, file_sha256, load_splits, prepare_tokens
+from mypt.errors import MyPTError
+from mypt.metrics import MetricsWriter, Progress
+from mypt.model import GPT
+from mypt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_json
+from mypt.trainer import Stop, Trainer, TrainState, make_optimizer
+
+CACHE_DIR = ".cache"
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before training starts."""
+
+    ckpt_dir: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tokenizer: Tokenizer
+    input_path: Path
+    input_label: str  # what training_state.json records: a path, or the built-in corpus name
+    input_sha256: str
+    state: TrainState
+    resume: Any  # the loaded Checkpoint, or None for a new model
+
+
+def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_file: str | None,
+          tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
+          allow_data_change: bool = False, fsdp: bool = False) -> Stop:
+    info = dist.dist_info()
+    ckpt_dir = checkpoint_dir(checkpoints_dir, model_name)
+    TrainConfig(**train_flags)  # flag errors first, before any file is read
+    recover(ckpt_dir)
+    if (ckpt_dir / "config.json").exists():
+        plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags, allow_data_change)
+    else:
+        plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags)
+    tc = plan.train_cfg
+    if plan.state.iteration >= tc.max_iters:
+        dist.print0(f"'{model_name}' is already trained to iteration {plan.state.iteration}; "
+                    f"nothing to do (pass a --max_iters above {plan.state.iteration} to train further)")
+        return Stop()
+    torch_device = dist.pick_device(device, info)
+    dtype = dist.pick_dtype(tc.dtype, torch_device)
+    with dist.process_group(info, torch_device), TrainingLock(ckpt_dir):
+        return _run(plan, info, torch_device, dtype, fsdp)
+
+
+def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
+             arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
+    base = load_model_config(config_file) if config_file else None
+    cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
+    for w in warnings:
+        dist.print0(f"warning: {w}")
+    tc = TrainConfig(**train_flags)
+    if input_file is None:
+        path, label = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR), BUILTIN_CORPUS
+        dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
+    else:
+        path, label = check_input_file(Path(input_file)), input_file
+    kind = tokenizer or "gpt2"
+    if kind == "char":
+        tok = build_tokenizer("char", "".join(char_vocab_of_file(path)))
+        if cfg.vocab_size != tok.n_vocab:
+            dist.print0(f"char tokenizer: vocab_size is {tok.n_vocab} (the characters of {label}), "
+                        f"not the config's {cfg.vocab_size}")
+            cfg = _replace(cfg, vocab_size=tok.n_vocab)
+    else:
+        tok = build_tokenizer("gpt2")
+        if cfg.vocab_size < tok.n_vocab:
+            raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
+                            f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
+    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None)
+
+
+def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
+                arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool) -> RunPlan:
+    ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
+    saved_src = f"{ckpt_dir}/config.json"
+    cfg = ModelConfig.from_dict(ckpt.config, saved_src)
+    ts = ckpt.training_state
+    if config_file:
+        other = load_model_config(config_file)
+        if other.arch_dict() | {"batch_size": other.batch_size} != cfg.arch_dict() | {"batch_size": cfg.batch_size}:
+            dist.print0(f"warning: --config_file {config_file} ignored: resuming '{ckpt_dir.name}' "
+                        f"uses its saved {saved_src}")
+    cfg, warnings = apply_arch_flags(cfg, arch_flags, saved_src)
+    for w in warnings:
+        dist.print0(f"warning: {w}")
+    tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt_dir}/tokenizer.json")
+    if tokenizer and tokenizer != tok.kind:
+        dist.print0(f"warning: --tokenizer {tokenizer} ignored: '{ckpt_dir.name}' uses {tok.kind}")
+    tc = TrainConfig(**{**ts.get("train_config", {}), **train_flags})
+    path, label, sha = _resume_input(ckpt_dir, ts, input_file, allow_data_change)
+    state = TrainState(**{k: ts[k] for k in TrainState().to_dict() if k in ts})
+    dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
+    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, sha, state, ckpt)
+
+
+def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
+                  allow_change: bool) -> tuple[Path, str, str]:
+    saved_label, saved_sha = ts.get("input_file"), ts.get("input_sha256")
+    if input_file is None:
+        if saved_label == BUILTIN_CORPUS:
+            path = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR)
+            return path, saved_label, file_sha256(path)
+        if saved_label is None or not Path(saved_label).exists():
+            raise MyPTError(f"'{ckpt_dir.name}' was trained on {saved_label}, which no longer exists; "
+                            "pass --input_file (and --allow_data_change if its content differs)")
+        input_file = saved_label
+    path = check_input_file(Path(input_file))
+    sha = file_sha256(path)
+    if saved_sha and sha != saved_sha and not allow_change:
+        raise MyPTError(f"--input_file {input_file}: its content differs from the text '{ckpt_dir.name}' was "
+                        f"trained on ({saved_label}); pass --allow_data_change to continue on the new text")
+    return path, input_file, sha
+
+
+def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    return ModelConfig.from_dict({**cfg.to_dict(), **changes}, "config")
+
+
+def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
+    cfg, tc = plan.model_cfg, plan.train_cfg
+    if info.is_main:
+        token_file = prepare_tokens(plan.input_path, plan.tokenizer, plan.ckpt_dir.parent / CACHE_DIR)
+    dist.barrier()
+    if not info.is_main:
+        token_file = prepare_tokens(plan.input_path, plan.tokenizer, plan.ckpt_dir.parent / CACHE_DIR, progress=False)
+    train_data, val_data = load_splits(token_file, tc.val_split, cfg.block_size, plan.input_label)
+    tc = _fit_world_size(plan, info)
+
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg).to(device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    if plan.resume is not None:
+        model.load_state_dict(plan.resume.model_state)
+    wrapped = dist.wrap_model(model, info, device, fsdp)
+    optimizer = make_optimizer(wrapped, tc, device)
+    if plan.resume is not None:
+        dist.load_optimizer_state(wrapped, optimizer, plan.resume.optimizer_state["optimizer"])
+    runnable = torch.compile(wrapped) if tc.compile else wrapped
+    trainer = Trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,
+                      device, dtype, info)
+    if plan.resume is not None and plan.resume.optimizer_state.get("scaler"):
+        trainer.scaler.load_state_dict(plan.resume.optimizer_state["scaler"])
+
+    dist.print0(f"model: {model.num_params():,} parameters, {cfg.n_layer} layers, {cfg.n_embd} wide; "
+                f"device {device}, {dtype}; {trainer.tokens_per_iter:,} tokens per iteration "
+                f"({cfg.batch_size} x {cfg.block_size} x {tc.grad_accum_steps} accum x {info.world_size} processes)")
+    metrics = MetricsWriter(plan.ckpt_dir, tc.tensorboard and info.is_main, plan.state.iteration)
+    progress = Progress(plan.state.iteration, tc.max_iters, enabled=info.is_main)
+
+    def save(state: TrainState) -> None:
+        model_state, optim_state = dist.full_state_dicts(wrapped, optimizer)
+        if info.is_main:
+            save_checkpoint(
+                plan.ckpt_dir, model_state=model_state, config=cfg.to_dict(),
+                tokenizer=plan.tokenizer.to_json(), training_state=_training_state(plan, tc, state, info),
+                optimizer_state={"optimizer": optim_state, "scaler": trainer.scaler.state_dict()},
+            )
+        dist.barrier()
+
+    def on_eval(state: TrainState, row: dict[str, Any]) -> None:
+        if info.is_main:
+            metrics.eval_row(row)
+
+    try:
+        stop = trainer.fit(plan.state, save, on_eval, _Reporter(progress, metrics, info.is_main))
+    finally:
+        progress.close()
+        metrics.close()
+    if stop.signum is not None:
+        dist.print0(f"stopped by signal at iteration {plan.state.iteration}; checkpoint saved. Resume with:\n"
+                    f"  python train.py --model_name {plan.ckpt_dir.name} --checkpoints_dir {plan.ckpt_dir.parent}")
+    else:
+        dist.print0(f"done: iteration {plan.state.iteration}, val loss {plan.state.last_val_loss:.4f}; "
+                    f"saved to {plan.ckpt_dir}/")
+    return stop
+
+
+class _Reporter:
+    """What the trainer reports to: the terminal, and TensorBoard's per-log scalars on rank 0."""
+
+    def __init__(self, progress: Progress, metrics: MetricsWriter, is_main: bool) -> None:
+        self.progress, self.metrics, self.is_main = progress, metrics, is_main
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.progress.log(row)
+        if self.is_main:
+            self.metrics.train_row(row)
+
+    def eval(self, iteration: int, losses: dict[str, float]) -> None:
+        self.progress.eval(iteration, losses)
+
+
+def _fit_world_size(plan: RunPlan, info: dist.DistInfo) -> TrainConfig:
+    """Keep the global batch when a run resumes with a different number of processes."""
+    tc = plan.train_cfg
+    if plan.resume is None:
+        return tc
+    saved_world = plan.resume.training_state.get("world_size", 1)
+    if saved_world == info.world_size:
+        return tc
+    global_micro = saved_world * tc.grad_accum_steps
+    if global_micro % info.world_size:
+        raise MyPTError(f"'{plan.ckpt_dir.name}' was trained with {saved_world} processes x {tc.grad_accum_steps} "
+                        f"accumulation steps; {info.world_size} processes cannot keep that global batch. "
+                        f"Use a process count that divides {global_micro}, or pass --grad_accum_steps")
+    new_accum = global_micro // info.world_size
+    dist.print0(f"note: resuming with {info.world_size} processes instead of {saved_world}: "
+                f"--grad_accum_steps {new_accum} keeps the global batch")
+    plan.train_cfg = TrainConfig(**{**tc.to_dict(), "grad_accum_steps": new_accum})
+    return plan.train_cfg
+
+
+def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dist.DistInfo) -> dict[str, Any]:
+    return {
+        **state.to_dict(),
+        "model_name": plan.ckpt_dir.name,
+        "train_config": tc.to_dict(),
+        "world_size": info.world_size,
+        "input_file": plan.input_label,
+        "input_sha256": plan.input_sha256,
+        "tokenizer": plan.tokenizer.kind,
+        "versions": {"mypt": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
