@@ -172,6 +172,39 @@ def test_extras_survive_without_renameat2(ckpt: Path, monkeypatch: pytest.Monkey
     assert _hidden_entries(ckpt.parent) == []
 
 
+@pytest.mark.skipif(ck._renameat2() is None, reason="no renameat2 here")
+def test_exchange_swaps_two_folders(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("from a")
+    (tmp_path / "b").mkdir()
+    assert ck._exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "x").read_text() == "from a"
+    assert os.listdir(tmp_path / "a") == []
+
+
+def test_fallback_failed_rename_in_restores_old(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ck, "_renameat2", lambda: None)
+    _save(ckpt, iteration=1)
+    _write_extras(ckpt)
+    before = _snapshot(ckpt)
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(".m.tmp-") and Path(dst) == ckpt:
+            assert not ckpt.exists()  # the old checkpoint is parked, not deleted
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(MyPTError, match="Input/output error.*iteration 1"):
+        _save(ckpt, iteration=2)
+    monkeypatch.undo()
+    assert _snapshot(ckpt) == before
+    assert _hidden_entries(ckpt.parent) == []
+
+
 def test_extra_files_are_in_manifest_and_replaced(ckpt: Path) -> None:
     ck.save_checkpoint(ckpt, **_payload(1), extra_files={"model.safetensors": b"v1"})
     manifest = ck.load_checkpoint(ckpt).training_state["manifest"]

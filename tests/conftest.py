@@ -1,0 +1,71 @@
+"""Shared test fixtures: a tiny model config, the shared corpus, and CLI runners.
+
+Tests train 2-layer, 32-64 wide models so the whole suite stays within minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
+             "dropout": 0.0, "bias": False}
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.skip("../shared/data/tinyshakespeare.txt is not available")
+    return path
+
+
+@pytest.fixture
+def small_text(tmp_path: Path) -> Path:
+    """About 60 KB of real English text (from the shared corpus, else the built-in one)."""
+    src = SHARED_DATA / "tinyshakespeare.txt"
+    if src.exists():
+        text = src.read_text(encoding="utf-8")[:60_000]
+    else:
+        from mypt.corpus import builtin_corpus_text
+
+        text = builtin_corpus_text()[:60_000]
+    path = tmp_path / "input.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny_test.json"
+    path.write_text(json.dumps({"name": "GPT-Test", "vocab_size": 50304, **TINY_ARCH}), encoding="utf-8")
+    return path
+
+
+def tiny_arch_flags() -> list[str]:
+    flags = []
+    for key, value in TINY_ARCH.items():
+        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+            script: str = "train.py") -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts (train.py, generate.py, scripts/...) as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder with its bytes: to prove a command changed nothing."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
