@@ -1,7 +1,6 @@
 """Tests for mypt.data: input checks, the token cache, train/val splits, the batch sampler."""
 
 import hashlib
-import io
 import os
 import random
 from pathlib import Path
@@ -12,7 +11,6 @@ import torch
 
 from mypt import data
 from mypt.data import (
-    BatchSampler,
     TokenFile,
     batch_at,
     char_vocab_of_file,
@@ -250,63 +248,25 @@ def test_load_splits_rejects_bad_val_split(tmp_path, val_split):
         load_splits(make_token_file(tmp_path, 1000), val_split, 8, "input.txt")
 
 
-# --- BatchSampler ----------------------------------------------------------------------------
+# --- batch_at ----------------------------------------------------------------------------------
 
 
 def tokens(n: int = 5000) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 60000, n).astype(np.uint16)
 
 
-def test_sampler_batches_are_shifted_windows():
-    arr = tokens()
-    x, y = BatchSampler(arr, block_size=16, batch_size=4, seed=0, device="cpu").sample()
-    assert x.shape == y.shape == (4, 16)
-    assert x.dtype == y.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    for row_x, row_y in zip(x.tolist(), y.tolist()):
-        start = _find(arr, row_x)
-        assert row_y == arr[start + 1 : start + 17].tolist()
+def _find(arr: np.ndarray, window: list[int]) -> int:
+    n = len(window)
+    for start in range(len(arr) - n + 1):
+        if arr[start : start + n].tolist() == window:
+            return start
+    raise AssertionError("window not found in data")
 
 
-def test_sampler_covers_the_last_token():
-    arr = np.arange(6, dtype=np.uint16)
-    sampler = BatchSampler(arr, block_size=5, batch_size=3, seed=0, device="cpu")
-    x, y = sampler.sample()
-    assert x.tolist() == [[0, 1, 2, 3, 4]] * 3
-    assert y.tolist() == [[1, 2, 3, 4, 5]] * 3
-
-
-def test_sampler_same_seed_same_batches():
-    a = BatchSampler(tokens(), 8, 4, seed=7, device="cpu")
-    b = BatchSampler(tokens(), 8, 4, seed=7, device="cpu")
-    c = BatchSampler(tokens(), 8, 4, seed=8, device="cpu")
-    for _ in range(5):
-        xa, ya = a.sample()
-        xb, yb = b.sample()
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert not torch.equal(a.sample()[0], c.sample()[0])
-
-
-def test_sampler_resumes_exactly(tmp_path):
-    original = BatchSampler(tokens(), 8, 4, seed=3, device="cpu")
-    for _ in range(3):
-        original.sample()
-    buffer = io.BytesIO()
-    torch.save(original.state_dict(), buffer)
-    expected = [original.sample() for _ in range(4)]
-
-    buffer.seek(0)
-    resumed = BatchSampler(tokens(), 8, 4, seed=999, device="cpu")
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    for x, y in expected:
-        rx, ry = resumed.sample()
-        assert torch.equal(rx, x) and torch.equal(ry, y)
-
-
-def test_sampler_rejects_malformed_state():
-    sampler = BatchSampler(tokens(), 8, 4, seed=3, device="cpu")
-    with pytest.raises(MyPTError, match="batch sampler state"):
-        sampler.load_state_dict({"rng": 1})
+def test_batch_at_covers_the_last_token():
+    arr = np.arange(6, dtype=np.uint16)  # exactly one window of block 5 + 1
+    x, y = batch_at(arr, 5, 3, seed=0, index=0, device="cpu")
+    assert x.tolist() == [[0, 1, 2, 3, 4]] * 3 and y.tolist() == [[1, 2, 3, 4, 5]] * 3
 
 
 def test_batch_at_is_a_pure_function_of_seed_and_index():
@@ -320,20 +280,3 @@ def test_batch_at_is_a_pure_function_of_seed_and_index():
     assert y[0].tolist() == arr[start + 1 : start + 17].tolist()
     assert not torch.equal(x, batch_at(arr, 16, 4, seed=5, index=13, device="cpu")[0])
     assert not torch.equal(x, batch_at(arr, 16, 4, seed=6, index=12, device="cpu")[0])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sampler_on_cuda_matches_cpu():
-    x, y = BatchSampler(tokens(), 8, 4, seed=1, device="cuda").sample()
-    cx, cy = BatchSampler(tokens(), 8, 4, seed=1, device="cpu").sample()
-    assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
-    bx, _ = batch_at(tokens(), 8, 4, seed=1, index=0, device="cuda")
-    assert bx.is_cuda and torch.equal(bx.cpu(), batch_at(tokens(), 8, 4, 1, 0, "cpu")[0])
-
-
-def _find(arr: np.ndarray, window: list[int]) -> int:
-    n = len(window)
-    for start in range(len(arr) - n + 1):
-        if arr[start : start + n].tolist() == window:
-            return start
-    raise AssertionError("window not found in data")

@@ -355,48 +355,9 @@ def batch_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch number `index` of the stream for `seed`: a pure function of (seed, index).
 
-    Same windows and layout as BatchSampler.sample(), but stateless, so resuming needs no state.
+    Stateless, so resuming a run needs no sampler state: the trainer passes a global batch index.
     """
     assert len(data) >= block_size + 1, "load_splits guarantees one block fits"
     rng = np.random.default_rng((seed, index))
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
     return _windows(data, starts, block_size, device)
-
-
-class BatchSampler:
-    """Random (x, y) windows of a token array; its position is saved and restored exactly."""
-
-    def __init__(
-        self,
-        data: np.ndarray,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        device: str | torch.device,
-    ) -> None:
-        assert len(data) >= block_size + 1, "load_splits guarantees one block fits"
-        self.data = data
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch: x (batch_size, block_size) int64 and y = x shifted by one token."""
-        high = len(self.data) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
-        return _windows(self.data, starts, self.block_size, self.device)
-
-    def state_dict(self) -> dict:
-        """The generator state (a uint8 tensor; loadable with torch.load(weights_only=True))."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, d: dict) -> None:
-        state = d.get("generator") if isinstance(d, dict) else None
-        if not isinstance(state, torch.Tensor):
-            raise MyPTError(
-                "the saved batch sampler state has no 'generator' tensor; the checkpoint is "
-                "damaged or from another program, start the run without resuming it"
-            )
-        self.generator.set_state(state.to("cpu", torch.uint8))
