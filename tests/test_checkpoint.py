@@ -208,9 +208,7 @@ def test_fallback_failed_rename_in_restores_old(
 def test_extra_files_are_in_manifest_and_replaced(ckpt: Path) -> None:
     ck.save_checkpoint(ckpt, **_payload(1), extra_files={"model.safetensors": b"v1"})
     manifest = ck.load_checkpoint(ckpt).training_state["manifest"]
-    assert manifest["model.safetensors"] == {
-        "size": 2, "sha256": hashlib.sha256(b"v1").hexdigest()
-    }
+    assert manifest["model.safetensors"] == {"size": 2, "sha256": hashlib.sha256(b"v1").hexdigest()}
     ck.save_checkpoint(ckpt, **_payload(2), extra_files={"model.safetensors": b"v2!"})
     assert (ckpt / "model.safetensors").read_bytes() == b"v2!"
     # a save without it drops the saved copy: it would no longer match model.pt
@@ -560,8 +558,23 @@ def test_save_over_a_file_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "/abs", "a/b", "a\\b", "", "x" * 101, "a\nb", "a\x00b", ".hidden", "..", ".",
-     "a b", "naïve", "a:b", "~x"],
+    [
+        "../x",
+        "/abs",
+        "a/b",
+        "a\\b",
+        "",
+        "x" * 101,
+        "a\nb",
+        "a\x00b",
+        ".hidden",
+        "..",
+        ".",
+        "a b",
+        "naïve",
+        "a:b",
+        "~x",
+    ],
 )
 def test_bad_model_names(name: str) -> None:
     with pytest.raises(MyPTError, match="--model_name") as info:

@@ -43,7 +43,13 @@ from mypt.errors import MyPTError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-CHECKPOINT_FILES = ("model.pt", "config.json", "tokenizer.json", "training_state.json", "optimizer.pt")
+CHECKPOINT_FILES = (
+    "model.pt",
+    "config.json",
+    "tokenizer.json",
+    "training_state.json",
+    "optimizer.pt",
+)
 FORMAT_VERSION = 1
 MAX_NAME_LENGTH = 100
 
@@ -141,7 +147,7 @@ def _leftovers(ckpt_dir: Path) -> list[tuple[Path, int]]:
     found = []
     for entry in parent.iterdir():
         for prefix in prefixes:
-            suffix = entry.name[len(prefix):]
+            suffix = entry.name[len(prefix) :]
             if entry.name.startswith(prefix) and suffix.isdigit() and entry.is_dir():
                 found.append((entry, int(suffix)))
     return found
@@ -339,7 +345,13 @@ def _renameat2() -> Callable[..., int] | None:
         except (OSError, AttributeError):
             fn = False
         else:
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.argtypes = [
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_uint,
+            ]
             fn.restype = ctypes.c_int
         _renameat2_fn = fn
     return _renameat2_fn or None
@@ -428,8 +440,10 @@ def save_checkpoint(
         raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
     extras = dict(extra_files or {})
     _check_save_inputs(model_state, optimizer_state, extras)
-    json_files = {CONFIG_FILE: _json_bytes(config, "config"),
-                  TOKENIZER_FILE: _json_bytes(tokenizer, "tokenizer")}
+    json_files = {
+        CONFIG_FILE: _json_bytes(config, "config"),
+        TOKENIZER_FILE: _json_bytes(tokenizer, "tokenizer"),
+    }
     _json_bytes(training_state, "training_state")  # fail early if it is not JSON-serialisable
     pid = os.getpid()
     tmp = _temp_path(ckpt_dir, pid)
@@ -439,9 +453,14 @@ def save_checkpoint(
         recover(ckpt_dir)
         _salvage(tmp, ckpt_dir)
         _salvage(_old_path(ckpt_dir, pid), ckpt_dir)
-        _write_new_folder(tmp, model_state=model_state, json_files=json_files,
-                          training_state=training_state, optimizer_state=optimizer_state,
-                          extra_files=extras)
+        _write_new_folder(
+            tmp,
+            model_state=model_state,
+            json_files=json_files,
+            training_state=training_state,
+            optimizer_state=optimizer_state,
+            extra_files=extras,
+        )
         if ckpt_dir.is_dir():
             carried = _carried_entries(ckpt_dir, set(extras))
             _move_entries(carried, ckpt_dir, tmp, moved)
@@ -601,8 +620,11 @@ def _check_format_version(path: Path, state: dict[str, Any]) -> None:
 
 def _manifest_entry(ckpt_dir: Path, name: object, entry: object) -> tuple[int, str]:
     ok = (
-        isinstance(name, str) and _name_problem(name) is None and isinstance(entry, dict)
-        and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        isinstance(name, str)
+        and _name_problem(name) is None
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
     )
     if not ok:
         raise MyPTError(
@@ -682,16 +704,20 @@ def _load_model_state(path: Path, map_location: str | torch.device | None) -> di
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise MyPTError(f"{path} does not hold a model state_dict (names -> tensors); "
-                        "restore it from a backup or train the model again")
+        raise MyPTError(
+            f"{path} does not hold a model state_dict (names -> tensors); "
+            "restore it from a backup or train the model again"
+        )
     return state
 
 
 def _load_optimizer_state(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
     state = _torch_load(path, map_location)
     if not isinstance(state, dict):
-        raise MyPTError(f"{path} does not hold an optimizer state dict; "
-                        "restore it from a backup or train the model again")
+        raise MyPTError(
+            f"{path} does not hold an optimizer state dict; "
+            "restore it from a backup or train the model again"
+        )
     return state
 
 
@@ -724,8 +750,14 @@ def load_checkpoint(
     optimizer_state = (
         _load_optimizer_state(ckpt_dir / OPTIMIZER_FILE, map_location) if with_optimizer else None
     )
-    return Checkpoint(config=config, tokenizer=tokenizer, training_state=training_state,
-                      model_state=model_state, optimizer_state=optimizer_state, path=ckpt_dir)
+    return Checkpoint(
+        config=config,
+        tokenizer=tokenizer,
+        training_state=training_state,
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        path=ckpt_dir,
+    )
 
 
 # ----------------------------------------------------------------------------- locking
@@ -799,7 +831,7 @@ class TrainingLock:
 
     def _take_over(self) -> None:
         owner = _read_lock_pid(self.path)
-        if True:
+        if owner is not None and _pid_alive(owner):
             raise MyPTError(
                 f"model '{self.ckpt_dir.name}' is being trained by process {owner}; "
                 f"wait for it or stop it (lock file {self.path})"

@@ -28,6 +28,10 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    def reset(self) -> None:
+        """Forget every position (the buffers are reused; stale entries are never read)."""
+        self.pos = 0
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
         start, end = self.pos, self.pos + k.size(2)
@@ -178,13 +182,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         n = x.size(0)
         w = weight.to(dtype)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        total = torch.zeros((), dtype=acc, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, n, LOSS_CHUNK_ROWS):
                 xc = x[start:start + LOSS_CHUNK_ROWS].to(dtype)
                 tc = targets[start:start + LOSS_CHUNK_ROWS]
-                logits = (xc @ w.T).float()  # (chunk, vocab)
+                logits = (xc @ w.T).to(acc)  # (chunk, vocab)
                 lse = torch.logsumexp(logits, dim=1)
                 total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
                 # d(loss_sum)/d(logits) = softmax - one_hot(target)
@@ -192,7 +197,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(tc.numel(), device=x.device), tc] -= 1.0
                 grad = grad.to(dtype)
                 grad_x[start:start + LOSS_CHUNK_ROWS] = grad @ w
-                grad_w += (grad.T @ xc).float()
+                grad_w += (grad.T @ xc).to(acc)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.n = n
         ctx.weight_dtype = weight.dtype
@@ -210,9 +215,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = _compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(x, weight, targets, dtype)
-    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    acc = torch.promote_types(dtype, torch.float32)
+    total = torch.zeros((), dtype=acc, device=x.device)
     w = weight.to(dtype)
     for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
-        logits = (x[start:start + LOSS_CHUNK_ROWS].to(dtype) @ w.T).float()
+        logits = (x[start:start + LOSS_CHUNK_ROWS].to(dtype) @ w.T).to(acc)
         total += F.cross_entropy(logits, targets[start:start + LOSS_CHUNK_ROWS], reduction="sum")
     return total / x.size(0)

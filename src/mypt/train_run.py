@@ -19,7 +19,7 @@ from mypt import __version__, dist
 from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
 from mypt.config import GPT2_VOCAB_SIZE, ModelConfig, TrainConfig, apply_arch_flags, load_model_config
 from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
-from mypt.data import check_input_file, char_vocab_of_file, file_sha256, load_splits, prepare_tokens
+from mypt.data import char_vocab_of_file, check_input_file, file_sha256, load_splits, prepare_tokens
 from mypt.errors import MyPTError
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT

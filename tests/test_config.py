@@ -1,0 +1,144 @@
+"""Presets, validation errors and precedence (config.py), through the API and the real CLIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from mypt.config import ModelConfig, TrainConfig, apply_arch_flags, load_model_config
+from mypt.errors import MyPTError
+
+PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
+SPEC_ARCH = {  # the spec's table: layers, heads, embed, block
+    "tiny.json": (4, 4, 192, 128), "small.json": (6, 6, 384, 256), "150M.json": (16, 12, 768, 256),
+    "200M.json": (16, 14, 896, 256), "250M.json": (16, 16, 1024, 256),
+}
+
+
+def test_all_spec_presets_and_examples_ship():
+    assert set(SPEC_ARCH) | {"code.json", "shakespeare.json"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_validates_and_is_complete(name):
+    raw = json.loads((REPO / "configs" / name).read_text())
+    cfg = load_model_config(REPO / "configs" / name)
+    assert {"name", "description", "batch_size", "block_size", "vocab_size", "n_embd", "n_head",
+            "n_layer", "dropout", "bias"} <= set(raw)
+    assert cfg.n_embd % cfg.n_head == 0
+    if name in SPEC_ARCH:
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == SPEC_ARCH[name]
+        assert cfg.vocab_size == 50304 and cfg.bias is False
+
+
+def test_preset_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_model_config("tiny").n_embd == 192
+    assert load_model_config("configs/small.json").n_embd == 384
+
+
+def write(tmp_path: Path, data: dict | str) -> Path:
+    path = tmp_path / "x.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+BASE = json.loads((REPO / "configs" / "tiny.json").read_text())
+BAD_CONFIGS = {
+    "indivisible": ({**BASE, "n_embd": 770, "n_head": 12}, r"n_embd \(770\) must be divisible by n_head \(12\)"),
+    "missing": ({k: v for k, v in BASE.items() if k != "block_size"}, r"missing required field 'block_size'"),
+    "typo": ({**{k: v for k, v in BASE.items() if k != "n_layer"}, "n_layers": 4},
+             r"unknown field 'n_layers' \(did you mean 'n_layer'\?\)"),
+    "negative": ({**BASE, "n_layer": -2}, r"n_layer \(-2\) must be a positive integer"),
+    "dropout": ({**BASE, "dropout": 1.0}, r"dropout \(1.0\) must be at least 0 and below 1"),
+    "bias_type": ({**BASE, "bias": "no"}, r'bias \("no"\) must be true or false'),
+    "float_layers": ({**BASE, "n_layer": 4.5}, r"n_layer \(4.5\) must be an integer"),
+    "broken_json": ('{"n_layer": 4,\n  "n_head": }', r"malformed JSON at line 2, column 13"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_errors_name_the_file_and_field(tmp_path, case):
+    data, pattern = BAD_CONFIGS[case]
+    path = write(tmp_path, data)
+    with pytest.raises(MyPTError, match=pattern) as info:
+        load_model_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(tmp_path, {**BASE, "n_embd": 770, "n_head": 12, "n_layer": 0, "bogus": 1})
+    with pytest.raises(MyPTError) as info:
+        load_model_config(path)
+    message = str(info.value)
+    assert message.count("\n  - ") == 3 and "3 problems" in message
+    for part in ("n_embd (770)", "n_layer (0)", "unknown field 'bogus'"):
+        assert part in message
+
+
+@pytest.mark.parametrize("case", ["indivisible", "missing", "typo", "negative", "broken_json"])
+@pytest.mark.parametrize("script", ["scripts/show_configs.py", "train.py"])
+def test_cli_exits_2_with_one_message_and_writes_nothing(tmp_path, case, script):
+    data, pattern = BAD_CONFIGS[case]
+    path = write(tmp_path, data)
+    args = ["--config_file", str(path)]
+    if script == "train.py":
+        args += ["--model_name", "m", "--max_iters", "1"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli(*args, cwd=tmp_path, script=script)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and str(path) in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no checkpoints/, no cache
+
+
+def test_unknown_preset_lists_the_known_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MyPTError, match=r"no such file. Presets: .*tiny"):
+        load_model_config("configs/nope.json")
+
+
+def test_config_file_that_is_a_directory(tmp_path):
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(MyPTError, match="is a directory"):
+        load_model_config(tmp_path / "d.json")
+
+
+def test_preset_wins_over_arch_flags_with_a_warning_per_ignored_flag():
+    preset = load_model_config("tiny")
+    cfg, warnings = apply_arch_flags(preset, {"n_layer": 8, "n_head": 4, "n_embd": None}, "configs/tiny.json")
+    assert cfg == preset
+    assert warnings == ["--n_layer 8 ignored: configs/tiny.json sets n_layer = 4"]  # n_head agrees: no warning
+
+
+def test_arch_flags_apply_without_a_preset():
+    cfg, warnings = apply_arch_flags(None, {"n_layer": 2, "n_embd": 64, "n_head": 2}, None)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (2, 64, 2) and warnings == []
+    with pytest.raises(MyPTError, match=r"n_embd \(65\) must be divisible by n_head \(2\)"):
+        apply_arch_flags(None, {"n_embd": 65, "n_head": 2}, None)
+
+
+def test_train_cli_prints_the_precedence_warning(tmp_path, small_text):
+    result = run_cli("--config_file", "tiny", "--n_layer", "8", "--model_name", "m", "--input_file",
+                     str(small_text), "--max_iters", "0", cwd=tmp_path)
+    assert result.returncode == 2  # --max_iters 0 is rejected before anything else happens
+    assert "--max_iters (0) must be a positive integer" in result.stderr
+    result = run_cli("--config_file", str(REPO / "configs" / "tiny.json"), "--n_layer", "8", "--block_size", "16",
+                     "--model_name", "../m", cwd=tmp_path)
+    assert result.returncode == 2 and "--model_name" in result.stderr
+
+
+def test_train_config_collects_flag_errors():
+    with pytest.raises(MyPTError) as info:
+        TrainConfig(max_iters=-1, eval_iters=0, learning_rate=-1e-3, dtype="int8")
+    message = str(info.value)
+    for part in ("--max_iters (-1)", "--eval_iters (0)", "--learning_rate (-0.001)", "--dtype (int8)"):
+        assert part in message
+
+
+def test_model_config_round_trips_through_json():
+    cfg = load_model_config("small")
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())), "x") == cfg

@@ -1,0 +1,103 @@
+"""The GPT model: exact parameter accounting, the fused loss head, the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+
+from mypt.config import ModelConfig, load_model_config
+from mypt.estimate import count_params, param_breakdown
+from mypt.model import GPT, linear_cross_entropy
+
+PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
+EXPECTED = {"tiny.json": 11_454_144, "small.json": 30_036_864, "150M.json": 152_101_632,
+            "200M.json": 199_472_000, "250M.json": 253_133_824}
+
+
+def formula(cfg: ModelConfig) -> int:
+    """The GPT-2 count with a tied head and no biases (the issue's formula)."""
+    c = cfg.n_embd
+    return cfg.vocab_size * c + cfg.block_size * c + cfg.n_layer * (12 * c * c + 2 * c) + c
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_count_equals_unique_parameters_of_the_built_model(name):
+    cfg = load_model_config(REPO / "configs" / name)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert count_params(cfg) == sum(unique.values()) == formula(cfg)
+    if name in EXPECTED:
+        assert count_params(cfg) == EXPECTED[name]
+
+
+def test_breakdown_adds_up_and_head_is_tied():
+    cfg = load_model_config("tiny")
+    parts = param_breakdown(cfg)
+    assert parts["token_embedding"] + parts["position_embedding"] + parts["layers"] + parts["final_norm"] \
+        == parts["total"]
+    assert parts["layers"] == cfg.n_layer * parts["per_layer"]
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=50))
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_bias_adds_the_bias_parameters():
+    a = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=50, bias=False)
+    b = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=50, bias=True)
+    per_layer_biases = 3 * 32 + 32 + 4 * 32 + 32 + 2 * 32  # c_attn, c_proj, c_fc, mlp c_proj, 2 LayerNorms
+    assert count_params(b) - count_params(a) == 2 * per_layer_biases + 32
+
+
+@pytest.mark.parametrize("rows", [7, 1500])  # below and above one loss chunk
+def test_fused_loss_head_matches_plain_cross_entropy(rows):
+    torch.manual_seed(0)
+    x = torch.randn(rows, 48, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 48, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 300, (rows,))
+    loss = linear_cross_entropy(x, w, t)
+    gx, gw = torch.autograd.grad(loss * 3.0, (x, w))
+    ref = F.cross_entropy(x @ w.T, t)
+    rx, rw = torch.autograd.grad(ref * 3.0, (x, w))
+    assert torch.allclose(loss, ref, atol=1e-10)
+    assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(gw, rw, atol=1e-10)
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(x, w, t), ref, atol=1e-10)
+
+
+def test_fused_loss_head_in_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(512, 64, requires_grad=True)
+    w = (torch.randn(1000, 64) * 0.1).requires_grad_()
+    t = torch.randint(0, 1000, (512,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, t)
+    assert loss.dtype == torch.float32
+    ref = F.cross_entropy(x @ w.T, t)
+    assert abs(loss.item() - ref.item()) / ref.item() < 0.01
+
+
+def test_forward_loss_equals_cross_entropy_of_returned_logits():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=70, dropout=0.0)).eval()
+    idx = torch.randint(0, 70, (3, 16))
+    logits, none = model(idx)
+    _, loss = model(idx, idx)
+    assert none is None and logits.shape == (3, 16, 70)
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), atol=1e-5)
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_forward():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=70, dropout=0.0)).eval()
+    idx = torch.randint(0, 70, (2, 12))
+    full, _ = model(idx)
+    cache = model.new_cache(2, torch.device("cpu"), torch.float32)
+    steps = [model.next_logits(idx[:, :5], cache)]  # prefill 5, then 3 at once, then one at a time
+    steps.append(model.next_logits(idx[:, 5:8], cache))
+    steps += [model.next_logits(idx[:, i:i + 1], cache) for i in range(8, 12)]
+    positions = [4, 7, 8, 9, 10, 11]
+    for logits, pos in zip(steps, positions):
+        assert torch.allclose(logits, full[:, pos], atol=1e-5)
+    assert cache.pos == 12
