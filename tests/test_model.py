@@ -98,6 +98,6 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward():
     steps.append(model.next_logits(idx[:, 5:8], cache))
     steps += [model.next_logits(idx[:, i:i + 1], cache) for i in range(8, 12)]
     positions = [4, 7, 8, 9, 10, 11]
-    for logits, pos in zip(steps, positions):
+    for logits, pos in zip(steps, positions, strict=True):
         assert torch.allclose(logits, full[:, pos], atol=1e-5)
     assert cache.pos == 12

@@ -1,0 +1,129 @@
+"""train.py end to end: a real run on real text, the checkpoint folder, and the resume rules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, snapshot, tiny_arch_flags
+
+FAST = ["--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--learning_rate", "3e-3"]
+
+
+def train(cwd: Path, *args: str) -> "subprocess.CompletedProcess":  # noqa: F821
+    return run_cli(*tiny_arch_flags(), *FAST, *args, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A char model trained for 40 iterations on real text (shared by the tests below)."""
+    cwd = tmp_path_factory.mktemp("trained")
+    src = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if src.exists():
+        text = src.read_text(encoding="utf-8")[:60_000]
+    else:
+        from mypt.corpus import builtin_corpus_text
+
+        text = builtin_corpus_text()[:60_000]
+    (cwd / "input.txt").write_text(text, encoding="utf-8")
+    result = train(cwd, "--model_name", "m", "--tokenizer", "char", "--input_file", "input.txt",
+                   "--max_iters", "40", "--eval_interval", "10")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return cwd
+
+
+def test_training_writes_the_checkpoint_folder_and_loss_falls(trained):
+    folder = trained / "checkpoints" / "m"
+    for name in ("model.pt", "config.json", "tokenizer.json", "training_state.json", "optimizer.pt",
+                 "metrics.jsonl", "loss.png"):
+        assert (folder / name).is_file(), name
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [10, 20, 30, 40]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3
+    state = json.loads((folder / "training_state.json").read_text())
+    assert state["iteration"] == 40 and state["input_file"] == "input.txt"
+    assert state["best_val_loss"] == min(r["val_loss"] for r in rows)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert tokenizer["kind"] == "char" and config["vocab_size"] == len(tokenizer["chars"])
+    weights = torch.load(folder / "model.pt", weights_only=True)
+    assert weights["transformer.wte.weight"].shape == (config["vocab_size"], 32)
+    assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_with_only_the_model_name_continues(trained):
+    result = run_cli("--model_name", "m", "--max_iters", "50", "--config_file", "small", "--n_layer", "6",
+                     cwd=trained)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "resuming 'm' from iteration 40" in out
+    assert "--config_file small ignored" in out and "--n_layer 6 ignored" in out
+    folder = trained / "checkpoints" / "m"
+    state = json.loads((folder / "training_state.json").read_text())
+    assert state["iteration"] == 50
+    assert state["train_config"]["eval_interval"] == 10  # saved training flags are the defaults on resume
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [10, 20, 30, 40, 50]
+
+
+def test_resume_to_a_reached_iteration_does_nothing(trained):
+    before = snapshot(trained / "checkpoints")
+    result = run_cli("--model_name", "m", "--max_iters", "20", cwd=trained)
+    assert result.returncode == 0
+    assert "nothing to do" in result.stdout
+    assert snapshot(trained / "checkpoints") == before
+
+
+def test_changed_input_needs_allow_data_change(trained, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text((trained / "input.txt").read_text(encoding="utf-8")[::-1], encoding="utf-8")
+    before = snapshot(trained / "checkpoints")
+    result = run_cli("--model_name", "m", "--max_iters", "100", "--input_file", str(other), cwd=trained)
+    assert result.returncode == 2
+    assert "--allow_data_change" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(trained / "checkpoints") == before
+
+
+def test_new_model_without_input_trains_on_builtin_corpus_with_gpt2_offline(tmp_path):
+    """The gpt2 tokenizer works with the network unplugged: sockets raise in the child process."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import socket\n"
+        "def _no_network(*a, **k):\n    raise OSError('network disabled by the test')\n"
+        "socket.socket.connect = _no_network\nsocket.socket.connect_ex = _no_network\n"
+        "socket.create_connection = _no_network\nsocket.getaddrinfo = _no_network\n"
+    )
+    result = run_cli(*tiny_arch_flags(), "--model_name", "g", "--max_iters", "3", "--eval_interval", "3",
+                     "--eval_iters", "1", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "no --input_file given: training on the built-in corpus" in result.stdout
+    state = json.loads((tmp_path / "checkpoints" / "g" / "training_state.json").read_text())
+    assert state["input_file"] == "builtin:python-docs" and state["tokenizer"] == "gpt2"
+    config = json.loads((tmp_path / "checkpoints" / "g" / "config.json").read_text())
+    assert config["vocab_size"] == 50304
+
+
+def test_token_cache_is_reused(trained):
+    cache = sorted((trained / "checkpoints" / ".cache").glob("*.bin"))
+    assert len(cache) == 1 and cache[0].name.endswith(".bin")
+
+
+def test_help_lists_flags_with_defaults(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for flag in ("--max_iters", "--learning_rate", "--warmup_iters", "--min_lr", "--grad_accum_steps",
+                 "--tokenizer", "--dtype", "--compile", "--checkpoints_dir", "--seed", "--grad_clip"):
+        assert flag in result.stdout
+    assert "(default: 2000)" in " ".join(result.stdout.split())
+
+
+def test_mypt_module_and_script_aliases_run_the_same_code(tmp_path):
+    import subprocess
+
+    a = subprocess.run([sys.executable, "-m", "mypt", "configs"], capture_output=True, text=True, cwd=REPO)
+    b = run_cli(cwd=REPO, script="scripts/show_configs.py")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
