@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli, snapshot, tiny_arch_flags
 
 FAST = ["--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--learning_rate", "3e-3"]
 
 
-def train(cwd: Path, *args: str) -> "subprocess.CompletedProcess":  # noqa: F821
+def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run_cli(*tiny_arch_flags(), *FAST, *args, cwd=cwd)
 
 
@@ -122,8 +122,6 @@ def test_help_lists_flags_with_defaults(tmp_path):
 
 
 def test_mypt_module_and_script_aliases_run_the_same_code(tmp_path):
-    import subprocess
-
     a = subprocess.run([sys.executable, "-m", "mypt", "configs"], capture_output=True, text=True, cwd=REPO)
     b = run_cli(cwd=REPO, script="scripts/show_configs.py")
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
