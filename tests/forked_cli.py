@@ -5,8 +5,9 @@ CPU cores that would stretch the crash-safety and bad-input catalogues (dozens o
 minutes. Instead one server process imports torch and mypt once, then forks a child per
 command. The child runs exactly what the scripts run (`mypt.cli.run_command`) in its own
 working directory and environment, writes its own stdout / stderr files, has its own exit
-status, and can be signalled or SIGKILLed like any process. Tests that are about the scripts
-themselves (signals, the lock, file size limits, resume) still start `python train.py`.
+status, and can be signalled or SIGKILLed like any process; `fsize_limit` gives it a file size
+limit (RLIMIT_FSIZE), as `ulimit -f` would. test_resume's Ctrl-C test starts `python train.py`
+itself, so the script and a fresh interpreter are covered too.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,10 +24,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# A 32-wide model gains nothing from intra-op threads, and on a loaded 2-core machine OpenMP
+# threads spinning against each other make an iteration up to 50 times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _SERVER = r"""
-import json, os, signal, sys, traceback
-import torch, matplotlib
+import json, os, resource, signal, sys, traceback
+import torch, torch._dynamo, matplotlib  # torch.optim imports torch._dynamo on first use (3 s)
 matplotlib.use("Agg")
 import matplotlib.pyplot
 import mypt.cli, mypt.cli.train, mypt.train_run, mypt.api
@@ -44,6 +48,9 @@ def child(req):
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if req["fsize_limit"] is not None:  # a full disk, as `ulimit -f` makes one
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize_limit"], req["fsize_limit"]))
     sys.argv = [req["script"], *req["args"]]
     code = 1
     try:
@@ -79,7 +86,7 @@ _logs: Path | None = None  # where runs write stdout/stderr: outside every worki
 def _request(req: dict) -> dict:
     global _server
     if _server is None or _server.poll() is not None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
         _server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
         atexit.register(_shutdown)
@@ -109,8 +116,8 @@ def _shutdown() -> None:
 class Run:
     """One forked run of a script: like subprocess.Popen, with stdout/stderr kept in files."""
 
-    def __init__(self, *args: str, cwd: Path, env: dict | None = None,
-                 script: str = "train.py") -> None:
+    def __init__(self, *args: str, cwd: Path, env: dict | None = None, script: str = "train.py",
+                 fsize_limit: int | None = None) -> None:
         global _logs
         if _logs is None:
             _logs = Path(tempfile.mkdtemp(prefix="mypt-runs-"))
@@ -119,7 +126,8 @@ class Run:
         command = Path(script).stem
         reply = _request({"op": "spawn", "command": command, "script": script, "args": list(args),
                           "cwd": str(cwd), "env": {**os.environ, **(env or {})},
-                          "stdout": str(self.stdout_path), "stderr": str(self.stderr_path)})
+                          "stdout": str(self.stdout_path), "stderr": str(self.stderr_path),
+                          "fsize_limit": fsize_limit})
         self.pid: int = reply["pid"]
         self.returncode: int | None = None
         _live.add(self.pid)
@@ -151,16 +159,24 @@ class Run:
 
     @property
     def stdout(self) -> str:
-        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+        return _read(self.stdout_path)
 
     @property
     def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+        return _read(self.stderr_path)
+
+
+def _read(path: Path) -> str:
+    """What a run wrote so far ("" before the child has opened the file)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def run(*args: str, cwd: Path, env: dict | None = None, script: str = "train.py",
-        timeout: float = 120) -> Run:
+        timeout: float = 120, fsize_limit: int | None = None) -> Run:
     """Run a script to completion; the finished Run has returncode, stdout and stderr."""
-    r = Run(*args, cwd=cwd, env=env, script=script)
+    r = Run(*args, cwd=cwd, env=env, script=script, fsize_limit=fsize_limit)
     r.wait(timeout)
     return r

@@ -1,30 +1,63 @@
 """The Python API: load a trained model once, then use it (generate, stream, evaluate).
 
     from mypt.api import load_model
-    lm = load_model("dante")            # checkpoints/dante/
-    print(lm.model.num_params())
+    lm = load_model("dante")                      # checkpoints/dante/, loaded once
+    print(lm.generate("To be", max_new_tokens=50, seed=1))
+    for piece in lm.stream("To be", temperature=0):   # text as it is generated
+        print(piece, end="", flush=True)
+    lm.evaluate(open("held_out.txt").read()).bits_per_char
 
-A checkpoint folder describes itself: the model is rebuilt from its config.json, tokenizer.json
-and model.pt alone, never from the current command line.
+generate/stream take the fields of mypt.sampling.SamplingConfig as keywords (max_new_tokens,
+temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache). A checkpoint folder
+describes itself: the model is rebuilt from its config.json, tokenizer.json and model.pt alone,
+never from the current command line.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mypt import dist
-from mypt.checkpoint import Checkpoint, checkpoint_dir, load_checkpoint
+from mypt.checkpoint import Checkpoint, checkpoint_dir, list_models, load_checkpoint
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.model import GPT
+from mypt.sampling import SamplingConfig, TextStream, fresh_seed, generate_ids
 from mypt.tokenizers import Tokenizer, tokenizer_from_json
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """How well a model predicts a text: every token predicted once, in block_size windows."""
+
+    loss: float  # mean nats per token (tokenizer-dependent)
+    n_tokens: int
+    n_chars: int
+    total_nats: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_char(self) -> float:
+        """Comparable across tokenizers: total information over the number of characters."""
+        return self.total_nats / (math.log(2) * self.n_chars)
 
 
 @dataclass
 class LoadedModel:
+    """A checkpoint loaded for inference: generate, stream or evaluate with it as often as needed.
+
+    dtype is the autocast precision of its forward passes (fp32, bf16 or fp16).
+    """
+
     model: GPT
     config: ModelConfig
     tokenizer: Tokenizer
@@ -36,26 +69,104 @@ class LoadedModel:
     def name(self) -> str:
         return self.checkpoint.path.name
 
+    @property
+    def iterations(self) -> int | None:
+        """Training iterations recorded in training_state.json (None if it does not say)."""
+        value = self.checkpoint.training_state.get("iteration")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def encode_prompt(self, prompt: str, what: str = "prompt") -> list[int]:
+        """Token ids of prompt; an empty prompt is the tokenizer's start token. Not cropped."""
+        return self.tokenizer.encode(prompt, what) if prompt else self.tokenizer.start_ids()
+
+    def stream(self, prompt: str = "", **options: Any) -> TextStream:
+        """An iterator over the text pieces of prompt's continuation (the prompt not included).
+
+        A prompt longer than block_size keeps its last block_size tokens; the context then
+        slides in steps of block_size // 2. Without `seed` a fresh one is drawn (stream.seed).
+        """
+        cfg = SamplingConfig.from_options(options)
+        seed = fresh_seed() if cfg.seed is None else cfg.seed
+        ids = generate_ids(self.model, self.encode_prompt(prompt), cfg, vocab_size=self.tokenizer.n_vocab,
+                           seed=seed, amp=lambda: dist.autocast(self.device, self.dtype))
+        return TextStream(ids, self.tokenizer, cfg.stop, seed)
+
+    def generate(self, prompt: str = "", **options: Any) -> str:
+        """prompt's continuation as one string (the prompt not included); options as stream()."""
+        return self.stream(prompt, **options).text()
+
+    def evaluate(self, text: str, *, what: str = "text", batch_size: int = 8) -> EvalResult:
+        """Loss, perplexity and bits per character of this model on text (`what` names it in errors)."""
+        if not text:
+            raise MyPTError(f"{what} is empty: there is nothing to evaluate")
+        ids = torch.tensor(self.tokenizer.start_ids()[:1] + self.tokenizer.encode(text, what), device=self.device)
+        total = 0.0
+        for x, y in _eval_batches(ids, self.config.block_size, batch_size):
+            with torch.inference_mode(), dist.autocast(self.device, self.dtype):
+                _, loss = self.model(x, y)
+            total += loss.item() * y.numel()
+        n_tokens = ids.numel() - 1
+        return EvalResult(total / n_tokens, n_tokens, len(text), total)
+
+
+def _eval_batches(ids: torch.Tensor, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) covering ids[1:] once: non-overlapping windows, full ones batched."""
+    n = ids.numel() - 1  # tokens to predict
+    full = n // block_size
+    x = ids[: full * block_size].view(full, block_size)
+    y = ids[1 : full * block_size + 1].view(full, block_size)
+    for i in range(0, full, batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
+    if n > full * block_size:
+        yield ids[full * block_size : n][None], ids[full * block_size + 1 :][None]
+
+
+def require_models(names: list[str], checkpoints_dir: str | Path) -> None:
+    """Fail early, naming every unknown model and the models that exist."""
+    missing = [n for n in names if not checkpoint_dir(checkpoints_dir, n).is_dir()]
+    if missing:
+        existing = ", ".join(list_models(checkpoints_dir)) or "none"
+        raise MyPTError(f"no model named {', '.join(repr(n) for n in missing)} in {checkpoints_dir}/; "
+                        f"models there: {existing} (check --model_name or --checkpoints_dir)")
+
+
+def inference_dtype(requested: str, device: torch.device) -> str:
+    """The autocast dtype for generation and evaluation.
+
+    'auto' is fp32 on a CPU: there, bf16 autocast makes one-token decoding slower (measured by
+    bench/bench_generate.py), since every step re-casts the weights. Elsewhere as dist.pick_dtype.
+    """
+    if requested not in dist.TORCH_DTYPES and requested != "auto":
+        raise MyPTError(f"dtype {requested!r} is not one of auto, fp32, bf16, fp16")
+    if requested == "auto" and device.type == "cpu":
+        return "fp32"
+    return dist.pick_dtype(requested, device)
+
 
 def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "checkpoints", *,
                path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load checkpoints_dir/model_name (or the folder `path`) for inference, in eval mode."""
+    """Load checkpoints_dir/model_name (or the folder `path`) for inference, in eval mode.
+
+    device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps. dtype: the autocast dtype
+    of the forward pass (auto, fp32, bf16, fp16); the weights stay fp32.
+    """
     if path is None:
         if model_name is None:
             raise MyPTError("load_model needs a model_name or a path")
         path = checkpoint_dir(checkpoints_dir, model_name)
+    torch_device = dist.pick_device(device, dist.DistInfo())
+    run_dtype = inference_dtype(dtype, torch_device)
     ckpt = load_checkpoint(Path(path))
     cfg = ModelConfig.from_dict(ckpt.config, f"{ckpt.path}/config.json")
     tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt.path}/tokenizer.json")
     if tok.n_vocab > cfg.vocab_size:
         raise MyPTError(f"{ckpt.path}/tokenizer.json: {tok.kind} has {tok.n_vocab} tokens but config.json's "
                         f"vocab_size is {cfg.vocab_size}; the folder mixes files of different models")
-    torch_device = dist.pick_device(device, dist.DistInfo())
     with torch.device("meta"):
         model = GPT(cfg)
     load_weights(model, ckpt)
     model.to(torch_device).eval()
-    return LoadedModel(model, cfg, tok, ckpt, torch_device, dist.pick_dtype(dtype, torch_device))
+    return LoadedModel(model, cfg, tok, ckpt, torch_device, run_dtype)
 
 
 def load_weights(model: GPT, ckpt: Checkpoint) -> None:

@@ -11,6 +11,8 @@ holds the five files in :data:`CHECKPOINT_FILES`; it may also hold entries the t
 - :func:`load_checkpoint` checks the folder, the manifest and the format version, and loads
   ``.pt`` files only with ``torch.load(weights_only=True)``, so a planted pickle never runs.
 - :class:`TrainingLock` keeps two processes from training the same model at once.
+- :func:`write_weights_only` writes a pickle-free folder for inference (``model.safetensors``
+  in place of ``model.pt``, no ``optimizer.pt``); :func:`load_checkpoint` reads it too.
 
 It knows nothing of the model class, the training loop or the CLI: it deals in state dicts
 and JSON dicts. Every user-fixable problem raises :class:`mypt.errors.MyPTError`.
@@ -28,6 +30,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +40,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mypt.errors import MyPTError
 
@@ -54,6 +59,9 @@ FORMAT_VERSION = 1
 MAX_NAME_LENGTH = 100
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE = CHECKPOINT_FILES
+SAFETENSORS_FILE = "model.safetensors"  # weights-only folders: in place of model.pt
+WEIGHTS_ONLY_FILES = (SAFETENSORS_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE)
+_ALIASES_KEY = "mypt_aliases"  # safetensors metadata: names stored once, e.g. a tied head
 
 _NAME_RULE = (
     f"use 1-{MAX_NAME_LENGTH} characters from letters, digits, '_', '-' and '.', "
@@ -228,6 +236,18 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _test_pause() -> None:
+    """Test hook: sleep $MYPT_TEST_SAVE_DELAY seconds after each step of a save (unset: never).
+
+    A save pauses after each file it writes, before the swap and after it, so that
+    tests/test_crash_safety.py can SIGKILL a training process inside every window of a save.
+    The variable is read here and nowhere else.
+    """
+    delay = os.environ.get("MYPT_TEST_SAVE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -272,6 +292,7 @@ def _write_file(path: Path, fill: Callable[[_HashingWriter], None]) -> dict[str,
                 raise
             f.flush()
             os.fsync(f.fileno())
+            _test_pause()
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
@@ -465,6 +486,7 @@ def save_checkpoint(
             carried = _carried_entries(ckpt_dir, set(extras))
             _move_entries(carried, ckpt_dir, tmp, moved)
             _fsync_dir(tmp)
+        _test_pause()
         old = _swap_in(tmp, ckpt_dir)
     except BaseException as exc:
         if _move_entries_back(moved, tmp, ckpt_dir):
@@ -474,8 +496,55 @@ def save_checkpoint(
         raise
     _fsync_dir_quietly(ckpt_dir.parent)
     if old is not None:
+        _test_pause()
         _remove_tree(old)
         _fsync_dir_quietly(ckpt_dir.parent)
+
+
+def _dedup_shared(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (each storage once; safetensors refuses shared ones) and name aliases."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.detach().contiguous()
+    return unique, aliases
+
+
+def write_weights_only(
+    folder: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    tokenizer: dict[str, Any],
+    training_state: dict[str, Any],
+) -> None:
+    """Write a weights-only checkpoint (:data:`WEIGHTS_ONLY_FILES`) into the empty folder.
+
+    It holds no pickle: load_checkpoint reads it for inference, but training cannot resume
+    from it (there is no optimizer state). Atomic publishing is the caller's job.
+    """
+    _check_save_inputs(model_state, {}, {})
+    unique, aliases = _dedup_shared(model_state)
+    path = folder / SAFETENSORS_FILE
+    save_file(unique, str(path), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    manifest = {SAFETENSORS_FILE: {"size": path.stat().st_size, "sha256": _sha256(path)}}
+    for name, obj in ((CONFIG_FILE, config), (TOKENIZER_FILE, tokenizer)):
+        manifest[name] = _write_bytes(folder / name, _json_bytes(obj, name))
+    os.chmod(path, (folder / CONFIG_FILE).stat().st_mode & 0o777)  # safetensors made it 0600
+    state = {**training_state, "format_version": FORMAT_VERSION, "manifest": manifest}
+    _write_bytes(folder / STATE_FILE, _json_bytes(state, "training_state"))
+    _fsync_dir(folder)
 
 
 # ----------------------------------------------------------------------------- recovery
@@ -579,8 +648,18 @@ def _require_folder(ckpt_dir: Path) -> None:
     )
 
 
-def _require_files(ckpt_dir: Path) -> None:
-    missing = [name for name in CHECKPOINT_FILES if not (ckpt_dir / name).is_file()]
+def _weights_only(ckpt_dir: Path) -> bool:
+    """A folder written by write_weights_only: model.safetensors and no model.pt."""
+    return not (ckpt_dir / MODEL_FILE).exists() and (ckpt_dir / SAFETENSORS_FILE).is_file()
+
+
+def _require_files(ckpt_dir: Path, names: tuple[str, ...], with_optimizer: bool) -> None:
+    if with_optimizer and _weights_only(ckpt_dir) and not (ckpt_dir / OPTIMIZER_FILE).is_file():
+        raise MyPTError(
+            f"{ckpt_dir}/ holds only weights (model.safetensors, no optimizer.pt): it can "
+            "generate but training cannot resume from it; resume from the original checkpoint"
+        )
+    missing = [name for name in names if not (ckpt_dir / name).is_file()]
     if missing:
         raise MyPTError(
             f"checkpoint folder {ckpt_dir}/ is incomplete: {', '.join(missing)} missing; "
@@ -635,14 +714,19 @@ def _manifest_entry(ckpt_dir: Path, name: object, entry: object) -> tuple[int, s
     return entry["size"], entry["sha256"]
 
 
-def _verify_manifest(ckpt_dir: Path, state: dict[str, Any], hashed: set[str] | None) -> None:
+def _verify_manifest(
+    ckpt_dir: Path,
+    state: dict[str, Any],
+    hashed: set[str] | None,
+    required: tuple[str, ...] = CHECKPOINT_FILES,
+) -> None:
     """Check every manifest entry's size, and sha256 for names in hashed (None: all)."""
     manifest = state.get("manifest")
     if manifest is None:
         return  # written by hand or by a MyPT without manifests: nothing to check against
     if not isinstance(manifest, dict):
         raise MyPTError(f"{ckpt_dir / STATE_FILE} has a malformed manifest; restore it")
-    for name in CHECKPOINT_FILES:
+    for name in required:
         if name != STATE_FILE and name not in manifest:
             raise MyPTError(
                 f"{ckpt_dir / STATE_FILE}'s manifest has no entry for {name}; "
@@ -711,6 +795,25 @@ def _load_model_state(path: Path, map_location: str | torch.device | None) -> di
     return state
 
 
+def _load_safetensors(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
+    """A state dict from model.safetensors (never pickle), with its aliased names restored."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location or "cpu")) as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+    except Exception as exc:  # noqa: BLE001 - safetensors reports damaged files as many types
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise MyPTError(
+            f"{path} is truncated or corrupt and could not be loaded ({first}); "
+            "restore it from a backup or export the model again"
+        ) from None
+    for name, source in aliases.items() if isinstance(aliases, dict) else ():
+        if source not in state:
+            raise MyPTError(f"{path}: {name} refers to {source}, which is missing; export it again")
+        state[name] = state[source]
+    return state
+
+
 def _load_optimizer_state(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
     state = _torch_load(path, map_location)
     if not isinstance(state, dict):
@@ -731,22 +834,29 @@ def load_checkpoint(
     """Load the checkpoint in ckpt_dir; every problem with the folder raises MyPTError.
 
     With verify, the manifest is checked: sizes of all files, sha256 of the files loaded.
-    optimizer.pt is only deserialised when with_optimizer is True.
+    optimizer.pt is only deserialised when with_optimizer is True. A weights-only folder
+    (model.safetensors in place of model.pt, no optimizer.pt) loads without with_optimizer.
     """
     ckpt_dir = Path(ckpt_dir)
     recover(ckpt_dir)
     _require_folder(ckpt_dir)
-    _require_files(ckpt_dir)
+    weights_only = _weights_only(ckpt_dir)
+    required = WEIGHTS_ONLY_FILES if weights_only else CHECKPOINT_FILES
+    weights = SAFETENSORS_FILE if weights_only else MODEL_FILE
+    _require_files(ckpt_dir, required, with_optimizer)
     training_state = _read_json(ckpt_dir / STATE_FILE)
     _check_format_version(ckpt_dir / STATE_FILE, training_state)
     if verify:
-        hashed = {MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE}
+        hashed = {weights, CONFIG_FILE, TOKENIZER_FILE}
         if with_optimizer:
             hashed.add(OPTIMIZER_FILE)
-        _verify_manifest(ckpt_dir, training_state, hashed)
+        _verify_manifest(ckpt_dir, training_state, hashed, required)
     config = _read_json(ckpt_dir / CONFIG_FILE)
     tokenizer = _read_json(ckpt_dir / TOKENIZER_FILE)
-    model_state = _load_model_state(ckpt_dir / MODEL_FILE, map_location)
+    if weights_only:
+        model_state = _load_safetensors(ckpt_dir / weights, map_location)
+    else:
+        model_state = _load_model_state(ckpt_dir / weights, map_location)
     optimizer_state = (
         _load_optimizer_state(ckpt_dir / OPTIMIZER_FILE, map_location) if with_optimizer else None
     )
@@ -840,6 +950,10 @@ class TrainingLock:
         self.took_over_from = owner if owner is not None else -1
         self.path.unlink(missing_ok=True)
         _create_lock_file(self.path)
+
+    @property
+    def held(self) -> bool:
+        return self._held
 
     def release(self) -> None:
         if not self._held:

@@ -235,12 +235,12 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"--{key} ({value}) must be a positive integer")
-        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        for key in ("min_lr", "weight_decay", "grad_clip"):
             value = getattr(self, key)
             if value is not None and not (value >= 0 and value != float("inf")):
                 problems.append(f"--{key} ({value}) must be a non-negative number")
-        if self.learning_rate <= 0:
-            problems.append(f"--learning_rate ({self.learning_rate}) must be above 0")
+        if not 0 < self.learning_rate < float("inf"):
+            problems.append(f"--learning_rate ({self.learning_rate}) must be a number above 0")
         if self.warmup_iters < 0:
             problems.append(f"--warmup_iters ({self.warmup_iters}) must be 0 or more")
         for key in ("beta1", "beta2"):

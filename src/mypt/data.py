@@ -29,6 +29,7 @@ from mypt.tokenizers import Tokenizer
 CHUNK_SIZE = 4 << 20  # bytes read (and roughly characters tokenized) per piece
 BATCH_CHUNKS = 4  # pieces handed to encode_batch at once (tiktoken tokenizes them in threads)
 MAX_CARRY_CHUNKS = 4  # how far a piece may grow while looking for a safe cut
+MAX_TOKEN_BYTES = 128  # no token is longer: GPT-2's longest is 128 bytes, a character at most 4
 
 # Safe cut points: just before a whitespace character that follows a non-whitespace one.
 # GPT-2's pre-tokenizer never joins a non-space character with the whitespace after it, and
@@ -159,8 +160,8 @@ def _last_cut(text: str, pattern: re.Pattern[str]) -> int | None:
     while True:
         start = max(0, len(text) - window)
         last = None
-        for last in pattern.finditer(text, start):
-            pass
+        for match in pattern.finditer(text, start):
+            last = match
         if last is not None:
             return last.start() + 1
         if start == 0:
@@ -317,6 +318,13 @@ def load_splits(
     if not 0 < val_split <= 0.5:
         raise MyPTError(f"--val_split must be in (0, 0.5], got {val_split}")
     n = token_file.n_tokens
+    n_train = _split_point(n, val_split, block_size, source)
+    data = np.memmap(token_file.path, dtype=token_file.dtype, mode="r", shape=(n,))
+    return data[:n_train], data[n_train:]
+
+
+def _split_point(n: int, val_split: float, block_size: int, source: str) -> int:
+    """Where n tokens split into train and val; MyPTError unless each part holds one block."""
     n_train = int(n * (1 - val_split))
     need = block_size + 1
     for name, size in (("training", n_train), ("validation", n - n_train)):
@@ -327,8 +335,22 @@ def load_splits(
                 f"= {need}; use a longer input file, a smaller --block_size, or another "
                 "--val_split"
             )
-    data = np.memmap(token_file.path, dtype=token_file.dtype, mode="r", shape=(n,))
-    return data[:n_train], data[n_train:]
+    return n_train
+
+
+def check_long_enough(
+    path: Path, tokenizer: Tokenizer, val_split: float, block_size: int, source: str
+) -> None:
+    """MyPTError if the text is too short for a block in each split; reads only, writes nothing.
+
+    A token is at most MAX_TOKEN_BYTES bytes, so only a file too small to be surely long
+    enough is tokenized (in memory) to count; load_splits checks the same rule on the cache.
+    """
+    surely_tokens = Path(path).stat().st_size // MAX_TOKEN_BYTES
+    if surely_tokens * min(val_split, 1 - val_split) >= block_size + 2:
+        return
+    text = Path(path).read_text(encoding="utf-8")
+    _split_point(len(tokenizer.encode(text, what=f"input file {path}")), val_split, block_size, source)
 
 
 def _windows(

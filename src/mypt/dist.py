@@ -5,20 +5,39 @@ device and the autocast dtype, starts and tears down the process group (nccl on 
 CPU), wraps the model for data parallel (DDP) or sharded (FSDP2) training, and offers the few
 collectives the training loop needs. With one process every helper is a cheap no-op, so the
 loop reads the same either way.
+
+Files are rank 0's business: it plans the run (`from_main`), tokenizes first and writes every
+checkpoint, while the other ranks wait on a separate group with a long timeout (`barrier`).
+Training collectives use a short timeout, so a hung rank surfaces as an error in minutes; a
+rank that dies (or a collective that fails) becomes `PeerLost` on the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import re
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as td
 
 from mypt.errors import MyPTError
+
+T = TypeVar("T")
+COLLECTIVE_TIMEOUT_S = 120.0  # training collectives: ranks are never further apart than this
+MAIN_WAIT_TIMEOUT_S = 3600.0  # waiting on rank 0's files: tokenizing, reading, saving
+_main_wait_group: td.ProcessGroup | None = None
+# How gloo and nccl word a failure of another rank (process gone, connection lost, timeout).
+_PEER_FAILURE = ("closed by peer", "reset by peer", "broken pipe", "socket closed", "timed out")
+
+
+class PeerLost(MyPTError):
+    """Another process of the run died or stopped answering, so this one cannot go on."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this machine
 
     @property
     def is_main(self) -> bool:
@@ -40,8 +60,9 @@ def dist_info() -> DistInfo:
     """What torchrun told this process (one process when not launched by torchrun)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ["WORLD_SIZE"]))
+    world = int(os.environ["WORLD_SIZE"])
+    return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world,
+                    int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def print0(*args: object, **kwargs: object) -> None:
@@ -50,7 +71,10 @@ def print0(*args: object, **kwargs: object) -> None:
 
 
 def pick_device(requested: str, info: DistInfo) -> torch.device:
-    """'auto' -> cuda (this rank's GPU), then mps, then cpu; an unavailable device is an error."""
+    """'auto' -> cuda (this rank's GPU), then mps, then cpu; an unavailable device is an error.
+
+    Processes sharing a machine's CPU split its cores, so they do not slow each other down.
+    """
     if requested == "auto":
         if torch.cuda.is_available():
             requested = "cuda"
@@ -70,6 +94,9 @@ def pick_device(requested: str, info: DistInfo) -> torch.device:
         torch.cuda.set_device(device)
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise MyPTError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
+    elif device.type == "cpu" and info.enabled:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // info.local_world_size))
     return device
 
 
@@ -109,30 +136,91 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=TORCH_DTYPES[dtype])
 
 
-def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 120.0) -> None:
+def init_process_group(info: DistInfo, device: torch.device) -> None:
+    global _main_wait_group
     if info.enabled and not td.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        td.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+        td.init_process_group(backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
                               device_id=device if device.type == "cuda" else None)
+        _main_wait_group = td.new_group(backend="gloo", timeout=timedelta(seconds=MAIN_WAIT_TIMEOUT_S))
 
 
 def destroy_process_group() -> None:
+    global _main_wait_group
     if td.is_initialized():
         td.destroy_process_group()
+    _main_wait_group = None
 
 
 @contextlib.contextmanager
 def process_group(info: DistInfo, device: torch.device) -> Iterator[None]:
-    """Process group for the duration of a run, torn down however the run ends."""
+    """Process group for the duration of a run, torn down however the run ends.
+
+    A collective that fails because another rank died, or stopped answering, becomes PeerLost:
+    one clear line per surviving rank instead of a traceback (or a hang).
+    """
     init_process_group(info, device)
     try:
         yield
+    except RuntimeError as exc:
+        if not info.enabled or not _is_peer_failure(exc):
+            raise
+        with contextlib.suppress(ValueError):  # torchrun's shutdown must not cut the message short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise PeerLost(
+            f"process {info.rank} of {info.world_size}: another process of this run stopped or stopped "
+            f"answering ({_reason(exc)}); stopping too. Its own message, if any, says why. Checkpoints are "
+            "only written whole, so the last one is intact: run the same command to resume"
+        ) from None
     finally:
         destroy_process_group()
 
 
+def _is_peer_failure(exc: BaseException) -> bool:
+    if isinstance(exc, td.DistError):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _PEER_FAILURE)
+
+
+def _reason(exc: BaseException) -> str:
+    """'Connection closed by peer [10.0.0.2]:4321' out of gloo's '[file.cc:553] Connection ... GLHF!'."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:200]
+
+
+def from_main(make: Callable[[], T], share: Callable[[T], T] = lambda result: result) -> T:
+    """make() on rank 0 only; every other rank gets share(result), or raises the same MyPTError.
+
+    For the work done once, on rank 0's disk: checking the command against the files, reading
+    the checkpoint. share() keeps what the other ranks need (not, say, the weights: those come
+    by broadcast in wrap_model and load_optimizer_state).
+    """
+    if not td.is_initialized():
+        return make()
+    box: list[object] = [None]
+    if td.get_rank() == 0:
+        try:
+            result = make()
+        except MyPTError as exc:
+            box[0] = exc
+            td.broadcast_object_list(box, src=0, group=_main_wait_group)
+            raise
+        box[0] = share(result)
+        td.broadcast_object_list(box, src=0, group=_main_wait_group)
+        return result
+    td.broadcast_object_list(box, src=0, group=_main_wait_group)
+    if isinstance(box[0], MyPTError):
+        raise box[0]
+    return box[0]  # type: ignore[return-value]
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool) -> torch.nn.Module:
-    """Apply data parallelism from outside the model: DDP, or FSDP2 (fully_shard) per block."""
+    """Apply data parallelism from outside the model: DDP, or FSDP2 (fully_shard) per block.
+
+    Every rank starts from rank 0's weights (DDP broadcasts them itself), so only rank 0 needs
+    to load a checkpoint.
+    """
     if not info.enabled:
         if fsdp:
             raise MyPTError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
@@ -140,6 +228,8 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsd
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        for tensor in model.state_dict().values():
+            td.broadcast(tensor, src=0)
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
@@ -150,7 +240,11 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsd
 
 
 def no_sync(model: torch.nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on micro-steps before the last one of an accumulation."""
+    """Skip DDP's gradient all-reduce on micro-steps before the last one of an accumulation.
+
+    FSDP reduce-scatters on every micro-step instead: holding unsharded gradients until the
+    last one would cost the memory that sharding is there to save.
+    """
     if last_micro_step or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -175,15 +269,18 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
+    """Wait for rank 0's file work (tokenizing, saving): a long timeout, not the collectives' one."""
     if td.is_initialized():
-        td.barrier()
+        td.barrier(group=_main_wait_group)
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded, prefix-free model and optimizer state (keyed by parameter name) on every rank.
+    """Unsharded, prefix-free model and optimizer state (keyed by parameter name), on the CPU.
 
-    The one place where DDP's `module.`, torch.compile's `_orig_mod.` and FSDP sharding are
-    undone, so a checkpoint looks the same whatever wrapped the model.
+    Every rank must call it (FSDP gathers the shards); with several processes only rank 0 gets
+    the state (the others get empty dicts), since only rank 0 writes checkpoints. The one place
+    where DDP's `module.`, torch.compile's `_orig_mod.` and FSDP sharding are undone, so a
+    checkpoint looks the same whatever wrapped the model.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -191,8 +288,12 @@ def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return get_state_dict(model, optimizer, options=options)
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
+    """Load a full optimizer state (as full_state_dicts gives it) that only rank 0 needs to hold.
+
+    Every rank must call it; the others pass None and get their part by broadcast (FSDP: their shard).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=td.is_initialized())
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state or {}, options=options)

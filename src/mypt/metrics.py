@@ -74,6 +74,7 @@ class MetricsWriter:
         self.tensorboard = tensorboard
         self.writer = None
         self.resume_iter = resume_iter
+        self.pending: list[dict[str, Any]] = []  # train rows logged before the folder exists
 
     def _tb(self) -> Any:
         if self.writer is None and self.tensorboard:
@@ -83,23 +84,37 @@ class MetricsWriter:
         return self.writer
 
     def train_row(self, row: dict[str, Any]) -> None:
-        if self.tensorboard and self.ckpt_dir.exists():
-            tb = self._tb()
+        if not self.tensorboard:
+            return
+        self.pending.append(row)
+        if self.ckpt_dir.exists():  # a new model's folder appears at its first save
+            self._write_train_rows()
+
+    def _write_train_rows(self) -> None:
+        tb = self._tb()
+        for row in self.pending:
             for key, tag in (("loss", "train/loss"), ("lr", "train/lr"),
                              ("tokens_per_sec", "train/tokens_per_sec"), ("grad_norm", "train/grad_norm")):
                 tb.add_scalar(tag, row[key], row["iter"])
+        self.pending.clear()
+        # The writer appends to its event file by path from a background thread: flush now, so
+        # nothing is written while a checkpoint save moves tensorboard/ into the new folder.
+        tb.flush()
 
     def eval_row(self, row: dict[str, Any]) -> None:
         rows = [r for r in read_metrics(self.ckpt_dir) if r["iter"] < row["iter"]] + [row]
         _atomic_write(self.ckpt_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
         plot_losses(rows, self.ckpt_dir / PLOT_FILE)
         if self.tensorboard:
+            self._write_train_rows()
             tb = self._tb()
             tb.add_scalar("val/loss", row["val_loss"], row["iter"])
             tb.add_scalar("eval/train_loss", row["train_loss"], row["iter"])
             tb.flush()
 
     def close(self) -> None:
+        if self.pending and self.ckpt_dir.exists():  # stopped by a signal before any eval
+            self._write_train_rows()
         if self.writer is not None:
             self.writer.close()
 

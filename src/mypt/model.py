@@ -15,7 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits computed at a time by the loss head
+LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logit gradients the loss head holds at a time
+# Rows of bf16/fp16 logits made and turned into gradients at once: they then stay in the CPU's
+# cache (128 x 50304 x 2 B = 13 MB); fp32 logits are faster in whole chunks (BENCHMARKS.md).
+LOSS_SLICE_ROWS = 128
 
 
 class KVCache:
@@ -27,6 +30,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.head: torch.Tensor | None = None  # lm_head weight as (n_embd, vocab), see GPT.new_cache
 
     def reset(self) -> None:
         """Forget every position (the buffers are reused; stale entries are never read)."""
@@ -64,7 +68,13 @@ class CausalSelfAttention(nn.Module):
                 causal = False
         # No dropout on the attention probabilities: it would force the memory-hungry math
         # kernel (B, nh, T, T) instead of the flash kernel. Dropout acts on the residual stream.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if cache is None and x.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # A CPU's flash-attention backward is 2-4x slower in bf16 than in fp32 (BENCHMARKS.md):
+            # attend in fp32, outside autocast, which would cast the inputs back down
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -153,13 +163,20 @@ class GPT(nn.Module):
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+        cache = KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+        if device.type == "cpu":
+            # On a CPU, one row of logits is 2-3x faster against a contiguous (n_embd, vocab) copy
+            # of the head than through nn.Linear's (vocab, n_embd) (bench/bench_generate.py).
+            cache.head = self.lm_head.weight.detach().t().contiguous()
+        return cache
 
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, vocab) for the position after idx; with a cache idx holds only the new tokens."""
-        x = self.hidden_states(idx, cache)
-        return self.lm_head(x[:, -1, :]).float()
+        x = self.hidden_states(idx, cache)[:, -1, :]
+        if cache is not None and cache.head is not None:
+            return (x @ cache.head).float()
+        return self.lm_head(x).float()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -173,31 +190,50 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     The logits are made chunk by chunk in the autocast dtype (bf16 where enabled), the softmax
     and loss in fp32, and the gradients for x and weight are computed in the same pass, so
-    backward only scales them. Memory: one (chunk, vocab) block instead of all N rows.
+    backward only scales them, in place. Memory: one (chunk, vocab) block, allocated once, in
+    which each slice of rows turns from logits into probabilities into gradients in place.
+    The loss comes from a softmax (one exp per logit, not log_softmax and exp, two).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
-        n = x.size(0)
+        n, vocab = x.size(0), weight.size(0)
         w = weight.to(dtype)
         grad_x = torch.empty_like(x)
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_w = None
         total = torch.zeros((), dtype=acc, device=x.device)
+        step = LOSS_CHUNK_ROWS if dtype == acc else LOSS_SLICE_ROWS
+        grad = torch.empty(min(n, LOSS_CHUNK_ROWS), vocab, dtype=dtype, device=x.device)  # d(loss_sum)/d(logits)
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, n, LOSS_CHUNK_ROWS):
                 xc = x[start:start + LOSS_CHUNK_ROWS].to(dtype)
                 tc = targets[start:start + LOSS_CHUNK_ROWS]
-                logits = (xc @ w.T).to(acc)  # (chunk, vocab)
-                lse = torch.logsumexp(logits, dim=1)
-                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-                # d(loss_sum)/d(logits) = softmax - one_hot(target)
-                grad = torch.exp(logits.sub_(lse[:, None]))
-                grad[torch.arange(tc.numel(), device=x.device), tc] -= 1.0
-                grad = grad.to(dtype)
-                grad_x[start:start + LOSS_CHUNK_ROWS] = grad @ w
-                grad_w += (grad.T @ xc).to(acc)
+                gc = grad[:xc.size(0)]
+                for s in range(0, xc.size(0), step):
+                    ts = tc[s:s + step]
+                    rows = ts.numel()
+                    logits = torch.mm(xc[s:s + rows], w.T, out=gc[s:s + rows])
+                    target_logit = logits.gather(1, ts[:, None]).squeeze(1).to(acc)
+                    max_logit = logits.amax(dim=1).to(acc)
+                    # in place (softmax reads each row before it writes it); it accumulates in fp32
+                    # even for bf16 logits
+                    probs = torch.softmax(logits, dim=1, out=logits)
+                    # log-sum-exp from the largest probability, which never underflows (in bf16 it
+                    # carries bf16's 0.4% rounding, i.e. 0.002 nats per row, as the logits do)
+                    target_logp = target_logit - max_logit + probs.amax(dim=1).to(acc).log()
+                    total -= target_logp.sum()
+                    # d(loss_sum)/d(logits) = softmax - one_hot(target); at the target expm1(logp) is
+                    # p - 1 without cancellation
+                    gc[s + torch.arange(rows, device=x.device), ts] = torch.expm1(target_logp).to(dtype)
+                grad_x[start:start + LOSS_CHUNK_ROWS] = gc @ w
+                if grad_w is None:
+                    grad_w = (gc.T @ xc).to(acc)
+                elif dtype == acc:
+                    grad_w.addmm_(gc.T, xc)
+                else:
+                    grad_w += gc.T @ xc
         ctx.save_for_backward(grad_x, grad_w)
         ctx.n = n
         ctx.weight_dtype = weight.dtype
@@ -207,7 +243,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
-        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None
+        # in place: no second (vocab, n_embd) buffer while every activation is still alive; a
+        # second backward through the same graph fails with autograd's in-place error
+        return grad_x.mul_(scale), grad_w.mul_(scale).to(ctx.weight_dtype), None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

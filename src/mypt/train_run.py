@@ -7,9 +7,10 @@ one needs --allow_data_change), saved training flags are the defaults for the ne
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from mypt import __version__, dist
 from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
 from mypt.config import GPT2_VOCAB_SIZE, ModelConfig, TrainConfig, apply_arch_flags, load_model_config
 from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
-from mypt.data import char_vocab_of_file, check_input_file, file_sha256, load_splits, prepare_tokens
+from mypt.data import (
+    TokenFile,
+    char_vocab_of_file,
+    check_input_file,
+    check_long_enough,
+    file_sha256,
+    load_splits,
+    prepare_tokens,
+)
 from mypt.errors import MyPTError
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
@@ -50,24 +59,49 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
     info = dist.dist_info()
     ckpt_dir = checkpoint_dir(checkpoints_dir, model_name)
     TrainConfig(**train_flags)  # flag errors first, before any file is read
-    recover(ckpt_dir)
-    if (ckpt_dir / "config.json").exists():
-        plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags, allow_data_change)
-    else:
-        plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags)
-    tc = plan.train_cfg
-    if plan.state.iteration >= tc.max_iters:
-        dist.print0(f"'{model_name}' is already trained to iteration {plan.state.iteration}; "
-                    f"nothing to do (pass a --max_iters above {plan.state.iteration} to train further)")
-        return Stop()
+    lock = TrainingLock(ckpt_dir)  # rank 0 holds it from before reading the checkpoint to the end
+
+    def make_plan() -> RunPlan:
+        if ckpt_dir.parent.is_dir():  # else nothing to read yet: it is taken before training starts
+            lock.acquire()  # so a running trainer cannot swap the checkpoint while it is read
+        recover(ckpt_dir)
+        if (ckpt_dir / "config.json").exists():
+            plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags,
+                               allow_data_change)
+        else:
+            plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags)
+        tc = plan.train_cfg
+        check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
+        _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+        return plan
+
     torch_device = dist.pick_device(device, info)
-    dtype = dist.pick_dtype(tc.dtype, torch_device)
-    with dist.process_group(info, torch_device), TrainingLock(ckpt_dir):
+    with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
+        cleanup.callback(lock.release)
+        plan = dist.from_main(make_plan, share=_for_other_ranks)  # rank 0 reads the files
+        tc = plan.train_cfg
+        if plan.state.iteration >= tc.max_iters:
+            dist.print0(f"'{model_name}' is already trained to iteration {plan.state.iteration}; "
+                        f"nothing to do (pass a --max_iters above {plan.state.iteration} to train further)")
+            return Stop()
+        dtype = dist.pick_dtype(tc.dtype, torch_device)
+        if info.is_main and not lock.held:
+            lock.acquire()
         return _run(plan, info, torch_device, dtype, fsdp)
+
+
+def _for_other_ranks(plan: RunPlan) -> RunPlan:
+    """The plan without the weights and optimizer state: the other ranks get those by broadcast."""
+    if plan.resume is None:
+        return plan
+    scaler = plan.resume.optimizer_state.get("scaler")
+    resume = replace(plan.resume, model_state={}, optimizer_state={"scaler": scaler})
+    return replace(plan, resume=resume)
 
 
 def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
              arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
+    _check_folders(ckpt_dir)
     base = load_model_config(config_file) if config_file else None
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
     for w in warnings:
@@ -91,6 +125,18 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
             raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
                             f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
     return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None)
+
+
+def _check_folders(ckpt_dir: Path) -> None:
+    """The model's folder, and the nearest existing folder above it, must not be files."""
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
+    for folder in ckpt_dir.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise MyPTError(f"--checkpoints_dir {ckpt_dir.parent}: {folder} is not a folder; "
+                                "pass a folder (it is created if missing)")
+            return
 
 
 def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
@@ -142,23 +188,17 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
-    if info.is_main:
-        token_file = prepare_tokens(plan.input_path, plan.tokenizer, plan.ckpt_dir.parent / CACHE_DIR)
-    dist.barrier()
-    if not info.is_main:
-        token_file = prepare_tokens(plan.input_path, plan.tokenizer, plan.ckpt_dir.parent / CACHE_DIR, progress=False)
-    train_data, val_data = load_splits(token_file, tc.val_split, cfg.block_size, plan.input_label)
-    tc = _fit_world_size(plan, info)
+    train_data, val_data = load_splits(_token_file(plan, info), tc.val_split, cfg.block_size, plan.input_label)
 
     torch.manual_seed(tc.seed)
     model = GPT(cfg).to(device)
     model.gradient_checkpointing = tc.gradient_checkpointing
-    if plan.resume is not None:
+    if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from wrap_model
         model.load_state_dict(plan.resume.model_state)
     wrapped = dist.wrap_model(model, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
     if plan.resume is not None:
-        dist.load_optimizer_state(wrapped, optimizer, plan.resume.optimizer_state["optimizer"])
+        dist.load_optimizer_state(wrapped, optimizer, plan.resume.optimizer_state.get("optimizer"))
     runnable = torch.compile(wrapped) if tc.compile else wrapped
     trainer = Trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,
                       device, dtype, info)
@@ -191,12 +231,30 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
         progress.close()
         metrics.close()
     if stop.signum is not None:
+        launcher = f"torchrun --nproc_per_node={info.local_world_size}" if info.enabled else "python"
         dist.print0(f"stopped by signal at iteration {plan.state.iteration}; checkpoint saved. Resume with:\n"
-                    f"  python train.py --model_name {plan.ckpt_dir.name} --checkpoints_dir {plan.ckpt_dir.parent}")
+                    f"  {launcher} train.py --model_name {plan.ckpt_dir.name} --checkpoints_dir {plan.ckpt_dir.parent}"
+                    + (" --fsdp" if fsdp else ""))
     else:
         dist.print0(f"done: iteration {plan.state.iteration}, val loss {plan.state.last_val_loss:.4f}; "
                     f"saved to {plan.ckpt_dir}/")
     return stop
+
+
+def _token_file(plan: RunPlan, info: dist.DistInfo) -> TokenFile:
+    """Rank 0 tokenizes first; the other ranks then find its cache, or, on a machine that does not
+    share rank 0's disk, tokenize the same text at the same path there."""
+    cache = plan.ckpt_dir.parent / CACHE_DIR
+    token_file = prepare_tokens(plan.input_path, plan.tokenizer, cache) if info.is_main else None
+    dist.barrier()
+    if token_file is not None:
+        return token_file
+    path = builtin_corpus_path(cache) if plan.input_label == BUILTIN_CORPUS else plan.input_path
+    token_file = prepare_tokens(path, plan.tokenizer, cache, progress=False)
+    if token_file.sha256 != plan.input_sha256:
+        raise MyPTError(f"process {info.rank}: {path} on this machine differs from the text rank 0 trains on; "
+                        "copy rank 0's file here (or put it on a shared filesystem)")
+    return token_file
 
 
 class _Reporter:
@@ -214,24 +272,26 @@ class _Reporter:
         self.progress.eval(iteration, losses)
 
 
-def _fit_world_size(plan: RunPlan, info: dist.DistInfo) -> TrainConfig:
-    """Keep the global batch when a run resumes with a different number of processes."""
-    tc = plan.train_cfg
+def _fit_world_size(plan: RunPlan, world_size: int, accum_given: bool) -> None:
+    """Keep the global batch when a run resumes with a different number of processes.
+
+    An explicit --grad_accum_steps is used as given (the global batch then changes, by choice).
+    """
     if plan.resume is None:
-        return tc
+        return
+    tc = plan.train_cfg
     saved_world = plan.resume.training_state.get("world_size", 1)
-    if saved_world == info.world_size:
-        return tc
+    if saved_world == world_size or accum_given:
+        return
     global_micro = saved_world * tc.grad_accum_steps
-    if global_micro % info.world_size:
+    if global_micro % world_size:
         raise MyPTError(f"'{plan.ckpt_dir.name}' was trained with {saved_world} processes x {tc.grad_accum_steps} "
-                        f"accumulation steps; {info.world_size} processes cannot keep that global batch. "
+                        f"accumulation steps; {world_size} processes cannot keep that global batch. "
                         f"Use a process count that divides {global_micro}, or pass --grad_accum_steps")
-    new_accum = global_micro // info.world_size
-    dist.print0(f"note: resuming with {info.world_size} processes instead of {saved_world}: "
+    new_accum = global_micro // world_size
+    dist.print0(f"note: resuming with {world_size} process(es) instead of {saved_world}: "
                 f"--grad_accum_steps {new_accum} keeps the global batch")
     plan.train_cfg = TrainConfig(**{**tc.to_dict(), "grad_accum_steps": new_accum})
-    return plan.train_cfg
 
 
 def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dist.DistInfo) -> dict[str, Any]:

@@ -12,6 +12,7 @@ the uninterrupted run would, with any number of processes.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import signal
 import sys
@@ -82,6 +83,31 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=fused)
 
 
+# glibc mallopt() parameters and their defaults (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+MALLOC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+MALLOC_REUSE = {M_TRIM_THRESHOLD: 2**31 - 1, M_MMAP_MAX: 0}
+
+
+def reuse_freed_memory(enabled: bool = True) -> bool:
+    """Keep freed memory in the process for reuse instead of handing it back to the OS (glibc).
+
+    glibc gives every allocation above 32 MB its own mmap() and unmaps it when it is freed, so
+    each training step page-faults its big tensors (the loss head's logit gradients, embedding
+    gradients, large activations) in afresh: a fifth of a tiny-preset step on a CPU
+    (BENCHMARKS.md). With mmap and trimming off, freed blocks are reused; the peak stays the
+    same but the memory stays with the process until it exits. False where there is no glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = MALLOC_REUSE if enabled else MALLOC_DEFAULTS
+    return all(mallopt(param, value) == 1 for param, value in settings.items())
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  train_data: np.ndarray, val_data: np.ndarray, block_size: int, batch_size: int,
@@ -92,6 +118,8 @@ class Trainer:
         self.tc, self.device, self.dtype, self.info = tc, device, dtype, info
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
         self.stop_signal: int | None = None
+        if device.type == "cpu":
+            reuse_freed_memory()
 
     @property
     def tokens_per_iter(self) -> int:
@@ -155,7 +183,7 @@ class Trainer:
                 last = state.iteration == tc.max_iters
                 if state.iteration % tc.log_interval == 0 or last:
                     now = time.perf_counter()
-                    row = {"iter": state.iteration, "loss": loss.item(), "grad_norm": norm.item(),
+                    row = {"iter": state.iteration, "loss": dist.all_mean(loss).item(), "grad_norm": norm.item(),
                            "lr": get_lr(it, tc), "tokens_per_sec": tokens_log / (now - t_log)}
                     t_log, tokens_log = now, 0
                     self._check_finite(row["loss"], state)

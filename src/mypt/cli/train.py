@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mypt.train_run import train  # torch and friends load only when training
 
-    stop = train(
-        model_name=args.model_name, checkpoints_dir=Path(args.checkpoints_dir),
-        config_file=args.config_file, input_file=args.input_file, tokenizer=args.tokenizer,
-        arch_flags={k: getattr(args, k) for k in ARCH_FLAGS}, train_flags=train_flags(args),
-        device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
-    )
+    try:
+        stop = train(
+            model_name=args.model_name, checkpoints_dir=Path(args.checkpoints_dir),
+            config_file=args.config_file, input_file=args.input_file, tokenizer=args.tokenizer,
+            arch_flags={k: getattr(args, k) for k in ARCH_FLAGS}, train_flags=train_flags(args),
+            device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
+        )
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns instead)
+        print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)
+        return SIGNAL_EXIT[signal.SIGINT]
     return SIGNAL_EXIT.get(stop.signum, 0) if stop.signum else 0
 
 

@@ -1,0 +1,280 @@
+"""Training throughput of MyPT against transformers' GPT2LMHeadModel, side by side in one process.
+
+usage: python bench/bench_train.py [--presets tiny small] [--rounds 5] [--ablations]
+
+For each preset it builds four runs from the same initial weights: MyPT and transformers, each in
+fp32 and in bf16 autocast. transformers gets the same shapes (n_positions = block_size, vocab
+50304, gelu_new, attn_pdrop 0, the preset's dropout); its biases, which MyPT's presets leave
+out, are zero and frozen, so both compute the same function. Both train on the same batches
+(GPT-2 tokens of tinyshakespeare) with the same AdamW (fused), schedule and gradient clipping:
+MyPT through its own `Trainer.train_step`, transformers through the usual
+`logits -> F.cross_entropy` step. The runs take turns one iteration at a time, so load from
+other processes hits all of them alike; the table gives the median and the fastest iteration.
+
+Achieved FLOP/s uses `mypt.estimate.flops_per_token`; the peak is a 2048 x 2048 matmul in the
+same dtype measured at the start of the same run. After the timed iterations every model is
+evaluated in fp32 on fixed validation batches: MyPT and transformers should agree within 2%.
+
+--ablations times variants of MyPT's tiny step instead: fused vs foreach AdamW, torch.compile,
+and the loss head's chunk sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _machine import header
+
+import mypt.model
+from mypt import dist
+from mypt.config import ModelConfig, TrainConfig, load_model_config
+from mypt.data import batch_at, load_splits, prepare_tokens
+from mypt.estimate import flops_per_token
+from mypt.model import GPT
+from mypt.tokenizers import build_tokenizer
+from mypt.trainer import Trainer, get_lr, make_optimizer, reuse_freed_memory
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+CACHE = Path("/tmp/mypt-bench-cache")
+CPU = torch.device("cpu")
+TRAIN = TrainConfig(learning_rate=1e-3, warmup_iters=2, max_iters=1000, grad_clip=1.0, seed=1337)
+EVAL_BATCHES = 4
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
+    """FLOP/s of an n x n matmul (median of reps)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def gpt2_tokens() -> tuple[np.ndarray, np.ndarray]:
+    token_file = prepare_tokens(DATA, build_tokenizer("gpt2"), CACHE, progress=False)
+    return load_splits(token_file, 0.1, 256, str(DATA))
+
+
+@dataclass
+class Run:
+    """One model + optimizer + precision, stepped one iteration at a time."""
+
+    impl: str
+    dtype: str
+    model: torch.nn.Module
+    step: Callable[[int], None]
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    malloc_reuse: bool = True  # what Trainer sets up on a CPU (see trainer.reuse_freed_memory)
+    times: list[float] = field(default_factory=list)
+
+
+def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
+             optimizer_kw: dict | None = None, compile_model: bool = False, malloc_reuse: bool = True) -> Run:
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    optimizer = make_optimizer(model, TRAIN, CPU)
+    if optimizer_kw:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        optimizer = torch.optim.AdamW(groups, lr=TRAIN.learning_rate, betas=(TRAIN.beta1, TRAIN.beta2),
+                                      **optimizer_kw)
+    runnable = torch.compile(model) if compile_model else model
+    trainer = Trainer(runnable, optimizer, data[0], data[1], cfg.block_size, cfg.batch_size, TRAIN, CPU, dtype,
+                      dist.DistInfo())
+    model.train()
+    return Run("mypt", dtype, model, trainer.train_step, lambda x, y: model(x, y)[1], malloc_reuse)
+
+
+def hf_model(cfg: ModelConfig, state: dict) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mypt.hf import to_hf_state
+
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0,
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = model.load_state_dict(to_hf_state(state, cfg), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), "head not tied"
+    if not cfg.bias:
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(False)  # zeros, as in MyPT's bias-free model
+    return model
+
+
+def hf_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
+           malloc_reuse: bool) -> Run:
+    model = hf_model(cfg, state)
+    optimizer = make_optimizer(model, TRAIN, CPU)
+    model.train()
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def step(it: int) -> None:  # what Trainer.train_step does, the usual way
+        torch.manual_seed(TRAIN.seed * 7919 + it)
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(it, TRAIN)
+        x, y = batch_at(data[0], cfg.block_size, cfg.batch_size, TRAIN.seed, it, CPU)
+        with dist.autocast(CPU, dtype):
+            loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    impl = "transformers + MyPT's malloc setting" if malloc_reuse else "transformers"
+    return Run(impl, dtype, model, step, loss_of, malloc_reuse)
+
+
+def time_runs(runs: list[Run], warmup: int, rounds: int) -> None:
+    """warmup iterations each, then `rounds` rounds in which every run does one timed iteration."""
+    for it in range(warmup + rounds):
+        for run in runs:
+            reuse_freed_memory(run.malloc_reuse)
+            t = time.perf_counter()
+            run.step(it)
+            if it >= warmup:
+                run.times.append(time.perf_counter() - t)
+
+
+@torch.no_grad()
+def val_loss(run: Run, cfg: ModelConfig, val: np.ndarray) -> float:
+    run.model.eval()
+    losses = [run.loss_of(*batch_at(val, cfg.block_size, cfg.batch_size, 99, i, CPU)).item()
+              for i in range(EVAL_BATCHES)]
+    run.model.train()
+    return sum(losses) / len(losses)
+
+
+def bench_preset(name: str, rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray],
+                 peaks: dict[str, float]) -> None:
+    cfg = load_model_config(name)
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    runs = [mypt_run(cfg, state, d, data) for d in ("fp32", "bf16")]
+    runs += [hf_run(cfg, state, d, data, reuse) for reuse in (False, True) for d in ("fp32", "bf16")]
+    time_runs(runs, warmup, rounds)
+    tokens = cfg.batch_size * cfg.block_size
+    fpt = flops_per_token(cfg)
+    print(f"\n## {name}: {cfg.n_layer} layers x {cfg.n_embd}, batch {cfg.batch_size} x {cfg.block_size}, "
+          f"{warmup} warm-up + {rounds} timed iterations each, interleaved\n")
+    print("| implementation | dtype | ms/iter median | ms/iter min | tokens/s (median) | GFLOP/s | % of matmul peak "
+          f"| val loss after {warmup + rounds} iters |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    med = {}
+    losses = {}
+    for run in runs:
+        m = statistics.median(run.times)
+        med[run.impl, run.dtype] = m
+        losses[run.impl, run.dtype] = val_loss(run, cfg, data[1])
+        flops = fpt * tokens / m
+        print(f"| {run.impl} | {run.dtype} | {m * 1e3:.0f} | {min(run.times) * 1e3:.0f} | {tokens / m:,.0f} "
+              f"| {flops / 1e9:.1f} | {100 * flops / peaks[run.dtype]:.0f}% | {losses[run.impl, run.dtype]:.4f} |")
+    default = dist.pick_dtype("auto", CPU)
+    hf, hf_same = "transformers", "transformers + MyPT's malloc setting"
+    speedup = lambda a, b: med[b] / med[a]  # noqa: E731  how many times faster run a is than run b
+    print(f"\nMyPT's default dtype here ('auto'): {default}. 'transformers' runs with glibc's default malloc, as "
+          "its users run it; the second transformers row shares MyPT's malloc setting (same process, toggled "
+          "per iteration), which isolates the model code.\n")
+    print("| comparison | speed-up | target |")
+    print("| --- | ---: | --- |")
+    rows = [(f"MyPT default ({default}) vs transformers fp32", ("mypt", default), (hf, "fp32"), ">= 2x"),
+            ("MyPT bf16 vs transformers bf16", ("mypt", "bf16"), (hf, "bf16"), ">= 1.2x"),
+            ("MyPT fp32 vs transformers fp32", ("mypt", "fp32"), (hf, "fp32"), ""),
+            (f"MyPT default ({default}) vs transformers fp32, same malloc", ("mypt", default), (hf_same, "fp32"), ""),
+            ("MyPT bf16 vs transformers bf16, same malloc", ("mypt", "bf16"), (hf_same, "bf16"), ""),
+            ("MyPT fp32 vs transformers fp32, same malloc", ("mypt", "fp32"), (hf_same, "fp32"), ""),
+            ("MyPT bf16 vs MyPT fp32", ("mypt", "bf16"), ("mypt", "fp32"), ""),
+            ("transformers bf16 vs transformers fp32", (hf, "bf16"), (hf, "fp32"), "")]
+    for label, a, b, target in rows:
+        print(f"| {label} | {speedup(a, b):.2f}x | {target} |")
+    for d in ("fp32", "bf16"):
+        a, b = losses["mypt", d], losses[hf, d]
+        print(f"- val loss {d}: MyPT {a:.4f}, transformers {b:.4f}, difference {100 * abs(a - b) / b:.2f}% "
+              "(target within 2%)")
+
+
+def ablations(rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray]) -> None:
+    """Variants of MyPT's tiny training step, timed interleaved against the default."""
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    variants: dict[str, Callable[[], Run]] = {}
+    for d in ("fp32", "bf16"):
+        variants[f"{d} default (fused AdamW)"] = lambda d=d: mypt_run(cfg, state, d, data)
+        variants[f"{d} foreach AdamW"] = lambda d=d: mypt_run(cfg, state, d, data, {"foreach": True})
+        variants[f"{d} glibc default malloc"] = lambda d=d: mypt_run(cfg, state, d, data, malloc_reuse=False)
+    compiled = {}
+    for d in ("fp32", "bf16"):
+        t = time.perf_counter()
+        run = mypt_run(cfg, state, d, data, compile_model=True)
+        run.step(0)  # compile happens here
+        compiled[f"{d} torch.compile"] = (run, time.perf_counter() - t)
+    runs = {k: make() for k, make in variants.items()} | {k: r for k, (r, _) in compiled.items()}
+    time_runs(list(runs.values()), warmup, rounds)
+    print(f"\n## ablations: tiny, {warmup} warm-up + {rounds} timed iterations each, interleaved\n")
+    print("| variant | ms/iter median | ms/iter min |")
+    print("| --- | ---: | ---: |")
+    for k, run in runs.items():
+        extra = f" (first step incl. compile: {compiled[k][1]:.0f} s)" if k in compiled else ""
+        print(f"| {k}{extra} | {statistics.median(run.times) * 1e3:.0f} | {min(run.times) * 1e3:.0f} |")
+    chunk_ablation(cfg, state, rounds, warmup, data)
+
+
+def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
+                   data: tuple[np.ndarray, np.ndarray]) -> None:
+    """The loss head's (LOSS_CHUNK_ROWS, LOSS_SLICE_ROWS): the module constants, swapped per step."""
+    settings = [(1024, 128), (1024, 256), (1024, 1024), (512, 128), (2048, 128)]
+    default = (mypt.model.LOSS_CHUNK_ROWS, mypt.model.LOSS_SLICE_ROWS)
+    times: dict[tuple, list[float]] = {}
+    for d in ("fp32", "bf16"):
+        run = mypt_run(cfg, state, d, data)
+        for it in range(warmup + rounds):
+            for s in settings:
+                mypt.model.LOSS_CHUNK_ROWS, mypt.model.LOSS_SLICE_ROWS = s
+                t = time.perf_counter()
+                run.step(it)
+                if it >= warmup:
+                    times.setdefault((d, *s), []).append(time.perf_counter() - t)
+    mypt.model.LOSS_CHUNK_ROWS, mypt.model.LOSS_SLICE_ROWS = default
+    print("\n| dtype | LOSS_CHUNK_ROWS | LOSS_SLICE_ROWS (bf16 only) | ms/iter median | ms/iter min |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for (d, c, s), ts in times.items():
+        print(f"| {d} | {c} | {s} | {statistics.median(ts) * 1e3:.0f} | {min(ts) * 1e3:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--rounds", type=int, default=5, help="timed iterations per run (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per run first (default: %(default)s)")
+    p.add_argument("--ablations", action="store_true", help="time variants of MyPT's tiny step instead")
+    args = p.parse_args()
+    print(header("bench_train: training throughput, MyPT vs transformers"))
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul 2048x2048 peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    data = gpt2_tokens()
+    if args.ablations:
+        ablations(args.rounds, args.warmup, data)
+        return
+    for name in args.presets:
+        bench_preset(name, args.rounds, args.warmup, data, peaks)
+
+
+if __name__ == "__main__":
+    main()

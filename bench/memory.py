@@ -1,0 +1,151 @@
+"""Peak memory of a training step, measured, next to mypt.estimate.estimate_memory.
+
+usage: python bench/memory.py [--presets tiny small 150M] [--dtypes fp32 bf16] [--steps 2]
+                              [--timing small]
+
+Each case runs in a fresh process: it builds the model and fused AdamW (optimizer state made up
+front), takes its resident memory as the baseline, resets the kernel's peak-RSS counter
+(/proc/self/clear_refs) and runs --steps training steps of Trainer.train_step at the preset's
+batch size. "measured" is the peak RSS over the baseline: gradients, activations and
+temporaries, which the estimate calls gradients + activations. Weights and optimizer state
+are compared separately (baseline over the bare interpreter). Linux only.
+
+--timing PRESET times a step with and without gradient checkpointing, interleaved in one
+process, for the time cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _machine import header
+from mypt import dist
+from mypt.config import TrainConfig, load_model_config
+from mypt.estimate import estimate_memory, human_bytes
+from mypt.model import GPT
+from mypt.trainer import Trainer, make_optimizer
+
+CPU = torch.device("cpu")
+MiB = 2**20
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trainer(preset: str, dtype: str, checkpointing: bool) -> tuple[Trainer, GPT]:
+    cfg = load_model_config(preset)
+    tc = TrainConfig(warmup_iters=0, learning_rate=1e-4)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.gradient_checkpointing = checkpointing
+    optimizer = make_optimizer(model, tc, CPU)
+    for p in model.parameters():  # AdamW's state (fp32 moments) exists from here on, as in training
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=1_000_000).astype(np.uint16)
+    return Trainer(model, optimizer, tokens, tokens, cfg.block_size, cfg.batch_size, tc, CPU, dtype,
+                   dist.DistInfo()), model
+
+
+def child(preset: str, dtype: str, checkpointing: bool, steps: int) -> None:
+    """In the fresh process: baseline RSS, then the peak over `steps` training steps, as JSON."""
+    start_kib = _status_kib("VmRSS")
+    trainer, model = _trainer(preset, dtype, checkpointing)
+    base_kib = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    times = []
+    for it in range(steps):
+        t = time.perf_counter()
+        loss, _ = trainer.train_step(it)
+        loss.item()
+        times.append(time.perf_counter() - t)
+    peak_kib = _status_kib("VmHWM")
+    print(json.dumps({"start": start_kib * 1024, "base": base_kib * 1024, "peak": peak_kib * 1024,
+                      "seconds": times, "n_params": model.num_params()}))
+
+
+def measure(preset: str, dtype: str, checkpointing: bool, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", preset, dtype, str(int(checkpointing)), str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(presets: list[str], dtypes: list[str], steps: int) -> None:
+    print("\nmeasured = peak RSS of the step(s) over the model + optimizer baseline; estimate = "
+          "estimate_memory's gradients + activations. ratio = estimate / measured.\n")
+    print("| preset | batch | dtype | checkpointing | measured | estimate | ratio | weights+optimizer measured "
+          "| estimate | step s |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    acts: dict[tuple[str, str], dict[bool, int]] = {}
+    for preset in presets:
+        cfg = load_model_config(preset)
+        for dtype in dtypes:
+            for ckpt in (False, True):
+                r = measure(preset, dtype, ckpt, steps)
+                est = estimate_memory(cfg, cfg.batch_size, dtype, ckpt)
+                measured = r["peak"] - r["base"]
+                static = r["base"] - r["start"]
+                est_step = est.gradients + est.activations
+                acts.setdefault((preset, dtype), {})[ckpt] = measured
+                print(f"| {preset} | {cfg.batch_size} | {dtype} | {'on' if ckpt else 'off'} | {human_bytes(measured)} "
+                      f"| {human_bytes(est_step)} | {est_step / measured:.2f} | {human_bytes(static)} "
+                      f"| {human_bytes(est.weights + est.optimizer)} | {statistics.median(r['seconds']):.1f} |",
+                      flush=True)
+    print("\ncheckpointing: measured step memory with / without")
+    for (preset, dtype), m in acts.items():
+        print(f"- {preset} {dtype}: {human_bytes(m[True])} / {human_bytes(m[False])} = {m[True] / m[False]:.2f}")
+
+
+def timing(preset: str, rounds: int) -> None:
+    """Step time with and without gradient checkpointing, interleaved in one process."""
+    for dtype in ("fp32", "bf16"):
+        trainer, model = _trainer(preset, dtype, False)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for it in range(rounds + 1):
+            for ckpt in (False, True):
+                model.gradient_checkpointing = ckpt
+                t = time.perf_counter()
+                trainer.train_step(it)[0].item()
+                if it:
+                    times[ckpt].append(time.perf_counter() - t)
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        print(f"- {preset} {dtype}: step {off:.2f} s without, {on:.2f} s with gradient checkpointing "
+              f"(+{100 * (on / off - 1):.0f}%; medians of {rounds}, interleaved)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small", "150M"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=2, help="training steps per case (default: %(default)s)")
+    p.add_argument("--timing", metavar="PRESET", help="time checkpointing on/off for this preset instead")
+    p.add_argument("--rounds", type=int, default=3, help="with --timing: steps per variant")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        preset, dtype, ckpt, steps = args.child
+        child(preset, dtype, ckpt == "1", int(steps))
+        return
+    print(header("memory: peak memory of a training step"))
+    if args.timing:
+        timing(args.timing, args.rounds)
+    else:
+        table(args.presets, args.dtypes, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Write a trained model as a Hugging Face transformers folder, or as pickle-free safetensors.
+
+examples:
+  mypt export --model_name dante --out exports/dante-hf
+  mypt export --model_name dante --format safetensors --out exports/dante-weights
+
+--format hf (the default) writes config.json in transformers' GPT-2 schema, model.safetensors
+and the tokenizer files, so that with no MyPT code and no network
+
+  from transformers import AutoTokenizer, GPT2LMHeadModel
+  model = GPT2LMHeadModel.from_pretrained("exports/dante-hf")
+  tokenizer = AutoTokenizer.from_pretrained("exports/dante-hf")
+
+--format safetensors writes MyPT's own folder with model.safetensors in place of model.pt and
+no optimizer state (nothing in it is a pickle): mypt.api.load_model(path=DIR) reads it, and so
+does generate.py once the folder sits in a checkpoints folder. Training cannot resume from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_name", required=True, help="the model to export (a folder under --checkpoints_dir)")
+    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    p.add_argument("--format", choices=("hf", "safetensors"), default="hf",
+                   help="hf: a transformers GPT-2 folder; safetensors: MyPT's weights-only folder "
+                        "(default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder to create (it must not exist yet, or be empty)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mypt.checkpoint import checkpoint_dir
+    from mypt.hf import export_hf, export_weights_only
+
+    ckpt = checkpoint_dir(args.checkpoints_dir, args.model_name)
+    export = export_hf if args.format == "hf" else export_weights_only
+    notes = export(ckpt, args.out)
+    print(f"exported '{args.model_name}' ({args.format}) to {args.out}/")
+    for note in notes:
+        print(f"note: {note}")
+    return 0

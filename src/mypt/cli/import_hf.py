@@ -1,0 +1,41 @@
+"""Turn a local Hugging Face transformers GPT-2 folder into a MyPT checkpoint.
+
+examples:
+  mypt import --hf_dir ~/models/gpt2 --model_name gpt2
+  python train.py --model_name gpt2 --input_file input.txt --max_iters 500   # fine-tune it
+  python generate.py --model_name gpt2 --prompt "Once upon a time"
+
+The folder needs config.json (model_type gpt2) and model.safetensors (or its shards); a folder
+with only pytorch_model.bin is refused, because loading it would unpickle. The new checkpoint
+uses MyPT's gpt2 tokenizer (a folder whose vocab.json differs from GPT-2's is refused), is at
+iteration 0, and records where it came from. bias is set to true when any of the folder's
+biases is nonzero. It has no input file yet: the first fine-tuning run needs --input_file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf_dir", type=Path, required=True,
+                   help="a transformers GPT-2 folder on this machine (config.json, model.safetensors)")
+    p.add_argument("--model_name", required=True, help="name of the new checkpoint folder")
+    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mypt.checkpoint import checkpoint_dir
+    from mypt.estimate import count_params
+    from mypt.hf import import_hf
+
+    ckpt = checkpoint_dir(args.checkpoints_dir, args.model_name)
+    cfg, notes = import_hf(args.hf_dir, ckpt)
+    print(f"imported {args.hf_dir} as '{args.model_name}' in {ckpt}/: {count_params(cfg):,} parameters, "
+          f"{cfg.n_layer} layers, {cfg.n_embd} wide, block_size {cfg.block_size}, bias {str(cfg.bias).lower()}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"fine-tune it: python train.py --model_name {args.model_name} --checkpoints_dir {args.checkpoints_dir} "
+          "--input_file YOUR_TEXT.txt")
+    return 0

@@ -1,0 +1,270 @@
+"""A catalogue of bad input: each gets one clear message, exit status 2, and changes nothing.
+
+Every case runs train.py or generate.py in a copy of a working folder that holds an input text
+and a trained model `good`, and checks: status 2, no traceback, exactly one `error:` line that
+says what is wrong, and every file and folder under the working folder byte-for-byte as before
+(so no checkpoint, lock, token cache or stray folder was written, and `good` is untouched).
+The security cases plant a pickle that would create a file if it ever ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, TINY_ARCH, tiny_arch_flags
+from forked_cli import run
+
+from mypt import dist
+
+GOOD = Path("checkpoints/good")
+MARKER = "pwned"  # what the planted pickle would create in the working folder
+TEXT_CHARS = 30_000
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder with input.txt and a model `good` trained on it for 8 iterations."""
+    work = tmp_path_factory.mktemp("base")
+    src = SHARED_DATA / "tinyshakespeare.txt"
+    if src.exists():
+        text = src.read_text(encoding="utf-8")[:TEXT_CHARS]
+    else:
+        from mypt.corpus import builtin_corpus_text
+
+        text = builtin_corpus_text()[:TEXT_CHARS]
+    (work / "input.txt").write_text(text, encoding="utf-8")
+    r = run("--model_name", "good", "--input_file", "input.txt", "--tokenizer", "char", *tiny_arch_flags(),
+            "--max_iters", "8", "--eval_interval", "8", "--eval_iters", "2", "--device", "cpu", cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return work
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under root, hidden ones included."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------- ways to spoil a folder
+
+
+def write(name: str, content: str | bytes) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        (work / name).write_bytes(data)
+    return prepare
+
+
+def preset(**changes: object) -> Callable[[Path], None]:
+    """cfg.json: the tiny test preset with some fields changed (None removes a field)."""
+    fields = {"vocab_size": 50304, **TINY_ARCH, **changes}
+    return write("cfg.json", json.dumps({k: v for k, v in fields.items() if v is not None}))
+
+
+def fix_manifest(ckpt: Path, name: str) -> None:
+    """Make the manifest agree with ckpt/name, as someone tampering with the folder would."""
+    state_path = ckpt / "training_state.json"
+    state = json.loads(state_path.read_text())
+    data = (ckpt / name).read_bytes()
+    state["manifest"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    state_path.write_text(json.dumps(state, indent=2))
+
+
+def edit_json(name: str, change: Callable[[dict], None], manifest: bool = True) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        path = work / GOOD / name
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+        if manifest and name != "training_state.json":
+            fix_manifest(work / GOOD, name)
+    return prepare
+
+
+class _Evil:
+    """Unpickling this runs `touch pwned`, unless the loader refuses arbitrary globals."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {MARKER}",))
+
+
+def plant_pickle(name: str) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        payload = {"transformer.wte.weight": torch.zeros(2), "evil": _Evil()}
+        torch.save(payload, work / GOOD / name)
+        fix_manifest(work / GOOD, name)  # a careful attacker updates the manifest too
+    return prepare
+
+
+def truncate(name: str, manifest: bool = False) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        path = work / GOOD / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        if manifest:
+            fix_manifest(work / GOOD, name)
+    return prepare
+
+
+def remove(rel: str) -> Callable[[Path], None]:
+    return lambda work: (work / rel).unlink()
+
+
+def newer_format(work: Path) -> None:
+    edit_json("training_state.json", lambda s: s.update(format_version=99))(work)
+
+
+def set_field(**changes: object) -> Callable[[dict], None]:
+    return lambda d: d.update(changes)
+
+
+# ----------------------------------------------------------------------------- the catalogue
+
+
+@dataclass
+class Case:
+    args: list[str]
+    expect: str  # a fragment of the error message
+    prepare: Callable[[Path], None] | None = None
+    script: str = "train.py"
+
+
+NEW = ["--model_name", "new", "--input_file", "input.txt", "--tokenizer", "char", "--max_iters", "4",
+       "--eval_iters", "2", "--device", "cpu"]
+NEW_TINY = [*NEW, *tiny_arch_flags()]
+PRESET = [*NEW, "--config_file", "cfg.json"]
+RESUME = ["--model_name", "good", "--max_iters", "12", "--device", "cpu"]
+GENERATE = ["--model_name", "good", "--max_new_tokens", "4", "--seed", "1", "--device", "cpu"]
+NAME_RULE = "use 1-100 characters"
+
+CASES: dict[str, Case] = {
+    # config files and presets
+    "preset-unknown": Case([*NEW, "--config_file", "nosuch"], "--config_file nosuch: no such file. Presets:"),
+    "preset-is-a-directory": Case(PRESET, "cfg.json: is a directory", lambda w: (w / "cfg.json").mkdir()),
+    "preset-malformed-json": Case(PRESET, "cfg.json: malformed JSON at line 1", write("cfg.json", '{"n_layer": 2,')),
+    "preset-not-an-object": Case(PRESET, "expected a JSON object of config fields, got list", write("cfg.json", "[2]")),
+    "preset-not-utf8": Case(PRESET, "cannot be read as a UTF-8 JSON config",
+                            write("cfg.json", b'{"name": "caf\xe9"}')),
+    "preset-missing-field": Case(PRESET, "missing required field 'n_head'", preset(n_head=None)),
+    "preset-unknown-field": Case(PRESET, "unknown field 'n_layers' (did you mean 'n_layer'?)", preset(n_layers=2)),
+    "preset-wrong-type": Case(PRESET, 'n_layer ("2") must be an integer', preset(n_layer="2")),
+    "preset-zero": Case(PRESET, "block_size (0) must be a positive integer", preset(block_size=0)),
+    "preset-dropout-range": Case(PRESET, "dropout (1.5) must be at least 0 and below 1", preset(dropout=1.5)),
+    "preset-bias-not-bool": Case(PRESET, 'bias ("yes") must be true or false', preset(bias="yes")),
+    "preset-heads-do-not-divide": Case(PRESET, "n_embd (32) must be divisible by n_head (3)", preset(n_head=3)),
+    "preset-vocab-too-small-for-gpt2": Case([*PRESET, "--tokenizer", "gpt2"],
+                                            "vocab_size (100) is smaller than the gpt2 tokenizer's",
+                                            preset(vocab_size=100)),
+    # input text
+    "input-missing": Case([*NEW_TINY, "--input_file", "nosuch.txt"], "input file nosuch.txt does not exist"),
+    "input-empty": Case([*NEW_TINY, "--input_file", "e.txt"], "input file e.txt is empty", write("e.txt", "")),
+    "input-directory": Case([*NEW_TINY, "--input_file", "d"], "input file d is a directory",
+                            lambda w: (w / "d").mkdir()),
+    "input-binary": Case([*NEW_TINY, "--input_file", "b.bin"], "looks binary (it contains NUL bytes",
+                         write("b.bin", b"\x7fELF\x02\x01\x00\x00" * 100)),
+    "input-not-utf8": Case([*NEW_TINY, "--input_file", "l.txt"], "is not valid UTF-8 (first bad byte at byte offset 5",
+                           write("l.txt", b"caf\xc3\xa9\xe9 latin-1\n" * 50)),
+    "input-too-short": Case([*NEW_TINY, "--input_file", "s.txt"], "s.txt is too short: it has 12 tokens",
+                            write("s.txt", "hello world\n")),
+    # model names that would leave the checkpoints folder or are not plain names
+    "name-parent": Case([*NEW_TINY, "--model_name", "../x"], "it contains a path separator"),
+    "name-absolute": Case([*NEW_TINY, "--model_name", "/tmp/x"], "it contains a path separator"),
+    "name-nested": Case([*NEW_TINY, "--model_name", "a/b"], "it contains a path separator"),
+    "name-backslash": Case([*NEW_TINY, "--model_name", "a\\b"], "it contains a path separator"),
+    "name-empty": Case([*NEW_TINY, "--model_name", ""], "it is empty"),
+    "name-dotdot": Case([*NEW_TINY, "--model_name", ".."], "it starts with '.'"),
+    "name-too-long": Case([*NEW_TINY, "--model_name", "m" * 101], "it is 101 characters long (the limit is 100)"),
+    "name-control-char": Case([*NEW_TINY, "--model_name", "a\x1b[2Jb"], "it contains control characters"),
+    "name-newline": Case([*NEW_TINY, "--model_name", "a\nb"], "it contains control characters"),
+    "name-space": Case([*NEW_TINY, "--model_name", "my model"], "it contains the character(s) ' '"),
+    "checkpoints-dir-is-a-file": Case([*NEW_TINY, "--checkpoints_dir", "input.txt"],
+                                      "--checkpoints_dir input.txt: input.txt is not a folder"),
+    "name-is-a-file": Case([*NEW_TINY, "--model_name", "f"], "checkpoints/f is not a folder",
+                           write("checkpoints/f", "not a model\n")),
+    # training flags
+    "max-iters-zero": Case([*NEW_TINY, "--max_iters", "0"], "--max_iters (0) must be a positive integer"),
+    "max-iters-negative": Case([*NEW_TINY, "--max_iters", "-5"], "--max_iters (-5) must be a positive integer"),
+    "max-iters-not-int": Case([*NEW_TINY, "--max_iters", "2.5"], "argument --max_iters: invalid int value: '2.5'"),
+    "batch-size-zero": Case([*NEW_TINY, "--batch_size", "0"], "batch_size (0) must be a positive integer"),
+    "batch-size-negative": Case([*NEW_TINY, "--batch_size", "-4"], "batch_size (-4) must be a positive integer"),
+    "eval-iters-zero": Case([*NEW_TINY, "--eval_iters", "0"], "--eval_iters (0) must be a positive integer"),
+    "eval-iters-negative": Case([*NEW_TINY, "--eval_iters", "-1"], "--eval_iters (-1) must be a positive integer"),
+    "lr-not-a-number": Case([*NEW_TINY, "--learning_rate", "fast"],
+                            "argument --learning_rate: invalid float value: 'fast'"),
+    "lr-negative": Case([*NEW_TINY, "--learning_rate", "-0.001"], "--learning_rate (-0.001) must be"),
+    "lr-nan": Case([*NEW_TINY, "--learning_rate", "nan"], "--learning_rate (nan) must be"),
+    "warmup-negative": Case([*NEW_TINY, "--warmup_iters", "-1"], "--warmup_iters (-1) must be 0 or more"),
+    "val-split-too-big": Case([*NEW_TINY, "--val_split", "0.9"], "--val_split (0.9) must be above 0 and at most 0.5"),
+    "grad-accum-zero": Case([*NEW_TINY, "--grad_accum_steps", "0"], "--grad_accum_steps (0) must be a positive"),
+    "arch-heads-do-not-divide": Case([*NEW_TINY, "--n_head", "3"], "n_embd (32) must be divisible by n_head (3)"),
+    "arch-dropout-one": Case([*NEW_TINY, "--dropout", "1"], "dropout (1.0) must be at least 0 and below 1"),
+    # CPU has no fp16 autocast; this CPU does have bf16, so --dtype bf16 on CPU is tested where it lacks it
+    "dtype-fp16-on-cpu": Case([*NEW_TINY, "--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU"),
+    "device-unknown": Case([*NEW_TINY, "--device", "tpu9"], "--device tpu9: unknown device"),
+    # resuming a checkpoint folder that is broken, tampered with or from elsewhere
+    "resume-newer-format": Case(RESUME, "was made by a newer MyPT (checkpoint format 99", newer_format),
+    "resume-pickle-in-model": Case(RESUME, "model.pt holds objects other than tensors", plant_pickle("model.pt")),
+    "resume-pickle-in-optimizer": Case(RESUME, "optimizer.pt holds objects other than tensors",
+                                       plant_pickle("optimizer.pt")),
+    "resume-truncated-optimizer": Case(RESUME, "optimizer.pt does not match its manifest (truncated",
+                                       truncate("optimizer.pt")),
+    "resume-config-edited": Case(RESUME, "config.json does not match its manifest",
+                                 edit_json("config.json", set_field(n_layer=3), manifest=False)),
+    "resume-input-changed": Case(RESUME, "its content differs from the text 'good' was trained on",
+                                 write("input.txt", "a different text\n" * 3000)),
+    "resume-input-gone": Case(RESUME, "which no longer exists; pass --input_file", remove("input.txt")),
+    # generate.py with a missing, damaged or mismatched model folder
+    "generate-unknown-model": Case([*GENERATE, "--model_name", "nosuch"], "no model named 'nosuch' in checkpoints/",
+                                   script="generate.py"),
+    "generate-name-escapes": Case([*GENERATE, "--model_name", "../good"], "it contains a path separator",
+                                  script="generate.py"),
+    "generate-model-missing": Case(GENERATE, "is incomplete: model.pt missing", remove(f"{GOOD}/model.pt"),
+                                   script="generate.py"),
+    "generate-model-truncated": Case(GENERATE, "model.pt does not match its manifest (truncated",
+                                     truncate("model.pt"), script="generate.py"),
+    "generate-model-truncated-manifest-too": Case(GENERATE, "model.pt is truncated or corrupt",
+                                                  truncate("model.pt", manifest=True), script="generate.py"),
+    "generate-config-does-not-match-weights": Case(GENERATE, "model.pt does not match checkpoints/good/config.json",
+                                                   edit_json("config.json", set_field(n_embd=64)),
+                                                   script="generate.py"),
+    "generate-tokenizer-unknown-kind": Case(GENERATE, "unknown tokenizer kind 'sentencepiece'",
+                                            edit_json("tokenizer.json", lambda d: d.update(kind="sentencepiece")),
+                                            script="generate.py"),
+    "generate-newer-format": Case(GENERATE, "was made by a newer MyPT", newer_format, script="generate.py"),
+    "generate-pickle-in-model": Case(GENERATE, "it was refused because loading it could run code",
+                                     plant_pickle("model.pt"), script="generate.py"),
+}
+if not dist.cpu_has_fast_bf16():
+    CASES["dtype-bf16-without-bf16"] = Case([*NEW_TINY, "--dtype", "bf16"], "--dtype bf16: cpu on this machine has no")
+
+
+def test_catalogue_is_big_enough() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bad_input(case: Case, base: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(base, work, symlinks=True)
+    if case.prepare is not None:
+        case.prepare(work)
+    before = tree(work)
+
+    r = run(*case.args, cwd=work, script=case.script)
+
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "Traceback" not in out
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, r.stderr
+    assert case.expect in r.stderr, r.stderr
+    assert not (work / MARKER).exists(), "the planted pickle ran"
+    after = tree(work)
+    assert after.keys() == before.keys(), f"written: {sorted(after.keys() - before.keys())}"
+    assert after == before, [k for k in before if before[k] != after[k]]

@@ -1,0 +1,230 @@
+"""Tests for `generate.py` / `mypt generate` and the generation API (mypt.api) on trained models.
+
+Two tiny models are trained once per module by train.py itself: a char model and a gpt2 one,
+both with block_size 32 so that 80 new tokens slide the context several times.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, run_cli, tiny_arch_flags
+
+from mypt.api import LoadedModel, load_model
+from mypt.cli import run_command
+
+TRAIN_FLAGS = ["--max_iters", "30", "--eval_interval", "30", "--eval_iters", "2", "--dtype", "fp32"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two threads on two busy shared cores spin far slower than one
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def training_text() -> str:
+    src = SHARED_DATA / "tinyshakespeare.txt"
+    if src.exists():
+        return src.read_text(encoding="utf-8")[:40_000]
+    from mypt.corpus import builtin_corpus_text
+
+    return builtin_corpus_text()[:40_000]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """checkpoints/ holding 'chars' (char tokenizer) and 'bpe' (gpt2), trained by train.py."""
+    root = tmp_path_factory.mktemp("gen")
+    (root / "input.txt").write_text(training_text(), encoding="utf-8")
+    for name, tokenizer in (("chars", "char"), ("bpe", "gpt2")):
+        r = run_cli("--model_name", name, "--tokenizer", tokenizer, "--input_file", "input.txt",
+                    *tiny_arch_flags(), *TRAIN_FLAGS, cwd=root, env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+    return root / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def chars(ckpts: Path) -> LoadedModel:
+    return load_model("chars", ckpts, device="cpu", dtype="fp32")
+
+
+def generate(capsys: pytest.CaptureFixture, ckpts: Path, *args: str) -> tuple[int, str, str]:
+    """Run `mypt generate` in this process: (exit status, stdout, stderr)."""
+    code = run_command("generate", ["--checkpoints_dir", str(ckpts), "--device", "cpu", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def reference_greedy(lm: LoadedModel, prompt: str, n: int) -> str:
+    """Greedy text with no cache: model.forward over the whole window every token."""
+    block, seq, start = lm.config.block_size, lm.encode_prompt(prompt)[-lm.config.block_size:], 0
+    first = len(seq)
+    for _ in range(n):
+        if len(seq) - start > block:
+            start = len(seq) - block // 2
+        with torch.no_grad():
+            logits, _ = lm.model(torch.tensor([seq[start:]]))
+        seq.append(int(logits[0, -1, : lm.tokenizer.n_vocab].argmax()))
+    return lm.tokenizer.decode(seq[first:])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_generate_py_prints_prompt_and_continuation_and_repeats_with_seed(ckpts: Path) -> None:
+    args = ["--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:",
+            "--max_new_tokens", "40", "--seed", "7"]
+    first = run_cli(*args, cwd=ckpts.parent, script="generate.py", env=ONE_THREAD)
+    again = run_cli(*args, cwd=ckpts.parent, script="generate.py", env=ONE_THREAD)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("ROMEO:") and len(first.stdout) == len("ROMEO:") + 40 + 1
+    assert first.stdout == again.stdout
+    assert "seed 7" in first.stderr and "tokens/s" in first.stderr
+
+
+def test_greedy_cli_with_cache_equals_no_cache_and_reference(capsys: pytest.CaptureFixture, ckpts: Path,
+                                                             chars: LoadedModel) -> None:
+    common = ["--model_name", "chars", "--prompt", "First", "--temperature", "0",
+              "--max_new_tokens", "80", "--dtype", "fp32"]  # 80 tokens: the 32-token context slides
+    code, cached, _ = generate(capsys, ckpts, *common)
+    assert code == 0
+    assert generate(capsys, ckpts, *common, "--no-cache")[1] == cached
+    assert cached == "First" + reference_greedy(chars, "First", 80) + "\n"
+
+
+def test_greedy_api_cached_equals_reference_for_gpt2(ckpts: Path) -> None:
+    lm = load_model("bpe", ckpts, device="cpu", dtype="fp32")
+    text = lm.generate("The king", max_new_tokens=40, temperature=0)  # 40: the context slides
+    assert text == lm.generate("The king", max_new_tokens=40, temperature=0, use_cache=False)
+    assert text == reference_greedy(lm, "The king", 40)
+
+
+def test_streaming_prints_the_same_text(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    common = ["--model_name", "bpe", "--prompt", "Hello", "--max_new_tokens", "30", "--seed", "3"]
+    streamed = generate(capsys, ckpts, *common, "--stream")[1]
+    assert streamed == generate(capsys, ckpts, *common, "--no-stream")[1]
+    assert "\ufffd" not in streamed
+
+
+def test_num_samples_use_consecutive_seeds(capsys: pytest.CaptureFixture, ckpts: Path, chars: LoadedModel) -> None:
+    code, out, _ = generate(capsys, ckpts, "--model_name", "chars", "--prompt", "A", "--max_new_tokens", "20",
+                            "--seed", "10", "--num_samples", "2", "--dtype", "fp32")
+    assert code == 0
+    assert "sample 1 of 2 (seed 10)" in out and "sample 2 of 2 (seed 11)" in out
+    second = out.split("(seed 11) -----\n")[1]
+    assert second == "A" + chars.generate("A", max_new_tokens=20, seed=11) + "\n"
+
+
+def test_stop_strings_end_the_text(capsys: pytest.CaptureFixture, ckpts: Path, chars: LoadedModel) -> None:
+    full = chars.generate("\n", max_new_tokens=60, temperature=0)
+    stop = full[30:32]
+    expected = full[: full.find(stop)]
+    assert chars.generate("\n", max_new_tokens=60, temperature=0, stop=[stop]) == expected
+    escaped = stop.replace("\n", "\\n")
+    out = generate(capsys, ckpts, "--model_name", "chars", "--temperature", "0", "--max_new_tokens", "60",
+                   "--dtype", "fp32", "--prompt_file", str(write(ckpts.parent / "p.txt", "\n")),
+                   "--stop", "zzz", escaped)[1]
+    assert out == "\n" + expected + "\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_empty_prompt_starts_from_the_start_token(capsys: pytest.CaptureFixture, ckpts: Path,
+                                                  chars: LoadedModel) -> None:
+    assert chars.encode_prompt("") == chars.tokenizer.encode("\n")
+    assert load_model("bpe", ckpts, device="cpu").encode_prompt("") == [50256]
+    code, out, _ = generate(capsys, ckpts, "--model_name", "bpe", "--max_new_tokens", "5", "--seed", "1")
+    assert code == 0 and out.strip()
+
+
+def test_long_prompt_is_cropped_with_a_note(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
+    code, out, err = generate(capsys, ckpts, "--model_name", "chars", "--prompt", prompt, "--max_new_tokens", "5")
+    assert code == 0 and out.startswith(prompt)
+    assert f"{len(prompt)} tokens long" in err and "last 32 tokens" in err
+
+
+def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        run_command("generate", ["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--max_new_tokens", "--temperature", "--top_k", "--top_p", "--repetition_penalty", "--seed",
+                 "--num_samples", "--prompt_file", "--stop", "--stream", "--device", "--dtype",
+                 "--checkpoints_dir", "slides in steps"):
+        assert flag in out
+    assert "(default: 200)" in out and "(default: 0.8)" in out
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def assert_error(capsys: pytest.CaptureFixture, ckpts: Path, *args: str) -> str:
+    code, out, err = generate(capsys, ckpts, *args)
+    assert code == 2 and "Traceback" not in err and err.startswith("error: ")
+    return err
+
+
+def broken_copy(ckpts: Path, name: str) -> Path:
+    dst = ckpts / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(ckpts / "chars", dst)
+    return dst
+
+
+def test_unknown_model_lists_the_models_there(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    err = assert_error(capsys, ckpts, "--model_name", "nope")
+    assert "'nope'" in err and "bpe" in err and "chars" in err
+
+
+def test_missing_file_is_named(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    (broken_copy(ckpts, "no_tok") / "tokenizer.json").unlink()
+    assert "tokenizer.json" in assert_error(capsys, ckpts, "--model_name", "no_tok")
+
+
+@pytest.mark.parametrize("keep_manifest", [True, False])
+def test_truncated_model_pt_is_named(capsys: pytest.CaptureFixture, ckpts: Path, keep_manifest: bool) -> None:
+    folder = broken_copy(ckpts, f"trunc_{keep_manifest}")
+    data = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(data[: len(data) // 2])
+    if not keep_manifest:
+        drop_manifest(folder)
+    err = assert_error(capsys, ckpts, "--model_name", folder.name)
+    assert "model.pt" in err and ("truncated" in err or "corrupt" in err)
+
+
+def drop_manifest(folder: Path) -> None:
+    state = json.loads((folder / "training_state.json").read_text())
+    del state["manifest"]
+    (folder / "training_state.json").write_text(json.dumps(state))
+
+
+def test_config_that_does_not_match_weights(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    folder = broken_copy(ckpts, "reshaped")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    drop_manifest(folder)  # else the manifest reports config.json as modified
+    err = assert_error(capsys, ckpts, "--model_name", "reshaped")
+    assert "model.pt does not match" in err and "config.json" in err
+
+
+def test_prompt_outside_a_char_vocabulary(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    err = assert_error(capsys, ckpts, "--model_name", "chars", "--prompt", "naïve ☃")
+    assert "prompt" in err and "'☃'" in err
+
+
+def test_bad_flags_and_prompt_file(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    err = assert_error(capsys, ckpts, "--model_name", "chars", "--temperature", "-1", "--top_p", "2")
+    assert "temperature" in err and "top_p" in err
+    err = assert_error(capsys, ckpts, "--model_name", "chars", "--prompt_file", str(ckpts / "missing.txt"))
+    assert "--prompt_file" in err and "missing.txt" in err

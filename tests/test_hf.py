@@ -1,0 +1,320 @@
+"""Export to / import from Hugging Face transformers, checked against real transformers.
+
+Models are 2 layers, 32 wide, with random weights scaled up (std 0.5) so that greedy choices are
+far from ties; transformers loads only local folders (HF_HUB_OFFLINE), never the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_ARCH, run_cli
+from forked_cli import ONE_THREAD
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from mypt.api import load_model  # noqa: E402
+from mypt.checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint  # noqa: E402
+from mypt.cli import run_command  # noqa: E402
+from mypt.config import ModelConfig  # noqa: E402
+from mypt.errors import MyPTError  # noqa: E402
+from mypt.hf import bytes_to_unicode, gpt2_vocab_and_merges  # noqa: E402
+from mypt.model import GPT  # noqa: E402
+from mypt.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
+
+TEXTS = [
+    "Hello, world! It's a test.",
+    "  leading spaces,   runs   of spaces,\n\n\nnewlines\tand\ttabs   \n",
+    "naïve café, Ærøskøbing, 日本語のテキスト, emoji 🎉👍🏽 and e\u0301 combining",
+    "I'm sure they'll say we've done it; you'd agree? 12345 3.14159 $100",
+    "\u00a0non-breaking\u2003em space\r\nwindows line\u200b",
+    "ROMEO:\nBut soft, what light through yonder window breaks?",
+]
+CHAR_TEXT = "hello world\nthe quick brown fox: jumps!  Ünïcödé 日本\t"
+
+
+def make_checkpoint(root: Path, name: str, *, bias: bool = False, chars: str | None = None,
+                    seed: int = 0) -> Path:
+    """A MyPT checkpoint folder with random, well-spread weights (no training needed)."""
+    torch.manual_seed(seed)
+    tok = CharTokenizer.from_text(chars) if chars else GPT2Tokenizer()
+    cfg = ModelConfig(**{**TINY_ARCH, "bias": bias}, vocab_size=tok.n_vocab if chars else 50304)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    folder = root / name
+    save_checkpoint(folder, model_state=model.state_dict(), config=cfg.to_dict(), tokenizer=tok.to_json(),
+                    training_state={"iteration": 7, "best_val_loss": 3.0, "last_val_loss": 3.5},
+                    optimizer_state={})
+    return folder
+
+
+def export(tmp_path: Path, name: str, out: Path, *extra: str) -> int:
+    return run_command("export", ["--model_name", name, "--checkpoints_dir", str(tmp_path / "ck"),
+                                  "--out", str(out), *extra])
+
+
+def mypt_greedy(model: GPT, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        logits, _ = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def hf_greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False, pad_token_id=0)
+
+
+def test_gpt2_bpe_files_from_the_ranks():
+    spell = bytes_to_unicode()
+    assert len(set(spell.values())) == 256 and spell[ord("A")] == "A" and spell[ord(" ")] == "Ġ"
+    vocab, merges = gpt2_vocab_and_merges()
+    assert len(vocab) == 50257 and sorted(vocab.values()) == list(range(50257))
+    assert len(merges) == 50000
+    assert merges[0] == ("Ġ", "t") and vocab["Ġthe"] == 262 and vocab["<|endoftext|>"] == 50256
+    assert all(vocab[a + b] == 256 + i for i, (a, b) in enumerate(merges))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_export_hf_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, bias):
+    folder = make_checkpoint(tmp_path / "ck", "m", bias=bias)
+    out = tmp_path / "hf"
+    assert export(tmp_path, "m", out) == 0
+    assert not any(p.suffix in (".pt", ".bin", ".pkl") for p in out.iterdir())
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_positions"] == 32 and config["activation_function"] == "gelu_new"
+    assert config["attn_pdrop"] == 0.0 and config["tie_word_embeddings"] is True
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    lm = load_model(path=folder, device="cpu")
+    ids = torch.randint(0, 50304, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs, ours = hf(ids).logits, lm.model(ids)[0]
+        assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()
+        prompt = ids[:, :8]
+        assert torch.equal(hf_greedy(hf, prompt, 12), mypt_greedy(lm.model, prompt, 12))
+
+
+def test_exported_tokenizer_encodes_like_mypt(tmp_path):
+    make_checkpoint(tmp_path / "ck", "m")
+    out = tmp_path / "hf"
+    assert export(tmp_path, "m", out) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    ours = GPT2Tokenizer()
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert theirs.encode(text) == ids, text
+        assert theirs.decode(ids) == text
+    assert theirs.eos_token_id == 50256
+
+
+def test_export_char_model(tmp_path):
+    folder = make_checkpoint(tmp_path / "ck", "c", chars=CHAR_TEXT)
+    out = tmp_path / "hf"
+    assert export(tmp_path, "c", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == len(set(CHAR_TEXT)) and config["eos_token_id"] is None
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    lm = load_model(path=folder, device="cpu")
+    text = "the  brown\n\nfox: Ünï 日本\t!"
+    ids = lm.tokenizer.encode(text)
+    assert theirs.encode(text) == ids and theirs.decode(ids) == text
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, lm.model(x)[0], atol=1e-4, rtol=0)
+        assert torch.equal(hf_greedy(hf, x[:, :5], 10), mypt_greedy(lm.model, x[:, :5], 10))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_export_then_import_gives_identical_weights(tmp_path, bias, capsys):
+    folder = make_checkpoint(tmp_path / "ck", "m", bias=bias)
+    assert export(tmp_path, "m", tmp_path / "hf") == 0
+    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
+                                  "--checkpoints_dir", str(tmp_path / "ck")])
+    assert code == 0, capsys.readouterr().err
+    original, back = load_checkpoint(folder), load_checkpoint(tmp_path / "ck" / "back")
+    assert sorted(back.model_state) == sorted(original.model_state)
+    for name, tensor in original.model_state.items():
+        assert torch.equal(back.model_state[name], tensor), name
+    arch = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")
+    assert {k: back.config[k] for k in arch} == {k: original.config[k] for k in arch}
+    assert sorted(p.name for p in (tmp_path / "ck" / "back").iterdir()) == sorted(CHECKPOINT_FILES)
+    state = back.training_state
+    assert state["iteration"] == 0 and state["imported_from"] == str((tmp_path / "hf").resolve())
+    assert back.tokenizer == {"kind": "gpt2"}
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A transformers GPT-2 folder (random weights, nonzero biases) with GPT-2 tokenizer files."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(root / "model")
+    make_checkpoint(root / "ck", "tok")
+    export(root, "tok", root / "tokenizer_source")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(root / "tokenizer_source" / name, root / "model" / name)
+    return root / "model"
+
+
+def test_import_transformers_model(tmp_path, hf_folder, capsys):
+    ck = tmp_path / "ck"
+    assert run_command("import", ["--hf_dir", str(hf_folder), "--model_name", "g", "--checkpoints_dir", str(ck)]) == 0
+    assert "bias true" in capsys.readouterr().out
+    lm = load_model("g", ck, device="cpu")
+    assert lm.config.vocab_size == 50257 and lm.config.bias and lm.tokenizer.kind == "gpt2"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, lm.model(ids)[0], atol=1e-4, rtol=0)
+    assert run_command("import", ["--hf_dir", str(hf_folder), "--model_name", "g", "--checkpoints_dir", str(ck)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_import_hub_layout_shards_and_mask_buffers(tmp_path, hf_folder):
+    """The original gpt2 upload names tensors without 'transformer.' and stores attn.bias masks."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "hub"
+    shutil.copytree(hf_folder, folder)
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / file, metadata={"format": "pt"})
+    index = {"weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    ck = tmp_path / "ck"
+    assert run_command("import", ["--hf_dir", str(folder), "--model_name", "g", "--checkpoints_dir", str(ck)]) == 0
+    assert run_command("import", ["--hf_dir", str(hf_folder), "--model_name", "ref", "--checkpoints_dir", str(ck)]) == 0
+    ours, ref = load_checkpoint(ck / "g").model_state, load_checkpoint(ck / "ref").model_state
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_imported_model_fine_tunes_and_samples(tmp_path, hf_folder, small_text):
+    ck = tmp_path / "checkpoints"
+    assert run_command("import", ["--hf_dir", str(hf_folder), "--model_name", "g",
+                                  "--checkpoints_dir", str(ck)]) == 0
+    flags = ["--model_name", "g", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+             "--batch_size", "2"]
+    missing = run_cli(*flags, cwd=tmp_path, env=ONE_THREAD)
+    assert missing.returncode == 2 and "--input_file" in missing.stderr, missing.stderr
+    result = run_cli(*flags, "--input_file", str(small_text), cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming 'g' from iteration 0" in result.stdout
+    state = json.loads((ck / "g" / "training_state.json").read_text())
+    assert state["iteration"] == 2 and state["input_file"] == str(small_text)
+    lm = load_model("g", ck, device="cpu")
+    prompt = lm.tokenizer.encode("ROMEO:")
+    ids = mypt_greedy(lm.model, torch.tensor([prompt]), 5)[0].tolist()
+    assert len(ids) == len(prompt) + 5 and lm.tokenizer.decode(ids).startswith("ROMEO:")
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _untie_head(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = torch.zeros_like(tensors["transformer.wte.weight"])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _drop_tensor(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _pickle_only(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+
+
+def _other_vocab(folder: Path) -> None:
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+
+
+BROKEN = {
+    "llama": (lambda f: _edit_config(f, model_type="llama"), "only GPT-2 folders"),
+    "relu": (lambda f: _edit_config(f, activation_function="relu"), "activation_function is 'relu'"),
+    "n_inner": (lambda f: _edit_config(f, n_inner=64), "n_inner is 64"),
+    "eps": (lambda f: _edit_config(f, layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
+    "untied": (_untie_head, "lm_head.weight differs"),
+    "missing": (_drop_tensor, "missing tensors: transformer.h.1.mlp.c_fc.weight"),
+    "pickle": (_pickle_only, "pytorch_model.bin"),
+    "vocab": (_other_vocab, "tokenizer is not GPT-2's"),
+    "small_vocab": (lambda f: _edit_config(f, vocab_size=1000), "vocab_size is 1000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_import_refuses_what_mypt_cannot_represent(tmp_path, hf_folder, capsys, case):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    breaker, message = BROKEN[case]
+    breaker(folder)
+    ck = tmp_path / "ck"
+    assert run_command("import", ["--hf_dir", str(folder), "--model_name", "x", "--checkpoints_dir", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (ck / "x").exists()
+
+
+def test_export_safetensors_is_a_pickle_free_mypt_folder(tmp_path, capsys):
+    folder = make_checkpoint(tmp_path / "ck", "m")
+    out = tmp_path / "ck" / "m_weights"
+    assert export(tmp_path, "m", out, "--format", "safetensors") == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "training_state.json"]
+    original, exported = load_model(path=folder, device="cpu"), load_model("m_weights", tmp_path / "ck", device="cpu")
+    for name, tensor in original.model.state_dict().items():
+        assert torch.equal(exported.model.state_dict()[name], tensor), name
+    assert exported.model.lm_head.weight is exported.model.transformer.wte.weight
+    assert exported.checkpoint.training_state["iteration"] == 7
+    with pytest.raises(MyPTError, match="training cannot resume"):
+        load_checkpoint(out, with_optimizer=True)
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-7] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(MyPTError, match=r"model\.safetensors does not match its manifest"):
+        load_checkpoint(out)
+    (out / "model.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(MyPTError, match=r"model\.safetensors is truncated or corrupt"):
+        load_checkpoint(out, verify=False)
+
+
+def test_export_refuses_a_used_folder_and_unknown_models(tmp_path, capsys):
+    make_checkpoint(tmp_path / "ck", "m")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export(tmp_path, "m", out) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert export(tmp_path, "nope", tmp_path / "other") == 2
+    assert "no model named 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

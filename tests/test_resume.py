@@ -1,0 +1,138 @@
+"""Exact resume: training N iterations straight equals training N/2, stopping, and resuming to N.
+
+Compared: the loss printed at every iteration, the eval losses in metrics.jsonl and
+training_state.json (full precision), and every tensor of model.pt and optimizer.pt (bitwise,
+torch.equal). --lr_decay_iters is fixed so the schedule does not depend on where a run stops.
+On CPU, fp32 and bf16 autocast both resume bitwise, with and without dropout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO, tiny_arch_flags
+from forked_cli import ONE_THREAD, run
+
+from mypt import dist
+
+N = 16
+SCHEDULE = ["--lr_decay_iters", "40", "--warmup_iters", "4", "--learning_rate", "3e-3"]
+
+
+def flags(input_file: Path, dropout: float, dtype: str) -> list[str]:
+    return [*tiny_arch_flags(), "--dropout", str(dropout), "--dtype", dtype, "--tokenizer", "char",
+            "--input_file", str(input_file), "--eval_interval", "8", "--eval_iters", "2",
+            "--log_interval", "1", "--device", "cpu", *SCHEDULE]
+
+
+def train(cwd: Path, name: str, max_iters: int, *args: str) -> str:
+    r = run("--model_name", name, "--max_iters", str(max_iters), *args, cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def logged_losses(*outputs: str) -> dict[int, str]:
+    """{iteration: loss as printed} from the progress lines of one or more runs."""
+    losses: dict[int, str] = {}
+    for out in outputs:
+        for it, loss in re.findall(r"^iter (\d+): loss ([\d.]+)", out, re.M):
+            assert int(it) not in losses, f"iteration {it} trained twice"
+            losses[int(it)] = loss
+    return losses
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Same weights, optimizer state, eval losses and progress, bit for bit."""
+    for name in ("model.pt", "optimizer.pt"):
+        sa = torch.load(a / name, weights_only=True)
+        sb = torch.load(b / name, weights_only=True)
+        assert_equal_nested(sa, sb, name)
+    ta, tb = (json.loads((p / "training_state.json").read_text()) for p in (a, b))
+    for key in ("iteration", "tokens_seen", "best_val_loss", "last_val_loss", "last_train_loss"):
+        assert ta[key] == tb[key], key
+    ma, mb = ((p / "metrics.jsonl").read_text().splitlines() for p in (a, b))
+    evals = [[(r["iter"], r["train_loss"], r["val_loss"]) for r in map(json.loads, m)] for m in (ma, mb)]
+    assert evals[0] == evals[1]
+
+
+def assert_equal_nested(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where}: largest difference {(a.double() - b.double()).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_nested(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_equal_nested(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+VARIANTS = [
+    pytest.param(0.2, "fp32", id="fp32-dropout"),
+    pytest.param(0.2, "bf16", id="bf16-dropout",
+                 marks=pytest.mark.skipif(not dist.cpu_has_fast_bf16(), reason="this CPU has no fast bf16")),
+]
+
+
+@pytest.mark.parametrize(("dropout", "dtype"), VARIANTS)
+def test_half_then_resume_equals_straight_run(tmp_path: Path, small_text: Path, dropout: float,
+                                              dtype: str) -> None:
+    f = flags(small_text, dropout, dtype)
+    straight = train(tmp_path, "straight", N, *f)
+    first = train(tmp_path, "halves", N // 2, *f)
+    second = train(tmp_path, "halves", N, *f)
+    assert f"resuming 'halves' from iteration {N // 2}" in second
+
+    expected = logged_losses(straight)
+    assert sorted(expected) == list(range(1, N + 1))
+    assert logged_losses(first, second) == expected
+    ckpts = tmp_path / "checkpoints"
+    assert_same_checkpoint(ckpts / "straight", ckpts / "halves")
+
+
+def test_resume_after_sigint_equals_straight_run(tmp_path: Path, small_text: Path) -> None:
+    """A real Ctrl-C at an arbitrary moment: the stopped and resumed run still matches exactly."""
+    f = flags(small_text, 0.0, "fp32")
+    cmd = [sys.executable, str(REPO / "train.py"), "--model_name", "stopped", "--max_iters", "100000", *f]
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter 6:") or time.monotonic() > deadline:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    stopped = "".join(lines) + out
+    assert proc.returncode == 130, stopped + err
+    stop_at = int(re.search(r"stopped by signal at iteration (\d+); checkpoint saved", stopped)[1])
+    assert stop_at >= 6
+    end = stop_at + 7
+    resumed = train(tmp_path, "stopped", end, *f)
+    assert f"resuming 'stopped' from iteration {stop_at}" in resumed
+    straight = train(tmp_path, "straight", end, *f)
+
+    expected = logged_losses(straight)
+    assert sorted(expected) == list(range(1, end + 1))
+    assert logged_losses(stopped, resumed) == expected
+    ckpts = tmp_path / "checkpoints"
+    for name in ("model.pt", "optimizer.pt"):
+        a = torch.load(ckpts / "straight" / name, weights_only=True)
+        assert_equal_nested(a, torch.load(ckpts / "stopped" / name, weights_only=True), name)

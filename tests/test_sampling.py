@@ -1,0 +1,221 @@
+"""Tests for mypt.sampling: settings, logits processing, the context window, token and text streams.
+
+A randomly initialised 2-layer model stands in for a trained one: these tests are about the
+decoding machinery, not the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mypt.config import ModelConfig
+from mypt.errors import MyPTError
+from mypt.model import GPT
+from mypt.sampling import (
+    SamplingConfig,
+    StopFilter,
+    TextStream,
+    generate_ids,
+    penalize,
+    pick_token,
+    window_start,
+)
+from mypt.tokenizers import CharTokenizer, GPT2Tokenizer
+
+VOCAB = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Two torch threads on two busy shared cores spin far slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, dropout=0.0)
+    m = GPT(cfg).eval()
+    with torch.no_grad():  # varied, sharp logits instead of the init's near-uniform ones
+        for p in m.transformer.h.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+        m.transformer.wte.weight.mul_(10)
+    return m
+
+
+def reference_greedy(model: GPT, prompt: list[int], n: int, vocab: int) -> list[int]:
+    """Greedy decoding written independently: full forward over the window, same sliding rule."""
+    block, seq, start = model.config.block_size, list(prompt), 0
+    out = []
+    for _ in range(n):
+        if len(seq) - start > block:
+            start = len(seq) - block // 2
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([seq[start:]]))
+        token = int(logits[0, -1, :vocab].argmax())
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+def ids(model: GPT, prompt: list[int], seed: int = 0, vocab: int = VOCAB, **options) -> list[int]:
+    return list(generate_ids(model, prompt, SamplingConfig(**options), vocab_size=vocab, seed=seed))
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_defaults_are_valid() -> None:
+    cfg = SamplingConfig()
+    assert cfg.temperature > 0 and cfg.use_cache
+
+
+def test_every_bad_setting_is_reported_at_once() -> None:
+    with pytest.raises(MyPTError) as e:
+        SamplingConfig(max_new_tokens=-1, temperature=-0.5, top_k=-2, top_p=0.0, repetition_penalty=0.0,
+                       stop=("",))
+    msg = str(e.value)
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
+        assert name in msg
+
+
+def test_unknown_option_lists_known_ones() -> None:
+    with pytest.raises(MyPTError, match="temprature.*temperature"):
+        SamplingConfig.from_options({"temprature": 1.0})
+
+
+# ----------------------------------------------------------------------------- logits -> token
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert pick_token(logits, SamplingConfig(temperature=0), torch.Generator().manual_seed(0)) == 1
+
+
+@pytest.mark.parametrize("options", [{"top_k": 1}, {"top_p": 0.01, "top_k": 0}])
+def test_top_k_1_and_tiny_top_p_pick_the_likeliest(options: dict) -> None:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    cfg = SamplingConfig(temperature=1.0, **options)
+    g = torch.Generator().manual_seed(0)
+    assert {pick_token(logits, cfg, g) for _ in range(20)} == {int(logits.argmax())}
+
+
+def test_top_k_samples_only_among_k() -> None:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(2))
+    allowed = set(torch.topk(logits, 5).indices.tolist())
+    cfg = SamplingConfig(temperature=2.0, top_k=5)
+    g = torch.Generator().manual_seed(0)
+    picks = {pick_token(logits, cfg, g) for _ in range(200)}
+    assert picks <= allowed and len(picks) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=0.75)
+    g = torch.Generator().manual_seed(0)
+    assert {pick_token(probs.log(), cfg, g) for _ in range(200)} == {0, 1}
+
+
+def test_same_generator_seed_same_picks() -> None:
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    cfg = SamplingConfig(temperature=1.0)
+    runs = [[pick_token(logits, cfg, g) for _ in range(30)] for g in
+            (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))]
+    assert runs[0] == runs[1]
+
+
+def test_repetition_penalty_scales_seen_tokens_toward_unlikely() -> None:
+    logits = torch.tensor([2.0, -2.0, 2.0, -2.0])
+    seen = torch.tensor([True, True, False, False])
+    assert penalize(logits, seen, 2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
+
+
+# ----------------------------------------------------------------------------- window and decoding
+
+
+def test_window_slides_in_steps_of_half_a_block() -> None:
+    assert window_start(16, 0, 16) == 0  # fits
+    assert window_start(17, 0, 16) == 9  # jumps: keeps the last 8
+    assert window_start(20, 9, 16) == 9  # still fits after the jump
+    assert window_start(26, 9, 16) == 18
+    assert window_start(5, 0, 1) == 4  # block_size 1 keeps one token
+
+
+def test_cached_greedy_equals_uncached_and_reference_across_slides(model: GPT) -> None:
+    prompt = [1, 2, 3, 4, 5]
+    n = 50  # with block_size 16: several slides of the context
+    cached = ids(model, prompt, max_new_tokens=n, temperature=0)
+    uncached = ids(model, prompt, max_new_tokens=n, temperature=0, use_cache=False)
+    assert cached == uncached == reference_greedy(model, prompt, n, VOCAB)
+    assert len(set(cached)) > 2  # not a degenerate repeat of one token
+
+
+def test_prompt_longer_than_block_keeps_its_end(model: GPT) -> None:
+    prompt = list(range(30))
+    assert ids(model, prompt, max_new_tokens=10, temperature=0) == reference_greedy(model, prompt[-16:], 10, VOCAB)
+
+
+def test_sampling_repeats_with_seed_and_cache_does_not_change_it(model: GPT) -> None:
+    a = ids(model, [1], seed=5, max_new_tokens=40, temperature=1.0)
+    assert a == ids(model, [1], seed=5, max_new_tokens=40, temperature=1.0)
+    assert a == ids(model, [1], seed=5, max_new_tokens=40, temperature=1.0, use_cache=False)
+    assert a != ids(model, [1], seed=6, max_new_tokens=40, temperature=1.0)
+
+
+def test_padded_vocab_ids_are_never_produced(model: GPT) -> None:
+    out = ids(model, [1], vocab=7, max_new_tokens=60, temperature=3.0, top_k=0)
+    assert max(out) < 7
+
+
+def test_zero_new_tokens_and_empty_prompt(model: GPT) -> None:
+    assert ids(model, [1], max_new_tokens=0) == []
+    with pytest.raises(MyPTError, match="prompt token"):
+        ids(model, [], max_new_tokens=1)
+
+
+def test_autocast_is_entered_per_step_not_across_yields(model: GPT) -> None:
+    stream = generate_ids(model, [1], SamplingConfig(max_new_tokens=3), vocab_size=VOCAB, seed=0,
+                          amp=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    for _ in stream:
+        assert not torch.is_autocast_enabled("cpu")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_stop_filter_finds_stops_across_pieces_and_holds_back_prefixes() -> None:
+    f = StopFilter(["END", "\n\n"])
+    assert f.feed("abc E") == ("abc ", False)  # "E" may begin END
+    assert f.feed("N") == ("", False)
+    assert f.feed("Dxyz") == ("", True)
+    f = StopFilter(["END"])
+    assert f.feed("EN") == ("", False)
+    assert f.feed("ough") == ("ENough", False)
+    assert f.feed("EN") == ("", False)
+    assert f.flush() == "EN"
+
+
+def test_stream_never_splits_a_utf8_character() -> None:
+    tok = GPT2Tokenizer()
+    text = "naïve café 😀 — 日本語 ok"
+    token_ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([t]) for t in token_ids)  # some tokens hold partial characters
+    stream = TextStream(iter(token_ids), tok, stop=(), seed=0)
+    pieces = list(stream)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert stream.n_tokens == len(token_ids) and stream.seed == 0 and not stream.stopped
+
+
+def test_stream_stops_at_a_stop_string_and_leaves_it_out() -> None:
+    tok = CharTokenizer(sorted(set("abc XY")))
+    stream = TextStream(iter(tok.encode("abc XY abc XY")), tok, stop=("XY",), seed=0)
+    assert stream.text() == "abc " and stream.stopped
+    assert stream.n_tokens == 6  # generation stopped at the stop string
