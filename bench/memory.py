@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _machine import header
+
 from mypt import dist
 from mypt.config import TrainConfig, load_model_config
 from mypt.estimate import estimate_memory, human_bytes
 from mypt.model import GPT
-from mypt.trainer import Trainer, make_optimizer
+from mypt.trainer import Trainer, make_optimizer, reuse_freed_memory
 
 CPU = torch.device("cpu")
 MiB = 2**20
@@ -61,10 +61,11 @@ def _trainer(preset: str, dtype: str, checkpointing: bool) -> tuple[Trainer, GPT
                    dist.DistInfo()), model
 
 
-def child(preset: str, dtype: str, checkpointing: bool, steps: int) -> None:
+def child(preset: str, dtype: str, checkpointing: bool, steps: int, malloc_reuse: bool) -> None:
     """In the fresh process: baseline RSS, then the peak over `steps` training steps, as JSON."""
     start_kib = _status_kib("VmRSS")
     trainer, model = _trainer(preset, dtype, checkpointing)
+    reuse_freed_memory(malloc_reuse)  # Trainer turned it on
     base_kib = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     times = []
@@ -78,13 +79,14 @@ def child(preset: str, dtype: str, checkpointing: bool, steps: int) -> None:
                       "seconds": times, "n_params": model.num_params()}))
 
 
-def measure(preset: str, dtype: str, checkpointing: bool, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", preset, dtype, str(int(checkpointing)), str(steps)]
+def measure(preset: str, dtype: str, checkpointing: bool, steps: int, malloc_reuse: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", preset, dtype, str(int(checkpointing)), str(steps),
+           str(int(malloc_reuse))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def table(presets: list[str], dtypes: list[str], steps: int) -> None:
+def table(presets: list[str], dtypes: list[str], steps: int, malloc_reuse: bool) -> None:
     print("\nmeasured = peak RSS of the step(s) over the model + optimizer baseline; estimate = "
           "estimate_memory's gradients + activations. ratio = estimate / measured.\n")
     print("| preset | batch | dtype | checkpointing | measured | estimate | ratio | weights+optimizer measured "
@@ -95,7 +97,7 @@ def table(presets: list[str], dtypes: list[str], steps: int) -> None:
         cfg = load_model_config(preset)
         for dtype in dtypes:
             for ckpt in (False, True):
-                r = measure(preset, dtype, ckpt, steps)
+                r = measure(preset, dtype, ckpt, steps, malloc_reuse)
                 est = estimate_memory(cfg, cfg.batch_size, dtype, ckpt)
                 measured = r["peak"] - r["base"]
                 static = r["base"] - r["start"]
@@ -134,17 +136,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps per case (default: %(default)s)")
     p.add_argument("--timing", metavar="PRESET", help="time checkpointing on/off for this preset instead")
     p.add_argument("--rounds", type=int, default=3, help="with --timing: steps per variant")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="measure with glibc's default malloc, not the Trainer's reuse_freed_memory setting")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        preset, dtype, ckpt, steps = args.child
-        child(preset, dtype, ckpt == "1", int(steps))
+        preset, dtype, ckpt, steps, reuse = args.child
+        child(preset, dtype, ckpt == "1", int(steps), reuse == "1")
         return
     print(header("memory: peak memory of a training step"))
     if args.timing:
         timing(args.timing, args.rounds)
     else:
-        table(args.presets, args.dtypes, args.steps)
+        print("malloc: " + ("glibc default" if args.glibc_malloc else "Trainer's setting (trainer.reuse_freed_memory)"))
+        table(args.presets, args.dtypes, args.steps, not args.glibc_malloc)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _machine import header
+
 from mypt import dist
 from mypt.cli.train import add_arguments, train_flags
 from mypt.config import ModelConfig, TrainConfig, load_model_config

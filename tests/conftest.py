@@ -9,14 +9,40 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Tests train 32-wide models: intra-op threads only fight each other on a small shared machine
+# (measured up to 50x slower per iteration). Child processes inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
              "dropout": 0.0, "bias": False}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The test process itself uses one intra-op thread as well (see OMP_NUM_THREADS above)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def corpus_text(n_chars: int) -> str:
+    """The first n_chars of real English text: the shared corpus, else the built-in one."""
+    src = SHARED_DATA / "tinyshakespeare.txt"
+    if src.exists():
+        return src.read_text(encoding="utf-8")[:n_chars]
+    from mypt.corpus import builtin_corpus_text
+
+    return builtin_corpus_text()[:n_chars]
 
 
 @pytest.fixture
@@ -30,15 +56,8 @@ def shakespeare() -> Path:
 @pytest.fixture
 def small_text(tmp_path: Path) -> Path:
     """About 60 KB of real English text (from the shared corpus, else the built-in one)."""
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        text = src.read_text(encoding="utf-8")[:60_000]
-    else:
-        from mypt.corpus import builtin_corpus_text
-
-        text = builtin_corpus_text()[:60_000]
     path = tmp_path / "input.txt"
-    path.write_text(text, encoding="utf-8")
+    path.write_text(corpus_text(60_000), encoding="utf-8")
     return path
 
 

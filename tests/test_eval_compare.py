@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, run_cli
+from conftest import corpus_text, run_cli
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
@@ -22,25 +21,11 @@ TRAIN = ["--max_iters", "30", "--eval_interval", "30", "--eval_iters", "2", "--d
 MODELS = {"wide": ("char", "48"), "narrow": ("gpt2", "32")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two torch threads on two busy shared cores spin far slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def texts() -> tuple[str, str]:
     """(training text, held-out text made only of training characters)."""
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        text = src.read_text(encoding="utf-8")[:50_000]
-    else:
-        from mypt.corpus import builtin_corpus_text
-
-        text = builtin_corpus_text()[:50_000]
+    text = corpus_text(50_000)
     train = text[:40_000]
     return train, "".join(c for c in text[40_000:43_000] if c in set(train))
 

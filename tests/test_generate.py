@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ from mypt.cli import run_command
 TRAIN_FLAGS = ["--max_iters", "30", "--eval_interval", "30", "--eval_iters", "2", "--dtype", "fp32"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two threads on two busy shared cores spin far slower than one
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def training_text() -> str:

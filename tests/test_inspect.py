@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARCH, run_cli, tiny_arch_flags
+from conftest import TINY_ARCH, corpus_text, run_cli, tiny_arch_flags
 from forked_cli import ONE_THREAD
 
 from mypt.checkpoint import save_checkpoint
@@ -20,13 +20,7 @@ from mypt.estimate import count_params, human_bytes
 def trained(tmp_path_factory) -> Path:
     """A working folder with input.txt and checkpoints/m, a char model trained for 10 iterations."""
     cwd = tmp_path_factory.mktemp("inspect")
-    src = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if src.exists():
-        text = src.read_text(encoding="utf-8")[:20_000]
-    else:
-        from mypt.corpus import builtin_corpus_text
-
-        text = builtin_corpus_text()[:20_000]
+    text = corpus_text(20_000)
     (cwd / "input.txt").write_text(text, encoding="utf-8")
     result = run_cli(*tiny_arch_flags(), "--model_name", "m", "--tokenizer", "char", "--input_file", "input.txt",
                      "--max_iters", "10", "--eval_interval", "5", "--eval_iters", "2", cwd=cwd, env=ONE_THREAD)

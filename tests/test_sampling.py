@@ -6,8 +6,6 @@ decoding machinery, not the text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -27,14 +25,6 @@ from mypt.tokenizers import CharTokenizer, GPT2Tokenizer
 
 VOCAB = 40
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two torch threads on two busy shared cores spin far slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

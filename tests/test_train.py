@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, snapshot, tiny_arch_flags
+from conftest import REPO, corpus_text, run_cli, snapshot, tiny_arch_flags
 
 FAST = ["--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--learning_rate", "3e-3"]
 
@@ -22,13 +22,7 @@ def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory) -> Path:
     """A char model trained for 40 iterations on real text (shared by the tests below)."""
     cwd = tmp_path_factory.mktemp("trained")
-    src = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if src.exists():
-        text = src.read_text(encoding="utf-8")[:60_000]
-    else:
-        from mypt.corpus import builtin_corpus_text
-
-        text = builtin_corpus_text()[:60_000]
+    text = corpus_text(60_000)
     (cwd / "input.txt").write_text(text, encoding="utf-8")
     result = train(cwd, "--model_name", "m", "--tokenizer", "char", "--input_file", "input.txt",
                    "--max_iters", "40", "--eval_interval", "10")

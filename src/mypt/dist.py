@@ -295,5 +295,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=td.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state or {}, options=options)
+    for group, wanted in zip(optimizer.param_groups, settings, strict=True):
+        group.update(wanted)  # this run's flags (weight decay, betas) win over the saved ones

@@ -170,7 +170,10 @@ def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
         if saved_label == BUILTIN_CORPUS:
             path = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR)
             return path, saved_label, file_sha256(path)
-        if saved_label is None or not Path(saved_label).exists():
+        if saved_label is None:
+            raise MyPTError(f"'{ckpt_dir.name}' has no saved input file (it was imported, not trained by MyPT); "
+                            "pass --input_file to fine-tune it")
+        if not Path(saved_label).exists():
             raise MyPTError(f"'{ckpt_dir.name}' was trained on {saved_label}, which no longer exists; "
                             "pass --input_file (and --allow_data_change if its content differs)")
         input_file = saved_label

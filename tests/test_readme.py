@@ -1,0 +1,76 @@
+"""Every command in the README runs as written (iteration counts shrunk to keep CI fast)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, corpus_text
+
+SHRINK = {"--eval_interval": "2", "--eval_iters": "1", "--max_new_tokens": "8",
+          "--max_chars": "3000"}
+
+
+def readme_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+
+
+def to_argv(line: str) -> list[str] | None:
+    """A README line as an argv for this test: None for lines that set up the environment."""
+    line = line.split("  # ")[0].strip()
+    if not line or line.startswith(("#", "pip ", "python3 -m venv", "torchrun", "tensorboard")):
+        return None
+    argv = shlex.split(line)
+    if argv[0] == "mypt":
+        argv = [sys.executable, "-m", "mypt", *argv[1:]]
+    elif argv[0] == "python":
+        argv[0] = sys.executable
+        if argv[1].endswith(".py"):
+            argv[1] = str(REPO / argv[1])
+    for i, arg in enumerate(argv[:-1]):
+        if arg in SHRINK:
+            argv[i + 1] = SHRINK[arg]
+        elif arg == "--max_iters":
+            argv[i + 1] = str(int(argv[i + 1]) // 100)  # 300 -> 3, then resumed to 400 -> 4
+    if "--max_iters" in argv and "--eval_interval" not in argv:
+        argv += ["--eval_interval", "2", "--eval_iters", "1"]
+    return argv
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, f"{argv}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_setup_demo_command_trains_and_generates(tmp_path):
+    demo = readme_blocks()[0].strip()
+    steps = [to_argv(part) for part in demo.split(" && ")]
+    steps = [s for s in steps if s and not s[0].startswith(".")]
+    assert [Path(s[1]).name for s in steps] == ["train.py", "generate.py"]
+    run(steps[0], tmp_path)
+    out = run(steps[1], tmp_path).stdout
+    assert out.startswith("The ") and len(out) > len("The ")
+
+
+@pytest.mark.slow
+def test_walkthrough_runs_as_written(tmp_path):
+    text = corpus_text(200_000)
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    walkthrough = next(b for b in readme_blocks() if "show_configs.py" in b and "demo_tiny" in b)
+    lines = [argv for argv in map(to_argv, walkthrough.splitlines()) if argv]
+    assert len(lines) >= 10
+    outputs = [run(argv, tmp_path).stdout for argv in lines]
+    joined = "\n".join(outputs)
+    assert "Available Model Configurations" in joined
+    assert "resuming 'demo_tiny' from iteration 3" in joined
+    assert (tmp_path / "checkpoints" / "demo_tiny" / "loss.png").exists()
+    assert (tmp_path / "exports" / "demo_tiny" / "config.json").exists()
+    assert outputs[-1].startswith("ROMEO:")  # transformers generated from the exported folder
