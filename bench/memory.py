@@ -7,8 +7,15 @@ Each case runs in a fresh process: it builds the model and fused AdamW (optimize
 front), takes its resident memory as the baseline, resets the kernel's peak-RSS counter
 (/proc/self/clear_refs) and runs --steps training steps of Trainer.train_step at the preset's
 batch size. "measured" is the peak RSS over the baseline: gradients, activations and
-temporaries, which the estimate calls gradients + activations. Weights and optimizer state
-are compared separately (baseline over the bare interpreter). Linux only.
+temporaries, compared with estimate_memory's total less the fp32 weights and AdamW state
+(which the baseline holds: those are compared separately, baseline over the bare interpreter). Linux (glibc) only.
+
+Two processes per case, two malloc settings:
+- "tensors": every block over 64 KiB is its own mmap, returned to the OS when freed, so RSS
+  follows the bytes of live tensors (what the estimate models, and what a GPU would hold);
+- "as shipped": what the Trainer sets up: reuse_freed_memory (freed blocks stay for reuse,
+  which is faster) whose peak RSS adds heap fragmentation on top, or, with gradient
+  checkpointing, glibc's defaults.
 
 --timing PRESET times a step with and without gradient checkpointing, interleaved in one
 process, for the time cost.
@@ -17,6 +24,7 @@ process, for the time cost.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -30,12 +38,12 @@ from _machine import header
 
 from mypt import dist
 from mypt.config import TrainConfig, load_model_config
-from mypt.estimate import estimate_memory, human_bytes
+from mypt.estimate import count_params, estimate_memory, human_bytes
 from mypt.model import GPT
 from mypt.trainer import Trainer, make_optimizer, reuse_freed_memory
 
 CPU = torch.device("cpu")
-MiB = 2**20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 
 
 def _status_kib(field: str) -> int:
@@ -47,7 +55,7 @@ def _status_kib(field: str) -> int:
 
 def _trainer(preset: str, dtype: str, checkpointing: bool) -> tuple[Trainer, GPT]:
     cfg = load_model_config(preset)
-    tc = TrainConfig(warmup_iters=0, learning_rate=1e-4)
+    tc = TrainConfig(warmup_iters=0, learning_rate=1e-4, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     model = GPT(cfg)
     model.gradient_checkpointing = checkpointing
@@ -61,11 +69,14 @@ def _trainer(preset: str, dtype: str, checkpointing: bool) -> tuple[Trainer, GPT
                    dist.DistInfo()), model
 
 
-def child(preset: str, dtype: str, checkpointing: bool, steps: int, malloc_reuse: bool) -> None:
+def child(preset: str, dtype: str, checkpointing: bool, steps: int, shipped: bool) -> None:
     """In the fresh process: baseline RSS, then the peak over `steps` training steps, as JSON."""
     start_kib = _status_kib("VmRSS")
     trainer, model = _trainer(preset, dtype, checkpointing)
-    reuse_freed_memory(malloc_reuse)  # Trainer turned it on
+    if not shipped:  # the Trainer may have turned reuse_freed_memory on: tensors mode
+        reuse_freed_memory(False)
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        assert mallopt(M_MMAP_THRESHOLD, 64 * 1024) == 1 and mallopt(M_TRIM_THRESHOLD, 64 * 1024) == 1
     base_kib = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     times = []
@@ -79,37 +90,44 @@ def child(preset: str, dtype: str, checkpointing: bool, steps: int, malloc_reuse
                       "seconds": times, "n_params": model.num_params()}))
 
 
-def measure(preset: str, dtype: str, checkpointing: bool, steps: int, malloc_reuse: bool) -> dict:
+def measure(preset: str, dtype: str, checkpointing: bool, steps: int, shipped: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", preset, dtype, str(int(checkpointing)), str(steps),
-           str(int(malloc_reuse))]
+           str(int(shipped))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def table(presets: list[str], dtypes: list[str], steps: int, malloc_reuse: bool) -> None:
-    print("\nmeasured = peak RSS of the step(s) over the model + optimizer baseline; estimate = "
-          "estimate_memory's gradients + activations. ratio = estimate / measured.\n")
-    print("| preset | batch | dtype | checkpointing | measured | estimate | ratio | weights+optimizer measured "
-          "| estimate | step s |")
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+def table(presets: list[str], dtypes: list[str], steps: int) -> None:
+    print("\nmeasured = peak RSS of the step(s) over the model + optimizer baseline, malloc returning freed "
+          "tensors (see above); estimate = estimate_memory's total minus fp32 weights and optimizer state; "
+          "ratio = estimate / measured. 'as shipped' = the same peak with the malloc setting the Trainer makes.\n")
+    print("| preset | batch | dtype | checkpointing | measured | estimate | ratio | as shipped "
+          "| weights+optimizer measured | estimate | step s |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     acts: dict[tuple[str, str], dict[bool, int]] = {}
     for preset in presets:
         cfg = load_model_config(preset)
         for dtype in dtypes:
             for ckpt in (False, True):
-                r = measure(preset, dtype, ckpt, steps, malloc_reuse)
+                r = measure(preset, dtype, ckpt, steps, shipped=False)
+                as_shipped = measure(preset, dtype, ckpt, steps, shipped=True)
                 est = estimate_memory(cfg, cfg.batch_size, dtype, ckpt)
                 measured = r["peak"] - r["base"]
-                static = r["base"] - r["start"]
-                est_step = est.gradients + est.activations
+                static = 12 * r["n_params"]  # fp32 weights and AdamW's two moments: the baseline
+                est_step = est.total - static  # what the step adds, bf16 weight copies included
                 acts.setdefault((preset, dtype), {})[ckpt] = measured
                 print(f"| {preset} | {cfg.batch_size} | {dtype} | {'on' if ckpt else 'off'} | {human_bytes(measured)} "
-                      f"| {human_bytes(est_step)} | {est_step / measured:.2f} | {human_bytes(static)} "
-                      f"| {human_bytes(est.weights + est.optimizer)} | {statistics.median(r['seconds']):.1f} |",
+                      f"| {human_bytes(est_step)} | {est_step / measured:.2f} "
+                      f"| {human_bytes(as_shipped['peak'] - as_shipped['base'])} "
+                      f"| {human_bytes(r['base'] - r['start'])} "
+                      f"| {human_bytes(static)} | {statistics.median(as_shipped['seconds']):.1f} |",
                       flush=True)
-    print("\ncheckpointing: measured step memory with / without")
+    print("\ngradient checkpointing, measured step memory with / without (and without the gradients' 4 bytes "
+          "per parameter, i.e. activations and temporaries only):")
     for (preset, dtype), m in acts.items():
-        print(f"- {preset} {dtype}: {human_bytes(m[True])} / {human_bytes(m[False])} = {m[True] / m[False]:.2f}")
+        grads = 4 * count_params(load_model_config(preset))
+        print(f"- {preset} {dtype}: {human_bytes(m[True])} / {human_bytes(m[False])} = {m[True] / m[False]:.2f} "
+              f"({(m[True] - grads) / (m[False] - grads):.2f})")
 
 
 def timing(preset: str, rounds: int) -> None:
@@ -136,8 +154,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps per case (default: %(default)s)")
     p.add_argument("--timing", metavar="PRESET", help="time checkpointing on/off for this preset instead")
     p.add_argument("--rounds", type=int, default=3, help="with --timing: steps per variant")
-    p.add_argument("--glibc-malloc", action="store_true",
-                   help="measure with glibc's default malloc, not the Trainer's reuse_freed_memory setting")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -148,8 +164,7 @@ def main() -> None:
     if args.timing:
         timing(args.timing, args.rounds)
     else:
-        print("malloc: " + ("glibc default" if args.glibc_malloc else "Trainer's setting (trainer.reuse_freed_memory)"))
-        table(args.presets, args.dtypes, args.steps, not args.glibc_malloc)
+        table(args.presets, args.dtypes, args.steps)
 
 
 if __name__ == "__main__":

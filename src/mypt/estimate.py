@@ -61,30 +61,42 @@ class MemoryEstimate:
 
 
 def activation_bytes(cfg: Any, batch_size: int, precision: str, checkpointing: bool = False) -> int:
-    """Bytes autograd keeps for backward in one training step at batch_size x block_size.
+    """Bytes a training step needs at its peak beyond weights, gradients and optimizer state.
 
-    Per block, in units of u = B*T*C elements: the two LayerNorm inputs (2u), the inputs of the
-    four linear layers (1u + 1u + 1u + 4u: attention in, attention out, MLP in, GELU out), q, k, v
-    (3u) and the GELU input (4u). fp32 keeps all of them in 4 bytes; bf16 autocast keeps the
-    LayerNorm inputs in fp32 and the rest in 2 bytes. Each dropout adds a 1-byte mask.
-    With checkpointing a block keeps only its input, and one block is recomputed at a time.
-    The fused loss head keeps the gradient of its input (u, fp32) and one chunk of logits.
+    The peak is the end of the forward pass, inside the fused loss head (bench/memory.py measures
+    it). Per block, in units of u = B*T*C values, autograd keeps the two LayerNorm inputs (2u,
+    fp32), the inputs of the four linear layers (u + u + u + 4u), the GELU input (4u), q, k, v
+    and the attention output (4u), and a 1-byte mask per dropout. bf16 autocast keeps the linear
+    and GELU inputs in 2 bytes; attention is counted in fp32, as a CPU runs it (on a GPU it stays
+    bf16: 8u bytes less per block). With checkpointing a block keeps only its input (4u) and
+    one block is recomputed at a time, in backward, when the head's workspace is gone. Outside
+    the blocks: the embedding dropout mask, the final LayerNorm's input and output and the
+    head's input gradient (3 x 4u), and the head's workspace: one (LOSS_CHUNK_ROWS, vocab) block
+    of logit gradients in the compute dtype and, in bf16, one bf16 (vocab, n_embd) product.
+    Gradients are counted in full besides (estimate_memory): a margin, as at this peak only the
+    head's exists; within 15% of measured steps for tiny, small and 150M (BENCHMARKS.md).
     """
     u = batch_size * cfg.block_size * cfg.n_embd
-    low = 4 if precision == "fp32" else 2
+    rows = min(LOSS_CHUNK_ROWS, batch_size * cfg.block_size)
     mask = u if cfg.dropout > 0 else 0
-    block = 2 * u * 4 + 14 * u * low + 2 * mask  # + attention-residual and MLP dropout masks
-    layers = cfg.n_layer * 4 * u + block if checkpointing else cfg.n_layer * block
-    head = 4 * u + 3 * 4 * min(LOSS_CHUNK_ROWS, batch_size * cfg.block_size) * cfg.vocab_size
-    return mask + layers + head  # + the embedding dropout mask
+    if precision == "fp32":
+        block = 17 * u * 4 + 2 * mask
+        head = rows * cfg.vocab_size * 4
+    else:
+        block = 2 * u * 4 + 11 * u * 2 + 4 * u * 4 + 2 * mask
+        head = rows * cfg.vocab_size * 2 + 2 * cfg.vocab_size * cfg.n_embd
+    outside = mask + 3 * 4 * u
+    if checkpointing:  # the recomputed block lives in backward, after the head's workspace is gone
+        return cfg.n_layer * 4 * u + outside + max(block, head)
+    return cfg.n_layer * block + outside + head
 
 
 def estimate_memory(cfg: Any, batch_size: int, precision: str = "fp32",
                     checkpointing: bool = False, n_params: int | None = None) -> MemoryEstimate:
     """Peak bytes of a training step with AdamW: fp32 master weights, grads and two moments."""
     n = count_params(cfg) if n_params is None else n_params
-    weights = 4 * n + (2 * n if precision != "fp32" else 0)  # + autocast's bf16 weight copies
-    gradients = 4 * n + 4 * cfg.vocab_size * cfg.n_embd  # + the loss head's fp32 weight gradient
+    weights = 4 * n + (2 * n if precision != "fp32" else 0)  # + the bf16 copies autocast and the head make
+    gradients = 4 * n  # fp32; at the peak only the head's (the tied embedding's) exists: a margin
     optimizer = 8 * n
     acts = activation_bytes(cfg, batch_size, precision, checkpointing)
     return MemoryEstimate(weights, gradients, optimizer, acts, weights + gradients + optimizer + acts)

@@ -232,8 +232,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_w = (gc.T @ xc).to(acc)
                 elif dtype == acc:
                     grad_w.addmm_(gc.T, xc)
-                else:
-                    grad_w += gc.T @ xc
+                else:  # in row blocks: adding bf16 to fp32 makes an fp32 copy of what is added
+                    for total_rows, part in zip(grad_w.split(4096), (gc.T @ xc).split(4096), strict=True):
+                        total_rows += part
         ctx.save_for_backward(grad_x, grad_w)
         ctx.n = n
         ctx.weight_dtype = weight.dtype

@@ -92,11 +92,13 @@ MALLOC_REUSE = {M_TRIM_THRESHOLD: 2**31 - 1, M_MMAP_MAX: 0}
 def reuse_freed_memory(enabled: bool = True) -> bool:
     """Keep freed memory in the process for reuse instead of handing it back to the OS (glibc).
 
-    glibc gives every allocation above 32 MB its own mmap() and unmaps it when it is freed, so
-    each training step page-faults its big tensors (the loss head's logit gradients, embedding
-    gradients, large activations) in afresh: a fifth of a tiny-preset step on a CPU
-    (BENCHMARKS.md). With mmap and trimming off, freed blocks are reused; the peak stays the
-    same but the memory stays with the process until it exits. False where there is no glibc.
+    glibc gives each large allocation (above a threshold that adapts up to 32 MB) its own mmap()
+    and unmaps it when it is freed, so each training step page-faults its big tensors (the loss
+    head's logit gradients, embedding gradients, large activations) in afresh: 1.1-1.2x slower
+    steps for the tiny and small presets on a CPU (BENCHMARKS.md). With mmap and trimming off,
+    freed blocks are reused and stay with the process until it exits; heap fragmentation raises
+    the peak RSS a little for small models and by up to a quarter for 150M, more with gradient
+    checkpointing, which therefore goes without. False where there is no glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -118,7 +120,7 @@ class Trainer:
         self.tc, self.device, self.dtype, self.info = tc, device, dtype, info
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
         self.stop_signal: int | None = None
-        if device.type == "cpu":
+        if device.type == "cpu" and not tc.gradient_checkpointing:  # checkpointing asks for memory, not speed
             reuse_freed_memory()
 
     @property
