@@ -44,9 +44,14 @@ def test_gpt2_round_trip_unicode(gpt2):
     assert gpt2.decode_bytes(ids) == UNICODE_TEXT.encode("utf-8")
 
 
-def test_gpt2_encode_batch_matches_encode(gpt2):
-    texts = ["Hello world", UNICODE_TEXT, "", " the end\n"]
-    assert gpt2.encode_batch(texts) == [gpt2.encode(t) for t in texts]
+def test_encode_array_matches_encode(gpt2):
+    char = build_tokenizer("char", UNICODE_TEXT + "<|endoftext|> the")
+    for tok in (gpt2, char):
+        for text in ["Hello world", UNICODE_TEXT, "", " the end\n", "a <|endoftext|> b"]:
+            if tok is char and not set(text) <= set(char.chars):
+                continue
+            ids = tok.encode_array(text)
+            assert ids.dtype.kind in "iu" and ids.tolist() == tok.encode(text)
 
 
 def test_gpt2_builds_without_network(monkeypatch):
@@ -95,7 +100,7 @@ def test_char_unknown_characters_are_named():
     assert msg.startswith("prompt contains characters not in this model's vocabulary: 'é', '€'")
     assert "only knows the characters of its training text" in msg
     with pytest.raises(MyPTError, match="^input file x.txt contains characters"):
-        tok.encode_batch(["hello", "wörld"], what="input file x.txt")
+        tok.encode_array("hello wörld", what="input file x.txt")
 
 
 def test_char_id_string_is_stable_and_content_based():

@@ -14,7 +14,9 @@ import os
 import re
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +29,7 @@ from mypt.errors import MyPTError
 from mypt.tokenizers import Tokenizer
 
 CHUNK_SIZE = 4 << 20  # bytes read (and roughly characters tokenized) per piece
-BATCH_CHUNKS = 4  # pieces handed to encode_batch at once (tiktoken tokenizes them in threads)
+TOKENIZE_THREADS = 4  # at most this many pieces tokenized at once (and no more than the cores)
 MAX_CARRY_CHUNKS = 4  # how far a piece may grow while looking for a safe cut
 MAX_TOKEN_BYTES = 128  # no token is longer: GPT-2's longest is 128 bytes, a character at most 4
 
@@ -188,21 +190,29 @@ def _pieces(path: Path, chunk_size: int) -> Iterator[tuple[str, int]]:
     yield carry, 0
 
 
-def _encode_batches(
-    path: Path, tokenizer: Tokenizer, chunk_size: int, batch_chunks: int
-) -> Iterator[tuple[list[list[int]], int]]:
+def _encode_pieces(path: Path, tokenizer: Tokenizer, chunk_size: int, workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Token array of each safely cut piece, in order, with the bytes of the file read for it.
+
+    `workers` threads tokenize pieces side by side (tiktoken releases the GIL) while this thread
+    reads and cuts the next piece and the caller writes finished ones, so no core waits for a
+    batch to finish. At most workers + 1 pieces are in flight: memory stays bounded.
+    """
     what = f"input file {path}"
-    texts: list[str] = []
-    n_bytes = 0
-    for text, size in _pieces(path, chunk_size):
-        n_bytes += size
-        if text:
-            texts.append(text)
-        if len(texts) >= batch_chunks:
-            yield tokenizer.encode_batch(texts, what=what), n_bytes
-            texts, n_bytes = [], 0
-    if texts or n_bytes:
-        yield tokenizer.encode_batch(texts, what=what), n_bytes
+    dtype = token_dtype(tokenizer.n_vocab)
+
+    def encode(text: str) -> np.ndarray:
+        return tokenizer.encode_array(text, what=what).astype(dtype, copy=False)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[Future[np.ndarray], int]] = deque()
+        for text, n_bytes in _pieces(path, chunk_size):
+            pending.append((pool.submit(encode, text), n_bytes))
+            if len(pending) > workers:
+                future, size = pending.popleft()
+                yield future.result(), size
+        while pending:
+            future, size = pending.popleft()
+            yield future.result(), size
 
 
 def _write_tokens(
@@ -210,10 +220,9 @@ def _write_tokens(
     out: BinaryIO,
     tokenizer: Tokenizer,
     chunk_size: int,
-    batch_chunks: int,
+    threads: int,
     progress: bool,
 ) -> int:
-    dtype = token_dtype(tokenizer.n_vocab)
     n_tokens = 0
     total = path.stat().st_size
     with tqdm(
@@ -225,10 +234,10 @@ def _write_tokens(
         file=sys.stderr,
         disable=not progress,
     ) as bar:
-        for batch, n_bytes in _encode_batches(path, tokenizer, chunk_size, batch_chunks):
-            for ids in batch:
-                out.write(np.asarray(ids, dtype=dtype).tobytes())
-                n_tokens += len(ids)
+        workers = max(1, min(threads, os.cpu_count() or 1))
+        for ids, n_bytes in _encode_pieces(path, tokenizer, chunk_size, workers):
+            out.write(ids.tobytes())
+            n_tokens += len(ids)
             bar.update(n_bytes)
     return n_tokens
 
@@ -272,7 +281,7 @@ def prepare_tokens(
     cache_dir: str | Path,
     progress: bool = True,
     chunk_size: int = CHUNK_SIZE,
-    batch_chunks: int = BATCH_CHUNKS,
+    threads: int = TOKENIZE_THREADS,
 ) -> TokenFile:
     """Tokenize `input_path` once into cache_dir (reused on later calls) and describe the result.
 
@@ -292,7 +301,7 @@ def prepare_tokens(
 
     def write_bin(f: BinaryIO) -> None:
         nonlocal n_tokens
-        n_tokens = _write_tokens(path, f, tokenizer, chunk_size, batch_chunks, progress)
+        n_tokens = _write_tokens(path, f, tokenizer, chunk_size, threads, progress)
 
     _atomic_write(bin_path, write_bin)
     dtype = token_dtype(tokenizer.n_vocab)
