@@ -125,7 +125,7 @@ def main() -> None:
         evals = run_cli(args, rest)
     else:
         cfg = load_model_config(targs.config_file)
-        tc = TrainConfig(**train_flags(targs))
+        tc = TrainConfig(**{**cfg.training, **train_flags(targs)})  # as train.py: preset < flags
         with tempfile.TemporaryDirectory() as cache:
             evals = run_trainer(cfg, tc, args.input_file, args.target, args.budget, Path(cache))
     summarize(evals, args.target, args.budget)

@@ -57,6 +57,12 @@ BAD_CONFIGS = {
     "bias_type": ({**BASE, "bias": "no"}, r'bias \("no"\) must be true or false'),
     "float_layers": ({**BASE, "n_layer": 4.5}, r"n_layer \(4.5\) must be an integer"),
     "broken_json": ('{"n_layer": 4,\n  "n_head": }', r"malformed JSON at line 2, column 13"),
+    "training_type": ({**BASE, "training": [1]}, r"training \(\[1\]\) must be a JSON object"),
+    "training_typo": ({**BASE, "training": {"learning_rat": 1e-3}},
+                      r"training: unknown field 'learning_rat' \(did you mean 'learning_rate'\?\)"),
+    "training_value": ({**BASE, "training": {"warmup_iters": 1.5}},
+                       r"training.warmup_iters \(1.5\) must be an integer"),
+    "training_range": ({**BASE, "training": {"beta2": 1.0}}, r"training.beta2 \(1.0\) must be at least 0 and below 1"),
 }
 
 
@@ -79,7 +85,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         assert part in message
 
 
-@pytest.mark.parametrize("case", ["indivisible", "missing", "typo", "negative", "broken_json"])
+@pytest.mark.parametrize("case", ["indivisible", "missing", "typo", "negative", "broken_json", "training_range"])
 @pytest.mark.parametrize("script", ["scripts/show_configs.py", "train.py"])
 def test_cli_exits_2_with_one_message_and_writes_nothing(tmp_path, case, script):
     data, pattern = BAD_CONFIGS[case]
@@ -142,3 +148,11 @@ def test_train_config_collects_flag_errors():
 def test_model_config_round_trips_through_json():
     cfg = load_model_config("small")
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())), "x") == cfg
+
+
+def test_preset_training_block_sets_defaults_that_flags_override(tmp_path):
+    path = write(tmp_path, {**BASE, "training": {"learning_rate": 5e-3, "warmup_iters": 30, "min_lr": None}})
+    cfg = load_model_config(path)
+    assert cfg.training == {"learning_rate": 5e-3, "warmup_iters": 30, "min_lr": None}
+    assert ModelConfig.from_dict(cfg.to_dict(), "x") == cfg
+    assert "training" not in load_model_config("tiny").to_dict()  # presets without one save none

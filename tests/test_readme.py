@@ -74,3 +74,25 @@ def test_walkthrough_runs_as_written(tmp_path):
     assert (tmp_path / "checkpoints" / "demo_tiny" / "loss.png").exists()
     assert (tmp_path / "exports" / "demo_tiny" / "config.json").exists()
     assert outputs[-1].startswith("ROMEO:")  # transformers generated from the exported folder
+
+
+def test_char_quick_start_command_runs_with_the_presets_training_settings(tmp_path):
+    block = next(b for b in readme_blocks() if "shakespeare-char.json" in b)
+    argv = to_argv(block.strip())
+    (tmp_path / "tinyshakespeare.txt").write_text(corpus_text(40_000), encoding="utf-8")
+    out = run([*argv, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1"], tmp_path).stdout
+    assert "training settings from configs/shakespeare-char.json: learning_rate 0.006, warmup_iters 30" in out
+    assert (tmp_path / "checkpoints" / "sc" / "model.pt").is_file()
+
+
+def test_readme_preset_table_matches_the_files_and_exact_counts():
+    from mypt.config import load_model_config
+    from mypt.estimate import count_params
+
+    rows = re.findall(r"^\| `(\S+\.json)` \| (\S+) \| ([\d,]+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
+                      (REPO / "README.md").read_text(encoding="utf-8"), re.M)
+    assert {r[0] for r in rows} == {p.name for p in (REPO / "configs").glob("*.json")}
+    for file, name, count, *numbers in rows:
+        cfg = load_model_config(REPO / "configs" / file)
+        assert (name, int(count.replace(",", ""))) == (cfg.name, count_params(cfg))
+        assert list(map(int, numbers)) == [cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size]

@@ -38,6 +38,8 @@ def test_detail_view_shows_exact_total_breakdown_and_estimate(name):
     assert f"Total       : {n:,} ({n / 1e6:.2f}M)" in result.stdout
     assert "Per layer   : " in result.stdout and "Architecture:" in result.stdout
     assert f"python train.py --config_file configs/{name}" in result.stdout
+    for key, value in cfg.training.items():  # a preset's tuned training settings are shown
+        assert f"  --{key} {value}\n" in result.stdout
     for precision in ("fp32", "bf16"):
         fits = estimate_memory(cfg, cfg.batch_size, precision).total <= 8 * 2**30
         line = re.search(rf"^\s+{precision}\s*: (yes|no.*)$", result.stdout, re.M).group(1)

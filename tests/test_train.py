@@ -101,6 +101,23 @@ def test_new_model_without_input_trains_on_builtin_corpus_with_gpt2_offline(tmp_
     assert config["vocab_size"] == 50304
 
 
+def test_preset_training_settings_are_used_and_flags_override_them(tmp_path):
+    preset = json.loads((REPO / "configs" / "tiny.json").read_text())
+    arch = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4}
+    preset = {**preset, **arch, "training": {"learning_rate": 4e-3, "warmup_iters": 3, "max_iters": 6,
+                                              "eval_interval": 3}}
+    (tmp_path / "p.json").write_text(json.dumps(preset))
+    (tmp_path / "input.txt").write_text(corpus_text(20_000), encoding="utf-8")
+    result = run_cli("--config_file", "p.json", "--model_name", "m", "--tokenizer", "char", "--input_file",
+                     "input.txt", "--warmup_iters", "2", "--eval_iters", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "training settings from p.json: learning_rate 0.004, max_iters 6, eval_interval 3" in result.stdout
+    saved = json.loads((tmp_path / "checkpoints" / "m" / "training_state.json").read_text())
+    assert saved["iteration"] == 6
+    assert {k: saved["train_config"][k] for k in ("learning_rate", "warmup_iters", "max_iters", "eval_interval")} \
+        == {"learning_rate": 4e-3, "warmup_iters": 2, "max_iters": 6, "eval_interval": 3}
+
+
 def test_token_cache_is_reused(trained):
     cache = sorted((trained / "checkpoints" / ".cache").glob("*.bin"))
     assert len(cache) == 1 and cache[0].name.endswith(".bin")

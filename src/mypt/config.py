@@ -30,7 +30,7 @@ REQUIRED_FIELDS: dict[str, type] = {
     "dropout": float,
     "bias": bool,
 }
-OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str}
+OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str, "training": dict}
 # The CLI flags the spec calls "architecture parameters": taken from the preset when one is given.
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias")
 GPT2_VOCAB_SIZE = 50304  # 50257 GPT-2 tokens padded up to a multiple of 64 for fast matmuls
@@ -53,6 +53,8 @@ class ModelConfig:
     name: str = "GPT-Custom"
     description: str = ""
     device: str | None = None
+    # training flags this preset was tuned with: defaults for a new run, the CLI overrides them
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = _field_problems(dataclasses.asdict(self))
@@ -82,6 +84,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if d["device"] is None:
             del d["device"]
+        if not d["training"]:
+            del d["training"]
         return d
 
     def arch_dict(self) -> dict[str, Any]:
@@ -97,7 +101,7 @@ def _type_ok(value: Any, want: type) -> bool:
     return isinstance(value, want)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
 
 
 def _field_problems(data: dict[str, Any]) -> list[str]:
@@ -114,9 +118,27 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
             problems.append(f"{key} ({value}) must be a positive integer")
         elif key == "dropout" and not 0 <= value < 1:
             problems.append(f"dropout ({value}) must be at least 0 and below 1")
+        elif key == "training":
+            problems += _training_problems(value)
     n_embd, n_head = data.get("n_embd"), data.get("n_head")
     if _type_ok(n_embd, int) and _type_ok(n_head, int) and n_embd > 0 and n_head > 0 and n_embd % n_head:
         problems.append(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    return problems
+
+
+def _training_problems(block: dict[str, Any]) -> list[str]:
+    """Problems of a preset's "training" block: known TrainConfig fields of the right type and range."""
+    problems = []
+    for key, value in block.items():
+        want = TRAIN_FIELD_TYPES.get(key)
+        if want is None:
+            close = difflib.get_close_matches(key, TRAIN_FIELD_TYPES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(TRAIN_FIELD_TYPES)})"
+            problems.append(f"training: unknown field '{key}'{hint}")
+        elif not (_type_ok(value, want) or (value is None and key in ("min_lr", "lr_decay_iters"))):
+            problems.append(f"training.{key} ({json.dumps(value)}) must be {_TYPE_NAMES[want]}")
+    if not problems:
+        problems = [p.replace("--", "training.", 1) for p in train_problems(block)]
     return problems
 
 
@@ -207,7 +229,7 @@ def _flag_str(value: Any) -> str:
 
 @dataclass
 class TrainConfig:
-    """Per-run training settings: always from the CLI (or defaults), never from a preset."""
+    """Per-run training settings: defaults < the preset's "training" block < CLI flags."""
 
     max_iters: int = 2000
     eval_interval: int = 250
@@ -230,26 +252,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
-        for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                problems.append(f"--{key} ({value}) must be a positive integer")
-        for key in ("min_lr", "weight_decay", "grad_clip"):
-            value = getattr(self, key)
-            if value is not None and not (value >= 0 and value != float("inf")):
-                problems.append(f"--{key} ({value}) must be a non-negative number")
-        if not 0 < self.learning_rate < float("inf"):
-            problems.append(f"--learning_rate ({self.learning_rate}) must be a number above 0")
-        if self.warmup_iters < 0:
-            problems.append(f"--warmup_iters ({self.warmup_iters}) must be 0 or more")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                problems.append(f"--{key} ({getattr(self, key)}) must be at least 0 and below 1")
-        if not 0 < self.val_split <= 0.5:
-            problems.append(f"--val_split ({self.val_split}) must be above 0 and at most 0.5")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            problems.append(f"--dtype ({self.dtype}) must be one of auto, fp32, bf16, fp16")
+        problems = train_problems(dataclasses.asdict(self))
         if problems:
             raise MyPTError(_format_problems("training flags", problems))
 
@@ -259,3 +262,35 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def train_problems(values: dict[str, Any]) -> list[str]:
+    """Range problems of training settings (those present in `values`), named as their CLI flags."""
+    problems = []
+    for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps"):
+        value = values.get(key, 1)
+        if not isinstance(value, int) or value <= 0:
+            problems.append(f"--{key} ({value}) must be a positive integer")
+    for key in ("min_lr", "weight_decay", "grad_clip"):
+        value = values.get(key)
+        if value is not None and not (value >= 0 and value != float("inf")):
+            problems.append(f"--{key} ({value}) must be a non-negative number")
+    if not 0 < values.get("learning_rate", 1) < float("inf"):
+        problems.append(f"--learning_rate ({values['learning_rate']}) must be a number above 0")
+    if values.get("warmup_iters", 0) < 0:
+        problems.append(f"--warmup_iters ({values['warmup_iters']}) must be 0 or more")
+    for key in ("beta1", "beta2"):
+        if not 0 <= values.get(key, 0) < 1:
+            problems.append(f"--{key} ({values[key]}) must be at least 0 and below 1")
+    if not 0 < values.get("val_split", 0.1) <= 0.5:
+        problems.append(f"--val_split ({values['val_split']}) must be above 0 and at most 0.5")
+    if values.get("dtype", "auto") not in ("auto", "fp32", "bf16", "fp16"):
+        problems.append(f"--dtype ({values['dtype']}) must be one of auto, fp32, bf16, fp16")
+    return problems
+
+
+# The type of each TrainConfig field (None is also allowed for min_lr and lr_decay_iters).
+TRAIN_FIELD_TYPES: dict[str, type] = {
+    f.name: {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).split(" |")[0]]
+    for f in dataclasses.fields(TrainConfig)
+}

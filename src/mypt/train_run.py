@@ -106,7 +106,11 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
     for w in warnings:
         dist.print0(f"warning: {w}")
-    tc = TrainConfig(**train_flags)
+    if cfg.training:
+        used = {k: v for k, v in cfg.training.items() if k not in train_flags}
+        if used:
+            dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
+    tc = TrainConfig(**{**cfg.training, **train_flags})
     if input_file is None:
         path, label = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR), BUILTIN_CORPUS
         dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")

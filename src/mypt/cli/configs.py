@@ -106,6 +106,11 @@ def print_detail(name: str, memory_text: str | None, checkpointing: bool) -> Non
     print(f"  Per layer   : {parts['per_layer']:,} x {cfg.n_layer} = {parts['layers']:,}")
     print(f"  Final norm  : {parts['final_norm']:,}")
     print()
+    if cfg.training:
+        print("Training settings (defaults for a new run; flags override them):")
+        for key, value in cfg.training.items():
+            print(f"  --{key} {value}")
+        print()
     print_estimate(cfg, total, memory_text, checkpointing)
     print()
     print("Usage:")
