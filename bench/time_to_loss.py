@@ -1,4 +1,4 @@
-"""Time to a validation loss on tinyshakespeare with the char tokenizer, through MyPT's trainer.
+"""Time to a validation loss on tinyshakespeare (char tokenizer unless --tokenizer), through MyPT's trainer.
 
 usage: python bench/time_to_loss.py [--config_file shakespeare-char] [--target 1.88] [--budget 60]
                                     [train.py's training flags ...] [--cli]
@@ -50,9 +50,13 @@ class _Quiet:
 
 
 def run_trainer(cfg: ModelConfig, tc: TrainConfig, input_file: Path, target: float, budget: float,
-                cache: Path) -> list[dict[str, float]]:
-    tok = build_tokenizer("char", "".join(char_vocab_of_file(input_file)))
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.n_vocab}, "config")
+                cache: Path, tokenizer: str = "char") -> list[dict[str, float]]:
+    if tokenizer == "char":
+        tok = build_tokenizer("char", "".join(char_vocab_of_file(input_file)))
+    else:
+        tok = build_tokenizer(tokenizer)
+    if tokenizer == "char":
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.n_vocab}, "config")
     train_data, val_data = load_splits(prepare_tokens(input_file, tok, cache, progress=False), tc.val_split,
                                        cfg.block_size, str(input_file))
     device = torch.device("cpu")
@@ -84,8 +88,9 @@ def run_trainer(cfg: ModelConfig, tc: TrainConfig, input_file: Path, target: flo
 
 def run_cli(args: argparse.Namespace, rest: list[str]) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = [] if "--tokenizer" in rest else ["--tokenizer", "char"]
         cmd = [sys.executable, str(REPO / "train.py"), "--model_name", "ttl", "--checkpoints_dir", tmp,
-               "--tokenizer", "char", "--input_file", str(args.input_file), *rest]
+               *tokenizer, "--input_file", str(args.input_file), *rest]
         print("running:", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in (Path(tmp) / "ttl" / "metrics.jsonl").read_text().splitlines()]
@@ -120,14 +125,15 @@ def main() -> None:
     train_parser = argparse.ArgumentParser()
     add_arguments(train_parser)
     targs = train_parser.parse_args(["--model_name", "ttl", *rest])
-    print(header("time_to_loss: tinyshakespeare, char tokenizer"))
+    print(header(f"time_to_loss: {args.input_file.name}, {targs.tokenizer or 'char'} tokenizer"))
     if args.cli:
         evals = run_cli(args, rest)
     else:
         cfg = load_model_config(targs.config_file)
         tc = TrainConfig(**{**cfg.training, **train_flags(targs)})  # as train.py: preset < flags
         with tempfile.TemporaryDirectory() as cache:
-            evals = run_trainer(cfg, tc, args.input_file, args.target, args.budget, Path(cache))
+            evals = run_trainer(cfg, tc, args.input_file, args.target, args.budget, Path(cache),
+                                targs.tokenizer or "char")
     summarize(evals, args.target, args.budget)
 
 

@@ -15,10 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logit gradients the loss head holds at a time
-# Rows of bf16/fp16 logits made and turned into gradients at once: they then stay in the CPU's
-# cache (128 x 50304 x 2 B = 13 MB); fp32 logits are faster in whole chunks (BENCHMARKS.md).
-LOSS_SLICE_ROWS = 128
+LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gradients, held at a time
 
 
 class KVCache:
@@ -191,7 +188,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     The logits are made chunk by chunk in the autocast dtype (bf16 where enabled), the softmax
     and loss in fp32, and the gradients for x and weight are computed in the same pass, so
     backward only scales them, in place. Memory: one (chunk, vocab) block, allocated once, in
-    which each slice of rows turns from logits into probabilities into gradients in place.
+    which each chunk of rows turns from logits into probabilities into gradients in place.
     The loss comes from a softmax (one exp per logit, not log_softmax and exp, two).
     """
 
@@ -204,36 +201,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
         grad_w = None
         total = torch.zeros((), dtype=acc, device=x.device)
-        step = LOSS_CHUNK_ROWS if dtype == acc else LOSS_SLICE_ROWS
-        grad = torch.empty(min(n, LOSS_CHUNK_ROWS), vocab, dtype=dtype, device=x.device)  # d(loss_sum)/d(logits)
+        grad = torch.empty(min(n, LOSS_CHUNK_ROWS), vocab, dtype=dtype, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, n, LOSS_CHUNK_ROWS):
                 xc = x[start:start + LOSS_CHUNK_ROWS].to(dtype)
                 tc = targets[start:start + LOSS_CHUNK_ROWS]
-                gc = grad[:xc.size(0)]
-                for s in range(0, xc.size(0), step):
-                    ts = tc[s:s + step]
-                    rows = ts.numel()
-                    logits = torch.mm(xc[s:s + rows], w.T, out=gc[s:s + rows])
-                    target_logit = logits.gather(1, ts[:, None]).squeeze(1).to(acc)
-                    max_logit = logits.amax(dim=1).to(acc)
-                    # in place (softmax reads each row before it writes it); it accumulates in fp32
-                    # even for bf16 logits
-                    probs = torch.softmax(logits, dim=1, out=logits)
-                    # log-sum-exp from the largest probability, which never underflows (in bf16 it
-                    # carries bf16's 0.4% rounding, i.e. 0.002 nats per row, as the logits do)
-                    target_logp = target_logit - max_logit + probs.amax(dim=1).to(acc).log()
-                    total -= target_logp.sum()
-                    # d(loss_sum)/d(logits) = softmax - one_hot(target); at the target expm1(logp) is
-                    # p - 1 without cancellation
-                    gc[s + torch.arange(rows, device=x.device), ts] = torch.expm1(target_logp).to(dtype)
-                grad_x[start:start + LOSS_CHUNK_ROWS] = gc @ w
+                logits = torch.mm(xc, w.T, out=grad[:xc.size(0)])  # (chunk, vocab)
+                target_logit = logits.gather(1, tc[:, None]).squeeze(1).to(acc)
+                max_logit = logits.amax(dim=1).to(acc)
+                # in place (softmax reads each row before it writes it); it accumulates in fp32 even
+                # for bf16 logits
+                probs = torch.softmax(logits, dim=1, out=logits)
+                # log-sum-exp from the largest probability, which never underflows (in bf16 it
+                # carries bf16's 0.4% rounding, i.e. 0.002 nats per row, as the logits do)
+                target_logp = target_logit - max_logit + probs.amax(dim=1).to(acc).log()
+                total -= target_logp.sum()
+                # d(loss_sum)/d(logits) = softmax - one_hot(target); at the target expm1(logp) is
+                # p - 1 without cancellation
+                probs[torch.arange(tc.numel(), device=x.device), tc] = torch.expm1(target_logp).to(dtype)
+                grad_x[start:start + LOSS_CHUNK_ROWS] = probs @ w
                 if grad_w is None:
-                    grad_w = (gc.T @ xc).to(acc)
+                    grad_w = (probs.T @ xc).to(acc)
                 elif dtype == acc:
-                    grad_w.addmm_(gc.T, xc)
+                    grad_w.addmm_(probs.T, xc)
                 else:  # in row blocks: adding bf16 to fp32 makes an fp32 copy of what is added
-                    for total_rows, part in zip(grad_w.split(4096), (gc.T @ xc).split(4096), strict=True):
+                    for total_rows, part in zip(grad_w.split(4096), (probs.T @ xc).split(4096), strict=True):
                         total_rows += part
         ctx.save_for_backward(grad_x, grad_w)
         ctx.n = n
