@@ -129,6 +129,17 @@ def test_resume_with_another_process_count_keeps_the_global_batch(runs, ddp):
     assert training_state(runs, "ref_on_2")["train_config"]["grad_accum_steps"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [["--input_file", "missing.txt"], ["--learning_rate", "-1"]], ids=["file", "flag"])
+def test_an_error_every_rank_has_is_printed_once(runs, bad):
+    result = train2(runs, "--model_name", "bad", "--max_iters", "2", *bad)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert bad[-1] in errors[0]
+    assert not (runs / "checkpoints" / "bad").exists()
+
+
 def _worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the training processes torchrun started."""
     pids = {}

@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as td
 
-from mypt.errors import MyPTError
+from mypt.errors import MyPTError, ReportedElsewhere
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT_S = 120.0  # training collectives: ranks are never further apart than this
@@ -211,8 +211,19 @@ def from_main(make: Callable[[], T], share: Callable[[T], T] = lambda result: re
         return result
     td.broadcast_object_list(box, src=0, group=_main_wait_group)
     if isinstance(box[0], MyPTError):
-        raise box[0]
+        raise ReportedElsewhere(str(box[0]))  # rank 0 prints it
     return box[0]  # type: ignore[return-value]
+
+
+def same_on_every_rank(check: Callable[[], T]) -> T:
+    """check() where every rank gets the same answer (it only reads the command line): its
+    MyPTError is printed by rank 0 alone."""
+    try:
+        return check()
+    except MyPTError as exc:
+        if dist_info().rank != 0:
+            raise ReportedElsewhere(str(exc)) from None
+        raise
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool) -> torch.nn.Module:

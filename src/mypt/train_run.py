@@ -57,8 +57,8 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
           allow_data_change: bool = False, fsdp: bool = False) -> Stop:
     info = dist.dist_info()
-    ckpt_dir = checkpoint_dir(checkpoints_dir, model_name)
-    TrainConfig(**train_flags)  # flag errors first, before any file is read
+    ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
+    dist.same_on_every_rank(lambda: TrainConfig(**train_flags))  # flag errors first, before any file is read
     lock = TrainingLock(ckpt_dir)  # rank 0 holds it from before reading the checkpoint to the end
 
     def make_plan() -> RunPlan:

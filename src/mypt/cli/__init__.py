@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from mypt.errors import MyPTError
+from mypt.errors import MyPTError, ReportedElsewhere
 
 COMMANDS = {
     "train": "mypt.cli.train",
@@ -53,7 +53,8 @@ def run_command(command: str, argv: list[str], prog: str | None = None) -> int:
     try:
         return module.run(args) or 0
     except MyPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, ReportedElsewhere):  # else torchrun's rank 0 printed it
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 
