@@ -16,7 +16,7 @@ same dtype measured at the start of the same run. After the timed iterations eve
 evaluated in fp32 on fixed validation batches: MyPT and transformers should agree within 2%.
 
 --ablations times variants of MyPT's tiny step instead: fused vs foreach AdamW, torch.compile,
-and the loss head's chunk sizes.
+and the loss head's chunk sizes. --profile prints where each run's step spends its time.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ TRAIN = TrainConfig(learning_rate=1e-3, warmup_iters=2, max_iters=1000, grad_cli
 EVAL_BATCHES = 4
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
-    """FLOP/s of an n x n matmul (median of reps)."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 15) -> float:
+    """FLOP/s of an n x n matmul: the fastest of reps (a peak; the median moves with the load)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
@@ -58,7 +58,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
         t = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / min(times)
 
 
 def gpt2_tokens() -> tuple[np.ndarray, np.ndarray]:
@@ -258,12 +258,36 @@ def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
         print(f"| {d} | {rows} | {statistics.median(ts) * 1e3:.0f} | {min(ts) * 1e3:.0f} |")
 
 
+def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3) -> None:
+    """torch.profiler over a few steps of each run: the ops with the most self time per iteration."""
+    from torch.profiler import profile
+
+    cfg = load_model_config(name)
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    for make in (mypt_run, lambda *a: hf_run(*a, malloc_reuse=False)):
+        for d in ("fp32", "bf16"):
+            run = make(cfg, state, d, data)
+            for it in range(steps):
+                run.step(it)
+            with profile() as prof:
+                for it in range(steps, 2 * steps):
+                    run.step(it)
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in events)
+            print(f"\n{run.impl} {d}: {total / steps / 1e3:.0f} ms/iter of op self time")
+            for e in events[:8]:
+                print(f"  {e.key[:60]:<60} {e.self_cpu_time_total / steps / 1e3:7.1f} ms "
+                      f"{100 * e.self_cpu_time_total / total:5.1f}%")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
     p.add_argument("--rounds", type=int, default=5, help="timed iterations per run (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per run first (default: %(default)s)")
     p.add_argument("--ablations", action="store_true", help="time variants of MyPT's tiny step instead")
+    p.add_argument("--profile", action="store_true", help="profile each run's step (first preset) instead")
     args = p.parse_args()
     print(header("bench_train: training throughput, MyPT vs transformers"))
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -271,6 +295,9 @@ def main() -> None:
     data = gpt2_tokens()
     if args.ablations:
         ablations(args.rounds, args.warmup, data)
+        return
+    if args.profile:
+        profile_steps(args.presets[0], data)
         return
     for name in args.presets:
         bench_preset(name, args.rounds, args.warmup, data, peaks)
