@@ -307,6 +307,19 @@ def test_export_safetensors_is_a_pickle_free_mypt_folder(tmp_path, capsys):
         load_checkpoint(out, verify=False)
 
 
+def test_weights_that_do_not_fit_the_config_name_the_safetensors_file(tmp_path):
+    make_checkpoint(tmp_path / "ck", "m")
+    out = tmp_path / "ck" / "w"
+    assert export(tmp_path, "m", out, "--format", "safetensors") == 0
+    state = json.loads((out / "training_state.json").read_text())
+    del state["manifest"]  # else the edited config.json is reported first
+    (out / "training_state.json").write_text(json.dumps(state))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] + 1}))
+    with pytest.raises(MyPTError, match=r"w/model\.safetensors does not match .*w/config\.json: .*missing"):
+        load_model("w", tmp_path / "ck", device="cpu")
+
+
 def test_export_refuses_a_used_folder_and_unknown_models(tmp_path, capsys):
     make_checkpoint(tmp_path / "ck", "m")
     out = tmp_path / "hf"

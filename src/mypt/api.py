@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mypt import dist
-from mypt.checkpoint import Checkpoint, checkpoint_dir, list_models, load_checkpoint
+from mypt.checkpoint import Checkpoint, checkpoint_dir, list_models, load_checkpoint, weights_file
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.model import GPT
@@ -183,6 +183,7 @@ def load_weights(model: GPT, ckpt: Checkpoint) -> None:
     if extra:
         problems.append(f"unexpected weights {', '.join(extra[:5])}")
     if problems:
-        raise MyPTError(f"{ckpt.path}/model.pt does not match {ckpt.path}/config.json: " + "; ".join(problems[:5]))
+        raise MyPTError(f"{ckpt.path}/{weights_file(Path(ckpt.path))} does not match {ckpt.path}/config.json: "
+                        + "; ".join(problems[:5]))
     model.load_state_dict(ckpt.model_state, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor

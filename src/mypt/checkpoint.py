@@ -648,6 +648,11 @@ def _require_folder(ckpt_dir: Path) -> None:
     )
 
 
+def weights_file(ckpt_dir: Path) -> str:
+    """The name of the file a checkpoint folder keeps its weights in."""
+    return SAFETENSORS_FILE if _weights_only(ckpt_dir) else MODEL_FILE
+
+
 def _weights_only(ckpt_dir: Path) -> bool:
     """A folder written by write_weights_only: model.safetensors and no model.pt."""
     return not (ckpt_dir / MODEL_FILE).exists() and (ckpt_dir / SAFETENSORS_FILE).is_file()
