@@ -101,3 +101,23 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward():
     for logits, pos in zip(steps, positions, strict=True):
         assert torch.allclose(logits, full[:, pos], atol=1e-5)
     assert cache.pos == 12
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing block activations in backward (with dropout: the same masks) changes nothing."""
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.2)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    results = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_loss, plain), (ckpt_loss, ckpt) = results
+    assert torch.equal(plain_loss, ckpt_loss)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,32 @@ def test_preset_training_settings_are_used_and_flags_override_them(tmp_path):
     assert saved["iteration"] == 6
     assert {k: saved["train_config"][k] for k in ("learning_rate", "warmup_iters", "max_iters", "eval_interval")} \
         == {"learning_rate": 4e-3, "warmup_iters": 2, "max_iters": 6, "eval_interval": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="needs a C++ compiler")
+def test_compile_trains_to_the_same_weights_as_eager(tmp_path):
+    (tmp_path / "input.txt").write_text(corpus_text(20_000), encoding="utf-8")
+    common = [*tiny_arch_flags(), *FAST, "--tokenizer", "char", "--input_file", "input.txt", "--max_iters", "3",
+              "--eval_interval", "3", "--dtype", "fp32"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = run_cli(*common, "--model_name", name, *extra, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    eager, compiled = (torch.load(tmp_path / "checkpoints" / n / "model.pt", weights_only=True)
+                       for n in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()  # saved without torch.compile's _orig_mod. prefix
+    for key, tensor in eager.items():
+        torch.testing.assert_close(compiled[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
+    (tmp_path / "input.txt").write_text(corpus_text(20_000), encoding="utf-8")
+    before = snapshot(tmp_path)
+    result = run_cli(*tiny_arch_flags(), "--model_name", "m", "--tokenizer", "char", "--input_file", "input.txt",
+                     "--compile", cwd=tmp_path, env={"PATH": str(tmp_path / "no-bin"), "CXX": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --compile on a CPU needs a C++ compiler")
+    assert snapshot(tmp_path) == before
 
 
 def test_token_cache_is_reused(trained):

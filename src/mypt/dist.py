@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -124,6 +125,14 @@ def pick_dtype(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise MyPTError(f"--dtype fp16 needs a CUDA GPU (device is {device.type}); use --dtype bf16 or fp32")
     return requested
+
+
+def check_compile(device: torch.device) -> None:
+    """--compile on a CPU builds C++ kernels (inductor): without a compiler it would fail mid-run."""
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        raise MyPTError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH: install one, "
+                        "or train without --compile (on CPUs it is measured slower anyway, see BENCHMARKS.md)")
 
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -85,6 +85,8 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
                         f"nothing to do (pass a --max_iters above {plan.state.iteration} to train further)")
             return Stop()
         dtype = dist.pick_dtype(tc.dtype, torch_device)
+        if tc.compile:
+            dist.check_compile(torch_device)
         if info.is_main and not lock.held:
             lock.acquire()
         return _run(plan, info, torch_device, dtype, fsdp)
