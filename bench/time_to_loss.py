@@ -31,7 +31,7 @@ from _machine import header
 
 from mypt import dist
 from mypt.cli.train import add_arguments, train_flags
-from mypt.config import ModelConfig, TrainConfig, load_model_config
+from mypt.config import ModelConfig, TrainConfig, load_model_config, new_run_train_config
 from mypt.data import char_vocab_of_file, load_splits, prepare_tokens
 from mypt.model import GPT
 from mypt.tokenizers import build_tokenizer
@@ -53,10 +53,9 @@ def run_trainer(cfg: ModelConfig, tc: TrainConfig, input_file: Path, target: flo
                 cache: Path, tokenizer: str = "char") -> list[dict[str, float]]:
     if tokenizer == "char":
         tok = build_tokenizer("char", "".join(char_vocab_of_file(input_file)))
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.n_vocab}, "config")
     else:
         tok = build_tokenizer(tokenizer)
-    if tokenizer == "char":
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.n_vocab}, "config")
     train_data, val_data = load_splits(prepare_tokens(input_file, tok, cache, progress=False), tc.val_split,
                                        cfg.block_size, str(input_file))
     device = torch.device("cpu")
@@ -130,7 +129,7 @@ def main() -> None:
         evals = run_cli(args, rest)
     else:
         cfg = load_model_config(targs.config_file)
-        tc = TrainConfig(**{**cfg.training, **train_flags(targs)})  # as train.py: preset < flags
+        tc, _ = new_run_train_config(cfg, train_flags(targs))
         with tempfile.TemporaryDirectory() as cache:
             evals = run_trainer(cfg, tc, args.input_file, args.target, args.budget, Path(cache),
                                 targs.tokenizer or "char")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from mypt.config import ModelConfig, TrainConfig, apply_arch_flags, load_model_config
+from mypt.config import ModelConfig, TrainConfig, apply_arch_flags, load_model_config, new_run_train_config
 from mypt.errors import MyPTError
 
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
@@ -156,3 +156,6 @@ def test_preset_training_block_sets_defaults_that_flags_override(tmp_path):
     assert cfg.training == {"learning_rate": 5e-3, "warmup_iters": 30, "min_lr": None}
     assert ModelConfig.from_dict(cfg.to_dict(), "x") == cfg
     assert "training" not in load_model_config("tiny").to_dict()  # presets without one save none
+    tc, used = new_run_train_config(cfg, {"warmup_iters": 5, "max_iters": 9})
+    assert (tc.learning_rate, tc.warmup_iters, tc.max_iters, tc.min_lr) == (5e-3, 5, 9, None)
+    assert used == {"learning_rate": 5e-3, "min_lr": None}

@@ -183,7 +183,7 @@ def load_weights(model: GPT, ckpt: Checkpoint) -> None:
     if extra:
         problems.append(f"unexpected weights {', '.join(extra[:5])}")
     if problems:
-        raise MyPTError(f"{ckpt.path}/{weights_file(Path(ckpt.path))} does not match {ckpt.path}/config.json: "
+        raise MyPTError(f"{ckpt.path}/{weights_file(ckpt.path)} does not match {ckpt.path}/config.json: "
                         + "; ".join(problems[:5]))
     model.load_state_dict(ckpt.model_state, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor

@@ -4,7 +4,7 @@ Owns `ModelConfig` (what a preset file holds: the architecture plus its batch si
 `TrainConfig` (the per-run training flags). Every problem in a config is collected and raised
 once as a `MyPTError` naming the file and the field. Precedence is written here and only here:
 
-* defaults < preset file < CLI for training fields,
+* defaults < the preset's "training" block < CLI for training fields (new runs),
 * the preset file wins over the CLI's architecture flags (each ignored flag gets a warning),
 * on resume, the checkpoint's saved config.json wins over both.
 """
@@ -221,6 +221,14 @@ def apply_arch_flags(
         if getattr(base, k) != v
     ]
     return base, warnings
+
+
+def new_run_train_config(preset: ModelConfig, flags: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """A new run's training settings: defaults < the preset's "training" block < CLI flags.
+
+    Also returns the preset's settings that were used (not overridden by a flag)."""
+    used = {k: v for k, v in preset.training.items() if k not in flags}
+    return TrainConfig(**{**preset.training, **flags}), used
 
 
 def _flag_str(value: Any) -> str:

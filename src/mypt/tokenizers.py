@@ -42,9 +42,9 @@ class Tokenizer(abc.ABC):
     def encode(self, text: str, what: str = "prompt") -> list[int]:
         """Token ids of `text` (special-token strings are ordinary text)."""
 
+    @abc.abstractmethod
     def encode_array(self, text: str, what: str = "prompt") -> np.ndarray:
-        """encode() as a numpy integer array (subclasses skip the Python list: large texts)."""
-        return np.asarray(self.encode(text, what), dtype=np.int64)
+        """encode() as a numpy integer array, without a Python list in between (large texts)."""
 
     @abc.abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

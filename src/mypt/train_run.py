@@ -18,7 +18,14 @@ import torch
 
 from mypt import __version__, dist
 from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
-from mypt.config import GPT2_VOCAB_SIZE, ModelConfig, TrainConfig, apply_arch_flags, load_model_config
+from mypt.config import (
+    GPT2_VOCAB_SIZE,
+    ModelConfig,
+    TrainConfig,
+    apply_arch_flags,
+    load_model_config,
+    new_run_train_config,
+)
 from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
 from mypt.data import (
     TokenFile,
@@ -108,11 +115,9 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
     for w in warnings:
         dist.print0(f"warning: {w}")
-    if cfg.training:
-        used = {k: v for k, v in cfg.training.items() if k not in train_flags}
-        if used:
-            dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
-    tc = TrainConfig(**{**cfg.training, **train_flags})
+    tc, used = new_run_train_config(cfg, train_flags)
+    if used:
+        dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
     if input_file is None:
         path, label = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR), BUILTIN_CORPUS
         dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
