@@ -268,6 +268,7 @@ def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3
     for make in (mypt_run, lambda *a: hf_run(*a, malloc_reuse=False)):
         for d in ("fp32", "bf16"):
             run = make(cfg, state, d, data)
+            reuse_freed_memory(run.malloc_reuse)  # as time_runs does for each run
             for it in range(steps):
                 run.step(it)
             with profile() as prof:
