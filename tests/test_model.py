@@ -109,14 +109,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     model = GPT(cfg).train()
     x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    block_calls = []
+    model.transformer.h[0].register_forward_pre_hook(lambda *_: block_calls.append(1))
     results = []
     for checkpointing in (False, True):
         model.gradient_checkpointing = checkpointing
         model.zero_grad()
+        block_calls.clear()
         torch.manual_seed(1)
         _, loss = model(x, y)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert len(block_calls) == (2 if checkpointing else 1)  # recomputed in backward: checkpointing is on
     (plain_loss, plain), (ckpt_loss, ckpt) = results
     assert torch.equal(plain_loss, ckpt_loss)
     for name, grad in plain.items():
