@@ -1,0 +1,317 @@
+"""Files, the one way MyPT touches them: atomic writes, folder swaps, hashing, checks, locks.
+
+Every file MyPT writes goes through `atomic_write` (a temp file beside the target, fsync'd,
+renamed over it), and every checkpoint folder through `swap_folder` (renameat2's exchange where
+the OS has it). A failed write becomes one `MyPTError` naming the file and the fix
+(`write_error`). Every path a user gives is checked for what it is before it is opened
+(`check_regular_file`), so a FIFO or a device never blocks or floods a command. JSON is read by
+`read_json`, which names the file and refuses duplicate keys. `FileLock` is an OS lock (flock)
+that records the host and pid holding it; it dies with its process, on any machine that shares
+the file system.
+
+Temp files and folders are named `.NAME.tmp-...`; `is_temp_name` recognises them, so a write
+killed half way is never mistaken for data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mypt.errors import MyPTError
+
+HASH_CHUNK = 1 << 20
+_TEMP_MARK = ".tmp-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+FIXES = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some disk space (you are over your disk quota)",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or write to another disk",
+    errno.EACCES: "make the folder writable (or pick another one)",
+    errno.EPERM: "make the folder writable (or pick another one; is it immutable, chattr +i?)",
+    errno.EROFS: "write to a writable disk",
+}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def os_reason(exc: OSError) -> str:
+    """'model.pt: No space left on device' out of an OSError."""
+    where = f"{Path(exc.filename).name}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
+
+
+def fix_for(exc: OSError) -> str:
+    return FIXES.get(exc.errno or 0, "fix the problem")
+
+
+def write_error(what: str, exc: OSError, intact: str = "") -> MyPTError:
+    """One message for a failed write: what could not be written, why, what is intact, the fix."""
+    kept = f"; {intact}" if intact else ""
+    return MyPTError(f"could not write {what} ({os_reason(exc)}){kept}; {fix_for(exc)} and try again")
+
+
+# ----------------------------------------------------------------------------- temp names
+
+
+def temp_path(final: Path, tag: str | int | None = None) -> Path:
+    """A hidden temp sibling of final (same folder, so same file system): .NAME.tmp-PID[-TAG]."""
+    suffix = f"{os.getpid()}" if tag is None else f"{os.getpid()}-{tag}"
+    return final.parent / f".{final.name}{_TEMP_MARK}{suffix}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names temp_path makes: leftovers of a write that was killed."""
+    return name.startswith(".") and _TEMP_MARK in name
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(final: Path, fill: Callable[[BinaryIO], object], what: str | None = None) -> None:
+    """Let fill() write a temp file beside final, fsync it and rename it over final.
+
+    Readers see the old file or the whole new one, never a part. A failure leaves final as it
+    was, removes the temp file and raises MyPTError naming `what` (default: the path).
+    """
+    final = Path(final)
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        intact = f"{final} is as it was" if final.exists() else ""
+        raise write_error(what or str(final), exc, intact) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(final: Path, data: bytes, what: str | None = None) -> None:
+    atomic_write(final, lambda f: f.write(data), what)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+_renameat2_fn: Any = None
+
+
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2, or None where it does not exist (non-Linux, old glibc)."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            fn = False
+        else:
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+        _renameat2_fn = fn
+    return _renameat2_fn or None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths on one file system; False if this OS / file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def swap_folder(new: Path, final: Path, old: Path) -> Path | None:
+    """Put folder new in place of final; return the folder now holding final's old content.
+
+    With renameat2 the swap is one atomic step and the old content ends up at new's path.
+    Without it, final is renamed to old first, then new to final (a crash in between leaves
+    final missing and both folders whole: the caller's recovery puts one back). Raises only if
+    nothing changed.
+    """
+    if not os.path.lexists(final):
+        os.rename(new, final)
+        return None
+    if exchange(new, final):
+        return new
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    return old
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_regular_file(path: str | Path, what: str) -> Path:
+    """path if it names a regular file (links followed); else MyPTError naming `what`.
+
+    A FIFO, socket or device would block or never end when read: refused before it is opened.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MyPTError(f"{what}: no such file") from None
+    except OSError as exc:
+        raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+    if stat.S_ISDIR(mode):
+        raise MyPTError(f"{what}: is a folder, not a file; pass a file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise MyPTError(f"{what}: is {kind}, not a regular file; save its content to a file and pass that")
+    return path
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def parse_json(text: str, source: str) -> Any:
+    """Parse JSON text; malformed JSON or a repeated key in one object is a MyPTError naming source."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise MyPTError(f"{source}: the key '{e.key}' appears twice in one object; keep one of them") from None
+    except json.JSONDecodeError as e:
+        raise MyPTError(f"{source}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """Parse a JSON file, checked to be a regular UTF-8 file; every problem names the path."""
+    path = Path(path)
+    check_regular_file(path, str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MyPTError(f"{path}: cannot be read as a UTF-8 JSON {what} ({e})") from None
+    return parse_json(text, str(path))
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+class LockHeld(MyPTError):
+    """The lock is held by another process; the message names its host and pid."""
+
+
+class FileLock:
+    """An exclusive OS lock (flock) on `path`, held until release() or the process ends.
+
+    The file records "host pid" of its holder, for the message another process gets. The lock
+    file is never deleted (deleting a flock'ed file lets two processes lock two different
+    files of one name); after taking the lock the path is checked to still be the locked file.
+    flock works across machines on NFS (Linux emulates it with POSIX locks there) and on local
+    disks; it is released by the kernel when the holder dies, so there are no stale locks.
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock or raise LockHeld (never waits); OSError becomes a MyPTError."""
+        if self._fd is not None:
+            return
+        try:
+            self._fd = self._take()
+        except OSError as exc:
+            raise write_error(f"the lock file {self.path}", exc) from None
+
+    def _take(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+                os.close(fd)
+                who = f"process {holder[1]} on host {holder[0]}" if len(holder) >= 2 else "another process"
+                raise LockHeld(f"{self.what} is in use by {who}; wait for it to finish or stop it "
+                               f"(lock file {self.path})") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was replaced while we waited: lock the one at the path now
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
