@@ -113,8 +113,16 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix, counted once
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share one matrix between the token embedding and the output layer (counted once).
+
+        The one place the head is tied: call it again after load_state_dict(assign=True), which
+        replaces the two parameters separately.
+        """
+        self.lm_head.weight = self.transformer.wte.weight
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
