@@ -88,19 +88,104 @@ def test_forward_loss_equals_cross_entropy_of_returned_logits():
     assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), atol=1e-5)
 
 
-def test_kv_cache_gives_the_same_logits_as_a_full_forward():
+VARIANTS = {
+    "gpt2": {},
+    "rope": {"position": "rope"},
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False},
+    "qwen3": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "qk_norm": True},
+    "relu2": {"position": "rope", "mlp": "relu2", "intermediate_size": 48, "zero_init": True},
+}
+
+
+def varied_model(block_size: int = 8, vocab: int = 50, **fields) -> GPT:
+    """A small model of the variant with random weights large enough for sharp, varied logits."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=70, dropout=0.0)).eval()
-    idx = torch.randint(0, 70, (2, 12))
-    full, _ = model(idx)
+    shape = dict(n_layer=2, n_head=4, n_embd=32, block_size=block_size, vocab_size=vocab, dropout=0.0)
+    cfg = ModelConfig(**{**shape, **fields})
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = 1.0 if "norm" in name or "ln" in name else 0.0
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 2 else 0.2) + gain)
+    return model
+
+
+def full_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Every position's logits from one uncached forward (sliding windows past block_size)."""
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_kv_cache_gives_the_same_logits_as_a_full_forward(variant):
+    model = varied_model(block_size=16, **VARIANTS[variant])
+    idx = torch.randint(0, 50, (2, 12))
+    full = full_logits(model, idx)
     cache = model.new_cache(2, torch.device("cpu"), torch.float32)
     steps = [model.next_logits(idx[:, :5], cache)]  # prefill 5, then 3 at once, then one at a time
     steps.append(model.next_logits(idx[:, 5:8], cache))
     steps += [model.next_logits(idx[:, i:i + 1], cache) for i in range(8, 12)]
     positions = [4, 7, 8, 9, 10, 11]
     for logits, pos in zip(steps, positions, strict=True):
-        assert torch.allclose(logits, full[:, pos], atol=1e-5)
-    assert cache.pos == 12
+        torch.testing.assert_close(logits, full[:, pos], atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [12, 12]
+
+
+@pytest.mark.parametrize("variant", [v for v in sorted(VARIANTS) if v != "gpt2"])
+def test_rotary_cache_slides_past_block_size_like_the_uncached_forward(variant):
+    """A full row overwrites its oldest entry; prefills that wrap (7 > 8 - 5) attend side by side."""
+    model = varied_model(block_size=8, **VARIANTS[variant])
+    idx = torch.randint(0, 50, (1, 40))
+    full = full_logits(model, idx)  # sliding-window attention over all 40 positions
+    cache = model.new_cache(1, torch.device("cpu"), torch.float32)
+    chunks = [5, 7, 1, 1, 12, 3, 1, 10]  # the 12 is longer than a whole row
+    at = 0
+    for n in chunks:
+        logits = model.next_logits(idx[:, at:at + n], cache)
+        at += n
+        torch.testing.assert_close(logits, full[:, at - 1], atol=1e-5, rtol=1e-5)
+    assert int(cache.pos[0]) == 40
+
+
+def test_uncached_forward_past_block_size_sees_only_the_last_block_size_tokens():
+    model = varied_model(block_size=8, position="rope", n_layer=1)
+    a = torch.randint(0, 50, (1, 20))
+    b = a.clone()
+    b[0, :12] = (b[0, :12] + 1) % 50  # differs only outside the last token's window of 8
+    assert torch.equal(full_logits(model, a)[0, -1], full_logits(model, b)[0, -1])
+    assert not torch.equal(full_logits(model, a)[0, -9], full_logits(model, b)[0, -9])
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "qwen3"])
+def test_batched_rows_at_different_lengths_match_single_sequences(variant):
+    """Rows of one cache hold different requests: prefill and decode chosen rows, reset a row."""
+    model = varied_model(block_size=8, **VARIANTS[variant])
+    rotary = model.config.position == "rope"
+    seqs = [torch.randint(0, 50, (1, n)) for n in (5, 3, 7 if not rotary else 20)]
+    cache = model.new_cache(3, torch.device("cpu"), torch.float32)
+    for row in (2, 0):  # row 1 stays empty meanwhile
+        model.next_logits(seqs[row][:, :-1], cache, rows=torch.tensor([row]))
+    assert cache.pos.tolist() == [4, 0, seqs[2].size(1) - 1]
+    last = torch.cat((seqs[2][:, -1:], seqs[0][:, -1:]))  # one decode step over rows 2 and 0, in that order
+    logits = model.next_logits(last, cache, rows=torch.tensor([2, 0]))
+    torch.testing.assert_close(logits[0], full_logits(model, seqs[2])[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], full_logits(model, seqs[0])[0, -1], atol=1e-5, rtol=1e-5)
+    cache.reset(torch.tensor([0]))  # row 0 takes a new request; row 2 keeps its content
+    fresh = torch.randint(0, 50, (1, 6))
+    torch.testing.assert_close(model.next_logits(fresh, cache, rows=torch.tensor([0]))[0],
+                               full_logits(model, fresh)[0, -1], atol=1e-5, rtol=1e-5)
+    more = torch.randint(0, 50, (1, 1))
+    torch.testing.assert_close(model.next_logits(more, cache, rows=torch.tensor([2]))[0],
+                               full_logits(model, torch.cat((seqs[2], more), 1))[0, -1], atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [6, 0, seqs[2].size(1) + 1]
+
+
+def test_learned_position_cache_row_cannot_pass_block_size():
+    model = varied_model(block_size=8)
+    cache = model.new_cache(1, torch.device("cpu"), torch.float32)
+    model.next_logits(torch.zeros(1, 8, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="block_size"):
+        model.next_logits(torch.zeros(1, 1, dtype=torch.long), cache)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

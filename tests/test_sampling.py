@@ -24,13 +24,12 @@ from mypt.sampling import (
 from mypt.tokenizers import CharTokenizer, GPT2Tokenizer
 
 VOCAB = 40
+ROTARY = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "qk_norm": True}
 
 
-
-@pytest.fixture(scope="module")
-def model() -> GPT:
+def sharp_model(**fields) -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, dropout=0.0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, dropout=0.0, **fields)
     m = GPT(cfg).eval()
     with torch.no_grad():  # varied, sharp logits instead of the init's near-uniform ones
         for p in m.transformer.h.parameters():
@@ -38,6 +37,29 @@ def model() -> GPT:
                 p.normal_(0, 0.3)
         m.transformer.wte.weight.mul_(10)
     return m
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return sharp_model()
+
+
+@pytest.fixture(scope="module")
+def rotary() -> GPT:
+    return sharp_model(**ROTARY)
+
+
+def rotary_reference_greedy(model: GPT, prompt: list[int], n: int, vocab: int) -> list[int]:
+    """Greedy decoding as the model defines it past block_size: one forward over the whole
+    sequence (each token attends to the block_size tokens ending at itself), nothing dropped."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([seq]))
+        token = int(logits[0, -1, :vocab].argmax())
+        seq.append(token)
+        out.append(token)
+    return out
 
 
 def reference_greedy(model: GPT, prompt: list[int], n: int, vocab: int) -> list[int]:
@@ -145,6 +167,45 @@ def test_cached_greedy_equals_uncached_and_reference_across_slides(model: GPT) -
     uncached = ids(model, prompt, max_new_tokens=n, temperature=0, use_cache=False)
     assert cached == uncached == reference_greedy(model, prompt, n, VOCAB)
     assert len(set(cached)) > 2  # not a degenerate repeat of one token
+
+
+def test_rotary_greedy_slides_one_token_at_a_time_cached_equals_uncached(rotary: GPT) -> None:
+    prompt = [1, 2, 3, 4, 5]
+    n = 60  # with block_size 16 the cache has overwritten every entry several times
+    cached = ids(rotary, prompt, max_new_tokens=n, temperature=0)
+    uncached = ids(rotary, prompt, max_new_tokens=n, temperature=0, use_cache=False)
+    assert cached == uncached == rotary_reference_greedy(rotary, prompt, n, VOCAB)
+    assert len(set(cached[-20:])) > 2  # still varied far past block_size
+    assert cached != ids(sharp_model(**ROTARY, rope_theta=10.0), prompt, max_new_tokens=n, temperature=0)
+
+
+def test_batched_greedy_over_rows_at_different_lengths_equals_one_row_at_a_time(rotary: GPT) -> None:
+    """The decoding a server runs: one cache, rows joining at different times, one forward per step."""
+    prompts = [[1, 2, 3], [7] * 10, [4, 5]]
+    n = 30
+    singles = [ids(rotary, p, max_new_tokens=n, temperature=0) for p in prompts]
+    cache = rotary.new_cache(len(prompts), torch.device("cpu"), torch.float32)
+    outs: list[list[int]] = [[] for _ in prompts]
+    last = torch.zeros(len(prompts), dtype=torch.long)
+
+    def start(row: int) -> None:  # prefill one row while the others keep their content
+        logits = rotary.next_logits(torch.tensor([prompts[row]]), cache, rows=torch.tensor([row]))
+        last[row] = logits[0, :VOCAB].argmax()
+        outs[row].append(int(last[row]))
+
+    start(0)
+    start(1)
+    for step in range(n + 5):
+        if step == 5:  # row 2 joins later
+            start(2)
+        active = torch.tensor([r for r in range(3) if 0 < len(outs[r]) < n])
+        if len(active) == 0:
+            break
+        logits = rotary.next_logits(last[active][:, None], cache, rows=active)
+        for i, row in enumerate(active.tolist()):
+            last[row] = logits[i, :VOCAB].argmax()
+            outs[row].append(int(last[row]))
+    assert outs == singles
 
 
 def test_prompt_longer_than_block_keeps_its_end(model: GPT) -> None:

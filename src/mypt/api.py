@@ -186,4 +186,4 @@ def load_weights(model: GPT, ckpt: Checkpoint) -> None:
         raise MyPTError(f"{ckpt.path}/{weights_file(ckpt.path)} does not match {ckpt.path}/config.json: "
                         + "; ".join(problems[:5]))
     model.load_state_dict(ckpt.model_state, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+    model.tie_weights()  # assign=True replaced the tied tensor

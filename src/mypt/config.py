@@ -31,6 +31,14 @@ REQUIRED_FIELDS: dict[str, type] = {
     "bias": bool,
 }
 OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str, "training": dict}
+# Architecture components beyond GPT-2's (model.py's docstring says what each does). An absent
+# field takes the default below, which is GPT-2's choice, so older presets and checkpoints load
+# unchanged; config.json leaves out the fields at their defaults.
+ARCH_FIELDS: dict[str, type] = {
+    "position": str, "rope_theta": float, "norm": str, "norm_eps": float, "mlp": str,
+    "intermediate_size": int, "qk_norm": bool, "n_kv_head": int, "tie_embeddings": bool, "zero_init": bool,
+}
+ARCH_CHOICES = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
 # The CLI flags the spec calls "architecture parameters": taken from the preset when one is given.
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias")
 GPT2_VOCAB_SIZE = 50304  # 50257 GPT-2 tokens padded up to a multiple of 64 for fast matmuls
@@ -53,6 +61,16 @@ class ModelConfig:
     name: str = "GPT-Custom"
     description: str = ""
     device: str | None = None
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    intermediate_size: int | None = None  # the MLP's hidden width; default 4 * n_embd
+    qk_norm: bool = False
+    n_kv_head: int | None = None  # key/value heads; default n_head (no grouping)
+    tie_embeddings: bool = True
+    zero_init: bool = False
     # training flags this preset was tuned with: defaults for a new run, the CLI overrides them
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -65,7 +83,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], source: str) -> ModelConfig:
         """Validate a parsed preset: every missing, unknown, mistyped or out-of-range field at once."""
         problems = []
-        known = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}
+        known = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS, **ARCH_FIELDS}
         for key in data:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
@@ -77,7 +95,7 @@ class ModelConfig:
         problems += _field_problems({k: v for k, v in data.items() if k in known})
         if problems:
             raise MyPTError(_format_problems(source, problems))
-        values = {k: (float(v) if REQUIRED_FIELDS.get(k) is float else v) for k, v in data.items()}
+        values = {k: (float(v) if known.get(k) is float and v is not None else v) for k, v in data.items()}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,11 +104,32 @@ class ModelConfig:
             del d["device"]
         if not d["training"]:
             del d["training"]
+        for key, default in _ARCH_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     def arch_dict(self) -> dict[str, Any]:
         """The fields that shape the network (what a checkpoint's weights depend on)."""
-        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+        keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", *ARCH_FIELDS)
+        return {k: getattr(self, k) for k in keys}
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width (for swiglu: of each of its two input projections)."""
+        return self.intermediate_size or 4 * self.n_embd
+
+    def is_gpt2(self) -> bool:
+        """True when every architecture component is GPT-2's (the fields absent from config.json)."""
+        return all(getattr(self, k) == v for k, v in _ARCH_DEFAULTS.items())
 
 
 def _type_ok(value: Any, want: type) -> bool:
@@ -107,22 +146,51 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 def _field_problems(data: dict[str, Any]) -> list[str]:
     """Type and range problems of the fields present in `data` (missing ones are not checked here)."""
     problems = []
-    types = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}
+    types = {**REQUIRED_FIELDS, **OPTIONAL_FIELDS, **ARCH_FIELDS}
+    valid = {}
     for key, value in data.items():
         want = types.get(key)
-        if want is None or (value is None and key in OPTIONAL_FIELDS):
+        if want is None or (value is None and (key in OPTIONAL_FIELDS or key in _NULLABLE)):
             continue
         if not _type_ok(value, want):
             problems.append(f"{key} ({json.dumps(value)}) must be {_TYPE_NAMES[want]}")
-        elif want is int and value <= 0:
-            problems.append(f"{key} ({value}) must be a positive integer")
-        elif key == "dropout" and not 0 <= value < 1:
-            problems.append(f"dropout ({value}) must be at least 0 and below 1")
-        elif key == "training":
-            problems += _training_problems(value)
-    n_embd, n_head = data.get("n_embd"), data.get("n_head")
-    if _type_ok(n_embd, int) and _type_ok(n_head, int) and n_embd > 0 and n_head > 0 and n_embd % n_head:
-        problems.append(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+            continue
+        problem = _value_problem(key, value, want)
+        if problem:
+            problems.append(problem)
+        else:
+            valid[key] = value
+    if "training" in valid:
+        problems += _training_problems(valid["training"])
+    return problems + _shape_problems(valid)
+
+
+def _value_problem(key: str, value: Any, want: type) -> str | None:
+    """The range problem of one well-typed field, if any."""
+    if want is int and value <= 0:
+        return f"{key} ({value}) must be a positive integer"
+    if key == "dropout" and not 0 <= value < 1:
+        return f"dropout ({value}) must be at least 0 and below 1"
+    if key in ARCH_CHOICES and value not in ARCH_CHOICES[key]:
+        return f"{key} ({json.dumps(value)}) must be one of {', '.join(ARCH_CHOICES[key])}"
+    if key in ("rope_theta", "norm_eps") and not 0 < value < float("inf"):
+        return f"{key} ({value}) must be a number above 0"
+    return None
+
+
+def _shape_problems(valid: dict[str, Any]) -> list[str]:
+    """Problems between fields: heads that do not divide the width, key/value heads, rotary halves."""
+    n_embd, n_head, n_kv = valid.get("n_embd"), valid.get("n_head"), valid.get("n_kv_head")
+    if n_embd is None or n_head is None:
+        return []
+    if n_embd % n_head:
+        return [f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"]
+    problems = []
+    if n_kv is not None and n_head % n_kv:
+        problems.append(f"n_kv_head ({n_kv}) must divide n_head ({n_head}): each key/value head serves "
+                        "the same number of query heads")
+    if valid.get("position") == "rope" and (n_embd // n_head) % 2:
+        problems.append(f"position rope needs an even head size; n_embd / n_head is {n_embd // n_head}")
     return problems
 
 
@@ -140,6 +208,10 @@ def _training_problems(block: dict[str, Any]) -> list[str]:
     if not problems:
         problems = [p.replace("--", "training.", 1) for p in train_problems(block)]
     return problems
+
+
+_NULLABLE = ("intermediate_size", "n_kv_head")
+_ARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ARCH_FIELDS}
 
 
 def _format_problems(source: str, problems: list[str]) -> str:
@@ -251,6 +323,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # muon: Muon on the hidden matrices, AdamW (learning_rate) on the rest
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     grad_accum_steps: int = 1
     seed: int = 1337
     val_split: float = 0.1
@@ -294,7 +369,16 @@ def train_problems(values: dict[str, Any]) -> list[str]:
         problems.append(f"--val_split ({values['val_split']}) must be above 0 and at most 0.5")
     if values.get("dtype", "auto") not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"--dtype ({values['dtype']}) must be one of auto, fp32, bf16, fp16")
+    if values.get("optimizer", "adamw") not in OPTIMIZERS:
+        problems.append(f"--optimizer ({values['optimizer']}) must be one of {', '.join(OPTIMIZERS)}")
+    if not 0 < values.get("muon_lr", 1) < float("inf"):
+        problems.append(f"--muon_lr ({values['muon_lr']}) must be a number above 0")
+    if not 0 <= values.get("muon_momentum", 0) < 1:
+        problems.append(f"--muon_momentum ({values['muon_momentum']}) must be at least 0 and below 1")
     return problems
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 # The type of each TrainConfig field (None is also allowed for min_lr and lr_decay_iters).

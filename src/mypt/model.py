@@ -1,8 +1,28 @@
-"""The GPT model: GPT-2 architecture, a KV cache for generation, and a fused loss head.
+"""The GPT model: one transformer whose components the config chooses, a batched KV cache for
+generation, and a fused loss head.
 
-Imports torch only: no files, CLI, tokenizers or distributed code. The configuration is any
-object with the attributes n_layer, n_head, n_embd, block_size, vocab_size, dropout and bias
-(`mypt.config.ModelConfig`). Parameter names follow nanoGPT / GPT-2 (transformer.h.0.attn.c_attn ...).
+Imports torch only: no files, CLI, tokenizers or distributed code. The configuration is a
+`mypt.config.ModelConfig` (or any object with its attributes). The components, each a config
+field whose default is GPT-2's:
+
+* position: "learned" (a table of block_size position vectors, added to the token embedding)
+  or "rope" (rotary: each head's queries and keys are rotated by their position, base
+  rope_theta, in the halves layout of Llama). A rotary model also runs past block_size: each
+  token then attends to the block_size tokens ending at itself (sliding-window attention).
+* norm: "layernorm" or "rmsnorm" (both with a gain; eps norm_eps), before attention, before the
+  MLP and before the output layer.
+* mlp: "gelu" (tanh GELU), "swiglu" (silu(gate) * up, gate and up one fused projection) or
+  "relu2" (squared ReLU); the hidden width is intermediate_size (default 4 * n_embd).
+* qk_norm: RMSNorm (with a gain over the head size) of each head's queries and keys, before
+  the rotation (as Qwen3).
+* n_kv_head: grouped-query attention; n_head query heads share n_kv_head key/value heads.
+* tie_embeddings: the output layer is the token embedding (counted once), or its own matrix.
+* zero_init: the attention and MLP output projections (and an untied output layer) start at
+  zero, so every block starts as the identity.
+
+Parameter names follow nanoGPT / GPT-2 (transformer.h.0.attn.c_attn ...): c_attn holds the
+query, key and value projections as one matrix (rows: n_head, then n_kv_head, then n_kv_head
+heads), an swiglu c_fc holds gate then up.
 """
 
 from __future__ import annotations
@@ -17,61 +37,216 @@ from torch.utils.checkpoint import checkpoint
 
 LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gradients, held at a time
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, hs/2) or (B, 1, T, hs/2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary positions
+
+
+def rope_table(head_dim: int, theta: float, length: int, device: torch.device) -> Rope:
+    """cos and sin (length, head_dim / 2) of the angles position * theta^(-2i / head_dim).
+
+    Computed in float64 and rounded once, so angles stay exact at positions far past block_size.
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[i], x[i + hs/2]) of x (B, nh, T, hs) by their position's angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated for block_size."""
+    """Keys and values of every layer for `batch` independent rows (slots) of a decoding batch.
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, block_size: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        shape = (n_layer, batch, n_head, block_size, head_dim)
+    Made by `GPT.new_cache`, fed by `GPT.next_logits(idx, cache, rows)`. Each row has its own
+    length (`pos[r]`: the tokens it holds so far, i.e. the position of its next token), so rows
+    can hold requests at different lengths; `reset(rows)` empties rows for new requests while
+    the others keep their content. A row stores up to block_size positions. Keys are stored
+    already rotated at their absolute position, so in a rotary model a full row is a ring
+    buffer: position p lives in slot p % block_size, each new token overwrites the row's oldest
+    entry and attends to the block_size positions ending at itself, with no re-prefill. A
+    learned-position row cannot pass block_size (the sampler refills a shorter window instead).
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, block_size: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype, ring: bool) -> None:
+        shape = (n_layer, batch, n_kv_head, block_size, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos = torch.zeros(batch, dtype=torch.long)  # on the host: no device sync to plan a step
+        self.ring = ring
         self.head: torch.Tensor | None = None  # lm_head weight as (n_embd, vocab), see GPT.new_cache
 
-    def reset(self) -> None:
-        """Forget every position (the buffers are reused; stale entries are never read)."""
-        self.pos = 0
+    @property
+    def batch(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Empty the given rows (all if None); their stale entries are never read."""
+        self.pos[slice(None) if rows is None else rows.cpu()] = 0
+
+    def step(self, rows: torch.Tensor | None, T: int) -> CacheStep:
+        """Plan feeding T new tokens to each of `rows` (all rows if None)."""
+        return CacheStep(self, rows, T)
+
+
+class CacheStep:
+    """One forward pass of T new tokens for some rows of a KVCache: positions, writes, the mask.
+
+    Built once per forward and shared by the layers: `positions` are the new tokens' absolute
+    positions ((T,) when every row is at the same length, else (n, T)); each layer's `update` stores its keys and values and returns those its
+    queries attend to; `commit` advances the rows' lengths. The attention mask lets the query
+    at position p see the keys at positions p - block_size + 1 .. p of its own row.
+
+    Two ways to store: normally the new keys are written first and the queries attend to the
+    row's slots. When T > 1 new tokens would overwrite (in a full rotary row) entries that the
+    earlier of them still see, the queries attend to the old slots and the new keys side by
+    side, and the new keys are written afterwards.
+    """
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int) -> None:
+        self.cache, self.T = cache, T
+        S, device = cache.capacity, cache.k.device
+        self.host_rows = slice(None) if rows is None else rows.cpu()
+        self.rows = None if rows is None else rows.to(device)
+        starts = cache.pos[self.host_rows].tolist()  # plain ints: planning costs microseconds
+        first, last = starts[0], max(starts)
+        if not cache.ring and last + T > S:
+            raise ValueError(f"a learned-position cache row holds at most block_size ({S}) tokens; "
+                             "reset the row and feed a shorter window")
+        self.first, self.end = first, last + T  # end: one past the highest new position
+        self.uniform = all(p == first for p in starts)
+        self.side_by_side = T > 1 and last + T > S
+        self.length = S if self.side_by_side else min(S, last + T)  # slots read
+        if self.uniform:  # (T,): the same positions for every row
+            self.positions = torch.arange(first, first + T, device=device)
+        else:  # (n, T)
+            self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+        self.mask = self._mask(torch.tensor(starts, device=device), device)
+        self.is_causal = self.mask is None and T > 1  # every row starts at 0 and fits: plain causal
+
+    def _slot_positions(self, length_after: torch.Tensor) -> torch.Tensor:
+        """(n, L) position held by each of the first L slots of each row once it holds
+        `length_after` tokens (negative: the slot is empty)."""
+        S = self.cache.capacity
+        slots = torch.arange(self.length, device=length_after.device)
+        last = length_after[:, None] - 1
+        return last - torch.remainder(last - slots, S)
+
+    def _mask(self, start: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """(n, 1, T, keys) bool, or None where every query sees every key read (or plain causal)."""
+        S, T = self.cache.capacity, self.T
+        if self.uniform and not self.side_by_side:
+            if T == 1 or self.first == 0:
+                return None  # one query sees every slot read; or a fresh prefill: is_causal
+            if self.first + T <= S:  # no wrap: the slots are positions 0 .. first + T - 1
+                return torch.ones(T, self.first + T, dtype=torch.bool, device=device).tril(diagonal=self.first)
+        positions = self.positions.expand(start.size(0), T)  # (n, T)
+        if self.side_by_side:
+            keys = torch.cat((self._slot_positions(start), positions), dim=1)
+        else:
+            keys = self._slot_positions(start + T)
+        query = positions[:, :, None]  # (n, T, 1)
+        keys = keys[:, None, :]  # (n, 1, keys)
+        visible = (keys >= 0) & (keys <= query) & (keys > query - S)
+        return visible[:, None]  # (n, 1, T, keys): the same for every head
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
-        start, end = self.pos, self.pos + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store this layer's new k, v (n, nkv, T, hs); return the keys and values to attend to."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, nkv, S, hs)
+        if self.side_by_side:
+            old_k, old_v = (ck, cv) if self.rows is None else (ck[self.rows], cv[self.rows])
+            keys, values = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+            self._write(ck, cv, k, v)
+            return keys, values
+        self._write(ck, cv, k, v)
+        if self.rows is None:
+            return ck[:, :, :self.length], cv[:, :, :self.length]
+        return ck[self.rows, :, :self.length], cv[self.rows, :, :self.length]
+
+    def _write(self, ck: torch.Tensor, cv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        S, T = self.cache.capacity, self.T
+        if T > S:  # only the last block_size positions are kept
+            k, v = k[:, :, T - S:], v[:, :, T - S:]
+        slot = (self.first + T - k.size(2)) % S
+        if self.rows is None and self.uniform and slot + k.size(2) <= S:  # one contiguous slice
+            ck[:, :, slot:slot + k.size(2)] = k
+            cv[:, :, slot:slot + k.size(2)] = v
+            return
+        n = ck.size(0) if self.rows is None else self.rows.size(0)
+        slots = torch.remainder(self.positions.expand(n, T)[:, T - k.size(2):], S)  # (n, t)
+        rows = torch.arange(ck.size(0), device=ck.device) if self.rows is None else self.rows
+        ck[rows[:, None], :, slots] = k.transpose(1, 2)  # indexed as (n, t, nkv, hs)
+        cv[rows[:, None], :, slots] = v.transpose(1, 2)
+
+    def commit(self) -> None:
+        self.cache.pos[self.host_rows] += self.T
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def make_norm(cfg: Any, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None,
+                cache: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
+        """mask: None for plain causal attention, else (T, T) bool (sliding window past block_size)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        mask, causal = None, True
+        hs, nkv = self.head_dim, self.n_kv_head
+        q, k, v = self.c_attn(x).split((self.n_head * hs, nkv * hs, nkv * hs), dim=2)
+        q, k, v = q.view(B, T, self.n_head, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = nkv != self.n_head
+        causal = mask is None
         if cache is not None:
-            past = cache.pos
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
-            if T == 1:
-                causal = False  # one new query may see every cached position
-            elif past > 0:
-                # queries sit at positions past..past+T-1: each sees keys up to its own position
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                causal = False
+            k, v = cache.update(layer, k, v)  # (B, nkv, keys, hs)
+            mask, causal = cache.mask, cache.is_causal
         # No dropout on the attention probabilities: it would force the memory-hungry math
         # kernel (B, nh, T, T) instead of the flash kernel. Dropout acts on the residual stream.
         if cache is None and x.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # A CPU's flash-attention backward is 2-4x slower in bf16 than in fp32 (BENCHMARKS.md):
             # attend in fp32, outside autocast, which would cast the inputs back down
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   is_causal=causal, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -79,25 +254,40 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        hidden = cfg.hidden_size
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None,
+                cache: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
 
 
 class GPT(nn.Module):
@@ -105,56 +295,93 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.gradient_checkpointing = False
+        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if cfg.position == "learned":
+            parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **parts,
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            ln_f=make_norm(cfg, cfg.n_embd),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self._rope: Rope | None = None  # a cache, not state: rebuilt on first use on each device
         self.tie_weights()
         self.init_weights()
 
     def tie_weights(self) -> None:
-        """Share one matrix between the token embedding and the output layer (counted once).
+        """Share one matrix between the token embedding and the output layer (counted once),
+        when the config ties them; nothing otherwise.
 
         The one place the head is tied: call it again after load_state_dict(assign=True), which
         replaces the two parameters separately.
         """
-        self.lm_head.weight = self.transformer.wte.weight
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     def init_weights(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer);
+        with zero_init the residual projections and an untied head start at zero instead."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+                if self.config.zero_init:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        if self.config.zero_init and not self.config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     def num_params(self) -> int:
-        """Unique parameters (the tied head counted once)."""
+        """Unique parameters (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, n_embd) for tokens idx (B, T)."""
+    def rope(self, positions: torch.Tensor, end: int) -> Rope:
+        """cos and sin for the absolute positions (T,) or (n, T), all below `end`, shaped to
+        broadcast over heads."""
+        cfg = self.config
+        needed = end
+        if self._rope is None or self._rope[0].size(0) < needed or self._rope[0].device != positions.device:
+            length = max(needed, cfg.block_size, 2 * (self._rope[0].size(0) if self._rope else 0))
+            self._rope = rope_table(cfg.head_dim, cfg.rope_theta, length, positions.device)
+        cos, sin = self._rope
+        if positions.dim() == 1:
+            return cos[positions], sin[positions]  # (T, hs/2)
+        return cos[positions][:, None], sin[positions][:, None]  # (n, 1, T, hs/2)
+
+    def hidden_states(self, idx: torch.Tensor, cache: CacheStep | None = None, start: int = 0) -> torch.Tensor:
+        """Final-norm output (B, T, n_embd) for tokens idx (B, T).
+
+        Without a cache the tokens sit at positions start .. start + T - 1; with one, at each
+        row's next positions.
+        """
+        cfg = self.config
         T = idx.size(1)
-        start = cache.pos if cache is not None else 0
-        assert start + T <= self.config.block_size, "sequence longer than block_size"
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if cache is not None:
+            positions, end = cache.positions, cache.end
+        else:
+            positions, end = torch.arange(start, start + T, device=idx.device), start + T
+            if cfg.position == "learned":
+                assert start + T <= cfg.block_size, "sequence longer than block_size"
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.position == "learned":
+            x = x + self.transformer.wpe(positions)
+        else:
+            rope = self.rope(positions, end)
+        x = self.transformer.drop(x)
+        mask = None if cache is not None or T <= cfg.block_size else sliding_window_mask(T, cfg.block_size, idx.device)
         for i, block in enumerate(self.transformer.h):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, cache, i)
-        if cache is not None:
-            cache.pos += T
+                x = block(x, rope, mask, cache, i)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -167,8 +394,10 @@ class GPT(nn.Module):
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """An empty KV cache of `batch` rows (see KVCache); feed it with next_logits."""
         c = self.config
-        cache = KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+        cache = KVCache(c.n_layer, batch, c.kv_heads, c.block_size, c.head_dim, device, dtype,
+                        ring=c.position == "rope")
         if device.type == "cpu":
             # On a CPU, one row of logits is 2-3x faster against a contiguous (n_embd, vocab) copy
             # of the head than through nn.Linear's (vocab, n_embd) (bench/bench_generate.py).
@@ -176,12 +405,29 @@ class GPT(nn.Module):
         return cache
 
     @torch.no_grad()
-    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, vocab) for the position after idx; with a cache idx holds only the new tokens."""
-        x = self.hidden_states(idx, cache)[:, -1, :]
-        if cache is not None and cache.head is not None:
-            return (x @ cache.head).float()
+    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                    start: int = 0) -> torch.Tensor:
+        """Logits (n, vocab) for the position after each row of idx (n, T).
+
+        With a cache, idx holds each row's new tokens only: row i of idx continues cache row
+        rows[i] (rows: a LongTensor of n distinct row indices; None = every row, in order); the
+        other rows keep their content. Without one, idx is a whole window whose first token
+        sits at position `start` (it matters only to a rotary model past block_size).
+        """
+        step = None if cache is None else cache.step(rows, idx.size(1))
+        x = self.hidden_states(idx, step, start)[:, -1, :]
+        if step is not None:
+            step.commit()
+            if cache.head is not None:
+                return (x @ cache.head).float()
         return self.lm_head(x).float()
+
+
+def sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool: query i sees keys i - window + 1 .. i."""
+    i = torch.arange(T, device=device)
+    offset = i[:, None] - i[None, :]
+    return (offset >= 0) & (offset < window)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

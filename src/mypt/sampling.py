@@ -6,10 +6,14 @@ share, and the streams built on them: `generate_ids` (token ids) and `TextStream
 that never split a UTF-8 character and stop at a stop string). No I/O: nothing here prints or
 reads files; `mypt.api` and the CLI do that.
 
-The context slides in steps. The model has learned absolute positions, so a KV cache cannot
-slide one token at a time; instead, whenever the context would exceed block_size, it jumps
-forward to keep the last block_size // 2 tokens and the cache is refilled from them. The
-uncached decoder uses the very same windows, so both give the same tokens.
+The context window depends on the model's positions. With learned absolute positions a KV
+cache cannot slide one token at a time: whenever the context would exceed block_size it jumps
+forward to keep the last block_size // 2 tokens, and the cache is refilled from them. A rotary
+model slides one token at a time instead: each token attends to the block_size tokens ending at
+itself, the cache overwrites its oldest entry (`mypt.model.KVCache`), nothing is refilled. The
+uncached decoder computes the very same function (the same windows; for a rotary model the
+model's sliding-window forward over as many tokens as can reach the next one), so both give the
+same tokens.
 
 torch is imported by the functions that run the model, so the CLI can build its --help from
 SamplingConfig without loading torch.
@@ -159,16 +163,25 @@ class _CachedDecoder:
             self.start = start
             new = seq[start:]
         else:
-            assert self.cache.pos == len(seq) - start - 1, "cache out of step with the sequence"
+            assert int(self.cache.pos[0]) == len(seq) - start - 1, "cache out of step with the sequence"
             new = seq[-1:]
         return self.model.next_logits(_batch(new, self.device), self.cache)
 
 
 def _uncached_decoder(model: GPT, device: torch.device) -> Callable[[list[int], int], torch.Tensor]:
-    """Next-token logits by running the whole window every step (the reference for the cache)."""
+    """Next-token logits by running the whole window every step (the reference for the cache).
+
+    For a rotary model the window is every token that can reach the next one through the
+    layers' sliding windows: n_layer * (block_size - 1) + 1 tokens, at their own positions.
+    """
+    cfg = model.config
+    reach = cfg.n_layer * (cfg.block_size - 1) + 1
 
     def step(seq: list[int], start: int) -> torch.Tensor:
-        return model.next_logits(_batch(seq[start:], device))
+        if cfg.position != "rope":  # a learned-position window starts again at position 0
+            return model.next_logits(_batch(seq[start:], device))
+        start = max(start, len(seq) - reach)
+        return model.next_logits(_batch(seq[start:], device), start=start)
 
     return step
 
@@ -208,8 +221,10 @@ def generate_ids(
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(seq, device=device)] = True
     start = 0
+    slides = model.config.position == "rope"  # one token at a time: the window never jumps
     for _ in range(cfg.max_new_tokens):
-        start = window_start(len(seq), start, block_size)
+        if not slides:
+            start = window_start(len(seq), start, block_size)
         with torch.inference_mode(), amp():
             logits = decode(seq, start)[0, :vocab_size].float()
             if seen is not None:
