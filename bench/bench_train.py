@@ -39,8 +39,9 @@ from mypt.config import ModelConfig, TrainConfig, load_model_config
 from mypt.data import batch_at, load_splits, prepare_tokens
 from mypt.estimate import flops_per_token
 from mypt.model import GPT
+from mypt.optim import make_optimizer
 from mypt.tokenizers import build_tokenizer
-from mypt.trainer import Trainer, get_lr, make_optimizer, reuse_freed_memory
+from mypt.trainer import Trainer, get_lr, reuse_freed_memory
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 CACHE = Path("/tmp/mypt-bench-cache")

@@ -40,7 +40,8 @@ from mypt import dist
 from mypt.config import TrainConfig, load_model_config
 from mypt.estimate import count_params, estimate_memory, human_bytes
 from mypt.model import GPT
-from mypt.trainer import Trainer, make_optimizer, reuse_freed_memory
+from mypt.optim import make_optimizer
+from mypt.trainer import Trainer, reuse_freed_memory
 
 CPU = torch.device("cpu")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters

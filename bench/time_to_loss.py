@@ -34,8 +34,9 @@ from mypt.cli.train import add_arguments, train_flags
 from mypt.config import ModelConfig, TrainConfig, load_model_config, new_run_train_config
 from mypt.data import char_vocab_of_file, load_splits, prepare_tokens
 from mypt.model import GPT
+from mypt.optim import make_optimizer
 from mypt.tokenizers import build_tokenizer
-from mypt.trainer import Trainer, TrainState, make_optimizer
+from mypt.trainer import Trainer, TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -130,7 +130,24 @@ def test_resume_with_another_process_count_keeps_the_global_batch(runs, ddp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bad", [["--input_file", "missing.txt"], ["--learning_rate", "-1"]], ids=["file", "flag"])
+def test_muon_under_ddp_matches_one_process_and_resumes(runs):
+    """Muon orthogonalises the averaged gradient on every rank: the same weights as one process."""
+    muon = ("--optimizer", "muon", "--muon_lr", "0.03")
+    one = train1(runs, "--model_name", "muon1", "--grad_accum_steps", "2", "--max_iters", "6", *muon)
+    two = train2(runs, "--model_name", "muon2", "--grad_accum_steps", "1", "--max_iters", "6", *muon)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr
+    assert_same_weights(weights(runs, "muon2"), weights(runs, "muon1"))
+    one = train1(runs, "--model_name", "muon1", "--max_iters", "8")  # the saved flags: Muon again
+    two = train2(runs, "--model_name", "muon2", "--max_iters", "8")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr
+    assert "resuming 'muon2' from iteration 6" in two.stdout
+    assert_same_weights(weights(runs, "muon2"), weights(runs, "muon1"))
+    assert training_state(runs, "muon2")["train_config"]["optimizer"] == "muon"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [["--input_file", "missing.txt"], ["--learning_rate", "-1"],
+                                 ["--optimizer", "muon", "--fsdp"]], ids=["file", "flag", "muon-fsdp"])
 def test_an_error_every_rank_has_is_printed_once(runs, bad):
     result = train2(runs, "--model_name", "bad", "--max_iters", "2", *bad)
     assert result.returncode != 0

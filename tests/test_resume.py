@@ -104,6 +104,35 @@ def test_half_then_resume_equals_straight_run(tmp_path: Path, small_text: Path, 
     assert_same_checkpoint(ckpts / "straight", ckpts / "halves")
 
 
+MODERN = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "intermediate_size": 48, "qk_norm": True,
+          "n_kv_head": 1, "tie_embeddings": False, "zero_init": True}
+
+
+@pytest.mark.parametrize("dtype", [
+    "fp32",
+    pytest.param("bf16", marks=pytest.mark.skipif(not dist.cpu_has_fast_bf16(), reason="this CPU has no fast bf16")),
+])
+def test_muon_and_modern_architecture_resume_bit_for_bit(tmp_path: Path, small_text: Path, dtype: str) -> None:
+    """Muon's momentum and AdamW's moments in optimizer.pt carry a resumed run on exactly."""
+    config = tmp_path / "modern.json"
+    arch = dict(zip(tiny_arch_flags()[::2], tiny_arch_flags()[1::2], strict=True))
+    fields = {k[2:]: json.loads(v) for k, v in arch.items()}
+    config.write_text(json.dumps({**fields, "vocab_size": 65, **MODERN, "dropout": 0.1}))
+    f = [*flags(small_text, 0.1, dtype)[len(tiny_arch_flags()):], "--config_file", str(config),
+         "--optimizer", "muon", "--muon_lr", "0.03"]
+    straight = train(tmp_path, "straight", N, *f)
+    train(tmp_path, "halves", N // 2, *f)
+    second = train(tmp_path, "halves", N, *f)
+    assert f"resuming 'halves' from iteration {N // 2}" in second
+    ckpts = tmp_path / "checkpoints"
+    assert_same_checkpoint(ckpts / "straight", ckpts / "halves")
+    saved = torch.load(ckpts / "halves" / "optimizer.pt", weights_only=True)["optimizer"]
+    kinds = [g["kind"] for g in saved["param_groups"]]
+    assert kinds == ["muon", "adamw", "adamw"]
+    assert any("momentum_buffer" in s for s in saved["state"].values())
+    assert logged_losses(straight)[N] != logged_losses(train(tmp_path, "adamw", N, *f[:-4]))[N]
+
+
 def test_resume_after_sigint_equals_straight_run(tmp_path: Path, small_text: Path) -> None:
     """A real Ctrl-C at an arbitrary moment: the stopped and resumed run still matches exactly."""
     f = flags(small_text, 0.0, "fp32")

@@ -39,8 +39,8 @@ from mypt.checkpoint import save_checkpoint, write_weights_only
 from mypt.config import ModelConfig, TrainConfig, read_json
 from mypt.errors import MyPTError
 from mypt.model import GPT
+from mypt.optim import make_optimizer
 from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, Tokenizer, gpt2_encoding
-from mypt.trainer import make_optimizer
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"

@@ -108,8 +108,9 @@ class CacheStep:
     """One forward pass of T new tokens for some rows of a KVCache: positions, writes, the mask.
 
     Built once per forward and shared by the layers: `positions` are the new tokens' absolute
-    positions ((T,) when every row is at the same length, else (n, T)); each layer's `update` stores its keys and values and returns those its
-    queries attend to; `commit` advances the rows' lengths. The attention mask lets the query
+    positions ((T,) when every row is at the same length, else (n, T)); each layer's `update`
+    stores its keys and values and returns those its queries attend to; `commit` advances the
+    rows' lengths. The attention mask lets the query
     at position p see the keys at positions p - block_size + 1 .. p of its own row.
 
     Two ways to store: normally the new keys are written first and the queries attend to the
@@ -201,9 +202,17 @@ class CacheStep:
 # Layers
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose gain takes the input's dtype, so bf16 activations under autocast (the
+    query and key norms see them) stay on the fused kernel instead of a slower fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(cfg: Any, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+        return RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -215,8 +224,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         else:
             self.q_norm = self.k_norm = None
 

@@ -39,8 +39,9 @@ from mypt.data import (
 from mypt.errors import MyPTError
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
+from mypt.optim import check_optimizer, make_optimizer, saved_optimizer
 from mypt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_json
-from mypt.trainer import Stop, Trainer, TrainState, make_optimizer
+from mypt.trainer import Stop, Trainer, TrainState
 
 CACHE_DIR = ".cache"
 
@@ -80,6 +81,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         tc = plan.train_cfg
         check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
         _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+        check_optimizer(plan.train_cfg, fsdp, saved_optimizer(plan.resume.training_state) if plan.resume else None)
         return plan
 
     torch_device = dist.pick_device(device, info)
@@ -211,7 +213,7 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
         model.load_state_dict(plan.resume.model_state)
     wrapped = dist.wrap_model(model, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
-    if plan.resume is not None:
+    if plan.resume is not None and saved_optimizer(plan.resume.training_state) is not None:
         dist.load_optimizer_state(wrapped, optimizer, plan.resume.optimizer_state.get("optimizer"))
     runnable = torch.compile(wrapped) if tc.compile else wrapped
     trainer = Trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,

@@ -72,17 +72,6 @@ def get_lr(it: int, tc: TrainConfig) -> float:
     return tc.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.learning_rate - tc.final_lr)
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; the fused kernel on CUDA and CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=fused)
-
-
 # glibc mallopt() parameters and their defaults (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 MALLOC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
@@ -135,7 +124,7 @@ class Trainer:
         tc, info = self.tc, self.info
         torch.manual_seed(tc.seed * 7919 + it * info.world_size + info.rank)  # dropout stream
         for group in self.optimizer.param_groups:
-            group["lr"] = get_lr(it, tc)
+            group["lr"] = get_lr(it, tc) * group.get("lr_scale", 1.0)  # mypt.optim sets the scales
         per_iter = tc.grad_accum_steps * info.world_size
         total = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum_steps):

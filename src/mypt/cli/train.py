@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mypt.config import ARCH_FLAGS, TrainConfig
+from mypt.config import ARCH_FLAGS, OPTIMIZERS, TrainConfig
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "warmup_iters": "linear warmup iterations", "lr_decay_iters": "cosine decay ends here (default: max_iters)",
         "weight_decay": "AdamW weight decay on matrices", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
         "grad_clip": "clip the gradient norm to this (0: off)", "grad_accum_steps": "micro-batches per step",
+        "muon_lr": "peak learning rate of Muon's matrices (--optimizer muon)",
+        "muon_momentum": "Muon's momentum (--optimizer muon)",
         "seed": "seed of batches, dropout and initialisation", "val_split": "fraction of the text held out",
     }
     for f in dataclasses.fields(TrainConfig):
@@ -63,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             kind = int if f.type in ("int", "int | None") else float
             default = getattr(d, f.name)
             t.add_argument(f"--{f.name}", type=kind, help=f"{helps[f.name]} (default: {default})")
+    t.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="adamw, or muon: Muon on the blocks' matrices, AdamW (--learning_rate) on embeddings, "
+                   "output layer and gains (default: adamw)")
     t.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 autocast where the device runs it fast, fp16 on older GPUs, else fp32")
     t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
