@@ -8,12 +8,27 @@ import torch.nn.functional as F
 from conftest import REPO
 
 from mypt.config import ModelConfig, load_model_config
-from mypt.estimate import count_params, param_breakdown
-from mypt.model import GPT, linear_cross_entropy
+from mypt.estimate import count_params, estimate_memory, flops_per_token, param_breakdown
+from mypt.model import GPT, RMSNorm, apply_rope, linear_cross_entropy, rope_table
 
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
 EXPECTED = {"tiny.json": 11_454_144, "small.json": 30_036_864, "150M.json": 152_101_632,
             "200M.json": 199_472_000, "250M.json": 253_133_824}
+
+
+VARIANTS_FOR_COUNTS = {
+    "gpt2": {},
+    "rope": {"position": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "swiglu": {"mlp": "swiglu", "intermediate_size": 96},
+    "relu2": {"mlp": "relu2"},
+    "qk_norm_ln": {"qk_norm": True},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "untied": {"tie_embeddings": False, "zero_init": True},
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "tie_embeddings": False},
+    "qwen3": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "qk_norm": True},
+}
 
 
 def formula(cfg: ModelConfig) -> int:
@@ -31,6 +46,42 @@ def test_count_equals_unique_parameters_of_the_built_model(name):
     assert count_params(cfg) == sum(unique.values()) == formula(cfg)
     if name in EXPECTED:
         assert count_params(cfg) == EXPECTED[name]
+
+
+def general_formula(cfg: ModelConfig) -> int:
+    """The count of every variant: written out field by field, independently of the model code."""
+    c, hs, nh, nkv, hidden = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.kv_heads, cfg.hidden_size
+    b = 1 if cfg.bias else 0
+    norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    attn = c * (nh + 2 * nkv) * hs + c * c + b * ((nh + 2 * nkv) * hs + c) + (2 * hs if cfg.qk_norm else 0)
+    up = 2 * hidden if cfg.mlp == "swiglu" else hidden
+    mlp = c * up + hidden * c + b * (up + c)
+    layer = attn + mlp + 2 * norm
+    embeddings = cfg.vocab_size * c * (1 if cfg.tie_embeddings else 2)
+    positions = cfg.block_size * c if cfg.position == "learned" else 0
+    return embeddings + positions + cfg.n_layer * layer + norm
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS_FOR_COUNTS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_variant_counts_exactly_what_it_builds(variant, bias):
+    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=16, vocab_size=100, bias=bias,
+                      **VARIANTS_FOR_COUNTS[variant])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    parts = param_breakdown(cfg)
+    assert count_params(cfg) == sum(unique.values()) == general_formula(cfg) == parts["total"]
+    assert parts["token_embedding"] + parts["position_embedding"] + parts["layers"] + parts["final_norm"] \
+        + parts["lm_head"] == parts["total"]
+    assert (model.lm_head.weight is model.transformer.wte.weight) == cfg.tie_embeddings
+    lookups = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, torch.nn.Embedding) and m.weight is not model.lm_head.weight)
+    assert flops_per_token(cfg) == 6 * (parts["total"] - lookups) + 12 * 3 * 64 * 16
+    matrices = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert parts["hidden_matrices"] == matrices
+    adamw, muon = (estimate_memory(cfg, 4, "fp32", optimizer=o) for o in ("adamw", "muon"))
+    assert adamw.optimizer - muon.optimizer == 4 * matrices  # Muon keeps one buffer, AdamW two
 
 
 def test_breakdown_adds_up_and_head_is_tied():
@@ -210,3 +261,34 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(plain_loss, ckpt_loss)
     for name, grad in plain.items():
         torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cpu_rmsnorm_has_torchs_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4, 16, dtype=torch.float64).transpose(1, 2)  # non-contiguous, as q and k are
+    w = torch.randn(16, dtype=torch.float64)
+    norm = RMSNorm(16, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    wb = w.clone().requires_grad_()
+    ya, yb = norm(xa), F.rms_norm(xb, (16,), wb, 1e-6)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(norm.weight.grad, wb.grad)
+
+
+def test_rotary_attention_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    table = rope_table(16, 10000.0, 64, torch.device("cpu"))
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m: int, n: int) -> float:
+        return (apply_rope(q, table[m, None]) * apply_rope(k, table[n, None])).sum().item()
+
+    assert score(3, 1) == pytest.approx(score(40, 38), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+    torch.testing.assert_close(apply_rope(q, table[0, None]), q)  # position 0: no rotation

@@ -127,6 +127,21 @@ class ModelConfig:
         """The MLP's hidden width (for swiglu: of each of its two input projections)."""
         return self.intermediate_size or 4 * self.n_embd
 
+    def components(self) -> list[tuple[str, str]]:
+        """The architecture's components as (label, value) rows, for show_configs and inspect."""
+        position = f"rotary (theta {self.rope_theta:g})" if self.position == "rope" else "learned"
+        mlp = {"gelu": "GELU", "swiglu": "SwiGLU (gated)", "relu2": "squared ReLU"}[self.mlp]
+        groups = "" if self.kv_heads == self.n_head else f", {self.kv_heads} key/value heads (grouped-query)"
+        head = "tied to the token embedding" if self.tie_embeddings else "untied"
+        norm = "RMSNorm" if self.norm == "rmsnorm" else "LayerNorm"
+        return [
+            ("Positions", position),
+            ("Norm", f"{norm} (eps {self.norm_eps:g})" + (", QK-norm" if self.qk_norm else "")),
+            ("MLP", f"{mlp}, hidden {self.hidden_size}"),
+            ("Attention", f"{self.n_head} heads of {self.head_dim}{groups}"),
+            ("Output layer", head + (", zero-initialised projections" if self.zero_init else "")),
+        ]
+
     def is_gpt2(self) -> bool:
         """True when every architecture component is GPT-2's (the fields absent from config.json)."""
         return all(getattr(self, k) == v for k, v in _ARCH_DEFAULTS.items())

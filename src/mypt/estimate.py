@@ -25,18 +25,23 @@ def build_meta_model(cfg: Any) -> GPT:
 
 
 def param_breakdown(cfg: Any) -> dict[str, int]:
-    """Unique parameters by part: embeddings, one layer, all layers, final norm, total."""
+    """Unique parameters by part: embeddings, one layer (and its attention and MLP), all layers,
+    final norm, an untied output layer, total; and hidden_matrices, what Muon would update."""
     model = build_meta_model(cfg)
     t = model.transformer
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    first = t.h[0] if len(t.h) else None
     return {
         "token_embedding": count(t.wte),
-        "position_embedding": count(t.wpe),
-        "per_layer": count(t.h[0]) if len(t.h) else 0,
+        "position_embedding": count(t.wpe) if "wpe" in t else 0,
+        "per_layer": count(first) if first is not None else 0,
+        "attention": count(first.attn) if first is not None else 0,
+        "mlp": count(first.mlp) if first is not None else 0,
         "layers": count(t.h),
         "final_norm": count(t.ln_f),
-        "lm_head": 0,  # tied to the token embedding
+        "lm_head": 0 if cfg.tie_embeddings else count(model.lm_head),
         "total": model.num_params(),
+        "hidden_matrices": sum(p.numel() for p in t.h.parameters() if p.dim() == 2),
     }
 
 
@@ -45,10 +50,17 @@ def count_params(cfg: Any) -> int:
 
 
 def flops_per_token(cfg: Any, n_params: int | None = None) -> int:
-    """Training FLOPs per token (forward + backward): 6 N for the matmuls + 12 L C T for attention."""
+    """Training FLOPs per token (forward + backward): 6 per weight of a matrix product (the
+    blocks' matrices and the output layer) + 12 L C T for attention.
+
+    Embedding tables are lookups, not products: the position table, and the token table when
+    the output layer is a matrix of its own (a tied one is counted once, as the output layer).
+    """
     n = count_params(cfg) if n_params is None else n_params
-    matmul_params = n - cfg.block_size * cfg.n_embd  # position embeddings are a lookup, not a matmul
-    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    lookups = (cfg.block_size if cfg.position == "learned" else 0) * cfg.n_embd
+    if not cfg.tie_embeddings:
+        lookups += cfg.vocab_size * cfg.n_embd
+    return 6 * (n - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 @dataclass
@@ -64,48 +76,63 @@ def activation_bytes(cfg: Any, batch_size: int, precision: str, checkpointing: b
     """Bytes a training step needs at its peak beyond weights, gradients and optimizer state.
 
     The peak is the end of the forward pass, inside the fused loss head (bench/memory.py measures
-    it). Per block, in units of u = B*T*C values, autograd keeps the two LayerNorm inputs (2u,
-    fp32), the inputs of the four linear layers (u + u + u + 4u), the GELU input (4u), q, k, v
-    and the attention output (4u), and a 1-byte mask per dropout. bf16 autocast keeps the linear
-    and GELU inputs in 2 bytes; attention is counted in fp32, as a CPU runs it (on a GPU it stays
-    bf16: 8u bytes less per block). With checkpointing a block keeps only its input (4u) and
-    one block is recomputed at a time, in backward, when the head's workspace is gone. Outside
-    the blocks: the embedding dropout mask, the final LayerNorm's input and output and the
-    head's input gradient (3 x 4u), and the head's workspace: one (LOSS_CHUNK_ROWS, vocab) block
-    of logit gradients in the compute dtype and, in bf16, one bf16 (vocab, n_embd) product.
-    Gradients are counted in full besides (estimate_memory): a margin, as at this peak only the
-    head's exists; within 15% of measured steps for tiny, small and 150M (BENCHMARKS.md).
+    it). Per block, in units of u = B*T*C values, with h = the MLP's hidden width / C and g =
+    key/value heads / heads, autograd keeps the two norm inputs (2u, fp32), the inputs of the
+    four linear layers (3u + hu), the MLP's inner activations (GELU's or ReLU's input: hu;
+    SwiGLU's fused gate-and-up output and the SiLU output: 3hu), q, k, v and the attention
+    output ((2 + 2g) u), the query and key norms' inputs with qk_norm ((1 + g) u), and a 1-byte
+    mask per dropout. bf16 autocast keeps the linear, MLP and query/key norm inputs in 2 bytes;
+    attention is counted in fp32, as a CPU runs it (on a GPU it stays bf16). With checkpointing
+    a block keeps only its input (4u) and one block is recomputed at a time, in backward, when
+    the head's workspace is gone. Outside the blocks: the embedding dropout mask, the final
+    norm's input and output and the head's input gradient (3 x 4u), and the head's workspace:
+    one (LOSS_CHUNK_ROWS, vocab) block of logit gradients in the compute dtype and, in bf16, one
+    bf16 (vocab, n_embd) product. Gradients are counted in full besides (estimate_memory): a
+    margin, as at this peak only the head's exists; within 15% of measured steps for tiny,
+    small and 150M (BENCHMARKS.md).
     """
     u = batch_size * cfg.block_size * cfg.n_embd
+    h = cfg.hidden_size / cfg.n_embd
+    g = cfg.kv_heads / cfg.n_head
     rows = min(LOSS_CHUNK_ROWS, batch_size * cfg.block_size)
     mask = u if cfg.dropout > 0 else 0
+    narrow = (3 + h + (3 * h if cfg.mlp == "swiglu" else h) + ((1 + g) if cfg.qk_norm else 0)) * u
+    attention = (2 + 2 * g) * u
     if precision == "fp32":
-        block = 17 * u * 4 + 2 * mask
+        block = (2 * u + narrow + attention) * 4 + 2 * mask
         head = rows * cfg.vocab_size * 4
     else:
-        block = 2 * u * 4 + 11 * u * 2 + 4 * u * 4 + 2 * mask
+        block = 2 * u * 4 + narrow * 2 + attention * 4 + 2 * mask
         head = rows * cfg.vocab_size * 2 + 2 * cfg.vocab_size * cfg.n_embd
+    block = int(block)
     outside = mask + 3 * 4 * u
     if checkpointing:  # the recomputed block lives in backward, after the head's workspace is gone
         return cfg.n_layer * 4 * u + outside + max(block, head)
     return cfg.n_layer * block + outside + head
 
 
-def estimate_memory(cfg: Any, batch_size: int, precision: str = "fp32",
-                    checkpointing: bool = False, n_params: int | None = None) -> MemoryEstimate:
-    """Peak bytes of a training step with AdamW: fp32 master weights, grads and two moments."""
+def estimate_memory(cfg: Any, batch_size: int, precision: str = "fp32", checkpointing: bool = False,
+                    n_params: int | None = None, optimizer: str | None = None) -> MemoryEstimate:
+    """Peak bytes of a training step: fp32 master weights and gradients, and the optimizer's
+    state: AdamW's two moments, or with Muon one momentum for the blocks' matrices.
+
+    optimizer: adamw or muon; default: the preset's "training" choice, else adamw.
+    """
     n = count_params(cfg) if n_params is None else n_params
+    optimizer = optimizer or getattr(cfg, "training", {}).get("optimizer", "adamw")
     weights = 4 * n + (2 * n if precision != "fp32" else 0)  # + the bf16 copies autocast and the head make
     gradients = 4 * n  # fp32; at the peak only the head's (the tied embedding's) exists: a margin
-    optimizer = 8 * n
+    muon = param_breakdown(cfg)["hidden_matrices"] if optimizer == "muon" else 0
+    state = 8 * (n - muon) + 4 * muon
     acts = activation_bytes(cfg, batch_size, precision, checkpointing)
-    return MemoryEstimate(weights, gradients, optimizer, acts, weights + gradients + optimizer + acts)
+    return MemoryEstimate(weights, gradients, state, acts, weights + gradients + state + acts)
 
 
-def max_batch_size(cfg: Any, memory: int, precision: str, checkpointing: bool = False) -> int:
+def max_batch_size(cfg: Any, memory: int, precision: str, checkpointing: bool = False,
+                   optimizer: str | None = None) -> int:
     """The largest batch size whose estimate fits in `memory` bytes (0 if none does)."""
     n = count_params(cfg)
-    fits = lambda b: estimate_memory(cfg, b, precision, checkpointing, n).total <= memory  # noqa: E731
+    fits = lambda b: estimate_memory(cfg, b, precision, checkpointing, n, optimizer).total <= memory  # noqa: E731
     if not fits(1):
         return 0
     lo, hi = 1, 2

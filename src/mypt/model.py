@@ -37,28 +37,32 @@ from torch.utils.checkpoint import checkpoint
 
 LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gradients, held at a time
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, hs/2) or (B, 1, T, hs/2)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rotary positions
 
 
-def rope_table(head_dim: int, theta: float, length: int, device: torch.device) -> Rope:
-    """cos and sin (length, head_dim / 2) of the angles position * theta^(-2i / head_dim).
+def rope_table(head_dim: int, theta: float, length: int, device: torch.device) -> torch.Tensor:
+    """exp(i * position * theta^(-2j / head_dim)) as complex64 (length, head_dim / 2).
 
     Computed in float64 and rounded once, so angles stay exact at positions far past block_size.
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[i], x[i + hs/2]) of x (B, nh, T, hs) by their position's angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2j], x[2j+1]) of x (B, T, nh, hs) by its position's angle j, as one
+    complex product (a CPU runs it several times faster than the halves form's six products).
+
+    rotations: (T, 1, hs/2) or (B, T, 1, hs/2) complex. Returns fp32 (B, T, nh, hs). Llama's
+    transformers layout pairs x[j] with x[j + hs/2] instead; mypt.formats permutes the query
+    and key rows on export and import.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,18 +206,45 @@ class CacheStep:
 # Layers
 
 
+class _CPURMSNorm(torch.autograd.Function):
+    """RMSNorm in a few passes over memory, for CPUs (where torch's rms_norm is a chain of
+    elementwise ops, 3x LayerNorm's time): the sum of squares in one pass, and backward through
+    LayerNorm's fused kernel (with the mean set to 0 it is RMSNorm's backward but for one
+    term, rstd * mean(g * w), added here)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        n = x.size(-1)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        rstd = rstd.square_().div_(n).add_(eps).rsqrt_()  # (..., 1)
+        ctx.save_for_backward(x, rstd, weight)
+        return (x * rstd.to(x.dtype)).mul_(weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, rstd, weight = ctx.saved_tensors
+        n, w, r = x.size(-1), weight.to(x.dtype), rstd.to(x.dtype)
+        grad = grad.contiguous()
+        gx, gw, _ = torch.ops.aten.native_layer_norm_backward(grad, x, [n], torch.zeros_like(r), r, w, None,
+                                                              [True, True, False])
+        gx.addcmul_(r, (grad @ w).unsqueeze(-1), value=1.0 / n)
+        return gx, gw.to(weight.dtype), None
+
+
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm whose gain takes the input's dtype, so bf16 activations under autocast (the
-    query and key norms see them) stay on the fused kernel instead of a slower fallback."""
+    """nn.RMSNorm computed in the input's dtype (bf16 activations under autocast stay bf16),
+    through _CPURMSNorm on a CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return _CPURMSNorm.apply(x, self.weight, self.eps)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
-def make_norm(cfg: Any, dim: int) -> nn.Module:
+def make_norm(cfg: Any, dim: int, bias: bool | None = None) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, eps=cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias if bias is None else bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -223,13 +254,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        if cfg.qk_norm:  # the config's norm over each head (a gain, no bias)
+            self.q_norm = make_norm(cfg, cfg.head_dim, bias=False)
+            self.k_norm = make_norm(cfg, cfg.head_dim, bias=False)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: torch.Tensor | None = None,
                 cache: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
         """mask: None for plain causal attention, else (T, T) bool (sliding window past block_size)."""
         B, T, C = x.shape
@@ -238,19 +269,22 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.view(B, T, self.n_head, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        # A CPU's flash-attention backward is 2-4x slower in bf16 than in fp32 (BENCHMARKS.md): in
+        # training it attends in fp32, outside autocast, which would cast the inputs back down
+        fp32 = cache is None and x.device.type == "cpu"
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)  # fp32
+            if not fp32:
+                q, k = q.to(v.dtype), k.to(v.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         gqa = nkv != self.n_head
         causal = mask is None
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, keys, hs)
+            k, v = cache.update(layer, k.to(v.dtype), v)  # (B, nkv, keys, hs)
             mask, causal = cache.mask, cache.is_causal
         # No dropout on the attention probabilities: it would force the memory-hungry math
         # kernel (B, nh, T, T) instead of the flash kernel. Dropout acts on the residual stream.
-        if cache is None and x.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            # A CPU's flash-attention backward is 2-4x slower in bf16 than in fp32 (BENCHMARKS.md):
-            # attend in fp32, outside autocast, which would cast the inputs back down
+        if fp32:
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                    is_causal=causal, enable_gqa=gqa)
@@ -289,7 +323,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: torch.Tensor | None = None,
                 cache: CacheStep | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
@@ -314,7 +348,7 @@ class GPT(nn.Module):
             ln_f=make_norm(cfg, cfg.n_embd),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self._rope: Rope | None = None  # a cache, not state: rebuilt on first use on each device
+        self._rope: torch.Tensor | None = None  # a cache, not state: rebuilt on first use on each device
         self.tie_weights()
         self.init_weights()
 
@@ -351,18 +385,14 @@ class GPT(nn.Module):
         """Unique parameters (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def rope(self, positions: torch.Tensor, end: int) -> Rope:
-        """cos and sin for the absolute positions (T,) or (n, T), all below `end`, shaped to
-        broadcast over heads."""
+    def rope(self, positions: torch.Tensor, end: int) -> torch.Tensor:
+        """Rotations for the absolute positions (T,) or (n, T), all below `end`, shaped to
+        broadcast over heads: (T, 1, hs/2) or (n, T, 1, hs/2)."""
         cfg = self.config
-        needed = end
-        if self._rope is None or self._rope[0].size(0) < needed or self._rope[0].device != positions.device:
-            length = max(needed, cfg.block_size, 2 * (self._rope[0].size(0) if self._rope else 0))
+        if self._rope is None or self._rope.size(0) < end or self._rope.device != positions.device:
+            length = max(end, cfg.block_size, 2 * (self._rope.size(0) if self._rope is not None else 0))
             self._rope = rope_table(cfg.head_dim, cfg.rope_theta, length, positions.device)
-        cos, sin = self._rope
-        if positions.dim() == 1:
-            return cos[positions], sin[positions]  # (T, hs/2)
-        return cos[positions][:, None], sin[positions][:, None]  # (n, 1, T, hs/2)
+        return self._rope[positions].unsqueeze(-2)
 
     def hidden_states(self, idx: torch.Tensor, cache: CacheStep | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm output (B, T, n_embd) for tokens idx (B, T).

@@ -97,14 +97,21 @@ def print_detail(name: str, memory_text: str | None, checkpointing: bool) -> Non
                          ("Block size", cfg.block_size), ("Vocab size", cfg.vocab_size),
                          ("Dropout", cfg.dropout), ("Bias", cfg.bias)]:
         print(f"  {label:<12}: {value}")
+    for label, value in cfg.components():
+        print(f"  {label:<12}: {value}")
     print()
     print("Parameters:")
     print(f"  Total       : {total:,} ({total / 1e6:.2f}M)")
     print(f"  Batch size  : {cfg.batch_size}")
-    print(f"  Token emb.  : {parts['token_embedding']:,} (shared with the output layer)")
+    shared = " (shared with the output layer)" if cfg.tie_embeddings else ""
+    print(f"  Token emb.  : {parts['token_embedding']:,}{shared}")
     print(f"  Position emb: {parts['position_embedding']:,}")
-    print(f"  Per layer   : {parts['per_layer']:,} x {cfg.n_layer} = {parts['layers']:,}")
+    print(f"  Per layer   : {parts['per_layer']:,} x {cfg.n_layer} = {parts['layers']:,} "
+          f"(attention {parts['attention']:,}, MLP {parts['mlp']:,}, norms "
+          f"{parts['per_layer'] - parts['attention'] - parts['mlp']:,})")
     print(f"  Final norm  : {parts['final_norm']:,}")
+    if not cfg.tie_embeddings:
+        print(f"  Output layer: {parts['lm_head']:,}")
     print()
     if cfg.training:
         print("Training settings (defaults for a new run; flags override them):")
@@ -124,13 +131,15 @@ def print_estimate(cfg: ModelConfig, n: int, memory_text: str | None, checkpoint
     else:
         memory, where = detect_memory()
     gc = " with gradient checkpointing" if checkpointing else ""
-    print(f"Training memory estimate (AdamW, batch {cfg.batch_size} x block {cfg.block_size}{gc}):")
+    optimizer = "Muon + AdamW" if cfg.training.get("optimizer") == "muon" else "AdamW"
+    print(f"Training memory estimate ({optimizer}, batch {cfg.batch_size} x block {cfg.block_size}{gc}):")
     print(f"  {'':<12}  {'fp32':>12}  {'bf16 mixed':>12}")
     estimates = {p: estimate_memory(cfg, cfg.batch_size, p, checkpointing, n) for p in ("fp32", "bf16")}
     for field in ("weights", "gradients", "optimizer", "activations", "total"):
         row = [human_bytes(getattr(estimates[p], field)) for p in ("fp32", "bf16")]
         print(f"  {field.capitalize():<12}  {row[0]:>12}  {row[1]:>12}")
-    print(f"  FLOPs/token : {flops_per_token(cfg, n) / 1e9:.2f} GFLOP (forward + backward)")
+    flops = flops_per_token(cfg, n)
+    print(f"  FLOPs/token : {flops:,} ({flops / 1e9:.3g} GFLOP, forward + backward)")
     print(f"  Fits {human_bytes(memory)} ({where})?")
     for p in ("fp32", "bf16"):
         if estimates[p].total <= memory:

@@ -82,6 +82,7 @@ def _architecture(cfg: Any) -> list[str]:
     rows = [("Layers", cfg.n_layer), ("Heads", cfg.n_head), ("Embedding", cfg.n_embd),
             ("Block size", cfg.block_size), ("Vocab size", cfg.vocab_size), ("Dropout", cfg.dropout),
             ("Bias", cfg.bias), ("Batch size", cfg.batch_size)]
+    rows += cfg.components()
     lines = ["Architecture (config.json):"] + [f"  {label:<14}: {value}" for label, value in rows]
     lines.append(f"  {'Parameters':<14}: {n:,} ({n / 1e6:.2f}M)")
     return lines
