@@ -239,6 +239,16 @@ def test_learned_position_cache_row_cannot_pass_block_size():
         model.next_logits(torch.zeros(1, 1, dtype=torch.long), cache)
 
 
+def test_a_smaller_cache_holds_what_it_was_made_for_and_no_more():
+    model = varied_model(block_size=8, **VARIANTS["llama"])
+    cache = model.new_cache(2, torch.device("cpu"), torch.float32, capacity=5)
+    assert cache.k.shape[3] == 5 and not cache.ring
+    idx = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(model.next_logits(idx, cache), full_logits(model, idx)[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at most 5 tokens"):
+        model.next_logits(idx[:, :1], cache)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     """Recomputing block activations in backward (with dropout: the same masks) changes nothing."""
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.2)

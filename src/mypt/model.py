@@ -75,20 +75,22 @@ class KVCache:
     Made by `GPT.new_cache`, fed by `GPT.next_logits(idx, cache, rows)`. Each row has its own
     length (`pos[r]`: the tokens it holds so far, i.e. the position of its next token), so rows
     can hold requests at different lengths; `reset(rows)` empties rows for new requests while
-    the others keep their content. A row stores up to block_size positions. Keys are stored
-    already rotated at their absolute position, so in a rotary model a full row is a ring
-    buffer: position p lives in slot p % block_size, each new token overwrites the row's oldest
-    entry and attends to the block_size positions ending at itself, with no re-prefill. A
-    learned-position row cannot pass block_size (the sampler refills a shorter window instead).
+    the others keep their content. A row stores up to `capacity` positions (block_size, or
+    fewer for requests known to stay shorter). Keys are stored already rotated at their absolute
+    position, so in a rotary model a full row of block_size is a ring buffer: position p lives
+    in slot p % block_size, each new token overwrites the row's oldest entry and attends to the
+    block_size positions ending at itself, with no re-prefill. A learned-position row, or a row
+    of a smaller capacity, cannot grow past its capacity (the sampler refills a shorter window
+    instead).
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, block_size: int, head_dim: int,
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, capacity: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, ring: bool) -> None:
-        shape = (n_layer, batch, n_kv_head, block_size, head_dim)
+        shape = (n_layer, batch, n_kv_head, capacity, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch, dtype=torch.long)  # on the host: no device sync to plan a step
-        self.ring = ring
+        self.ring = ring  # rows wrap around (rotary positions, capacity == block_size)
         self.head: torch.Tensor | None = None  # lm_head weight as (n_embd, vocab), see GPT.new_cache
 
     @property
@@ -131,8 +133,8 @@ class CacheStep:
         starts = cache.pos[self.host_rows].tolist()  # plain ints: planning costs microseconds
         first, last = starts[0], max(starts)
         if not cache.ring and last + T > S:
-            raise ValueError(f"a learned-position cache row holds at most block_size ({S}) tokens; "
-                             "reset the row and feed a shorter window")
+            raise ValueError(f"this cache's rows hold at most {S} tokens (a learned-position model's: block_size); "
+                             "reset the row and feed a shorter window, or make a cache of a larger capacity")
         self.first, self.end = first, last + T  # end: one past the highest new position
         self.uniform = all(p == first for p in starts)
         self.side_by_side = T > 1 and last + T > S
@@ -432,11 +434,17 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """An empty KV cache of `batch` rows (see KVCache); feed it with next_logits."""
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype,
+                  capacity: int | None = None) -> KVCache:
+        """An empty KV cache of `batch` rows (see KVCache); feed it with next_logits.
+
+        capacity: tokens a row can hold, at most block_size (the default); a smaller one saves
+        memory for requests known to stay shorter.
+        """
         c = self.config
-        cache = KVCache(c.n_layer, batch, c.kv_heads, c.block_size, c.head_dim, device, dtype,
-                        ring=c.position == "rope")
+        capacity = c.block_size if capacity is None else min(capacity, c.block_size)
+        cache = KVCache(c.n_layer, batch, c.kv_heads, capacity, c.head_dim, device, dtype,
+                        ring=c.position == "rope" and capacity == c.block_size)
         if device.type == "cpu":
             # On a CPU, one row of logits is 2-3x faster against a contiguous (n_embd, vocab) copy
             # of the head than through nn.Linear's (vocab, n_embd) (bench/bench_generate.py).

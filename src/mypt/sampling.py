@@ -154,15 +154,16 @@ def window_start(length: int, start: int, block_size: int) -> int:
 class _CachedDecoder:
     """Next-token logits with a KV cache: one position per step, a refill when the window jumps."""
 
-    def __init__(self, model: GPT, device: torch.device) -> None:
+    def __init__(self, model: GPT, device: torch.device, longest: int) -> None:
         self.model = model
         self.device = device
+        self.longest = longest  # the most tokens the sequence will hold: the cache needs no more
         self.cache: KVCache | None = None
         self.start = -1
 
     def __call__(self, seq: list[int], start: int) -> torch.Tensor:
         if self.cache is None:
-            self.cache = self.model.new_cache(1, self.device, self.model.lm_head.weight.dtype)
+            self.cache = self.model.new_cache(1, self.device, self.model.lm_head.weight.dtype, self.longest)
         if start != self.start:
             self.cache.reset()
             self.start = start
@@ -220,7 +221,8 @@ def generate_ids(
     seq = list(prompt_ids[-block_size:])
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    decode = _CachedDecoder(model, device) if cfg.use_cache else _uncached_decoder(model, device)
+    decode = (_CachedDecoder(model, device, len(seq) + cfg.max_new_tokens) if cfg.use_cache
+              else _uncached_decoder(model, device))
     seen = None
     if cfg.repetition_penalty != 1:
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
