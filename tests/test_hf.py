@@ -262,7 +262,7 @@ def _other_vocab(folder: Path) -> None:
 
 
 BROKEN = {
-    "llama": (lambda f: _edit_config(f, model_type="llama"), "only GPT-2 folders"),
+    "bert": (lambda f: _edit_config(f, model_type="bert"), "only GPT-2, Llama and Qwen3 folders"),
     "relu": (lambda f: _edit_config(f, activation_function="relu"), "activation_function is 'relu'"),
     "n_inner": (lambda f: _edit_config(f, n_inner=64), "n_inner is 64"),
     "eps": (lambda f: _edit_config(f, layer_norm_epsilon=1e-6), "layer_norm_epsilon"),

@@ -144,9 +144,6 @@ class ModelConfig:
             ("Output layer", head + (", zero-initialised projections" if self.zero_init else "")),
         ]
 
-    def is_gpt2(self) -> bool:
-        """True when every architecture component is GPT-2's (the fields absent from config.json)."""
-        return all(getattr(self, k) == v for k, v in _ARCH_DEFAULTS.items())
 
 
 def _type_ok(value: Any, want: type) -> bool:

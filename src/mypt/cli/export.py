@@ -4,11 +4,14 @@ examples:
   mypt export --model_name dante --out exports/dante-hf
   mypt export --model_name dante --format safetensors --out exports/dante-weights
 
---format hf (the default) writes config.json in transformers' GPT-2 schema, model.safetensors
-and the tokenizer files, so that with no MyPT code and no network
+--format hf (the default) writes config.json, model.safetensors and the tokenizer files of the
+transformers class that computes the same function: GPT2LMHeadModel for the GPT-2 recipe,
+LlamaForCausalLM for rotary positions + RMSNorm + SwiGLU (any n_kv_head, tied or not), and
+Qwen3ForCausalLM for the same with qk_norm. A model no class computes (a relu2 MLP, say) is
+refused with the fields that differ. With no MyPT code and no network:
 
-  from transformers import AutoTokenizer, GPT2LMHeadModel
-  model = GPT2LMHeadModel.from_pretrained("exports/dante-hf")
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  model = AutoModelForCausalLM.from_pretrained("exports/dante-hf")
   tokenizer = AutoTokenizer.from_pretrained("exports/dante-hf")
 
 --format safetensors writes MyPT's own folder with model.safetensors in place of model.pt and
@@ -26,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to export (a folder under --checkpoints_dir)")
     p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
     p.add_argument("--format", choices=("hf", "safetensors"), default="hf",
-                   help="hf: a transformers GPT-2 folder; safetensors: MyPT's weights-only folder "
+                   help="hf: a transformers folder (GPT-2, Llama or Qwen3); safetensors: MyPT's weights-only folder "
                         "(default: %(default)s)")
     p.add_argument("--best", action="store_true", help="export the weights with the best validation loss "
                    "(checkpoints/NAME/best/) instead of the latest")

@@ -1,11 +1,13 @@
-"""Turn a local Hugging Face transformers GPT-2 folder into a MyPT checkpoint.
+"""Turn a local Hugging Face transformers GPT-2, Llama or Qwen3 folder into a MyPT checkpoint.
 
 examples:
   mypt import --hf_dir ~/models/gpt2 --model_name gpt2
   python train.py --model_name gpt2 --input_file input.txt --max_iters 500   # fine-tune it
   python generate.py --model_name gpt2 --prompt "Once upon a time"
 
-The folder needs config.json (model_type gpt2) and model.safetensors (or its shards); a folder
+The folder needs config.json (model_type gpt2, llama or qwen3) and model.safetensors (or its
+shards); a Llama or Qwen3 folder becomes a rotary, RMSNorm, SwiGLU model (with QK-norm for
+Qwen3) of its sizes, its max_position_embeddings the block_size. A folder
 with only pytorch_model.bin is refused, because loading it would unpickle. The new checkpoint
 uses MyPT's gpt2 tokenizer (a folder whose vocab.json differs from GPT-2's is refused), is at
 iteration 0 with no optimizer state yet (training starts a fresh one), and records where it came
@@ -21,7 +23,8 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf_dir", type=Path, required=True,
-                   help="a transformers GPT-2 folder on this machine (config.json, model.safetensors)")
+                   help="a transformers GPT-2, Llama or Qwen3 folder on this machine (config.json, "
+                   "model.safetensors)")
     p.add_argument("--model_name", required=True, help="name of the new checkpoint folder")
     p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
 

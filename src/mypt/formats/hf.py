@@ -3,8 +3,10 @@
 Export writes config.json, model.safetensors and the tokenizer files; import reads a local
 folder's config.json and safetensors weights (never pickle: a folder with only
 pytorch_model.bin is refused) into a MyPT checkpoint. The architecture-specific parts (name
-map, shape rule, config schema) live in hf_gpt2; the tokenizer files in hf_tokenizer.
-transformers itself is never imported.
+map, shape rule, config schema) live in hf_gpt2 (GPT2LMHeadModel) and hf_llama
+(LlamaForCausalLM, Qwen3ForCausalLM): export picks the family that computes the model's
+function, import the one the folder's model_type names. The tokenizer files live in
+hf_tokenizer. transformers itself is never imported.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -21,8 +24,9 @@ from safetensors.torch import save_file
 from mypt import fsutil
 from mypt.build import Built
 from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versions, write_folder
+from mypt.config import ModelConfig
 from mypt.errors import MyPTError
-from mypt.formats import hf_gpt2, weights_only
+from mypt.formats import hf_gpt2, hf_llama, weights_only
 from mypt.formats.hf_tokenizer import tokenizer_files, tokenizer_problem
 from mypt.model import GPT
 from mypt.tokenizers import GPT2_EOT_ID
@@ -44,15 +48,32 @@ def export_hf(built: Built, out: Path) -> list[str]:
         notes.append(f"vocab_size is {cfg.vocab_size}, the tokenizer has {tok.n_vocab} tokens: ids "
                      f"{tok.n_vocab}-{cfg.vocab_size - 1} are padding with no text (training never "
                      "targets them, so sampling them is rare)")
-    files[HF_CONFIG] = fsutil.json_bytes(hf_gpt2.hf_config(cfg, tok))
+    family = export_family(cfg)
+    files[HF_CONFIG] = fsutil.json_bytes(family.hf_config(cfg, tok))
+    if family is hf_llama:
+        notes += hf_llama.export_notes(cfg)
     with fsutil.new_folder(out) as tmp:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        save_file(hf_gpt2.to_hf_state(built.model.state_dict(), cfg), str(tmp / HF_WEIGHTS),
+        save_file(family.to_hf_state(built.model.state_dict(), cfg), str(tmp / HF_WEIGHTS),
                   metadata={"format": "pt"})
         # safetensors creates its file private (0600): give it the mode the other files got
         os.chmod(tmp / HF_WEIGHTS, (tmp / HF_CONFIG).stat().st_mode & 0o777)
     return notes
+
+
+def export_family(cfg: ModelConfig) -> ModuleType:
+    """The transformers family that computes the config's model: hf_gpt2 or hf_llama (Llama,
+    Qwen3); a MyPTError naming the fields when none does."""
+    gpt2, llama = hf_gpt2.export_problems(cfg), hf_llama.export_problems(cfg)
+    if not gpt2:
+        return hf_gpt2
+    if not llama:
+        return hf_llama
+    problems, target = (gpt2, "GPT2LMHeadModel") if len(gpt2) < len(llama) else \
+        (llama, "LlamaForCausalLM or Qwen3ForCausalLM")
+    raise MyPTError(f"--format hf: no transformers class computes this model (config.json): "
+                    f"{'; '.join(problems)}. The closest is {target}; --format safetensors exports it for MyPT")
 
 
 def export_weights_only(built: Built, training_state: dict[str, Any], source: Path, out: Path) -> list[str]:
@@ -73,7 +94,7 @@ def export_weights_only(built: Built, training_state: dict[str, Any], source: Pa
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors (or its shards), named with the transformer. prefix."""
+    """All tensors of model.safetensors (or its shards), as the folder names them."""
     index = hf_dir / HF_WEIGHTS_INDEX
     if (hf_dir / HF_WEIGHTS).is_file():
         files = [hf_dir / HF_WEIGHTS]
@@ -83,7 +104,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     elif (hf_dir / "pytorch_model.bin").is_file():
         raise MyPTError(
             f"{hf_dir} has only pytorch_model.bin, a pickle, which MyPT does not load; convert it first: "
-            "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(NEW_DIR) writes model.safetensors")
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes model.safetensors")
     else:
         raise MyPTError(f"{hf_dir} has no {HF_WEIGHTS}; is it a transformers model folder?")
     tensors = {}
@@ -95,12 +116,14 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001 - safetensors reports damaged files as many types
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise MyPTError(f"{path} could not be read ({first}); download it again") from None
-    prefix = "transformer."
-    return {(k if k.startswith(prefix) or k == hf_gpt2.TIED_HEAD else prefix + k): v for k, v in tensors.items()}
+    return tensors
+
+
+FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
 
 
 def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
-    """Turn the transformers GPT-2 folder hf_dir into the MyPT checkpoint ckpt_dir."""
+    """Turn the transformers GPT-2, Llama or Qwen3 folder hf_dir into the MyPT checkpoint ckpt_dir."""
     if not hf_dir.is_dir():
         raise MyPTError(f"--hf_dir {hf_dir}: no such folder")
     if ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(ckpt_dir.iterdir())):
@@ -108,38 +131,66 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
     hf = fsutil.read_json(hf_dir / HF_CONFIG, "transformers config")
     if not isinstance(hf, dict):
         raise MyPTError(f"{hf_dir / HF_CONFIG}: expected a JSON object")
-    problems = hf_gpt2.architecture_problems(hf)
-    if problems:
-        raise MyPTError(_problems(hf_dir, problems))
-    cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
-    shapes = hf_gpt2.hf_shapes(cfg)
-    weights = _read_hf_weights(hf_dir)
-    problems = hf_gpt2.weight_problems(weights, shapes)
-    problem = tokenizer_problem(hf_dir)
-    if problem:
-        problems.append(problem)
-    if cfg.vocab_size <= GPT2_EOT_ID:
-        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the gpt2 tokenizer's {GPT2_EOT_ID + 1} tokens")
-    if problems:
-        raise MyPTError(_problems(hf_dir, problems))
-    bias = any(bool(weights[name].any()) for name in shapes if name.endswith(".bias"))
-    cfg = dataclasses.replace(cfg, bias=bias)
-    state = hf_gpt2.from_hf_state(weights, shapes, bias)
+    kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        raise MyPTError(_problems(hf_dir, [f"model_type is {kind!r}; only GPT-2, Llama and Qwen3 folders "
+                                           "(model_type 'gpt2', 'llama' or 'qwen3') can be imported"]))
+    cfg, state, notes = (_from_gpt2 if kind == "gpt2" else _from_llama)(hf, hf_dir)
     with torch.device("meta"):
         GPT(cfg).load_state_dict(state, assign=True)  # names and shapes fit the model MyPT builds
     with training_lock(ckpt_dir):
         recover(ckpt_dir)
         save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer={"kind": "gpt2"},
-                        training_state=_import_state(ckpt_dir, hf_dir), optimizer_state=None)
+                        training_state=_import_state(ckpt_dir, hf_dir, FAMILIES[kind]), optimizer_state=None)
+    return cfg, notes
+
+
+def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+    problems = hf_gpt2.architecture_problems(hf)
+    if problems:
+        raise MyPTError(_problems(hf_dir, problems))
+    cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
+    shapes = hf_gpt2.hf_shapes(cfg)
+    weights = hf_gpt2.hub_names(_read_hf_weights(hf_dir))
+    problems = hf_gpt2.weight_problems(weights, shapes) + _shared_problems(hf_dir, cfg)
+    if problems:
+        raise MyPTError(_problems(hf_dir, problems))
+    bias = any(bool(weights[name].any()) for name in shapes if name.endswith(".bias"))
+    cfg = dataclasses.replace(cfg, bias=bias)
     notes = [] if bias else ["every bias is zero: imported with bias false (no bias parameters)"]
     attn_pdrop = float(hf_gpt2.hf_value(hf, "attn_pdrop", 0.0))
     if attn_pdrop:
         notes.append(f"attn_pdrop {attn_pdrop} dropped: MyPT has no attention dropout "
                      f"(dropout {cfg.dropout} applies to the residual stream)")
-    return cfg, notes
+    return cfg, hf_gpt2.from_hf_state(weights, shapes, bias), notes
 
 
-def _import_state(ckpt_dir: Path, hf_dir: Path) -> dict[str, Any]:
+def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+    problems = hf_llama.architecture_problems(hf)
+    if problems:
+        raise MyPTError(_problems(hf_dir, problems))
+    cfg = hf_llama.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
+    weights = _read_hf_weights(hf_dir)
+    problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + _shared_problems(hf_dir, cfg)
+    if problems:
+        raise MyPTError(_problems(hf_dir, problems))
+    notes = [f"block_size {cfg.block_size} (max_position_embeddings): each token attends to at most that many, "
+             "as a sliding window past it"]
+    return cfg, hf_llama.from_hf_state(weights, cfg), notes
+
+
+def _shared_problems(hf_dir: Path, cfg: ModelConfig) -> list[str]:
+    """Problems every family shares: the tokenizer must be GPT-2's, the vocabulary hold it."""
+    problems = []
+    problem = tokenizer_problem(hf_dir)
+    if problem:
+        problems.append(problem)
+    if cfg.vocab_size <= GPT2_EOT_ID:
+        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the gpt2 tokenizer's {GPT2_EOT_ID + 1} tokens")
+    return problems
+
+
+def _import_state(ckpt_dir: Path, hf_dir: Path, family: str) -> dict[str, Any]:
     return {
         "iteration": 0, "best_val_loss": None, "last_val_loss": None, "last_train_loss": None,
         "tokens_seen": 0, "train_seconds": 0.0,
@@ -147,7 +198,7 @@ def _import_state(ckpt_dir: Path, hf_dir: Path) -> dict[str, Any]:
         "input_file": None, "input_sha256": None,
         "tokenizer": "gpt2",
         "imported_from": str(hf_dir.resolve()),
-        "note": "imported from a transformers GPT-2 folder; not trained by MyPT yet",
+        "note": f"imported from a transformers {family} folder; not trained by MyPT yet",
         "versions": versions(),
         "saved_at": now(),
     }

@@ -26,6 +26,21 @@ TIED_HEAD = "lm_head.weight"
 EMBEDDING = "transformer.wte.weight"
 
 
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps the config from GPT2LMHeadModel, each naming its field (empty: nothing)."""
+    wanted = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
+              "norm_eps": LAYER_NORM_EPS, "hidden_size": 4 * cfg.n_embd, "kv_heads": cfg.n_head}
+    names = {"hidden_size": "intermediate_size", "kv_heads": "n_kv_head"}
+    return [f"{names.get(k, k)} is {getattr(cfg, k)}; GPT-2 has {names.get(k, k)} {want}"
+            for k, want in wanted.items() if getattr(cfg, k) != want]
+
+
+def hub_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors named as GPT2LMHeadModel names them (the original upload leaves out 'transformer.')."""
+    prefix = "transformer."
+    return {(k if k.startswith(prefix) or k == TIED_HEAD else prefix + k): v for k, v in tensors.items()}
+
+
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of transformers' GPT2LMHeadModel (the tied lm_head aside) and its shape."""
     c = cfg.n_embd

@@ -1,0 +1,233 @@
+"""Llama and Qwen3 in transformers' layout: their name map, shape rule and config.json schema.
+
+A MyPT model with rotary positions, RMSNorm and a SwiGLU MLP computes what transformers'
+LlamaForCausalLM computes; with QK-norm, what Qwen3ForCausalLM computes. The name map splits
+MyPT's fused matrices (c_attn into q, k, v; an swiglu c_fc into gate and up). The shape rule
+of the rotation: MyPT rotates the pairs (2j, 2j + 1) of each head, transformers the pairs
+(j, j + hs/2), so each head's query and key rows (and QK-norm gains) are permuted on the way
+out and back on the way in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mypt.config import ModelConfig
+from mypt.tokenizers import GPT2_EOT_ID, Tokenizer
+
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# MyPT name (after transformer.h.{i}.) -> transformers name (after model.layers.{i}.)
+LAYER_NAMES = {
+    "ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight", "attn.c_proj.bias": "self_attn.o_proj.bias",
+    "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "mlp.c_proj.weight": "mlp.down_proj.weight", "mlp.c_proj.bias": "mlp.down_proj.bias",
+}
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def model_type(cfg: ModelConfig) -> str:
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps the config from LlamaForCausalLM / Qwen3ForCausalLM, each naming its field."""
+    problems = []
+    if cfg.position != "rope":
+        problems.append(f"position is {cfg.position}; Llama and Qwen3 use rotary positions (position rope)")
+    if cfg.norm != "rmsnorm":
+        problems.append(f"norm is {cfg.norm}; Llama and Qwen3 use RMSNorm (norm rmsnorm)")
+    if cfg.mlp != "swiglu":
+        problems.append(f"mlp is {cfg.mlp}; Llama and Qwen3 have a gated SiLU MLP (mlp swiglu) and no "
+                        f"transformers class has a {cfg.mlp} MLP with rotary attention")
+    if cfg.bias and cfg.qk_norm:
+        problems.append("bias is true; Qwen3's MLP has no biases (Llama's has: leave out qk_norm, or set bias false)")
+    return problems
+
+
+def _rotary_order(head_dim: int) -> torch.Tensor:
+    """transformers' row j of a head is MyPT's row order[j]: pairs (2j, 2j+1) -> (j, j + hs/2)."""
+    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+
+
+def _per_head(t: torch.Tensor, head_dim: int, order: torch.Tensor) -> torch.Tensor:
+    """Reorder the rows of each head of a (heads * head_dim, ...) tensor."""
+    return t.unflatten(0, (-1, head_dim))[:, order].flatten(0, 1)
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the transformers model and its shape."""
+    c, hs, hidden = cfg.n_embd, cfg.head_dim, cfg.hidden_size
+    widths = {QKV[0]: cfg.n_head * hs, QKV[1]: cfg.kv_heads * hs, QKV[2]: cfg.kv_heads * hs,
+              GATE_UP[0]: hidden, GATE_UP[1]: hidden}
+    shapes: dict[str, tuple[int, ...]] = {EMBEDDING: (cfg.vocab_size, c)}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (c,), p + "post_attention_layernorm.weight": (c,),
+                   p + "self_attn.o_proj.weight": (c, c), p + "mlp.down_proj.weight": (c, hidden)}
+        shapes |= {p + f"{name}.weight": (rows, c) for name, rows in widths.items()}
+        if cfg.bias:
+            shapes |= {p + f"{name}.bias": (rows,) for name, rows in widths.items()}
+            shapes |= {p + "self_attn.o_proj.bias": (c,), p + "mlp.down_proj.bias": (c,)}
+        if cfg.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (hs,), p + "self_attn.k_norm.weight": (hs,)}
+    shapes["model.norm.weight"] = (c,)
+    if not cfg.tie_embeddings:
+        shapes[HEAD] = (cfg.vocab_size, c)
+    return shapes
+
+
+def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """MyPT's state dict in transformers' names and rotary layout."""
+    order = _rotary_order(cfg.head_dim)
+    qkv = (cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+    out = {EMBEDDING: state["transformer.wte.weight"], "model.norm.weight": state["transformer.ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out[HEAD] = state[HEAD]
+    for i in range(cfg.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        for name, hf_name in LAYER_NAMES.items():
+            if ours + name in state:
+                rotated = name.endswith(("q_norm.weight", "k_norm.weight"))
+                out[theirs + hf_name] = state[ours + name][order] if rotated else state[ours + name]
+        for kind in ("weight", "bias"):
+            if ours + f"attn.c_attn.{kind}" in state:
+                q, k, v = state[ours + f"attn.c_attn.{kind}"].split(qkv)
+                q, k = _per_head(q, cfg.head_dim, order), _per_head(k, cfg.head_dim, order)
+                out |= {theirs + f"{name}.{kind}": t for name, t in zip(QKV, (q, k, v), strict=True)}
+            if ours + f"mlp.c_fc.{kind}" in state:
+                gate, up = state[ours + f"mlp.c_fc.{kind}"].chunk(2)
+                out |= {theirs + f"{GATE_UP[0]}.{kind}": gate, theirs + f"{GATE_UP[1]}.{kind}": up}
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' tensors (checked against hf_shapes) as MyPT's fp32 state dict."""
+    back = torch.argsort(_rotary_order(cfg.head_dim))
+    hf = {k: v.to(torch.float32) for k, v in hf.items()}
+    state = {"transformer.wte.weight": hf[EMBEDDING], "transformer.ln_f.weight": hf["model.norm.weight"]}
+    state[HEAD] = hf[EMBEDDING] if cfg.tie_embeddings else hf[HEAD]
+    for i in range(cfg.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        for name, hf_name in LAYER_NAMES.items():
+            if theirs + hf_name in hf:
+                rotated = name.endswith(("q_norm.weight", "k_norm.weight"))
+                state[ours + name] = hf[theirs + hf_name][back] if rotated else hf[theirs + hf_name]
+        for kind in ("weight", "bias"):
+            if theirs + f"{QKV[0]}.{kind}" in hf:
+                q, k, v = (hf[theirs + f"{name}.{kind}"] for name in QKV)
+                q, k = _per_head(q, cfg.head_dim, back), _per_head(k, cfg.head_dim, back)
+                state[ours + f"attn.c_attn.{kind}"] = torch.cat((q, k, v))
+                state[ours + f"mlp.c_fc.{kind}"] = torch.cat([hf[theirs + f"{n}.{kind}"] for n in GATE_UP])
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
+    """config.json in transformers' Llama or Qwen3 schema for a MyPT model."""
+    special = GPT2_EOT_ID if tok.kind == "gpt2" else None
+    kind = model_type(cfg)
+    config = {
+        "architectures": [MODEL_TYPES[kind]],
+        "model_type": kind,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4's key; 5 reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": cfg.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": special,
+        "eos_token_id": special,
+    }
+    if kind == "llama":
+        config["mlp_bias"] = cfg.bias
+    else:  # each token attends to the block_size tokens ending at itself, as in MyPT
+        config |= {"use_sliding_window": True, "sliding_window": cfg.block_size, "max_window_layers": 0,
+                   "layer_types": ["sliding_attention"] * cfg.n_layer}
+    return config
+
+
+def export_notes(cfg: ModelConfig) -> list[str]:
+    if model_type(cfg) == "llama":
+        return [f"past {cfg.block_size} tokens (block_size) transformers' Llama attends to the whole context while "
+                "MyPT slides a window of block_size tokens: the two agree up to block_size tokens"]
+    return []
+
+
+def _value(hf: dict[str, Any], key: str, default: Any) -> Any:
+    return hf[key] if hf.get(key) is not None else default
+
+
+def rope_theta(hf: dict[str, Any]) -> Any:
+    params = hf.get("rope_parameters") or {}
+    return params.get("rope_theta", _value(hf, "rope_theta", 10000.0))
+
+
+def architecture_problems(hf: dict[str, Any]) -> list[str]:
+    """What keeps a Llama or Qwen3 config.json from MyPT's architecture (empty: nothing)."""
+    problems = []
+    act = _value(hf, "hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act is {act!r}; MyPT's gated MLP uses silu")
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope type is {rope_type!r}; MyPT has plain rotary positions (no scaling)")
+    if hf.get("model_type") == "llama" and bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
+        problems.append("attention_bias and mlp_bias differ; MyPT's bias field covers both")
+    if hf.get("model_type") == "qwen3" and hf.get("use_sliding_window") and \
+            hf.get("sliding_window") != _value(hf, "max_position_embeddings", 2048):
+        problems.append("sliding_window differs from max_position_embeddings; MyPT's window is its block_size")
+    n_embd, n_head = _value(hf, "hidden_size", 4096), _value(hf, "num_attention_heads", 32)
+    head_dim = _value(hf, "head_dim", n_embd // n_head)
+    if head_dim * n_head != n_embd:
+        problems.append(f"head_dim ({head_dim}) x num_attention_heads ({n_head}) is not hidden_size ({n_embd}); "
+                        "MyPT's heads split the width")
+    return problems
+
+
+def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
+    n_embd, n_head = _value(hf, "hidden_size", 4096), _value(hf, "num_attention_heads", 32)
+    return ModelConfig.from_dict({
+        "name": f"{hf_dir.name} (imported)",
+        "description": f"imported from the transformers folder {hf_dir}",
+        "n_layer": _value(hf, "num_hidden_layers", 32), "n_head": n_head, "n_embd": n_embd,
+        "block_size": _value(hf, "max_position_embeddings", 2048), "vocab_size": _value(hf, "vocab_size", 32000),
+        "dropout": 0.0, "bias": bool(hf.get("attention_bias")), "batch_size": ModelConfig.batch_size,
+        "position": "rope", "rope_theta": float(rope_theta(hf)), "norm": "rmsnorm",
+        "norm_eps": float(_value(hf, "rms_norm_eps", 1e-6)), "mlp": "swiglu",
+        "intermediate_size": _value(hf, "intermediate_size", 4 * n_embd), "qk_norm": hf.get("model_type") == "qwen3",
+        "n_kv_head": _value(hf, "num_key_value_heads", n_head),
+        "tie_embeddings": bool(_value(hf, "tie_word_embeddings", False)),
+    }, source)
+
+
+def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    problems = []
+    missing = [name for name in shapes if name not in hf]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}")
+    extra = sorted(k for k in hf if k not in shapes and not k.endswith("rotary_emb.inv_freq") and k != HEAD)
+    if extra:
+        problems.append(f"tensors the config does not describe: {', '.join(extra[:5])}")
+    for name, shape in shapes.items():
+        if name in hf and tuple(hf[name].shape) != shape:
+            problems.append(f"{name} has shape {tuple(hf[name].shape)}, config.json implies {shape}")
+    if HEAD not in shapes and HEAD in hf and EMBEDDING in hf and not torch.equal(hf[HEAD], hf[EMBEDDING]):
+        problems.append("lm_head.weight differs from the token embedding, but tie_word_embeddings is true")
+    return problems
