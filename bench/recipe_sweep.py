@@ -1,6 +1,6 @@
 """Sweep training recipes on tinyshakespeare (char tokenizer): loss per iteration and per second.
 
-usage: python bench/recipe_sweep.py RUNS.json [--out results.jsonl] [--repeat N]
+usage: python bench/recipe_sweep.py RUNS.json [--out results.jsonl] [--repeat N] [--step_time N]
 
 RUNS.json is a list of runs, each {"name": ..., "config": preset, "arch": {field: value},
 "train": {flag: value}}: the preset with its architecture fields replaced, trained with its
@@ -10,12 +10,16 @@ line with the iteration, the val loss, the seconds since the first step and the 
 in evaluations so far: the loss curve per iteration is deterministic, the seconds are not (the
 machine is shared), so the table separates the two. --repeat runs the whole list N times in
 turn, so time comparisons between runs are interleaved.
+
+--step_time N times N training steps of each run instead (after 5 untimed ones), taking turns
+step by step: the median wall and CPU milliseconds per step and the optimizer step's share.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +46,7 @@ class _Quiet:
         pass
 
 
-def run_one(spec: dict[str, Any], cache: Path, out: Path | None) -> list[dict[str, Any]]:
+def build(spec: dict[str, Any], cache: Path) -> tuple[GPT, Trainer]:
     base = load_model_config(spec.get("config", "shakespeare-char"))
     tok = build_tokenizer("char", "".join(char_vocab_of_file(DATA)))
     cfg = ModelConfig.from_dict({**base.to_dict(), **spec.get("arch", {}), "vocab_size": tok.n_vocab}, "sweep")
@@ -54,6 +58,11 @@ def run_one(spec: dict[str, Any], cache: Path, out: Path | None) -> list[dict[st
     model = GPT(cfg)
     trainer = Trainer(model, make_optimizer(model, tc, device), train, val, cfg.block_size, cfg.batch_size, tc,
                       device, dtype, dist.DistInfo())
+    return model, trainer
+
+
+def run_one(spec: dict[str, Any], cache: Path, out: Path | None) -> list[dict[str, Any]]:
+    model, trainer = build(spec, cache)
     eval_seconds = 0.0
     evaluate = trainer.evaluate
 
@@ -71,7 +80,7 @@ def run_one(spec: dict[str, Any], cache: Path, out: Path | None) -> list[dict[st
         now = time.perf_counter() - t0
         rec = {"name": spec["name"], "iter": row["iter"], "val": round(row["val_loss"], 4),
                "train": round(row["train_loss"], 4), "seconds": round(now, 2), "eval_seconds": round(eval_seconds, 2),
-               "params": model.num_params(), "dtype": dtype}
+               "params": model.num_params(), "dtype": trainer.dtype}
         rows.append(rec)
         print(json.dumps(rec), flush=True)
         if out is not None:
@@ -79,8 +88,41 @@ def run_one(spec: dict[str, Any], cache: Path, out: Path | None) -> list[dict[st
                 f.write(json.dumps(rec) + "\n")
 
     t0 = time.perf_counter()
-    trainer.fit(TrainState(), lambda state: None, on_eval, _Quiet())
+    trainer.fit(TrainState(), lambda state, best: None, on_eval, _Quiet())
     return rows
+
+
+def step_times(specs: list[dict[str, Any]], cache: Path, steps: int) -> None:
+    """Time `steps` training steps of every run, in turn step by step."""
+    runs = [build(spec, cache)[1] for spec in specs]
+    times: dict[str, dict[str, list[float]]] = {s["name"]: {"wall": [], "cpu": [], "opt": []} for s in specs}
+    for trainer in runs:
+        for it in range(5):
+            trainer.train_step(it)
+    for it in range(5, 5 + steps):
+        for spec, trainer in zip(specs, runs, strict=True):
+            step = trainer.optimizer.step
+            spent = [0.0]
+
+            def timed_step(*a: Any, step: Any = step, spent: list[float] = spent, **k: Any) -> Any:
+                t = time.perf_counter()
+                result = step(*a, **k)
+                spent[0] += time.perf_counter() - t
+                return result
+
+            trainer.optimizer.step = timed_step  # type: ignore[method-assign]
+            wall, cpu = time.perf_counter(), time.process_time()
+            trainer.train_step(it)
+            row = times[spec["name"]]
+            row["wall"].append(time.perf_counter() - wall)
+            row["cpu"].append(time.process_time() - cpu)
+            row["opt"].append(spent[0])
+            trainer.optimizer.step = step  # type: ignore[method-assign]
+    print("\n| run | ms/step (wall, median) | CPU ms/step (median) | optimizer step ms | optimizer share |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in times.items():
+        wall, cpu, opt = (statistics.median(row[k]) * 1e3 for k in ("wall", "cpu", "opt"))
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {opt:.1f} | {100 * opt / wall:.0f}% |", flush=True)
 
 
 def main() -> None:
@@ -90,6 +132,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--only", nargs="*", help="run only these names")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--step_time", type=int, metavar="N", help="time N steps of each run instead of training")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +141,9 @@ def main() -> None:
         specs = [s for s in specs if s["name"] in args.only]
     print(header(f"recipe_sweep: {args.runs.name}, {len(specs)} runs x {args.repeat}"))
     with tempfile.TemporaryDirectory() as cache:
+        if args.step_time:
+            step_times(specs, Path(cache), args.step_time)
+            return
         for _ in range(args.repeat):
             for spec in specs:
                 run_one(spec, Path(cache), args.out)

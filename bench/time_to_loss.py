@@ -82,7 +82,7 @@ def run_trainer(cfg: ModelConfig, tc: TrainConfig, input_file: Path, target: flo
             trainer.stop_signal = signal.SIGTERM  # fit() returns after this iteration
 
     t0 = time.perf_counter()
-    trainer.fit(TrainState(), lambda state: None, on_eval, _Quiet())
+    trainer.fit(TrainState(), lambda state, best: None, on_eval, _Quiet())
     return evals
 
 

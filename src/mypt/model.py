@@ -296,6 +296,22 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class _SquaredReLU(torch.autograd.Function):
+    """relu(x)^2 with a backward of two passes, 2 relu(x) * grad (autograd's, through relu and
+    pow, takes about twice as long on a CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r.square()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.mul(r, grad).mul_(2)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -310,7 +326,7 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = _SquaredReLU.apply(h)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
