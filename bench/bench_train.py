@@ -17,6 +17,9 @@ evaluated in fp32 on fixed validation batches: MyPT and transformers should agre
 
 --ablations times variants of MyPT's tiny step instead: fused vs foreach AdamW, torch.compile,
 and the loss head's chunk sizes. --profile prints where each run's step spends its time.
+--recipes times each preset (GPT-2 recipe, AdamW) against its own shape with --recipe's
+components and optimizer (default: small-modern's), fp32 and bf16: the step-time ratio, the
+optimizer's share and the fraction of the matmul peak; --profile --profile_recipe profiles them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from _machine import header
 
 import mypt.model
 from mypt import dist
-from mypt.config import ModelConfig, TrainConfig, load_model_config
+from mypt.config import ARCH_FIELDS, ModelConfig, TrainConfig, load_model_config
 from mypt.data import batch_at, load_splits, prepare_tokens
 from mypt.estimate import flops_per_token
 from mypt.model import GPT
@@ -78,22 +81,34 @@ class Run:
     loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     malloc_reuse: bool = True  # what Trainer sets up on a CPU (see trainer.reuse_freed_memory)
     times: list[float] = field(default_factory=list)
+    optimizer_times: list[float] = field(default_factory=list)
 
 
 def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
-             optimizer_kw: dict | None = None, compile_model: bool = False, malloc_reuse: bool = True) -> Run:
+             optimizer_kw: dict | None = None, compile_model: bool = False, malloc_reuse: bool = True,
+             tc: TrainConfig = TRAIN) -> Run:
     model = GPT(cfg)
     model.load_state_dict(state)
-    optimizer = make_optimizer(model, TRAIN, CPU)
+    optimizer = make_optimizer(model, tc, CPU)
     if optimizer_kw:
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         optimizer = torch.optim.AdamW(groups, lr=TRAIN.learning_rate, betas=(TRAIN.beta1, TRAIN.beta2),
                                       **optimizer_kw)
     runnable = torch.compile(model) if compile_model else model
-    trainer = Trainer(runnable, optimizer, data[0], data[1], cfg.block_size, cfg.batch_size, TRAIN, CPU, dtype,
+    trainer = Trainer(runnable, optimizer, data[0], data[1], cfg.block_size, cfg.batch_size, tc, CPU, dtype,
                       dist.DistInfo())
     model.train()
-    return Run("mypt", dtype, model, trainer.train_step, lambda x, y: model(x, y)[1], malloc_reuse)
+    run = Run("mypt", dtype, model, trainer.train_step, lambda x, y: model(x, y)[1], malloc_reuse)
+    step = optimizer.step
+
+    def timed_step(*args: object, **kwargs: object) -> object:
+        t = time.perf_counter()
+        result = step(*args, **kwargs)
+        run.optimizer_times.append(time.perf_counter() - t)
+        return result
+
+    optimizer.step = timed_step  # type: ignore[method-assign]
+    return run
 
 
 def hf_model(cfg: ModelConfig, state: dict) -> torch.nn.Module:
@@ -259,14 +274,58 @@ def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
         print(f"| {d} | {rows} | {statistics.median(ts) * 1e3:.0f} | {min(ts) * 1e3:.0f} |")
 
 
-def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3) -> None:
-    """torch.profiler over a few steps of each run: the ops with the most self time per iteration."""
+def modern_config(name: str, recipe: str) -> tuple[ModelConfig, TrainConfig]:
+    """Preset `name`'s shape with the architecture fields and optimizer settings of preset `recipe`."""
+    shape, modern = load_model_config(name), load_model_config(recipe)
+    fields = {k: v for k, v in modern.to_dict().items() if k in ARCH_FIELDS}
+    cfg = ModelConfig.from_dict({**shape.to_dict(), **fields, "name": f"{name}+{recipe}"}, recipe)
+    optimizer = {k: v for k, v in modern.training.items() if k in ("optimizer", "muon_lr", "muon_momentum")}
+    return cfg, TrainConfig(**{**TRAIN.to_dict(), **optimizer})
+
+
+def recipes(names: list[str], recipe: str, rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray],
+            peaks: dict[str, float]) -> None:
+    """Each preset as it is (GPT-2, AdamW) against its shape with `recipe`'s components and optimizer."""
+    for name in names:
+        gpt2 = load_model_config(name)
+        modern, modern_tc = modern_config(name, recipe)
+        torch.manual_seed(0)
+        states = {id(gpt2): GPT(gpt2).state_dict(), id(modern): GPT(modern).state_dict()}
+        runs = {(label, d): mypt_run(cfg, states[id(cfg)], d, data, tc=tc)
+                for label, cfg, tc in (("GPT-2", gpt2, TRAIN), (recipe, modern, modern_tc)) for d in ("fp32", "bf16")}
+        time_runs(list(runs.values()), warmup, rounds)
+        print(f"\n## {name} (GPT-2 recipe, AdamW) vs its shape with {recipe}'s components and optimizer: "
+              f"{warmup} warm-up + {rounds} timed iterations each, interleaved\n")
+        print("| recipe | parameters | dtype | ms/iter median | optimizer ms (share) | GFLOP/s | % of matmul peak |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+        for (label, d), run in runs.items():
+            cfg = gpt2 if label == "GPT-2" else modern
+            m, opt = statistics.median(run.times), statistics.median(run.optimizer_times[warmup:])
+            flops = flops_per_token(cfg) * cfg.batch_size * cfg.block_size / m
+            print(f"| {label} | {run.model.num_params():,} | {d} | {m * 1e3:.0f} | {opt * 1e3:.0f} "
+                  f"({100 * opt / m:.0f}%) | {flops / 1e9:.1f} | {100 * flops / peaks[d]:.0f}% |")
+        for d in ("fp32", "bf16"):
+            ratio = statistics.median(runs[recipe, d].times) / statistics.median(runs["GPT-2", d].times)
+            print(f"- {d}: the {recipe} step takes {ratio:.2f}x the GPT-2 step (target <= 1.3x)")
+
+
+def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3, recipe: str | None = None) -> None:
+    """torch.profiler over a few steps of each run: the ops with the most self time per iteration.
+
+    The runs: MyPT and transformers; with `recipe`, MyPT as the preset is and with the recipe's
+    components and optimizer.
+    """
     from torch.profiler import profile
 
     cfg = load_model_config(name)
     torch.manual_seed(0)
     state = GPT(cfg).state_dict()
-    for make in (mypt_run, lambda *a: hf_run(*a, malloc_reuse=False)):
+    makes: list[Callable[..., Run]] = [mypt_run, lambda *a: hf_run(*a, malloc_reuse=False)]
+    if recipe is not None:
+        modern, modern_tc = modern_config(name, recipe)
+        modern_state = GPT(modern).state_dict()
+        makes[1] = lambda _cfg, _state, d, data: mypt_run(modern, modern_state, d, data, tc=modern_tc)
+    for make in makes:
         for d in ("fp32", "bf16"):
             run = make(cfg, state, d, data)
             reuse_freed_memory(run.malloc_reuse)  # as time_runs does for each run
@@ -277,7 +336,8 @@ def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3
                     run.step(it)
             events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
             total = sum(e.self_cpu_time_total for e in events)
-            print(f"\n{run.impl} {d}: {total / steps / 1e3:.0f} ms/iter of op self time")
+            label = f"{run.impl} ({recipe})" if recipe and make is makes[1] else run.impl
+            print(f"\n{label} {d}: {total / steps / 1e3:.0f} ms/iter of op self time")
             for e in events[:8]:
                 print(f"  {e.key[:60]:<60} {e.self_cpu_time_total / steps / 1e3:7.1f} ms "
                       f"{100 * e.self_cpu_time_total / total:5.1f}%")
@@ -290,6 +350,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per run first (default: %(default)s)")
     p.add_argument("--ablations", action="store_true", help="time variants of MyPT's tiny step instead")
     p.add_argument("--profile", action="store_true", help="profile each run's step (first preset) instead")
+    p.add_argument("--recipes", action="store_true", help="time each preset against its shape with --recipe's "
+                   "components and optimizer instead (MyPT only)")
+    p.add_argument("--recipe", default="small-modern", help="the modern preset for --recipes and --profile_recipe "
+                   "(default: %(default)s)")
+    p.add_argument("--profile_recipe", action="store_true", help="with --profile: profile the first preset's shape "
+                   "with --recipe's components instead of transformers")
     args = p.parse_args()
     print(header("bench_train: training throughput, MyPT vs transformers"))
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -299,7 +365,10 @@ def main() -> None:
         ablations(args.rounds, args.warmup, data)
         return
     if args.profile:
-        profile_steps(args.presets[0], data)
+        profile_steps(args.presets[0], data, recipe=args.recipe if args.profile_recipe else None)
+        return
+    if args.recipes:
+        recipes(args.presets, args.recipe, args.rounds, args.warmup, data, peaks)
         return
     for name in args.presets:
         bench_preset(name, args.rounds, args.warmup, data, peaks)

@@ -3,13 +3,14 @@
 usage: python bench/recipe_sweep.py RUNS.json [--out results.jsonl] [--repeat N] [--step_time N]
 
 RUNS.json is a list of runs, each {"name": ..., "config": preset, "arch": {field: value},
-"train": {flag: value}}: the preset with its architecture fields replaced, trained with its
-"training" block and then the given flags (train.py's precedence), through MyPT's `Trainer`
-as bench/time_to_loss.py does. Each evaluation is printed and appended to --out as one JSON
-line with the iteration, the val loss, the seconds since the first step and the seconds spent
-in evaluations so far: the loss curve per iteration is deterministic, the seconds are not (the
-machine is shared), so the table separates the two. --repeat runs the whole list N times in
-turn, so time comparisons between runs are interleaved.
+"train": {flag: value}, "tokenizer": "char" (default) or "gpt2"}: the preset with its
+architecture fields replaced, trained with its "training" block and then the given flags
+(train.py's precedence), through MyPT's `Trainer` as bench/time_to_loss.py does. Each
+evaluation is printed and appended to --out as one JSON line with the iteration, the val loss,
+the seconds since the first step and the seconds spent in evaluations so far: the loss curve
+per iteration is deterministic, the seconds are not (the machine is shared), so the table
+separates the two. --repeat runs the whole list N times in turn, so time comparisons between
+runs are interleaved.
 
 --step_time N times N training steps of each run instead (after 5 untimed ones), taking turns
 step by step: the median wall and CPU milliseconds per step and the optimizer step's share.
@@ -48,8 +49,13 @@ class _Quiet:
 
 def build(spec: dict[str, Any], cache: Path) -> tuple[GPT, Trainer]:
     base = load_model_config(spec.get("config", "shakespeare-char"))
-    tok = build_tokenizer("char", "".join(char_vocab_of_file(DATA)))
-    cfg = ModelConfig.from_dict({**base.to_dict(), **spec.get("arch", {}), "vocab_size": tok.n_vocab}, "sweep")
+    fields = {**base.to_dict(), **spec.get("arch", {})}
+    if spec.get("tokenizer", "char") == "char":
+        tok = build_tokenizer("char", "".join(char_vocab_of_file(DATA)))
+        fields["vocab_size"] = tok.n_vocab
+    else:
+        tok = build_tokenizer(spec["tokenizer"])
+    cfg = ModelConfig.from_dict(fields, "sweep")
     tc, _ = new_run_train_config(cfg, spec.get("train", {}))
     train, val = load_splits(prepare_tokens(DATA, tok, cache, progress=False), tc.val_split, cfg.block_size, "data")
     device = torch.device("cpu")

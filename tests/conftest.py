@@ -9,8 +9,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +100,39 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused_import(tmp_path: Path, source: Path, breaker: Callable[[Path], None],
+                   capsys: pytest.CaptureFixture) -> str:
+    """Import a broken copy of the transformers folder `source`: exit 2, nothing written; the error."""
+    import shutil
+
+    from mypt.cli import run_command
+
+    folder = tmp_path / "hf"
+    shutil.copytree(source, folder)
+    breaker(folder)
+    ck = tmp_path / "ck"
+    assert run_command("import", ["--hf_dir", str(folder), "--model_name", "x", "--checkpoints_dir", str(ck)]) == 2
+    assert not (ck / "x").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def mypt_greedy(model: Any, ids: Any, steps: int) -> Any:
+    """Greedy continuation of ids (B, T) by a MyPT GPT, one full forward per token."""
+    import torch
+
+    for _ in range(steps):
+        logits, _ = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def hf_greedy(model: Any, ids: Any, steps: int) -> Any:
+    """Greedy continuation of ids (B, T) by a transformers model: exactly `steps` new tokens."""
+    import torch
+
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False, pad_token_id=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -83,6 +84,16 @@ def test_char_quick_start_command_runs_with_the_presets_training_settings(tmp_pa
     out = run([*argv, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1"], tmp_path).stdout
     assert "training settings from configs/shakespeare-char.json: learning_rate 0.006, warmup_iters 30" in out
     assert (tmp_path / "checkpoints" / "sc" / "model.pt").is_file()
+
+
+def test_modern_quick_start_command_runs_with_the_presets_recipe(tmp_path):
+    block = next(b for b in readme_blocks() if "shakespeare-char-modern.json" in b and "train.py" in b)
+    argv = to_argv(block.strip().splitlines()[0])
+    (tmp_path / "tinyshakespeare.txt").write_text(corpus_text(40_000), encoding="utf-8")
+    out = run([*argv, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1"], tmp_path).stdout
+    assert "training settings from configs/shakespeare-char-modern.json: optimizer muon" in out
+    saved = json.loads((tmp_path / "checkpoints" / "scm" / "config.json").read_text())
+    assert (saved["position"], saved["mlp"], saved["qk_norm"]) == ("rope", "relu2", True)
 
 
 def test_readme_preset_table_matches_the_files_and_exact_counts():

@@ -158,31 +158,17 @@ class Muon(torch.optim.Muon):
 
     def _orthogonalise(self, group: dict[str, Any],
                        updates: list[torch.Tensor]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        """Orthogonalised updates, in batches of the matrices that share their smaller side.
-
-        Each batch is one (n, side, width) tensor, the narrower matrices zero-padded to the widest:
-        zero columns change neither a matrix's norm nor its Gram matrix, so the iteration leaves
-        them zero and the rest exactly as it would alone; and one batched iteration costs a
-        fraction of n small ones.
-        """
-        by_side: dict[int, list[int]] = defaultdict(list)
+        """Orthogonalised updates, one batched iteration per shape (a tall matrix counted as its
+        transpose, which the iteration works on anyway)."""
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, update in enumerate(updates):
-            by_side[min(update.shape)].append(i)
-        for side, members in by_side.items():
-            width = max(max(updates[i].shape) for i in members)
-            batch = updates[members[0]].new_zeros(len(members), side, width, dtype=self.ns_dtype)
-            for row, i in zip(batch, members, strict=True):
-                wide = updates[i] if updates[i].size(0) == side else updates[i].T
-                row[:, :wide.size(1)] = wide
-            ortho = zeropower(batch, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-            yield members, [_unpad(o, updates[i].shape) for o, i in zip(ortho, members, strict=True)]
-
-
-def _unpad(ortho: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A matrix of `shape` back out of its padded, wide (side, width) row of a batch."""
-    if shape[0] == ortho.size(0):
-        return ortho[:, :shape[1]]
-    return ortho[:, :shape[0]].T
+            by_shape[tuple(sorted(update.shape))].append(i)
+        for members in by_shape.values():
+            wide = [updates[i] if updates[i].size(0) <= updates[i].size(1) else updates[i].T for i in members]
+            ortho = zeropower(torch.stack(wide), group["ns_coefficients"], group["ns_steps"], group["eps"],
+                              self.ns_dtype)
+            yield members, [o if updates[i].size(0) <= updates[i].size(1) else o.T
+                            for o, i in zip(ortho, members, strict=True)]
 
 
 def _lr_ratio(rule: str | None, shape: tuple[int, ...]) -> float:
@@ -219,12 +205,7 @@ class MuonAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._share()
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
+        loss = self.muon.step(closure)  # the closure, if any, runs once, here
         self.adamw.step()
         return loss

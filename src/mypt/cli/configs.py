@@ -51,19 +51,24 @@ def print_table(configs_dir: Path | None) -> None:
     print("Available Model Configurations")
     print(RULE)
     print()
-    print(f"{'File':<20} {'Name':<15} {'Params':<12} {'Layers':<8} {'Heads':<8} Embed")
-    print(f"{'-' * 20} {'-' * 15} {'-' * 12} {'-' * 8} {'-' * 8} {'-' * 8}")
-    broken = []
+    rows, broken = [], []
     for path in files:
         try:
             cfg = load_model_config(path)
         except MyPTError as e:
             broken.append(str(e))
-            print(f"{path.name:<20} {'(invalid)':<15} {'-':<12} {'-':<8} {'-':<8} {'-':<8}")
+            rows.append((path.name, "(invalid)", "-", "-", "-", "-"))
             continue
-        n = param_breakdown(cfg)["total"]
-        params = f"{n / 1e6:.2f}M"
-        print(f"{path.name:<20} {cfg.name:<15} {params:<12} {cfg.n_layer:<8} {cfg.n_head:<8} {cfg.n_embd}")
+        params = f"{param_breakdown(cfg)['total'] / 1e6:.2f}M"
+        rows.append((path.name, cfg.name, params, str(cfg.n_layer), str(cfg.n_head), str(cfg.n_embd)))
+    file_w = max([20, *(len(r[0]) + 1 for r in rows)])
+    name_w = max([15, *(len(r[1]) + 1 for r in rows)])
+    widths = (file_w, name_w, 12, 8, 8, 0)
+    print(" ".join(f"{h:<{w}}" for h, w in zip(("File", "Name", "Params", "Layers", "Heads", "Embed"), widths,
+                                                strict=True)).rstrip())
+    print(" ".join("-" * (w or 8) for w in widths))
+    for row in rows:
+        print(" ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip())
     if not files:
         print(f"(no .json files in {configs_dir or 'configs/'})")
     print()

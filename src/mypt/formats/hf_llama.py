@@ -82,6 +82,21 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _renamed(src: dict[str, torch.Tensor], cfg: ModelConfig, order: torch.Tensor,
+             to_hf: bool) -> dict[str, torch.Tensor]:
+    """The tensors that map one to one (norm gains, output projections), renamed either way;
+    the QK-norm gains reordered by `order`."""
+    out = {}
+    for i in range(cfg.n_layer):
+        for ours, theirs in LAYER_NAMES.items():
+            a, b = f"transformer.h.{i}.{ours}", f"model.layers.{i}.{theirs}"
+            source, target = (a, b) if to_hf else (b, a)
+            if source in src:
+                rotated = ours.endswith(("q_norm.weight", "k_norm.weight"))
+                out[target] = src[source][order] if rotated else src[source]
+    return out
+
+
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """MyPT's state dict in transformers' names and rotary layout."""
     order = _rotary_order(cfg.head_dim)
@@ -89,12 +104,9 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     out = {EMBEDDING: state["transformer.wte.weight"], "model.norm.weight": state["transformer.ln_f.weight"]}
     if not cfg.tie_embeddings:
         out[HEAD] = state[HEAD]
+    out |= _renamed(state, cfg, order, to_hf=True)
     for i in range(cfg.n_layer):
         ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        for name, hf_name in LAYER_NAMES.items():
-            if ours + name in state:
-                rotated = name.endswith(("q_norm.weight", "k_norm.weight"))
-                out[theirs + hf_name] = state[ours + name][order] if rotated else state[ours + name]
         for kind in ("weight", "bias"):
             if ours + f"attn.c_attn.{kind}" in state:
                 q, k, v = state[ours + f"attn.c_attn.{kind}"].split(qkv)
@@ -112,12 +124,9 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     hf = {k: v.to(torch.float32) for k, v in hf.items()}
     state = {"transformer.wte.weight": hf[EMBEDDING], "transformer.ln_f.weight": hf["model.norm.weight"]}
     state[HEAD] = hf[EMBEDDING] if cfg.tie_embeddings else hf[HEAD]
+    state |= _renamed(hf, cfg, back, to_hf=False)
     for i in range(cfg.n_layer):
         ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        for name, hf_name in LAYER_NAMES.items():
-            if theirs + hf_name in hf:
-                rotated = name.endswith(("q_norm.weight", "k_norm.weight"))
-                state[ours + name] = hf[theirs + hf_name][back] if rotated else hf[theirs + hf_name]
         for kind in ("weight", "bias"):
             if theirs + f"{QKV[0]}.{kind}" in hf:
                 q, k, v = (hf[theirs + f"{name}.{kind}"] for name in QKV)
