@@ -12,8 +12,10 @@ Both then generate greedily at batch 1 from the same 16-token prompt, 256 new to
 positions fit without MyPT's sliding context, block_size (HF n_positions) is raised to 272 for
 this comparison; MyPT at the preset's own block_size (context sliding) is timed too. Each figure
 is the best of --repeats runs after a warm-up, since the machine may be shared. Finally the
-small preset generates 512 tokens with and without the cache (its 256-token context slides),
-best of two runs each.
+--long_presets (small and small-modern) generate 512 tokens with and without the cache, best
+of two runs each: small's 256-token context jumps (the cache is refilled from the last 128
+tokens), small-modern's rotary context slides one token at a time (its cache overwrites its
+oldest entry; without a cache each step re-runs every token that can still reach the next).
 Prints the machine, tokens per second and the ratios.
 """
 
@@ -156,9 +158,10 @@ def bench_preset(preset: str, prompt: list[int], repeats: int) -> None:
           f"(greedy tokens agree: {agree} of {NEW_TOKENS})")
 
 
-def bench_long(prompt: list[int], repeats: int) -> None:
-    model = build_mypt("small")
-    print(f"\n== small, {LONG_TOKENS} new tokens, block_size {model.config.block_size} (the context slides) ==")
+def bench_long(preset: str, prompt: list[int], repeats: int) -> None:
+    model = build_mypt(preset)
+    how = "rotary: slides one token at a time" if model.config.position == "rope" else "learned: jumps and refills"
+    print(f"\n== {preset}, {LONG_TOKENS} new tokens, block_size {model.config.block_size} ({how}) ==")
     mypt_run(model, prompt, NEW_TOKENS, True)()  # warm-up; the uncached run is too slow to repeat many times
     runs = {"cache": mypt_run(model, prompt, LONG_TOKENS, True),
             "no cache": mypt_run(model, prompt, LONG_TOKENS, False)}
@@ -177,6 +180,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, best kept (default: 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--skip_long", action="store_true", help="skip the 512-token cache / no-cache comparison")
+    p.add_argument("--long_presets", nargs="*", default=["small", "small-modern"],
+                   help="presets for the 512-token cache / no-cache comparison (default: %(default)s)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,7 +190,8 @@ def main() -> None:
     for preset in args.presets:
         bench_preset(preset, prompt, args.repeats)
     if not args.skip_long:
-        bench_long(prompt, args.repeats)
+        for preset in args.long_presets:
+            bench_long(preset, prompt, args.repeats)
 
 
 if __name__ == "__main__":

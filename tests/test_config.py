@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from mypt.config import ModelConfig, TrainConfig, apply_arch_flags, load_model_config, new_run_train_config
+from mypt.config import ARCH_FIELDS, ModelConfig, TrainConfig, apply_arch_flags, load_model_config, new_run_train_config
 from mypt.errors import MyPTError
 
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
@@ -63,6 +63,18 @@ BAD_CONFIGS = {
     "training_value": ({**BASE, "training": {"warmup_iters": 1.5}},
                        r"training.warmup_iters \(1.5\) must be an integer"),
     "training_range": ({**BASE, "training": {"beta2": 1.0}}, r"training.beta2 \(1.0\) must be at least 0 and below 1"),
+    "position": ({**BASE, "position": "alibi"}, r'position \("alibi"\) must be one of learned, rope'),
+    "norm": ({**BASE, "norm": "batchnorm"}, r'norm \("batchnorm"\) must be one of layernorm, rmsnorm'),
+    "mlp": ({**BASE, "mlp": "relu"}, r'mlp \("relu"\) must be one of gelu, swiglu, relu2'),
+    "qk_norm_type": ({**BASE, "qk_norm": "yes"}, r'qk_norm \("yes"\) must be true or false'),
+    "kv_heads": ({**BASE, "n_kv_head": 3}, r"n_kv_head \(3\) must divide n_head \(4\)"),
+    "rope_odd_head": ({**BASE, "position": "rope", "n_embd": 12, "n_head": 4},
+                      r"position rope needs an even head size; n_embd / n_head is 3"),
+    "rope_theta": ({**BASE, "rope_theta": 0}, r"rope_theta \(0\) must be a number above 0"),
+    "intermediate": ({**BASE, "intermediate_size": 0}, r"intermediate_size \(0\) must be a positive integer"),
+    "optimizer": ({**BASE, "training": {"optimizer": "sgd"}}, r"training.optimizer \(sgd\) must be one of adamw, muon"),
+    "muon_momentum": ({**BASE, "training": {"muon_momentum": 1}},
+                      r"training.muon_momentum \(1\) must be at least 0 and below 1"),
 }
 
 
@@ -148,6 +160,18 @@ def test_train_config_collects_flag_errors():
 def test_model_config_round_trips_through_json():
     cfg = load_model_config("small")
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())), "x") == cfg
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_absent_architecture_fields_mean_gpt2_and_are_left_out_of_saved_configs(name):
+    cfg = load_model_config(REPO / "configs" / name)
+    raw = json.loads((REPO / "configs" / name).read_text())
+    saved = cfg.to_dict()
+    assert ModelConfig.from_dict(json.loads(json.dumps(saved)), "x") == cfg
+    if not set(raw) & set(ARCH_FIELDS):  # a GPT-2 preset: its config.json has no new field
+        assert (cfg.position, cfg.norm, cfg.mlp, cfg.qk_norm, cfg.kv_heads, cfg.tie_embeddings, cfg.zero_init) == \
+            ("learned", "layernorm", "gelu", False, cfg.n_head, True, False)
+        assert not set(saved) & set(ARCH_FIELDS)
 
 
 def test_preset_training_block_sets_defaults_that_flags_override(tmp_path):

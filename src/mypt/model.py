@@ -7,14 +7,14 @@ field whose default is GPT-2's:
 
 * position: "learned" (a table of block_size position vectors, added to the token embedding)
   or "rope" (rotary: each head's queries and keys are rotated by their position, base
-  rope_theta, in the halves layout of Llama). A rotary model also runs past block_size: each
+  rope_theta, pairs of adjacent channels). A rotary model also runs past block_size: each
   token then attends to the block_size tokens ending at itself (sliding-window attention).
 * norm: "layernorm" or "rmsnorm" (both with a gain; eps norm_eps), before attention, before the
   MLP and before the output layer.
 * mlp: "gelu" (tanh GELU), "swiglu" (silu(gate) * up, gate and up one fused projection) or
   "relu2" (squared ReLU); the hidden width is intermediate_size (default 4 * n_embd).
-* qk_norm: RMSNorm (with a gain over the head size) of each head's queries and keys, before
-  the rotation (as Qwen3).
+* qk_norm: the config's norm (with a gain over the head size, no bias) of each head's queries
+  and keys, before the rotation (with rmsnorm, as Qwen3).
 * n_kv_head: grouped-query attention; n_head query heads share n_kv_head key/value heads.
 * tie_embeddings: the output layer is the token embedding (counted once), or its own matrix.
 * zero_init: the attention and MLP output projections (and an untied output layer) start at
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gradients, held at a time
-
 
 
 # ---------------------------------------------------------------------------------------------
