@@ -59,7 +59,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["shakespeare-char-modern", "tiny", "small-modern"])
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(header("bench_optim: Muon's step"))
     print(f"fast bf16 on this CPU (mypt.dist.cpu_has_fast_bf16): {cpu_has_fast_bf16()}")
     for name in args.presets:

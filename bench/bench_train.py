@@ -356,7 +356,10 @@ def main() -> None:
                    "(default: %(default)s)")
     p.add_argument("--profile_recipe", action="store_true", help="with --profile: profile the first preset's shape "
                    "with --recipe's components instead of transformers")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(header("bench_train: training throughput, MyPT vs transformers"))
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul 2048x2048 peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")

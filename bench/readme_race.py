@@ -4,7 +4,8 @@ usage: python bench/readme_race.py [--run PRESET[:FLAGS] ...] [--repeat 3] [--ta
                                    [--input_file tinyshakespeare.txt] [--tokenizer char]
 
 Each --run is one command, `python train.py --config_file configs/PRESET.json --model_name r
---tokenizer char --input_file FILE [FLAGS]`, in a fresh checkpoints folder (so every run also
+--tokenizer char --input_file FILE [FLAGS]` (no --input_file with `--input_file builtin`), in a
+fresh checkpoints folder (so every run also
 prepares its tokens, as a first run does). The clock starts when the process is started and
 stops at each "eval at iter N" line train.py prints: the time to the first evaluation at or
 below --target, the last evaluation and the whole run are all wall times including Python's
@@ -34,11 +35,16 @@ DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 EVAL_LINE = re.compile(r"eval at iter (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 
 
-def race_once(preset: str, flags: list[str], args: argparse.Namespace) -> dict[str, float | None]:
+def race_once(preset: str, flags: list[str], args: argparse.Namespace, name: str) -> dict[str, float | None]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(REPO / "train.py"), "--config_file", f"configs/{preset}.json", "--model_name", "r",
-               "--checkpoints_dir", tmp, "--tokenizer", args.tokenizer, "--input_file", str(args.input_file), *flags]
+        folder = Path(args.keep) / name if args.keep else Path(tmp) / "r"
+        source = [] if str(args.input_file) == "builtin" else ["--input_file", str(args.input_file)]
+        cmd = [sys.executable, str(REPO / "train.py"), "--config_file", f"configs/{preset}.json",
+               "--model_name", folder.name, "--checkpoints_dir", str(folder.parent), "--tokenizer", args.tokenizer,
+               *source, *flags]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         hit = last = None
@@ -63,8 +69,11 @@ def main() -> None:
     p.add_argument("--run", action="append", help="PRESET or PRESET:FLAGS (repeatable)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--target", type=float, default=1.88)
-    p.add_argument("--input_file", type=Path, default=DATA)
+    p.add_argument("--input_file", type=Path, default=DATA, help="the text (builtin: the built-in corpus, as "
+                   "the README's first command trains on)")
     p.add_argument("--tokenizer", default="char")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: torch's choice)")
+    p.add_argument("--keep", help="keep each run's checkpoint in this folder, as RUNINDEX-ROUND (for mypt eval)")
     args = p.parse_args()
     runs = args.run or ["shakespeare-char", "shakespeare-char-modern"]
     specs = [(r.split(":", 1)[0], shlex.split(r.split(":", 1)[1]) if ":" in r else []) for r in runs]
@@ -72,7 +81,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {r: [] for r in runs}
     for round_ in range(args.repeat):
         for run, (preset, flags) in zip(runs, specs, strict=True):
-            res = race_once(preset, flags, args)
+            res = race_once(preset, flags, args, f"run{runs.index(run)}-round{round_ + 1}")
             results[run].append(res)
             hit = f"{res['hit_seconds']:.1f} s (iter {res['hit_iter']})" if res["hit_seconds"] else "not reached"
             print(f"round {round_ + 1} {run}: val <= {args.target} at {hit}; last eval iter {res['final_iter']} "

@@ -302,3 +302,13 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
     assert score(3, 1) == pytest.approx(score(40, 38), abs=1e-5)
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
     torch.testing.assert_close(apply_rope(q, table[0, None]), q)  # position 0: no rotation
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [1024, 1000])
+def test_loss_head_row_max_is_amax(dtype, vocab):
+    from mypt.model import _row_max
+
+    t = (torch.randn(7, vocab) * 5).to(dtype)
+    t[3, 700] = 99.0  # the largest value anywhere in a row
+    assert torch.equal(_row_max(t), t.amax(dim=1))
