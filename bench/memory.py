@@ -112,7 +112,7 @@ def table(presets: list[str], dtypes: list[str], steps: int) -> None:
             for ckpt in (False, True):
                 r = measure(preset, dtype, ckpt, steps, shipped=False)
                 as_shipped = measure(preset, dtype, ckpt, steps, shipped=True)
-                est = estimate_memory(cfg, cfg.batch_size, dtype, ckpt)
+                est = estimate_memory(cfg, cfg.batch_size, dtype, ckpt, optimizer="adamw")  # as _trainer builds
                 measured = r["peak"] - r["base"]
                 static = 12 * r["n_params"]  # fp32 weights and AdamW's two moments: the baseline
                 est_step = est.total - static  # what the step adds, bf16 weight copies included
