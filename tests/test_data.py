@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corpus_text
 
 from mypt import data
 from mypt.data import (
@@ -20,7 +21,7 @@ from mypt.data import (
     prepare_tokens,
 )
 from mypt.errors import MyPTError
-from mypt.tokenizers import CharTokenizer, build_tokenizer
+from mypt.tokenizers import CharTokenizer, build_tokenizer, train_bpe
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -28,6 +29,11 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 @pytest.fixture(scope="module")
 def gpt2():
     return build_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe([corpus_text(200_000) + "!!\n\n?\r\n'll 123456 \u00a0\u2028"], 1024, "test text")
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "input.txt") -> Path:
@@ -113,11 +119,16 @@ def test_chunked_gpt2_tokenization_matches_whole_text(tmp_path, gpt2):
     assert read_ids(token_file) == whole
 
 
-def test_chunked_tokenization_matches_whole_text_on_awkward_whitespace(tmp_path, gpt2, monkeypatch):
-    # Tiny chunks over text full of whitespace runs, contractions and multibyte characters:
-    # every cut must land where GPT-2 splits the whole text anyway.
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_chunked_tokenization_matches_whole_text_on_awkward_whitespace(tmp_path, request, kind, monkeypatch):
+    # Tiny chunks over text full of whitespace runs, contractions, punctuation before newlines
+    # and multibyte characters: every cut must land where the split pattern splits the whole
+    # text anyway (bpe's pattern keeps "!\n" together, GPT-2's does not).
+    tok = request.getfixturevalue(kind)
     monkeypatch.setattr(data, "MAX_CARRY_CHUNKS", 10**9)  # never force a cut
     pieces = list("ab xy\n\t\r'sé世🙂.,!9") + [
+        "!\n",
+        "123456",
         "'ll",
         "  \n",
         " \n",
@@ -131,9 +142,22 @@ def test_chunked_tokenization_matches_whole_text_on_awkward_whitespace(tmp_path,
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 300)))
         path = write(tmp_path, text, f"t{trial}.txt")
         token_file = prepare_tokens(
-            path, gpt2, tmp_path / "cache", progress=False, chunk_size=rng.randint(1, 32)
+            path, tok, tmp_path / "cache", progress=False, chunk_size=rng.randint(1, 32)
         )
-        assert read_ids(token_file) == gpt2.encode(text), repr(text)
+        assert read_ids(token_file) == tok.encode(text), repr(text)
+
+
+def test_training_text_is_the_text_before_the_validation_part(tmp_path):
+    lines = [f"line {i} of the text, word{i}\n" for i in range(2000)]
+    path = write(tmp_path, "".join(lines))
+    size = path.stat().st_size
+    for val_split in (0.1, 0.5):
+        end = data.training_text_end(path, val_split)
+        assert end == int(size * (1 - val_split))
+        for chunk_size in (64, 1 << 20):
+            text = "".join(data.training_text(path, val_split, chunk_size=chunk_size))
+            assert path.read_text(encoding="utf-8").startswith(text)
+            assert end - 64 < len(text.encode("utf-8")) <= end  # cut back to the last safe point only
 
 
 def test_pathological_text_without_whitespace_still_tokenizes(tmp_path, gpt2):
@@ -171,7 +195,7 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     token_file = prepare_tokens(path, tok, tmp_path / "cache", progress=False, chunk_size=1 << 16)
     assert token_file.dtype == np.uint32
     ids = read_ids(token_file)
-    assert ids == list(range(tok.n_vocab))  # the text is the sorted vocabulary itself
+    assert ids == list(range(len(tok.chars)))  # the text is the sorted vocabulary itself
     assert tok.decode(ids) == text
 
 

@@ -27,20 +27,11 @@ from tqdm import tqdm
 
 from mypt.errors import MyPTError
 from mypt.tokenizers import Tokenizer
+from mypt.tokenizers.base import NEWLINE_CUT, WHITESPACE_CUT
 
 CHUNK_SIZE = 4 << 20  # bytes read (and roughly characters tokenized) per piece
 TOKENIZE_THREADS = 4  # at most this many pieces tokenized at once (and no more than the cores)
 MAX_CARRY_CHUNKS = 4  # how far a piece may grow while looking for a safe cut
-MAX_TOKEN_BYTES = 128  # no token is longer: GPT-2's longest is 128 bytes, a character at most 4
-
-# Safe cut points: just before a whitespace character that follows a non-whitespace one.
-# GPT-2's pre-tokenizer never joins a non-space character with the whitespace after it, and
-# the text from the whitespace on is split exactly as in the whole text (the pattern has no
-# lookbehind), so tokenizing the two sides separately gives the same ids as the whole.
-# (Cutting *after* whitespace is not safe: "a  \nB" splits as "a", "  ", "\n", "B" whole, but
-# "a  \n" alone ends in one "  \n" pre-token.)  Prefer cuts before a newline.
-_NEWLINE_CUT = re.compile(r"\S\n")
-_WHITESPACE_CUT = re.compile(r"\S[ \t\r\n]")
 
 
 @dataclass(frozen=True)
@@ -173,16 +164,16 @@ def _last_cut(text: str, pattern: re.Pattern[str]) -> int | None:
 
 def _split_safely(text: str, force: bool) -> tuple[str, str]:
     """(head, rest): head tokenizes exactly as it would inside the whole text."""
-    cut = _last_cut(text, _NEWLINE_CUT)
+    cut = _last_cut(text, NEWLINE_CUT)
     if cut is None:
-        cut = _last_cut(text, _WHITESPACE_CUT)
+        cut = _last_cut(text, WHITESPACE_CUT)
     if cut is None:
         return (text, "") if force else ("", text)
     return text[:cut], text[cut:]
 
 
 def _pieces(path: Path, chunk_size: int) -> Iterator[tuple[str, int]]:
-    """Yield (text, n_bytes_read) with the text cut only at safe points (see _NEWLINE_CUT)."""
+    """Yield (text, n_bytes_read) with the text cut only at safe points (see tokenizers.base.NEWLINE_CUT)."""
     carry = ""
     for text, n_bytes in _decode_chunks(path, chunk_size):
         head, carry = _split_safely(carry + text, force=len(carry) >= MAX_CARRY_CHUNKS * chunk_size)
@@ -320,6 +311,33 @@ def prepare_tokens(
 # Splits and batches
 
 
+def training_text_end(path: str | Path, val_split: float) -> int:
+    """The byte offset before which the text of `path` belongs to the training part.
+
+    The split itself is made on tokens (load_splits: the last val_split of them validate), and
+    tokens need a tokenizer. A tokenizer trained for the run must see no validation text, so it
+    is trained on the bytes before (1 - val_split) of the file; the run then checks that the
+    token split lies at or after this point (it does unless the end of the text tokenizes far
+    more compactly than the rest).
+    """
+    return int(Path(path).stat().st_size * (1 - val_split))
+
+
+def training_text(path: str | Path, val_split: float, chunk_size: int = CHUNK_SIZE) -> Iterator[str]:
+    """The text before training_text_end(path, val_split), in pieces cut only at safe points."""
+    end = training_text_end(path, val_split)
+    done = 0
+    for text, _ in _pieces(Path(path), chunk_size):
+        data = text.encode("utf-8")
+        if done + len(data) < end:
+            done += len(data)
+            yield text
+            continue
+        head, _ = _split_safely(data[:end - done].decode("utf-8", errors="ignore"), force=False)
+        yield head
+        return
+
+
 def load_splits(
     token_file: TokenFile, val_split: float, block_size: int, source: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -352,10 +370,10 @@ def check_long_enough(
 ) -> None:
     """MyPTError if the text is too short for a block in each split; reads only, writes nothing.
 
-    A token is at most MAX_TOKEN_BYTES bytes, so only a file too small to be surely long
-    enough is tokenized (in memory) to count; load_splits checks the same rule on the cache.
+    A token is at most tokenizer.max_token_bytes bytes, so only a file too small to be surely
+    long enough is tokenized (in memory) to count; load_splits checks the same rule on the cache.
     """
-    surely_tokens = Path(path).stat().st_size // MAX_TOKEN_BYTES
+    surely_tokens = Path(path).stat().st_size // tokenizer.max_token_bytes
     if surely_tokens * min(val_split, 1 - val_split) >= block_size + 2:
         return
     text = Path(path).read_text(encoding="utf-8")

@@ -35,14 +35,26 @@ from mypt.data import (
     file_sha256,
     load_splits,
     prepare_tokens,
+    training_text,
+    training_text_end,
 )
 from mypt.errors import MyPTError
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
-from mypt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_json
+from mypt.tokenizers import (
+    KNOWN_KINDS,
+    BPETokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_from_json,
+    train_bpe,
+)
+from mypt.tokenizers.bpe import check_vocab_size
 from mypt.trainer import Stop, Trainer, TrainState, make_optimizer
 
 CACHE_DIR = ".cache"
+DEFAULT_BPE_VOCAB = 4096
 
 
 @dataclass
@@ -58,11 +70,12 @@ class RunPlan:
     input_sha256: str
     state: TrainState
     resume: Any  # the loaded Checkpoint, or None for a new model
+    tokenizer_text_end: int | None = None  # a bpe tokenizer trained for this run saw the bytes before this
 
 
 def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_file: str | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
-          allow_data_change: bool = False, fsdp: bool = False) -> Stop:
+          allow_data_change: bool = False, fsdp: bool = False, vocab_size: int | None = None) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: TrainConfig(**train_flags))  # flag errors first, before any file is read
@@ -74,9 +87,9 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         recover(ckpt_dir)
         if (ckpt_dir / "config.json").exists():
             plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags,
-                               allow_data_change)
+                               allow_data_change, vocab_size)
         else:
-            plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags)
+            plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags, vocab_size)
         tc = plan.train_cfg
         check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
         _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
@@ -109,7 +122,7 @@ def _for_other_ranks(plan: RunPlan) -> RunPlan:
 
 
 def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
-             arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
+             arch_flags: dict[str, Any], train_flags: dict[str, Any], vocab_size: int | None = None) -> RunPlan:
     _check_folders(ckpt_dir)
     base = load_model_config(config_file) if config_file else None
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
@@ -118,24 +131,68 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
     tc, used = new_run_train_config(cfg, train_flags)
     if used:
         dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
+    _check_vocab_flag(tokenizer, vocab_size)
     if input_file is None:
         path, label = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR), BUILTIN_CORPUS
         dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
     else:
         path, label = check_input_file(Path(input_file)), input_file
-    kind = tokenizer or "gpt2"
-    if kind == "char":
-        tok = build_tokenizer("char", "".join(char_vocab_of_file(path)))
-        if cfg.vocab_size != tok.n_vocab:
-            dist.print0(f"char tokenizer: vocab_size is {tok.n_vocab} (the characters of {label}), "
-                        f"not the config's {cfg.vocab_size}")
-            cfg = _replace(cfg, vocab_size=tok.n_vocab)
-    else:
-        tok = build_tokenizer("gpt2")
+    tok, text_end = _new_tokenizer(tokenizer or "gpt2", vocab_size, path, label, tc.val_split)
+    cfg = _model_vocab(cfg, tok, config_file, label)
+    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None, text_end)
+
+
+def _check_vocab_flag(tokenizer: str | None, vocab_size: int | None) -> None:
+    if vocab_size is None:
+        return
+    if tokenizer != "bpe":
+        raise MyPTError(f"--vocab_size {vocab_size} sets the size of a new bpe tokenizer: use it with --tokenizer "
+                        "bpe (gpt2 has 50257 tokens, char the characters of the text, a tokenizer file its own)")
+    check_vocab_size(vocab_size)
+
+
+def _new_tokenizer(choice: str, vocab_size: int | None, path: Path, label: str,
+                   val_split: float) -> tuple[Tokenizer, int | None]:
+    """The tokenizer of a new run, and where the text a bpe one was trained on ends (else None)."""
+    if choice == "gpt2":
+        return build_tokenizer("gpt2"), None
+    if choice == "char":
+        return build_tokenizer("char", "".join(char_vocab_of_file(path))), None
+    if choice == "bpe":
+        n = vocab_size or DEFAULT_BPE_VOCAB
+        dist.print0(f"training a bpe tokenizer of {n} tokens on the text of {label} before its last "
+                    f"{val_split:g} (the validation part)")
+        start = time.perf_counter()
+        tok = train_bpe(training_text(path, val_split), n,
+                        f"the training part of {label} (the text before its last --val_split {val_split:g})")
+        dist.print0(f"bpe tokenizer trained in {time.perf_counter() - start:.1f} s ({tok.id_string()})")
+        return tok, training_text_end(path, val_split)
+    return tokenizer_file(choice), None
+
+
+def tokenizer_file(path: str) -> Tokenizer:
+    """The tokenizer saved in the file `path` (--tokenizer FILE.json)."""
+    if not Path(path).exists():
+        known = ", ".join(KNOWN_KINDS)
+        raise MyPTError(f"--tokenizer {path}: no such file; pass one of {known}, or a tokenizer .json file "
+                        "(mypt tokenizer train writes one)")
+    return load_tokenizer(path)
+
+
+def _model_vocab(cfg: ModelConfig, tok: Tokenizer, config_file: str | None, label: str) -> ModelConfig:
+    """The config with the vocab_size the tokenizer needs (gpt2: the preset's, if large enough)."""
+    if tok.kind == "gpt2":
         if cfg.vocab_size < tok.n_vocab:
             raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
                             f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
-    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None)
+        return cfg
+    size = tok.model_vocab_size()
+    if cfg.vocab_size != size:
+        why = (f"the characters of {label} and end-of-text" if tok.kind == "char"
+               else f"its {tok.n_vocab} tokens padded to a multiple of 64")
+        dist.print0(f"{tok.kind} tokenizer: vocab_size is {size} ({why}), not the config's {cfg.vocab_size}")
+        cfg = _replace(cfg, vocab_size=size)
+    return cfg
 
 
 def _check_folders(ckpt_dir: Path) -> None:
@@ -151,7 +208,8 @@ def _check_folders(ckpt_dir: Path) -> None:
 
 
 def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
-                arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool) -> RunPlan:
+                arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool,
+                vocab_size: int | None = None) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
     saved_src = f"{ckpt_dir}/config.json"
     cfg = ModelConfig.from_dict(ckpt.config, saved_src)
@@ -165,13 +223,26 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None,
     for w in warnings:
         dist.print0(f"warning: {w}")
     tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt_dir}/tokenizer.json")
-    if tokenizer and tokenizer != tok.kind:
-        dist.print0(f"warning: --tokenizer {tokenizer} ignored: '{ckpt_dir.name}' uses {tok.kind}")
+    _warn_ignored_tokenizer(tokenizer, vocab_size, tok, ckpt_dir.name)
     tc = TrainConfig(**{**ts.get("train_config", {}), **train_flags})
     path, label, sha = _resume_input(ckpt_dir, ts, input_file, allow_data_change)
     state = TrainState(**{k: ts[k] for k in TrainState().to_dict() if k in ts})
     dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
     return RunPlan(ckpt_dir, cfg, tc, tok, path, label, sha, state, ckpt)
+
+
+def _warn_ignored_tokenizer(choice: str | None, vocab_size: int | None, saved: Tokenizer, name: str) -> None:
+    """On resume the saved tokenizer wins: a --tokenizer or --vocab_size that differs gets a warning."""
+    if choice in KNOWN_KINDS:
+        differs = choice != saved.kind or (vocab_size is not None and vocab_size != saved.n_vocab)
+    else:
+        differs = choice is not None and tokenizer_file(choice).id_string() != saved.id_string()
+    if differs:
+        flags = f"--tokenizer {choice}" + (f" --vocab_size {vocab_size}" if vocab_size is not None else "")
+        dist.print0(f"warning: {flags} ignored: '{name}' uses its saved {saved.kind} tokenizer "
+                    f"({saved.n_vocab:,} tokens)")
+    elif choice is None and vocab_size is not None:
+        dist.print0(f"warning: --vocab_size {vocab_size} ignored: '{name}' uses its saved {saved.kind} tokenizer")
 
 
 def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
@@ -203,6 +274,7 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
     train_data, val_data = load_splits(_token_file(plan, info), tc.val_split, cfg.block_size, plan.input_label)
+    dist.same_on_every_rank(lambda: _check_tokenizer_text(plan, train_data))
 
     torch.manual_seed(tc.seed)
     model = GPT(cfg).to(device)
@@ -269,6 +341,22 @@ def _token_file(plan: RunPlan, info: dist.DistInfo) -> TokenFile:
         raise MyPTError(f"process {info.rank}: {path} on this machine differs from the text rank 0 trains on; "
                         "copy rank 0's file here (or put it on a shared filesystem)")
     return token_file
+
+
+def _check_tokenizer_text(plan: RunPlan, train_data: Any) -> None:
+    """A bpe tokenizer trained for this run must have seen no validation text: the training
+    tokens must cover at least the bytes it was trained on (data.training_text_end)."""
+    tok = plan.tokenizer
+    if plan.tokenizer_text_end is None or not isinstance(tok, BPETokenizer):
+        return
+    lengths, covered, step = tok.byte_lengths(), 0, 1 << 24
+    for start in range(0, len(train_data), step):
+        covered += int(lengths[train_data[start:start + step]].sum())
+    if covered < plan.tokenizer_text_end:
+        raise MyPTError(f"{plan.input_label}: validation starts at byte {covered:,}, before the end of the text "
+                        f"the bpe tokenizer was trained on (byte {plan.tokenizer_text_end:,}): the end of the "
+                        "text tokenizes much more compactly than the rest. Train the tokenizer on a text of your "
+                        "choice (mypt tokenizer train) and pass --tokenizer FILE.json")
 
 
 class _Reporter:
