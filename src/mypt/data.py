@@ -181,6 +181,12 @@ def _pieces(path: Path, chunk_size: int) -> Iterator[tuple[str, int]]:
     yield carry, 0
 
 
+def text_pieces(path: str | Path, chunk_size: int = CHUNK_SIZE) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of about chunk_size, each tokenizing as in the whole."""
+    for text, _ in _pieces(Path(path), chunk_size):
+        yield text
+
+
 def _encode_pieces(path: Path, tokenizer: Tokenizer, chunk_size: int, workers: int) -> Iterator[tuple[np.ndarray, int]]:
     """Token array of each safely cut piece, in order, with the bytes of the file read for it.
 

@@ -48,6 +48,7 @@ def _require_model(folder: Path) -> None:
 
 def describe(folder: Path, verify: bool = False) -> list[str]:
     """The report's lines for the checkpoint folder."""
+    from mypt.cli.tokenizer import summary
     from mypt.config import ModelConfig, read_json
     from mypt.tokenizers import tokenizer_from_json
 
@@ -58,7 +59,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     tok_path = folder / "tokenizer.json"
     if tok_path.is_file():
         tok = tokenizer_from_json(read_json(tok_path, "tokenizer"), str(tok_path))
-        lines.append(f"  {'Tokenizer':<14}: {tok.kind}, {tok.n_vocab:,} tokens")
+        lines.append(f"  {'Tokenizer':<14}: {summary(tok)}")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
     lines += [""] + _training(state) + [""] + _files(folder, state, verify) + [""]

@@ -4,7 +4,7 @@ examples:
   python train.py --config_file configs/tiny.json --model_name test --input_file input.txt
   python train.py --config_file configs/150M.json --model_name dante --input_file input.txt --max_iters 5000
   python train.py --model_name dante --max_iters 10000          # resume: continues from the checkpoint
-  python train.py --config_file configs/tiny.json --model_name t --input_file input.txt --tokenizer bpe --vocab_size 4096
+  python train.py --config_file configs/tiny.json --model_name t --input_file in.txt --tokenizer bpe --vocab_size 4096
   torchrun --nproc_per_node=2 train.py --config_file configs/small.json --model_name dante
 
 A new model without --input_file trains on the built-in corpus (Python's own documentation).
