@@ -4,10 +4,8 @@ Owns three things:
 
 - Hugging Face transformers GPT-2 folders, both ways: config.json in transformers' GPT-2 schema,
   model.safetensors in GPT-2's layout (its Conv1D keeps linear weights as (in, out), the
-  transpose of nn.Linear; biases MyPT leaves out are stored as zeros), and the tokenizer files.
-- The GPT-2 byte-level BPE files (vocab.json, merges.txt), derived from the shipped tiktoken
-  ranks: token bytes are spelled with GPT-2's byte-to-unicode map, and each merge is recovered
-  by re-running BPE on a token's bytes with the ranks below its own.
+  transpose of nn.Linear; biases MyPT leaves out are stored as zeros), and the tokenizer files
+  (written and read by mypt.formats.hf_tokenizer).
 - Weights-only MyPT folders (model.safetensors in place of model.pt, no pickle anywhere).
 
 transformers itself is never imported: everything written is plain JSON and safetensors, and
@@ -17,7 +15,6 @@ import reads only safetensors (a folder with only pytorch_model.bin is refused, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -38,8 +35,9 @@ from mypt.api import load_model
 from mypt.checkpoint import save_checkpoint, write_weights_only
 from mypt.config import ModelConfig, TrainConfig, read_json
 from mypt.errors import MyPTError
+from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
-from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, Tokenizer, gpt2_encoding
+from mypt.tokenizers import Tokenizer
 from mypt.trainer import make_optimizer
 
 HF_CONFIG = "config.json"
@@ -54,101 +52,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 TIED_HEAD = "lm_head.weight"
 EMBEDDING = "transformer.wte.weight"
-
-
-# ---------------------------------------------------------------------------------------------
-# GPT-2 byte-level BPE files
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable character (how vocab.json spells bytes).
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes get the characters
-    from U+0100 on, in byte order.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in chars)
-    chars.update((b, chr(256 + i)) for i, b in enumerate(extra))
-    return dict(sorted(chars.items()))
-
-
-def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
-    """BPE of token's bytes using only the merges whose result ranks below `below`."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best, where = below, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], below)
-            if rank < best:
-                best, where = rank, i
-        if where < 0:
-            break
-        parts[where:where + 2] = [parts[where] + parts[where + 1]]
-    return parts
-
-
-@functools.cache
-def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """vocab.json's mapping and merges.txt's pairs (in priority order) for MyPT's gpt2 tokenizer."""
-    enc = gpt2_encoding()
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != GPT2_EOT_ID}
-    spell = bytes_to_unicode()
-
-    def text(token: bytes) -> str:
-        return "".join(spell[b] for b in token)
-
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) > 1:
-            parts = _bpe_parts(token, ranks, rank)
-            assert len(parts) == 2, f"token {rank} is not one merge of two lower-ranked tokens"
-            merges.append((text(parts[0]), text(parts[1])))
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    vocab[GPT2_EOT] = GPT2_EOT_ID
-    return vocab, merges
-
-
-def _gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
-    vocab, merges = gpt2_vocab_and_merges()
-    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": block_size,
-        "bos_token": GPT2_EOT,
-        "eos_token": GPT2_EOT,
-        "unk_token": GPT2_EOT,
-        "add_prefix_space": False,
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-    }
-    return {
-        "vocab.json": _json(vocab),
-        "merges.txt": merges_txt.encode("utf-8"),
-        "tokenizer_config.json": _json(config),
-    }
-
-
-def _char_tokenizer_files(tok: CharTokenizer, block_size: int) -> dict[str, bytes]:
-    """A tokenizers-library tokenizer.json: BPE without merges maps each character to its id."""
-    model = {
-        "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-        "vocab": {c: i for i, c in enumerate(tok.chars)}, "merges": [],
-    }
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-        "normalizer": None, "pre_tokenizer": None, "post_processor": None,
-        "decoder": {"type": "Fuse"},  # join the characters with nothing between them
-        "model": model,
-    }
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": block_size,
-        "clean_up_tokenization_spaces": False,
-    }
-    return {"tokenizer.json": _json(tokenizer), "tokenizer_config.json": _json(config)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +109,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     """config.json in transformers' GPT-2 schema for a MyPT model."""
-    special = GPT2_EOT_ID if tok.kind == "gpt2" else None
+    special = tok.eot_id
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -266,13 +169,7 @@ def export_hf(ckpt_dir: Path, out: Path) -> list[str]:
     """Write checkpoint ckpt_dir as a transformers GPT-2 folder; returns notes for the user."""
     lm = load_model(path=ckpt_dir, device="cpu")
     cfg, tok = lm.config, lm.tokenizer
-    if isinstance(tok, CharTokenizer):
-        files = _char_tokenizer_files(tok, cfg.block_size)
-        notes = [f"char tokenizer ({tok.n_vocab} characters) written as tokenizer.json; "
-                 "transformers drops characters it does not know instead of failing"]
-    else:
-        files = _gpt2_tokenizer_files(cfg.block_size)
-        notes = []
+    files, notes = tokenizer_files(tok, cfg.block_size)
     if cfg.vocab_size > tok.n_vocab:
         notes.append(f"vocab_size is {cfg.vocab_size}, the tokenizer has {tok.n_vocab} tokens: ids "
                      f"{tok.n_vocab}-{cfg.vocab_size - 1} are padding with no text (training never "
@@ -385,21 +282,6 @@ def _weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, .
     return problems
 
 
-def _tokenizer_problem(hf_dir: Path) -> str | None:
-    """Why the folder's tokenizer is not GPT-2's (None: it is, or the folder has none)."""
-    vocab, _ = gpt2_vocab_and_merges()
-    if (hf_dir / "vocab.json").is_file():
-        theirs = read_json(hf_dir / "vocab.json", "vocabulary")
-    elif (hf_dir / "tokenizer.json").is_file():
-        theirs = (read_json(hf_dir / "tokenizer.json", "tokenizer").get("model") or {}).get("vocab")
-    else:
-        return None
-    if theirs != vocab:
-        return ("its tokenizer is not GPT-2's (vocab differs); MyPT can only pair imported "
-                "weights with its gpt2 tokenizer")
-    return None
-
-
 def _import_config(hf: dict[str, Any], hf_dir: Path) -> ModelConfig:
     """MyPT's config for the folder (bias is decided later, from the weights)."""
     dropout = _hf_value(hf, "resid_pdrop", 0.1)
@@ -440,12 +322,12 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[ModelConfig, list[str]]:
     shapes = hf_shapes(cfg)
     weights = _read_hf_weights(hf_dir)
     problems = _weight_problems(weights, shapes)
-    tokenizer_problem = _tokenizer_problem(hf_dir)
+    tok, tokenizer_problem = import_tokenizer(hf_dir)
     if tokenizer_problem:
         problems.append(tokenizer_problem)
-    if cfg.vocab_size <= GPT2_EOT_ID:
-        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the gpt2 tokenizer's "
-                        f"{GPT2_EOT_ID + 1} tokens")
+    elif cfg.vocab_size < tok.n_vocab:
+        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the {tok.kind} tokenizer's "
+                        f"{tok.n_vocab} tokens")
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     bias = any(bool(weights[name].any()) for name in shapes if name.endswith(".bias"))
@@ -455,8 +337,8 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[ModelConfig, list[str]]:
         model = GPT(cfg)
     model.load_state_dict(state, assign=True)
     model.lm_head.weight = model.transformer.wte.weight
-    save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer={"kind": "gpt2"},
-                    training_state=_import_state(ckpt_dir, hf_dir),
+    save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer=tok.to_json(),
+                    training_state=_import_state(ckpt_dir, hf_dir, tok.kind),
                     optimizer_state={"optimizer": _fresh_optimizer_state(model), "scaler": None})
     notes = [] if bias else ["every bias is zero: imported with bias false (no bias parameters)"]
     attn_pdrop = float(_hf_value(hf, "attn_pdrop", 0.0))
@@ -466,13 +348,13 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[ModelConfig, list[str]]:
     return cfg, notes
 
 
-def _import_state(ckpt_dir: Path, hf_dir: Path) -> dict[str, Any]:
+def _import_state(ckpt_dir: Path, hf_dir: Path, tokenizer: str) -> dict[str, Any]:
     return {
         "iteration": 0, "best_val_loss": None, "last_val_loss": None, "last_train_loss": None,
         "tokens_seen": 0, "train_seconds": 0.0,
         "model_name": ckpt_dir.name,
         "input_file": None, "input_sha256": None,
-        "tokenizer": "gpt2",
+        "tokenizer": tokenizer,
         "imported_from": str(hf_dir.resolve()),
         "note": "imported from a transformers GPT-2 folder; not trained by MyPT yet",
         "versions": {
