@@ -14,9 +14,11 @@ compression  bytes per token of bpe trained on the first 90% of a text (vocab 10
              on the held-out last 10% and on the whole, against gpt2 and char; on
              tinyshakespeare and the built-in corpus.
 quality      on tinyshakespeare, the shakespeare-char architecture with each tokenizer for the
-             same --budget seconds of training (iterations calibrated so the cosine schedule ends
-             at the budget), then bits per character on each run's own validation text (the last
-             10% of its tokens), as `mypt eval` computes it.
+             same --budget seconds of training on torch's threads, counted in CPU time (budget x
+             threads CPU-seconds, so that other load on the shared machine does not favour one
+             run), iterations calibrated so the cosine schedule ends at the budget; then bits per
+             character on each run's own validation text (the last 10% of its tokens), as
+             `mypt eval` computes it.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def child_train(lib: str, path: Path, vocab: int) -> dict[str, Any]:
     from mypt.tokenizers.bpe import SPLIT_PATTERN, _small_pieces
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if lib == "rustbpe":
         n = train_bpe(training_text(path, 0.0), vocab, str(path)).n_vocab
     else:
@@ -95,7 +97,8 @@ def child_train(lib: str, path: Path, vocab: int) -> dict[str, Any]:
                                       special_tokens=["<|endoftext|>"], show_progress=False)
         tok.train_from_iterator(_small_pieces(training_text(path, 0.0)), trainer)
         n = tok.get_vocab_size()
-    return {"seconds": time.perf_counter() - start, "n_vocab": n, "before_mib": before}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "n_vocab": n,
+            "before_mib": before}
 
 
 def child_encode(kind: str, path: Path) -> dict[str, Any]:
@@ -106,10 +109,10 @@ def child_encode(kind: str, path: Path) -> dict[str, Any]:
     tok.encode("warm up the tokenizer")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as cache:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         token_file = prepare_tokens(path, tok, cache, progress=False)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "n_tokens": token_file.n_tokens, "before_mib": before}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "n_tokens": token_file.n_tokens, "before_mib": before}
 
 
 def measure(*args: str) -> dict[str, Any]:
@@ -130,13 +133,14 @@ def bench_train(folder: Path, size_mb: int, repeats: int) -> None:
     path = big_text(folder, size_mb)
     mb = path.stat().st_size / MB
     print(f"\n## Training, {mb:.0f} MB, vocab {TRAIN_VOCAB}\n")
-    print("| library | run | seconds | MB/s | RSS before (imports) | peak RSS |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| library | run | seconds | MB/s | MB per CPU-second | RSS before (imports) | peak RSS |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run in range(repeats):
         for lib in ("rustbpe", "tokenizers"):
             r = measure("train", lib, str(path), str(TRAIN_VOCAB))
             assert r["n_vocab"] == TRAIN_VOCAB, r
-            print(f"| {lib} | {run + 1} | {r['seconds']:.1f} | {mb / r['seconds']:.1f} | {r['before_mib']:.0f} MiB "
+            print(f"| {lib} | {run + 1} | {r['seconds']:.1f} | {mb / r['seconds']:.1f} | {mb / r['cpu_seconds']:.1f} "
+                  f"| {r['before_mib']:.0f} MiB "
                   f"| {r['peak_mib']:.0f} MiB |", flush=True)
 
 
@@ -149,14 +153,16 @@ def bench_encode(folder: Path, size_mb: int, repeats: int) -> None:
     if not tok_path.exists():
         save_tokenizer(train_bpe(training_text(small, 0.1), TRAIN_VOCAB, "text"), tok_path)
     print(f"\n## Encoding: prepare_tokens, gpt2 vs bpe {TRAIN_VOCAB}\n")
-    print("| tokenizer | MB | run | seconds | MB/s | tokens | bytes/token | RSS before | peak RSS |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| tokenizer | MB | run | seconds | MB/s | MB per CPU-second | tokens | bytes/token | RSS before "
+          "| peak RSS |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for path in (small, big):
         mb = path.stat().st_size / MB
         for run in range(repeats):
             for name, kind in (("gpt2", "gpt2"), (f"bpe {TRAIN_VOCAB}", str(tok_path))):
                 r = measure("encode", kind, str(path))
                 print(f"| {name} | {mb:.0f} | {run + 1} | {r['seconds']:.1f} | {mb / r['seconds']:.1f} "
+                      f"| {mb / r['cpu_seconds']:.1f} "
                       f"| {r['n_tokens']:,} | {path.stat().st_size / r['n_tokens']:.2f} | {r['before_mib']:.0f} MiB "
                       f"| {r['peak_mib']:.0f} MiB |",
                       flush=True)
@@ -217,7 +223,7 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
     device = torch.device("cpu")
     dtype = dist.pick_dtype(base.dtype, device)
 
-    def fit(max_iters: int, stop_after: float | None) -> tuple[Any, TrainState, float]:
+    def fit(max_iters: int, cpu_budget: float | None) -> tuple[Any, TrainState, float, float]:
         tc = TrainConfig(**{**base.to_dict(), "max_iters": max_iters, "eval_interval": 10**9,
                             "eval_iters": 1, "log_interval": 10**9})
         torch.manual_seed(tc.seed)
@@ -225,22 +231,44 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
         trainer = Trainer(model, make_optimizer(model, tc, device), train_data, val_data, cfg.block_size,
                           cfg.batch_size, tc, device, dtype, dist.DistInfo())
         state = TrainState()
-        timer = threading.Timer(stop_after, lambda: setattr(trainer, "stop_signal", 15)) if stop_after else None
-        if timer:
-            timer.start()
-        trainer.fit(state, lambda s: None, lambda s, r: None, _Quiet())
-        if timer:
-            timer.cancel()
-        return model, state, state.train_seconds
+        cpu = time.process_time()
+        with _cpu_limit(trainer, cpu + cpu_budget if cpu_budget else None):
+            trainer.fit(state, lambda s: None, lambda s, r: None, _Quiet())
+        return model, state, state.train_seconds, time.process_time() - cpu
 
-    per_iter = fit(40, None)[2] - fit(10, None)[2]  # 30 iterations after warm-up
-    iters = max(30, int(budget * 30 / per_iter))
-    model, state, seconds = fit(iters, budget * 1.1)
+    fit(10, None)  # warm-up
+    per_iter = (fit(40, None)[3] - fit(10, None)[3]) / 30  # CPU-seconds of one iteration
+    cpu_budget = budget * torch.get_num_threads()
+    model, state, seconds, cpu_seconds = fit(max(30, int(cpu_budget / per_iter)), cpu_budget * 1.05)
     lm = LoadedModel(model.eval(), cfg, tok, None, device, "fp32")  # type: ignore[arg-type]
     result = lm.evaluate(tok.decode(val_data.tolist()), what="validation text")
-    return {"iters": state.iteration, "seconds": seconds, "tokens_per_s": state.tokens_seen / seconds,
-            "params": model.num_params(), "bpc": result.bits_per_char, "val_chars": result.n_chars,
-            "lr": lr or base.learning_rate}
+    return {"iters": state.iteration, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "tokens_per_cpu_s": state.tokens_seen / cpu_seconds * torch.get_num_threads(),
+            "params": model.num_params(), "bpc": result.bits_per_char, "lr": lr or base.learning_rate}
+
+
+class _cpu_limit:
+    """Ask the trainer to stop once the process has used `until` CPU-seconds (None: never).
+
+    CPU time, not wall time: this machine is shared, and another process's load would
+    otherwise shorten one tokenizer's run and not another's.
+    """
+
+    def __init__(self, trainer: Any, until: float | None) -> None:
+        self.trainer, self.until, self.done = trainer, until, threading.Event()
+
+    def _watch(self) -> None:
+        while self.until is not None and not self.done.wait(0.2):
+            if time.process_time() >= self.until:
+                self.trainer.stop_signal = 15
+                return
+
+    def __enter__(self) -> _cpu_limit:
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
 
 
 class _Quiet:
@@ -252,13 +280,18 @@ class _Quiet:
 
 
 def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float]) -> None:
+    import torch
+
     from mypt.data import char_vocab_of_file, training_text
     from mypt.tokenizers import build_tokenizer, train_bpe
 
-    print(f"\n## Quality per second: tinyshakespeare, shakespeare-char architecture, {budget:.0f} s of training\n")
-    print("| tokenizer | vocab | learning rate | parameters | iterations | seconds | tokens/s | chars/s "
-          "| held-out bits/char |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    threads = torch.get_num_threads()
+    print(f"\n## Quality per second: tinyshakespeare, shakespeare-char architecture, {budget:.0f} s of training "
+          f"on {threads} threads ({budget * threads:.0f} CPU-seconds)\n")
+    print("tokens/s and chars/s are per CPU-second x threads: what the run does with the whole machine.\n")
+    print("| tokenizer | vocab | learning rate | parameters | iterations | wall seconds | CPU seconds | tokens/s "
+          "| chars/s | held-out bits/char |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     toks = {"char": build_tokenizer("char", "".join(char_vocab_of_file(SHAKESPEARE))),
             "gpt2": build_tokenizer("gpt2")}
     for vocab in vocabs:
@@ -269,8 +302,8 @@ def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[floa
         for lr in lrs or [None]:
             r = quality_run(tok, budget, folder / "cache", lr)
             print(f"| {name} | {tok.n_vocab:,} | {r['lr']:g} | {r['params']:,} | {r['iters']:,} | {r['seconds']:.0f} "
-                  f"| {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] * chars_per_token:,.0f} | {r['bpc']:.3f} |",
-                  flush=True)
+                  f"| {r['cpu_seconds']:.0f} | {r['tokens_per_cpu_s']:,.0f} "
+                  f"| {r['tokens_per_cpu_s'] * chars_per_token:,.0f} | {r['bpc']:.3f} |", flush=True)
 
 
 def main() -> None:
