@@ -87,7 +87,7 @@ def child_train(lib: str, path: Path, vocab: int) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu = time.perf_counter(), time.process_time()
     if lib == "rustbpe":
-        n = train_bpe(training_text(path, 0.0), vocab, str(path)).n_vocab
+        n = train_bpe(training_text(path, path.stat().st_size), vocab, str(path)).n_vocab
     else:
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -95,7 +95,7 @@ def child_train(lib: str, path: Path, vocab: int) -> dict[str, Any]:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       special_tokens=["<|endoftext|>"], show_progress=False)
-        tok.train_from_iterator(_small_pieces(training_text(path, 0.0)), trainer)
+        tok.train_from_iterator(_small_pieces(training_text(path, path.stat().st_size)), trainer)
         n = tok.get_vocab_size()
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "n_vocab": n,
             "before_mib": before}
@@ -145,13 +145,13 @@ def bench_train(folder: Path, size_mb: int, repeats: int) -> None:
 
 
 def bench_encode(folder: Path, size_mb: int, repeats: int) -> None:
-    from mypt.data import training_text
+    from mypt.data import training_text, training_text_end
     from mypt.tokenizers import save_tokenizer, train_bpe
 
     small, big = big_text(folder, size_mb // 2), big_text(folder, size_mb)
     tok_path = folder / "bpe8192.json"
     if not tok_path.exists():
-        save_tokenizer(train_bpe(training_text(small, 0.1), TRAIN_VOCAB, "text"), tok_path)
+        save_tokenizer(train_bpe(training_text(small, training_text_end(small, 0.1)), TRAIN_VOCAB, "text"), tok_path)
     print(f"\n## Encoding: prepare_tokens, gpt2 vs bpe {TRAIN_VOCAB}\n")
     print("| tokenizer | MB | run | seconds | MB/s | MB per CPU-second | tokens | bytes/token | RSS before "
           "| peak RSS |")
@@ -185,7 +185,7 @@ def bench_compression(folder: Path) -> None:
         toks = {"char": build_tokenizer("char", "".join(char_vocab_of_file(path))), "gpt2": build_tokenizer("gpt2")}
         for vocab in COMPRESSION_VOCABS:
             try:
-                toks[f"bpe {vocab}"] = train_bpe(training_text(path, 0.1), vocab, name)
+                toks[f"bpe {vocab}"] = train_bpe(training_text(path, training_text_end(path, 0.1)), vocab, name)
             except MyPTError as e:  # a small text runs out of pairs to merge
                 toks[f"bpe {vocab}"] = str(e).split(": ")[1].split(" (")[0]
         for label, tok in toks.items():
@@ -282,7 +282,7 @@ class _Quiet:
 def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float]) -> None:
     import torch
 
-    from mypt.data import char_vocab_of_file, training_text
+    from mypt.data import char_vocab_of_file, training_text, training_text_end
     from mypt.tokenizers import build_tokenizer, train_bpe
 
     threads = torch.get_num_threads()
@@ -295,7 +295,8 @@ def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[floa
     toks = {"char": build_tokenizer("char", "".join(char_vocab_of_file(SHAKESPEARE))),
             "gpt2": build_tokenizer("gpt2")}
     for vocab in vocabs:
-        toks[f"bpe {vocab}"] = train_bpe(training_text(SHAKESPEARE, 0.1), vocab, "tinyshakespeare")
+        toks[f"bpe {vocab}"] = train_bpe(training_text(SHAKESPEARE, training_text_end(SHAKESPEARE, 0.1)), vocab,
+                                        "tinyshakespeare")
     n_chars = len(SHAKESPEARE.read_text(encoding="utf-8"))
     for name, tok in toks.items():
         chars_per_token = n_chars / len(tok.encode(SHAKESPEARE.read_text(encoding="utf-8")))

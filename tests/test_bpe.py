@@ -16,11 +16,25 @@ from forked_cli import ONE_THREAD, run
 
 from mypt.api import load_model
 from mypt.cli import run_command
-from mypt.data import training_text
-from mypt.tokenizers import load_tokenizer, train_bpe
+from mypt.data import load_splits, open_token_file, training_text
+from mypt.tokenizers import BPETokenizer, load_tokenizer, train_bpe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TRAIN = ["--max_iters", "6", "--eval_interval", "6", "--eval_iters", "2", "--device", "cpu", "--dtype", "fp32"]
+
+
+def bpe_text_ends(output: str) -> list[int]:
+    """Where the text ends that the run's bpe tokenizer was trained on, for each training, in bytes."""
+    lines = [x for x in output.splitlines() if x.startswith("training a bpe tokenizer of")]
+    return [int(x.split(" on the first ")[1].split(" bytes")[0].replace(",", "")) for x in lines]
+
+
+def validation_start(folder: Path, tok: BPETokenizer) -> int:
+    """The byte of input.txt at which the validation tokens of the run start."""
+    token_file = open_token_file(next((folder / "checkpoints" / ".cache").glob(f"*{tok.id_string()}.bin")))
+    assert token_file is not None
+    train_data, _ = load_splits(token_file, 0.1, TINY_ARCH["block_size"], "input.txt")
+    return int(tok.byte_lengths()[train_data].sum())
 
 
 def train(root: Path, *args: str) -> str:
@@ -36,6 +50,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "input.txt").write_text(corpus_text(60_000), encoding="utf-8")
     out = train(root, "--model_name", "b", "--tokenizer", "bpe", "--vocab_size", "500")
     assert "bpe tokenizer: vocab_size is 512 (its 500 tokens padded to a multiple of 64), not the config's" in out
+    (root / "b-output.txt").write_text(out)
     train(root, "--model_name", "c", "--tokenizer", "char")
     return root
 
@@ -53,10 +68,26 @@ def test_new_bpe_model_is_self_contained(root: Path) -> None:
 
 def test_bpe_is_trained_on_the_training_split_only(root: Path) -> None:
     tok = load_tokenizer(root / "checkpoints" / "b" / "tokenizer.json")
-    expected = train_bpe(training_text(root / "input.txt", 0.1), 500, "t")
-    assert tok.ranks == expected.ranks  # type: ignore[attr-defined]
+    assert isinstance(tok, BPETokenizer)
+    end = bpe_text_ends((root / "b-output.txt").read_text())[-1]
+    assert train_bpe(training_text(root / "input.txt", end), 500, "t").ranks == tok.ranks
+    assert validation_start(root, tok) >= end  # no validation text reached the tokenizer
     whole = train_bpe([(root / "input.txt").read_text(encoding="utf-8")], 500, "t")
-    assert whole.ranks != expected.ranks  # the validation text would have changed it
+    assert whole.ranks != tok.ranks  # the validation text would have changed it
+
+
+def test_bpe_is_trained_again_when_validation_starts_early(tmp_path: Path) -> None:
+    # The last tenth of this text is one line repeated: it tokenizes far more compactly than the
+    # rest, so validation (the last 10% of the tokens) starts well before 90% of the bytes.
+    text = corpus_text(45_000)
+    (tmp_path / "input.txt").write_text(text + "to be or not to be\n" * 400, encoding="utf-8")
+    out = train(tmp_path, "--model_name", "e", "--tokenizer", "bpe", "--vocab_size", "400")
+    assert "training it again on less" in out
+    ends = bpe_text_ends(out)
+    assert ends[0] == int((tmp_path / "input.txt").stat().st_size * 0.9) and len(ends) >= 2 and ends[-1] < ends[0]
+    last = ends[-1]
+    tok = load_tokenizer(tmp_path / "checkpoints" / "e" / "tokenizer.json")
+    assert isinstance(tok, BPETokenizer) and validation_start(tmp_path, tok) >= last
 
 
 def test_resume_keeps_the_saved_tokenizer(root: Path, tmp_path: Path) -> None:

@@ -155,7 +155,7 @@ def test_training_text_is_the_text_before_the_validation_part(tmp_path):
         end = data.training_text_end(path, val_split)
         assert end == int(size * (1 - val_split))
         for chunk_size in (64, 1 << 20):
-            text = "".join(data.training_text(path, val_split, chunk_size=chunk_size))
+            text = "".join(data.training_text(path, end, chunk_size=chunk_size))
             assert path.read_text(encoding="utf-8").startswith(text)
             assert end - 64 < len(text.encode("utf-8")) <= end  # cut back to the last safe point only
 

@@ -259,7 +259,7 @@ def test_bpe_training_pieces_do_not_change_the_result(monkeypatch):
     text = corpus_text(100_000)
     whole = train_bpe([text], 600, "t")
     monkeypatch.setattr(bpe_module, "TRAIN_PIECE_CHARS", 100)
-    assert len(list(bpe_module._small_pieces([text]))) > 500
+    assert len(list(bpe_module._small_pieces([text]))) > 300
     assert train_bpe([text[:5000], text[5000:]], 600, "t").ranks == whole.ranks
 
 

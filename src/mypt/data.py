@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mypt.errors import MyPTError
+from mypt.fsutil import check_regular_file
 from mypt.tokenizers import Tokenizer
 from mypt.tokenizers.base import NEWLINE_CUT, WHITESPACE_CUT
 
@@ -102,6 +103,7 @@ def _check_path(path: Path) -> None:
         raise MyPTError(f"input file {path} does not exist; check the path")
     if path.is_dir():
         raise MyPTError(f"input file {path} is a directory; pass a UTF-8 text file")
+    check_regular_file(path, f"input file {path}")  # a FIFO or device would hang or never end
     if path.stat().st_size == 0:
         raise MyPTError(f"input file {path} is empty; pass a file with some text in it")
 
@@ -318,20 +320,17 @@ def prepare_tokens(
 
 
 def training_text_end(path: str | Path, val_split: float) -> int:
-    """The byte offset before which the text of `path` belongs to the training part.
+    """Where the training part of `path` ends if the split were made on bytes: (1 - val_split) of it.
 
     The split itself is made on tokens (load_splits: the last val_split of them validate), and
-    tokens need a tokenizer. A tokenizer trained for the run must see no validation text, so it
-    is trained on the bytes before (1 - val_split) of the file; the run then checks that the
-    token split lies at or after this point (it does unless the end of the text tokenizes far
-    more compactly than the rest).
+    tokens need a tokenizer; a tokenizer trained for a run starts from this estimate (the run
+    then checks it against the token split).
     """
     return int(Path(path).stat().st_size * (1 - val_split))
 
 
-def training_text(path: str | Path, val_split: float, chunk_size: int = CHUNK_SIZE) -> Iterator[str]:
-    """The text before training_text_end(path, val_split), in pieces cut only at safe points."""
-    end = training_text_end(path, val_split)
+def training_text(path: str | Path, end: int, chunk_size: int = CHUNK_SIZE) -> Iterator[str]:
+    """The text of `path` before byte `end`, in pieces cut only at safe points (so a little less)."""
     done = 0
     for text, _ in _pieces(Path(path), chunk_size):
         data = text.encode("utf-8")

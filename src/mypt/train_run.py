@@ -8,7 +8,6 @@ one needs --allow_data_change), saved training flags are the defaults for the ne
 from __future__ import annotations
 
 import contextlib
-import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,15 +15,28 @@ from typing import Any
 
 import torch
 
-from mypt import __version__, dist
-from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
+from mypt import dist
+from mypt.build import build_model, checkpoint_tokenizer
+from mypt.checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    now,
+    real_folder,
+    recover,
+    save_checkpoint,
+    training_lock,
+    versions,
+)
 from mypt.config import (
     GPT2_VOCAB_SIZE,
     ModelConfig,
     TrainConfig,
     apply_arch_flags,
+    check_train_flags,
     load_model_config,
     new_run_train_config,
+    resume_train_config,
+    saved_train_config,
 )
 from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
 from mypt.data import (
@@ -39,6 +51,8 @@ from mypt.data import (
     training_text_end,
 )
 from mypt.errors import MyPTError
+from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
+from mypt.fsutil import FileLock
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
 from mypt.tokenizers import (
@@ -47,14 +61,14 @@ from mypt.tokenizers import (
     Tokenizer,
     build_tokenizer,
     load_tokenizer,
-    tokenizer_from_json,
     train_bpe,
 )
 from mypt.tokenizers.bpe import check_vocab_size
-from mypt.trainer import Stop, Trainer, TrainState, make_optimizer
+from mypt.trainer import Stop, Trainer, TrainState, get_lr, make_optimizer
 
 CACHE_DIR = ".cache"
 DEFAULT_BPE_VOCAB = 4096
+BPE_TRIES = 3  # trainings of a bpe tokenizer before giving up on keeping validation text out of it
 
 
 @dataclass
@@ -70,21 +84,24 @@ class RunPlan:
     input_sha256: str
     state: TrainState
     resume: Any  # the loaded Checkpoint, or None for a new model
-    tokenizer_text_end: int | None = None  # a bpe tokenizer trained for this run saw the bytes before this
 
 
 def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_file: str | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
-          allow_data_change: bool = False, fsdp: bool = False, vocab_size: int | None = None) -> Stop:
+          allow_data_change: bool = False, fsdp: bool = False, skip_memory_check: bool = False,
+          vocab_size: int | None = None) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
-    dist.same_on_every_rank(lambda: TrainConfig(**train_flags))  # flag errors first, before any file is read
-    lock = TrainingLock(ckpt_dir)  # rank 0 holds it from before reading the checkpoint to the end
+    dist.same_on_every_rank(lambda: check_train_flags(train_flags))  # flag errors first, before any file is read
+    torch_device = dist.pick_device(device, info)
+    locks: list[FileLock] = []  # rank 0 holds the model's lock from before reading the checkpoint to the end
 
     def make_plan() -> RunPlan:
+        _check_folders(ckpt_dir)
         if ckpt_dir.parent.is_dir():  # else nothing to read yet: it is taken before training starts
-            lock.acquire()  # so a running trainer cannot swap the checkpoint while it is read
-        recover(ckpt_dir)
+            locks.append(training_lock(ckpt_dir))
+            locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
+            recover(ckpt_dir)  # only the lock holder may repair a killed save
         if (ckpt_dir / "config.json").exists():
             plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags,
                                allow_data_change, vocab_size)
@@ -93,11 +110,12 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         tc = plan.train_cfg
         check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
         _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+        if not skip_memory_check:
+            check_memory(plan.model_cfg, tc, dist.pick_dtype(tc.dtype, torch_device), torch_device, info, fsdp)
         return plan
 
-    torch_device = dist.pick_device(device, info)
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
-        cleanup.callback(lock.release)
+        cleanup.callback(lambda: [lock.release() for lock in locks])
         plan = dist.from_main(make_plan, share=_for_other_ranks)  # rank 0 reads the files
         tc = plan.train_cfg
         if plan.state.iteration >= tc.max_iters:
@@ -107,23 +125,47 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         dtype = dist.pick_dtype(tc.dtype, torch_device)
         if tc.compile:
             dist.check_compile(torch_device)
-        if info.is_main and not lock.held:
-            lock.acquire()
+        if info.is_main and not locks:
+            locks.append(training_lock(ckpt_dir))
+            locks[0].acquire()
         return _run(plan, info, torch_device, dtype, fsdp)
+
+
+def check_memory(cfg: ModelConfig, tc: TrainConfig, dtype: str, device: torch.device, info: dist.DistInfo,
+                 fsdp: bool) -> None:
+    """Refuse, before anything is allocated, a run whose estimated peak memory exceeds the device's."""
+    precision = "fp32" if dtype == "fp32" else "bf16"
+    need = estimate_memory(cfg, cfg.batch_size, precision, tc.gradient_checkpointing)
+    total, where = detect_memory(device)
+    share = info.local_world_size if device.type == "cpu" else 1  # processes on one machine share its RAM
+    states = need.weights + need.gradients + need.optimizer
+    per_process = need.total - (states - states // info.world_size if fsdp else 0)
+    if per_process * share <= total:
+        return
+    fits = max_batch_size(cfg, total // share, precision, tc.gradient_checkpointing)
+    advice = (f"the largest batch_size that fits is {fits}" if fits else
+              "no batch size fits: use a smaller config (fewer or narrower layers)")
+    many = f" x {share} processes" if share > 1 else ""
+    raise MyPTError(
+        f"this run needs about {human_bytes(per_process)}{many} at its peak ({precision}, batch_size "
+        f"{cfg.batch_size}, block_size {cfg.block_size}, {cfg.n_layer} layers x {cfg.n_embd}: weights "
+        f"{human_bytes(need.weights)}, gradients {human_bytes(need.gradients)}, optimizer "
+        f"{human_bytes(need.optimizer)}, activations {human_bytes(need.activations)}), but {where} has "
+        f"{human_bytes(total)}; {advice} (or try --gradient_checkpointing). Pass --skip_memory_check to "
+        "start anyway")
 
 
 def _for_other_ranks(plan: RunPlan) -> RunPlan:
     """The plan without the weights and optimizer state: the other ranks get those by broadcast."""
     if plan.resume is None:
         return plan
-    scaler = plan.resume.optimizer_state.get("scaler")
+    scaler = (plan.resume.optimizer_state or {}).get("scaler")
     resume = replace(plan.resume, model_state={}, optimizer_state={"scaler": scaler})
     return replace(plan, resume=resume)
 
 
 def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
              arch_flags: dict[str, Any], train_flags: dict[str, Any], vocab_size: int | None = None) -> RunPlan:
-    _check_folders(ckpt_dir)
     base = load_model_config(config_file) if config_file else None
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
     for w in warnings:
@@ -137,9 +179,13 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
         dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
     else:
         path, label = check_input_file(Path(input_file)), input_file
-    tok, text_end = _new_tokenizer(tokenizer or "gpt2", vocab_size, path, label, tc.val_split)
+    if tokenizer == "bpe":
+        tok = _bpe_for_run(path, label, vocab_size or DEFAULT_BPE_VOCAB, tc.val_split, cfg.block_size,
+                           ckpt_dir.parent / CACHE_DIR)
+    else:
+        tok = _new_tokenizer(tokenizer or "gpt2", path)
     cfg = _model_vocab(cfg, tok, config_file, label)
-    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None, text_end)
+    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None)
 
 
 def _check_vocab_flag(tokenizer: str | None, vocab_size: int | None) -> None:
@@ -151,23 +197,52 @@ def _check_vocab_flag(tokenizer: str | None, vocab_size: int | None) -> None:
     check_vocab_size(vocab_size)
 
 
-def _new_tokenizer(choice: str, vocab_size: int | None, path: Path, label: str,
-                   val_split: float) -> tuple[Tokenizer, int | None]:
-    """The tokenizer of a new run, and where the text a bpe one was trained on ends (else None)."""
+def _new_tokenizer(choice: str, path: Path) -> Tokenizer:
+    """The gpt2 tokenizer, the char tokenizer of the text, or the tokenizer saved in the file `choice`."""
     if choice == "gpt2":
-        return build_tokenizer("gpt2"), None
+        return build_tokenizer("gpt2")
     if choice == "char":
-        return build_tokenizer("char", "".join(char_vocab_of_file(path))), None
-    if choice == "bpe":
-        n = vocab_size or DEFAULT_BPE_VOCAB
-        dist.print0(f"training a bpe tokenizer of {n} tokens on the text of {label} before its last "
-                    f"{val_split:g} (the validation part)")
+        return build_tokenizer("char", "".join(char_vocab_of_file(path)))
+    return tokenizer_file(choice)
+
+
+def _bpe_for_run(path: Path, label: str, vocab_size: int, val_split: float, block_size: int,
+                 cache: Path) -> BPETokenizer:
+    """A bpe tokenizer trained on the text of `path` before its validation part, none of that part.
+
+    Validation is the last val_split of the tokens, so where it starts in the text is known only
+    once the text is tokenized: the tokenizer is trained on the bytes before (1 - val_split) of
+    the file, the text is tokenized into the token cache the run then uses, and if validation
+    starts before the end of the tokenizer's text (the end of the file tokenizes more compactly
+    than the rest), the tokenizer is trained again on less.
+    """
+    end = training_text_end(path, val_split)
+    source = f"the training part of {label} (the text before its last --val_split {val_split:g})"
+    for _ in range(BPE_TRIES):
+        dist.print0(f"training a bpe tokenizer of {vocab_size} tokens on the first {end:,} bytes of {label}")
         start = time.perf_counter()
-        tok = train_bpe(training_text(path, val_split), n,
-                        f"the training part of {label} (the text before its last --val_split {val_split:g})")
+        tok = train_bpe(training_text(path, end), vocab_size, source)
         dist.print0(f"bpe tokenizer trained in {time.perf_counter() - start:.1f} s ({tok.id_string()})")
-        return tok, training_text_end(path, val_split)
-    return tokenizer_file(choice), None
+        check_long_enough(path, tok, val_split, block_size, label)  # before the token cache is written
+        val_start = _validation_start(prepare_tokens(path, tok, cache), tok, val_split, block_size, label)
+        if val_start >= end:
+            return tok
+        dist.print0(f"note: validation starts at byte {val_start:,} of {label} with this tokenizer, before the "
+                    "end of its text: training it again on less")
+        end = val_start - (end - val_start)
+    raise MyPTError(f"{label}: the validation part keeps moving into the text the bpe tokenizer is trained on "
+                    f"({BPE_TRIES} tries); train one on a text of your choice (mypt tokenizer train) and pass "
+                    "--tokenizer FILE.json")
+
+
+def _validation_start(token_file: TokenFile, tok: BPETokenizer, val_split: float, block_size: int,
+                      label: str) -> int:
+    """The byte of the text at which the validation tokens start."""
+    train_data, _ = load_splits(token_file, val_split, block_size, label)
+    lengths, covered, step = tok.byte_lengths(), 0, 1 << 24
+    for i in range(0, len(train_data), step):
+        covered += int(lengths[train_data[i:i + step]].sum())
+    return covered
 
 
 def tokenizer_file(path: str) -> Tokenizer:
@@ -196,7 +271,9 @@ def _model_vocab(cfg: ModelConfig, tok: Tokenizer, config_file: str | None, labe
 
 
 def _check_folders(ckpt_dir: Path) -> None:
-    """The model's folder, and the nearest existing folder above it, must not be files."""
+    """The model's folder (or the folder its link points to), and the nearest existing folder above
+    it, must not be files."""
+    real_folder(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
     for folder in ckpt_dir.parents:
@@ -222,12 +299,22 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None,
     cfg, warnings = apply_arch_flags(cfg, arch_flags, saved_src)
     for w in warnings:
         dist.print0(f"warning: {w}")
-    tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt_dir}/tokenizer.json")
+    tok = checkpoint_tokenizer(ckpt, cfg)
     _warn_ignored_tokenizer(tokenizer, vocab_size, tok, ckpt_dir.name)
-    tc = TrainConfig(**{**ts.get("train_config", {}), **train_flags})
+    source = f"{ckpt_dir}/training_state.json"
+    state = TrainState.from_saved(ts, source)
+    saved = saved_train_config(ts, source)
+    tc = resume_train_config(saved, train_flags)
+    if tc.val_split != saved.get("val_split", tc.val_split) and not allow_data_change:
+        raise MyPTError(f"--val_split {tc.val_split}: '{ckpt_dir.name}' was trained with --val_split "
+                        f"{saved['val_split']}; another split would move validation text into training. Leave "
+                        "--val_split out, or pass --allow_data_change to accept that")
     path, label, sha = _resume_input(ckpt_dir, ts, input_file, allow_data_change)
-    state = TrainState(**{k: ts[k] for k in TrainState().to_dict() if k in ts})
     dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
+    dist.print0(_schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
+    if not ckpt.has_optimizer:
+        dist.print0(f"note: {ckpt_dir.name} has no optimizer.pt (imported or weights only): starting a fresh "
+                    "optimizer")
     return RunPlan(ckpt_dir, cfg, tc, tok, path, label, sha, state, ckpt)
 
 
@@ -243,6 +330,12 @@ def _warn_ignored_tokenizer(choice: str | None, vocab_size: int | None, saved: T
                     f"({saved.n_vocab:,} tokens)")
     elif choice is None and vocab_size is not None:
         dist.print0(f"warning: --vocab_size {vocab_size} ignored: '{name}' uses its saved {saved.kind} tokenizer")
+
+
+def _schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:
+    how = "re-planned by --lr_decay_iters" if replanned else "as saved; pass --lr_decay_iters N to re-plan it"
+    return (f"learning-rate schedule: cosine decay to {tc.final_lr:.2e} ends at iteration {tc.lr_decay_iters} "
+            f"({how}); learning rate at iteration {iteration}: {get_lr(iteration, tc):.2e}")
 
 
 def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
@@ -274,22 +367,23 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
     train_data, val_data = load_splits(_token_file(plan, info), tc.val_split, cfg.block_size, plan.input_label)
-    dist.same_on_every_rank(lambda: _check_tokenizer_text(plan, train_data))
 
-    torch.manual_seed(tc.seed)
-    model = GPT(cfg).to(device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
     if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from wrap_model
-        model.load_state_dict(plan.resume.model_state)
+        model = build_model(plan.resume, device).model
+    else:
+        torch.manual_seed(tc.seed)
+        model = GPT(cfg).to(device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
     wrapped = dist.wrap_model(model, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
-    if plan.resume is not None:
-        dist.load_optimizer_state(wrapped, optimizer, plan.resume.optimizer_state.get("optimizer"))
+    saved_optimizer = (plan.resume.optimizer_state or {}) if plan.resume is not None else {}
+    if plan.resume is not None and plan.resume.has_optimizer:
+        dist.load_optimizer_state(wrapped, optimizer, saved_optimizer.get("optimizer"))
     runnable = torch.compile(wrapped) if tc.compile else wrapped
     trainer = Trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,
                       device, dtype, info)
-    if plan.resume is not None and plan.resume.optimizer_state.get("scaler"):
-        trainer.scaler.load_state_dict(plan.resume.optimizer_state["scaler"])
+    if saved_optimizer.get("scaler"):
+        trainer.scaler.load_state_dict(saved_optimizer["scaler"])
 
     dist.print0(f"model: {model.num_params():,} parameters, {cfg.n_layer} layers, {cfg.n_embd} wide; "
                 f"device {device}, {dtype}; {trainer.tokens_per_iter:,} tokens per iteration "
@@ -297,14 +391,19 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     metrics = MetricsWriter(plan.ckpt_dir, tc.tensorboard and info.is_main, plan.state.iteration)
     progress = Progress(plan.state.iteration, tc.max_iters, enabled=info.is_main)
 
-    def save(state: TrainState) -> None:
+    last_save = [plan.state.iteration]
+
+    def save(state: TrainState, best: bool) -> None:
         model_state, optim_state = dist.full_state_dicts(wrapped, optimizer)
+        keep = bool(tc.keep_every) and state.iteration // tc.keep_every > last_save[0] // tc.keep_every
         if info.is_main:
             save_checkpoint(
                 plan.ckpt_dir, model_state=model_state, config=cfg.to_dict(),
                 tokenizer=plan.tokenizer.to_json(), training_state=_training_state(plan, tc, state, info),
                 optimizer_state={"optimizer": optim_state, "scaler": trainer.scaler.state_dict()},
+                best=best and tc.keep_best, keep=keep,
             )
+        last_save[0] = state.iteration
         dist.barrier()
 
     def on_eval(state: TrainState, row: dict[str, Any]) -> None:
@@ -341,22 +440,6 @@ def _token_file(plan: RunPlan, info: dist.DistInfo) -> TokenFile:
         raise MyPTError(f"process {info.rank}: {path} on this machine differs from the text rank 0 trains on; "
                         "copy rank 0's file here (or put it on a shared filesystem)")
     return token_file
-
-
-def _check_tokenizer_text(plan: RunPlan, train_data: Any) -> None:
-    """A bpe tokenizer trained for this run must have seen no validation text: the training
-    tokens must cover at least the bytes it was trained on (data.training_text_end)."""
-    tok = plan.tokenizer
-    if plan.tokenizer_text_end is None or not isinstance(tok, BPETokenizer):
-        return
-    lengths, covered, step = tok.byte_lengths(), 0, 1 << 24
-    for start in range(0, len(train_data), step):
-        covered += int(lengths[train_data[start:start + step]].sum())
-    if covered < plan.tokenizer_text_end:
-        raise MyPTError(f"{plan.input_label}: validation starts at byte {covered:,}, before the end of the text "
-                        f"the bpe tokenizer was trained on (byte {plan.tokenizer_text_end:,}): the end of the "
-                        "text tokenizes much more compactly than the rest. Train the tokenizer on a text of your "
-                        "choice (mypt tokenizer train) and pass --tokenizer FILE.json")
 
 
 class _Reporter:
@@ -405,7 +488,7 @@ def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dis
         "input_file": plan.input_label,
         "input_sha256": plan.input_sha256,
         "tokenizer": plan.tokenizer.kind,
-        "versions": {"mypt": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "saved_at": now(),
     }
 

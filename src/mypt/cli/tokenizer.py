@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from mypt.data import check_input_file, training_text
+    from mypt.data import check_input_file, training_text, training_text_end
     from mypt.tokenizers import save_tokenizer, train_bpe
     from mypt.tokenizers.bpe import check_vocab_size
 
@@ -63,12 +63,12 @@ def train(args: argparse.Namespace) -> int:
         raise MyPTError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     path = check_input_file(args.input_file)
     start = time.perf_counter()
-    tok = train_bpe(training_text(path, args.val_split), args.vocab_size, f"--input_file {args.input_file}")
+    end = training_text_end(path, args.val_split)
+    tok = train_bpe(training_text(path, end), args.vocab_size, f"--input_file {args.input_file}")
     seconds = time.perf_counter() - start
     save_tokenizer(tok, out)
-    size = path.stat().st_size * (1 - args.val_split) / 1e6
     print(f"wrote {out}: bpe, {tok.n_vocab:,} tokens (end-of-text {tok.eot_id}, {tok.id_string()}), "
-          f"trained on {size:.1f} MB in {seconds:.1f} s")
+          f"trained on {end / 1e6:.1f} MB in {seconds:.1f} s")
     return 0
 
 
