@@ -56,6 +56,15 @@ def make_checkpoint(root: Path, name: str, *, bias: bool = False, chars: str | N
     return folder
 
 
+def export_and_import(tmp_path: Path, name: str, capsys: pytest.CaptureFixture) -> Path:
+    """Export checkpoint `name` to tmp_path/hf and import that folder back as model 'back'."""
+    assert export(tmp_path, name, tmp_path / "hf") == 0
+    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
+                                  "--checkpoints_dir", str(tmp_path / "ck")])
+    assert code == 0, capsys.readouterr().err
+    return tmp_path / "ck" / "back"
+
+
 def export(tmp_path: Path, name: str, out: Path, *extra: str) -> int:
     return run_command("export", ["--model_name", name, "--checkpoints_dir", str(tmp_path / "ck"),
                                   "--out", str(out), *extra])
@@ -138,11 +147,7 @@ def test_export_char_model(tmp_path):
 @pytest.mark.parametrize("bias", [False, True])
 def test_export_then_import_gives_identical_weights(tmp_path, bias, capsys):
     folder = make_checkpoint(tmp_path / "ck", "m", bias=bias)
-    assert export(tmp_path, "m", tmp_path / "hf") == 0
-    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
-                                  "--checkpoints_dir", str(tmp_path / "ck")])
-    assert code == 0, capsys.readouterr().err
-    original, back = load_checkpoint(folder), load_checkpoint(tmp_path / "ck" / "back")
+    original, back = load_checkpoint(folder), load_checkpoint(export_and_import(tmp_path, "m", capsys))
     assert sorted(back.model_state) == sorted(original.model_state)
     for name, tensor in original.model_state.items():
         assert torch.equal(back.model_state[name], tensor), name
@@ -384,11 +389,7 @@ def test_export_bpe_model_tokenizes_like_mypt_in_transformers(tmp_path, bpe_tok)
 
 def test_export_then_import_bpe_model(tmp_path, bpe_tok, capsys):
     folder = make_checkpoint(tmp_path / "ck", "b", tok=bpe_tok)
-    assert export(tmp_path, "b", tmp_path / "hf") == 0
-    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
-                                  "--checkpoints_dir", str(tmp_path / "ck")])
-    assert code == 0, capsys.readouterr().err
-    back = load_model(path=tmp_path / "ck" / "back", device="cpu")
+    back = load_model(path=export_and_import(tmp_path, "b", capsys), device="cpu")
     assert back.tokenizer.to_json() == bpe_tok.to_json()
     original = load_checkpoint(folder)
     for name, tensor in original.model_state.items():
@@ -398,11 +399,8 @@ def test_export_then_import_bpe_model(tmp_path, bpe_tok, capsys):
 
 def test_export_then_import_char_model(tmp_path, capsys):
     make_checkpoint(tmp_path / "ck", "c", chars=CHAR_TEXT)
-    assert export(tmp_path, "c", tmp_path / "hf") == 0
-    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
-                                  "--checkpoints_dir", str(tmp_path / "ck")])
-    assert code == 0, capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "ck" / "back").tokenizer == CharTokenizer.from_text(CHAR_TEXT).to_json()
+    back = load_checkpoint(export_and_import(tmp_path, "c", capsys))
+    assert back.tokenizer == CharTokenizer.from_text(CHAR_TEXT).to_json()
 
 
 def _edit_tokenizer_json(folder: Path, change) -> None:

@@ -163,14 +163,16 @@ def test_load_tokenizer_bad_json_names_path_and_position(tmp_path):
         load_tokenizer(tmp_path / "missing.json")
 
 
-def test_stream_decoder_never_splits_characters(gpt2):
-    text = "héllo 世界 🙂"
-    ids = gpt2.encode(text)
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_stream_decoder_never_splits_characters(request, kind):
+    tok = request.getfixturevalue(kind)
+    text = "héllo 世界 🙂 naïve"
+    ids = tok.encode(text)
     # The test is only meaningful if some token ends inside a multibyte character.
-    assert any(_incomplete_utf8(gpt2.decode_bytes(ids[: i + 1])) for i in range(len(ids)))
-    stream = StreamDecoder(gpt2)
+    assert any(_incomplete_utf8(tok.decode_bytes(ids[: i + 1])) for i in range(len(ids)))
+    stream = StreamDecoder(tok)
     pieces = [stream.feed(i) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == gpt2.decode(ids) == text
+    assert "".join(pieces) == tok.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)
     assert "" in pieces[:-1]  # something was held back
 
@@ -261,15 +263,6 @@ def test_bpe_training_pieces_do_not_change_the_result(monkeypatch):
     monkeypatch.setattr(bpe_module, "TRAIN_PIECE_CHARS", 100)
     assert len(list(bpe_module._small_pieces([text]))) > 300
     assert train_bpe([text[:5000], text[5000:]], 600, "t").ranks == whole.ranks
-
-
-def test_bpe_stream_decoder_holds_back_split_characters(bpe):
-    text = "🙂 naïve 世界"
-    ids = bpe.encode(text)
-    assert any(_incomplete_utf8(bpe.decode_bytes(ids[: i + 1])) for i in range(len(ids)))
-    stream = StreamDecoder(bpe)
-    pieces = [stream.feed(i) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 
 def test_bpe_json_round_trip_and_pickle(tmp_path, bpe):
