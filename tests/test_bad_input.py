@@ -194,7 +194,7 @@ CASES: dict[str, Case] = {
                                            write("t.json", '{"model": {"type": "BPE"}}')),
     "tokenizer-file-edited": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: its content does not match its "
                                   "sha256; the file is damaged or was edited", edited_bpe_file("t.json")),
-    "tokenizer-file-is-a-folder": Case([*NEW_TINY, "--tokenizer", "d"], "d: is a folder, not a file",
+    "tokenizer-file-is-a-folder": Case([*NEW_TINY, "--tokenizer", "d"], "d: is a directory, not a file",
                                        lambda w: (w / "d").mkdir()),
     # model names that would leave the checkpoints folder or are not plain names
     "name-parent": Case([*NEW_TINY, "--model_name", "../x"], "it contains a path separator"),
