@@ -16,7 +16,7 @@ compression  bytes per token of bpe trained on the first 90% of a text (vocab 10
 quality      on tinyshakespeare, the shakespeare-char architecture with each tokenizer for the
              same --budget seconds of training on torch's threads, counted in CPU time (budget x
              threads CPU-seconds, so that other load on the shared machine does not favour one
-             run), iterations calibrated so the cosine schedule ends at the budget; then bits per
+             run), the cosine schedule's end kept where the budget runs out; then bits per
              character on each run's own validation text (the last 10% of its tokens), as
              `mypt eval` computes it.
 """
@@ -24,6 +24,7 @@ quality      on tinyshakespeare, the shakespeare-char architecture with each tok
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -224,7 +225,8 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
     dtype = dist.pick_dtype(base.dtype, device)
 
     def fit(max_iters: int, cpu_budget: float | None) -> tuple[Any, TrainState, float, float]:
-        tc = TrainConfig(**{**base.to_dict(), "max_iters": max_iters, "eval_interval": 10**9,
+        tc = TrainConfig(**{**base.to_dict(), "max_iters": 3 * max_iters if cpu_budget else max_iters,
+                            "lr_decay_iters": max(max_iters, base.warmup_iters), "eval_interval": 10**9,
                             "eval_iters": 1, "log_interval": 10**9})
         torch.manual_seed(tc.seed)
         model = GPT(cfg)
@@ -232,14 +234,14 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
                           cfg.batch_size, tc, device, dtype, dist.DistInfo())
         state = TrainState()
         cpu = time.process_time()
-        with _cpu_limit(trainer, cpu + cpu_budget if cpu_budget else None):
-            trainer.fit(state, lambda s: None, lambda s, r: None, _Quiet())
+        with _CPUBudget(trainer, state, cpu_budget):
+            trainer.fit(state, lambda *saved: None, lambda *evaluated: None, _Quiet())
         return model, state, state.train_seconds, time.process_time() - cpu
 
     fit(10, None)  # warm-up
     per_iter = (fit(40, None)[3] - fit(10, None)[3]) / 30  # CPU-seconds of one iteration
     cpu_budget = budget * torch.get_num_threads()
-    model, state, seconds, cpu_seconds = fit(max(30, int(cpu_budget / per_iter)), cpu_budget * 1.05)
+    model, state, seconds, cpu_seconds = fit(max(30, int(cpu_budget / per_iter)), cpu_budget)
     lm = LoadedModel(model.eval(), cfg, tok, None, device, "fp32")  # type: ignore[arg-type]
     result = lm.evaluate(tok.decode(val_data.tolist()), what="validation text")
     return {"iters": state.iteration, "seconds": seconds, "cpu_seconds": cpu_seconds,
@@ -247,24 +249,34 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
             "params": model.num_params(), "bpc": result.bits_per_char, "lr": lr or base.learning_rate}
 
 
-class _cpu_limit:
-    """Ask the trainer to stop once the process has used `until` CPU-seconds (None: never).
+class _CPUBudget:
+    """Stop the trainer once the process has used `budget` CPU-seconds (None: no limit), and keep
+    the end of its cosine schedule (lr_decay_iters) at the iteration the budget runs out, as
+    estimated from the iterations done so far.
 
     CPU time, not wall time: this machine is shared, and another process's load would
     otherwise shorten one tokenizer's run and not another's.
     """
 
-    def __init__(self, trainer: Any, until: float | None) -> None:
-        self.trainer, self.until, self.done = trainer, until, threading.Event()
+    def __init__(self, trainer: Any, state: Any, budget: float | None) -> None:
+        self.trainer, self.state, self.budget, self.done = trainer, state, budget, threading.Event()
+        self.start = time.process_time()
 
     def _watch(self) -> None:
-        while self.until is not None and not self.done.wait(0.2):
-            if time.process_time() >= self.until:
+        assert self.budget is not None
+        while not self.done.wait(0.2):
+            used = time.process_time() - self.start
+            if used >= self.budget:
                 self.trainer.stop_signal = 15
                 return
+            if used > 0.1 * self.budget and self.state.iteration > 0:
+                tc = self.trainer.tc
+                end = int(self.state.iteration * self.budget / used)
+                self.trainer.tc = dataclasses.replace(tc, lr_decay_iters=max(end, tc.warmup_iters + 1))
 
-    def __enter__(self) -> _cpu_limit:
-        threading.Thread(target=self._watch, daemon=True).start()
+    def __enter__(self) -> _CPUBudget:
+        if self.budget is not None:
+            threading.Thread(target=self._watch, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
