@@ -263,8 +263,8 @@ def _model_vocab(cfg: ModelConfig, tok: Tokenizer, config_file: str | None, labe
         return cfg
     size = tok.model_vocab_size()
     if cfg.vocab_size != size:
-        why = (f"the characters of {label} and end-of-text" if tok.kind == "char"
-               else f"its {tok.n_vocab} tokens padded to a multiple of 64")
+        why = (f"the characters of {label} and end-of-text" if tok.kind == "char" else f"its {tok.n_vocab} tokens"
+               + (" padded to a multiple of 64" if size > tok.n_vocab else ""))
         dist.print0(f"{tok.kind} tokenizer: vocab_size is {size} ({why}), not the config's {cfg.vocab_size}")
         cfg = _replace(cfg, vocab_size=size)
     return cfg
