@@ -291,12 +291,14 @@ class _Quiet:
         pass
 
 
-def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float]) -> None:
+def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float], threads: int | None) -> None:
     import torch
 
     from mypt.data import char_vocab_of_file, training_text, training_text_end
     from mypt.tokenizers import build_tokenizer, train_bpe
 
+    if threads:
+        torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     print(f"\n## Quality per second: tinyshakespeare, shakespeare-char architecture, {budget:.0f} s of training "
           f"on {threads} threads ({budget * threads:.0f} CPU-seconds)\n")
@@ -328,6 +330,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=120.0, help="seconds of training per quality run")
     p.add_argument("--quality_vocabs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--lrs", type=float, nargs="*", default=[], help="learning rates to try (default: the preset's)")
+    p.add_argument("--threads", type=int, help="torch threads for the quality runs (1: CPU time is compute "
+                   "time even on a loaded machine, no thread waits for a descheduled one)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -346,7 +350,7 @@ def main() -> None:
         if "compression" in args.only:
             bench_compression(folder)
         if "quality" in args.only:
-            bench_quality(folder, args.budget, args.quality_vocabs, args.lrs)
+            bench_quality(folder, args.budget, args.quality_vocabs, args.lrs, args.threads)
 
 
 if __name__ == "__main__":
