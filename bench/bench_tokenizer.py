@@ -301,7 +301,7 @@ def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[floa
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     print(f"\n## Quality per second: tinyshakespeare, shakespeare-char architecture, {budget:.0f} s of training "
-          f"on {threads} threads ({budget * threads:.0f} CPU-seconds)\n")
+          f"on {threads} thread(s) ({budget * threads:.0f} CPU-seconds)\n")
     print("tokens/s and chars/s are per CPU-second x threads: what the run does with the whole machine.\n")
     print("| tokenizer | vocab | learning rate | parameters | iterations | wall seconds | CPU seconds | tokens/s "
           "| chars/s | held-out bits/char |")
