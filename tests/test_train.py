@@ -40,11 +40,11 @@ def test_training_writes_the_checkpoint_folder_and_loss_falls(trained):
     assert [r["iter"] for r in rows] == [10, 20, 30, 40]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3
     state = json.loads((folder / "training_state.json").read_text())
-    assert state["iteration"] == 40 and state["input_file"] == "input.txt"
+    assert state["iteration"] == 40 and state["input_file"] == str(trained / "input.txt")  # absolute
     assert state["best_val_loss"] == min(r["val_loss"] for r in rows)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     config = json.loads((folder / "config.json").read_text())
-    assert tokenizer["kind"] == "char" and config["vocab_size"] == len(tokenizer["chars"])
+    assert tokenizer["kind"] == "char" and config["vocab_size"] == len(tokenizer["chars"]) + 1  # + end-of-text
     weights = torch.load(folder / "model.pt", weights_only=True)
     assert weights["transformer.wte.weight"].shape == (config["vocab_size"], 32)
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -146,8 +146,20 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
 
 
 def test_token_cache_is_reused(trained):
-    cache = sorted((trained / "checkpoints" / ".cache").glob("*.bin"))
-    assert len(cache) == 1 and cache[0].name.endswith(".bin")
+    """A resume finds the prepared shards by sizes and mtimes: nothing is tokenized or rewritten."""
+    cache = trained / "checkpoints" / ".cache"
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(cache)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*")
+                if p.is_file()}
+
+    before = files()
+    assert any(name.endswith(".bin") for name in before) and any(name.endswith("manifest.json") for name in before)
+    state = json.loads((trained / "checkpoints" / "m" / "training_state.json").read_text())
+    result = run_cli("--model_name", "m", "--max_iters", str(state["iteration"] + 1), cwd=trained)
+    assert result.returncode == 0, result.stderr
+    assert "preparing" not in result.stderr
+    assert files() == before
 
 
 def test_help_lists_flags_with_defaults(tmp_path):

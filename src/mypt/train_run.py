@@ -1,8 +1,9 @@
 """One training run, new or resumed: decide the configs, build the objects, call the Trainer.
 
 Everything the user gave is checked before anything is written. Owns the resume rules of the
-spec: the saved config.json and tokenizer.json win, the saved input file is reused (a changed
-one needs --allow_data_change), saved training flags are the defaults for the new run.
+spec: the saved config.json and tokenizer.json win, the saved training data are reused (changed
+data need --allow_data_change), saved training flags are the defaults for the new run. The data
+module prepares the data (once, into the token cache) on rank 0 while the plan is made.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mypt import __version__, dist
+from mypt import __version__, data, dist
 from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
 from mypt.config import (
     GPT2_VOCAB_SIZE,
@@ -26,23 +27,12 @@ from mypt.config import (
     load_model_config,
     new_run_train_config,
 )
-from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
-from mypt.data import (
-    TokenFile,
-    char_vocab_of_file,
-    check_input_file,
-    check_long_enough,
-    file_sha256,
-    load_splits,
-    prepare_tokens,
-)
+from mypt.corpus import BUILTIN_CORPUS
 from mypt.errors import MyPTError
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
-from mypt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_json
+from mypt.tokenizers import CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_json
 from mypt.trainer import Stop, Trainer, TrainState, make_optimizer
-
-CACHE_DIR = ".cache"
 
 
 @dataclass
@@ -52,20 +42,23 @@ class RunPlan:
     ckpt_dir: Path
     model_cfg: ModelConfig
     train_cfg: TrainConfig
-    tokenizer: Tokenizer
-    input_path: Path
-    input_label: str  # what training_state.json records: a path, or the built-in corpus name
-    input_sha256: str
+    tokenizer: Tokenizer | None  # None until a new char model's data are prepared (they give its vocabulary)
+    sources: list[data.Source]
     state: TrainState
     resume: Any  # the loaded Checkpoint, or None for a new model
+    expect_sha256: str | None = None  # a resume: the recorded content hash of its data
+    corpus: data.Corpus | None = None  # the training data, prepared (rank 0's manifests)
+    splits: Any = None  # rank 0's (train, val) streams, opened while planning; not sent to other ranks
 
 
-def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_file: str | None,
+def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_files: list[str] | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
-          allow_data_change: bool = False, fsdp: bool = False) -> Stop:
+          allow_data_change: bool = False, fsdp: bool = False, text_field: str | None = None,
+          data_file: str | None = None) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: TrainConfig(**train_flags))  # flag errors first, before any file is read
+    sources = dist.same_on_every_rank(lambda: data.sources_from_flags(input_files, text_field, data_file))
     lock = TrainingLock(ckpt_dir)  # rank 0 holds it from before reading the checkpoint to the end
 
     def make_plan() -> RunPlan:
@@ -73,13 +66,16 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             lock.acquire()  # so a running trainer cannot swap the checkpoint while it is read
         recover(ckpt_dir)
         if (ckpt_dir / "config.json").exists():
-            plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags,
+            plan = plan_resume(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags,
                                allow_data_change)
         else:
-            plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags)
-        tc = plan.train_cfg
-        check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
-        _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+            plan = plan_new(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags)
+        if plan.state.iteration < plan.train_cfg.max_iters:
+            dist.pick_dtype(plan.train_cfg.dtype, torch_device)  # flags that stop the run: before data are written
+            if plan.train_cfg.compile:
+                dist.check_compile(torch_device)
+            _prepare_data(plan, allow_data_change)
+            _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
         return plan
 
     torch_device = dist.pick_device(device, info)
@@ -102,13 +98,13 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
 def _for_other_ranks(plan: RunPlan) -> RunPlan:
     """The plan without the weights and optimizer state: the other ranks get those by broadcast."""
     if plan.resume is None:
-        return plan
+        return replace(plan, splits=None)
     scaler = plan.resume.optimizer_state.get("scaler")
     resume = replace(plan.resume, model_state={}, optimizer_state={"scaler": scaler})
-    return replace(plan, resume=resume)
+    return replace(plan, resume=resume, splits=None)
 
 
-def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
+def plan_new(ckpt_dir: Path, config_file: str | None, sources: list[data.Source] | None, tokenizer: str | None,
              arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
     _check_folders(ckpt_dir)
     base = load_model_config(config_file) if config_file else None
@@ -118,24 +114,49 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
     tc, used = new_run_train_config(cfg, train_flags)
     if used:
         dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
-    if input_file is None:
-        path, label = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR), BUILTIN_CORPUS
-        dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
-    else:
-        path, label = check_input_file(Path(input_file)), input_file
     kind = tokenizer or "gpt2"
-    if kind == "char":
-        tok = build_tokenizer("char", "".join(char_vocab_of_file(path)))
-        if cfg.vocab_size != tok.n_vocab:
-            dist.print0(f"char tokenizer: vocab_size is {tok.n_vocab} (the characters of {label}), "
-                        f"not the config's {cfg.vocab_size}")
-            cfg = _replace(cfg, vocab_size=tok.n_vocab)
-    else:
-        tok = build_tokenizer("gpt2")
-        if cfg.vocab_size < tok.n_vocab:
-            raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
-                            f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
-    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None)
+    tok = build_tokenizer("gpt2") if kind == "gpt2" else None  # char: its vocabulary comes from the data
+    if tok is not None and cfg.vocab_size < tok.n_vocab:
+        raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
+                        f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
+    if sources is None:
+        sources = [data.Source("input", (BUILTIN_CORPUS,))]
+        dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
+    return RunPlan(ckpt_dir, cfg, tc, tok, sources, TrainState(), None)
+
+
+def _cache(ckpt_dir: Path) -> Path:
+    return ckpt_dir.parent / data.CACHE_DIR
+
+
+def _prepare_data(plan: RunPlan, allow_change: bool) -> None:
+    """Prepare the data (rank 0; once, into the cache), settle a new char model's vocabulary, and
+    open the train / validation streams. Data a new run just prepared are removed again if
+    they turn out too short to train on."""
+    try:
+        plan.corpus = data.prepare_corpus(plan.sources, plan.tokenizer, _cache(plan.ckpt_dir),
+                                          expect_sha256=plan.expect_sha256, allow_change=allow_change)
+    except data.DataChanged:
+        saved = data.describe_sources(data.saved_sources(plan.resume.training_state)[0])
+        what = ", ".join(i for s in plan.sources for i in s.inputs)
+        raise MyPTError(f"--input_file {what}: its content differs from the text '{plan.ckpt_dir.name}' was "
+                        f"trained on ({saved}); pass --allow_data_change to continue on the new text") from None
+    if plan.tokenizer is None:
+        plan.tokenizer = CharTokenizer(plan.corpus.chars())
+        if plan.model_cfg.vocab_size != plan.tokenizer.n_vocab:
+            dist.print0(f"char tokenizer: vocab_size is {plan.tokenizer.n_vocab} (the characters of the training "
+                        f"data and an end-of-text), not the config's {plan.model_cfg.vocab_size}")
+            plan.model_cfg = _replace(plan.model_cfg, vocab_size=plan.tokenizer.n_vocab)
+    try:
+        train, val, lines = data.open_splits(plan.corpus, plan.tokenizer, plan.train_cfg.val_split,
+                                             plan.model_cfg.block_size)
+    except MyPTError:
+        if plan.resume is None:
+            plan.corpus.discard_created()
+        raise
+    for line in lines:
+        dist.print0(f"data: {line}")
+    plan.splits = (train, val)
 
 
 def _check_folders(ckpt_dir: Path) -> None:
@@ -150,7 +171,7 @@ def _check_folders(ckpt_dir: Path) -> None:
             return
 
 
-def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
+def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Source] | None, tokenizer: str | None,
                 arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
     saved_src = f"{ckpt_dir}/config.json"
@@ -167,33 +188,26 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None,
     tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt_dir}/tokenizer.json")
     if tokenizer and tokenizer != tok.kind:
         dist.print0(f"warning: --tokenizer {tokenizer} ignored: '{ckpt_dir.name}' uses {tok.kind}")
+    if tok.n_vocab > cfg.vocab_size:
+        raise MyPTError(f"{ckpt_dir}/tokenizer.json has {tok.n_vocab} tokens but {saved_src}'s vocab_size is "
+                        f"{cfg.vocab_size}; the folder mixes files of different models")
     tc = TrainConfig(**{**ts.get("train_config", {}), **train_flags})
-    path, label, sha = _resume_input(ckpt_dir, ts, input_file, allow_data_change)
+    saved, saved_sha = data.saved_sources(ts, f"{ckpt_dir}/training_state.json")
     state = TrainState(**{k: ts[k] for k in TrainState().to_dict() if k in ts})
     dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
-    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, sha, state, ckpt)
+    return RunPlan(ckpt_dir, cfg, tc, tok, sources or _saved_inputs(ckpt_dir, saved), state, ckpt, saved_sha)
 
 
-def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
-                  allow_change: bool) -> tuple[Path, str, str]:
-    saved_label, saved_sha = ts.get("input_file"), ts.get("input_sha256")
-    if input_file is None:
-        if saved_label == BUILTIN_CORPUS:
-            path = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR)
-            return path, saved_label, file_sha256(path)
-        if saved_label is None:
-            raise MyPTError(f"'{ckpt_dir.name}' has no saved input file (it was imported, not trained by MyPT); "
-                            "pass --input_file to fine-tune it")
-        if not Path(saved_label).exists():
-            raise MyPTError(f"'{ckpt_dir.name}' was trained on {saved_label}, which no longer exists; "
-                            "pass --input_file (and --allow_data_change if its content differs)")
-        input_file = saved_label
-    path = check_input_file(Path(input_file))
-    sha = file_sha256(path)
-    if saved_sha and sha != saved_sha and not allow_change:
-        raise MyPTError(f"--input_file {input_file}: its content differs from the text '{ckpt_dir.name}' was "
-                        f"trained on ({saved_label}); pass --allow_data_change to continue on the new text")
-    return path, input_file, sha
+def _saved_inputs(ckpt_dir: Path, saved: list[data.Source] | None) -> list[data.Source]:
+    """The data a resumed run trains on when the command names none: the recorded ones."""
+    if saved is None:
+        raise MyPTError(f"'{ckpt_dir.name}' has no saved input file (it was imported, not trained by MyPT); "
+                        "pass --input_file to fine-tune it")
+    missing = data.missing_inputs(saved)
+    if missing:
+        raise MyPTError(f"'{ckpt_dir.name}' was trained on {missing}, which no longer exists; pass "
+                        "--input_file (and --allow_data_change if its content differs)")
+    return saved
 
 
 def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
@@ -202,7 +216,7 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
-    train_data, val_data = load_splits(_token_file(plan, info), tc.val_split, cfg.block_size, plan.input_label)
+    train_data, val_data = _splits(plan, info)
 
     torch.manual_seed(tc.seed)
     model = GPT(cfg).to(device)
@@ -255,20 +269,20 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     return stop
 
 
-def _token_file(plan: RunPlan, info: dist.DistInfo) -> TokenFile:
-    """Rank 0 tokenizes first; the other ranks then find its cache, or, on a machine that does not
-    share rank 0's disk, tokenize the same text at the same path there."""
-    cache = plan.ckpt_dir.parent / CACHE_DIR
-    token_file = prepare_tokens(plan.input_path, plan.tokenizer, cache) if info.is_main else None
-    dist.barrier()
-    if token_file is not None:
-        return token_file
-    path = builtin_corpus_path(cache) if plan.input_label == BUILTIN_CORPUS else plan.input_path
-    token_file = prepare_tokens(path, plan.tokenizer, cache, progress=False)
-    if token_file.sha256 != plan.input_sha256:
-        raise MyPTError(f"process {info.rank}: {path} on this machine differs from the text rank 0 trains on; "
-                        "copy rank 0's file here (or put it on a shared filesystem)")
-    return token_file
+def _splits(plan: RunPlan, info: dist.DistInfo) -> tuple[data.Mixture, data.Mixture]:
+    """Rank 0 opened its streams while planning. The other ranks find rank 0's prepared data, or,
+    on a machine that does not share rank 0's disk, prepare the same inputs at the same paths
+    there; different content stops the run."""
+    if plan.splits is not None:
+        return plan.splits
+    corpus = data.prepare_corpus([p.source for p in plan.corpus.parts], plan.tokenizer, _cache(plan.ckpt_dir),
+                                 progress=False)
+    if corpus.content_sha256 != plan.corpus.content_sha256:
+        raise MyPTError(f"process {info.rank}: the training data on this machine "
+                        f"({data.describe_sources([p.source for p in corpus.parts])}) differ from the data rank 0 "
+                        "trains on; copy rank 0's files here (or put them on a shared filesystem)")
+    train, val, _ = data.open_splits(corpus, plan.tokenizer, plan.train_cfg.val_split, plan.model_cfg.block_size)
+    return train, val
 
 
 class _Reporter:
@@ -314,8 +328,7 @@ def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dis
         "model_name": plan.ckpt_dir.name,
         "train_config": tc.to_dict(),
         "world_size": info.world_size,
-        "input_file": plan.input_label,
-        "input_sha256": plan.input_sha256,
+        **data.sources_state(plan.corpus),
         "tokenizer": plan.tokenizer.kind,
         "versions": {"mypt": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
