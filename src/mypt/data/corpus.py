@@ -44,7 +44,7 @@ from mypt.data.prepare import (
     wait_for_lock,
 )
 from mypt.data.sampler import Mixture
-from mypt.data.sources import InputFile, hash_file, list_files
+from mypt.data.sources import CHUNK_SIZE, InputFile, hash_file, list_files
 from mypt.errors import MyPTError
 from mypt.fsutil import json_bytes, read_json, write_error
 from mypt.tokenizers import Tokenizer
@@ -209,14 +209,14 @@ def _mkdirs(folder: Path) -> list[Path]:
 
 
 def _prepare_one(source: Source, files: list[InputFile], tokenizer: Tokenizer | None, folder: Path,
-                 corpus: Corpus, progress: bool, shard_tokens: int) -> Prepared:
+                 corpus: Corpus, progress: bool, shard_tokens: int, chunk_size: int) -> Prepared:
     made = _mkdirs(folder)
     lock = wait_for_lock(folder, f"preparing {folder.name}", quiet=not progress)
     try:
         manifest, _ = dataset.current_manifest(folder, files)  # another process may have just finished it
         if manifest is None:
             manifest = prepare(files, source.text_field, tokenizer, folder, shard_tokens=shard_tokens,
-                               progress=progress, label=_source_label(source, files))
+                               progress=progress, chunk_size=chunk_size, label=_source_label(source, files))
             corpus.created.append((folder, made))
     except WriteFailed:
         raise
@@ -257,7 +257,7 @@ def _current(source: Source, files: list[InputFile], folder: Path) -> dict[str, 
 
 def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache: Path, *,
                    expect_sha256: str | None = None, allow_change: bool = False, progress: bool = True,
-                   shard_tokens: int = SHARD_TOKENS) -> Corpus:
+                   shard_tokens: int = SHARD_TOKENS, chunk_size: int = CHUNK_SIZE) -> Corpus:
     """Prepare every source that is not prepared yet (tokenizer None: a new char model).
 
     With expect_sha256 (a resume), content that differs from it stops with a MyPTError before
@@ -276,7 +276,7 @@ def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache
     corpus = Corpus([])
     for s, files, folder, manifest in found:
         if manifest is None:
-            corpus.parts.append(_prepare_one(s, files, tokenizer, folder, corpus, progress, shard_tokens))
+            corpus.parts.append(_prepare_one(s, files, tokenizer, folder, corpus, progress, shard_tokens, chunk_size))
         else:
             corpus.parts.append(Prepared(s, folder, manifest))
     return corpus

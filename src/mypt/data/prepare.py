@@ -133,7 +133,7 @@ class TokenizerEncoder:
         parts, lengths = [], np.empty(len(batch.texts), dtype=np.int64)
         for i, (text, end) in enumerate(zip(batch.texts, batch.ends, strict=True)):
             try:
-                ids = self.tokenizer.encode_array(text, what=f"input file {self.files[batch.files[i]].label}")
+                ids = self.tokenizer.encode_array(text, what="the input")
             except UnicodeEncodeError as e:
                 raise _unencodable(self.files, batch, i, e) from None
             parts.append(ids.astype(np.uint32, copy=False))
@@ -346,7 +346,7 @@ class ShardWriter:
                       "sha256": self.hasher.hexdigest(), "documents": len(ends),
                       "docs_sha256": hashlib.sha256(docs).hexdigest()},
             "next": asdict(nxt),
-            "files": {str(i): self.done[i] for i in range(self.recorded_upto, nxt.file)},
+            "files": {str(i): self._file_done(i) for i in range(self.recorded_upto, nxt.file)},
         }
         if isinstance(self.encoder, CharEncoder):
             record["chars"] = self.encoder.chars[: nxt.n_chars]
@@ -356,6 +356,12 @@ class ShardWriter:
         self.recorded_upto = nxt.file
         self.progress = nxt
         self._open_shard()
+
+    def _file_done(self, i: int) -> dict[str, Any]:
+        """A finished file's record: name, size, mtime, sha256, and its document and token counts."""
+        if "tokens" not in self.done[i]:
+            self.done[i] = {**self.done[i], "documents": self.file_docs.get(i, 0), "tokens": self.file_tokens.get(i, 0)}
+        return self.done[i]
 
     def _flush_shard(self) -> None:
         self.out.flush()
@@ -372,7 +378,8 @@ class ShardWriter:
         else:
             self.out.close()
             Path(self.tmp).unlink(missing_ok=True)
-            self.progress = Progress(**{**asdict(last), "shard": self.progress.shard})
+        for i in range(n_files):
+            self._file_done(i)
 
     def abort(self) -> None:
         try:

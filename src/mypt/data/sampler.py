@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Shards:
@@ -100,6 +103,8 @@ def _streams(data: Data) -> Mixture:
 
 def _tensors(windows: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """x = windows[:, :-1], y = windows[:, 1:] on device."""
+    import torch  # here, so that preparing data never loads torch
+
     device = torch.device(device)
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
