@@ -62,11 +62,11 @@ def documents(paras: list[str], seed: int):
     """Endless documents of about DOC_BYTES: runs of consecutive paragraphs from random places."""
     rng = random.Random(seed)
     while True:
-        i, doc = rng.randrange(len(paras)), []
+        i, doc, n = rng.randrange(len(paras)), [], 0
         size = rng.randint(DOC_BYTES // 3, DOC_BYTES * 2)
-        while sum(len(p) for p in doc) < size:
+        while n < size:
             doc.append(paras[i % len(paras)])
-            i += 1
+            n, i = n + len(doc[-1]), i + 1
         yield "\n\n".join(doc)
 
 
@@ -87,9 +87,10 @@ def write_parquet(path: Path, docs, target: int) -> int:
     written = 0
     with pq.ParquetWriter(path, pa.schema([("text", pa.string()), ("url", pa.string())]), compression="zstd") as w:
         while written < target:
-            rows = []
-            while sum(len(r) for r in rows) < 32 * MB:
+            rows, n = [], 0
+            while n < 32 * MB:
                 rows.append(next(docs))
+                n += len(rows[-1])
             w.write_table(pa.table({"text": rows, "url": [f"https://example.org/{i}" for i in range(len(rows))]}))
             written += sum(len(r.encode("utf-8")) for r in rows)
     return written
@@ -99,10 +100,10 @@ def write_texts(folder: Path, paras: list[str], target: int, seed: int) -> int:
     """Text files of 0.5-2 MB, each one document: consecutive paragraphs from a random place."""
     rng, written, n = random.Random(seed), 0, 0
     while written < target:
-        i, size, parts = rng.randrange(len(paras)), rng.randint(MB // 2, 2 * MB), []
-        while sum(len(p) for p in parts) < size:
+        i, size, parts, got = rng.randrange(len(paras)), rng.randint(MB // 2, 2 * MB), [], 0
+        while got < size:
             parts.append(paras[i % len(paras)])
-            i += 1
+            got, i = got + len(parts[-1]), i + 1
         data = "\n\n".join(parts).encode("utf-8")
         (folder / f"{n // 1000:03d}" / f"book{n:06d}.txt").parent.mkdir(parents=True, exist_ok=True)
         (folder / f"{n // 1000:03d}" / f"book{n:06d}.txt").write_bytes(data)
@@ -155,13 +156,15 @@ def reference(size: int) -> dict:
 
     enc = gpt2_encoding()
     docs, pieces, piece, n = documents(paragraphs(), 7), [], [], 0
+    in_piece = 0
     while n < size:
         d = next(docs)
         piece.append(d)
         n += len(d.encode("utf-8"))
-        if sum(len(p) for p in piece) > 4 * MB:
+        in_piece += len(d)
+        if in_piece > 4 * MB:
             pieces.append("\n\n".join(piece))
-            piece = []
+            piece, in_piece = [], 0
     pieces.append("\n\n".join(piece))
     total = sum(len(p.encode("utf-8")) for p in pieces) / MB
     t = time.perf_counter()
