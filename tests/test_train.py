@@ -145,21 +145,23 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_token_cache_is_reused(trained):
-    """A resume finds the prepared shards by sizes and mtimes: nothing is tokenized or rewritten."""
-    cache = trained / "checkpoints" / ".cache"
+def _files_with_identity(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
 
-    def files() -> dict[str, tuple[int, int]]:
-        return {str(p.relative_to(cache)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*")
-                if p.is_file()}
 
-    before = files()
-    assert any(name.endswith(".bin") for name in before) and any(name.endswith("manifest.json") for name in before)
-    state = json.loads((trained / "checkpoints" / "m" / "training_state.json").read_text())
-    result = run_cli("--model_name", "m", "--max_iters", str(state["iteration"] + 1), cwd=trained)
-    assert result.returncode == 0, result.stderr
-    assert "preparing" not in result.stderr
-    assert files() == before
+def test_token_cache_is_reused(tmp_path):
+    (tmp_path / "input.txt").write_text(corpus_text(30_000), encoding="utf-8")
+    flags = ["--model_name", "c", "--tokenizer", "char", "--input_file", "input.txt", "--eval_interval", "4"]
+    first = train(tmp_path, *flags, "--max_iters", "4")
+    assert first.returncode == 0, first.stderr
+    cache = tmp_path / "checkpoints" / ".cache"
+    before = _files_with_identity(cache)
+    assert before and "preparing" in first.stderr
+    again = train(tmp_path, "--model_name", "c", "--max_iters", "8")
+    assert again.returncode == 0, again.stderr
+    assert "preparing" not in again.stderr  # no progress bar: nothing was read or tokenized
+    assert _files_with_identity(cache) == before  # not one cache file rewritten
 
 
 def test_help_lists_flags_with_defaults(tmp_path):

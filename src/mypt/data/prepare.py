@@ -51,6 +51,7 @@ from mypt.fsutil import (
     is_temp_name,
     json_bytes,
     read_json,
+    sha256_file,
     temp_path,
     write_error,
 )
@@ -464,20 +465,13 @@ def _verified(folder: Path, k: int) -> dict[str, Any] | None:
         path = folder / shard["file"]
         if path.stat().st_size != shard["tokens"] * np.dtype(shard["dtype"]).itemsize:
             return None
-        if _sha256(path) != shard["sha256"] or _sha256(folder / _shard_name(k, "docs")) != shard["docs_sha256"]:
+        docs = folder / _shard_name(k, "docs")
+        if sha256_file(path) != shard["sha256"] or sha256_file(docs) != shard["docs_sha256"]:
             return None
         Progress(**record["next"])
         return record
     except (MyPTError, OSError, KeyError, TypeError, ValueError):
         return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resume(folder: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
