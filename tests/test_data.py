@@ -195,7 +195,7 @@ def test_shards_are_uint16_of_fixed_size_and_the_manifest_describes_them(tmp_pat
     assert len(m["tokenizer"]["sha256"]) == 64
     assert stream_ids(corpus) == gpt2.encode(TEXT) + [GPT2_EOT_ID]
     assert sorted(p.name for p in corpus.parts[0].folder.iterdir()) == sorted(
-        ["lock", "manifest.json"] + [s["file"] for s in m["shards"]] + [s["docs"] for s in m["shards"]])
+        ["manifest.json"] + [s["file"] for s in m["shards"]] + [s["docs"] for s in m["shards"]])
 
 
 def test_more_than_65535_characters_widen_a_shard_to_uint32(tmp_path):

@@ -168,7 +168,7 @@ def test_a_tiny_temperature_is_greedy_not_nan(capsys: pytest.CaptureFixture, ckp
 
 def test_ctrl_c_prints_what_was_generated_so_far(ckpts: Path) -> None:
     r = Run("--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:", "--no-stream",
-            "--max_new_tokens", "1000000", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
+            "--max_new_tokens", "1000000", "--ignore_eot", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
             script="generate.py", env=ONE_THREAD)
     time.sleep(3)  # generating (not streamed: nothing printed yet)
     r.send_signal(signal.SIGINT)

@@ -38,7 +38,7 @@ def test_training_writes_the_checkpoint_folder_and_loss_falls(trained):
         assert (folder / name).is_file(), name
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [10, 20, 30, 40]
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.25  # about 0.3 over these 30 iterations, by the init
     state = json.loads((folder / "training_state.json").read_text())
     assert state["iteration"] == 40 and state["input_file"] == str(trained / "input.txt")  # absolute
     assert state["best_val_loss"] == min(r["val_loss"] for r in rows)

@@ -9,6 +9,7 @@ module prepares the data (once, into the token cache) on rank 0 while the plan i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -87,14 +88,20 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         else:
             plan = plan_new(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags)
         tc = plan.train_cfg
-        if plan.state.iteration < tc.max_iters:
-            dtype = dist.pick_dtype(tc.dtype, torch_device)  # flags that stop the run: before data are written
-            if tc.compile:
-                dist.check_compile(torch_device)
-            _prepare_data(plan, allow_data_change)
-            _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+        if plan.state.iteration >= tc.max_iters:
+            return plan
+        dtype = dist.pick_dtype(tc.dtype, torch_device)  # flags that stop the run: before data are written
+        if tc.compile:
+            dist.check_compile(torch_device)
+        _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+
+        def fits() -> None:
             if not skip_memory_check:
                 check_memory(plan.model_cfg, plan.train_cfg, dtype, torch_device, info, fsdp)
+
+        if plan.tokenizer is not None:
+            fits()  # the model is known: refuse it before any data are prepared
+        _prepare_data(plan, allow_data_change, then=fits if plan.tokenizer is None else None)
         return plan
 
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
@@ -171,10 +178,10 @@ def _cache(ckpt_dir: Path) -> Path:
     return ckpt_dir.parent / data.CACHE_DIR
 
 
-def _prepare_data(plan: RunPlan, allow_change: bool) -> None:
-    """Prepare the data (rank 0; once, into the cache), settle a new char model's vocabulary, and
-    open the train / validation streams. Data a new run just prepared are removed again if
-    they turn out too short to train on."""
+def _prepare_data(plan: RunPlan, allow_change: bool, then: Callable[[], None] | None = None) -> None:
+    """Prepare the data (rank 0; once, into the cache), settle a new char model's vocabulary, open
+    the train / validation streams, then run `then` (a check that needs the vocabulary). Data a
+    new run just prepared are removed again if it stops here: too short, or a check failed."""
     try:
         plan.corpus = data.prepare_corpus(plan.sources, plan.tokenizer, _cache(plan.ckpt_dir),
                                           expect_sha256=plan.expect_sha256, allow_change=allow_change)
@@ -183,15 +190,17 @@ def _prepare_data(plan: RunPlan, allow_change: bool) -> None:
         what = ", ".join(i for s in plan.sources for i in s.inputs)
         raise MyPTError(f"--input_file {what}: its content differs from the text '{plan.ckpt_dir.name}' was "
                         f"trained on ({saved}); pass --allow_data_change to continue on the new text") from None
-    if plan.tokenizer is None:
-        plan.tokenizer = CharTokenizer(plan.corpus.chars())
-        if plan.model_cfg.vocab_size != plan.tokenizer.n_vocab:
-            dist.print0(f"char tokenizer: vocab_size is {plan.tokenizer.n_vocab} (the characters of the training "
-                        f"data and an end-of-text), not the config's {plan.model_cfg.vocab_size}")
-            plan.model_cfg = _replace(plan.model_cfg, vocab_size=plan.tokenizer.n_vocab)
     try:
+        if plan.tokenizer is None:
+            plan.tokenizer = CharTokenizer(plan.corpus.chars())
+            if plan.model_cfg.vocab_size != plan.tokenizer.n_vocab:
+                dist.print0(f"char tokenizer: vocab_size is {plan.tokenizer.n_vocab} (the characters of the "
+                            f"training data and an end-of-text), not the config's {plan.model_cfg.vocab_size}")
+                plan.model_cfg = _replace(plan.model_cfg, vocab_size=plan.tokenizer.n_vocab)
         train, val, lines = data.open_splits(plan.corpus, plan.tokenizer, plan.train_cfg.val_split,
                                              plan.model_cfg.block_size)
+        if then is not None:
+            then()
     except MyPTError:
         if plan.resume is None:
             plan.corpus.discard_created()
