@@ -411,3 +411,24 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_error(tmp_path, gpt2):
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with pytest.raises(MyPTError, match=r"could not write the token cache folder .*cache/gpt2-.*; fix the problem"):
         prepare(tmp_path, [tmp_path / "a.txt"], gpt2)
+
+
+def test_a_prepare_stopped_before_its_manifest_finishes_without_reading_again(tmp_path, gpt2, monkeypatch):
+    from mypt.data import prepare as prep
+
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    real_write = prep._write_bytes
+
+    def crash_at_manifest(path: Path, payload: bytes) -> None:
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt  # killed just before the manifest
+        real_write(path, payload)
+
+    monkeypatch.setattr(prep, "_write_bytes", crash_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=3000)
+    monkeypatch.setattr(prep, "_write_bytes", real_write)
+    monkeypatch.setattr(prep, "items", lambda *a, **k: pytest.fail("the input was read again"))
+    corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=3000)
+    assert stream_ids(corpus) == gpt2.encode(TEXT) + [GPT2_EOT_ID]
+    assert [p.name for p in corpus.parts[0].folder.glob("*.json")] == ["manifest.json"]  # records removed

@@ -187,3 +187,21 @@ def test_a_rank_that_sees_other_data_stops_with_one_message(tmp_path, monkeypatc
     with pytest.raises(MyPTError, match=r"process 1: the training data on this machine .*input.txt\) differ from the "
                                         r"data rank 0 trains on; copy rank 0's files here"):
         train_run._splits(plan, rank1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_prepare_with_a_note_and_the_next_run_continues(tmp_path):
+    corpus = make_corpus(tmp_path)
+    args = ["--input_file", str(corpus), "--shard_tokens", "600"]
+    r = Run(*args, cwd=tmp_path, script="prepare.py")
+    deadline = time.monotonic() + 60
+    while records(dataset_folder(tmp_path / "checkpoints")) < 5 and r.poll() is None:
+        assert time.monotonic() < deadline
+    r.send_signal(signal.SIGINT)
+    assert r.wait() == 130, r.stderr
+    assert "interrupted: the finished shards are kept; run the same command to continue" in r.stderr
+    assert "Traceback" not in r.stderr
+    again = run(*args, cwd=tmp_path, script="prepare.py")
+    assert again.returncode == 0, again.stderr
+    whole = run(*args, "--checkpoints_dir", "whole", cwd=tmp_path, script="prepare.py")
+    assert whole.returncode == 0 and prepared_bytes(tmp_path / "checkpoints") == prepared_bytes(tmp_path / "whole")

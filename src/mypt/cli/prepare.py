@@ -16,9 +16,12 @@ it again: finished shards are kept and it continues. Data already prepared is no
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mypt.errors import MyPTError
+
+INTERRUPTED = 130
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         raise MyPTError("name the data to prepare with --input_file (repeatable) or --data MIX.json")
     tokenizer = build_tokenizer("gpt2") if args.tokenizer == "gpt2" else None
     cache = Path(args.checkpoints_dir) / data.CACHE_DIR
-    corpus = data.prepare_corpus(sources, tokenizer, cache, shard_tokens=args.shard_tokens)
+    try:
+        corpus = data.prepare_corpus(sources, tokenizer, cache, shard_tokens=args.shard_tokens)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished shards are kept; run the same command to continue", file=sys.stderr)
+        return INTERRUPTED
     for p in corpus.parts:
         m = p.manifest
         vocab = f", {len(m['tokenizer']['chars'])} distinct characters" if "chars" in m["tokenizer"] else ""

@@ -373,16 +373,15 @@ class ShardWriter:
     def finish(self, n_files: int) -> None:
         """After the last batch: close the last shard (if it holds anything) as the final one."""
         last = Progress(shard=self.progress.shard + 1, tokens=self.progress.tokens + self.count,
-                        documents=self.progress.documents, file=n_files, n_chars=self.n_chars, final=True)
+                        documents=self.progress.documents + sum(len(d) for d in self.doc_ends), file=n_files,
+                        n_chars=self.n_chars, final=True)
         if self.count:
             self._close(last)
-        else:
-            self.out.close()
-            Path(self.tmp).unlink(missing_ok=True)
         for i in range(n_files):
             self._file_done(i)
 
     def abort(self) -> None:
+        """Close and remove the unfinished shard (there is always one open)."""
         try:
             self.out.close()
         finally:
@@ -563,18 +562,17 @@ def prepare(files: Sequence[InputFile], text_field: str, tokenizer: Tokenizer | 
     records = _resume(folder, plan)
     encoder = _encoder(tokenizer, files, records[-1].get("chars", []) if records else [])
     writer = ShardWriter(folder, files, plan["shard_tokens"], records, encoder)
-    start = writer.progress
-    if not start.final:
-        total = sum(st["size"] for st in stats)
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
-                  desc=f"preparing {label or files[0].name}") as bar:
-            bar.update(sum(st["size"] for st in stats[: start.file]))
-            try:
+    try:
+        if not writer.progress.final:
+            start = writer.progress
+            with tqdm(total=sum(st["size"] for st in stats), unit="B", unit_scale=True, unit_divisor=1024,
+                      file=sys.stderr, disable=not progress, desc=f"preparing {label or files[0].name}") as bar:
+                bar.update(sum(st["size"] for st in stats[: start.file]))
                 workers = max(1, min(threads, os.cpu_count() or 1))
                 _run(files, stats, text_field, encoder, writer, start, bar, workers, chunk_size)
                 writer.finish(len(files))
-            finally:
-                writer.abort()
+    finally:
+        writer.abort()
     records = writer.records
     if not sum(r["shard"]["documents"] for r in records):
         kinds = {f.kind for f in files}
