@@ -29,8 +29,8 @@ from mypt.data.corpus import (
     training_data,
 )
 from mypt.data.prepare import SHARD_TOKENS
-from mypt.data.sampler import Mixture, TokenStream, batch_at
+from mypt.data.sampler import Batches, Mixture, TokenStream, batch_at
 
-__all__ = ["CACHE_DIR", "SHARD_TOKENS", "Corpus", "DataChanged", "Mixture", "Source", "TokenStream", "batch_at",
-           "describe_sources", "input_status", "missing_inputs", "open_splits", "prepare_corpus", "read_mixture",
-           "saved_sources", "sources_from_flags", "sources_state", "training_data"]
+__all__ = ["CACHE_DIR", "SHARD_TOKENS", "Batches", "Corpus", "DataChanged", "Mixture", "Source", "TokenStream",
+           "batch_at", "describe_sources", "input_status", "missing_inputs", "open_splits", "prepare_corpus",
+           "read_mixture", "saved_sources", "sources_from_flags", "sources_state", "training_data"]

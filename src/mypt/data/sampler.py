@@ -91,10 +91,10 @@ class Mixture:
         return int(self.lengths.sum())
 
 
-Data = np.ndarray | TokenStream | Mixture
+Batches = np.ndarray | TokenStream | Mixture  # what batch_at draws from
 
 
-def _streams(data: Data) -> Mixture:
+def _streams(data: Batches) -> Mixture:
     if isinstance(data, Mixture):
         return data
     stream = data if isinstance(data, TokenStream) else TokenStream.from_array(data)
@@ -115,7 +115,7 @@ def _tensors(windows: np.ndarray, device: str | torch.device) -> tuple[torch.Ten
 
 
 def batch_at(
-    data: Data,
+    data: Batches,
     block_size: int,
     batch_size: int,
     seed: int,
