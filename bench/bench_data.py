@@ -1,13 +1,14 @@
 """Data preparation at scale: speed against tiktoken, memory, training start-up, kill and resume.
 
-usage: flock /tmp/mypt-bench.lock python bench/bench_data.py [--size_gb 10] [--kills 10] [--keep]
+usage: flock /tmp/mypt-bench.lock python bench/bench_data.py [--size_gb 10] [--kills 10] [--interleaved_mb 500]
 
 Builds a mixed corpus under --workdir from ../shared/data/tinyshakespeare.txt and the built-in
 corpus: a folder of text files (one document each), JSON lines files and Parquet files (documents
 of a few KB), with one .jsonl.gz and one .txt.zst among them. Then, each in a fresh process:
 
-1. tiktoken alone: 2 threads of encode_to_numpy (and encode_ordinary_batch with num_threads=2)
-   over 4 MB pieces of the same documents, held in memory; before and after step 2.
+1. tiktoken alone: 2 threads of encode_to_numpy (and encode_ordinary_batch with num_threads=2,
+   and 2 processes) over 4 MB pieces of the same kind of documents, held in memory; before and
+   after step 2. With --interleaved_mb, also round by round against a prepare of a smaller corpus.
 2. `mypt prepare --tokenizer gpt2` of the whole corpus into an empty cache: wall time, MB/s of
    document text, and resident memory sampled every 0.5 s (peak, and peak per quarter of the run).
 3. Training start-up: `train.py --max_iters 1` (a 2-layer model) on the prepared corpus vs on a
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from _machine import header
@@ -149,9 +150,16 @@ def build(root: Path, total: int) -> int:
 # Measurements (each in a fresh process)
 
 
+def _encode_piece(piece: str) -> object:
+    from mypt.tokenizers import gpt2_encoding
+
+    return gpt2_encoding().encode_to_numpy(piece, disallowed_special=())
+
+
 def reference(size: int) -> dict:
     """tiktoken alone on `size` bytes of documents in 4 MB pieces: 2 threads of encode_to_numpy,
-    and encode_ordinary_batch(num_threads=2). MB/s of text."""
+    encode_ordinary_batch(num_threads=2), and 2 processes of encode_to_numpy (the text pickled to
+    them, the ids back). MB/s of text."""
     from mypt.tokenizers import gpt2_encoding
 
     enc = gpt2_encoding()
@@ -174,7 +182,13 @@ def reference(size: int) -> dict:
     t = time.perf_counter()
     enc.encode_ordinary_batch(pieces, num_threads=2)
     batch_s = time.perf_counter() - t
-    return {"encode_to_numpy_2_threads": total / numpy_s, "encode_ordinary_batch_2_threads": total / batch_s}
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_encode_piece, pieces[:2]))  # started and warm: count only the encoding
+        t = time.perf_counter()
+        list(pool.map(_encode_piece, pieces))
+        process_s = time.perf_counter() - t
+    return {"encode_to_numpy_2_threads": total / numpy_s, "encode_ordinary_batch_2_threads": total / batch_s,
+            "encode_to_numpy_2_processes": total / process_s}
 
 
 def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> None:
@@ -288,6 +302,9 @@ def main() -> None:
     p.add_argument("--kills", type=int, default=10, help="SIGKILLs of the kill-and-resume run (default: 10)")
     p.add_argument("--kill_mb", type=int, default=300, help="text of the kill-and-resume corpus (default: 300)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mypt-bench-data")
+    p.add_argument("--interleaved_mb", type=int, default=0,
+                   help="also compare prepare and tiktoken alone on a corpus of this size, round by round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved comparison (default: 3)")
     p.add_argument("--skip", nargs="*", default=[], choices=("speed", "startup", "kills"))
     p.add_argument("--keep", action="store_true", help="keep the corpora and caches afterwards")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -317,6 +334,19 @@ def main() -> None:
         print(f"  mypt prepare: {run['seconds']:.0f} s, {speed:.1f} MB/s = {speed / ref:.0%} of tiktoken's "
               f"{ref:.1f} MB/s; peak RSS {run['peak_rss'] / 2**20:.0f} MiB; per quarter "
               f"{[round(q / 2**20) for q in run['quarters']]} MiB\n  {run['out']}", flush=True)
+    if args.interleaved_mb:
+        mid = work / "mid"
+        n = build(mid / "corpus", args.interleaved_mb * MB)
+        ratios = []
+        for r in range(args.rounds):
+            ref = max(child("reference", str(n)).values())
+            shutil.rmtree(mid / "checkpoints", ignore_errors=True)
+            run = timed_prepare([mid / "corpus" / d for d in ("books", "web", "pages")], mid / "checkpoints")
+            speed = n / MB / run["seconds"]
+            ratios.append(speed / ref)
+            print(f"  interleaved round {r + 1} ({n / MB:.0f} MB): tiktoken alone {ref:.1f} MB/s, mypt prepare "
+                  f"{speed:.1f} MB/s = {speed / ref:.0%}; peak RSS {run['peak_rss'] / 2**20:.0f} MiB", flush=True)
+        print(f"  interleaved: median {statistics.median(ratios):.0%} of tiktoken's speed", flush=True)
     if "startup" not in args.skip:
         small = work / "small"
         small.mkdir(parents=True, exist_ok=True)
