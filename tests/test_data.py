@@ -432,3 +432,12 @@ def test_a_prepare_stopped_before_its_manifest_finishes_without_reading_again(tm
     corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=3000)
     assert stream_ids(corpus) == gpt2.encode(TEXT) + [GPT2_EOT_ID]
     assert [p.name for p in corpus.parts[0].folder.glob("*.json")] == ["manifest.json"]  # records removed
+
+
+def test_a_bad_second_source_removes_the_first_one_prepared_with_it(tmp_path, gpt2):
+    (tmp_path / "good.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    sources = [Source("good", (str(tmp_path / "good.txt"),)), Source("bad", (str(tmp_path / "bad.jsonl"),))]
+    with pytest.raises(MyPTError, match=r"bad.jsonl line 2 has no field 'text'"):
+        prepare_corpus(sources, gpt2, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()

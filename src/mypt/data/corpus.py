@@ -275,10 +275,16 @@ def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache
             raise DataChanged()
     corpus = Corpus([])
     for s, files, folder, manifest in found:
-        if manifest is None:
-            corpus.parts.append(_prepare_one(s, files, tokenizer, folder, corpus, progress, shard_tokens, chunk_size))
-        else:
+        if manifest is not None:
             corpus.parts.append(Prepared(s, folder, manifest))
+            continue
+        try:
+            corpus.parts.append(_prepare_one(s, files, tokenizer, folder, corpus, progress, shard_tokens, chunk_size))
+        except WriteFailed:
+            raise
+        except MyPTError:
+            corpus.discard_created()  # a bad input in a later source: the earlier ones go too
+            raise
     return corpus
 
 
