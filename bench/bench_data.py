@@ -17,7 +17,7 @@ of a few KB), with one .jsonl.gz and one .txt.zst among them. Then, each in a fr
    interruption, then again with SIGKILL at --kills random moments, each run resuming the last;
    the shards, document indexes and manifest must be byte-identical.
 
-Needs `pip install -e ".[data]"` (pyarrow, zstandard) and about 1.7x --size_gb of free disk.
+Needs `pip install -e ".[data]"` (pyarrow, backports.zstd before Python 3.14) and about 1.7x --size_gb of free disk.
 """
 
 from __future__ import annotations
@@ -126,9 +126,12 @@ def build(root: Path, total: int) -> int:
     small = min(100 * MB, third // 10)
     docs = documents(paras, 2)
     n += write_jsonl(root / "web" / "part-gz.jsonl.gz", docs, small, gzip.open)
-    import zstandard
+    try:
+        from compression import zstd
+    except ImportError:
+        from backports import zstd
 
-    with zstandard.open(root / "books" / "compressed.txt.zst", "wt", encoding="utf-8") as f:
+    with zstd.open(root / "books" / "compressed.txt.zst", "wt", encoding="utf-8") as f:
         text = "\n\n".join(paras)
         for _ in range(max(1, small // len(text))):
             f.write(text)

@@ -22,6 +22,7 @@ import codecs
 import glob
 import gzip
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -175,7 +176,7 @@ def list_files(inputs: Sequence[str]) -> list[InputFile]:
 def require_extra(module: str, what: str) -> Any:
     """Import an optional dependency; a clear MyPTError naming the extra if it is missing."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         raise MyPTError(f"{what} needs the '{module}' package, an optional extra: {DATA_EXTRA}") from None
 
@@ -184,7 +185,7 @@ def check_readable(files: Sequence[InputFile], text_field: str) -> None:
     """The checks that need no full read: extras installed, Parquet columns present."""
     for f in files:
         if f.compression == "zstd":
-            require_extra("zstandard", f"reading {f.label}")
+            _zstd_module(f)
         if f.kind == "parquet":
             _parquet_file(f, text_field)
 
@@ -213,30 +214,20 @@ def _truncated(f: InputFile, exc: Exception) -> MyPTError:
                      "download or compress it again, or remove it from the input")
 
 
-def _zstd_chunks(f: InputFile, reader: _HashingReader, chunk_size: int) -> Iterator[bytes]:
-    zstandard = require_extra("zstandard", f"reading {f.label}")
-    frame = None  # a truncated last frame is caught here; zstandard's stream_reader would hide it
+def _zstd_module(f: InputFile) -> Any:
+    """Python's own zstd (3.14 on), else its backport: reads stay bounded and a cut file raises."""
     try:
-        while raw := reader.read(chunk_size):
-            while raw:
-                if frame is None:
-                    frame = zstandard.ZstdDecompressor().decompressobj()
-                out = frame.decompress(raw)
-                raw, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
-                if out:
-                    yield out
-    except zstandard.ZstdError as e:
-        raise _truncated(f, e) from None
-    if frame is not None:
-        raise _truncated(f, "the last frame ends early")
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        zstd = require_extra("backports.zstd", f"reading {f.label}")
+    return zstd
 
 
-def _gzip_chunks(f: InputFile, reader: _HashingReader, chunk_size: int) -> Iterator[bytes]:
-    stream = gzip.GzipFile(fileobj=reader, mode="rb")  # type: ignore[arg-type]
+def _decompressed(f: InputFile, stream: Any, chunk_size: int, errors: tuple[type[Exception], ...]) -> Iterator[bytes]:
     try:
         while out := stream.read(chunk_size):
             yield out
-    except (EOFError, OSError, zlib.error) as e:
+    except (EOFError, *errors) as e:
         raise _truncated(f, e) from None
 
 
@@ -246,9 +237,11 @@ def byte_chunks(f: InputFile, hasher: Any, chunk_size: int = CHUNK_SIZE) -> Iter
         with open(f.path, "rb") as raw:
             reader = _HashingReader(raw, hasher)
             if f.compression == "zstd":
-                yield from _zstd_chunks(f, reader, chunk_size)
+                zstd = _zstd_module(f)
+                yield from _decompressed(f, zstd.ZstdFile(reader), chunk_size, (zstd.ZstdError,))
             elif f.compression == "gzip":
-                yield from _gzip_chunks(f, reader, chunk_size)
+                yield from _decompressed(f, gzip.GzipFile(fileobj=reader, mode="rb"), chunk_size,
+                                         (gzip.BadGzipFile, zlib.error))
             else:
                 while chunk := reader.read(chunk_size):
                     yield chunk
