@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -178,10 +179,10 @@ def reference(size: int) -> dict:
             piece, in_piece = [], 0
     pieces.append("\n\n".join(piece))
     total = sum(len(p.encode("utf-8")) for p in pieces) / MB
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda p: enc.encode_to_numpy(p, disallowed_special=()), pieces))
-    numpy_s = time.perf_counter() - t
+    numpy_s, numpy_cpu = time.perf_counter() - t, time.process_time() - cpu
     t = time.perf_counter()
     enc.encode_ordinary_batch(pieces, num_threads=2)
     batch_s = time.perf_counter() - t
@@ -191,18 +192,19 @@ def reference(size: int) -> dict:
         list(pool.map(_encode_piece, pieces))
         process_s = time.perf_counter() - t
     return {"encode_to_numpy_2_threads": total / numpy_s, "encode_ordinary_batch_2_threads": total / batch_s,
-            "encode_to_numpy_2_processes": total / process_s}
+            "encode_to_numpy_2_processes": total / process_s, "mb_per_cpu_second": total / numpy_cpu}
 
 
-def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> None:
+def rss_sampler(pid: int, samples: list[tuple[float, int]], hwm: list[int], stop: threading.Event) -> None:
+    """Resident memory every 0.5 s, and the kernel's high-water mark (VmHWM) of the process."""
     t0 = time.perf_counter()
     while not stop.is_set():
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    samples.append((time.perf_counter() - t0, int(line.split()[1]) * 1024))
-        except OSError:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        except (OSError, ValueError):
             break
+        samples.append((time.perf_counter() - t0, int(status["VmRSS"].split()[0]) * 1024))
+        hwm.append(int(status["VmHWM"].split()[0]) * 1024)
         stop.wait(0.5)
 
 
@@ -211,21 +213,28 @@ def prepare_cmd(inputs: list[Path], ckpts: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mypt", "prepare", *flags, "--checkpoints_dir", str(ckpts), *extra]
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed_prepare(inputs: list[Path], ckpts: Path) -> dict:
     samples: list[tuple[float, int]] = []
+    hwm: list[int] = []
     stop = threading.Event()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(prepare_cmd(inputs, ckpts), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    sampler = threading.Thread(target=rss_sampler, args=(proc.pid, samples, stop))
+    sampler = threading.Thread(target=rss_sampler, args=(proc.pid, samples, hwm, stop))
     sampler.start()
     out, _ = proc.communicate()
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _children_cpu() - cpu
     stop.set()
     sampler.join()
     assert proc.returncode == 0, out
     quarters = [max((r for s, r in samples if q * seconds / 4 <= s < (q + 1) * seconds / 4), default=0)
                 for q in range(4)]
-    return {"seconds": seconds, "peak_rss": max(r for _, r in samples), "quarters": quarters, "out": out.strip()}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": max(r for _, r in samples), "quarters": quarters,
+            "out": out.strip(), "max_rss": max(hwm)}
 
 
 def train_cmd(inputs: list[Path], ckpts: Path, name: str) -> list[str]:
@@ -332,24 +341,29 @@ def main() -> None:
         run = timed_prepare(inputs, ckpts)
         after = child("reference", str(args.reference_mb * MB))
         print(f"  tiktoken alone, after: {after}", flush=True)
-        ref = statistics.mean([max(before.values()), max(after.values())])
-        speed = text_bytes / MB / run["seconds"]
+        ref = statistics.mean([max(v for k, v in r.items() if k != "mb_per_cpu_second") for r in (before, after)])
+        ref_cpu = statistics.mean([before["mb_per_cpu_second"], after["mb_per_cpu_second"]])
+        speed, per_cpu = text_bytes / MB / run["seconds"], text_bytes / MB / run["cpu_seconds"]
         print(f"  mypt prepare: {run['seconds']:.0f} s, {speed:.1f} MB/s = {speed / ref:.0%} of tiktoken's "
-              f"{ref:.1f} MB/s; peak RSS {run['peak_rss'] / 2**20:.0f} MiB; per quarter "
-              f"{[round(q / 2**20) for q in run['quarters']]} MiB\n  {run['out']}", flush=True)
+              f"{ref:.1f} MB/s; {per_cpu:.1f} MB per CPU-second = {per_cpu / ref_cpu:.0%} of tiktoken's "
+              f"{ref_cpu:.1f}; peak RSS {run['max_rss'] / 2**20:.0f} MiB (sampled {run['peak_rss'] / 2**20:.0f}, "
+              f"per quarter {[round(q / 2**20) for q in run['quarters']]} MiB)\n  {run['out']}", flush=True)
     if args.interleaved_mb:
         mid = work / "mid"
         n = build(mid / "corpus", args.interleaved_mb * MB)
         ratios = []
         for r in range(args.rounds):
-            ref = max(child("reference", str(n)).values())
+            alone = child("reference", str(n))
+            ref = max(v for k, v in alone.items() if k != "mb_per_cpu_second")
             shutil.rmtree(mid / "checkpoints", ignore_errors=True)
             run = timed_prepare([mid / "corpus" / d for d in ("books", "web", "pages")], mid / "checkpoints")
-            speed = n / MB / run["seconds"]
-            ratios.append(speed / ref)
-            print(f"  interleaved round {r + 1} ({n / MB:.0f} MB): tiktoken alone {ref:.1f} MB/s, mypt prepare "
-                  f"{speed:.1f} MB/s = {speed / ref:.0%}; peak RSS {run['peak_rss'] / 2**20:.0f} MiB", flush=True)
-        print(f"  interleaved: median {statistics.median(ratios):.0%} of tiktoken's speed", flush=True)
+            speed, per_cpu = n / MB / run["seconds"], n / MB / run["cpu_seconds"]
+            ratios.append((speed / ref, per_cpu / alone["mb_per_cpu_second"]))
+            print(f"  interleaved round {r + 1} ({n / MB:.0f} MB): tiktoken alone {alone}; mypt prepare "
+                  f"{speed:.1f} MB/s = {speed / ref:.0%}, {per_cpu:.1f} MB per CPU-second = {ratios[-1][1]:.0%}; "
+                  f"peak RSS {run['max_rss'] / 2**20:.0f} MiB", flush=True)
+        print(f"  interleaved: median {statistics.median(r[0] for r in ratios):.0%} of tiktoken's speed, "
+              f"{statistics.median(r[1] for r in ratios):.0%} of its MB per CPU-second", flush=True)
     if "startup" not in args.skip:
         small = work / "small"
         small.mkdir(parents=True, exist_ok=True)
