@@ -124,6 +124,11 @@ class GPT2Tokenizer(Tokenizer):
         self._enc = gpt2_encoding()
         self.n_vocab = self._enc.n_vocab
 
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding underneath (the data module encodes whole batches of documents with it)."""
+        return self._enc
+
     def encode(self, text: str, what: str = "prompt") -> list[int]:
         return self._enc.encode_ordinary(text)
 

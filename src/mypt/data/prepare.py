@@ -122,26 +122,71 @@ def _unencodable(files: Sequence[InputFile], batch: Batch, i: int, exc: UnicodeE
                      "surrogate that is not a character (a bad \\ud800-style escape?); fix or remove it")
 
 
+def _joiner(tokenizer: Tokenizer) -> tuple[Any, str] | None:
+    """(tiktoken Encoding, the special text it encodes as the end-of-text) if the tokenizer has both."""
+    enc = getattr(tokenizer, "tiktoken_encoding", None)
+    if enc is None:
+        return None
+    texts = [t for t in enc.special_tokens_set if enc.encode_single_token(t) == tokenizer.eot_id]
+    return (enc, texts[0]) if texts else None
+
+
 class TokenizerEncoder:
-    """Ids from a tokenizer (gpt2, or any kind with an eot_id), an end-of-text after each document."""
+    """Ids from a tokenizer (gpt2, or any kind with an eot_id), an end-of-text after each document.
+
+    With a tiktoken tokenizer, a run of whole documents is encoded in one call, joined by the
+    end-of-text text (which tiktoken then encodes as that one token, each document on its own):
+    the same ids as one call per document, with less per-call work and fewer GIL hand-overs. A
+    run where a document itself holds that text is encoded document by document, so the text
+    stays text.
+    """
 
     def __init__(self, tokenizer: Tokenizer, files: Sequence[InputFile]) -> None:
         self.tokenizer, self.files = tokenizer, files
         self.key = tokenizer.id_string()
         self.eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+        self.joiner = _joiner(tokenizer)
 
     def encode(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         parts, lengths = [], np.empty(len(batch.texts), dtype=np.int64)
-        for i, (text, end) in enumerate(zip(batch.texts, batch.ends, strict=True)):
-            try:
-                ids = self.tokenizer.encode_array(text, what="the input")
-            except UnicodeEncodeError as e:
-                raise _unencodable(self.files, batch, i, e) from None
-            parts.append(ids.astype(np.uint32, copy=False))
-            if end:
-                parts.append(self.eot)
-            lengths[i] = len(ids) + end
+        i = 0
+        while i < len(batch.texts):
+            j = i + 1
+            while self.joiner and batch.ends[i] and j < len(batch.texts) and batch.ends[j]:
+                j += 1
+            if j - i > 1 and self._encode_joined(batch, i, j, parts, lengths):
+                i = j
+                continue
+            for k in range(i, j):
+                self._encode_one(batch, k, parts, lengths)
+            i = j
         return (np.concatenate(parts) if parts else np.empty(0, np.uint32)), lengths
+
+    def _encode_one(self, batch: Batch, i: int, parts: list[np.ndarray], lengths: np.ndarray) -> None:
+        try:
+            ids = self.tokenizer.encode_array(batch.texts[i], what="the input")
+        except UnicodeEncodeError as e:
+            raise _unencodable(self.files, batch, i, e) from None
+        parts.append(ids.astype(np.uint32, copy=False))
+        if batch.ends[i]:
+            parts.append(self.eot)
+        lengths[i] = len(ids) + batch.ends[i]
+
+    def _encode_joined(self, batch: Batch, i: int, j: int, parts: list[np.ndarray], lengths: np.ndarray) -> bool:
+        """Documents i..j-1 in one call; False (nothing done) if one holds the end-of-text text."""
+        enc, sep = self.joiner
+        joined = sep.join(batch.texts[i:j]) + sep
+        if joined.count(sep) != j - i:
+            return False
+        try:
+            ids = enc.encode_to_numpy(joined, allowed_special={sep}, disallowed_special=())
+        except UnicodeEncodeError:
+            return False  # one by one, to name the document
+        ends = np.flatnonzero(ids == self.eot[0])
+        assert len(ends) == j - i, "the end-of-text only comes from the joins"
+        lengths[i:j] = np.diff(ends, prepend=-1)
+        parts.append(ids)
+        return True
 
     def finish(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return tokens, None
