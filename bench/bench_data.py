@@ -264,33 +264,39 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "lock"}
 
 
+def _records(ckpts: Path) -> int:
+    """Finished shards of an unfinished prepare (their records), 0 before there are any."""
+    return len(list((ckpts / ".cache").glob("*/[0-9]*.json"))) if (ckpts / ".cache").exists() else 0
+
+
 def kill_and_resume(inputs: list[Path], work: Path, kills: int, seed: int) -> dict:
-    """Prepare once whole; then again with SIGKILL at random moments, resuming each time."""
+    """Prepare once whole; then again, each run SIGKILLed at a random moment (after 0-2 more
+    shards and a random part of the next one) and the next run resuming it, `kills` times."""
     whole, killed = work / "whole", work / "killed"
     shard = ["--shard_tokens", str(1 << 21)]
     t = time.perf_counter()
     subprocess.run(prepare_cmd(inputs, whole, *shard), check=True, capture_output=True)
     full = time.perf_counter() - t
-    rng, moments, survived = random.Random(seed), [], 0
-    for _ in range(kills):
+    rng, moments = random.Random(seed), []
+    while len(moments) < kills:
         proc = subprocess.Popen(prepare_cmd(inputs, killed, *shard), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        moment = rng.uniform(0.5, full * 0.9)
-        try:
-            proc.wait(moment)
-            survived += 1  # finished before the kill: the remaining kills hit nothing new
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        moments.append(round(moment, 1))
-        shards = sorted((killed / ".cache").glob("*/*.bin"))
-        print(f"    killed at {moment:.1f} s: {len(shards)} shard(s) on disk", flush=True)
+        t, target = time.perf_counter(), _records(killed) + rng.randint(0, 2)
+        while _records(killed) < target and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 1.5))
+        if proc.poll() is not None:
+            raise SystemExit("a resumed prepare finished before its kill: use a bigger --kill_mb")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        moments.append(round(time.perf_counter() - t, 2))
+        print(f"    kill {len(moments)} at {moments[-1]:.2f} s into the run: {_records(killed)} shard(s) kept",
+              flush=True)
     subprocess.run(prepare_cmd(inputs, killed, *shard), check=True, capture_output=True)
     [a] = [p for p in (whole / ".cache").iterdir() if p.is_dir()]
     [b] = [p for p in (killed / ".cache").iterdir() if p.is_dir()]
-    same = tree_bytes(a) == tree_bytes(b)
-    return {"uninterrupted_s": full, "moments": moments, "finished_before_kill": survived, "identical": same,
-            "files": len(tree_bytes(a))}
+    return {"uninterrupted_s": round(full, 1), "kills": len(moments), "identical": tree_bytes(a) == tree_bytes(b),
+            "files_compared": len(tree_bytes(a))}
 
 
 # ---------------------------------------------------------------------------------------------
