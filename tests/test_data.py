@@ -109,6 +109,8 @@ def test_flags_make_one_absolute_source_and_mixture_files_are_read(tmp_path, mon
                                            {"name": "code", "input_file": "/abs/**/*.py", "weight": 0.3,
                                             "text_field": "content"}]}))
     prose, code = sources_from_flags(None, None, str(mix))
+    with pytest.raises(MyPTError, match=r"--text_field body: name the files it applies to with --input_file"):
+        sources_from_flags(None, "body", None)
     assert prose.inputs == (str(tmp_path / "sub" / "books"),) and prose.weight == 0.7  # relative to the file
     assert code.inputs == ("/abs/**/*.py",) and code.text_field == "content"
 

@@ -88,6 +88,9 @@ def sources_from_flags(input_files: Sequence[str] | None, text_field: str | None
                             "(list every input in the mixture file)")
         return read_mixture(Path(data_file), text_field)
     if not input_files:
+        if text_field is not None:
+            raise MyPTError(f"--text_field {text_field}: name the files it applies to with --input_file (on resume "
+                            "too: the recorded inputs keep their recorded field)")
         return None
     field_name = text_field or DEFAULT_TEXT_FIELD
     return [Source("input", tuple(_absolute(v) for v in input_files), field_name)]
