@@ -86,6 +86,8 @@ def test_folder_is_searched_recursively_for_known_extensions(tmp_path):
         (root / name).write_bytes(b"x")
     names = [f.name for f in src.list_files([str(root)])]
     assert names == ["books/four.txt.gz", "books/three.jsonl", "books/a/one.txt", "books/a/b/two.md"]
+    (root / "a" / "loop").symlink_to(root)  # a link back up the tree is followed once, not forever
+    assert [f.name for f in src.list_files([str(root)])] == names
     kinds = {f.name: (f.kind, f.compression) for f in src.list_files([str(root)])}
     assert kinds["books/three.jsonl"] == ("jsonl", None) and kinds["books/four.txt.gz"] == ("text", "gzip")
 

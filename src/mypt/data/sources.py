@@ -121,8 +121,14 @@ def _input_file(path: Path, name: str) -> InputFile:
 
 
 def _walk(folder: Path) -> list[Path]:
-    found = []
+    """The files below folder with a known extension, sorted; linked folders are followed once."""
+    found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in sorted(files)
                   if not f.startswith(".") and f.lower().endswith(FOLDER_SUFFIXES)]
