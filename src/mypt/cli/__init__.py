@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": "mypt.cli.compare",
     "export": "mypt.cli.export",
     "import": "mypt.cli.import_hf",
+    "prepare": "mypt.cli.prepare",
 }
 SUMMARIES = {
     "train": "train a model, or resume one",
@@ -32,6 +33,7 @@ SUMMARIES = {
     "compare": "continue one prompt with several models side by side",
     "export": "write a model as a Hugging Face transformers folder",
     "import": "turn a Hugging Face GPT-2 folder into a MyPT checkpoint",
+    "prepare": "tokenize training data into shards once (train.py does it when needed)",
 }
 
 
