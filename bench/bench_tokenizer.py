@@ -7,7 +7,7 @@ train        MyPT's bpe training (rustbpe) and Hugging Face `tokenizers` given t
              the same --mb MB text, same split pattern, vocab 8192; each in a fresh process,
              interleaved, wall time and peak RSS (ru_maxrss of the child). The text is
              tinyshakespeare and the built-in corpus repeated, written to a temp dir.
-encode       mypt.data.prepare_tokens (the data preparation train.py runs) with gpt2 and with a
+encode       mypt.data.prepare_corpus (the data preparation train.py runs) with gpt2 and with a
              bpe of 8192 tokens on the same files (half of --mb, and --mb), fresh processes,
              interleaved: MB/s and peak RSS (the same peak at both sizes: memory is flat).
 compression  bytes per token of bpe trained on the first 90% of a text (vocab 1024 ... 16384),
@@ -73,6 +73,14 @@ def builtin_file(folder: Path) -> Path:
     return builtin_corpus_path(folder)
 
 
+def text_of(path: Path, val_split: float) -> Any:
+    """The text of `path` (one document) without its last val_split, as train.py --tokenizer bpe
+    trains on it (0: the whole text)."""
+    from mypt import data
+
+    return data.TrainingText([data.Source("input", (str(path),))], path.parent, val_split)
+
+
 # ---------------------------------------------------------------------------------------------
 # Child processes: one measurement each, so that peak RSS is that measurement's alone
 
@@ -81,14 +89,13 @@ def child_train(lib: str, path: Path, vocab: int) -> dict[str, Any]:
     from tokenizers import Regex, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from mypt.data import training_text
     from mypt.tokenizers import train_bpe
     from mypt.tokenizers.bpe import SPLIT_PATTERN, _small_pieces
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu = time.perf_counter(), time.process_time()
     if lib == "rustbpe":
-        n = train_bpe(training_text(path, path.stat().st_size), vocab, str(path)).n_vocab
+        n = train_bpe(text_of(path, 0.0), vocab, str(path)).n_vocab
     else:
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -96,14 +103,14 @@ def child_train(lib: str, path: Path, vocab: int) -> dict[str, Any]:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       special_tokens=["<|endoftext|>"], show_progress=False)
-        tok.train_from_iterator(_small_pieces(training_text(path, path.stat().st_size)), trainer)
+        tok.train_from_iterator(_small_pieces(text_of(path, 0.0)), trainer)
         n = tok.get_vocab_size()
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "n_vocab": n,
             "before_mib": before}
 
 
 def child_encode(kind: str, path: Path) -> dict[str, Any]:
-    from mypt.data import prepare_tokens
+    from mypt import data
     from mypt.tokenizers import build_tokenizer, load_tokenizer
 
     tok = build_tokenizer("gpt2") if kind == "gpt2" else load_tokenizer(kind)
@@ -111,9 +118,10 @@ def child_encode(kind: str, path: Path) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as cache:
         start, cpu = time.perf_counter(), time.process_time()
-        token_file = prepare_tokens(path, tok, cache, progress=False)
+        corpus = data.prepare_corpus([data.Source("input", (str(path),))], tok, Path(cache), progress=False)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"seconds": seconds, "cpu_seconds": cpu, "n_tokens": token_file.n_tokens, "before_mib": before}
+    n_tokens = corpus.parts[0].manifest["n_tokens"]
+    return {"seconds": seconds, "cpu_seconds": cpu, "n_tokens": n_tokens, "before_mib": before}
 
 
 def measure(*args: str) -> dict[str, Any]:
@@ -146,14 +154,13 @@ def bench_train(folder: Path, size_mb: int, repeats: int) -> None:
 
 
 def bench_encode(folder: Path, size_mb: int, repeats: int) -> None:
-    from mypt.data import training_text, training_text_end
     from mypt.tokenizers import save_tokenizer, train_bpe
 
     small, big = big_text(folder, size_mb // 2), big_text(folder, size_mb)
     tok_path = folder / "bpe8192.json"
     if not tok_path.exists():
-        save_tokenizer(train_bpe(training_text(small, training_text_end(small, 0.1)), TRAIN_VOCAB, "text"), tok_path)
-    print(f"\n## Encoding: prepare_tokens, gpt2 vs bpe {TRAIN_VOCAB}\n")
+        save_tokenizer(train_bpe(text_of(small, 0.1), TRAIN_VOCAB, "text"), tok_path)
+    print(f"\n## Encoding: prepare_corpus, gpt2 vs bpe {TRAIN_VOCAB}\n")
     print("| tokenizer | MB | run | seconds | MB/s | MB per CPU-second | tokens | bytes/token | RSS before "
           "| peak RSS |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -170,7 +177,6 @@ def bench_encode(folder: Path, size_mb: int, repeats: int) -> None:
 
 
 def bench_compression(folder: Path) -> None:
-    from mypt.data import char_vocab_of_file, training_text, training_text_end
     from mypt.errors import MyPTError
     from mypt.tokenizers import build_tokenizer, train_bpe
 
@@ -181,12 +187,12 @@ def bench_compression(folder: Path) -> None:
     rows: dict[str, list[str]] = {}
     for name, path in texts.items():
         data = path.read_bytes()
-        held_out = data[training_text_end(path, 0.1):].decode("utf-8", errors="ignore")
+        held_out = data[int(len(data) * 0.9):].decode("utf-8", errors="ignore")
         whole = data.decode("utf-8")
-        toks = {"char": build_tokenizer("char", "".join(char_vocab_of_file(path))), "gpt2": build_tokenizer("gpt2")}
+        toks = {"char": build_tokenizer("char", whole), "gpt2": build_tokenizer("gpt2")}
         for vocab in COMPRESSION_VOCABS:
             try:
-                toks[f"bpe {vocab}"] = train_bpe(training_text(path, training_text_end(path, 0.1)), vocab, name)
+                toks[f"bpe {vocab}"] = train_bpe(text_of(path, 0.1), vocab, name)
             except MyPTError as e:  # a small text runs out of pairs to merge
                 toks[f"bpe {vocab}"] = str(e).split(": ")[1].split(" (")[0]
         for label, tok in toks.items():
@@ -205,12 +211,13 @@ def bench_compression(folder: Path) -> None:
 
 def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[str, Any]:
     """Train shakespeare-char's architecture with tok for `budget` seconds; held-out bits per char."""
+    import numpy as np
     import torch
 
     from mypt import dist
     from mypt.api import LoadedModel
     from mypt.config import ModelConfig, TrainConfig, load_model_config, new_run_train_config
-    from mypt.data import load_splits, prepare_tokens
+    from mypt.data import training_data
     from mypt.model import GPT
     from mypt.trainer import Trainer, TrainState, make_optimizer
 
@@ -219,8 +226,7 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
     cfg = ModelConfig.from_dict({**preset.to_dict(), "vocab_size": vocab}, "config")
     flags = {"learning_rate": lr} if lr else {}
     base, _ = new_run_train_config(cfg, flags)
-    train_data, val_data = load_splits(prepare_tokens(SHAKESPEARE, tok, cache, progress=False), base.val_split,
-                                       cfg.block_size, "tinyshakespeare")
+    _, train_data, val_data = training_data([str(SHAKESPEARE)], tok, cache, base.val_split, cfg.block_size)
     device = torch.device("cpu")
     dtype = dist.pick_dtype(base.dtype, device)
 
@@ -243,7 +249,8 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
     cpu_budget = budget * torch.get_num_threads()
     model, state, seconds, cpu_seconds = fit(max(30, int(cpu_budget / per_iter)), cpu_budget)
     lm = LoadedModel(model.eval(), cfg, tok, None, device, "fp32")  # type: ignore[arg-type]
-    result = lm.evaluate(tok.decode(val_data.tolist()), what="validation text")
+    val_ids = val_data.streams[0].gather(np.arange(len(val_data)))
+    result = lm.evaluate(tok.decode(val_ids[val_ids != tok.eot_id].tolist()), what="validation text")
     return {"iters": state.iteration, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "tokens_per_cpu_s": state.tokens_seen / cpu_seconds * torch.get_num_threads(),
             "params": model.num_params(), "bpc": result.bits_per_char, "lr": lr or base.learning_rate}
@@ -294,7 +301,6 @@ class _Quiet:
 def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float], threads: int | None) -> None:
     import torch
 
-    from mypt.data import char_vocab_of_file, training_text, training_text_end
     from mypt.tokenizers import build_tokenizer, train_bpe
 
     if threads:
@@ -306,11 +312,9 @@ def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[floa
     print("| tokenizer | vocab | learning rate | parameters | iterations | wall seconds | CPU seconds | tokens/s "
           "| chars/s | held-out bits/char |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    toks = {"char": build_tokenizer("char", "".join(char_vocab_of_file(SHAKESPEARE))),
-            "gpt2": build_tokenizer("gpt2")}
+    toks = {"char": build_tokenizer("char", SHAKESPEARE.read_text(encoding="utf-8")), "gpt2": build_tokenizer("gpt2")}
     for vocab in vocabs:
-        toks[f"bpe {vocab}"] = train_bpe(training_text(SHAKESPEARE, training_text_end(SHAKESPEARE, 0.1)), vocab,
-                                        "tinyshakespeare")
+        toks[f"bpe {vocab}"] = train_bpe(text_of(SHAKESPEARE, 0.1), vocab, "tinyshakespeare")
     n_chars = len(SHAKESPEARE.read_text(encoding="utf-8"))
     for name, tok in toks.items():
         chars_per_token = n_chars / len(tok.encode(SHAKESPEARE.read_text(encoding="utf-8")))

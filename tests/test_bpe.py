@@ -10,14 +10,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_ARCH, corpus_text, tiny_arch_flags
 from forked_cli import ONE_THREAD, run
 
+from mypt import data
 from mypt.api import load_model
 from mypt.cli import run_command
-from mypt.data import load_splits, open_token_file, training_text
-from mypt.tokenizers import BPETokenizer, load_tokenizer, train_bpe
+from mypt.data import dataset as ds
+from mypt.tokenizers import EOT, BPETokenizer, load_tokenizer, train_bpe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TRAIN = ["--max_iters", "6", "--eval_interval", "6", "--eval_iters", "2", "--device", "cpu", "--dtype", "fp32"]
@@ -25,16 +27,27 @@ TRAIN = ["--max_iters", "6", "--eval_interval", "6", "--eval_iters", "2", "--dev
 
 def bpe_text_ends(output: str) -> list[int]:
     """Where the text ends that the run's bpe tokenizer was trained on, for each training, in bytes."""
-    lines = [x for x in output.splitlines() if x.startswith("training a bpe tokenizer of")]
+    lines = [x for x in output.splitlines() if x.startswith("bpe tokenizer trained in")]
     return [int(x.split(" on the first ")[1].split(" bytes")[0].replace(",", "")) for x in lines]
+
+
+def dataset_of(folder: Path, tok: BPETokenizer) -> tuple[Path, dict]:
+    """The run's data prepared with `tok`: the folder in the token cache, and its manifest."""
+    [found] = (folder / "checkpoints" / ".cache").glob(f"{tok.id_string()}-*")
+    return found, json.loads((found / "manifest.json").read_text())
+
+
+def split_tokens(folder: Path, tok: BPETokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The (training, validation) token ids of the run's data, split as training splits them."""
+    found, manifest = dataset_of(folder, tok)
+    split = ds.split(*ds.documents(found, manifest), 0.1)
+    store = ds.shards(found, manifest)
+    return tuple(np.concatenate([store.take(np.arange(a, b)) for a, b in runs]) for runs in (split.train, split.val))
 
 
 def validation_start(folder: Path, tok: BPETokenizer) -> int:
     """The byte of input.txt at which the validation tokens of the run start."""
-    token_file = open_token_file(next((folder / "checkpoints" / ".cache").glob(f"*{tok.id_string()}.bin")))
-    assert token_file is not None
-    train_data, _ = load_splits(token_file, 0.1, TINY_ARCH["block_size"], "input.txt")
-    return int(tok.byte_lengths()[train_data].sum())
+    return int(tok.byte_lengths()[split_tokens(folder, tok)[0]].sum())
 
 
 def train(root: Path, *args: str) -> str:
@@ -63,14 +76,16 @@ def test_new_bpe_model_is_self_contained(root: Path) -> None:
     state = json.loads((folder / "training_state.json").read_text())
     assert state["tokenizer"] == "bpe" and state["iteration"] == 6
     tok = load_tokenizer(folder / "tokenizer.json")
-    assert [p.name for p in (root / "checkpoints" / ".cache").glob("*.bin") if tok.id_string() in p.name]
+    assert isinstance(tok, BPETokenizer) and dataset_of(root, tok)[1]["tokenizer"]["id"] == tok.id_string()
 
 
 def test_bpe_is_trained_on_the_training_split_only(root: Path) -> None:
     tok = load_tokenizer(root / "checkpoints" / "b" / "tokenizer.json")
     assert isinstance(tok, BPETokenizer)
     end = bpe_text_ends((root / "b-output.txt").read_text())[-1]
-    assert train_bpe(training_text(root / "input.txt", end), 500, "t").ranks == tok.ranks
+    text = data.TrainingText([data.Source("input", (str(root / "input.txt"),))], root, 0.1)
+    text.heads[0] = end
+    assert train_bpe(text, 500, "t").ranks == tok.ranks
     assert validation_start(root, tok) >= end  # no validation text reached the tokenizer
     whole = train_bpe([(root / "input.txt").read_text(encoding="utf-8")], 500, "t")
     assert whole.ranks != tok.ranks  # the validation text would have changed it
@@ -88,6 +103,23 @@ def test_bpe_is_trained_again_when_validation_starts_early(tmp_path: Path) -> No
     last = ends[-1]
     tok = load_tokenizer(tmp_path / "checkpoints" / "e" / "tokenizer.json")
     assert isinstance(tok, BPETokenizer) and validation_start(tmp_path, tok) >= last
+
+
+def test_bpe_never_learns_from_validation_documents(tmp_path: Path) -> None:
+    docs = [f"Document {i}.\n" + corpus_text(2_000 * (i + 2))[-2_000:] for i in range(30)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    r = run(*tiny_arch_flags(), *TRAIN, "--input_file", "docs.jsonl", "--model_name", "d", "--tokenizer", "bpe",
+            "--vocab_size", "300", cwd=tmp_path, env=ONE_THREAD)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tok = load_tokenizer(tmp_path / "checkpoints" / "d" / "tokenizer.json")
+    assert isinstance(tok, BPETokenizer)
+    train_ids, val_ids = split_tokens(tmp_path, tok)
+    training = tok.decode(train_ids.tolist()).split(EOT)[:-1]
+    held_out = tok.decode(val_ids.tolist()).split(EOT)[:-1]
+    assert held_out and sorted(training + held_out) == sorted(docs)
+    assert "bpe tokenizer trained in " in r.stdout and f"{len(training)} of the 30 documents" in r.stdout
+    assert train_bpe(training, 300, "t").ranks == tok.ranks  # what it learned from: the training documents
+    assert train_bpe(docs, 300, "t").ranks != tok.ranks  # (the validation documents would have changed it)
 
 
 def test_resume_keeps_the_saved_tokenizer(root: Path, tmp_path: Path) -> None:
@@ -155,7 +187,7 @@ def test_one_tokenizer_file_serves_two_models(root: Path, tmp_path: Path, capsys
     folder = tmp_path / "checkpoints"
     saved = [json.loads((folder / m / "tokenizer.json").read_text()) for m in ("x", "y")]
     assert saved[0] == saved[1] == json.loads(tok_file.read_text())
-    assert len(list((folder / ".cache").glob("*.bin"))) == 1  # one token cache for both
+    assert len([p for p in (folder / ".cache").iterdir() if p.is_dir()]) == 1  # one prepared dataset for both
 
 
 def test_export_to_transformers_and_back(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -139,6 +139,10 @@ def test_to_json_shapes():
     assert build_tokenizer("gpt2").to_json() == {"kind": "gpt2"}
     assert build_tokenizer("char", "ba").to_json() == {"kind": "char", "chars": ["a", "b"],
                                                        "special_tokens": {"<|endoftext|>": 2}}
+    legacy = tokenizer_from_json({"kind": "char", "chars": ["a", "b"]}, "old.json")  # saved before end-of-text
+    assert legacy.eot_id is None and legacy.n_vocab == 2
+    interim = tokenizer_from_json({"kind": "char", "chars": ["a", "b"], "eot": True}, "interim.json")
+    assert interim.eot_id == 2 and interim.to_json() == build_tokenizer("char", "ba").to_json()
 
 
 def test_unknown_kind_errors_list_known_kinds():

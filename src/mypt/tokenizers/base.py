@@ -29,17 +29,21 @@ NEWLINE_CUT = re.compile(r"[^\W_]\n")
 WHITESPACE_CUT = re.compile(r"[^\W_][ \t\r\n]")
 
 
+def padded_vocab(n_vocab: int) -> int:
+    """n_vocab rounded up to a multiple of VOCAB_MULTIPLE."""
+    return -(-n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 class Tokenizer(abc.ABC):
     """What every tokenizer offers. `what` in encode names the text in error messages.
 
     eot_id is the end-of-text id; None only for char tokenizers saved before it was reserved
-    (their models have no row for it). max_token_bytes bounds the UTF-8 length of one token.
+    (their models have no row for it).
     """
 
     kind: str
     n_vocab: int
     eot_id: int | None
-    max_token_bytes: int
 
     @abc.abstractmethod
     def encode(self, text: str, what: str = "prompt") -> list[int]:
@@ -71,7 +75,7 @@ class Tokenizer(abc.ABC):
 
     def model_vocab_size(self) -> int:
         """The vocab_size of a new model for this tokenizer: n_vocab padded to a multiple of 64."""
-        return -(-self.n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return padded_vocab(self.n_vocab)
 
 
 class StreamDecoder:

@@ -70,7 +70,6 @@ class BPETokenizer(TiktokenTokenizer):
         self.pattern = pattern
         self.eot_id = len(self.ranks)
         self.n_vocab = self.eot_id + 1
-        self.max_token_bytes = max(len(token) for token in self.ranks)
         self.sha256 = _content_sha256(_content(self.ranks, pattern, self.eot_id))
         self._enc = tiktoken.Encoding(
             name=f"mypt-bpe-{self.sha256[:12]}",

@@ -1,6 +1,7 @@
 """The "char" tokenizer: one id per character of the training text, in sorted order, then the
 end-of-text id. A char tokenizer.json saved before end-of-text was reserved has no
-"special_tokens" entry: it loads as it was, with no end-of-text id (eot_id None)."""
+"special_tokens" entry: it loads as it was, with no end-of-text id (eot_id None). One that says
+`"eot": true` instead, as MyPT wrote it for a short while, has the end-of-text id."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from mypt.errors import MyPTError
 from mypt.tokenizers.base import EOT, Tokenizer
 
 _MAX_LISTED_CHARS = 10
-_UTF8_MAX_BYTES = 4
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -39,7 +39,6 @@ class CharTokenizer(Tokenizer):
     """
 
     kind = "char"
-    max_token_bytes = _UTF8_MAX_BYTES
 
     def __init__(self, chars: Sequence[str], eot: bool = True) -> None:
         assert chars and all(len(c) == 1 for c in chars), "chars must be single characters"
@@ -124,4 +123,5 @@ def char_from_json(d: dict, source: str) -> CharTokenizer:
             f"{source}: the char tokenizer's 'special_tokens' must be {{\"{EOT}\": {len(chars)}}} "
             "(the id after the characters); the file is damaged, restore or re-create it"
         )
-    return CharTokenizer(chars, eot=special is not None)
+    interim = d.get("eot") is True  # see the module docstring
+    return CharTokenizer(chars, eot=special is not None or interim)

@@ -19,7 +19,6 @@ GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = EOT
 GPT2_EOT_ID = 50256
-GPT2_MAX_TOKEN_BYTES = 128  # the longest of GPT-2's tokens
 
 
 def _gpt2_ranks_bytes() -> bytes:
@@ -73,6 +72,11 @@ class TiktokenTokenizer(Tokenizer):
 
     _enc: tiktoken.Encoding
 
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding underneath (the data module encodes whole batches of documents with it)."""
+        return self._enc
+
     def encode(self, text: str, what: str = "prompt") -> list[int]:
         return self._enc.encode_ordinary(text)
 
@@ -89,7 +93,6 @@ class GPT2Tokenizer(TiktokenTokenizer):
 
     kind = "gpt2"
     eot_id = GPT2_EOT_ID
-    max_token_bytes = GPT2_MAX_TOKEN_BYTES
 
     def __init__(self) -> None:
         self._enc = gpt2_encoding()
