@@ -51,7 +51,7 @@ from mypt.tokenizers import (
     CharTokenizer,
     Tokenizer,
     build_tokenizer,
-    load_tokenizer,
+    tokenizer_file,
     train_bpe,
 )
 from mypt.tokenizers.base import padded_vocab
@@ -205,15 +205,6 @@ def _check_vocab_flag(tokenizer: str | None, vocab_size: int | None) -> None:
         raise MyPTError(f"--vocab_size {vocab_size} sets the size of a new bpe tokenizer: use it with --tokenizer "
                         "bpe (gpt2 has 50257 tokens, char the characters of the text, a tokenizer file its own)")
     check_vocab_size(vocab_size)
-
-
-def tokenizer_file(path: str) -> Tokenizer:
-    """The tokenizer saved in the file `path` (--tokenizer FILE.json)."""
-    if not Path(path).exists():
-        known = ", ".join(KNOWN_KINDS)
-        raise MyPTError(f"--tokenizer {path}: no such file; pass one of {known}, or a tokenizer .json file "
-                        "(mypt tokenizer train writes one)")
-    return load_tokenizer(path)
 
 
 def _model_vocab(cfg: ModelConfig, kind: str, n_vocab: int, size: int, config_file: str | None) -> ModelConfig:

@@ -11,10 +11,17 @@ from mypt.tokenizers.base import EOT, VOCAB_MULTIPLE, StreamDecoder, Tokenizer
 from mypt.tokenizers.bpe import SPLIT_PATTERN, BPETokenizer, bpe_parts, train_bpe
 from mypt.tokenizers.char import CharTokenizer
 from mypt.tokenizers.gpt2 import GPT2_EOT, GPT2_EOT_ID, GPT2Tokenizer, gpt2_encoding
-from mypt.tokenizers.load import KNOWN_KINDS, build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json
+from mypt.tokenizers.load import (
+    KNOWN_KINDS,
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_file,
+    tokenizer_from_json,
+)
 
 __all__ = [
     "EOT", "VOCAB_MULTIPLE", "StreamDecoder", "Tokenizer", "SPLIT_PATTERN", "BPETokenizer", "bpe_parts",
     "train_bpe", "CharTokenizer", "GPT2_EOT", "GPT2_EOT_ID", "GPT2Tokenizer", "gpt2_encoding", "KNOWN_KINDS",
-    "build_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_from_json",
+    "build_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_file", "tokenizer_from_json",
 ]

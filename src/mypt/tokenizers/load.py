@@ -57,3 +57,12 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Read a tokenizer saved by save_tokenizer() (or a checkpoint's tokenizer.json)."""
     return tokenizer_from_json(read_json(Path(path), "tokenizer"), str(path))
+
+
+def tokenizer_file(path: str) -> Tokenizer:
+    """The tokenizer saved in the file `path` (--tokenizer FILE.json)."""
+    if not Path(path).exists():
+        known = ", ".join(KNOWN_KINDS)
+        raise MyPTError(f"--tokenizer {path}: no such file; pass one of {known}, or a tokenizer .json file "
+                        "(mypt tokenizer train writes one)")
+    return load_tokenizer(path)
