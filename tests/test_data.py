@@ -24,7 +24,7 @@ from mypt.data import dataset as ds
 from mypt.data import sources as src
 from mypt.data.prepare import doc_keys
 from mypt.errors import MyPTError
-from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, build_tokenizer
+from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, build_tokenizer, train_bpe
 
 try:
     from compression import zstd  # Python 3.14 on
@@ -37,6 +37,11 @@ TEXT = corpus_text(40_000)
 @pytest.fixture(scope="module")
 def gpt2():
     return build_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe([corpus_text(200_000) + "!!\n\n?\r\n'll 123456 \u00a0\u2028"], 1024, "test text")
 
 
 def docs_of(text: str, n: int) -> list[str]:
@@ -177,15 +182,22 @@ def test_char_data_learn_the_vocabulary_in_the_same_pass(tmp_path):
     assert sorted(whole.tolist()) == sorted(with_eot(tok, docs))
 
 
-def test_chunked_text_tokenizes_as_the_whole_text(tmp_path, gpt2):
-    pieces = list("ab xy\n\t\r'sé世🙂.,!9") + ["'ll", "  \n", " \n", "  ", "\u00a0", "\u2028", "\x0b"]
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_chunked_text_tokenizes_as_the_whole_text(tmp_path, request, kind, monkeypatch):
+    # Tiny chunks over text full of whitespace runs, contractions, punctuation before newlines
+    # and multibyte characters: every cut must land where the split pattern splits the whole
+    # text anyway (bpe's pattern keeps "!\n" together, GPT-2's does not).
+    tok = request.getfixturevalue(kind)
+    monkeypatch.setattr(src, "MAX_CARRY_CHUNKS", 10**9)  # never force a cut
+    pieces = list("ab xy\n\t\r'sé世🙂.,!9") + ["!\n", "123456", "'ll", "  \n", " \n", "  ", "\u00a0", "\u2028",
+                                              "\x0b"]
     rng = random.Random(1234)
     for trial in range(40):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 300)))
         path = tmp_path / f"t{trial}.txt"
         path.write_text(text, encoding="utf-8")
-        corpus = prepare(tmp_path / str(trial), [path], gpt2, chunk_size=rng.randint(1, 32))
-        assert stream_ids(corpus) == gpt2.encode(text) + [GPT2_EOT_ID], repr(text)
+        corpus = prepare(tmp_path / str(trial), [path], tok, chunk_size=rng.randint(1, 32))
+        assert stream_ids(corpus) == tok.encode(text) + [tok.eot_id], repr(text)
 
 
 def test_text_without_whitespace_still_tokenizes(tmp_path, gpt2):
@@ -261,6 +273,61 @@ def test_too_short_parts_name_the_source_and_the_fix(tmp_path, gpt2):
     corpus = prepare(tmp_path, [tmp_path / "s.txt"], gpt2)
     with pytest.raises(MyPTError, match=r"s.txt is too short: it has 4 tokens, so the training part .* block_size"):
         open_splits(corpus, gpt2, 0.1, 8)
+
+
+# ----------------------------------------------------------------------------- the training split's text
+
+
+def test_training_text_of_one_document_is_its_head(tmp_path):
+    whole = "".join(f"line {i} of the text, word{i}\n" for i in range(2000))
+    (tmp_path / "a.txt").write_text(whole, encoding="utf-8")
+    write_jsonl(tmp_path / "one.jsonl", [whole])  # one record is one document too
+    for name in ("a.txt", "one.jsonl"):
+        for val_split in (0.1, 0.5):
+            text = data.TrainingText([Source("input", (str(tmp_path / name),))], tmp_path / "cache", val_split)
+            got = "".join(text)
+            end = int(len(whole.encode("utf-8")) * (1 - val_split))
+            assert text.heads == {0: end} and text.n_bytes == len(got.encode("utf-8"))
+            assert whole.startswith(got) and end - 64 < len(got.encode("utf-8")) <= end  # back to a safe cut only
+            assert f"the first {end:,} bytes of " in text.describe()
+    assert "".join(data.TrainingText([Source("input", (str(tmp_path / "a.txt"),))], tmp_path, 0.0)) == whole
+
+
+def marked_docs(n: int) -> list[str]:
+    return [f"<doc {i:03d}> " + d for i, d in enumerate(docs_of(TEXT, n))]
+
+
+def assert_training_text_is_the_training_split(tmp_path: Path, inputs: list[Path], val_split: float, gpt2) -> None:
+    """TrainingText gives the text of exactly the documents that open_splits trains on, none other."""
+    corpus = prepare(tmp_path, inputs, gpt2)
+    train, val, _ = open_splits(corpus, gpt2, val_split, 1)
+    split = {name: gpt2.decode(s.streams[0].gather(np.arange(len(s))).tolist()) for name, s in
+             (("train", train), ("val", val))}
+    got = "".join(data.TrainingText([Source("input", tuple(str(p) for p in inputs))], tmp_path, val_split))
+    markers = {m for m in split["train"].split() + split["val"].split() if m.startswith("<doc")}
+    for m in markers:
+        assert (m in got) == (m in split["train"]), (m, val_split)
+    assert sorted(got) == sorted(split["train"].replace(GPT2_EOT, ""))  # the same text, only the order differs
+
+
+def test_training_text_leaves_out_every_validation_document(tmp_path, gpt2):
+    docs = marked_docs(40)
+    (tmp_path / "in").mkdir()
+    for i in range(8):  # text files: a document put aside is read again
+        (tmp_path / "in" / f"t{i}.txt").write_text(docs[i], encoding="utf-8")
+    write_jsonl(tmp_path / "in" / "j.jsonl.gz", docs[8:30], opener=gzip.open)
+    write_parquet(tmp_path / "in" / "p.parquet", docs[30:])
+    for val_split in (0.1, 0.3, 0.5):
+        assert_training_text_is_the_training_split(tmp_path / str(val_split), [tmp_path / "in"], val_split, gpt2)
+
+
+def test_training_text_follows_the_rules_that_give_each_side_a_document(tmp_path, gpt2):
+    write_jsonl(tmp_path / "d.jsonl", marked_docs(4))
+    keys = doc_keys("d.jsonl", np.arange(4)).astype(np.int64)
+    below_all, above_all = keys.min() / 2**32, (keys.max() + 1) / 2**32
+    # no key below the threshold: the lowest validates; every key below it: the highest trains
+    for i, val_split in enumerate((below_all, above_all)):
+        assert_training_text_is_the_training_split(tmp_path / str(i), [tmp_path / "d.jsonl"], val_split, gpt2)
 
 
 # ----------------------------------------------------------------------------- sampler and mixtures

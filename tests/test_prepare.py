@@ -139,6 +139,25 @@ def test_prepare_then_train_reuses_the_shards(tmp_path):
     assert prepared_bytes(tmp_path / "checkpoints") == before
 
 
+def test_prepare_with_a_tokenizer_file_makes_the_shards_train_py_uses(tmp_path):
+    from mypt.cli import run_command
+
+    (tmp_path / "input.txt").write_text(TEXT[:60_000], encoding="utf-8")
+    tok_file = tmp_path / "tok.json"
+    assert run_command("tokenizer", ["train", "--input_file", str(tmp_path / "input.txt"), "--vocab_size", "300",
+                                     "--val_split", "0.1", "--out", str(tok_file)]) == 0
+    r = run("--input_file", "input.txt", "--tokenizer", "tok.json", cwd=tmp_path, script="prepare.py")
+    assert r.returncode == 0, r.stderr
+    before = prepared_bytes(tmp_path / "checkpoints")
+    assert dataset_folder(tmp_path / "checkpoints").name.startswith("bpe-")
+    t = run("--model_name", "m", "--input_file", "input.txt", "--tokenizer", "tok.json", *tiny_arch_flags(),
+            "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--device", "cpu", cwd=tmp_path)
+    assert t.returncode == 0, t.stderr
+    assert "preparing" not in t.stderr and prepared_bytes(tmp_path / "checkpoints") == before
+    r = run("--input_file", "input.txt", "--tokenizer", "bpe", cwd=tmp_path, script="prepare.py")
+    assert r.returncode == 2 and "train one (mypt tokenizer train) and pass --tokenizer FILE.json" in r.stderr
+
+
 MIX_FLAGS = ["--dtype", "fp32", "--eval_iters", "2", "--eval_interval", "4", "--warmup_iters", "2",
              "--lr_decay_iters", "8", "--device", "cpu", "--learning_rate", "1e-2", *tiny_arch_flags()]
 

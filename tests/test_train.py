@@ -44,7 +44,9 @@ def test_training_writes_the_checkpoint_folder_and_loss_falls(trained):
     assert state["best_val_loss"] == min(r["val_loss"] for r in rows)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     config = json.loads((folder / "config.json").read_text())
-    assert tokenizer["kind"] == "char" and config["vocab_size"] == len(tokenizer["chars"]) + 1  # + end-of-text
+    n_chars = len(tokenizer["chars"])
+    assert tokenizer["kind"] == "char" and tokenizer["special_tokens"] == {"<|endoftext|>": n_chars}
+    assert config["vocab_size"] == n_chars + 1  # the characters and end-of-text
     weights = torch.load(folder / "model.pt", weights_only=True)
     assert weights["transformer.wte.weight"].shape == (config["vocab_size"], 32)
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ module prepares the data (once, into the token cache) on rank 0 while the plan i
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,8 +46,20 @@ from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch
 from mypt.fsutil import FileLock
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
-from mypt.tokenizers import CharTokenizer, Tokenizer, build_tokenizer
+from mypt.tokenizers import (
+    KNOWN_KINDS,
+    CharTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    tokenizer_file,
+    train_bpe,
+)
+from mypt.tokenizers.base import padded_vocab
+from mypt.tokenizers.bpe import check_vocab_size
 from mypt.trainer import Stop, Trainer, TrainState, get_lr, make_optimizer
+
+DEFAULT_BPE_VOCAB = 4096
+BPE_TRIES = 3  # trainings of a bpe tokenizer before giving up on keeping validation text out of it
 
 
 @dataclass
@@ -56,19 +69,20 @@ class RunPlan:
     ckpt_dir: Path
     model_cfg: ModelConfig
     train_cfg: TrainConfig
-    tokenizer: Tokenizer | None  # None until a new char model's data are prepared (they give its vocabulary)
+    tokenizer: Tokenizer | None  # None until a new char or bpe model's data are read (they give its vocabulary)
     sources: list[data.Source]
     state: TrainState
     resume: Any  # the loaded Checkpoint, or None for a new model
     expect_sha256: str | None = None  # a resume: the recorded content hash of its data
     corpus: data.Corpus | None = None  # the training data, prepared (rank 0's manifests)
     splits: Any = None  # rank 0's (train, val) streams, opened while planning; not sent to other ranks
+    bpe_vocab: int | None = None  # a new bpe model: its tokenizer's size (trained while the data are prepared)
 
 
 def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_files: list[str] | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
           allow_data_change: bool = False, fsdp: bool = False, skip_memory_check: bool = False,
-          text_field: str | None = None, data_file: str | None = None) -> Stop:
+          text_field: str | None = None, data_file: str | None = None, vocab_size: int | None = None) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: check_train_flags(train_flags))  # flag errors first, before any file is read
@@ -84,9 +98,9 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             recover(ckpt_dir)  # only the lock holder may repair a killed save
         if (ckpt_dir / "config.json").exists():
             plan = plan_resume(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags,
-                               allow_data_change)
+                               allow_data_change, vocab_size)
         else:
-            plan = plan_new(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags)
+            plan = plan_new(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags, vocab_size)
         tc = plan.train_cfg
         if plan.state.iteration >= tc.max_iters:
             return plan
@@ -99,9 +113,14 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             if not skip_memory_check:
                 check_memory(plan.model_cfg, plan.train_cfg, dtype, torch_device, info, fsdp)
 
-        if plan.tokenizer is not None:
-            fits()  # the model is known: refuse it before any data are prepared
-        _prepare_data(plan, allow_data_change, then=fits if plan.tokenizer is None else None)
+        if plan.tokenizer is None and plan.bpe_vocab is None:
+            _prepare_data(plan, allow_data_change, then=fits)  # a new char model: its size comes from the data
+            return plan
+        fits()  # the model is known: refuse it before any data are prepared (or a tokenizer trained)
+        if plan.bpe_vocab is not None:
+            _bpe_for_run(plan, plan.bpe_vocab, allow_data_change)
+        else:
+            _prepare_data(plan, allow_data_change)
         return plan
 
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
@@ -155,7 +174,7 @@ def _for_other_ranks(plan: RunPlan) -> RunPlan:
 
 
 def plan_new(ckpt_dir: Path, config_file: str | None, sources: list[data.Source] | None, tokenizer: str | None,
-             arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
+             arch_flags: dict[str, Any], train_flags: dict[str, Any], vocab_size: int | None = None) -> RunPlan:
     base = load_model_config(config_file) if config_file else None
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
     for w in warnings:
@@ -163,15 +182,45 @@ def plan_new(ckpt_dir: Path, config_file: str | None, sources: list[data.Source]
     tc, used = new_run_train_config(cfg, train_flags)
     if used:
         dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
-    kind = tokenizer or "gpt2"
-    tok = build_tokenizer("gpt2") if kind == "gpt2" else None  # char: its vocabulary comes from the data
-    if tok is not None and cfg.vocab_size < tok.n_vocab:
-        raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
-                        f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
+    _check_vocab_flag(tokenizer, vocab_size)
     if sources is None:
         sources = [data.Source("input", (BUILTIN_CORPUS,))]
         dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
-    return RunPlan(ckpt_dir, cfg, tc, tok, sources, TrainState(), None)
+    plan = RunPlan(ckpt_dir, cfg, tc, None, sources, TrainState(), None)
+    choice = tokenizer or "gpt2"
+    if choice == "bpe":  # trained on the training split while the data are prepared
+        plan.bpe_vocab = vocab_size or DEFAULT_BPE_VOCAB
+        plan.model_cfg = _model_vocab(cfg, "bpe", plan.bpe_vocab, padded_vocab(plan.bpe_vocab), config_file)
+    elif choice != "char":  # char: its vocabulary comes from the data
+        tok = build_tokenizer("gpt2") if choice == "gpt2" else tokenizer_file(choice)
+        plan.tokenizer = tok
+        plan.model_cfg = _model_vocab(cfg, tok.kind, tok.n_vocab, tok.model_vocab_size(), config_file)
+    return plan
+
+
+def _check_vocab_flag(tokenizer: str | None, vocab_size: int | None) -> None:
+    if vocab_size is None:
+        return
+    if tokenizer != "bpe":
+        raise MyPTError(f"--vocab_size {vocab_size} sets the size of a new bpe tokenizer: use it with --tokenizer "
+                        "bpe (gpt2 has 50257 tokens, char the characters of the text, a tokenizer file its own)")
+    check_vocab_size(vocab_size)
+
+
+def _model_vocab(cfg: ModelConfig, kind: str, n_vocab: int, size: int, config_file: str | None) -> ModelConfig:
+    """The config with the vocab_size (`size`) that a tokenizer of n_vocab ids needs; gpt2 keeps the
+    preset's if it is large enough."""
+    if kind == "gpt2":
+        if cfg.vocab_size < n_vocab:
+            raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
+                            f"the gpt2 tokenizer's {n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
+        return cfg
+    if cfg.vocab_size != size:
+        why = ("the characters of the training data and an end-of-text" if kind == "char" else
+               f"its {n_vocab} tokens" + (" padded to a multiple of 64" if size > n_vocab else ""))
+        dist.print0(f"{kind} tokenizer: vocab_size is {size} ({why}), not the config's {cfg.vocab_size}")
+        cfg = _replace(cfg, vocab_size=size)
+    return cfg
 
 
 def _cache(ckpt_dir: Path) -> Path:
@@ -193,10 +242,8 @@ def _prepare_data(plan: RunPlan, allow_change: bool, then: Callable[[], None] | 
     try:
         if plan.tokenizer is None:
             plan.tokenizer = CharTokenizer(plan.corpus.chars())
-            if plan.model_cfg.vocab_size != plan.tokenizer.n_vocab:
-                dist.print0(f"char tokenizer: vocab_size is {plan.tokenizer.n_vocab} (the characters of the "
-                            f"training data and an end-of-text), not the config's {plan.model_cfg.vocab_size}")
-                plan.model_cfg = _replace(plan.model_cfg, vocab_size=plan.tokenizer.n_vocab)
+            plan.model_cfg = _model_vocab(plan.model_cfg, "char", plan.tokenizer.n_vocab, plan.tokenizer.n_vocab,
+                                          None)
         train, val, lines = data.open_splits(plan.corpus, plan.tokenizer, plan.train_cfg.val_split,
                                              plan.model_cfg.block_size)
         if then is not None:
@@ -208,6 +255,35 @@ def _prepare_data(plan: RunPlan, allow_change: bool, then: Callable[[], None] | 
     for line in lines:
         dist.print0(f"data: {line}")
     plan.splits = (train, val)
+
+
+def _bpe_for_run(plan: RunPlan, vocab_size: int, allow_change: bool) -> None:
+    """Train a new model's bpe tokenizer on the training split of its data, then prepare the data.
+
+    Validation documents are left out exactly (data.TrainingText). A source of one document
+    validates on its last val_split of tokens, so where that starts in its text is known only
+    once it is tokenized: the tokenizer learns from the bytes before (1 - val_split) of it, the
+    data are prepared with it, and if validation starts before the end of that text (the end
+    tokenizes more compactly than the rest), it is trained again on less.
+    """
+    text = data.TrainingText(plan.sources, _cache(plan.ckpt_dir), plan.train_cfg.val_split)
+    what = f"the training part of {text.label()} (--val_split {plan.train_cfg.val_split:g} left out)"
+    for _ in range(BPE_TRIES):
+        dist.print0(f"training a bpe tokenizer of {vocab_size} tokens on {what}")
+        start = time.perf_counter()
+        tok = train_bpe(text, vocab_size, what)
+        dist.print0(f"bpe tokenizer trained in {time.perf_counter() - start:.1f} s on {text.describe()} "
+                    f"({tok.id_string()})")
+        plan.tokenizer = tok
+        _prepare_data(plan, allow_change)
+        too_far = text.too_far(plan.corpus, tok.byte_lengths())
+        if not too_far:
+            return
+        plan.corpus.discard_created()
+        for line in too_far:
+            dist.print0(f"note: {line} with this tokenizer: training it again on less")
+    raise MyPTError(f"the validation part keeps moving into the text the bpe tokenizer is trained on ({BPE_TRIES} "
+                    "tries); train one on a text of your choice (mypt tokenizer train) and pass --tokenizer FILE.json")
 
 
 def _check_folders(ckpt_dir: Path) -> None:
@@ -225,7 +301,8 @@ def _check_folders(ckpt_dir: Path) -> None:
 
 
 def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Source] | None, tokenizer: str | None,
-                arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool) -> RunPlan:
+                arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool,
+                vocab_size: int | None = None) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
     saved_src = f"{ckpt_dir}/config.json"
     cfg = ModelConfig.from_dict(ckpt.config, saved_src)
@@ -239,8 +316,7 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Sour
     for w in warnings:
         dist.print0(f"warning: {w}")
     tok = checkpoint_tokenizer(ckpt, cfg)
-    if tokenizer and tokenizer != tok.kind:
-        dist.print0(f"warning: --tokenizer {tokenizer} ignored: '{ckpt_dir.name}' uses {tok.kind}")
+    _warn_ignored_tokenizer(tokenizer, vocab_size, tok, ckpt_dir.name)
     source = f"{ckpt_dir}/training_state.json"
     state = TrainState.from_saved(ts, source)
     saved = saved_train_config(ts, source)
@@ -257,6 +333,20 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Sour
                     "optimizer")
     return RunPlan(ckpt_dir, cfg, tc, tok, sources or _saved_inputs(ckpt_dir, saved_sources), state, ckpt,
                    saved_sha)
+
+
+def _warn_ignored_tokenizer(choice: str | None, vocab_size: int | None, saved: Tokenizer, name: str) -> None:
+    """On resume the saved tokenizer wins: a --tokenizer or --vocab_size that differs gets a warning."""
+    if choice in KNOWN_KINDS:
+        differs = choice != saved.kind or (vocab_size is not None and vocab_size != saved.n_vocab)
+    else:
+        differs = choice is not None and tokenizer_file(choice).id_string() != saved.id_string()
+    if differs:
+        flags = f"--tokenizer {choice}" + (f" --vocab_size {vocab_size}" if vocab_size is not None else "")
+        dist.print0(f"warning: {flags} ignored: '{name}' uses its saved {saved.kind} tokenizer "
+                    f"({saved.n_vocab:,} tokens)")
+    elif choice is None and vocab_size is not None:
+        dist.print0(f"warning: --vocab_size {vocab_size} ignored: '{name}' uses its saved {saved.kind} tokenizer")
 
 
 def _schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:

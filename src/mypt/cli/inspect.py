@@ -40,6 +40,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     """The report's lines for the checkpoint folder (a damaged one too: that is what it is for)."""
     from mypt.build import checkpoint_config, checkpoint_tokenizer
     from mypt.checkpoint import Checkpoint
+    from mypt.cli.tokenizer import summary
     from mypt.estimate import count_params
     from mypt.fsutil import read_json
 
@@ -52,7 +53,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     lines += _architecture(cfg, count_params(cfg))
     if tokenizer is not None:
         tok = checkpoint_tokenizer(ckpt, cfg)
-        lines.append(f"  {'Tokenizer':<14}: {tok.kind}, {tok.n_vocab:,} tokens")
+        lines.append(f"  {'Tokenizer':<14}: {summary(tok)}")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
     lines += [""] + _training(state) + [""] + _files(folder, state, verify) + [""]

@@ -6,6 +6,7 @@ examples:
   python train.py --model_name dante --max_iters 10000          # resume: continues from the checkpoint
   python train.py --model_name books --input_file books/ --input_file 'web/**/*.jsonl.gz'
   python train.py --model_name mix --data mix.json              # named sources with weights
+  python train.py --config_file configs/tiny.json --model_name t --input_file in.txt --tokenizer bpe --vocab_size 4096
   torchrun --nproc_per_node=2 train.py --config_file configs/small.json --model_name dante
 
 A new model without --input_file trains on the built-in corpus (Python's own documentation).
@@ -52,7 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="MIX.json",
                    help='a mixture: {"sources": [{"name": "prose", "input_file": ["books/"], "weight": 0.7}, ...]}')
     p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
-    p.add_argument("--tokenizer", choices=("gpt2", "char"), help="gpt2 BPE or characters of the text (default: gpt2)")
+    p.add_argument("--tokenizer", metavar="{gpt2,char,bpe,FILE.json}",
+                   help="gpt2 (GPT-2's BPE), char (the characters of the text), bpe (a byte-level BPE trained "
+                   "on the training part of the text, --vocab_size tokens) or a tokenizer file from "
+                   "mypt tokenizer train (default: gpt2)")
+    p.add_argument("--vocab_size", type=int, help="tokens of a new --tokenizer bpe, end-of-text included "
+                   "(default: 4096); the model's vocab_size is this padded up to a multiple of 64")
     p.add_argument("--allow_data_change", action="store_true",
                    help="on resume, accept an --input_file whose content differs from the one trained on")
     arch = p.add_argument_group("architecture (used when no --config_file is given; default: the tiny preset)")
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             arch_flags={k: getattr(args, k) for k in ARCH_FLAGS}, train_flags=train_flags(args),
             device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
             skip_memory_check=args.skip_memory_check, text_field=args.text_field, data_file=args.data,
+            vocab_size=args.vocab_size,
         )
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns instead)
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)

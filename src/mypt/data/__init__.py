@@ -8,6 +8,7 @@
 - `corpus`: a run's named sources and weights (mixtures), preparing and opening them, and what
   training_state.json records about them.
 - `sampler`: token streams over the shards, mixtures and `batch_at`.
+- `training_text`: the training split's text before any tokenizer exists (to train one on).
 
 It knows nothing about the model or the CLI. The token cache is CHECKPOINTS_DIR/.cache.
 """
@@ -30,7 +31,8 @@ from mypt.data.corpus import (
 )
 from mypt.data.prepare import SHARD_TOKENS
 from mypt.data.sampler import Batches, Mixture, TokenStream, batch_at
+from mypt.data.training_text import TrainingText
 
 __all__ = ["CACHE_DIR", "SHARD_TOKENS", "Batches", "Corpus", "DataChanged", "Mixture", "Source", "TokenStream",
-           "batch_at", "describe_sources", "input_status", "missing_inputs", "open_splits", "prepare_corpus",
-           "read_mixture", "saved_sources", "sources_from_flags", "sources_state", "training_data"]
+           "TrainingText", "batch_at", "describe_sources", "input_status", "missing_inputs", "open_splits",
+           "prepare_corpus", "read_mixture", "saved_sources", "sources_from_flags", "sources_state", "training_data"]

@@ -184,7 +184,8 @@ def corpus_sha256(first: Source, hashes: Sequence[tuple[Source, str]]) -> str:
     return hashlib.sha256(json_bytes(listing)).hexdigest()
 
 
-def _files(source: Source, cache: Path) -> list[InputFile]:
+def source_files(source: Source, cache: Path) -> list[InputFile]:
+    """The files a source reads (the built-in corpus is written into the cache first)."""
     if source.inputs == (BUILTIN_CORPUS,):
         return [InputFile(builtin_corpus_path(cache), "python-docs.txt", "text", None)]
     return list_files(source.inputs)
@@ -219,7 +220,7 @@ def _prepare_one(source: Source, files: list[InputFile], tokenizer: Tokenizer | 
         manifest, _ = dataset.current_manifest(folder, files)  # another process may have just finished it
         if manifest is None:
             manifest = prepare(files, source.text_field, tokenizer, folder, shard_tokens=shard_tokens,
-                               progress=progress, chunk_size=chunk_size, label=_source_label(source, files))
+                               progress=progress, chunk_size=chunk_size, label=source_label(source, files))
             corpus.created.append((folder, made))
     except WriteFailed:
         raise
@@ -231,7 +232,10 @@ def _prepare_one(source: Source, files: list[InputFile], tokenizer: Tokenizer | 
     return Prepared(source, folder, manifest)
 
 
-def _source_label(source: Source, files: Sequence[InputFile]) -> str:
+def source_label(source: Source, files: Sequence[InputFile]) -> str:
+    """A source in messages: its file, its number of files, or its name in a mixture."""
+    if source.inputs == (BUILTIN_CORPUS,):
+        return BUILTIN_CORPUS
     if source.name != "input":
         return f"source '{source.name}'"
     return files[0].label if len(files) == 1 else f"the {len(files)} input files"
@@ -266,7 +270,7 @@ def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache
     With expect_sha256 (a resume), content that differs from it stops with a MyPTError before
     anything is written, unless allow_change.
     """
-    listed = [(s, _files(s, cache)) for s in sources]
+    listed = [(s, source_files(s, cache)) for s in sources]
     found = []
     for s, files in listed:
         folder = dataset_folder(s, files, tokenizer, cache)

@@ -99,6 +99,11 @@ def documents(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return ends, keys
 
 
+def val_threshold(val_split: float) -> int:
+    """A document whose key is below this validates (see the module docstring for the exceptions)."""
+    return int(val_split * 2**32)
+
+
 def split(ends: np.ndarray, keys: np.ndarray, val_split: float) -> Split:
     """Train and validation runs for documents ending at `ends` (see the module docstring)."""
     n = len(ends)
@@ -106,7 +111,7 @@ def split(ends: np.ndarray, keys: np.ndarray, val_split: float) -> Split:
         body = int(ends[0]) - 1  # the end-of-text stays with the tail
         cut = int(body * (1 - val_split))
         return Split(np.array([[0, cut]]), np.array([[cut, int(ends[0])]]), 0, 1)
-    is_val = keys.astype(np.uint64) < np.uint64(int(val_split * 2**32))
+    is_val = keys.astype(np.uint64) < np.uint64(val_threshold(val_split))
     if not is_val.any():
         is_val[int(np.argmin(keys))] = True
     if is_val.all():

@@ -4,7 +4,8 @@ An `--input_file` value is a file, a folder (searched recursively for the extens
 FOLDER_SUFFIXES, hidden names skipped) or a glob (`**` allowed). Each file is read as one of
 three kinds, chosen by its name once a `.gz` or `.zst` ending is set aside:
 
-- text (any other name): the whole file is one document, cut into pieces at safe points;
+- text (any other name): the whole file is one document, cut into pieces at safe points
+  (places where every tokenizer's split pattern splits anyway, see split_safely);
 - JSON lines (`.jsonl`, `.json`): each non-blank line is a JSON object and its `text_field` is a
   document (a null or empty value is skipped);
 - Parquet (`.parquet`): each row's `text_field` column is a document (null or empty skipped).
@@ -34,6 +35,7 @@ from typing import Any, BinaryIO
 
 from mypt.errors import MyPTError
 from mypt.fsutil import check_regular_file, sha256_file
+from mypt.tokenizers.base import NEWLINE_CUT, WHITESPACE_CUT
 
 try:  # twice as fast as json on JSON lines; part of the "data" extra, and json does the same job without it
     from orjson import loads as _loads
@@ -49,13 +51,6 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 FOLDER_SUFFIXES = tuple(s + c for s in TEXT_SUFFIXES + JSONL_SUFFIXES for c in ("", *COMPRESSIONS)) + PARQUET_SUFFIXES
 DATA_EXTRA = 'pip install "mypt[data]"'
 
-# Safe cut points: just before a whitespace character that follows a non-whitespace one.
-# GPT-2's pre-tokenizer never joins a non-space character with the whitespace after it, and
-# the text from the whitespace on is split exactly as in the whole text (the pattern has no
-# lookbehind), so tokenizing the two sides separately gives the same ids as the whole.
-# (Cutting *after* whitespace is not safe: "a  \nB" splits as "a", "  ", "\n", "B" whole, but
-# "a  \n" alone ends in one "  \n" pre-token.)  Prefer cuts before a newline.
-_WHITESPACE_CUT = re.compile(r"\S[ \t\r\n]")
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
@@ -323,10 +318,10 @@ def _decoded(f: InputFile, chunks: Iterator[bytes], offset: int) -> Iterator[tup
 
 
 def _last_newline_cut(text: str) -> int | None:
-    """Index of the last newline that follows a non-whitespace character (the safe cuts above)."""
+    """Index of the newline in the last match of NEWLINE_CUT (a safe cut for every tokenizer)."""
     i = text.rfind("\n")
     while i > 0:
-        if not text[i - 1].isspace():
+        if NEWLINE_CUT.match(text, i - 1):
             return i
         i = text.rfind("\n", 0, i)
     return None
@@ -348,10 +343,11 @@ def _last_cut(text: str, pattern: re.Pattern[str]) -> int | None:
 
 
 def split_safely(text: str, force: bool) -> tuple[str, str]:
-    """(head, rest): head tokenizes exactly as it would inside the whole text."""
+    """(head, rest): head tokenizes exactly as it would inside the whole text, with any tokenizer
+    (the cut rules are tokenizers.base.NEWLINE_CUT, then WHITESPACE_CUT)."""
     cut = _last_newline_cut(text)
     if cut is None:
-        cut = _last_cut(text, _WHITESPACE_CUT)
+        cut = _last_cut(text, WHITESPACE_CUT)
     if cut is None:
         return (text, "") if force else ("", text)
     return text[:cut], text[cut:]

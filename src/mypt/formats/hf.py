@@ -23,9 +23,8 @@ from mypt.build import Built
 from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versions, write_folder
 from mypt.errors import MyPTError
 from mypt.formats import hf_gpt2, weights_only
-from mypt.formats.hf_tokenizer import tokenizer_files, tokenizer_problem
+from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
-from mypt.tokenizers import GPT2_EOT_ID
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -115,11 +114,11 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
     shapes = hf_gpt2.hf_shapes(cfg)
     weights = _read_hf_weights(hf_dir)
     problems = hf_gpt2.weight_problems(weights, shapes)
-    problem = tokenizer_problem(hf_dir)
+    tok, problem = import_tokenizer(hf_dir)
     if problem:
         problems.append(problem)
-    if cfg.vocab_size <= GPT2_EOT_ID:
-        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the gpt2 tokenizer's {GPT2_EOT_ID + 1} tokens")
+    elif cfg.vocab_size < tok.n_vocab:
+        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the {tok.kind} tokenizer's {tok.n_vocab} tokens")
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     bias = any(bool(weights[name].any()) for name in shapes if name.endswith(".bias"))
@@ -129,8 +128,8 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
         GPT(cfg).load_state_dict(state, assign=True)  # names and shapes fit the model MyPT builds
     with training_lock(ckpt_dir):
         recover(ckpt_dir)
-        save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer={"kind": "gpt2"},
-                        training_state=_import_state(ckpt_dir, hf_dir), optimizer_state=None)
+        save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer=tok.to_json(),
+                        training_state=_import_state(ckpt_dir, hf_dir, tok.kind), optimizer_state=None)
     notes = [] if bias else ["every bias is zero: imported with bias false (no bias parameters)"]
     attn_pdrop = float(hf_gpt2.hf_value(hf, "attn_pdrop", 0.0))
     if attn_pdrop:
@@ -139,13 +138,13 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
     return cfg, notes
 
 
-def _import_state(ckpt_dir: Path, hf_dir: Path) -> dict[str, Any]:
+def _import_state(ckpt_dir: Path, hf_dir: Path, tokenizer: str) -> dict[str, Any]:
     return {
         "iteration": 0, "best_val_loss": None, "last_val_loss": None, "last_train_loss": None,
         "tokens_seen": 0, "train_seconds": 0.0,
         "model_name": ckpt_dir.name,
         "input_file": None, "input_sha256": None,
-        "tokenizer": "gpt2",
+        "tokenizer": tokenizer,
         "imported_from": str(hf_dir.resolve()),
         "note": "imported from a transformers GPT-2 folder; not trained by MyPT yet",
         "versions": versions(),
