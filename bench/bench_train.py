@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from _machine import header
@@ -39,7 +38,7 @@ from _machine import header
 import mypt.model
 from mypt import dist
 from mypt.config import ARCH_FIELDS, ModelConfig, TrainConfig, load_model_config
-from mypt.data import batch_at, load_splits, prepare_tokens
+from mypt.data import Mixture, batch_at, training_data
 from mypt.estimate import flops_per_token
 from mypt.model import GPT
 from mypt.optim import make_optimizer
@@ -65,9 +64,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 15) -> float:
     return 2 * n**3 / min(times)
 
 
-def gpt2_tokens() -> tuple[np.ndarray, np.ndarray]:
-    token_file = prepare_tokens(DATA, build_tokenizer("gpt2"), CACHE, progress=False)
-    return load_splits(token_file, 0.1, 256, str(DATA))
+def gpt2_tokens() -> tuple[Mixture, Mixture]:
+    _, train, val = training_data([str(DATA)], build_tokenizer("gpt2"), CACHE, 0.1, 256)
+    return train, val
 
 
 @dataclass
@@ -84,7 +83,7 @@ class Run:
     optimizer_times: list[float] = field(default_factory=list)
 
 
-def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
+def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[Mixture, Mixture],
              optimizer_kw: dict | None = None, compile_model: bool = False, malloc_reuse: bool = True,
              tc: TrainConfig = TRAIN) -> Run:
     model = GPT(cfg)
@@ -131,7 +130,7 @@ def hf_model(cfg: ModelConfig, state: dict) -> torch.nn.Module:
     return model
 
 
-def hf_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
+def hf_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[Mixture, Mixture],
            malloc_reuse: bool) -> Run:
     model = hf_model(cfg, state)
     optimizer = make_optimizer(model, TRAIN, CPU)
@@ -169,7 +168,7 @@ def time_runs(runs: list[Run], warmup: int, rounds: int) -> None:
 
 
 @torch.no_grad()
-def val_loss(run: Run, cfg: ModelConfig, val: np.ndarray) -> float:
+def val_loss(run: Run, cfg: ModelConfig, val: Mixture) -> float:
     run.model.eval()
     losses = [run.loss_of(*batch_at(val, cfg.block_size, cfg.batch_size, 99, i, CPU)).item()
               for i in range(EVAL_BATCHES)]
@@ -177,7 +176,7 @@ def val_loss(run: Run, cfg: ModelConfig, val: np.ndarray) -> float:
     return sum(losses) / len(losses)
 
 
-def bench_preset(name: str, rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray],
+def bench_preset(name: str, rounds: int, warmup: int, data: tuple[Mixture, Mixture],
                  peaks: dict[str, float]) -> None:
     cfg = load_model_config(name)
     torch.manual_seed(0)
@@ -225,7 +224,7 @@ def bench_preset(name: str, rounds: int, warmup: int, data: tuple[np.ndarray, np
               "(target within 2%)")
 
 
-def ablations(rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray]) -> None:
+def ablations(rounds: int, warmup: int, data: tuple[Mixture, Mixture]) -> None:
     """Variants of MyPT's tiny training step, timed interleaved against the default."""
     cfg = load_model_config("tiny")
     torch.manual_seed(0)
@@ -253,7 +252,7 @@ def ablations(rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray]) -> 
 
 
 def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
-                   data: tuple[np.ndarray, np.ndarray]) -> None:
+                   data: tuple[Mixture, Mixture]) -> None:
     """The loss head's LOSS_CHUNK_ROWS (a module constant, swapped per step)."""
     settings = [256, 512, 1024, 2048]
     default = mypt.model.LOSS_CHUNK_ROWS
@@ -283,7 +282,7 @@ def modern_config(name: str, recipe: str) -> tuple[ModelConfig, TrainConfig]:
     return cfg, TrainConfig(**{**TRAIN.to_dict(), **optimizer})
 
 
-def recipes(names: list[str], recipe: str, rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray],
+def recipes(names: list[str], recipe: str, rounds: int, warmup: int, data: tuple[Mixture, Mixture],
             peaks: dict[str, float]) -> None:
     """Each preset as it is (GPT-2, AdamW) against its shape with `recipe`'s components and optimizer."""
     for name in names:
@@ -309,7 +308,7 @@ def recipes(names: list[str], recipe: str, rounds: int, warmup: int, data: tuple
             print(f"- {d}: the {recipe} step takes {ratio:.2f}x the GPT-2 step (target <= 1.3x)")
 
 
-def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3, recipe: str | None = None) -> None:
+def profile_steps(name: str, data: tuple[Mixture, Mixture], steps: int = 3, recipe: str | None = None) -> None:
     """torch.profiler over a few steps of each run: the ops with the most self time per iteration.
 
     The runs: MyPT and transformers; with `recipe`, MyPT as the preset is and with the recipe's

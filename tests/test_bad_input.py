@@ -23,6 +23,7 @@ from conftest import TINY_ARCH, corpus_text, tiny_arch_flags
 from forked_cli import run
 
 from mypt import dist
+from mypt.tokenizers import train_bpe
 
 GOOD = Path("checkpoints/good")
 MARKER = "pwned"  # what the planted pickle would create in the working folder
@@ -114,6 +115,15 @@ def newer_format(work: Path) -> None:
     edit_json("training_state.json", lambda s: s.update(format_version=99))(work)
 
 
+def edited_bpe_file(name: str) -> Callable[[Path], None]:
+    """A bpe tokenizer file with one merge swapped for another: its hash no longer matches."""
+    def prepare(work: Path) -> None:
+        d = train_bpe([(work / "input.txt").read_text(encoding="utf-8")], 400, "t").to_json()
+        d["ranks"][300], d["ranks"][301] = d["ranks"][301], d["ranks"][300]
+        (work / name).write_text(json.dumps(d))
+    return prepare
+
+
 def set_field(**changes: object) -> Callable[[dict], None]:
     return lambda d: d.update(changes)
 
@@ -129,9 +139,12 @@ class Case:
     script: str = "train.py"
 
 
+NEW_NO_INPUT = ["--model_name", "new", "--tokenizer", "char", "--max_iters", "4", "--eval_iters", "2",
+                "--device", "cpu", *tiny_arch_flags()]  # --input_file is repeatable: each case names its own
 NEW = ["--model_name", "new", "--input_file", "input.txt", "--tokenizer", "char", "--max_iters", "4",
        "--eval_iters", "2", "--device", "cpu"]
 NEW_TINY = [*NEW, *tiny_arch_flags()]
+BPE = [*NEW_TINY, "--tokenizer", "bpe"]
 PRESET = [*NEW, "--config_file", "cfg.json"]
 RESUME = ["--model_name", "good", "--max_iters", "12", "--device", "cpu"]
 GENERATE = ["--model_name", "good", "--max_new_tokens", "4", "--seed", "1", "--device", "cpu"]
@@ -156,16 +169,37 @@ CASES: dict[str, Case] = {
                                             "vocab_size (100) is smaller than the gpt2 tokenizer's",
                                             preset(vocab_size=100)),
     # input text
-    "input-missing": Case([*NEW_TINY, "--input_file", "nosuch.txt"], "input file nosuch.txt does not exist"),
-    "input-empty": Case([*NEW_TINY, "--input_file", "e.txt"], "input file e.txt is empty", write("e.txt", "")),
-    "input-directory": Case([*NEW_TINY, "--input_file", "d"], "input file d is a directory",
-                            lambda w: (w / "d").mkdir()),
-    "input-binary": Case([*NEW_TINY, "--input_file", "b.bin"], "looks binary (it contains NUL bytes",
+    "input-missing": Case([*NEW_NO_INPUT, "--input_file", "nosuch.txt"], "input file nosuch.txt does not exist"),
+    "input-empty": Case([*NEW_NO_INPUT, "--input_file", "e.txt"], "input file e.txt is empty", write("e.txt", "")),
+    "input-empty-folder": Case([*NEW_NO_INPUT, "--input_file", "d"], "input folder d has no files ending in .txt",
+                               lambda w: (w / "d").mkdir()),
+    "input-binary": Case([*NEW_NO_INPUT, "--input_file", "b.bin"], "looks binary (it contains NUL bytes",
                          write("b.bin", b"\x7fELF\x02\x01\x00\x00" * 100)),
-    "input-not-utf8": Case([*NEW_TINY, "--input_file", "l.txt"], "is not valid UTF-8 (first bad byte at byte offset 5",
+    "input-not-utf8": Case([*NEW_NO_INPUT, "--input_file", "l.txt"],
+                           "is not valid UTF-8 (first bad byte at byte offset 5",
                            write("l.txt", b"caf\xc3\xa9\xe9 latin-1\n" * 50)),
-    "input-too-short": Case([*NEW_TINY, "--input_file", "s.txt"], "s.txt is too short: it has 12 tokens",
+    "input-too-short": Case([*NEW_NO_INPUT, "--input_file", "s.txt"],
+                            "s.txt is too short: it has 13 tokens",  # 12 characters and the end-of-text
                             write("s.txt", "hello world\n")),
+    # tokenizers: a new bpe, a tokenizer file
+    "bpe-vocab-too-small": Case([*BPE, "--vocab_size", "256"], "--vocab_size 256 is out of range for a bpe "
+                                "tokenizer: it needs at least 257"),
+    "bpe-vocab-too-large-for-text": Case([*BPE, "--vocab_size", "60000"], "the training part of input.txt (--val_split "
+                                         "0.1 left out) is too short for a bpe tokenizer of 60000"),
+    "bpe-training-split-too-short": Case([*BPE, "--input_file", "s.txt", "--vocab_size", "300"],
+                                         "is too short for a bpe tokenizer of 300 tokens", write("s.txt", "hi yo\n")),
+    "vocab-size-without-bpe": Case([*NEW_TINY, "--vocab_size", "4096"],
+                                   "--vocab_size 4096 sets the size of a new bpe tokenizer: use it with --tokenizer"),
+    "tokenizer-file-missing": Case([*NEW_TINY, "--tokenizer", "nosuch.json"],
+                                   "--tokenizer nosuch.json: no such file; pass one of gpt2, char, bpe"),
+    "tokenizer-file-not-json": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: malformed JSON",
+                                    write("t.json", "ROMEO: not a tokenizer\n")),
+    "tokenizer-file-not-a-tokenizer": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: not a MyPT tokenizer file",
+                                           write("t.json", '{"model": {"type": "BPE"}}')),
+    "tokenizer-file-edited": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: its content does not match its "
+                                  "sha256; the file is damaged or was edited", edited_bpe_file("t.json")),
+    "tokenizer-file-is-a-folder": Case([*NEW_TINY, "--tokenizer", "d"], "d: is a directory, not a file",
+                                       lambda w: (w / "d").mkdir()),
     # model names that would leave the checkpoints folder or are not plain names
     "name-parent": Case([*NEW_TINY, "--model_name", "../x"], "it contains a path separator"),
     "name-absolute": Case([*NEW_TINY, "--model_name", "/tmp/x"], "it contains a path separator"),
@@ -285,6 +319,8 @@ def test_catalogue_is_big_enough() -> None:
 def test_bad_input(case: Case, base: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     shutil.copytree(base, work, symlinks=True)
+    state = work / GOOD / "training_state.json"  # as if `good` was trained here (input paths are absolute)
+    state.write_text(state.read_text().replace(str(base), str(work)))
     if case.prepare is not None:
         case.prepare(work)
     before = tree(work)

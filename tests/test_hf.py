@@ -26,7 +26,7 @@ from mypt.config import ModelConfig  # noqa: E402
 from mypt.errors import MyPTError  # noqa: E402
 from mypt.formats.hf_tokenizer import bytes_to_unicode, gpt2_vocab_and_merges  # noqa: E402
 from mypt.model import GPT  # noqa: E402
-from mypt.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
+from mypt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, train_bpe  # noqa: E402
 
 TEXTS = [
     "Hello, world! It's a test.",
@@ -40,11 +40,11 @@ CHAR_TEXT = "hello world\nthe quick brown fox: jumps!  Ünïcödé 日本\t"
 
 
 def make_checkpoint(root: Path, name: str, *, bias: bool = False, chars: str | None = None,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, tok: Tokenizer | None = None) -> Path:
     """A MyPT checkpoint folder with random, well-spread weights (no training needed)."""
     torch.manual_seed(seed)
-    tok = CharTokenizer.from_text(chars) if chars else GPT2Tokenizer()
-    cfg = ModelConfig(**{**TINY_ARCH, "bias": bias}, vocab_size=tok.n_vocab if chars else 50304)
+    tok = tok or (CharTokenizer.from_text(chars) if chars else GPT2Tokenizer())
+    cfg = ModelConfig(**{**TINY_ARCH, "bias": bias}, vocab_size=tok.model_vocab_size())
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -54,6 +54,15 @@ def make_checkpoint(root: Path, name: str, *, bias: bool = False, chars: str | N
                     training_state={"iteration": 7, "best_val_loss": 3.0, "last_val_loss": 3.5},
                     optimizer_state={})
     return folder
+
+
+def export_and_import(tmp_path: Path, name: str, capsys: pytest.CaptureFixture) -> Path:
+    """Export checkpoint `name` to tmp_path/hf and import that folder back as model 'back'."""
+    assert export(tmp_path, name, tmp_path / "hf") == 0
+    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
+                                  "--checkpoints_dir", str(tmp_path / "ck")])
+    assert code == 0, capsys.readouterr().err
+    return tmp_path / "ck" / "back"
 
 
 def export(tmp_path: Path, name: str, out: Path, *extra: str) -> int:
@@ -109,9 +118,10 @@ def test_export_char_model(tmp_path):
     out = tmp_path / "hf"
     assert export(tmp_path, "c", out) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == len(set(CHAR_TEXT)) and config["eos_token_id"] is None
+    assert config["vocab_size"] == len(set(CHAR_TEXT)) + 1 and config["eos_token_id"] == len(set(CHAR_TEXT))
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     lm = load_model(path=folder, device="cpu")
+    assert theirs.eos_token_id == lm.tokenizer.eot_id
     text = "the  brown\n\nfox: Ünï 日本\t!"
     ids = lm.tokenizer.encode(text)
     assert theirs.encode(text) == ids and theirs.decode(ids) == text
@@ -125,11 +135,7 @@ def test_export_char_model(tmp_path):
 @pytest.mark.parametrize("bias", [False, True])
 def test_export_then_import_gives_identical_weights(tmp_path, bias, capsys):
     folder = make_checkpoint(tmp_path / "ck", "m", bias=bias)
-    assert export(tmp_path, "m", tmp_path / "hf") == 0
-    code = run_command("import", ["--hf_dir", str(tmp_path / "hf"), "--model_name", "back",
-                                  "--checkpoints_dir", str(tmp_path / "ck")])
-    assert code == 0, capsys.readouterr().err
-    original, back = load_checkpoint(folder), load_checkpoint(tmp_path / "ck" / "back")
+    original, back = load_checkpoint(folder), load_checkpoint(export_and_import(tmp_path, "m", capsys))
     assert sorted(back.model_state) == sorted(original.model_state)
     for name, tensor in original.model_state.items():
         assert torch.equal(back.model_state[name], tensor), name
@@ -257,7 +263,7 @@ BROKEN = {
     "untied": (_untie_head, "lm_head.weight differs"),
     "missing": (_drop_tensor, "missing tensors: transformer.h.1.mlp.c_fc.weight"),
     "pickle": (_pickle_only, "pytorch_model.bin"),
-    "vocab": (_other_vocab, "tokenizer is not GPT-2's"),
+    "vocab": (_other_vocab, "vocab.json is not GPT-2's"),
     "small_vocab": (lambda f: _edit_config(f, vocab_size=1000), "vocab_size is 1000"),
 }
 
@@ -317,3 +323,89 @@ def test_export_refuses_a_used_folder_and_unknown_models(tmp_path, capsys):
     assert export(tmp_path, "nope", tmp_path / "other") == 2
     assert "no model named 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bpe
+
+HARD_TEXTS = [
+    *TEXTS,
+    "    eight spaces\n\n\n\n\t\t  \n \r\n\r\n  \r\r\n end   ",
+    "emoji 🙂👍🏽👨‍👩‍👧 flags 🇫🇷🇯🇵 and keycap 1️⃣",
+    "mojibake Ã© Ã¼ â€™ ðŸ™‚, byte-map look-alikes ĠĊ Ġthe ĉ, replacement \ufffd, controls \x00\x01\x7f\x1b",
+    "odd spaces \x0b\x0c\x1c\x85\u2028\u2029\u3000| and 'S 'LL 'Ve DON'T 1234567890",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_tok() -> BPETokenizer:
+    from conftest import corpus_text
+
+    return train_bpe([corpus_text(200_000) + "".join(HARD_TEXTS) * 20], 700, "test text")
+
+
+def test_export_bpe_model_tokenizes_like_mypt_in_transformers(tmp_path, bpe_tok):
+    folder = make_checkpoint(tmp_path / "ck", "b", tok=bpe_tok)
+    out = tmp_path / "hf"
+    assert export(tmp_path, "b", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 704 and config["eos_token_id"] == bpe_tok.eot_id == 699
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.eos_token_id == 699 and len(theirs) == 700
+    merged = [t for t in bpe_tok.ranks if len(t) > 1 and t[0] >= 0x80]  # multibyte characters were merged
+    assert merged
+    for text in HARD_TEXTS:
+        ids = bpe_tok.encode(text)
+        assert theirs.encode(text) == ids, text
+        assert theirs.decode(ids) == text
+    literal = "a <|endoftext|> b"
+    assert theirs.encode(literal, split_special_tokens=True) == bpe_tok.encode(literal)
+    assert theirs.decode([699]) == "<|endoftext|>"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    lm = load_model(path=folder, device="cpu")
+    x = torch.tensor([bpe_tok.encode(HARD_TEXTS[2])[:TINY_ARCH["block_size"]]])
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, lm.model(x)[0], atol=1e-4, rtol=0)
+
+
+def test_export_then_import_bpe_model(tmp_path, bpe_tok, capsys):
+    folder = make_checkpoint(tmp_path / "ck", "b", tok=bpe_tok)
+    back = load_model(path=export_and_import(tmp_path, "b", capsys), device="cpu")
+    assert back.tokenizer.to_json() == bpe_tok.to_json()
+    original = load_checkpoint(folder)
+    for name, tensor in original.model_state.items():
+        assert torch.equal(back.checkpoint.model_state[name], tensor), name
+    assert back.checkpoint.training_state["tokenizer"] == "bpe"
+
+
+def test_export_then_import_char_model(tmp_path, capsys):
+    make_checkpoint(tmp_path / "ck", "c", chars=CHAR_TEXT)
+    back = load_checkpoint(export_and_import(tmp_path, "c", capsys))
+    assert back.tokenizer == CharTokenizer.from_text(CHAR_TEXT).to_json()
+
+
+def _edit_tokenizer_json(folder: Path, change) -> None:
+    d = json.loads((folder / "tokenizer.json").read_text())
+    change(d)
+    (folder / "tokenizer.json").write_text(json.dumps(d))
+
+
+BPE_BROKEN = {
+    "merges": (lambda d: d["model"]["merges"].reverse(), "merges are not in the order"),
+    "pre": (lambda d: d.__setitem__("pre_tokenizer", {"type": "Whitespace"}), "pre-tokenizer is not a split"),
+    "eot": (lambda d: d["added_tokens"].clear(), "<|endoftext|> must be the special token right after"),
+    "ids": (lambda d: d["model"]["vocab"].__setitem__("Ġthe", 5000), "ids of its vocabulary are not 0, 1, 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BPE_BROKEN))
+def test_import_refuses_a_bpe_tokenizer_tiktoken_would_not_match(tmp_path, bpe_tok, capsys, case):
+    make_checkpoint(tmp_path / "ck", "b", tok=bpe_tok)
+    assert export(tmp_path, "b", tmp_path / "hf") == 0
+    change, message = BPE_BROKEN[case]
+    _edit_tokenizer_json(tmp_path / "hf", change)
+    args = ["--hf_dir", str(tmp_path / "hf"), "--model_name", "x", "--checkpoints_dir", str(tmp_path / "ck")]
+    assert run_command("import", args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "tokenizer.json" in err and "Traceback" not in err
+    assert not (tmp_path / "ck" / "x").exists()

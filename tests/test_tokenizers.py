@@ -1,20 +1,28 @@
-"""Tests for mypt.tokenizers: GPT-2 and char tokenizers, JSON form, streaming decode."""
+"""Tests for mypt.tokenizers: GPT-2, char and bpe tokenizers, JSON form, streaming decode."""
 
+import hashlib
 import json
+import pickle
 import socket
 
 import pytest
+import regex
+from conftest import corpus_text
 
-from mypt import tokenizers
 from mypt.errors import MyPTError
 from mypt.tokenizers import (
+    SPLIT_PATTERN,
+    BPETokenizer,
     CharTokenizer,
     StreamDecoder,
     build_tokenizer,
     load_tokenizer,
     save_tokenizer,
     tokenizer_from_json,
+    train_bpe,
 )
+from mypt.tokenizers import bpe as bpe_module
+from mypt.tokenizers import gpt2 as gpt2_module
 
 UNICODE_TEXT = "héllo 世界 🙂\nnaïve café — ok"
 
@@ -60,24 +68,25 @@ def test_gpt2_builds_without_network(monkeypatch):
 
     monkeypatch.setattr(socket, "socket", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    tokenizers.gpt2_encoding.cache_clear()
+    gpt2_module.gpt2_encoding.cache_clear()
     try:
         assert build_tokenizer("gpt2").encode("Hello world") == [15496, 995]
     finally:
-        tokenizers.gpt2_encoding.cache_clear()
+        gpt2_module.gpt2_encoding.cache_clear()
 
 
 def test_gpt2_ranks_checksum_mismatch_is_reported(monkeypatch):
-    monkeypatch.setattr(tokenizers, "GPT2_SHA256", "0" * 64)
+    monkeypatch.setattr(gpt2_module, "GPT2_SHA256", "0" * 64)
     with pytest.raises(MyPTError, match="gpt2.tiktoken is corrupted.*reinstall mypt"):
-        tokenizers._gpt2_ranks_bytes()
+        gpt2_module._gpt2_ranks_bytes()
 
 
 def test_char_vocab_and_round_trip_unicode():
     tok = build_tokenizer("char", UNICODE_TEXT)
     assert tok.kind == "char"
     assert tok.chars == sorted(set(UNICODE_TEXT))
-    assert tok.n_vocab == len(set(UNICODE_TEXT))
+    assert tok.n_vocab == len(set(UNICODE_TEXT)) + 1  # the characters, then end-of-text
+    assert tok.eot_id == len(set(UNICODE_TEXT)) and tok.decode([tok.eot_id]) == "<|endoftext|>"
     ids = tok.encode(UNICODE_TEXT)
     assert ids == [tok.chars.index(c) for c in UNICODE_TEXT]
     assert tok.decode(ids) == UNICODE_TEXT
@@ -128,13 +137,18 @@ def test_json_round_trip(tmp_path, kind):
 
 def test_to_json_shapes():
     assert build_tokenizer("gpt2").to_json() == {"kind": "gpt2"}
-    assert build_tokenizer("char", "ba").to_json() == {"kind": "char", "chars": ["a", "b"]}
+    assert build_tokenizer("char", "ba").to_json() == {"kind": "char", "chars": ["a", "b"],
+                                                       "special_tokens": {"<|endoftext|>": 2}}
+    legacy = tokenizer_from_json({"kind": "char", "chars": ["a", "b"]}, "old.json")  # saved before end-of-text
+    assert legacy.eot_id is None and legacy.n_vocab == 2
+    interim = tokenizer_from_json({"kind": "char", "chars": ["a", "b"], "eot": True}, "interim.json")
+    assert interim.eot_id == 2 and interim.to_json() == build_tokenizer("char", "ba").to_json()
 
 
 def test_unknown_kind_errors_list_known_kinds():
-    with pytest.raises(MyPTError, match=r"^ckpt/tok.json: unknown tokenizer kind 'bpe'.*'gpt2'"):
-        tokenizer_from_json({"kind": "bpe"}, "ckpt/tok.json")
-    with pytest.raises(MyPTError, match=r"unknown tokenizer kind 'words'.*'gpt2', 'char'"):
+    with pytest.raises(MyPTError, match=r"^ckpt/tok.json: unknown tokenizer kind 'wordpiece'.*'gpt2'"):
+        tokenizer_from_json({"kind": "wordpiece"}, "ckpt/tok.json")
+    with pytest.raises(MyPTError, match=r"unknown tokenizer kind 'words'.*'gpt2', 'char', 'bpe'"):
         build_tokenizer("words")
 
 
@@ -147,20 +161,22 @@ def test_malformed_char_list_names_source(chars):
 def test_load_tokenizer_bad_json_names_path_and_position(tmp_path):
     path = tmp_path / "tok.json"
     path.write_text('{"kind":\n "gpt2",,}', encoding="utf-8")
-    with pytest.raises(MyPTError, match=r"tok.json is not valid JSON \(line 2, column 9"):
+    with pytest.raises(MyPTError, match=r"tok.json: malformed JSON at line 2, column 9"):
         load_tokenizer(path)
-    with pytest.raises(MyPTError, match="cannot read tokenizer file .*missing.json"):
+    with pytest.raises(MyPTError, match="missing.json: no such file"):
         load_tokenizer(tmp_path / "missing.json")
 
 
-def test_stream_decoder_never_splits_characters(gpt2):
-    text = "héllo 世界 🙂"
-    ids = gpt2.encode(text)
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_stream_decoder_never_splits_characters(request, kind):
+    tok = request.getfixturevalue(kind)
+    text = "héllo 世界 🙂 naïve"
+    ids = tok.encode(text)
     # The test is only meaningful if some token ends inside a multibyte character.
-    assert any(_incomplete_utf8(gpt2.decode_bytes(ids[: i + 1])) for i in range(len(ids)))
-    stream = StreamDecoder(gpt2)
+    assert any(_incomplete_utf8(tok.decode_bytes(ids[: i + 1])) for i in range(len(ids)))
+    stream = StreamDecoder(tok)
     pieces = [stream.feed(i) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == gpt2.decode(ids) == text
+    assert "".join(pieces) == tok.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)
     assert "" in pieces[:-1]  # something was held back
 
@@ -192,3 +208,144 @@ def _incomplete_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------
+# bpe
+
+HARD_TEXTS = [
+    UNICODE_TEXT,
+    "   many    spaces\t\ttabs\n\n\n\nnewlines  \n",
+    "Windows\r\nline\r\n\r\nends\r\n",
+    "emoji 🙂👍🏽👨‍👩‍👧 and flags 🇫🇷",
+    "mojibake Ã© Ã¼ â€™ ĠĊ ¿ \ufffd \x00\x7f \u00a0\u2028\u3000 zero\u200bwidth",
+    "numbers 1234567 3.14159 -42 and can't won't y'all 'LL",
+    "<|endoftext|> in the text",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe([corpus_text(300_000)], 1024, "test text")
+
+
+def test_bpe_vocabulary_layout(bpe):
+    assert bpe.kind == "bpe" and bpe.n_vocab == 1024 and bpe.model_vocab_size() == 1024
+    assert bpe.eot_id == 1023 and bpe.decode([bpe.eot_id]) == "<|endoftext|>"
+    assert bpe.ranks[:256] == [bytes([b]) for b in range(256)]  # byte-level: every text encodes
+    assert bpe.start_ids() == [ord("\n")]
+    assert train_bpe([corpus_text(300_000)], 1000, "t").model_vocab_size() == 1024  # padded to 64
+
+
+@pytest.mark.parametrize("text", HARD_TEXTS)
+def test_bpe_round_trips_and_keeps_endoftext_as_text(bpe, text):
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text and bpe.decode_bytes(ids) == text.encode("utf-8")
+    assert bpe.encode_array(text).tolist() == ids
+    assert bpe.eot_id not in ids and all(0 <= i < bpe.eot_id for i in ids)
+
+
+def test_bpe_tokens_never_cross_split_pattern_pieces(bpe):
+    text = corpus_text(20_000) + "".join(HARD_TEXTS)
+    pieces = regex.findall(SPLIT_PATTERN, text)
+    assert "".join(pieces) == text and len(pieces) > 1000
+    assert bpe.encode(text) == [i for piece in pieces for i in bpe.encode(piece)]
+    assert len(bpe.encode(text)) < 0.5 * len(text.encode("utf-8"))  # and it does compress
+
+
+def test_bpe_training_is_deterministic_and_hash_keyed(bpe):
+    again = train_bpe([corpus_text(300_000)], 1024, "test text")
+    assert again.ranks == bpe.ranks and again.id_string() == bpe.id_string()
+    assert bpe.id_string() == "bpe-" + bpe.sha256[:12]
+    other = train_bpe([corpus_text(300_000)], 1088, "test text")
+    assert other.ranks[:1023] == bpe.ranks and other.id_string() != bpe.id_string()
+
+
+def test_bpe_training_pieces_do_not_change_the_result(monkeypatch):
+    text = corpus_text(100_000)
+    whole = train_bpe([text], 600, "t")
+    monkeypatch.setattr(bpe_module, "TRAIN_PIECE_CHARS", 100)
+    assert len(list(bpe_module._small_pieces([text]))) > 300
+    assert train_bpe([text[:5000], text[5000:]], 600, "t").ranks == whole.ranks
+
+
+def test_bpe_json_round_trip_and_pickle(tmp_path, bpe):
+    path = tmp_path / "tok.json"
+    save_tokenizer(bpe, path)
+    loaded = load_tokenizer(path)
+    assert isinstance(loaded, BPETokenizer) and loaded.ranks == bpe.ranks and loaded.pattern == SPLIT_PATTERN
+    assert loaded.id_string() == bpe.id_string()
+    assert json.loads(path.read_text())["kind"] == "bpe"
+    unpickled = pickle.loads(pickle.dumps(bpe))  # torchrun ships the plan to the other ranks
+    assert unpickled.encode(UNICODE_TEXT) == bpe.encode(UNICODE_TEXT)
+
+
+def _edited(d: dict, change) -> dict:
+    d = json.loads(json.dumps(d))
+    change(d)
+    return d
+
+
+def _rehash(d: dict) -> dict:
+    d["sha256"] = bpe_module._content_sha256({k: v for k, v in d.items() if k != "sha256"})
+    return d
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["ranks"].__setitem__(300, d["ranks"][301]), "does not match its sha256"),
+    (lambda d: d.__setitem__("pattern", r"\s+"), "does not match its sha256"),
+    (lambda d: d["special_tokens"].__setitem__("<|endoftext|>", 5), "does not match its sha256"),
+    (lambda d: d.pop("sha256"), "does not match its sha256"),
+    (lambda d: _rehash(d) and d["ranks"].__setitem__(300, d["ranks"][301]) or _rehash(d), "repeated token"),
+    (lambda d: d["ranks"].__setitem__(65, "QUJD") or _rehash(d), "lacks 1 of the 256 single bytes"),
+    (lambda d: d["ranks"].__setitem__(700, "enp6eno=") or _rehash(d), "token 700 .* is not a merge"),
+    (lambda d: d["ranks"].__setitem__(700, "%%%") or _rehash(d), "not base64"),
+    (lambda d: d.__setitem__("version", 9) or _rehash(d), "format version 9"),
+    (lambda d: d.__setitem__("pattern", "(") or _rehash(d), "tiktoken cannot use its split pattern"),
+])
+def test_bpe_edited_or_corrupted_file_is_refused_by_name(bpe, change, message):
+    with pytest.raises(MyPTError, match=f"^ckpt/tokenizer.json: .*{message}"):
+        tokenizer_from_json(_edited(bpe.to_json(), change), "ckpt/tokenizer.json")
+
+
+@pytest.mark.parametrize("vocab_size", [0, 256, 10**9])
+def test_bpe_vocab_size_out_of_range(vocab_size):
+    with pytest.raises(MyPTError, match=f"--vocab_size {vocab_size} is out of range.*at least 257"):
+        train_bpe(["some text"], vocab_size, "t")
+
+
+def test_bpe_text_too_short_or_empty():
+    with pytest.raises(MyPTError, match=r"^tiny\.txt is too short for a bpe tokenizer of 4096 tokens: its 17 "
+                                        r"characters support only \d+ .*use --vocab_size \d+ or less"):
+        train_bpe(["hello world hello"], 4096, "tiny.txt")
+    with pytest.raises(MyPTError, match="^empty.txt is empty"):
+        train_bpe(["", ""], 300, "empty.txt")
+
+
+def test_not_a_tokenizer_file(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text('{"model": {"type": "BPE"}}')
+    with pytest.raises(MyPTError, match="other.json: not a MyPT tokenizer file"):
+        load_tokenizer(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(MyPTError, match="other.json: tokenizer description must be a JSON object"):
+        load_tokenizer(path)
+
+
+def test_legacy_char_file_without_end_of_text_loads_as_before():
+    legacy = tokenizer_from_json({"kind": "char", "chars": ["\n", "a", "b"]}, "old/tokenizer.json")
+    assert legacy.eot_id is None and legacy.n_vocab == 3 and legacy.encode("ab\n") == [1, 2, 0]
+    digest = hashlib.sha256(b"\nab").hexdigest()[:12]
+    assert legacy.id_string() == "char-" + digest  # the token cache of old runs stays valid
+    assert legacy.to_json() == {"kind": "char", "chars": ["\n", "a", "b"]}
+    assert build_tokenizer("char", "ab\n").id_string() != legacy.id_string()
+    with pytest.raises(MyPTError, match="'special_tokens' must be"):
+        tokenizer_from_json({"kind": "char", "chars": ["a"], "special_tokens": {"<|endoftext|>": 0}}, "x")
+
+
+def test_every_kind_has_an_end_of_text_id(gpt2, bpe):
+    char = build_tokenizer("char", "abc<|endoftext|>")
+    assert (gpt2.eot_id, char.eot_id, bpe.eot_id) == (50256, len(char.chars), 1023)
+    for tok in (gpt2, char, bpe):
+        assert tok.eot_id == tok.n_vocab - 1 and tok.decode([tok.eot_id]) == "<|endoftext|>"
+        assert tok.eot_id not in tok.encode("abc<|endoftext|>cba")

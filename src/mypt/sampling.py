@@ -52,6 +52,7 @@ class SamplingConfig:
     seed: int | None = None  # None: a fresh random seed each call
     stop: tuple[str, ...] = ()
     use_cache: bool = True
+    ignore_eot: bool = False  # keep going past the end-of-text token (by default it ends the text)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -89,6 +90,8 @@ def _problems(cfg: SamplingConfig) -> list[str]:
         problems.append(f"top_p ({cfg.top_p}) must be above 0 and at most 1 (1: off)")
     if not _is_number(cfg.repetition_penalty) or not 0 < cfg.repetition_penalty < float("inf"):
         problems.append(f"repetition_penalty ({cfg.repetition_penalty}) must be above 0 (1: off)")
+    if not isinstance(cfg.ignore_eot, bool):
+        problems.append(f"ignore_eot ({cfg.ignore_eot!r}) must be true or false")
     if cfg.seed is not None and not _is_int(cfg.seed):
         problems.append(f"seed ({cfg.seed!r}) must be an integer")
     if not all(isinstance(s, str) and s for s in cfg.stop):
@@ -206,9 +209,10 @@ def generate_ids(
     vocab_size: int,
     seed: int,
     amp: AmpFactory = contextlib.nullcontext,
+    eot_id: int | None = None,
 ) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens new token ids after prompt_ids (of which the last
-    block_size are used).
+    block_size are used); stop before eot_id unless cfg.ignore_eot.
 
     vocab_size is the tokenizer's: padded ids beyond it are never produced. `amp` makes the
     context (autocast) each forward step runs in; it is entered per step, never across a yield.
@@ -237,6 +241,8 @@ def generate_ids(
             if seen is not None:
                 logits = penalize(logits, seen, cfg.repetition_penalty)
             token = pick_token(logits, cfg, generator)
+        if token == eot_id and not cfg.ignore_eot:
+            return
         if seen is not None:
             seen[token] = True
         seq.append(token)

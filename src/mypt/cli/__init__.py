@@ -22,6 +22,8 @@ COMMANDS = {
     "compare": "mypt.cli.compare",
     "export": "mypt.cli.export",
     "import": "mypt.cli.import_hf",
+    "prepare": "mypt.cli.prepare",
+    "tokenizer": "mypt.cli.tokenizer",
 }
 SUMMARIES = {
     "train": "train a model, or resume one",
@@ -32,6 +34,8 @@ SUMMARIES = {
     "compare": "continue one prompt with several models side by side",
     "export": "write a model as a Hugging Face transformers folder",
     "import": "turn a Hugging Face GPT-2 folder into a MyPT checkpoint",
+    "prepare": "tokenize training data into shards once (train.py does it when needed)",
+    "tokenizer": "train a bpe tokenizer on your text, or inspect a tokenizer",
 }
 
 
@@ -62,7 +66,7 @@ def run_command(command: str, argv: list[str], prog: str | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {SUMMARIES[name]}" for name in COMMANDS]
+        lines = [f"  {name:<10} {SUMMARIES[name]}" for name in COMMANDS]
         usage = "usage: mypt <command> [options]   (mypt <command> --help for each)\n\ncommands:\n"
         print(usage + "\n".join(lines), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):

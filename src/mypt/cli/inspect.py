@@ -40,6 +40,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     """The report's lines for the checkpoint folder (a damaged one too: that is what it is for)."""
     from mypt.build import checkpoint_config, checkpoint_tokenizer
     from mypt.checkpoint import Checkpoint
+    from mypt.cli.tokenizer import summary
     from mypt.estimate import count_params
     from mypt.fsutil import read_json
 
@@ -52,7 +53,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     lines += _architecture(cfg, count_params(cfg))
     if tokenizer is not None:
         tok = checkpoint_tokenizer(ckpt, cfg)
-        lines.append(f"  {'Tokenizer':<14}: {tok.kind}, {tok.n_vocab:,} tokens")
+        lines.append(f"  {'Tokenizer':<14}: {summary(tok)}")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
     lines += [""] + _training(state) + [""] + _files(folder, state, verify) + [""]
@@ -102,22 +103,9 @@ def _training(state: dict[str, Any]) -> list[str]:
 
 
 def _input_status(state: dict[str, Any]) -> str:
-    from mypt.corpus import BUILTIN_CORPUS
-    from mypt.fsutil import sha256_file
+    from mypt.data import input_status
 
-    label, sha = state.get("input_file"), state.get("input_sha256")
-    if label is None:
-        return "none recorded (pass --input_file to train it)"
-    if label == BUILTIN_CORPUS:
-        return f"{label} (the built-in corpus)"
-    path = Path(label)
-    if not path.is_file():
-        return f"{label} (MISSING here: resuming needs --input_file)"
-    if not sha:
-        return f"{label} (no sha256 recorded to compare with)"
-    if sha256_file(path) == sha:
-        return f"{label} (unchanged: matches the sha256 recorded at training)"
-    return f"{label} (CHANGED since training: resuming needs --allow_data_change)"
+    return input_status(state)
 
 
 def _size(path: Path) -> int:

@@ -27,9 +27,9 @@ from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versio
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.formats import hf_gpt2, hf_llama, weights_only
-from mypt.formats.hf_tokenizer import tokenizer_files, tokenizer_problem
+from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
-from mypt.tokenizers import GPT2_EOT_ID
+from mypt.tokenizers import Tokenizer
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -135,24 +135,26 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
     if kind not in FAMILIES:
         raise MyPTError(_problems(hf_dir, [f"model_type is {kind!r}; only GPT-2, Llama and Qwen3 folders "
                                            "(model_type 'gpt2', 'llama' or 'qwen3') can be imported"]))
-    cfg, state, notes = (_from_gpt2 if kind == "gpt2" else _from_llama)(hf, hf_dir)
+    cfg, state, tok, notes = (_from_gpt2 if kind == "gpt2" else _from_llama)(hf, hf_dir)
     with torch.device("meta"):
         GPT(cfg).load_state_dict(state, assign=True)  # names and shapes fit the model MyPT builds
     with training_lock(ckpt_dir):
         recover(ckpt_dir)
-        save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer={"kind": "gpt2"},
-                        training_state=_import_state(ckpt_dir, hf_dir, FAMILIES[kind]), optimizer_state=None)
+        save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer=tok.to_json(),
+                        training_state=_import_state(ckpt_dir, hf_dir, FAMILIES[kind], tok.kind),
+                        optimizer_state=None)
     return cfg, notes
 
 
-def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, list[str]]:
     problems = hf_gpt2.architecture_problems(hf)
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
     shapes = hf_gpt2.hf_shapes(cfg)
     weights = hf_gpt2.hub_names(_read_hf_weights(hf_dir))
-    problems = hf_gpt2.weight_problems(weights, shapes) + _shared_problems(hf_dir, cfg)
+    tok, problems = _tokenizer(hf_dir, cfg)
+    problems = hf_gpt2.weight_problems(weights, shapes) + problems
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     bias = any(bool(weights[name].any()) for name in shapes if name.endswith(".bias"))
@@ -162,41 +164,41 @@ def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str,
     if attn_pdrop:
         notes.append(f"attn_pdrop {attn_pdrop} dropped: MyPT has no attention dropout "
                      f"(dropout {cfg.dropout} applies to the residual stream)")
-    return cfg, hf_gpt2.from_hf_state(weights, shapes, bias), notes
+    return cfg, hf_gpt2.from_hf_state(weights, shapes, bias), tok, notes
 
 
-def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, list[str]]:
     problems = hf_llama.architecture_problems(hf)
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_llama.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
     weights = _read_hf_weights(hf_dir)
-    problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + _shared_problems(hf_dir, cfg)
+    tok, problems = _tokenizer(hf_dir, cfg)
+    problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + problems
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     notes = [f"block_size {cfg.block_size} (max_position_embeddings): each token attends to at most that many, "
              "as a sliding window past it"]
-    return cfg, hf_llama.from_hf_state(weights, cfg), notes
+    return cfg, hf_llama.from_hf_state(weights, cfg), tok, notes
 
 
-def _shared_problems(hf_dir: Path, cfg: ModelConfig) -> list[str]:
-    """Problems every family shares: the tokenizer must be GPT-2's, the vocabulary hold it."""
-    problems = []
-    problem = tokenizer_problem(hf_dir)
+def _tokenizer(hf_dir: Path, cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:
+    """The folder's tokenizer and what stops its use: unreadable, or more tokens than the model's vocabulary."""
+    tok, problem = import_tokenizer(hf_dir)
     if problem:
-        problems.append(problem)
-    if cfg.vocab_size <= GPT2_EOT_ID:
-        problems.append(f"vocab_size is {cfg.vocab_size}, fewer than the gpt2 tokenizer's {GPT2_EOT_ID + 1} tokens")
-    return problems
+        return tok, [problem]
+    if cfg.vocab_size < tok.n_vocab:
+        return tok, [f"vocab_size is {cfg.vocab_size}, fewer than the {tok.kind} tokenizer's {tok.n_vocab} tokens"]
+    return tok, []
 
 
-def _import_state(ckpt_dir: Path, hf_dir: Path, family: str) -> dict[str, Any]:
+def _import_state(ckpt_dir: Path, hf_dir: Path, family: str, tokenizer: str) -> dict[str, Any]:
     return {
         "iteration": 0, "best_val_loss": None, "last_val_loss": None, "last_train_loss": None,
         "tokens_seen": 0, "train_seconds": 0.0,
         "model_name": ckpt_dir.name,
         "input_file": None, "input_sha256": None,
-        "tokenizer": "gpt2",
+        "tokenizer": tokenizer,
         "imported_from": str(hf_dir.resolve()),
         "note": f"imported from a transformers {family} folder; not trained by MyPT yet",
         "versions": versions(),

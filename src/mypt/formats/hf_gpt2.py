@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mypt.config import ModelConfig
-from mypt.tokenizers import GPT2_EOT_ID, Tokenizer
+from mypt.tokenizers import Tokenizer
 
 HF_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which MyPT uses
@@ -92,7 +92,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     """config.json in transformers' GPT-2 schema for a MyPT model."""
-    special = GPT2_EOT_ID if tok.kind == "gpt2" else None
+    special = tok.eot_id
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

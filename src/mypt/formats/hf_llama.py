@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mypt.config import ModelConfig
-from mypt.tokenizers import GPT2_EOT_ID, Tokenizer
+from mypt.tokenizers import Tokenizer
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -138,7 +138,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     """config.json in transformers' Llama or Qwen3 schema for a MyPT model."""
-    special = GPT2_EOT_ID if tok.kind == "gpt2" else None
+    special = tok.eot_id
     kind = model_type(cfg)
     config = {
         "architectures": [MODEL_TYPES[kind]],

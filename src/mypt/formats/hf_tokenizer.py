@@ -1,17 +1,35 @@
-"""The tokenizer files of a Hugging Face transformers folder, for each MyPT tokenizer kind.
+"""The tokenizer files of a Hugging Face transformers folder, for each MyPT tokenizer kind, both ways.
 
-gpt2: vocab.json and merges.txt derived from the shipped tiktoken ranks (token bytes spelled
-with GPT-2's byte-to-unicode map; each merge recovered by re-running BPE on a token's bytes
-with the ranks below its own). char: a tokenizers-library tokenizer.json whose BPE has no merges.
+gpt2: vocab.json and merges.txt derived from the shipped tiktoken ranks. bpe: a tokenizers-library
+tokenizer.json (the split pattern, then GPT-2's byte-level mapping, then BPE with the vocabulary
+and merges, end-of-text as a special added token). Both spell token bytes with GPT-2's
+byte-to-unicode map and recover each merge by re-running BPE on a token's bytes with the ranks
+below its own. char: a tokenizer.json whose BPE has no merges.
+
+Import reads such files back: GPT-2's vocabulary, or a tokenizer.json written as above (checked
+to be one that tiktoken encodes the same way).
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
+from mypt.errors import MyPTError
 from mypt.fsutil import json_bytes, read_json
-from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, Tokenizer, gpt2_encoding
+from mypt.tokenizers import (
+    EOT,
+    GPT2_EOT,
+    GPT2_EOT_ID,
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    bpe_parts,
+    gpt2_encoding,
+)
+from mypt.tokenizers.bpe import ranks_problem
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -28,26 +46,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(chars.items()))
 
 
-def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
-    """BPE of token's bytes using only the merges whose result ranks below `below`."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best, where = below, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], below)
-            if rank < best:
-                best, where = rank, i
-        if where < 0:
-            break
-        parts[where:where + 2] = [parts[where] + parts[where + 1]]
-    return parts
-
-
-@functools.cache
-def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """vocab.json's mapping and merges.txt's pairs (in priority order) for MyPT's gpt2 tokenizer."""
-    enc = gpt2_encoding()
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != GPT2_EOT_ID}
+def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level vocabulary (token text -> id) and merges (in priority order) of BPE ranks."""
     spell = bytes_to_unicode()
 
     def text(token: bytes) -> str:
@@ -56,27 +56,33 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) > 1:
-            parts = _bpe_parts(token, ranks, rank)
+            parts = bpe_parts(token, ranks, rank)
             assert len(parts) == 2, f"token {rank} is not one merge of two lower-ranked tokens"
             merges.append((text(parts[0]), text(parts[1])))
-    vocab = {text(token): rank for token, rank in ranks.items()}
+    return {text(token): rank for token, rank in ranks.items()}, merges
+
+
+@functools.cache
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json's mapping and merges.txt's pairs (in priority order) for MyPT's gpt2 tokenizer."""
+    enc = gpt2_encoding()
+    vocab, merges = vocab_and_merges({enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab)
+                                      if i != GPT2_EOT_ID})
     vocab[GPT2_EOT] = GPT2_EOT_ID
     return vocab, merges
+
+
+def _config(block_size: int, tokenizer_class: str, eot: bool) -> dict[str, Any]:
+    special = {"bos_token": EOT, "eos_token": EOT} if eot else {}
+    return {"tokenizer_class": tokenizer_class, "model_max_length": block_size, **special,
+            "clean_up_tokenization_spaces": False}
 
 
 def _gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
     vocab, merges = gpt2_vocab_and_merges()
     merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": block_size,
-        "bos_token": GPT2_EOT,
-        "eos_token": GPT2_EOT,
-        "unk_token": GPT2_EOT,
-        "add_prefix_space": False,
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-    }
+    config = {**_config(block_size, "GPT2Tokenizer", True), "unk_token": GPT2_EOT, "add_prefix_space": False,
+              "add_bos_token": False}
     return {
         "vocab.json": json_bytes(vocab),
         "merges.txt": merges_txt.encode("utf-8"),
@@ -84,46 +90,154 @@ def _gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
     }
 
 
+def _added_eot(tok: Tokenizer) -> list[dict[str, Any]]:
+    if tok.eot_id is None:
+        return []
+    return [{"id": tok.eot_id, "content": EOT, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}]
+
+
+def _tokenizer_json(model: dict[str, Any], tok: Tokenizer, pre_tokenizer: Any, decoder: Any) -> dict[str, Any]:
+    bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_eot(tok),
+            "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder,
+            "model": {**bpe, **model}}
+
+
 def _char_tokenizer_files(tok: CharTokenizer, block_size: int) -> dict[str, bytes]:
-    """A tokenizers-library tokenizer.json: BPE without merges maps each character to its id."""
-    model = {
-        "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-        "vocab": {c: i for i, c in enumerate(tok.chars)}, "merges": [],
-    }
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-        "normalizer": None, "pre_tokenizer": None, "post_processor": None,
-        "decoder": {"type": "Fuse"},  # join the characters with nothing between them
-        "model": model,
-    }
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": block_size,
-        "clean_up_tokenization_spaces": False,
-    }
+    """BPE without merges maps each character to its id; Fuse joins them with nothing between."""
+    model = {"vocab": {c: i for i, c in enumerate(tok.chars)}, "merges": []}
+    tokenizer = _tokenizer_json(model, tok, None, {"type": "Fuse"})
+    config = _config(block_size, "PreTrainedTokenizerFast", tok.eot_id is not None)
+    return {"tokenizer.json": json_bytes(tokenizer), "tokenizer_config.json": json_bytes(config)}
+
+
+def _byte_level(kind: str) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": kind == "pre", "use_regex": False}
+
+
+def _bpe_tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, bytes]:
+    """The split pattern isolates the pieces tiktoken splits; ignore_merges takes a piece that is
+    a whole token as that token, as tiktoken does."""
+    vocab, merges = vocab_and_merges({token: i for i, token in enumerate(tok.ranks)})
+    model = {"ignore_merges": True, "vocab": {**vocab, EOT: tok.eot_id}, "merges": [f"{a} {b}" for a, b in merges]}
+    split = {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False}
+    pre = {"type": "Sequence", "pretokenizers": [split, _byte_level("pre")]}
+    tokenizer = _tokenizer_json(model, tok, pre, _byte_level("decoder"))
+    config = _config(block_size, "PreTrainedTokenizerFast", True)
     return {"tokenizer.json": json_bytes(tokenizer), "tokenizer_config.json": json_bytes(config)}
 
 
 def tokenizer_files(tok: Tokenizer, block_size: int) -> tuple[dict[str, bytes], list[str]]:
     """The tokenizer files of an exported folder for tok, and notes for the user."""
+    notes = []
+    if tok.eot_id is not None:
+        notes.append(f"{EOT} is the special token {tok.eot_id} (eos_token); transformers turns that string in a "
+                     "text into it unless you pass split_special_tokens=True, MyPT keeps it as text")
     if isinstance(tok, CharTokenizer):
-        notes = [f"char tokenizer ({tok.n_vocab} characters) written as tokenizer.json; "
-                 "transformers drops characters it does not know instead of failing"]
+        notes.append(f"char tokenizer ({len(tok.chars)} characters) written as tokenizer.json; "
+                     "transformers drops characters it does not know instead of failing")
         return _char_tokenizer_files(tok, block_size), notes
-    return _gpt2_tokenizer_files(block_size), []
+    if isinstance(tok, BPETokenizer):
+        return _bpe_tokenizer_files(tok, block_size), notes
+    return _gpt2_tokenizer_files(block_size), notes
 
 
-def tokenizer_problem(hf_dir: Path) -> str | None:
-    """Why the folder's tokenizer is not GPT-2's (None: it is, or the folder has none)."""
-    vocab, _ = gpt2_vocab_and_merges()
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
+    """The MyPT tokenizer of a transformers folder, and why it cannot be used (None: it can).
+
+    A folder with no tokenizer files is taken to use GPT-2's.
+    """
+    gpt2_vocab, _ = gpt2_vocab_and_merges()
     if (hf_dir / "vocab.json").is_file():
-        theirs = read_json(hf_dir / "vocab.json", "vocabulary")
-    elif (hf_dir / "tokenizer.json").is_file():
-        theirs = (read_json(hf_dir / "tokenizer.json", "tokenizer").get("model") or {}).get("vocab")
-    else:
-        return None
-    if theirs != vocab:
-        return ("its tokenizer is not GPT-2's (vocab differs); MyPT can only pair imported "
-                "weights with its gpt2 tokenizer")
-    return None
+        if read_json(hf_dir / "vocab.json", "vocabulary") == gpt2_vocab:
+            return GPT2Tokenizer(), None
+        return GPT2Tokenizer(), ("its vocab.json is not GPT-2's; MyPT reads GPT-2's vocab.json, or a "
+                                 "tokenizer.json of the kinds mypt export writes")
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return GPT2Tokenizer(), None
+    d = read_json(path, "tokenizer")
+    model = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        return GPT2Tokenizer(), f"{path} has no BPE vocabulary (model.vocab); it is not a tokenizer MyPT reads"
+    if model["vocab"] == gpt2_vocab:
+        return GPT2Tokenizer(), None
+    try:
+        if _is_char(d):
+            return _char_from_hf(d, str(path)), None
+        return _bpe_from_hf(d, str(path)), None
+    except MyPTError as e:
+        return GPT2Tokenizer(), str(e)
+
+
+def _eot_from_hf(d: dict[str, Any], source: str) -> int | None:
+    ids = [t.get("id") for t in d.get("added_tokens") or [] if isinstance(t, dict) and t.get("content") == EOT]
+    others = [t for t in d.get("added_tokens") or [] if not (isinstance(t, dict) and t.get("content") == EOT)]
+    if others:
+        raise MyPTError(f"{source}: added tokens other than {EOT} are not supported")
+    return ids[0] if ids else None
+
+
+def _is_char(d: dict[str, Any]) -> bool:
+    return not d["model"].get("merges") and d.get("pre_tokenizer") is None and d.get("decoder") == {"type": "Fuse"}
+
+
+def _char_from_hf(d: dict[str, Any], source: str) -> CharTokenizer:
+    vocab = d["model"]["vocab"]
+    chars = sorted(vocab, key=lambda c: vocab[c])
+    eot = _eot_from_hf(d, source)
+    if [vocab[c] for c in chars] != list(range(len(chars))) or chars != sorted(chars) or \
+            not all(len(c) == 1 for c in chars) or eot not in (None, len(chars)):
+        raise MyPTError(f"{source}: a character vocabulary must map sorted single characters to 0, 1, 2, ... "
+                        "(then end-of-text); this one does not")
+    return CharTokenizer(chars, eot=eot is not None)
+
+
+def _bpe_from_hf(d: dict[str, Any], source: str) -> BPETokenizer:
+    """The byte-level BPE of a tokenizer.json like the one _bpe_tokenizer_files writes."""
+    pattern = _split_pattern(d, source)
+    ranks = _byte_ranks(d["model"]["vocab"], source)
+    problem = ranks_problem(ranks)
+    if problem is None and _eot_from_hf(d, source) != len(ranks):
+        problem = f"{EOT} must be the special token right after the vocabulary (id {len(ranks)})"
+    if problem is None:
+        merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"].get("merges") or []]
+        _, ours = vocab_and_merges({token: i for i, token in enumerate(ranks)})
+        if merges != [f"{a} {b}" for a, b in ours]:
+            problem = "its merges are not in the order of the tokens they make, so tiktoken would split differently"
+    if problem:
+        raise MyPTError(f"{source}: {problem}")
+    return BPETokenizer(ranks, pattern)
+
+
+def _byte_ranks(vocab: dict[str, int], source: str) -> list[bytes]:
+    """The bytes of each id of a byte-level vocabulary (end-of-text left out), in id order."""
+    unspell = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        tokens = sorted((i, bytes(unspell[c] for c in text)) for text, i in vocab.items() if text != EOT)
+    except KeyError:
+        raise MyPTError(f"{source}: its vocabulary is not byte-level (a token has a character outside "
+                        "GPT-2's byte map)") from None
+    if [i for i, _ in tokens] != list(range(len(tokens))):
+        raise MyPTError(f"{source}: the ids of its vocabulary are not 0, 1, 2, ...")
+    return [token for _, token in tokens]
+
+
+def _split_pattern(d: dict[str, Any], source: str) -> str:
+    pre = d.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    ok = (isinstance(steps, list) and len(steps) == 2 and steps[0].get("type") == "Split"
+          and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+          and isinstance((steps[0].get("pattern") or {}).get("Regex"), str)
+          and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex")
+          and not steps[1].get("add_prefix_space") and d.get("normalizer") is None)
+    if not ok:
+        raise MyPTError(f"{source}: its pre-tokenizer is not a split pattern followed by GPT-2's byte mapping "
+                        "(the form mypt export writes); MyPT cannot read it")
+    return steps[0]["pattern"]["Regex"]

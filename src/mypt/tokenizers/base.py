@@ -1,0 +1,96 @@
+"""What every tokenizer offers (the `Tokenizer` interface) and StreamDecoder, which prints
+generated tokens as they arrive without ever splitting a UTF-8 character.
+
+Every kind reserves an end-of-text token, `Tokenizer.eot_id`, spelled EOT when decoded. It is
+never produced from ordinary text: a user's text containing the literal string EOT is
+tokenized as the characters it is made of.
+"""
+
+from __future__ import annotations
+
+import abc
+import codecs
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+VOCAB_MULTIPLE = 64  # model vocabularies are padded up to a multiple of this for fast matmuls
+
+# Where a long text may be cut so that tokenizing the pieces one by one gives the ids of the
+# whole: just before a whitespace character that follows a letter or digit. Neither GPT-2's
+# split pattern nor bpe's joins a letter or digit with the whitespace after it, and the text
+# from the whitespace on splits exactly as in the whole text (no lookbehind). After punctuation
+# it is not safe for bpe ("!\n" is one piece), nor after whitespace ("a  \nB" splits as "a",
+# "  ", "\n", "B" whole, but "a  \n" alone ends in one "  \n" piece). Cuts before a newline
+# are preferred.
+NEWLINE_CUT = re.compile(r"[^\W_]\n")
+WHITESPACE_CUT = re.compile(r"[^\W_][ \t\r\n]")
+
+
+def padded_vocab(n_vocab: int) -> int:
+    """n_vocab rounded up to a multiple of VOCAB_MULTIPLE."""
+    return -(-n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+class Tokenizer(abc.ABC):
+    """What every tokenizer offers. `what` in encode names the text in error messages.
+
+    eot_id is the end-of-text id; None only for char tokenizers saved before it was reserved
+    (their models have no row for it).
+    """
+
+    kind: str
+    n_vocab: int
+    eot_id: int | None
+
+    @abc.abstractmethod
+    def encode(self, text: str, what: str = "prompt") -> list[int]:
+        """Token ids of `text` (special-token strings are ordinary text)."""
+
+    @abc.abstractmethod
+    def encode_array(self, text: str, what: str = "prompt") -> np.ndarray:
+        """encode() as a numpy integer array, without a Python list in between (large texts)."""
+
+    @abc.abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw UTF-8 bytes of `ids` (may end inside a multibyte character)."""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; invalid UTF-8 becomes U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @abc.abstractmethod
+    def start_ids(self) -> list[int]:
+        """The ids an empty prompt starts from."""
+
+    @abc.abstractmethod
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict that tokenizer_from_json() turns back into this tokenizer."""
+
+    @abc.abstractmethod
+    def id_string(self) -> str:
+        """A short stable key (safe in file names) that changes whenever the ids would."""
+
+    def model_vocab_size(self) -> int:
+        """The vocab_size of a new model for this tokenizer: n_vocab padded to a multiple of 64."""
+        return padded_vocab(self.n_vocab)
+
+
+class StreamDecoder:
+    """Turns generated ids into text piece by piece, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        """The text that `token_id` completes ("" while a character is still incomplete)."""
+        return self._decoder.decode(self._tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character becomes U+FFFD); resets the decoder."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text

@@ -1,0 +1,108 @@
+"""The "gpt2" tokenizer: GPT-2's byte-level BPE through tiktoken, built offline from the ranks
+file shipped in mypt/assets (checked against its sha256), never from the network."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import importlib.resources
+from collections.abc import Iterable
+
+import numpy as np
+import tiktoken
+
+from mypt.errors import MyPTError
+from mypt.tokenizers.base import EOT, Tokenizer
+
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOT = EOT
+GPT2_EOT_ID = 50256
+
+
+def _gpt2_ranks_bytes() -> bytes:
+    resource = importlib.resources.files("mypt") / "assets" / "gpt2.tiktoken"
+    try:
+        data = resource.read_bytes()
+    except OSError as e:
+        raise MyPTError(
+            f"cannot read the shipped GPT-2 ranks file {resource} ({e}); reinstall mypt"
+        ) from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_SHA256:
+        raise MyPTError(
+            f"the shipped GPT-2 ranks file {resource} is corrupted (sha256 {digest}, expected "
+            f"{GPT2_SHA256}); reinstall mypt"
+        )
+    return data
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    """Parse tiktoken's "<base64 token> <rank>" lines (same format load_tiktoken_bpe reads)."""
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """The GPT-2 tiktoken Encoding, built from the verified shipped file (never the network).
+
+    The ranks are parsed from the bytes whose sha256 was just checked, rather than through
+    tiktoken.load.load_tiktoken_bpe, which reads and writes a shared cache in the temp dir.
+    """
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=_parse_ranks(_gpt2_ranks_bytes()),
+        special_tokens={GPT2_EOT: GPT2_EOT_ID},
+    )
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tokenizer whose ids come from a tiktoken Encoding (gpt2 and bpe).
+
+    Special-token strings in the text are ordinary text. encode_array lets tiktoken write
+    straight into numpy and release the GIL for the whole call, so threads tokenize side by side.
+    """
+
+    _enc: tiktoken.Encoding
+
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding underneath (the data module encodes whole batches of documents with it)."""
+        return self._enc
+
+    def encode(self, text: str, what: str = "prompt") -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_array(self, text: str, what: str = "prompt") -> np.ndarray:
+        # no special tokens allowed and none disallowed: the same ids as encode_ordinary
+        return self._enc.encode_to_numpy(text, disallowed_special=())
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self._enc.decode_bytes([int(i) for i in ids])
+
+
+class GPT2Tokenizer(TiktokenTokenizer):
+    """GPT-2 byte-level BPE (50257 ids, id 50256 is <|endoftext|>)."""
+
+    kind = "gpt2"
+    eot_id = GPT2_EOT_ID
+
+    def __init__(self) -> None:
+        self._enc = gpt2_encoding()
+        self.n_vocab = self._enc.n_vocab
+
+    def start_ids(self) -> list[int]:
+        return [GPT2_EOT_ID]
+
+    def to_json(self) -> dict:
+        return {"kind": "gpt2"}
+
+    def id_string(self) -> str:
+        return "gpt2"
