@@ -99,7 +99,7 @@ def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, 
 def hf_model(cfg: ModelConfig, state: dict) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mypt.hf import to_hf_state
+    from mypt.formats.hf_gpt2 import to_hf_state
 
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",

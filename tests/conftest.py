@@ -35,27 +35,38 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def corpus_text(n_chars: int) -> str:
-    """The first n_chars of real English text: the shared corpus, else the built-in one."""
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        return src.read_text(encoding="utf-8")[:n_chars]
-    from mypt.corpus import builtin_corpus_text
+def require(module: str, extra: str = "test") -> object:
+    """Import a package a test needs; missing, the test fails (never skips) naming the extra to install."""
+    import importlib
 
-    return builtin_corpus_text()[:n_chars]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"{module} is not installed: these tests need the '{extra}' extra (pip install -e \".[{extra}]\")",
+                    pytrace=False)
+
+
+def corpus_text(n_chars: int) -> str:
+    """The first n_chars of tinyshakespeare: the one corpus the tests train on, here as in CI.
+
+    It lies in ../shared/data (CI has a read-only copy); without it the tests fail, never fall
+    back to another text, so a local run and CI always see the same data.
+    """
+    src = SHARED_DATA / "tinyshakespeare.txt"
+    if not src.is_file():
+        pytest.fail(f"{src} is missing: the tests train on it (CI has it; never commit a copy)", pytrace=False)
+    return src.read_text(encoding="utf-8")[:n_chars]
 
 
 @pytest.fixture
 def shakespeare() -> Path:
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.exists():
-        pytest.skip("../shared/data/tinyshakespeare.txt is not available")
-    return path
+    corpus_text(1)
+    return SHARED_DATA / "tinyshakespeare.txt"
 
 
 @pytest.fixture
 def small_text(tmp_path: Path) -> Path:
-    """About 60 KB of real English text (from the shared corpus, else the built-in one)."""
+    """About 60 KB of real English text: the start of tinyshakespeare."""
     path = tmp_path / "input.txt"
     path.write_text(corpus_text(60_000), encoding="utf-8")
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, TINY_ARCH, tiny_arch_flags
+from conftest import TINY_ARCH, corpus_text, tiny_arch_flags
 from forked_cli import run
 
 from mypt import dist
@@ -33,13 +33,7 @@ TEXT_CHARS = 30_000
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working folder with input.txt and a model `good` trained on it for 8 iterations."""
     work = tmp_path_factory.mktemp("base")
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        text = src.read_text(encoding="utf-8")[:TEXT_CHARS]
-    else:
-        from mypt.corpus import builtin_corpus_text
-
-        text = builtin_corpus_text()[:TEXT_CHARS]
+    text = corpus_text(TEXT_CHARS)
     (work / "input.txt").write_text(text, encoding="utf-8")
     r = run("--model_name", "good", "--input_file", "input.txt", "--tokenizer", "char", *tiny_arch_flags(),
             "--max_iters", "8", "--eval_interval", "8", "--eval_iters", "2", "--device", "cpu", cwd=work)
@@ -48,7 +42,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under root, hidden ones included."""
+    """Every file (its bytes) and folder or FIFO (None) under root, hidden ones included."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
@@ -239,6 +233,45 @@ CASES: dict[str, Case] = {
     "generate-newer-format": Case(GENERATE, "was made by a newer MyPT", newer_format, script="generate.py"),
     "generate-pickle-in-model": Case(GENERATE, "it was refused because loading it could run code",
                                      plant_pickle("model.pt"), script="generate.py"),
+    # found by trying the tool as a hostile user would (the review's catalogue)
+    "flag-prefix-is-not-a-flag": Case([*NEW_TINY, "--lr", "3"], "unrecognized arguments: --lr 3"),
+    "seed-negative": Case([*NEW_TINY, "--seed", "-1"], "--seed (-1) must be an integer from 0 to 4294967295"),
+    "seed-23-digits": Case([*NEW_TINY, "--seed", "1" * 23], f"--seed ({'1' * 23}) must be an integer from 0"),
+    "preset-training-seed-negative": Case(PRESET, "training.seed (-1) must be an integer from 0",
+                                          preset(training={"seed": -1})),
+    "min-lr-above-lr": Case([*NEW_TINY, "--learning_rate", "0.001", "--min_lr", "0.01"],
+                            "--min_lr (0.01) must not exceed --learning_rate (0.001)"),
+    "lr-decay-negative": Case([*NEW_TINY, "--lr_decay_iters", "-5"], "--lr_decay_iters (-5) must be a positive"),
+    "lr-decay-zero": Case([*NEW_TINY, "--lr_decay_iters", "0"], "--lr_decay_iters (0) must be a positive"),
+    "lr-decay-below-warmup": Case([*NEW_TINY, "--lr_decay_iters", "5", "--warmup_iters", "10"],
+                                  "--lr_decay_iters (5) must be a positive number of iterations, at least "
+                                  "--warmup_iters (10)"),
+    "keep-every-negative": Case([*NEW_TINY, "--keep_every", "-2"], "--keep_every (-2) must be 0 (off)"),
+    "preset-duplicate-key": Case(PRESET, "cfg.json: the key 'n_layer' appears twice in one object",
+                                 write("cfg.json", '{"n_layer": 2, "n_layer": 4}')),
+    "preset-fifo": Case(PRESET, "cfg.json: is a FIFO (named pipe), not a regular file",
+                        lambda w: os.mkfifo(w / "cfg.json")),
+    "input-fifo": Case([*NEW_TINY, "--input_file", "p.txt"], "input file p.txt: is a FIFO (named pipe)",
+                       lambda w: os.mkfifo(w / "p.txt")),
+    "memory-batch-too-big": Case([*NEW_TINY, "--batch_size", "10000000"],
+                                 "the largest batch_size that fits is"),
+    "memory-model-too-big": Case([*NEW_TINY, "--n_layer", "10000", "--n_embd", "2048", "--n_head", "16"],
+                                 "no batch size fits: use a smaller config"),
+    "resume-val-split-changed": Case([*RESUME, "--val_split", "0.2"], "--val_split 0.2: 'good' was trained with "
+                                     "--val_split 0.1; another split would move validation text into training"),
+    "resume-state-iteration-not-a-number": Case(RESUME, 'training_state.json: iteration ("ten") must be a whole',
+                                                edit_json("training_state.json", set_field(iteration="ten"))),
+    "resume-state-unknown-flag": Case(RESUME, "training_state.json: train_config: unknown field 'lr'",
+                                      edit_json("training_state.json", lambda d: d["train_config"].update(lr=3))),
+    "resume-state-flag-wrong-type": Case(RESUME, 'train_config.max_iters ("many") must be an integer',
+                                         edit_json("training_state.json",
+                                                   lambda d: d["train_config"].update(max_iters="many"))),
+    "generate-prompt-fifo": Case([*GENERATE, "--prompt_file", "p"], "--prompt_file p: is a FIFO (named pipe)",
+                                 lambda w: os.mkfifo(w / "p"), script="generate.py"),
+    "generate-prompt-dev-zero": Case([*GENERATE, "--prompt_file", "/dev/zero"],
+                                     "--prompt_file /dev/zero: is a device or socket", script="generate.py"),
+    "generate-no-best-yet": Case([*GENERATE, "--best"], "'good' has no best checkpoint yet",
+                                 lambda w: shutil.rmtree(w / GOOD / "best"), script="generate.py"),
 }
 if not dist.cpu_has_fast_bf16():
     CASES["dtype-bf16-without-bf16"] = Case([*NEW_TINY, "--dtype", "bf16"], "--dtype bf16: cpu on this machine has no")

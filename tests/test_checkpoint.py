@@ -1,4 +1,4 @@
-"""Tests for mypt.checkpoint: atomic save, recovery, safe loading, names, the training lock."""
+"""Tests for mypt.checkpoint: atomic save, best and kept copies, recovery, single-read loading, names, the lock."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from mypt import checkpoint as ck
+from mypt import fsutil
 from mypt.errors import MyPTError
 
 EXTRAS = {
@@ -42,9 +44,9 @@ def _payload(iteration: int = 10, scale: float = 1.0, width: int = 8) -> dict[st
     }
 
 
-def _save(ckpt: Path, iteration: int = 10, **kw: Any) -> dict[str, Any]:
+def _save(ckpt: Path, iteration: int = 10, best: bool = False, keep: bool = False, **kw: Any) -> dict[str, Any]:
     payload = _payload(iteration, **kw)
-    ck.save_checkpoint(ckpt, **payload)
+    ck.save_checkpoint(ckpt, **payload, best=best, keep=keep)
     return payload
 
 
@@ -82,13 +84,6 @@ def _assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
         assert torch.equal(value, b[key]), key
 
 
-@pytest.fixture(scope="session")
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     return tmp_path / "checkpoints" / "m"
@@ -107,7 +102,7 @@ def test_round_trip(ckpt: Path) -> None:
     _assert_tensors_equal(loaded.model_state, payload["model_state"])
     assert loaded.config == payload["config"]
     assert loaded.tokenizer == payload["tokenizer"]
-    assert loaded.path == ckpt
+    assert loaded.path == ckpt and loaded.has_optimizer
     opt = loaded.optimizer_state
     assert opt is not None and opt["param_groups"] == payload["optimizer_state"]["param_groups"]
     assert torch.equal(opt["state"][0]["step"], torch.tensor(7.0))
@@ -123,24 +118,41 @@ def test_round_trip(ckpt: Path) -> None:
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_load_without_optimizer_does_not_deserialize_it(
-    ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_each_file_is_read_once_and_optimizer_only_when_asked(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _save(ckpt)
-    loaded_paths: list[str] = []
-    real_load = torch.load
+    reads: list[str] = []
+    real_read = ck._Folder.read
+    monkeypatch.setattr(ck._Folder, "read", lambda self, name: reads.append(name) or real_read(self, name))
+    opened: list[str] = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
 
-    def spy(f: Any, *args: Any, **kwargs: Any) -> Any:
-        loaded_paths.append(Path(f).name)
-        assert kwargs.get("weights_only") is True
-        return real_load(f, *args, **kwargs)
+    assert ck.load_checkpoint(ckpt).optimizer_state is None
+    assert sorted(reads) == ["config.json", "model.pt", "tokenizer.json", "training_state.json"]
+    reads.clear()
+    assert ck.load_checkpoint(ckpt, with_optimizer=True).optimizer_state is not None
+    assert sorted(reads) == ["config.json", "model.pt", "optimizer.pt", "tokenizer.json", "training_state.json"]
+    assert not [f for f in opened if str(ckpt) in f]  # nothing opened again by path after the check
 
-    monkeypatch.setattr(torch, "load", spy)
-    loaded = ck.load_checkpoint(ckpt)
-    assert loaded.optimizer_state is None
-    assert loaded_paths == ["model.pt"]
-    ck.load_checkpoint(ckpt, with_optimizer=True)
-    assert loaded_paths == ["model.pt", "model.pt", "optimizer.pt"]
+
+def test_a_save_during_a_load_never_mixes_two_checkpoints(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is swapped after training_state.json was read: the files still come from one folder."""
+    _save(ckpt, iteration=1)
+    real_read = ck._Folder.read
+    swapped = []
+
+    def read(self: Any, name: str) -> bytes:
+        if name == "model.pt" and not swapped:
+            swapped.append(True)
+            _save(ckpt, iteration=2, scale=2.0)  # a trainer saves meanwhile
+        return real_read(self, name)
+
+    monkeypatch.setattr(ck._Folder, "read", read)
+    loaded = ck.load_checkpoint(ckpt, with_optimizer=True)
+    iteration = loaded.training_state["iteration"]
+    scale = {1: 1.0, 2: 2.0}[iteration]
+    assert torch.equal(loaded.model_state["ln.bias"], torch.full((4,), scale))
+    assert torch.equal(loaded.optimizer_state["state"][0]["step"], torch.tensor(float(iteration)))
 
 
 def test_extras_survive_two_saves(ckpt: Path) -> None:
@@ -152,47 +164,53 @@ def test_extras_survive_two_saves(ckpt: Path) -> None:
         log.write(b"after\n")
     assert (ckpt / "metrics.jsonl").read_bytes() == EXTRAS["metrics.jsonl"] + b"after\n"
     assert (ckpt / "loss.png").read_bytes() == EXTRAS["loss.png"]
-    assert (ckpt / "tensorboard/events.out.tfevents.1").read_bytes() == EXTRAS[
-        "tensorboard/events.out.tfevents.1"
-    ]
+    assert (ckpt / "tensorboard/events.out.tfevents.1").read_bytes() == EXTRAS["tensorboard/events.out.tfevents.1"]
     loaded = ck.load_checkpoint(ckpt)
     assert loaded.training_state["iteration"] == 3
     assert torch.equal(loaded.model_state["ln.bias"], torch.full((4,), 3.0))
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_extras_survive_without_renameat2(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ck, "_renameat2", lambda: None)  # use the rename-away fallback
+def test_temp_files_of_a_killed_write_are_not_carried(ckpt: Path) -> None:
     _save(ckpt, iteration=1)
     _write_extras(ckpt)
+    (ckpt / ".metrics.jsonl.tmp-4242").write_bytes(b"half a metrics file")  # a metrics write killed midway
     _save(ckpt, iteration=2)
+    assert not (ckpt / ".metrics.jsonl.tmp-4242").exists()
+    _assert_extras(ckpt)
+
+
+def test_extras_survive_without_renameat2(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsutil, "_renameat2", lambda: None)  # use the rename-away fallback
+    _save(ckpt, iteration=1)
+    _write_extras(ckpt)
+    _save(ckpt, iteration=2, best=True)
     _save(ckpt, iteration=3)
     _assert_extras(ckpt)
     assert ck.load_checkpoint(ckpt).training_state["iteration"] == 3
+    assert ck.load_checkpoint(ck.best_dir(ckpt)).training_state["iteration"] == 2
     assert _hidden_entries(ckpt.parent) == []
 
 
-@pytest.mark.skipif(ck._renameat2() is None, reason="no renameat2 here")
+@pytest.mark.skipif(fsutil._renameat2() is None, reason="no renameat2 in this C library")
 def test_exchange_swaps_two_folders(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("from a")
     (tmp_path / "b").mkdir()
-    assert ck._exchange(tmp_path / "a", tmp_path / "b")
+    assert fsutil.exchange(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "b" / "x").read_text() == "from a"
     assert os.listdir(tmp_path / "a") == []
 
 
-def test_fallback_failed_rename_in_restores_old(
-    ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ck, "_renameat2", lambda: None)
+def test_fallback_failed_rename_in_restores_old(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsutil, "_renameat2", lambda: None)
     _save(ckpt, iteration=1)
     _write_extras(ckpt)
     before = _snapshot(ckpt)
     real_rename = os.rename
 
     def rename(src: Any, dst: Any) -> None:
-        if Path(src).name.startswith(".m.tmp-") and Path(dst) == ckpt:
+        if Path(src).name.startswith(".m.tmp-") and not Path(src).name.endswith("-old") and Path(dst) == ckpt:
             assert not ckpt.exists()  # the old checkpoint is parked, not deleted
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_rename(src, dst)
@@ -205,25 +223,76 @@ def test_fallback_failed_rename_in_restores_old(
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_extra_files_are_in_manifest_and_replaced(ckpt: Path) -> None:
-    ck.save_checkpoint(ckpt, **_payload(1), extra_files={"model.safetensors": b"v1"})
-    manifest = ck.load_checkpoint(ckpt).training_state["manifest"]
-    assert manifest["model.safetensors"] == {"size": 2, "sha256": hashlib.sha256(b"v1").hexdigest()}
-    ck.save_checkpoint(ckpt, **_payload(2), extra_files={"model.safetensors": b"v2!"})
-    assert (ckpt / "model.safetensors").read_bytes() == b"v2!"
-    # a save without it drops the saved copy: it would no longer match model.pt
-    _save(ckpt, iteration=3)
-    assert not (ckpt / "model.safetensors").exists()
-    # but a file the trainer wrote itself (not via extra_files) is carried over
-    (ckpt / "model.safetensors").write_bytes(b"mine")
-    _save(ckpt, iteration=4)
-    assert (ckpt / "model.safetensors").read_bytes() == b"mine"
+def test_without_optimizer_state_no_optimizer_file(ckpt: Path) -> None:
+    payload = _payload(0)
+    ck.save_checkpoint(ckpt, **{**payload, "optimizer_state": None})
+    assert "optimizer.pt" not in os.listdir(ckpt)
+    loaded = ck.load_checkpoint(ckpt, with_optimizer=True)
+    assert loaded.optimizer_state is None and not loaded.has_optimizer
+    _save(ckpt, iteration=1)  # the next save writes one
+    assert ck.load_checkpoint(ckpt, with_optimizer=True).has_optimizer
 
 
-def test_save_rejects_reserved_extra_file_name(ckpt: Path) -> None:
-    with pytest.raises(ValueError, match="model.pt"):
-        ck.save_checkpoint(ckpt, **_payload(), extra_files={"model.pt": b"x"})
-    assert not ckpt.parent.exists() or _hidden_entries(ckpt.parent) == []
+# ----------------------------------------------------------------------------- best and kept copies
+
+
+def test_best_is_kept_beside_the_latest_and_costs_no_copy(ckpt: Path) -> None:
+    _save(ckpt, iteration=10, best=True)
+    assert sorted(os.listdir(ckpt / "best")) == ["config.json", "model.pt", "tokenizer.json", "training_state.json"]
+    assert os.stat(ckpt / "best" / "model.pt").st_ino == os.stat(ckpt / "model.pt").st_ino  # a hard link
+    _save(ckpt, iteration=20, scale=2.0)  # validation got worse: best/ stays at iteration 10
+    _save(ckpt, iteration=30, scale=3.0)
+    best = ck.load_checkpoint(ck.best_dir(ckpt))
+    assert best.training_state["iteration"] == 10 and not best.has_optimizer
+    assert torch.equal(best.model_state["ln.bias"], torch.full((4,), 1.0))
+    assert ck.load_checkpoint(ckpt).training_state["iteration"] == 30
+    _save(ckpt, iteration=40, scale=4.0, best=True)
+    assert ck.load_checkpoint(ck.best_dir(ckpt)).training_state["iteration"] == 40
+    assert _hidden_entries(ckpt.parent) == []
+
+
+def test_no_best_yet_is_one_clear_error(ckpt: Path) -> None:
+    _save(ckpt)
+    with pytest.raises(MyPTError, match="'m' has no best checkpoint yet.*--no-keep_best.*leave out --best"):
+        ck.best_dir(ckpt)
+
+
+def test_keep_every_keeps_whole_checkpoints(ckpt: Path) -> None:
+    _save(ckpt, iteration=100, keep=True)
+    _save(ckpt, iteration=150)
+    _save(ckpt, iteration=200, scale=2.0, keep=True)
+    assert sorted(e for e in os.listdir(ckpt) if e.startswith("iter_")) == ["iter_100", "iter_200"]
+    old = ck.load_checkpoint(ckpt / "iter_100", with_optimizer=True)
+    assert old.training_state["iteration"] == 100 and old.has_optimizer
+    assert torch.equal(old.model_state["ln.bias"], torch.full((4,), 1.0))
+
+
+# ----------------------------------------------------------------------------- a linked model folder
+
+
+def test_a_model_folder_that_is_a_link_is_saved_into_its_target(tmp_path: Path) -> None:
+    """checkpoints/m -> /bigdisk/m: saves go to the target's disk; the link stays a link."""
+    target = tmp_path / "bigdisk" / "m"
+    target.mkdir(parents=True)
+    link = tmp_path / "checkpoints" / "m"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    _save(link, iteration=1)
+    _write_extras(link)
+    _save(link, iteration=2, best=True)
+    _save(link, iteration=3)
+    assert link.is_symlink() and link.resolve() == target
+    assert ck.load_checkpoint(link).training_state["iteration"] == 3
+    _assert_extras(target)
+    assert (target / "best" / "model.pt").exists()
+    assert _hidden_entries(link.parent) == [] and _hidden_entries(target.parent) == []
+
+
+def test_a_dangling_link_is_one_clear_error(tmp_path: Path) -> None:
+    link = tmp_path / "m"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(MyPTError, match="is a link to .*gone, which is not a folder; create that folder"):
+        _save(link)
 
 
 # ----------------------------------------------------------------------------- atomicity
@@ -242,11 +311,11 @@ def _fail_on_optimizer(monkeypatch: pytest.MonkeyPatch, payload: dict[str, Any])
 
 
 def _fail_on_swap(monkeypatch: pytest.MonkeyPatch, payload: dict[str, Any]) -> None:
-    def failing_swap(tmp: Path, ckpt_dir: Path) -> Path | None:
+    def failing_swap(tmp: Path, ckpt_dir: Path, old: Path) -> Path | None:
         assert (tmp / "metrics.jsonl").exists()  # extras were already moved into tmp
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(ckpt_dir))
 
-    monkeypatch.setattr(ck, "_swap_in", failing_swap)
+    monkeypatch.setattr(fsutil, "swap_folder", failing_swap)
 
 
 @pytest.mark.parametrize("fail", [_fail_on_optimizer, _fail_on_swap], ids=["write", "swap"])
@@ -260,10 +329,10 @@ def test_failed_save_leaves_previous_checkpoint(
     fail(monkeypatch, payload)
 
     with pytest.raises(MyPTError) as info:
-        ck.save_checkpoint(ckpt, **payload)
+        ck.save_checkpoint(ckpt, **payload, best=True)
 
     msg = str(info.value)
-    assert "could not write checkpoint" in msg and str(ckpt) in msg
+    assert "could not write checkpoint" in msg and str(ckpt) in msg and "Traceback" not in msg
     assert "previous checkpoint (iteration 10)" in msg and "intact" in msg
     if fail is _fail_on_optimizer:
         assert "optimizer.pt" in msg and "No space left on device" in msg
@@ -297,7 +366,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
 
     monkeypatch.setattr(ck._HashingWriter, "write", write)
     with pytest.raises(MyPTError, match="File too large.*iteration 3.*ulimit -f"):
-        ck.save_checkpoint(ckpt, **_payload(4, width=1000))
+        _save(ckpt, iteration=4, width=1000)
     monkeypatch.undo()
     assert ck.load_checkpoint(ckpt).training_state["iteration"] == 3
 
@@ -340,92 +409,103 @@ def test_file_size_limit_in_subprocess(ckpt: Path) -> None:
     assert ck.load_checkpoint(ckpt, with_optimizer=True).training_state["iteration"] == 5
 
 
-# ----------------------------------------------------------------------------- recover
+# ----------------------------------------------------------------------------- recover (the lock holder only)
 
 
-def _make_checkpoint_at(folder: Path, iteration: int) -> None:
+def _make_checkpoint_at(folder: Path, iteration: int, **kw: Any) -> None:
     """A complete checkpoint at an arbitrary path (e.g. a hidden temp folder)."""
     scratch = folder.parent / f"scratch{iteration}"
-    _save(scratch, iteration=iteration)
+    _save(scratch, iteration=iteration, **kw)
     os.rename(scratch, folder)
 
 
-def test_recover_temp_complete_and_original_missing(ckpt: Path, dead_pid: int) -> None:
-    tmp = ckpt.parent / f".m.tmp-{dead_pid}"
+def test_recover_temp_complete_and_original_missing(ckpt: Path) -> None:
+    tmp = ckpt.parent / ".m.tmp-999"
     ckpt.parent.mkdir(parents=True)
     _make_checkpoint_at(tmp, iteration=20)
     _write_extras(tmp)  # the save had already moved the extras in
 
-    loaded = ck.load_checkpoint(ckpt)
+    with pytest.raises(MyPTError, match="last save of 'm' was interrupted.*nothing is lost.*train.py --model_name m"):
+        ck.load_checkpoint(ckpt)  # a reader repairs nothing
+    assert _hidden_entries(ckpt.parent) == [".m.tmp-999"]
+    with ck.training_lock(ckpt):
+        ck.recover(ckpt)
 
-    assert loaded.training_state["iteration"] == 20
+    assert ck.load_checkpoint(ckpt).training_state["iteration"] == 20
     _assert_extras(ckpt)
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_recover_fallback_crash_picks_newest(ckpt: Path, dead_pid: int) -> None:
+def test_recover_fallback_crash_picks_newest(ckpt: Path) -> None:
     """Killed between 'rename old away' and 'rename new in': old and new both complete."""
     ckpt.parent.mkdir(parents=True)
-    old = ckpt.parent / f".m.old-{dead_pid}"
-    new = ckpt.parent / f".m.tmp-{dead_pid}"
-    _make_checkpoint_at(old, iteration=1)
+    old = ckpt.parent / ".m.tmp-7-old"
+    new = ckpt.parent / ".m.tmp-7"
+    _make_checkpoint_at(old, iteration=1, best=True)
     _make_checkpoint_at(new, iteration=2)
     os.utime(old / "training_state.json", ns=(1_000_000_000, 1_000_000_000))
     _write_extras(new)
 
+    ck.recover(ckpt)
+
     assert ck.load_checkpoint(ckpt).training_state["iteration"] == 2
+    assert ck.load_checkpoint(ck.best_dir(ckpt)).training_state["iteration"] == 1  # the only best: back in
     _assert_extras(ckpt)
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_recover_half_written_temp_with_original_present(ckpt: Path, dead_pid: int) -> None:
-    _save(ckpt, iteration=30)
+def test_recover_half_written_temp_with_original_present(ckpt: Path) -> None:
+    _save(ckpt, iteration=30, best=True)
     _write_extras(ckpt)
-    tmp = ckpt.parent / f".m.tmp-{dead_pid}"
+    tmp = ckpt.parent / ".m.tmp-31"
     tmp.mkdir()
     (tmp / "model.pt").write_bytes(b"PK\x03\x04 half")
-    (tmp / "model.safetensors").write_bytes(b"half-written extra file")
+    (tmp / "best").mkdir()
+    (tmp / "best" / "model.pt").write_bytes(b"half a best")
 
-    loaded = ck.load_checkpoint(ckpt)
+    ck.recover(ckpt)
 
-    assert loaded.training_state["iteration"] == 30
-    assert not (ckpt / "model.safetensors").exists()  # not mistaken for a trainer file
+    assert ck.load_checkpoint(ckpt).training_state["iteration"] == 30
+    assert ck.load_checkpoint(ck.best_dir(ckpt)).training_state["iteration"] == 30  # not the half one
     _assert_extras(ckpt)
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_recover_extras_stranded_in_temp(ckpt: Path, dead_pid: int) -> None:
-    """Killed after moving the extras into the complete temp folder, before the swap."""
-    _save(ckpt, iteration=40)
-    tmp = ckpt.parent / f".m.tmp-{dead_pid}"
+def test_recover_extras_and_best_stranded_in_temp(ckpt: Path) -> None:
+    """Killed after moving the extras and the old best/ into the complete temp folder, before the swap."""
+    _save(ckpt, iteration=40, best=True)
+    tmp = ckpt.parent / ".m.tmp-41"
     _make_checkpoint_at(tmp, iteration=41)
     _write_extras(tmp)
+    os.rename(ckpt / "best", tmp / "best")
 
     ck.recover(ckpt)
 
     assert ck.load_checkpoint(ckpt).training_state["iteration"] == 40
+    assert ck.load_checkpoint(ck.best_dir(ckpt)).training_state["iteration"] == 40
     _assert_extras(ckpt)
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_recover_incomplete_temp_is_not_restored(ckpt: Path, dead_pid: int) -> None:
+def test_recover_incomplete_temp_is_not_restored(ckpt: Path) -> None:
     ckpt.parent.mkdir(parents=True)
-    tmp = ckpt.parent / f".m.tmp-{dead_pid}"
+    tmp = ckpt.parent / ".m.tmp-5"
     _make_checkpoint_at(tmp, iteration=1)
     with open(tmp / "optimizer.pt", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(MyPTError, match="no model named 'm'"):
-        ck.load_checkpoint(ckpt)
+    ck.recover(ckpt)
+    assert not ckpt.exists()  # a first save killed midway: there is nothing to restore
     assert _hidden_entries(ckpt.parent) == []
 
 
-def test_recover_leaves_live_process_alone(ckpt: Path) -> None:
-    _save(ckpt, iteration=1)
-    live = ckpt.parent / f".m.tmp-{os.getppid()}"
-    live.mkdir()
-    (live / "model.pt").write_bytes(b"being written")
+def test_recover_keeps_a_leftover_holding_the_trainers_files(ckpt: Path) -> None:
+    ckpt.parent.mkdir(parents=True)
+    tmp = ckpt.parent / ".m.tmp-6"
+    _make_checkpoint_at(tmp, iteration=1)
+    (tmp / "optimizer.pt").write_bytes(b"cut short")
+    _write_extras(tmp)
     ck.recover(ckpt)
-    assert (live / "model.pt").exists()
+    assert not ckpt.exists() and _hidden_entries(ckpt.parent) == [".m.tmp-6"]  # nowhere to put them: kept
 
 
 def test_recover_is_a_no_op_without_anything(tmp_path: Path) -> None:
@@ -446,6 +526,8 @@ def test_missing_model_lists_models(tmp_path: Path) -> None:
     (root / "notes").mkdir()  # no config.json: not a model
     with pytest.raises(MyPTError, match=r"no model named 'x' in .*models there: a, b \("):
         ck.load_checkpoint(root / "x")
+    with pytest.raises(MyPTError, match=r"no model named 'x', 'y' in .*models there: a, b \("):
+        ck.require_models(["a", "x", "y"], root)
 
 
 @pytest.mark.parametrize("missing", ck.CHECKPOINT_FILES)
@@ -462,8 +544,9 @@ def test_truncated_model_is_named(ckpt: Path) -> None:
     (ckpt / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(MyPTError, match=r"model\.pt does not match its manifest \(truncated"):
         ck.load_checkpoint(ckpt)
+    _fix_manifest(ckpt, "model.pt")
     with pytest.raises(MyPTError, match=r"model\.pt is truncated or corrupt") as info:
-        ck.load_checkpoint(ckpt, verify=False)
+        ck.load_checkpoint(ckpt)
     assert "Traceback" not in str(info.value)
 
 
@@ -473,7 +556,6 @@ def test_modified_file_fails_sha256(ckpt: Path) -> None:
     path.write_text(path.read_text().replace('"n_layer": 2', '"n_layer": 3'))
     with pytest.raises(MyPTError, match=r"config\.json does not match its manifest.*sha256"):
         ck.load_checkpoint(ckpt)
-    assert ck.load_checkpoint(ckpt, verify=False).config["n_layer"] == 3
 
 
 def test_optimizer_checked_by_size_only_unless_loaded(ckpt: Path) -> None:
@@ -504,8 +586,18 @@ def test_newer_format_version(ckpt: Path) -> None:
 def test_malformed_json_is_named_with_position(ckpt: Path, name: str) -> None:
     _save(ckpt)
     (ckpt / name).write_text('{\n  "a": 1,\n  "b" 2\n}\n')
-    with pytest.raises(MyPTError, match=rf"{name} is not valid JSON \(line 3, column 7"):
-        ck.load_checkpoint(ckpt, verify=False)
+    if name != "training_state.json":
+        _fix_manifest(ckpt, name)
+    with pytest.raises(MyPTError, match=rf"{name}: malformed JSON at line 3, column 7"):
+        ck.load_checkpoint(ckpt)
+
+
+def test_duplicate_json_key_is_named(ckpt: Path) -> None:
+    _save(ckpt)
+    (ckpt / "config.json").write_text('{"n_layer": 2, "n_embd": 4, "n_layer": 3}')
+    _fix_manifest(ckpt, "config.json")
+    with pytest.raises(MyPTError, match=r"config\.json: the key 'n_layer' appears twice"):
+        ck.load_checkpoint(ckpt)
 
 
 class _Evil:
@@ -558,23 +650,8 @@ def test_save_over_a_file_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [
-        "../x",
-        "/abs",
-        "a/b",
-        "a\\b",
-        "",
-        "x" * 101,
-        "a\nb",
-        "a\x00b",
-        ".hidden",
-        "..",
-        ".",
-        "a b",
-        "naïve",
-        "a:b",
-        "~x",
-    ],
+    ["../x", "/abs", "a/b", "a\\b", "", "x" * 101, "a\nb", "a\x00b", ".hidden", "..", ".", "a b", "naïve", "a:b",
+     "~x"],
 )
 def test_bad_model_names(name: str) -> None:
     with pytest.raises(MyPTError, match="--model_name") as info:
@@ -603,34 +680,64 @@ def test_checkpoint_dir_and_list_models(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- lock
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from mypt.checkpoint import training_lock
+lock = training_lock(Path(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
 
-def test_lock_blocks_second_trainer_and_is_removed(ckpt: Path) -> None:
-    lock_file = ckpt.parent / ".m.lock"
-    with ck.TrainingLock(ckpt) as lock:
-        assert lock.took_over_from is None
-        assert lock_file.read_text().strip() == str(os.getpid())
-        busy = f"being trained by process {os.getpid()}; wait"
-        with pytest.raises(MyPTError, match=busy), ck.TrainingLock(ckpt):
+
+def _holder(ckpt: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ckpt)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_held_by_another_process_names_its_host_and_pid(ckpt: Path) -> None:
+    ckpt.parent.mkdir(parents=True)
+    holder = _holder(ckpt)
+    try:
+        with pytest.raises(fsutil.LockHeld) as info, ck.training_lock(ckpt):
             pass
-        assert lock_file.exists()  # the failed attempt did not remove the holder's lock
-    assert not lock_file.exists()
+        msg = str(info.value)
+        assert f"model 'm' is in use by process {holder.pid} on host {socket.gethostname()}" in msg
+        assert "wait for it to finish or stop it" in msg and ".m.lock" in msg
+    finally:
+        holder.kill()
+        holder.wait()
+    with ck.training_lock(ckpt) as lock:  # the kernel released a killed holder's lock: no stale locks
+        assert lock.held
+    assert not (ckpt.parent / ".m.lock").exists()  # removed by its last holder
 
 
-def test_lock_removed_when_body_raises(ckpt: Path) -> None:
-    with pytest.raises(KeyError), ck.TrainingLock(ckpt):
+def test_a_lock_file_left_behind_is_not_a_lock(ckpt: Path) -> None:
+    ckpt.parent.mkdir(parents=True)
+    (ckpt.parent / ".m.lock").write_text("otherhost 12345\n")  # written by a machine that died holding it
+    with ck.training_lock(ckpt) as lock:
+        assert lock.held
+        assert (ckpt.parent / ".m.lock").read_text().split()[1] == str(os.getpid())
+
+
+def test_lock_released_when_body_raises(ckpt: Path) -> None:
+    ckpt.parent.mkdir(parents=True)
+    with pytest.raises(KeyError), ck.training_lock(ckpt):
         raise KeyError("boom")
     assert not (ckpt.parent / ".m.lock").exists()
 
 
-@pytest.mark.parametrize("content", ["dead", "garbage\x00", ""])
-def test_stale_lock_is_taken_over(
-    ckpt: Path, dead_pid: int, content: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    ckpt.parent.mkdir(parents=True)
-    lock_file = ckpt.parent / ".m.lock"
-    lock_file.write_text(f"{dead_pid}\n" if content == "dead" else content)
-    with ck.TrainingLock(ckpt) as lock:
-        assert lock.took_over_from == (dead_pid if content == "dead" else -1)
-        assert lock_file.read_text().strip() == str(os.getpid())
-    assert not lock_file.exists()
-    assert capsys.readouterr() == ("", "")
+def test_unwritable_checkpoints_folder_is_one_clear_error(ckpt: Path) -> None:
+    if os.geteuid() == 0:
+        blocked = ckpt.parent / "file_not_folder"
+        blocked.parent.mkdir(parents=True)
+        blocked.write_text("x")
+        lock = fsutil.FileLock(blocked / ".m.lock", "model 'm'")  # ENOTDIR even for root
+    else:
+        ckpt.parent.mkdir(parents=True)
+        ckpt.parent.chmod(0o500)
+        lock = ck.training_lock(ckpt)
+    with pytest.raises(MyPTError, match=r"could not write the lock file .*\.m\.lock \(.*\); .* and try again"):
+        lock.acquire()

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, run_cli, tiny_arch_flags
+from conftest import REPO, corpus_text, run_cli, tiny_arch_flags
 
 from mypt import dist
 from mypt.checkpoint import load_checkpoint
@@ -68,13 +68,7 @@ def training_state(cwd: Path, name: str) -> dict:
 def runs(tmp_path_factory) -> Path:
     """The reference: one process with --grad_accum_steps 2, trained to iteration 6."""
     cwd = tmp_path_factory.mktemp("dist")
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        text = src.read_text(encoding="utf-8")[:30_000]
-    else:
-        from mypt.corpus import builtin_corpus_text
-
-        text = builtin_corpus_text()[:30_000]
+    text = corpus_text(30_000)
     (cwd / "input.txt").write_text(text, encoding="utf-8")
     result = train1(cwd, "--model_name", "ref", "--grad_accum_steps", "2", "--max_iters", "6")
     assert result.returncode == 0, result.stderr

@@ -60,6 +60,12 @@ def reference_nats(lm: LoadedModel, text: str) -> float:
     return total
 
 
+def params_cell(name: str, root: Path) -> str:
+    """The parameters cell a table should show for a model: its own count, formatted independently."""
+    n = load_model(name, root / "checkpoints", device="cpu").model.num_params()
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -72,8 +78,8 @@ def test_eval_prints_a_row_per_model(capsys: pytest.CaptureFixture, root: Path, 
     assert header == ["model", "tokenizer", "parameters", "iterations", "tokens", "loss", "perplexity", "bits/char"]
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
     assert set(rows) == {"wide", "narrow"}
-    assert rows["wide"][1:5] == ["char", rows["wide"][2], "30", f"{len(texts[1]):,}"]
-    assert rows["narrow"][1] == "gpt2" and rows["narrow"][3] == "30"
+    assert rows["wide"][1:5] == ["char", params_cell("wide", root), "30", f"{len(texts[1]):,}"]
+    assert rows["narrow"][1:4] == ["gpt2", params_cell("narrow", root), "30"]
     for row in rows.values():
         loss, ppl, bpc = map(float, row[5:8])
         assert ppl == pytest.approx(math.exp(loss), rel=1e-3) and bpc > 0

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, run_cli, tiny_arch_flags
+from conftest import corpus_text, run_cli, tiny_arch_flags
+from forked_cli import Run
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
@@ -23,12 +26,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two threads on two busy shared cores sp
 
 
 def training_text() -> str:
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        return src.read_text(encoding="utf-8")[:40_000]
-    from mypt.corpus import builtin_corpus_text
-
-    return builtin_corpus_text()[:40_000]
+    return corpus_text(40_000)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +141,40 @@ def test_empty_prompt_starts_from_the_start_token(capsys: pytest.CaptureFixture,
 def test_long_prompt_is_cropped_with_a_note(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
     prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
     code, out, err = generate(capsys, ckpts, "--model_name", "chars", "--prompt", prompt, "--max_new_tokens", "5")
-    assert code == 0 and out.startswith(prompt)
-    assert f"{len(prompt)} tokens long" in err and "last 32 tokens" in err
+    assert code == 0 and out.startswith(prompt[-32:]) and not out.startswith(prompt[:-32])  # what it sees
+    assert f"{len(prompt)} tokens long" in err and "last 32 tokens are used (and shown)" in err
+
+
+def test_a_huge_prompt_file_is_read_only_at_its_end(capsys: pytest.CaptureFixture, ckpts: Path,
+                                                     tmp_path: Path) -> None:
+    from mypt.cli.generate import PROMPT_MAX_BYTES
+
+    text = training_text()
+    path = tmp_path / "big.txt"
+    path.write_text(text * (PROMPT_MAX_BYTES // len(text) + 2), encoding="utf-8")
+    code, out, err = generate(capsys, ckpts, "--model_name", "chars", "--prompt_file", str(path),
+                              "--max_new_tokens", "3", "--seed", "1")
+    assert code == 0, err
+    assert f"only its last {PROMPT_MAX_BYTES:,} are read" in err and "last 32 tokens are used (and shown)" in err
+    assert len(out) == 32 + 3 + 1  # the 32 characters the model sees, 3 new ones, a newline
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    args = ["--model_name", "chars", "--prompt", "ROMEO:", "--max_new_tokens", "20", "--seed", "3"]
+    code, tiny, err = generate(capsys, ckpts, *args, "--temperature", "1e-300")
+    assert code == 0, err
+    assert generate(capsys, ckpts, *args, "--temperature", "0")[1] == tiny
+
+
+def test_ctrl_c_prints_what_was_generated_so_far(ckpts: Path) -> None:
+    r = Run("--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:", "--no-stream",
+            "--max_new_tokens", "1000000", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
+            script="generate.py", env=ONE_THREAD)
+    time.sleep(3)  # generating (not streamed: nothing printed yet)
+    r.send_signal(signal.SIGINT)
+    assert r.wait() == 130
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 50, r.stdout + r.stderr
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture) -> None:

@@ -11,10 +11,10 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_arch_flags
+from conftest import require, run_cli, tiny_arch_flags
 from forked_cli import ONE_THREAD
 
-pytest.importorskip("tensorboard")
+require("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from mypt.metrics import MetricsWriter  # noqa: E402

@@ -145,9 +145,23 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_token_cache_is_reused(trained):
-    cache = sorted((trained / "checkpoints" / ".cache").glob("*.bin"))
-    assert len(cache) == 1 and cache[0].name.endswith(".bin")
+def _files_with_identity(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_token_cache_is_reused(tmp_path):
+    (tmp_path / "input.txt").write_text(corpus_text(30_000), encoding="utf-8")
+    flags = ["--model_name", "c", "--tokenizer", "char", "--input_file", "input.txt", "--eval_interval", "4"]
+    first = train(tmp_path, *flags, "--max_iters", "4")
+    assert first.returncode == 0, first.stderr
+    cache = tmp_path / "checkpoints" / ".cache"
+    before = _files_with_identity(cache)
+    assert before and "tokenizing" in first.stderr
+    again = train(tmp_path, "--model_name", "c", "--max_iters", "8")
+    assert again.returncode == 0, again.stderr
+    assert "tokenizing" not in again.stderr  # no progress bar: nothing was tokenized
+    assert _files_with_identity(cache) == before  # not one cache file rewritten
 
 
 def test_help_lists_flags_with_defaults(tmp_path):

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from mypt import dist
-from mypt.checkpoint import Checkpoint, checkpoint_dir, list_models, load_checkpoint, weights_file
+from mypt.build import build_model
+from mypt.checkpoint import BEST_DIR, Checkpoint, best_dir, checkpoint_dir, load_checkpoint
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.model import GPT
 from mypt.sampling import SamplingConfig, TextStream, fresh_seed, generate_ids
-from mypt.tokenizers import Tokenizer, tokenizer_from_json
+from mypt.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        return self.checkpoint.path.name
+        """The model's name (its folder's, also when these are its best/ weights)."""
+        path = self.checkpoint.path
+        return path.parent.name if path.name == BEST_DIR else path.name
 
     @property
     def iterations(self) -> int | None:
@@ -121,15 +124,6 @@ def _eval_batches(ids: torch.Tensor, block_size: int, batch_size: int) -> Iterat
         yield ids[full * block_size : n][None], ids[full * block_size + 1 :][None]
 
 
-def require_models(names: list[str], checkpoints_dir: str | Path) -> None:
-    """Fail early, naming every unknown model and the models that exist."""
-    missing = [n for n in names if not checkpoint_dir(checkpoints_dir, n).is_dir()]
-    if missing:
-        existing = ", ".join(list_models(checkpoints_dir)) or "none"
-        raise MyPTError(f"no model named {', '.join(repr(n) for n in missing)} in {checkpoints_dir}/; "
-                        f"models there: {existing} (check --model_name or --checkpoints_dir)")
-
-
 def inference_dtype(requested: str, device: torch.device) -> str:
     """The autocast dtype for generation and evaluation.
 
@@ -144,9 +138,11 @@ def inference_dtype(requested: str, device: torch.device) -> str:
 
 
 def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "checkpoints", *,
-               path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+               path: str | Path | None = None, best: bool = False, device: str = "auto",
+               dtype: str = "auto") -> LoadedModel:
     """Load checkpoints_dir/model_name (or the folder `path`) for inference, in eval mode.
 
+    best: the weights with the best validation loss (the folder's best/) instead of the latest.
     device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps. dtype: the autocast dtype
     of the forward pass (auto, fp32, bf16, fp16); the weights stay fp32.
     """
@@ -154,36 +150,10 @@ def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "che
         if model_name is None:
             raise MyPTError("load_model needs a model_name or a path")
         path = checkpoint_dir(checkpoints_dir, model_name)
+    folder = best_dir(Path(path)) if best else Path(path)
     torch_device = dist.pick_device(device, dist.DistInfo())
     run_dtype = inference_dtype(dtype, torch_device)
-    ckpt = load_checkpoint(Path(path))
-    cfg = ModelConfig.from_dict(ckpt.config, f"{ckpt.path}/config.json")
-    tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt.path}/tokenizer.json")
-    if tok.n_vocab > cfg.vocab_size:
-        raise MyPTError(f"{ckpt.path}/tokenizer.json: {tok.kind} has {tok.n_vocab} tokens but config.json's "
-                        f"vocab_size is {cfg.vocab_size}; the folder mixes files of different models")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    load_weights(model, ckpt)
-    model.to(torch_device).eval()
-    return LoadedModel(model, cfg, tok, ckpt, torch_device, run_dtype)
-
-
-def load_weights(model: GPT, ckpt: Checkpoint) -> None:
-    """Copy a checkpoint's weights into model; shapes that disagree with config.json are named."""
-    expected = model.state_dict()
-    problems = []
-    for key, tensor in expected.items():
-        got = ckpt.model_state.get(key)
-        if got is None:
-            problems.append(f"{key} is missing")
-        elif tuple(got.shape) != tuple(tensor.shape):
-            problems.append(f"{key} has shape {tuple(got.shape)}, config.json implies {tuple(tensor.shape)}")
-    extra = sorted(set(ckpt.model_state) - set(expected))
-    if extra:
-        problems.append(f"unexpected weights {', '.join(extra[:5])}")
-    if problems:
-        raise MyPTError(f"{ckpt.path}/{weights_file(ckpt.path)} does not match {ckpt.path}/config.json: "
-                        + "; ".join(problems[:5]))
-    model.load_state_dict(ckpt.model_state, assign=True)
-    model.tie_weights()  # assign=True replaced the tied tensor
+    ckpt = load_checkpoint(folder)
+    built = build_model(ckpt, torch_device)
+    built.model.eval()
+    return LoadedModel(built.model, built.config, built.tokenizer, ckpt, torch_device, run_dtype)

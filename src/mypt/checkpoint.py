@@ -1,87 +1,66 @@
-"""Checkpoint folders on disk: naming, atomic saving, crash recovery, safe loading, locking.
+"""Checkpoint folders on disk: names, atomic saving, the best and kept copies, recovery, loading, the lock.
 
-This module owns the layout of ``checkpoints/NAME/`` and nothing else. A checkpoint folder
-holds the five files in :data:`CHECKPOINT_FILES`; it may also hold entries the trainer writes
-(``metrics.jsonl``, ``loss.png``, ``tensorboard/`` ...), which every save carries over.
+This module owns the layout of ``checkpoints/NAME/`` and nothing else::
 
-- :func:`save_checkpoint` writes a whole new folder next to the old one and swaps the two
-  atomically, so the folder always holds either the complete old or the complete new
-  checkpoint. ``training_state.json`` gets a ``format_version`` and a sha256 ``manifest``.
-- :func:`recover` finishes or rolls back a save that was interrupted (process killed).
-- :func:`load_checkpoint` checks the folder, the manifest and the format version, and loads
-  ``.pt`` files only with ``torch.load(weights_only=True)``, so a planted pickle never runs.
-- :class:`TrainingLock` keeps two processes from training the same model at once.
-- :func:`write_weights_only` writes a pickle-free folder for inference (``model.safetensors``
-  in place of ``model.pt``, no ``optimizer.pt``); :func:`load_checkpoint` reads it too.
+    model.pt  config.json  tokenizer.json  training_state.json  optimizer.pt   the latest checkpoint
+    best/      model.pt, config.json, tokenizer.json, training_state.json    the best validation loss
+    iter_N/    the five files as they were at iteration N (--keep_every)
+    metrics.jsonl  loss.png  tensorboard/ ...                                 the trainer's files
 
-It knows nothing of the model class, the training loop or the CLI: it deals in state dicts
-and JSON dicts. Every user-fixable problem raises :class:`mypt.errors.MyPTError`.
+- :func:`save_checkpoint` writes a whole new folder beside the old one (best/ and iter_N/ are
+  hard links to its files, so they cost no disk until later saves replace those files) and
+  swaps the two atomically: the folder always holds the complete old or the complete new
+  checkpoint. ``training_state.json`` holds a sha256 ``manifest`` of the other files.
+- :func:`recover` finishes or rolls back a save that was killed. Only the holder of the
+  model's :func:`training_lock` may call it (train does, at start); readers never change a thing.
+- :func:`load_checkpoint` reads each file once, checks those bytes against the manifest and
+  parses the same bytes; ``.pt`` files only with ``torch.load(weights_only=True)``.
+- A model folder that is a symbolic link (to a bigger disk) is saved into the link's target;
+  the link stays.
+
+It knows nothing of the model class, the training loop or the CLI: it deals in state dicts and
+JSON dicts. Every user-fixable problem raises :class:`mypt.errors.MyPTError`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import hashlib
+import io
 import json
-import logging
 import os
 import pickle
+import platform
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from mypt import __version__, fsutil
 from mypt.errors import MyPTError
+from mypt.formats import weights_only
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
-
-CHECKPOINT_FILES = (
-    "model.pt",
-    "config.json",
-    "tokenizer.json",
-    "training_state.json",
-    "optimizer.pt",
-)
+CHECKPOINT_FILES = ("model.pt", "config.json", "tokenizer.json", "training_state.json", "optimizer.pt")
+MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE = CHECKPOINT_FILES
+SAFETENSORS_FILE = weights_only.WEIGHTS_FILE  # weights-only folders: in place of model.pt
+WEIGHTS_FILES = (MODEL_FILE, SAFETENSORS_FILE)
+BEST_DIR = "best"
+SNAPSHOT_PREFIX = "iter_"
+BEST_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
 FORMAT_VERSION = 1
 MAX_NAME_LENGTH = 100
-
-MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE = CHECKPOINT_FILES
-SAFETENSORS_FILE = "model.safetensors"  # weights-only folders: in place of model.pt
-WEIGHTS_ONLY_FILES = (SAFETENSORS_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE)
-_ALIASES_KEY = "mypt_aliases"  # safetensors metadata: names stored once, e.g. a tied head
+_LOAD_ATTEMPTS = 3  # a save swapping the folder during a load makes the load start again
 
 _NAME_RULE = (
     f"use 1-{MAX_NAME_LENGTH} characters from letters, digits, '_', '-' and '.', "
     "not starting with '.' (for example --model_name my_model)"
 )
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-]+")
-_ITERATION_KEYS = ("iteration", "iter", "iter_num", "step")
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-_HASH_CHUNK = 1 << 20
-_FIXES = {
-    errno.ENOSPC: "free some disk space",
-    errno.EDQUOT: "free some disk space (you are over your disk quota)",
-    errno.EFBIG: "raise the file size limit (ulimit -f) or save to another disk",
-    errno.EACCES: "make the checkpoints folder writable",
-    errno.EPERM: "make the checkpoints folder writable",
-    errno.EROFS: "save to a writable disk",
-}
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- names
@@ -124,131 +103,88 @@ def list_models(checkpoints_dir: str | Path) -> list[str]:
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return []
-    return sorted(
-        entry.name
-        for entry in root.iterdir()
-        if _name_problem(entry.name) is None and (entry / CONFIG_FILE).is_file()
-    )
+    return sorted(e.name for e in root.iterdir() if _name_problem(e.name) is None and (e / CONFIG_FILE).is_file())
 
 
-# ----------------------------------------------------------------------------- small helpers
+def no_model_error(names: list[str], checkpoints_dir: str | Path) -> MyPTError:
+    """The one "no model named" error: names the missing models and the models that exist."""
+    existing = ", ".join(list_models(checkpoints_dir)) or "none"
+    return MyPTError(f"no model named {', '.join(repr(n) for n in names)} in {checkpoints_dir}/; models there: "
+                     f"{existing} (check --model_name and --checkpoints_dir, or train the model first)")
 
 
-def _temp_path(ckpt_dir: Path, pid: int) -> Path:
-    return ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{pid}"
+def require_models(names: list[str], checkpoints_dir: str | Path) -> None:
+    """Fail early, naming every model that does not exist (a model whose save was interrupted exists)."""
+    missing = [n for n in names if not checkpoint_dir(checkpoints_dir, n).is_dir()
+               and not _leftovers(real_folder(checkpoint_dir(checkpoints_dir, n)))]
+    if missing:
+        raise no_model_error(missing, checkpoints_dir)
 
 
-def _old_path(ckpt_dir: Path, pid: int) -> Path:
-    return ckpt_dir.parent / f".{ckpt_dir.name}.old-{pid}"
+def best_dir(ckpt_dir: Path) -> Path:
+    """The folder of a model's best-validation weights; MyPTError if it has none yet."""
+    folder = Path(ckpt_dir) / BEST_DIR
+    if not (folder / STATE_FILE).is_file():
+        raise MyPTError(f"'{Path(ckpt_dir).name}' has no best checkpoint yet ({folder}/ is missing): it is "
+                        "written at the first evaluation, unless training ran with --no-keep_best; "
+                        "leave out --best to use the latest weights")
+    return folder
 
 
-def _lock_path(ckpt_dir: Path) -> Path:
-    return ckpt_dir.parent / f".{ckpt_dir.name}.lock"
+def snapshot_name(iteration: int) -> str:
+    return f"{SNAPSHOT_PREFIX}{iteration}"
 
 
-def _leftovers(ckpt_dir: Path) -> list[tuple[Path, int]]:
-    """Temp / old folders that saves of this checkpoint left behind, with their owner pid."""
-    parent = ckpt_dir.parent
-    if not parent.is_dir():
-        return []
-    prefixes = (f".{ckpt_dir.name}.tmp-", f".{ckpt_dir.name}.old-")
-    found = []
-    for entry in parent.iterdir():
-        for prefix in prefixes:
-            suffix = entry.name[len(prefix) :]
-            if entry.name.startswith(prefix) and suffix.isdigit() and entry.is_dir():
-                found.append((entry, int(suffix)))
-    return found
+def _is_kept_copy(name: str) -> bool:
+    return name == BEST_DIR or (name.startswith(SNAPSHOT_PREFIX) and name[len(SNAPSHOT_PREFIX):].isdigit())
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    except (OverflowError, ValueError, OSError):
-        return False
-    return True
+def real_folder(ckpt_dir: Path) -> Path:
+    """The folder saves go to: ckpt_dir, or the target of ckpt_dir when it is a symbolic link."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_symlink():
+        return ckpt_dir
+    target = ckpt_dir.resolve()
+    if not target.is_dir():
+        raise MyPTError(f"{ckpt_dir} is a link to {target}, which is not a folder; create that folder "
+                        "(or remove the link) and run again")
+    return target
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# ----------------------------------------------------------------------------- the lock
 
 
-def _fsync_dir_quietly(path: Path) -> None:
-    try:
-        _fsync_dir(path)
-    except OSError as exc:
-        log.warning("could not fsync %s: %s", path, exc)
+def training_lock(ckpt_dir: Path) -> fsutil.FileLock:
+    """The lock a process holds while it trains (or writes) model ckpt_dir: one at a time.
+
+    An OS lock on ``.NAME.lock`` beside the (real) folder, held for the whole run and released
+    by the kernel when the process dies, on any machine sharing the disk.
+    """
+    real = real_folder(ckpt_dir)
+    return fsutil.FileLock(real.parent / f".{real.name}.lock", f"model '{Path(ckpt_dir).name}'")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ----------------------------------------------------------------------------- writing
 
 
-def _json_bytes(obj: dict[str, Any], what: str) -> bytes:
-    if not isinstance(obj, dict):
-        raise TypeError(f"{what} must be a dict, got {type(obj).__name__}")
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+def versions() -> dict[str, str]:
+    """The software versions a saved training_state.json records."""
+    return {"mypt": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def _read_json_quietly(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _manifest_names(folder: Path) -> set[str] | None:
-    """Names listed in folder's manifest; None if training_state.json is unreadable."""
-    state = _read_json_quietly(folder / STATE_FILE)
-    if state is None:
-        return None
-    manifest = state.get("manifest")
-    return set(manifest) if isinstance(manifest, dict) else set()
-
-
-def _iteration_of(ckpt_dir: Path) -> int | None:
-    state = _read_json_quietly(ckpt_dir / STATE_FILE) or {}
-    for key in _ITERATION_KEYS:
-        value = state.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _test_pause() -> None:
     """Test hook: sleep $MYPT_TEST_SAVE_DELAY seconds after each step of a save (unset: never).
 
-    A save pauses after each file it writes, before the swap and after it, so that
-    tests/test_crash_safety.py can SIGKILL a training process inside every window of a save.
+    tests/test_crash_safety.py SIGKILLs a training process inside every window of a save.
     The variable is read here and nowhere else.
     """
     delay = os.environ.get("MYPT_TEST_SAVE_DELAY")
     if delay:
         time.sleep(float(delay))
-
-
-# ----------------------------------------------------------------------------- writing
 
 
 class _HashingWriter:
@@ -279,13 +215,19 @@ class _HashingWriter:
         self._f.flush()
 
 
-def _write_file(path: Path, fill: Callable[[_HashingWriter], None]) -> dict[str, Any]:
-    """Create path, let fill write it, fsync it; return its manifest entry."""
+Content = bytes | Callable[[BinaryIO], object]
+
+
+def _write_file(path: Path, content: Content) -> dict[str, Any]:
+    """Create path with content (bytes, or a function writing a file), fsync it; its manifest entry."""
     try:
         with open(path, "xb") as f:
             writer = _HashingWriter(f)
             try:
-                fill(writer)
+                if isinstance(content, bytes):
+                    writer.write(content)
+                else:
+                    content(writer)
             except Exception as exc:
                 if writer.error is not None and not isinstance(exc, OSError):
                     raise writer.error from exc  # torch.save hid the OSError
@@ -300,325 +242,228 @@ def _write_file(path: Path, fill: Callable[[_HashingWriter], None]) -> dict[str,
     return {"size": writer.size, "sha256": writer.digest.hexdigest()}
 
 
-def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
-    return _write_file(path, lambda w: w.write(data))
+def torch_content(obj: Any) -> Content:
+    return lambda f: torch.save(obj, f)
 
 
-def _write_torch(path: Path, obj: Any) -> dict[str, Any]:
-    return _write_file(path, lambda w: torch.save(obj, w))
+def write_folder(folder: Path, files: dict[str, Content], training_state: dict[str, Any]) -> dict[str, Any]:
+    """Create folder with files, then training_state.json holding their manifest; fsync all.
 
-
-def _write_new_folder(
-    tmp: Path,
-    *,
-    model_state: dict[str, Any],
-    json_files: dict[str, bytes],
-    training_state: dict[str, Any],
-    optimizer_state: dict[str, Any],
-    extra_files: dict[str, bytes],
-) -> None:
-    """Write every file of the new checkpoint into tmp; training_state.json (manifest) last."""
-    tmp.mkdir()
-    manifest = {MODEL_FILE: _write_torch(tmp / MODEL_FILE, model_state)}
-    for name, data in json_files.items():
-        manifest[name] = _write_bytes(tmp / name, data)
-    manifest[OPTIMIZER_FILE] = _write_torch(tmp / OPTIMIZER_FILE, optimizer_state)
-    for name, data in extra_files.items():
-        manifest[name] = _write_bytes(tmp / name, data)
-    state = {**training_state, "format_version": FORMAT_VERSION, "manifest": manifest}
-    _write_bytes(tmp / STATE_FILE, _json_bytes(state, "training_state"))
-    _fsync_dir(tmp)
-
-
-def _carried_entries(old: Path, new_names: set[str]) -> list[str]:
-    """Entries of the old folder the trainer wrote (not written by save), to carry over."""
-    managed = set(CHECKPOINT_FILES) | new_names | (_manifest_names(old) or set())
-    return sorted(entry.name for entry in old.iterdir() if entry.name not in managed)
-
-
-def _move_entries(names: list[str], src: Path, dst: Path, moved: list[str]) -> None:
-    for name in names:
-        os.rename(src / name, dst / name)
-        moved.append(name)
-
-
-def _move_entries_back(moved: list[str], tmp: Path, ckpt_dir: Path) -> bool:
-    """Undo _move_entries; True if every entry went back."""
-    ok = True
-    for name in moved:
-        try:
-            os.rename(tmp / name, ckpt_dir / name)
-        except OSError as exc:
-            ok = False
-            log.error("could not move %s back into %s: %s", tmp / name, ckpt_dir, exc)
-    return ok
-
-
-_renameat2_fn: Any = None
-
-
-def _renameat2() -> Callable[..., int] | None:
-    """libc's renameat2, or None where it does not exist (non-Linux, old glibc)."""
-    global _renameat2_fn
-    if _renameat2_fn is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-        except (OSError, AttributeError):
-            fn = False
-        else:
-            fn.argtypes = [
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_uint,
-            ]
-            fn.restype = ctypes.c_int
-        _renameat2_fn = fn
-    return _renameat2_fn or None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two folders; False if this OS / file system cannot."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _swap_in(tmp: Path, ckpt_dir: Path) -> Path | None:
-    """Put tmp in place of ckpt_dir; return the folder now holding the old checkpoint.
-
-    Raises only if nothing changed.
+    The manifest is written last, so a folder whose manifest verifies is complete. Returns it.
     """
-    if not os.path.lexists(ckpt_dir):
-        os.rename(tmp, ckpt_dir)
-        return None
-    if _exchange(tmp, ckpt_dir):
-        return tmp
-    old = _old_path(ckpt_dir, os.getpid())
-    os.rename(ckpt_dir, old)
+    folder.mkdir(exist_ok=True)
+    manifest = {name: _write_file(folder / name, content) for name, content in files.items()}
+    _write_state(folder, training_state, manifest)
+    return manifest
+
+
+def _write_state(folder: Path, training_state: dict[str, Any], manifest: dict[str, Any]) -> None:
+    state = {**training_state, "format_version": FORMAT_VERSION, "manifest": manifest}
+    _write_file(folder / STATE_FILE, fsutil.json_bytes(state))
+    fsutil.fsync_dir(folder)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
     try:
-        os.rename(tmp, ckpt_dir)
-    except BaseException:
-        os.rename(old, ckpt_dir)
-        raise
-    return old
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
+        with open(dst, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _kept_copy(tmp: Path, name: str, files: tuple[str, ...], manifest: dict[str, Any],
+               training_state: dict[str, Any]) -> None:
+    """tmp/name/ holding files (hard links to tmp's) and a training_state.json of their own."""
+    sub = tmp / name
+    sub.mkdir()
+    for f in files:
+        _link_or_copy(tmp / f, sub / f)
+    _write_state(sub, training_state, {f: manifest[f] for f in files})
+    _test_pause()
+
+
+def _carried_entries(old: Path, written: set[str]) -> list[str]:
+    """Entries of the old folder to carry into the new one: the trainer's files, and the kept
+    copies this save does not replace. Never the checkpoint files or a killed write's temp files."""
+    managed = set(CHECKPOINT_FILES) | set(WEIGHTS_FILES) | written | (_manifest_names(old) or set())
+    return sorted(e.name for e in old.iterdir() if e.name not in managed and not fsutil.is_temp_name(e.name))
 
 
 def _save_failed_message(ckpt_dir: Path, exc: OSError) -> str:
-    where = f"{Path(exc.filename).name}: " if exc.filename else ""
-    reason = f"{where}{exc.strerror or exc}"
     if (ckpt_dir / STATE_FILE).is_file():
         iteration = _iteration_of(ckpt_dir)
         at = f" (iteration {iteration})" if iteration is not None else ""
-        previous = f"the previous checkpoint{at} in {ckpt_dir}/ is intact"
+        intact = f"the previous checkpoint{at} in {ckpt_dir}/ is intact"
     else:
-        previous = "nothing was saved (there was no previous checkpoint)"
-    fix = _FIXES.get(exc.errno or 0, "fix the problem")
-    return f"could not write checkpoint {ckpt_dir}/ ({reason}); {previous}; {fix} and save again"
-
-
-def _check_save_inputs(
-    model_state: dict[str, Any], optimizer_state: dict[str, Any], extra_files: dict[str, bytes]
-) -> None:
-    if not isinstance(model_state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model_state.items()
-    ):
-        raise TypeError("model_state must be a dict of str -> torch.Tensor")
-    if not isinstance(optimizer_state, dict):
-        raise TypeError("optimizer_state must be a dict")
-    for name, data in extra_files.items():
-        if _name_problem(name) is not None or name in CHECKPOINT_FILES:
-            raise ValueError(f"extra_files: {name!r} is not a plain, non-reserved file name")
-        if not isinstance(data, bytes):
-            raise TypeError(f"extra_files[{name!r}] must be bytes")
+        intact = "nothing was saved (there was no previous checkpoint)"
+    return str(fsutil.write_error(f"checkpoint {ckpt_dir}/", exc, intact))
 
 
 def save_checkpoint(
     ckpt_dir: Path,
     *,
-    model_state: dict[str, Any],
-    config: dict[str, Any],
-    tokenizer: dict[str, Any],
-    training_state: dict[str, Any],
-    optimizer_state: dict[str, Any],
-    extra_files: dict[str, bytes] | None = None,
-) -> None:
-    """Atomically replace the checkpoint in ckpt_dir, keeping the entries the trainer wrote.
-
-    At every instant ckpt_dir holds the whole previous checkpoint or the whole new one. On a
-    write failure the previous checkpoint is untouched and MyPTError says why.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    validate_model_name(ckpt_dir.name)
-    if os.path.lexists(ckpt_dir) and not ckpt_dir.is_dir():
-        raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
-    extras = dict(extra_files or {})
-    _check_save_inputs(model_state, optimizer_state, extras)
-    json_files = {
-        CONFIG_FILE: _json_bytes(config, "config"),
-        TOKENIZER_FILE: _json_bytes(tokenizer, "tokenizer"),
-    }
-    _json_bytes(training_state, "training_state")  # fail early if it is not JSON-serialisable
-    pid = os.getpid()
-    tmp = _temp_path(ckpt_dir, pid)
-    moved: list[str] = []
-    try:
-        ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-        recover(ckpt_dir)
-        _salvage(tmp, ckpt_dir)
-        _salvage(_old_path(ckpt_dir, pid), ckpt_dir)
-        _write_new_folder(
-            tmp,
-            model_state=model_state,
-            json_files=json_files,
-            training_state=training_state,
-            optimizer_state=optimizer_state,
-            extra_files=extras,
-        )
-        if ckpt_dir.is_dir():
-            carried = _carried_entries(ckpt_dir, set(extras))
-            _move_entries(carried, ckpt_dir, tmp, moved)
-            _fsync_dir(tmp)
-        _test_pause()
-        old = _swap_in(tmp, ckpt_dir)
-    except BaseException as exc:
-        if _move_entries_back(moved, tmp, ckpt_dir):
-            _remove_tree(tmp)
-        if isinstance(exc, OSError):
-            raise MyPTError(_save_failed_message(ckpt_dir, exc)) from exc
-        raise
-    _fsync_dir_quietly(ckpt_dir.parent)
-    if old is not None:
-        _test_pause()
-        _remove_tree(old)
-        _fsync_dir_quietly(ckpt_dir.parent)
-
-
-def _dedup_shared(
-    state: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (each storage once; safetensors refuses shared ones) and name aliases."""
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
-    for name, tensor in state.items():
-        storage = tensor.untyped_storage().data_ptr()
-        key = (storage, tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = tensor.detach().contiguous()
-    return unique, aliases
-
-
-def write_weights_only(
-    folder: Path,
-    *,
     model_state: dict[str, torch.Tensor],
     config: dict[str, Any],
     tokenizer: dict[str, Any],
     training_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
+    best: bool = False,
+    keep: bool = False,
 ) -> None:
-    """Write a weights-only checkpoint (:data:`WEIGHTS_ONLY_FILES`) into the empty folder.
+    """Atomically replace the checkpoint in ckpt_dir, keeping the trainer's files and kept copies.
 
-    It holds no pickle: load_checkpoint reads it for inference, but training cannot resume
-    from it (there is no optimizer state). Atomic publishing is the caller's job.
+    best: this is the best validation loss so far, so best/ becomes these weights. keep: also
+    keep this checkpoint as iter_N/ (N = training_state["iteration"]). optimizer_state None
+    writes no optimizer.pt (an imported model). At every instant ckpt_dir holds the whole
+    previous checkpoint or the whole new one; on a write failure the previous one is untouched
+    and MyPTError says why. The caller holds training_lock(ckpt_dir).
     """
-    _check_save_inputs(model_state, {}, {})
-    unique, aliases = _dedup_shared(model_state)
-    path = folder / SAFETENSORS_FILE
-    save_file(unique, str(path), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    manifest = {SAFETENSORS_FILE: {"size": path.stat().st_size, "sha256": _sha256(path)}}
-    for name, obj in ((CONFIG_FILE, config), (TOKENIZER_FILE, tokenizer)):
-        manifest[name] = _write_bytes(folder / name, _json_bytes(obj, name))
-    os.chmod(path, (folder / CONFIG_FILE).stat().st_mode & 0o777)  # safetensors made it 0600
-    state = {**training_state, "format_version": FORMAT_VERSION, "manifest": manifest}
-    _write_bytes(folder / STATE_FILE, _json_bytes(state, "training_state"))
-    _fsync_dir(folder)
+    ckpt_dir = Path(ckpt_dir)
+    validate_model_name(ckpt_dir.name)
+    real = real_folder(ckpt_dir)
+    if os.path.lexists(real) and not real.is_dir():
+        raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
+    files: dict[str, Content] = {
+        MODEL_FILE: torch_content(model_state),
+        CONFIG_FILE: fsutil.json_bytes(config),
+        TOKENIZER_FILE: fsutil.json_bytes(tokenizer),
+    }
+    if optimizer_state is not None:
+        files[OPTIMIZER_FILE] = torch_content(optimizer_state)
+    json.dumps(training_state)  # fail early (TypeError) if it is not JSON
+    tmp = fsutil.temp_path(real)
+    moved: list[str] = []
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # this pid's own leftover (a reused pid)
+        manifest = write_folder(tmp, files, training_state)
+        written = set()
+        if best:
+            _kept_copy(tmp, BEST_DIR, BEST_FILES, manifest, training_state)
+            written.add(BEST_DIR)
+        if keep:
+            name = snapshot_name(training_state["iteration"])
+            _kept_copy(tmp, name, tuple(files), manifest, training_state)
+            written.add(name)
+        if real.is_dir():
+            for name in _carried_entries(real, written):
+                os.rename(real / name, tmp / name)
+                moved.append(name)
+            fsutil.fsync_dir(tmp)
+        _test_pause()
+        old = fsutil.swap_folder(tmp, real, fsutil.temp_path(real, "old"))
+    except BaseException as exc:
+        if _move_back(moved, tmp, real):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise MyPTError(_save_failed_message(real, exc)) from exc
+        raise
+    _fsync_quietly(real.parent)
+    if old is not None:
+        _test_pause()
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync_quietly(real.parent)
+
+
+def _move_back(moved: list[str], tmp: Path, ckpt_dir: Path) -> bool:
+    """Undo moving the trainer's entries into tmp; True if every entry went back."""
+    ok = True
+    for name in moved:
+        try:
+            os.rename(tmp / name, ckpt_dir / name)
+        except OSError:
+            ok = False
+    return ok
+
+
+def _fsync_quietly(path: Path) -> None:
+    try:
+        fsutil.fsync_dir(path)
+    except OSError:
+        pass  # the data is written; only its durability across a power cut is less certain
 
 
 # ----------------------------------------------------------------------------- recovery
 
 
-def _salvage(folder: Path, ckpt_dir: Path) -> None:
-    """Move the trainer's entries in a leftover folder back to ckpt_dir, then delete it.
+def _leftovers(real: Path) -> list[Path]:
+    """Temp folders that saves of this model left behind (killed saves)."""
+    prefix = f".{real.name}.tmp-"
+    if not real.parent.is_dir():
+        return []
+    return [e for e in real.parent.iterdir() if e.name.startswith(prefix) and e.is_dir()]
 
-    Entries moved into a temp folder are those not named in its manifest (they are only
-    moved after the manifest is on disk). The folder is kept if any of them cannot go back.
-    """
-    if not folder.is_dir():
-        return
-    listed = _manifest_names(folder)
-    strays = [] if listed is None else _carried_entries(folder, listed)
-    if strays and not ckpt_dir.is_dir():
-        return
-    keep = False
-    for name in strays:
-        if os.path.lexists(ckpt_dir / name):
-            keep = True  # ckpt_dir already has a newer one; leave this copy for the user
-            continue
-        try:
-            os.rename(folder / name, ckpt_dir / name)
-        except OSError as exc:
-            keep = True
-            log.error("could not move %s back into %s: %s", folder / name, ckpt_dir, exc)
-    if not keep:
-        _remove_tree(folder)
+
+def _manifest_names(folder: Path) -> set[str] | None:
+    """Names listed in folder's manifest; None if training_state.json is unreadable."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    manifest = state.get("manifest") if isinstance(state, dict) else None
+    return set(manifest) if isinstance(manifest, dict) else set()
+
+
+def _iteration_of(folder: Path) -> int | None:
+    try:
+        value = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("iteration")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _is_complete(folder: Path) -> bool:
-    if not all((folder / name).is_file() for name in CHECKPOINT_FILES):
-        return False
-    state = _read_json_quietly(folder / STATE_FILE)
-    if state is None or not isinstance(state.get("manifest"), dict):
-        return False
     try:
-        _verify_manifest(folder, state, hashed=None)
-    except MyPTError:
+        _load_once(folder, with_optimizer=True, weights=True, map_location="cpu", verify_only=True)
+    except (MyPTError, OSError):
         return False
     return True
 
 
-def _saved_at(folder: Path) -> int:
-    return (folder / STATE_FILE).stat().st_mtime_ns
-
-
 def recover(ckpt_dir: Path) -> None:
-    """Finish or roll back a save of ckpt_dir that was interrupted; safe to call any time.
+    """Finish or roll back killed saves of ckpt_dir. Only call it holding training_lock(ckpt_dir).
 
-    Only leftovers of dead processes are touched. If ckpt_dir is missing, the newest complete
-    leftover (manifest verifies) is put in its place; stray trainer entries go back into
-    ckpt_dir; the leftover folders are deleted.
+    If the folder is missing (a save killed between its two renames), the newest complete
+    leftover takes its place. From the other leftovers, the trainer's files and complete kept
+    copies (best/, iter_N/) that the folder lacks go back into it; then the leftovers are deleted.
     """
-    ckpt_dir = Path(ckpt_dir)
-    stale = [folder for folder, pid in _leftovers(ckpt_dir) if not _pid_alive(pid)]
+    real = real_folder(ckpt_dir)
+    stale = _leftovers(real)
     if not stale:
         return
-    if not os.path.lexists(ckpt_dir):
-        complete = [folder for folder in stale if _is_complete(folder)]
+    if not os.path.lexists(real):
+        complete = [f for f in stale if _is_complete(f)]
         if complete:
-            best = max(complete, key=_saved_at)
-            try:
-                os.rename(best, ckpt_dir)
-            except OSError as exc:
-                raise MyPTError(
-                    f"could not restore the interrupted checkpoint {best} to {ckpt_dir} "
-                    f"({exc.strerror or exc}); rename that folder to {ckpt_dir.name} by hand"
-                ) from exc
-            stale.remove(best)
+            newest = max(complete, key=lambda f: (f / STATE_FILE).stat().st_mtime_ns)
+            os.rename(newest, real)
+            stale.remove(newest)
     for folder in stale:
-        _salvage(folder, ckpt_dir)
-    _fsync_dir_quietly(ckpt_dir.parent)
+        _salvage(folder, real)
+    _fsync_quietly(real.parent)
+
+
+def _salvage(folder: Path, real: Path) -> None:
+    """Move what only a leftover folder holds back into real, then delete the leftover."""
+    listed = _manifest_names(folder) or set()
+    ours = set(CHECKPOINT_FILES) | set(WEIGHTS_FILES) | listed
+    strays = [e for e in sorted(folder.iterdir()) if e.name not in ours and not fsutil.is_temp_name(e.name)]
+    if not real.is_dir():
+        if not [e for e in strays if not _is_kept_copy(e.name)]:
+            shutil.rmtree(folder, ignore_errors=True)  # a first save killed midway: nothing else in it
+        return  # else the trainer's files are in it and there is nowhere to put them back: leave it
+    keep = False
+    for entry in strays:
+        name = entry.name
+        if os.path.lexists(real / name) or (_is_kept_copy(name) and not _is_complete(entry)):
+            keep = keep or not _is_kept_copy(name)  # a trainer file the folder has too: leave both
+            continue
+        try:
+            os.rename(entry, real / name)
+        except OSError:
+            keep = True
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -626,7 +471,11 @@ def recover(ckpt_dir: Path) -> None:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint. training_state is training_state.json as stored (with manifest)."""
+    """A loaded checkpoint folder. training_state is training_state.json as stored (with manifest).
+
+    model_state is empty when loaded without weights; optimizer_state is None when not asked
+    for or when the folder has none (an imported model, a weights-only folder).
+    """
 
     config: dict[str, Any]
     tokenizer: dict[str, Any]
@@ -634,131 +483,109 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any] | None
     path: Path
+    weights_file: str = MODEL_FILE
+    has_optimizer: bool = True
 
 
-def _require_folder(ckpt_dir: Path) -> None:
-    if ckpt_dir.is_dir():
-        return
-    if ckpt_dir.exists():
-        raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
-    models = ", ".join(list_models(ckpt_dir.parent)) or "none"
-    raise MyPTError(
-        f"no model named '{ckpt_dir.name}' in {ckpt_dir.parent}/; models there: {models} "
-        "(check --model_name, or train the model first)"
-    )
+def _interrupted(ckpt_dir: Path) -> MyPTError:
+    return MyPTError(f"the last save of '{ckpt_dir.name}' was interrupted before it finished (a leftover "
+                     f".{ckpt_dir.name}.tmp-* folder is beside {ckpt_dir}); nothing is lost: run "
+                     f"`python train.py --model_name {ckpt_dir.name}` (with the same --checkpoints_dir) "
+                     "to restore it, then run this command again")
 
 
-def weights_file(ckpt_dir: Path) -> str:
-    """The name of the file a checkpoint folder keeps its weights in."""
-    return SAFETENSORS_FILE if _weights_only(ckpt_dir) else MODEL_FILE
+def _folder_problem(ckpt_dir: Path) -> MyPTError:
+    if os.path.lexists(ckpt_dir) and not ckpt_dir.is_dir():
+        return MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
+    if _leftovers(real_folder(ckpt_dir)):
+        return _interrupted(ckpt_dir)
+    return no_model_error([ckpt_dir.name], ckpt_dir.parent)
 
 
-def _weights_only(ckpt_dir: Path) -> bool:
-    """A folder written by write_weights_only: model.safetensors and no model.pt."""
-    return not (ckpt_dir / MODEL_FILE).exists() and (ckpt_dir / SAFETENSORS_FILE).is_file()
+class _Folder:
+    """A checkpoint folder opened once: every file is read relative to the same folder, so a save
+    swapping in a new folder meanwhile cannot mix the files of two checkpoints."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        self.inode = os.fstat(self.fd).st_ino
+
+    def replaced(self) -> bool:
+        """Whether a save has swapped another folder in at this path since it was opened."""
+        try:
+            return os.stat(self.path).st_ino != self.inode
+        except FileNotFoundError:
+            return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def has(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, name: str) -> int:
+        return os.stat(name, dir_fd=self.fd).st_size
+
+    def read(self, name: str) -> bytes:
+        fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
 
 
-def _require_files(ckpt_dir: Path, names: tuple[str, ...], with_optimizer: bool) -> None:
-    if with_optimizer and _weights_only(ckpt_dir) and not (ckpt_dir / OPTIMIZER_FILE).is_file():
-        raise MyPTError(
-            f"{ckpt_dir}/ holds only weights (model.safetensors, no optimizer.pt): it can "
-            "generate but training cannot resume from it; resume from the original checkpoint"
-        )
-    missing = [name for name in names if not (ckpt_dir / name).is_file()]
-    if missing:
-        raise MyPTError(
-            f"checkpoint folder {ckpt_dir}/ is incomplete: {', '.join(missing)} missing; "
-            "restore the file(s) from a backup or train the model again"
-        )
+def _broken(path: Path, what: str, fix: str = "restore it from a backup or train the model again") -> MyPTError:
+    return MyPTError(f"{path} {what}; {fix}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MyPTError(
-            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            "fix the file or restore it from a backup"
-        ) from None
-    except UnicodeDecodeError:
-        raise MyPTError(f"{path} is not UTF-8 text; restore it from a backup") from None
-    except OSError as exc:
-        raise MyPTError(f"cannot read {path} ({exc.strerror or exc}); check the file") from None
-    if not isinstance(data, dict):
-        raise MyPTError(f"{path} must hold a JSON object ({{...}}); restore it from a backup")
+def _checked(folder: _Folder, name: str, manifest: dict[str, Any] | None) -> bytes:
+    """The bytes of folder/name, read once and checked against its manifest entry."""
+    data = folder.read(name)
+    entry = None if manifest is None else manifest.get(name)
+    if entry is not None:
+        if len(data) != entry["size"]:
+            raise _broken(folder.path / name, f"does not match its manifest (truncated or modified: "
+                          f"{len(data)} bytes, expected {entry['size']})")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise _broken(folder.path / name, "does not match its manifest (truncated or modified: sha256 differs)")
     return data
+
+
+def _manifest_of(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The validated manifest (None for a hand-made folder without one)."""
+    manifest = state.get("manifest")
+    if manifest is None:
+        return None
+    ok = isinstance(manifest, dict) and all(
+        isinstance(n, str) and _name_problem(n) is None and isinstance(e, dict)
+        and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for n, e in manifest.items())
+    if not ok:
+        raise _broken(path / STATE_FILE, "has a malformed manifest", "restore the file from a backup")
+    return manifest
 
 
 def _check_format_version(path: Path, state: dict[str, Any]) -> None:
     version = state.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise MyPTError(
-            f"{path} has an invalid format_version {version!r}; restore it from a backup"
-        )
+        raise _broken(path, f"has an invalid format_version {version!r}", "restore it from a backup")
     if version > FORMAT_VERSION:
-        raise MyPTError(
-            f"{path} was made by a newer MyPT (checkpoint format {version}; this MyPT reads "
-            f"up to {FORMAT_VERSION}); upgrade MyPT (pip install -U mypt) to load it"
-        )
+        raise MyPTError(f"{path} was made by a newer MyPT (checkpoint format {version}; this MyPT reads up to "
+                        f"{FORMAT_VERSION}); upgrade MyPT to load it")
 
 
-def _manifest_entry(ckpt_dir: Path, name: object, entry: object) -> tuple[int, str]:
-    ok = (
-        isinstance(name, str)
-        and _name_problem(name) is None
-        and isinstance(entry, dict)
-        and isinstance(entry.get("size"), int)
-        and isinstance(entry.get("sha256"), str)
-    )
-    if not ok:
-        raise MyPTError(
-            f"{ckpt_dir / STATE_FILE} has a malformed manifest entry {name!r}; "
-            "restore the file from a backup"
-        )
-    assert isinstance(entry, dict)
-    return entry["size"], entry["sha256"]
-
-
-def _verify_manifest(
-    ckpt_dir: Path,
-    state: dict[str, Any],
-    hashed: set[str] | None,
-    required: tuple[str, ...] = CHECKPOINT_FILES,
-) -> None:
-    """Check every manifest entry's size, and sha256 for names in hashed (None: all)."""
-    manifest = state.get("manifest")
-    if manifest is None:
-        return  # written by hand or by a MyPT without manifests: nothing to check against
-    if not isinstance(manifest, dict):
-        raise MyPTError(f"{ckpt_dir / STATE_FILE} has a malformed manifest; restore it")
-    for name in required:
-        if name != STATE_FILE and name not in manifest:
-            raise MyPTError(
-                f"{ckpt_dir / STATE_FILE}'s manifest has no entry for {name}; "
-                "restore the file from a backup"
-            )
-    for name, entry in manifest.items():
-        size, sha = _manifest_entry(ckpt_dir, name, entry)
-        _verify_file(ckpt_dir / name, size, sha if hashed is None or name in hashed else None)
-
-
-def _verify_file(path: Path, size: int, sha256: str | None) -> None:
-    if not path.is_file():
-        raise MyPTError(
-            f"checkpoint folder {path.parent}/ is incomplete: {path.name} (listed in its "
-            "manifest) is missing; restore it from a backup or train the model again"
-        )
-    actual = path.stat().st_size
-    if actual != size:
-        detail = f"{actual} bytes, expected {size}"
-    elif sha256 is not None and _sha256(path) != sha256:
-        detail = "sha256 differs"
-    else:
-        return
-    raise MyPTError(
-        f"{path} does not match its manifest (truncated or modified: {detail}); "
-        "restore it from a backup or train the model again"
-    )
+def _json_object(path: Path, data: bytes) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _broken(path, "is not UTF-8 text", "restore it from a backup") from None
+    obj = fsutil.parse_json(text, str(path))
+    if not isinstance(obj, dict):
+        raise _broken(path, "must hold a JSON object ({...})", "restore it from a backup")
+    return obj
 
 
 def _unpickler_reason(exc: BaseException) -> str:
@@ -768,202 +595,118 @@ def _unpickler_reason(exc: BaseException) -> str:
     return " ".join(keep) or type(exc).__name__
 
 
-def _torch_load(path: Path, map_location: str | torch.device | None) -> Any:
-    """torch.load with weights_only=True; any failure becomes a MyPTError naming the file."""
+def _torch_load(path: Path, data: bytes, map_location: str | torch.device | None) -> Any:
+    """torch.load(weights_only=True) of bytes; any failure becomes a MyPTError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise MyPTError(
-            f"{path} holds objects other than tensors and plain data "
-            f"({_unpickler_reason(exc)}); it was refused because loading it could run code. "
-            "Use only checkpoints from a source you trust, or train the model again"
-        ) from None
+            f"{path} holds objects other than tensors and plain data ({_unpickler_reason(exc)}); it was refused "
+            "because loading it could run code. Use only checkpoints from a source you trust, or train the "
+            "model again") from None
     except Exception as exc:  # noqa: BLE001 - torch reports damaged files as many types
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise MyPTError(
-            f"{path} is truncated or corrupt and could not be loaded ({first}); "
-            "restore it from a backup or train the model again"
-        ) from None
+        raise _broken(path, f"is truncated or corrupt and could not be loaded ({first})") from None
 
 
-def _load_model_state(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
-    state = _torch_load(path, map_location)
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise MyPTError(
-            f"{path} does not hold a model state_dict (names -> tensors); "
-            "restore it from a backup or train the model again"
-        )
+def _model_state(path: Path, data: bytes, map_location: str | torch.device | None) -> dict[str, torch.Tensor]:
+    if path.name == SAFETENSORS_FILE:
+        return weights_only.state_from_bytes(data, path, map_location)
+    state = _torch_load(path, data, map_location)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise _broken(path, "does not hold a model state_dict (names -> tensors)")
     return state
 
 
-def _load_safetensors(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
-    """A state dict from model.safetensors (never pickle), with its aliased names restored."""
+def _files_of(folder: _Folder, manifest: dict[str, Any] | None) -> tuple[str, bool]:
+    """(the weights file, whether there is an optimizer.pt); MyPTError if a needed file is missing."""
+    names = set(manifest) if manifest is not None else {n for n in CHECKPOINT_FILES + WEIGHTS_FILES if folder.has(n)}
+    weights = next((n for n in WEIGHTS_FILES if n in names), MODEL_FILE)
+    missing = [n for n in sorted(names | {weights, CONFIG_FILE, TOKENIZER_FILE}) if not folder.has(n)]
+    if missing:
+        listed = " (listed in its manifest)" if manifest is not None else ""
+        raise _broken(folder.path, f"is incomplete: {', '.join(missing)} missing{listed}",
+                      "restore the file(s) from a backup or train the model again")
+    return weights, OPTIMIZER_FILE in names
+
+
+class _Replaced(Exception):
+    """The folder was swapped while it was read: read the new one from the start."""
+
+
+def _load_once(path: Path, *, with_optimizer: bool, weights: bool, map_location: str | torch.device | None,
+               verify_only: bool = False) -> Checkpoint:
     try:
-        with safe_open(str(path), framework="pt", device=str(map_location or "cpu")) as f:
-            state = {name: f.get_tensor(name) for name in f.keys()}
-            aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
-    except Exception as exc:  # noqa: BLE001 - safetensors reports damaged files as many types
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise MyPTError(
-            f"{path} is truncated or corrupt and could not be loaded ({first}); "
-            "restore it from a backup or export the model again"
-        ) from None
-    for name, source in aliases.items() if isinstance(aliases, dict) else ():
-        if source not in state:
-            raise MyPTError(f"{path}: {name} refers to {source}, which is missing; export it again")
-        state[name] = state[source]
-    return state
+        folder = _Folder(path)
+    except OSError as exc:
+        raise _broken(path, f"cannot be read ({fsutil.os_reason(exc)})", "check the folder's permissions") from None
+    try:
+        return _load_from(folder, with_optimizer=with_optimizer, weights=weights, map_location=map_location,
+                          verify_only=verify_only)
+    except (OSError, MyPTError) as exc:
+        if folder.replaced():
+            raise _Replaced from exc
+        if isinstance(exc, FileNotFoundError):
+            raise _broken(path, f"is incomplete: {Path(exc.filename or '?').name} missing") from None
+        if isinstance(exc, OSError):
+            raise _broken(path, f"cannot be read ({fsutil.os_reason(exc)})", "check its files' permissions") from None
+        raise
+    finally:
+        folder.close()
 
 
-def _load_optimizer_state(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
-    state = _torch_load(path, map_location)
-    if not isinstance(state, dict):
-        raise MyPTError(
-            f"{path} does not hold an optimizer state dict; "
-            "restore it from a backup or train the model again"
-        )
-    return state
+def _load_from(folder: _Folder, *, with_optimizer: bool, weights: bool, map_location: str | torch.device | None,
+               verify_only: bool) -> Checkpoint:
+    path = folder.path
+    if not folder.has(STATE_FILE):
+        raise _broken(path, f"is incomplete: {STATE_FILE} missing", "restore it from a backup")
+    state = _json_object(path / STATE_FILE, folder.read(STATE_FILE))
+    _check_format_version(path / STATE_FILE, state)
+    manifest = _manifest_of(path, state)
+    weights_name, has_optimizer = _files_of(folder, manifest)
+    wanted = {CONFIG_FILE, TOKENIZER_FILE} | ({weights_name} if weights else set())
+    if with_optimizer and has_optimizer:
+        wanted.add(OPTIMIZER_FILE)
+    data = {name: _checked(folder, name, manifest) for name in sorted(wanted)}
+    for name in set(manifest or ()) - wanted:  # not loaded: their sizes at least must match
+        if folder.size(name) != manifest[name]["size"]:
+            raise _broken(path / name, "does not match its manifest (truncated or modified: size differs)")
+    config = _json_object(path / CONFIG_FILE, data[CONFIG_FILE])
+    tokenizer = _json_object(path / TOKENIZER_FILE, data[TOKENIZER_FILE])
+    if verify_only:
+        return Checkpoint(config, tokenizer, state, {}, None, path, weights_name, has_optimizer)
+    model_state = _model_state(path / weights_name, data.pop(weights_name), map_location) if weights else {}
+    optimizer = None
+    if OPTIMIZER_FILE in data:
+        optimizer = _torch_load(path / OPTIMIZER_FILE, data.pop(OPTIMIZER_FILE), map_location)
+        if not isinstance(optimizer, dict):
+            raise _broken(path / OPTIMIZER_FILE, "does not hold an optimizer state dict")
+    return Checkpoint(config, tokenizer, state, model_state, optimizer, path, weights_name, has_optimizer)
 
 
-def load_checkpoint(
-    ckpt_dir: Path,
-    *,
-    map_location: str | torch.device | None = "cpu",
-    with_optimizer: bool = False,
-    verify: bool = True,
-) -> Checkpoint:
-    """Load the checkpoint in ckpt_dir; every problem with the folder raises MyPTError.
+def load_checkpoint(ckpt_dir: Path, *, with_optimizer: bool = False, weights: bool = True,
+                    map_location: str | torch.device | None = "cpu") -> Checkpoint:
+    """Load the checkpoint folder ckpt_dir (also best/ or iter_N/); never changes anything on disk.
 
-    With verify, the manifest is checked: sizes of all files, sha256 of the files loaded.
-    optimizer.pt is only deserialised when with_optimizer is True. A weights-only folder
-    (model.safetensors in place of model.pt, no optimizer.pt) loads without with_optimizer.
+    Each file is read once: its bytes are checked against the manifest (size and sha256) and
+    then parsed. optimizer.pt is only deserialised with with_optimizer; the weights only with
+    weights. Every problem with the folder raises MyPTError naming the file.
     """
     ckpt_dir = Path(ckpt_dir)
-    recover(ckpt_dir)
-    _require_folder(ckpt_dir)
-    weights_only = _weights_only(ckpt_dir)
-    required = WEIGHTS_ONLY_FILES if weights_only else CHECKPOINT_FILES
-    weights = SAFETENSORS_FILE if weights_only else MODEL_FILE
-    _require_files(ckpt_dir, required, with_optimizer)
-    training_state = _read_json(ckpt_dir / STATE_FILE)
-    _check_format_version(ckpt_dir / STATE_FILE, training_state)
-    if verify:
-        hashed = {weights, CONFIG_FILE, TOKENIZER_FILE}
-        if with_optimizer:
-            hashed.add(OPTIMIZER_FILE)
-        _verify_manifest(ckpt_dir, training_state, hashed, required)
-    config = _read_json(ckpt_dir / CONFIG_FILE)
-    tokenizer = _read_json(ckpt_dir / TOKENIZER_FILE)
-    if weights_only:
-        model_state = _load_safetensors(ckpt_dir / weights, map_location)
-    else:
-        model_state = _load_model_state(ckpt_dir / weights, map_location)
-    optimizer_state = (
-        _load_optimizer_state(ckpt_dir / OPTIMIZER_FILE, map_location) if with_optimizer else None
-    )
-    return Checkpoint(
-        config=config,
-        tokenizer=tokenizer,
-        training_state=training_state,
-        model_state=model_state,
-        optimizer_state=optimizer_state,
-        path=ckpt_dir,
-    )
-
-
-# ----------------------------------------------------------------------------- locking
-
-
-@contextmanager
-def _folder_mutex(folder: Path) -> Iterator[None]:
-    """flock on the folder, so lock checks and take-overs by MyPT processes do not interleave."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+    for _ in range(_LOAD_ATTEMPTS - 1):
+        if not ckpt_dir.is_dir():
+            raise _folder_problem(ckpt_dir)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # file system without flock: O_EXCL alone still guards plain creation
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
-def _read_lock_pid(path: Path) -> int | None:
+            return _load_once(ckpt_dir, with_optimizer=with_optimizer, weights=weights, map_location=map_location)
+        except _Replaced:
+            continue  # a save replaced the folder meanwhile: read the new one
+    if not ckpt_dir.is_dir():
+        raise _folder_problem(ckpt_dir)
     try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _create_lock_file(path: Path) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class TrainingLock:
-    """Context manager: only one process trains model ckpt_dir at a time.
-
-    The lock is the sibling file ``.NAME.lock`` holding the owner's pid. A lock whose owner is
-    dead, or whose content is unreadable, is taken over; ``took_over_from`` then holds the old
-    pid (or -1 for an unreadable lock file).
-    """
-
-    def __init__(self, ckpt_dir: Path) -> None:
-        self.ckpt_dir = Path(ckpt_dir)
-        self.path = _lock_path(self.ckpt_dir)
-        self.took_over_from: int | None = None
-        self._held = False
-
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _folder_mutex(self.path.parent):
-            try:
-                _create_lock_file(self.path)
-            except FileExistsError:
-                self._take_over()
-        self._held = True
-
-    def _take_over(self) -> None:
-        owner = _read_lock_pid(self.path)
-        if owner is not None and _pid_alive(owner):
-            raise MyPTError(
-                f"model '{self.ckpt_dir.name}' is being trained by process {owner}; "
-                f"wait for it or stop it (lock file {self.path})"
-            )
-        log.info("taking over stale lock %s (owner pid %s is gone)", self.path, owner)
-        self.took_over_from = owner if owner is not None else -1
-        self.path.unlink(missing_ok=True)
-        _create_lock_file(self.path)
-
-    @property
-    def held(self) -> bool:
-        return self._held
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        with _folder_mutex(self.path.parent):
-            if _read_lock_pid(self.path) == os.getpid():
-                self.path.unlink(missing_ok=True)
+        return _load_once(ckpt_dir, with_optimizer=with_optimizer, weights=weights, map_location=map_location)
+    except _Replaced as exc:
+        raise _broken(ckpt_dir, "kept changing while it was read (a trainer saving very often?)",
+                      "run the command again") from exc.__cause__

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mypt import fsutil
 from mypt.errors import MyPTError
 
 REQUIRED_FIELDS: dict[str, type] = {
@@ -42,6 +43,7 @@ ARCH_CHOICES = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"
 # The CLI flags the spec calls "architecture parameters": taken from the preset when one is given.
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias")
 GPT2_VOCAB_SIZE = 50304  # 50257 GPT-2 tokens padded up to a multiple of 64 for fast matmuls
+MAX_SEED = 2**32 - 1  # seeds numpy, torch and the batch stream all accept, with room for offsets
 
 PACKAGE_PRESETS = Path(__file__).parent / "presets"  # a link to the repository's configs/
 
@@ -249,26 +251,10 @@ def resolve_config_path(name: str) -> Path:
     )
 
 
-def read_json(path: Path, what: str = "file") -> Any:
-    """Parse a JSON file; a directory, unreadable or malformed file is a MyPTError naming it."""
-    if path.is_dir():
-        raise MyPTError(f"{path}: is a directory, expected a JSON {what}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MyPTError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MyPTError(f"{path}: cannot be read as a UTF-8 JSON {what} ({e})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MyPTError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-
-
 def load_model_config(name: str | Path) -> ModelConfig:
     """Load and validate a preset file (a path or a preset name)."""
     path = resolve_config_path(str(name))
-    data = read_json(path, "config")
+    data = fsutil.read_json(path, "config")
     if not isinstance(data, dict):
         raise MyPTError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
     return ModelConfig.from_dict(data, str(path))
@@ -300,7 +286,36 @@ def new_run_train_config(preset: ModelConfig, flags: dict[str, Any]) -> tuple[Tr
 
     Also returns the preset's settings that were used (not overridden by a flag)."""
     used = {k: v for k, v in preset.training.items() if k not in flags}
-    return TrainConfig(**{**preset.training, **flags}), used
+    values = {**preset.training, **flags}
+    tc = TrainConfig(**values)
+    if tc.lr_decay_iters is None:  # the schedule's end is fixed now, so a resume cannot stretch it
+        tc = TrainConfig(**{**values, "lr_decay_iters": max(tc.max_iters, tc.warmup_iters)})
+    return tc, used
+
+
+def saved_train_config(training_state: dict[str, Any], source: str) -> dict[str, Any]:
+    """The training flags a checkpoint saved, validated like a preset's "training" block."""
+    saved = training_state.get("train_config", {})
+    if not isinstance(saved, dict):
+        raise MyPTError(f"{source}: train_config must be a JSON object of training flags; restore the file")
+    problems = [p.replace("training.", "train_config.", 1).replace("training:", "train_config:", 1)
+                for p in _training_problems(saved)]
+    if problems:
+        raise MyPTError(_format_problems(source, problems) + "\n(fix or restore the file)")
+    return saved
+
+
+def resume_train_config(saved: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
+    """A resumed run's training settings: the saved ones < CLI flags.
+
+    The learning-rate schedule keeps its saved end unless --lr_decay_iters is given: a larger
+    --max_iters then trains on at the final learning rate instead of re-stretching the cosine.
+    """
+    values = {**saved, **flags}
+    if values.get("lr_decay_iters") is None:  # saved by a MyPT that left it open: the end it planned
+        planned = saved.get("max_iters", values.get("max_iters", TrainConfig.max_iters))
+        values["lr_decay_iters"] = max(planned, values.get("warmup_iters", TrainConfig.warmup_iters))
+    return TrainConfig(**values)
 
 
 def _flag_str(value: Any) -> str:
@@ -333,6 +348,8 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     tensorboard: bool = False
+    keep_best: bool = True  # keep the best-validation weights in best/
+    keep_every: int = 0  # also keep the checkpoint every N iterations in iter_N/ (0: off)
 
     def __post_init__(self) -> None:
         problems = train_problems(dataclasses.asdict(self))
@@ -347,6 +364,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_train_flags(flags: dict[str, Any]) -> None:
+    """The training flags given on a command line, checked on their own (before any file is read)."""
+    problems = train_problems(flags)
+    if problems:
+        raise MyPTError(_format_problems("training flags", problems))
+
+
 def train_problems(values: dict[str, Any]) -> list[str]:
     """Range problems of training settings (those present in `values`), named as their CLI flags."""
     problems = []
@@ -354,6 +378,20 @@ def train_problems(values: dict[str, Any]) -> list[str]:
         value = values.get(key, 1)
         if not isinstance(value, int) or value <= 0:
             problems.append(f"--{key} ({value}) must be a positive integer")
+    if values.get("keep_every", 0) < 0:
+        problems.append(f"--keep_every ({values['keep_every']}) must be 0 (off) or a positive number of iterations")
+    seed = values.get("seed", 0)
+    if not 0 <= seed <= MAX_SEED:
+        problems.append(f"--seed ({seed}) must be an integer from 0 to {MAX_SEED}")
+    # checks across two fields apply once both are known (a resume's flags alone leave some out)
+    decay, warmup = values.get("lr_decay_iters"), values.get("warmup_iters")
+    if decay is not None and (decay <= 0 or (warmup is not None and decay < warmup)):
+        problems.append(f"--lr_decay_iters ({decay}) must be a positive number of iterations, at least "
+                        f"--warmup_iters ({warmup or 0})")
+    lr, min_lr = values.get("learning_rate"), values.get("min_lr")
+    if None not in (lr, min_lr) and min_lr > lr:
+        problems.append(f"--min_lr ({min_lr}) must not exceed --learning_rate ({lr}): the rate would climb "
+                        "during the decay")
     for key in ("min_lr", "weight_decay", "grad_clip"):
         value = values.get(key)
         if value is not None and not (value >= 0 and value != float("inf")):

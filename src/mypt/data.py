@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mypt.errors import MyPTError
+from mypt.fsutil import check_regular_file
 from mypt.tokenizers import Tokenizer
 
 CHUNK_SIZE = 4 << 20  # bytes read (and roughly characters tokenized) per piece
@@ -111,6 +112,7 @@ def _check_path(path: Path) -> None:
         raise MyPTError(f"input file {path} does not exist; check the path")
     if path.is_dir():
         raise MyPTError(f"input file {path} is a directory; pass a UTF-8 text file")
+    check_regular_file(path, f"input file {path}")  # a FIFO or device would hang or never end
     if path.stat().st_size == 0:
         raise MyPTError(f"input file {path} is empty; pass a file with some text in it")
 

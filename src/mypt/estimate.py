@@ -129,12 +129,18 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def detect_memory() -> tuple[int, str]:
-    """The memory training would use: the first GPU's, else this machine's RAM."""
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+def detect_memory(device: torch.device | None = None) -> tuple[int, str]:
+    """The memory training would use and what it is: the GPU's (device's, else the first one's),
+    else this machine's RAM, or the container's memory limit (cgroup) where that is lower."""
+    if (device is None or device.type == "cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device if device is not None else 0)
         return props.total_memory, f"GPU {props.name}"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "system RAM"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = int(open("/sys/fs/cgroup/memory.max").read())
+    except (OSError, ValueError):  # no cgroup v2 limit ("max") or not Linux
+        return ram, "system RAM"
+    return (limit, "the container's memory limit") if limit < ram else (ram, "system RAM")
 
 
 def human_bytes(n: float) -> str:

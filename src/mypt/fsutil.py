@@ -21,9 +21,11 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -172,6 +174,32 @@ def swap_folder(new: Path, final: Path, old: Path) -> Path | None:
     return old
 
 
+@contextmanager
+def new_folder(out: Path, flag: str = "--out") -> Iterator[Path]:
+    """A temp folder beside out that becomes out (renamed, fsync'd) once the body has filled it.
+
+    out must not exist yet, or be an empty folder. On any failure nothing appears at out.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MyPTError(f"{flag} {out} already exists and is not an empty folder; remove it or pick another {flag}")
+    tmp = temp_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+        fsync_dir(tmp)
+        if out.is_dir():
+            out.rmdir()  # the empty folder the check above allowed
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as exc:
+        raise write_error(f"{out}/", exc, "nothing was written there") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -197,7 +225,7 @@ def check_regular_file(path: str | Path, what: str) -> Path:
     except OSError as exc:
         raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
     if stat.S_ISDIR(mode):
-        raise MyPTError(f"{what}: is a folder, not a file; pass a file")
+        raise MyPTError(f"{what}: is a directory, not a file; pass a file")
     if not stat.S_ISREG(mode):
         kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
         raise MyPTError(f"{what}: is {kind}, not a regular file; save its content to a file and pass that")
@@ -250,9 +278,10 @@ class LockHeld(MyPTError):
 class FileLock:
     """An exclusive OS lock (flock) on `path`, held until release() or the process ends.
 
-    The file records "host pid" of its holder, for the message another process gets. The lock
-    file is never deleted (deleting a flock'ed file lets two processes lock two different
-    files of one name); after taking the lock the path is checked to still be the locked file.
+    The file records "host pid" of its holder, for the message another process gets. The holder
+    deletes it while still holding the lock, and a process that takes a lock checks that the path
+    still names the file it locked (else it tries again): so two processes never hold locks on
+    two different files of one name, and no lock file is left behind.
     flock works across machines on NFS (Linux emulates it with POSIX locks there) and on local
     disks; it is released by the kernel when the holder dies, so there are no stale locks.
     """
@@ -267,7 +296,8 @@ class FileLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Take the lock or raise LockHeld (never waits); OSError becomes a MyPTError."""
+        """Take the lock (making its folder if needed) or raise LockHeld (never waits); an OSError
+        becomes a MyPTError."""
         if self._fd is not None:
             return
         try:
@@ -276,6 +306,7 @@ class FileLock:
             raise write_error(f"the lock file {self.path}", exc) from None
 
     def _take(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -298,16 +329,25 @@ class FileLock:
             os.close(fd)  # the file was replaced while we waited: lock the one at the path now
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+            data, done = f"{socket.gethostname()} {os.getpid()}\n".encode(), 0
+            while done < len(data):  # a short write (a file size limit) ends in an error on the next one
+                done += os.pwrite(fd, data[done:], done)
         except BaseException:
-            os.close(fd)
+            self._fd = fd
+            self.release()  # deletes the lock file it could not fill
             raise
         return fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(self.path)  # before unlocking: see the class docstring
+        except OSError:
+            pass  # already gone, or a read-only folder: the lock file stays, harmless
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
 
     def __enter__(self) -> FileLock:
         self.acquire()

@@ -6,10 +6,11 @@ Knows the checkpoint folder's metric files but nothing of the loop or the model.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from mypt import fsutil
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -103,7 +104,7 @@ class MetricsWriter:
 
     def eval_row(self, row: dict[str, Any]) -> None:
         rows = [r for r in read_metrics(self.ckpt_dir) if r["iter"] < row["iter"]] + [row]
-        _atomic_write(self.ckpt_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        fsutil.atomic_write_bytes(self.ckpt_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
         plot_losses(rows, self.ckpt_dir / PLOT_FILE)
         if self.tensorboard:
             self._write_train_rows()
@@ -134,13 +135,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(path.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        fsutil.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

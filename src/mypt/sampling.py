@@ -113,9 +113,14 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 
 def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
     """The next token from 1-D logits (vocab,): argmax at temperature 0, else a filtered sample."""
+    import torch
+
     if cfg.temperature == 0:
         return int(logits.argmax())
-    logits = logits / cfg.temperature
+    # shifted to <= 0 and the temperature kept a representable positive number: however small it
+    # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
+    temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.max()) / temperature
     if 0 < cfg.top_k < logits.numel():
         logits, ids = logits.topk(cfg.top_k)  # sorted, largest first
     elif cfg.top_p < 1:

@@ -8,23 +8,34 @@ one needs --allow_data_change), saved training flags are the defaults for the ne
 from __future__ import annotations
 
 import contextlib
-import platform
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mypt import __version__, dist
-from mypt.checkpoint import TrainingLock, checkpoint_dir, load_checkpoint, recover, save_checkpoint
+from mypt import dist
+from mypt.build import build_model, checkpoint_tokenizer
+from mypt.checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    now,
+    real_folder,
+    recover,
+    save_checkpoint,
+    training_lock,
+    versions,
+)
 from mypt.config import (
     GPT2_VOCAB_SIZE,
     ModelConfig,
     TrainConfig,
     apply_arch_flags,
+    check_train_flags,
     load_model_config,
     new_run_train_config,
+    resume_train_config,
+    saved_train_config,
 )
 from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
 from mypt.data import (
@@ -37,11 +48,13 @@ from mypt.data import (
     prepare_tokens,
 )
 from mypt.errors import MyPTError
+from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
+from mypt.fsutil import FileLock
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
 from mypt.optim import check_optimizer, make_optimizer, saved_optimizer
-from mypt.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_json
-from mypt.trainer import Stop, Trainer, TrainState
+from mypt.tokenizers import Tokenizer, build_tokenizer
+from mypt.trainer import Stop, Trainer, TrainState, get_lr
 
 CACHE_DIR = ".cache"
 
@@ -63,16 +76,19 @@ class RunPlan:
 
 def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_file: str | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
-          allow_data_change: bool = False, fsdp: bool = False) -> Stop:
+          allow_data_change: bool = False, fsdp: bool = False, skip_memory_check: bool = False) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
-    dist.same_on_every_rank(lambda: TrainConfig(**train_flags))  # flag errors first, before any file is read
-    lock = TrainingLock(ckpt_dir)  # rank 0 holds it from before reading the checkpoint to the end
+    dist.same_on_every_rank(lambda: check_train_flags(train_flags))  # flag errors first, before any file is read
+    torch_device = dist.pick_device(device, info)
+    locks: list[FileLock] = []  # rank 0 holds the model's lock from before reading the checkpoint to the end
 
     def make_plan() -> RunPlan:
+        _check_folders(ckpt_dir)
         if ckpt_dir.parent.is_dir():  # else nothing to read yet: it is taken before training starts
-            lock.acquire()  # so a running trainer cannot swap the checkpoint while it is read
-        recover(ckpt_dir)
+            locks.append(training_lock(ckpt_dir))
+            locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
+            recover(ckpt_dir)  # only the lock holder may repair a killed save
         if (ckpt_dir / "config.json").exists():
             plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags,
                                allow_data_change)
@@ -82,11 +98,12 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
         _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
         check_optimizer(plan.train_cfg, fsdp, saved_optimizer(plan.resume.training_state) if plan.resume else None)
+        if not skip_memory_check:
+            check_memory(plan.model_cfg, tc, dist.pick_dtype(tc.dtype, torch_device), torch_device, info, fsdp)
         return plan
 
-    torch_device = dist.pick_device(device, info)
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
-        cleanup.callback(lock.release)
+        cleanup.callback(lambda: [lock.release() for lock in locks])
         plan = dist.from_main(make_plan, share=_for_other_ranks)  # rank 0 reads the files
         tc = plan.train_cfg
         if plan.state.iteration >= tc.max_iters:
@@ -96,23 +113,47 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         dtype = dist.pick_dtype(tc.dtype, torch_device)
         if tc.compile:
             dist.check_compile(torch_device)
-        if info.is_main and not lock.held:
-            lock.acquire()
+        if info.is_main and not locks:
+            locks.append(training_lock(ckpt_dir))
+            locks[0].acquire()
         return _run(plan, info, torch_device, dtype, fsdp)
+
+
+def check_memory(cfg: ModelConfig, tc: TrainConfig, dtype: str, device: torch.device, info: dist.DistInfo,
+                 fsdp: bool) -> None:
+    """Refuse, before anything is allocated, a run whose estimated peak memory exceeds the device's."""
+    precision = "fp32" if dtype == "fp32" else "bf16"
+    need = estimate_memory(cfg, cfg.batch_size, precision, tc.gradient_checkpointing)
+    total, where = detect_memory(device)
+    share = info.local_world_size if device.type == "cpu" else 1  # processes on one machine share its RAM
+    states = need.weights + need.gradients + need.optimizer
+    per_process = need.total - (states - states // info.world_size if fsdp else 0)
+    if per_process * share <= total:
+        return
+    fits = max_batch_size(cfg, total // share, precision, tc.gradient_checkpointing)
+    advice = (f"the largest batch_size that fits is {fits}" if fits else
+              "no batch size fits: use a smaller config (fewer or narrower layers)")
+    many = f" x {share} processes" if share > 1 else ""
+    raise MyPTError(
+        f"this run needs about {human_bytes(per_process)}{many} at its peak ({precision}, batch_size "
+        f"{cfg.batch_size}, block_size {cfg.block_size}, {cfg.n_layer} layers x {cfg.n_embd}: weights "
+        f"{human_bytes(need.weights)}, gradients {human_bytes(need.gradients)}, optimizer "
+        f"{human_bytes(need.optimizer)}, activations {human_bytes(need.activations)}), but {where} has "
+        f"{human_bytes(total)}; {advice} (or try --gradient_checkpointing). Pass --skip_memory_check to "
+        "start anyway")
 
 
 def _for_other_ranks(plan: RunPlan) -> RunPlan:
     """The plan without the weights and optimizer state: the other ranks get those by broadcast."""
     if plan.resume is None:
         return plan
-    scaler = plan.resume.optimizer_state.get("scaler")
+    scaler = (plan.resume.optimizer_state or {}).get("scaler")
     resume = replace(plan.resume, model_state={}, optimizer_state={"scaler": scaler})
     return replace(plan, resume=resume)
 
 
 def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
              arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
-    _check_folders(ckpt_dir)
     base = load_model_config(config_file) if config_file else None
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
     for w in warnings:
@@ -141,7 +182,9 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
 
 
 def _check_folders(ckpt_dir: Path) -> None:
-    """The model's folder, and the nearest existing folder above it, must not be files."""
+    """The model's folder (or the folder its link points to), and the nearest existing folder above
+    it, must not be files."""
+    real_folder(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
     for folder in ckpt_dir.parents:
@@ -166,14 +209,30 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None,
     cfg, warnings = apply_arch_flags(cfg, arch_flags, saved_src)
     for w in warnings:
         dist.print0(f"warning: {w}")
-    tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt_dir}/tokenizer.json")
+    tok = checkpoint_tokenizer(ckpt, cfg)
     if tokenizer and tokenizer != tok.kind:
         dist.print0(f"warning: --tokenizer {tokenizer} ignored: '{ckpt_dir.name}' uses {tok.kind}")
-    tc = TrainConfig(**{**ts.get("train_config", {}), **train_flags})
+    source = f"{ckpt_dir}/training_state.json"
+    state = TrainState.from_saved(ts, source)
+    saved = saved_train_config(ts, source)
+    tc = resume_train_config(saved, train_flags)
+    if tc.val_split != saved.get("val_split", tc.val_split) and not allow_data_change:
+        raise MyPTError(f"--val_split {tc.val_split}: '{ckpt_dir.name}' was trained with --val_split "
+                        f"{saved['val_split']}; another split would move validation text into training. Leave "
+                        "--val_split out, or pass --allow_data_change to accept that")
     path, label, sha = _resume_input(ckpt_dir, ts, input_file, allow_data_change)
-    state = TrainState(**{k: ts[k] for k in TrainState().to_dict() if k in ts})
     dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
+    dist.print0(_schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
+    if not ckpt.has_optimizer:
+        dist.print0(f"note: {ckpt_dir.name} has no optimizer.pt (imported or weights only): starting a fresh "
+                    "optimizer")
     return RunPlan(ckpt_dir, cfg, tc, tok, path, label, sha, state, ckpt)
+
+
+def _schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:
+    how = "re-planned by --lr_decay_iters" if replanned else "as saved; pass --lr_decay_iters N to re-plan it"
+    return (f"learning-rate schedule: cosine decay to {tc.final_lr:.2e} ends at iteration {tc.lr_decay_iters} "
+            f"({how}); learning rate at iteration {iteration}: {get_lr(iteration, tc):.2e}")
 
 
 def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
@@ -206,20 +265,23 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     cfg, tc = plan.model_cfg, plan.train_cfg
     train_data, val_data = load_splits(_token_file(plan, info), tc.val_split, cfg.block_size, plan.input_label)
 
-    torch.manual_seed(tc.seed)
-    model = GPT(cfg).to(device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
     if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from wrap_model
-        model.load_state_dict(plan.resume.model_state)
+        model = build_model(plan.resume, device).model
+    else:
+        torch.manual_seed(tc.seed)
+        model = GPT(cfg).to(device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
     wrapped = dist.wrap_model(model, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
-    if plan.resume is not None and saved_optimizer(plan.resume.training_state) is not None:
-        dist.load_optimizer_state(wrapped, optimizer, plan.resume.optimizer_state.get("optimizer"))
+    saved_state = (plan.resume.optimizer_state or {}) if plan.resume is not None else {}
+    if (plan.resume is not None and plan.resume.has_optimizer
+            and saved_optimizer(plan.resume.training_state) is not None):
+        dist.load_optimizer_state(wrapped, optimizer, saved_state.get("optimizer"))
     runnable = torch.compile(wrapped) if tc.compile else wrapped
     trainer = Trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,
                       device, dtype, info)
-    if plan.resume is not None and plan.resume.optimizer_state.get("scaler"):
-        trainer.scaler.load_state_dict(plan.resume.optimizer_state["scaler"])
+    if saved_state.get("scaler"):
+        trainer.scaler.load_state_dict(saved_state["scaler"])
 
     dist.print0(f"model: {model.num_params():,} parameters, {cfg.n_layer} layers, {cfg.n_embd} wide; "
                 f"device {device}, {dtype}; {trainer.tokens_per_iter:,} tokens per iteration "
@@ -227,14 +289,19 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     metrics = MetricsWriter(plan.ckpt_dir, tc.tensorboard and info.is_main, plan.state.iteration)
     progress = Progress(plan.state.iteration, tc.max_iters, enabled=info.is_main)
 
-    def save(state: TrainState) -> None:
+    last_save = [plan.state.iteration]
+
+    def save(state: TrainState, best: bool) -> None:
         model_state, optim_state = dist.full_state_dicts(wrapped, optimizer)
+        keep = bool(tc.keep_every) and state.iteration // tc.keep_every > last_save[0] // tc.keep_every
         if info.is_main:
             save_checkpoint(
                 plan.ckpt_dir, model_state=model_state, config=cfg.to_dict(),
                 tokenizer=plan.tokenizer.to_json(), training_state=_training_state(plan, tc, state, info),
                 optimizer_state={"optimizer": optim_state, "scaler": trainer.scaler.state_dict()},
+                best=best and tc.keep_best, keep=keep,
             )
+        last_save[0] = state.iteration
         dist.barrier()
 
     def on_eval(state: TrainState, row: dict[str, Any]) -> None:
@@ -319,7 +386,7 @@ def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dis
         "input_file": plan.input_label,
         "input_sha256": plan.input_sha256,
         "tokenizer": plan.tokenizer.kind,
-        "versions": {"mypt": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "saved_at": now(),
     }
 

@@ -13,6 +13,7 @@ the uninterrupted run would, with any number of processes.
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import signal
 import sys
@@ -33,6 +34,8 @@ EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, the sam
 
 
 class TrainingDiverged(MyPTError):
+    """The loss became NaN or infinite: not a mistake in the input, so the CLI exits with status 1."""
+
     exit_code = 1
 
 
@@ -52,6 +55,24 @@ class TrainState:
         d = asdict(self)
         del d["history"]
         return d
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], source: str) -> TrainState:
+        """The progress recorded in a training_state.json; a hand-edited value is named, not a TypeError."""
+        kinds = {"iteration": int, "tokens_seen": int, "train_seconds": float, "best_val_loss": float,
+                 "last_val_loss": float, "last_train_loss": float}
+        problems = []
+        for key, kind in kinds.items():
+            value = saved.get(key)
+            if value is None and key != "iteration":
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (kind is int and not isinstance(value, int)) or value < 0:
+                want = "a whole number, 0 or more" if kind is int else "a number, 0 or more"
+                problems.append(f"{key} ({json.dumps(value)}) must be {want}")
+        if problems:
+            raise MyPTError(f"{source}: " + "; ".join(problems) + " (fix or restore the file)")
+        return cls(**{k: saved[k] for k in kinds if saved.get(k) is not None})
 
 
 @dataclass
@@ -83,11 +104,11 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
 
     glibc gives each large allocation (above a threshold that adapts up to 32 MB) its own mmap()
     and unmaps it when it is freed, so each training step page-faults its big tensors (the loss
-    head's logit gradients, embedding gradients, large activations) in afresh: 1.1-1.2x slower
-    steps for the tiny and small presets on a CPU (BENCHMARKS.md). With mmap and trimming off,
-    freed blocks are reused and stay with the process until it exits; heap fragmentation raises
-    the peak RSS a little for small models and by up to a quarter for 150M, more with gradient
-    checkpointing, which therefore goes without. False where there is no glibc.
+    head's logit gradients, embedding gradients, large activations) in afresh: slower steps on a
+    CPU (the malloc ablation in BENCHMARKS.md). With mmap and trimming off, freed blocks are
+    reused and stay with the process until it exits; heap fragmentation raises the peak RSS
+    (see BENCHMARKS.md), more with gradient checkpointing, which therefore goes without. The
+    setting is process-wide and is not undone. False where there is no glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -110,6 +131,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
         self.stop_signal: int | None = None
         if device.type == "cpu" and not tc.gradient_checkpointing:  # checkpointing asks for memory, not speed
+            # Process-wide and never undone: glibc keeps freed memory for reuse from here on, for
+            # every allocation of this process (see reuse_freed_memory, README "Memory").
             reuse_freed_memory()
 
     @property
@@ -157,9 +180,12 @@ class Trainer:
         self.model.train()
         return out
 
-    def fit(self, state: TrainState, save: Callable[[TrainState], None],
+    def fit(self, state: TrainState, save: Callable[[TrainState, bool], None],
             on_eval: Callable[[TrainState, dict[str, Any]], None], progress: Any) -> Stop:
-        """Train from state.iteration to max_iters; evaluate and save every eval_interval and at the end."""
+        """Train from state.iteration to max_iters; evaluate and save every eval_interval and at the end.
+
+        save(state, best) gets best=True when this evaluation's validation loss is the lowest so far.
+        """
         tc = self.tc
         self.model.train()
         with stop_on_signals(self):
@@ -183,9 +209,10 @@ class Trainer:
                     losses = self.evaluate()
                     self._check_finite(losses["val"], state)
                     state.last_train_loss, state.last_val_loss = losses["train"], losses["val"]
-                    if state.best_val_loss is None or losses["val"] < state.best_val_loss:
+                    best = state.best_val_loss is None or losses["val"] < state.best_val_loss
+                    if best:
                         state.best_val_loss = losses["val"]
-                    save(state)
+                    save(state, best)
                     on_eval(state, {"iter": state.iteration, "train_loss": losses["train"],
                                     "val_loss": losses["val"], "lr": get_lr(it, tc),
                                     "tokens_per_sec": state.tokens_seen / max(state.train_seconds, 1e-9),
@@ -194,7 +221,7 @@ class Trainer:
                     t_log, tokens_log = time.perf_counter(), 0  # keep eval time out of tokens/s
                 if dist.any_rank(self.stop_signal is not None, self.device):
                     if not (state.iteration % tc.eval_interval == 0 or last):
-                        save(state)
+                        save(state, False)
                     return Stop(self.stop_signal or signal.SIGTERM)
         return Stop()
 

@@ -40,6 +40,7 @@ def build_parser(command: str, prog: str | None = None) -> tuple[argparse.Argume
     parser = argparse.ArgumentParser(
         prog=prog or f"mypt {command}",
         description=module.__doc__,
+        allow_abbrev=False,  # --lr must not silently mean --lr_decay_iters
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
@@ -55,7 +56,7 @@ def run_command(command: str, argv: list[str], prog: str | None = None) -> int:
     except MyPTError as e:
         if not isinstance(e, ReportedElsewhere):  # else torchrun's rank 0 printed it
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: a mistake in the input; a diverged run says 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ from mypt.cli.evaluate import format_params
 from mypt.cli.generate import (
     add_runtime_arguments,
     add_sampling_arguments,
-    crop_note,
-    read_text_file,
+    read_prompt,
     sampling_options,
+    used_prompt,
     write_sample,
 )
 from mypt.sampling import fresh_seed
@@ -38,11 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mypt.api import load_model, require_models
+    from mypt.api import load_model
+    from mypt.checkpoint import require_models
 
-    prompt, what = args.prompt, "prompt"
-    if args.prompt_file:
-        prompt, what = read_text_file(args.prompt_file, "--prompt_file"), f"--prompt_file {args.prompt_file}"
+    prompt, what = read_prompt(args)
     seed = fresh_seed() if args.seed is None else args.seed
     options = sampling_options(args, seed)
     require_models(args.model_name, args.checkpoints_dir)
@@ -56,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
         iters = "?" if lm.iterations is None else f"{lm.iterations:,}"
         print(f"\n===== {name}: {params} parameters, {iters} iterations, {lm.tokenizer.kind} tokenizer =====",
               flush=True)
-        crop_note(lm, prompt, what)
+        shown = used_prompt(lm, prompt, what)
         stream = lm.stream(prompt, **options)
-        write_sample(stream, prompt, sys.stdout, live)
+        write_sample(stream, shown, sys.stdout, live)
         print(f"----- {stream.n_tokens} tokens, {stream.tokens_per_second:.1f} tokens/s", flush=True)
         rows.append((name, params, stream.n_tokens, stream.tokens_per_second))
         del lm

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input_file", required=True, help="UTF-8 text to measure on (held out from training)")
     p.add_argument("--max_chars", type=int, help="use only the first N characters (default: all)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--best", action="store_true", help="use each model's best-validation weights (its best/), "
+                   "not its latest")
     add_runtime_arguments(p)
 
 
@@ -41,19 +43,20 @@ def format_row(cells: tuple[str, ...]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mypt.api import load_model, require_models
+    from mypt.api import load_model
+    from mypt.checkpoint import require_models
 
     if args.max_chars is not None and args.max_chars < 1:
         raise MyPTError(f"--max_chars ({args.max_chars}) must be 1 or more")
     if args.batch_size < 1:
         raise MyPTError(f"--batch_size ({args.batch_size}) must be 1 or more")
-    text = read_text_file(args.input_file, "--input_file")[: args.max_chars]
+    text = read_text_file(args.input_file, "--input_file")[0][: args.max_chars]
     require_models(args.model_name, args.checkpoints_dir)
     print(f"{args.input_file}: {len(text):,} characters", flush=True)
     print(format_row(COLUMNS))
     print(format_row(tuple("-" * w for w in WIDTHS)), flush=True)
     for name in args.model_name:
-        lm = load_model(name, args.checkpoints_dir, device=args.device, dtype=args.dtype)
+        lm = load_model(name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
         r = lm.evaluate(text, what=f"--input_file {args.input_file}", batch_size=args.batch_size)
         iters = "?" if lm.iterations is None else f"{lm.iterations:,}"
         cells = (name, lm.tokenizer.kind, format_params(lm.model.num_params()), iters, f"{r.n_tokens:,}",

@@ -28,18 +28,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("hf", "safetensors"), default="hf",
                    help="hf: a transformers GPT-2 folder; safetensors: MyPT's weights-only folder "
                         "(default: %(default)s)")
+    p.add_argument("--best", action="store_true", help="export the weights with the best validation loss "
+                   "(checkpoints/NAME/best/) instead of the latest")
     p.add_argument("--out", type=Path, required=True,
                    help="folder to create (it must not exist yet, or be empty)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mypt.checkpoint import checkpoint_dir
-    from mypt.hf import export_hf, export_weights_only
+    from mypt.build import build_model
+    from mypt.checkpoint import best_dir, checkpoint_dir, load_checkpoint
+    from mypt.formats.hf import export_hf, export_weights_only
 
-    ckpt = checkpoint_dir(args.checkpoints_dir, args.model_name)
-    export = export_hf if args.format == "hf" else export_weights_only
-    notes = export(ckpt, args.out)
-    print(f"exported '{args.model_name}' ({args.format}) to {args.out}/")
+    folder = checkpoint_dir(args.checkpoints_dir, args.model_name)
+    if args.best:
+        folder = best_dir(folder)
+    ckpt = load_checkpoint(folder)
+    built = build_model(ckpt)
+    if args.format == "hf":
+        notes = export_hf(built, args.out)
+    else:
+        notes = export_weights_only(built, ckpt.training_state, folder, args.out)
+    which = " (best-validation weights)" if args.best else ""
+    print(f"exported '{args.model_name}'{which} ({args.format}) to {args.out}/")
     for note in notes:
         print(f"note: {note}")
     return 0

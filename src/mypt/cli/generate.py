@@ -16,11 +16,12 @@ block_size // 2 tokens (a prompt longer than block_size keeps its end).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mypt.errors import MyPTError
+from mypt.fsutil import check_regular_file
 from mypt.sampling import SamplingConfig, TextStream, fresh_seed
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: empty, the start token)")
     prompt.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
+    p.add_argument("--best", action="store_true", help="use the weights with the best validation loss "
+                   "(checkpoints/NAME/best/) instead of the latest")
     p.add_argument("--num_samples", type=int, default=1, help="independent continuations; sample i uses "
                    "seed + i (default: %(default)s)")
     add_sampling_arguments(p)
@@ -100,16 +103,42 @@ def sampling_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return options
 
 
-def read_text_file(path: str, flag: str) -> str:
-    """A UTF-8 file named by a flag; problems name the flag and the file."""
+PROMPT_MAX_BYTES = 1 << 20  # a prompt file's tail read: far more than any context window's tokens
+
+
+def read_text_file(path: str, flag: str, max_bytes: int | None = None) -> tuple[str, int]:
+    """(text, file size) of a regular UTF-8 file named by a flag: the whole file, or with
+    max_bytes only its last max_bytes bytes (from the first whole character on)."""
+    what = f"{flag} {path}"
+    check_regular_file(path, what)
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MyPTError(f"{flag} {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise MyPTError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - max_bytes) if max_bytes is not None else 0
+            f.seek(start)
+            data = f.read()
     except OSError as e:
-        raise MyPTError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
+        raise MyPTError(f"{what}: cannot be read ({e.strerror or e})") from None
+    skip = 0
+    while start and skip < min(3, len(data)) and 0x80 <= data[skip] < 0xC0:  # cut inside a character
+        skip += 1
+    try:
+        return data[skip:].decode("utf-8"), size
+    except UnicodeDecodeError as e:
+        at = start + skip + e.start
+        raise MyPTError(f"{what}: not UTF-8 text ({e.reason} at byte {at}); save it as UTF-8") from None
+
+
+def read_prompt(args: argparse.Namespace) -> tuple[str, str]:
+    """(prompt, how to name it): --prompt, or the end of --prompt_file (a huge file is not read whole)."""
+    if not args.prompt_file:
+        return args.prompt, "prompt"
+    what = f"--prompt_file {args.prompt_file}"
+    text, size = read_text_file(args.prompt_file, "--prompt_file", PROMPT_MAX_BYTES)
+    if size > PROMPT_MAX_BYTES:
+        note(f"note: {what} is {size:,} bytes; only its last {PROMPT_MAX_BYTES:,} are read (a model sees at "
+             "most block_size tokens of it)")
+    return text, what
 
 
 def note(text: str) -> None:
@@ -117,25 +146,31 @@ def note(text: str) -> None:
 
 
 def write_sample(stream: TextStream, prompt: str, out: TextIO, live: bool) -> None:
-    """Print prompt and continuation; live: piece by piece as they are generated."""
+    """Print prompt and continuation; live: piece by piece as they are generated. Interrupted
+    (Ctrl-C), what was generated so far is printed all the same."""
     out.write(prompt)
-    if live:
-        out.flush()
-        for piece in stream:
-            out.write(piece)
-            out.flush()
-    else:
-        out.write(stream.text())
-    out.write("\n")
     out.flush()
+    pieces: list[str] = []
+    try:
+        for piece in stream:
+            if live:
+                out.write(piece)
+                out.flush()
+            else:
+                pieces.append(piece)
+    finally:
+        out.write("".join(pieces) + "\n")
+        out.flush()
 
 
-def crop_note(lm: LoadedModel, prompt: str, what: str) -> None:
-    """Say when a prompt is longer than the model's context (its end is kept)."""
-    n, block = len(lm.encode_prompt(prompt, what)), lm.config.block_size
-    if n > block:
-        note(f"note: the {what} is {n} tokens long; '{lm.name}' sees at most {block}, "
-             f"so only its last {block} tokens are used")
+def used_prompt(lm: LoadedModel, prompt: str, what: str) -> str:
+    """The part of prompt the model sees (its last block_size tokens), with a note when that is not all."""
+    ids, block = lm.encode_prompt(prompt, what), lm.config.block_size
+    if len(ids) <= block or not prompt:
+        return prompt
+    note(f"note: the {what} is {len(ids)} tokens long; '{lm.name}' sees at most {block}, "
+         f"so only its last {block} tokens are used (and shown)")
+    return lm.tokenizer.decode(ids[-block:])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,13 +178,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise MyPTError(f"--num_samples ({args.num_samples}) must be 1 or more")
-    prompt, what = args.prompt, "prompt"
-    if args.prompt_file:
-        prompt, what = read_text_file(args.prompt_file, "--prompt_file"), f"--prompt_file {args.prompt_file}"
+    prompt, what = read_prompt(args)
     seed = fresh_seed() if args.seed is None else args.seed
     options = sampling_options(args, seed)
-    lm = load_model(args.model_name, args.checkpoints_dir, device=args.device, dtype=args.dtype)
-    crop_note(lm, prompt, what)
+    lm = load_model(args.model_name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
+    shown = used_prompt(lm, prompt, what)
     live = sys.stdout.isatty() if args.stream is None else args.stream
     tokens, seconds = 0, 0.0
     try:
@@ -157,10 +190,9 @@ def run(args: argparse.Namespace) -> int:
             if args.num_samples > 1:
                 print(f"----- sample {i + 1} of {args.num_samples} (seed {seed + i}) -----", flush=True)
             stream = lm.stream(prompt, **{**options, "seed": seed + i})
-            write_sample(stream, prompt, sys.stdout, live)
+            write_sample(stream, shown, sys.stdout, live)
             tokens, seconds = tokens + stream.n_tokens, seconds + stream.seconds
     except KeyboardInterrupt:
-        print(flush=True)
         note("interrupted")
         return INTERRUPTED
     speed = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""

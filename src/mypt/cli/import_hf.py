@@ -8,7 +8,8 @@ examples:
 The folder needs config.json (model_type gpt2) and model.safetensors (or its shards); a folder
 with only pytorch_model.bin is refused, because loading it would unpickle. The new checkpoint
 uses MyPT's gpt2 tokenizer (a folder whose vocab.json differs from GPT-2's is refused), is at
-iteration 0, and records where it came from. bias is set to true when any of the folder's
+iteration 0 with no optimizer state yet (training starts a fresh one), and records where it came
+from. bias is set to true when any of the folder's
 biases is nonzero. It has no input file yet: the first fine-tuning run needs --input_file.
 """
 
@@ -28,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mypt.checkpoint import checkpoint_dir
     from mypt.estimate import count_params
-    from mypt.hf import import_hf
+    from mypt.formats.hf import import_hf
 
     ckpt = checkpoint_dir(args.checkpoints_dir, args.model_name)
     cfg, notes = import_hf(args.hf_dir, ckpt)

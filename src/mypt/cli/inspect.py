@@ -13,7 +13,6 @@ manifest; --verify also checks the sha256 of each), and where the loss curve is.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +27,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mypt.checkpoint import checkpoint_dir
+    from mypt.checkpoint import checkpoint_dir, no_model_error
 
     folder = checkpoint_dir(args.checkpoints_dir, args.model_name)
-    _require_model(folder)
+    if not (folder / "config.json").is_file():
+        raise no_model_error([args.model_name], args.checkpoints_dir)
     print("\n".join(describe(folder, args.verify)))
     return 0
 
 
-def _require_model(folder: Path) -> None:
-    from mypt.checkpoint import list_models
-    from mypt.errors import MyPTError
-
-    if not (folder / "config.json").is_file():
-        models = ", ".join(list_models(folder.parent)) or "none"
-        raise MyPTError(f"no model named '{folder.name}' in {folder.parent}/ (models there: {models}); "
-                        "check --model_name and --checkpoints_dir")
-
-
 def describe(folder: Path, verify: bool = False) -> list[str]:
-    """The report's lines for the checkpoint folder."""
-    from mypt.config import ModelConfig, read_json
-    from mypt.tokenizers import tokenizer_from_json
+    """The report's lines for the checkpoint folder (a damaged one too: that is what it is for)."""
+    from mypt.build import checkpoint_config, checkpoint_tokenizer
+    from mypt.checkpoint import Checkpoint
+    from mypt.estimate import count_params
+    from mypt.fsutil import read_json
 
-    cfg = ModelConfig.from_dict(read_json(folder / "config.json", "config"), f"{folder}/config.json")
-    state = _optional_json(folder / "training_state.json")
-    lines = [RULE, f"Model: {folder.name}", f"Folder: {folder}/", RULE, ""]
-    lines += _architecture(cfg)
     tok_path = folder / "tokenizer.json"
-    if tok_path.is_file():
-        tok = tokenizer_from_json(read_json(tok_path, "tokenizer"), str(tok_path))
+    tokenizer = read_json(tok_path, "tokenizer") if tok_path.is_file() else None
+    state = _optional_json(folder / "training_state.json")
+    ckpt = Checkpoint(read_json(folder / "config.json", "config"), tokenizer or {}, state, {}, None, folder)
+    cfg = checkpoint_config(ckpt)
+    lines = [RULE, f"Model: {folder.name}", f"Folder: {folder}/", RULE, ""]
+    lines += _architecture(cfg, count_params(cfg))
+    if tokenizer is not None:
+        tok = checkpoint_tokenizer(ckpt, cfg)
         lines.append(f"  {'Tokenizer':<14}: {tok.kind}, {tok.n_vocab:,} tokens")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
@@ -67,7 +61,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
 
 
 def _optional_json(path: Path) -> dict[str, Any]:
-    from mypt.config import read_json
+    from mypt.fsutil import read_json
 
     if not path.is_file():
         return {}
@@ -75,10 +69,7 @@ def _optional_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _architecture(cfg: Any) -> list[str]:
-    from mypt.estimate import count_params
-
-    n = count_params(cfg)
+def _architecture(cfg: Any, n: int) -> list[str]:
     rows = [("Layers", cfg.n_layer), ("Heads", cfg.n_head), ("Embedding", cfg.n_embd),
             ("Block size", cfg.block_size), ("Vocab size", cfg.vocab_size), ("Dropout", cfg.dropout),
             ("Bias", cfg.bias), ("Batch size", cfg.batch_size)]
@@ -111,7 +102,7 @@ def _training(state: dict[str, Any]) -> list[str]:
 
 def _input_status(state: dict[str, Any]) -> str:
     from mypt.corpus import BUILTIN_CORPUS
-    from mypt.data import file_sha256
+    from mypt.fsutil import sha256_file
 
     label, sha = state.get("input_file"), state.get("input_sha256")
     if label is None:
@@ -123,7 +114,7 @@ def _input_status(state: dict[str, Any]) -> str:
         return f"{label} (MISSING here: resuming needs --input_file)"
     if not sha:
         return f"{label} (no sha256 recorded to compare with)"
-    if file_sha256(path) == sha:
+    if sha256_file(path) == sha:
         return f"{label} (unchanged: matches the sha256 recorded at training)"
     return f"{label} (CHANGED since training: resuming needs --allow_data_change)"
 
@@ -134,21 +125,15 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_check(path: Path, entry: Any, verify: bool) -> str:
     if not isinstance(entry, dict):
         return ""
     if path.stat().st_size != entry.get("size"):
         return f"  SIZE DIFFERS from the manifest ({entry.get('size')} bytes)"
     if verify:
-        return "  sha256 ok" if _sha256(path) == entry.get("sha256") else "  SHA256 DIFFERS from the manifest"
+        from mypt.fsutil import sha256_file
+
+        return "  sha256 ok" if sha256_file(path) == entry.get("sha256") else "  SHA256 DIFFERS from the manifest"
     return ""
 
 
@@ -170,7 +155,7 @@ def _files(folder: Path, state: dict[str, Any], verify: bool) -> list[str]:
         if not (folder / name).exists():
             lines.append(f"  {name:<22} {'MISSING':>12}")
     if weights_only:
-        lines.append("  (weights only: can generate; training cannot resume from this folder)")
+        lines.append("  (weights only: no optimizer state; training from it starts a fresh optimizer)")
     return lines
 
 

@@ -77,7 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute block activations in backward: less memory, more time (default: off)")
     t.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="write TensorBoard scalars to checkpoints/NAME/tensorboard/ (default: off)")
+    t.add_argument("--keep_best", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the weights with the best validation loss in checkpoints/NAME/best/ (default: on; "
+                   "--no-keep_best turns it off)")
+    t.add_argument("--keep_every", type=int, help="also keep the checkpoint every N iterations in "
+                   "checkpoints/NAME/iter_N/ (default: 0, off)")
     t.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (torchrun only)")
+    p.add_argument("--skip_memory_check", action="store_true",
+                   help="start even if the estimated training memory exceeds this machine's (or GPU's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             config_file=args.config_file, input_file=args.input_file, tokenizer=args.tokenizer,
             arch_flags={k: getattr(args, k) for k in ARCH_FLAGS}, train_flags=train_flags(args),
             device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
+            skip_memory_check=args.skip_memory_check,
         )
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns instead)
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)

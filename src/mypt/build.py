@@ -1,0 +1,75 @@
+"""A live model from a checkpoint folder: its config, its tokenizer, the GPT with its weights.
+
+The one place a model is rebuilt from a checkpoint (generate, eval, export, resume, inspect, the
+Python API): a folder describes itself, so nothing here comes from a command line. The weights'
+names and shapes are checked against config.json before they are loaded, and the output layer
+is re-tied after loading (GPT.tie_weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mypt.checkpoint import Checkpoint
+from mypt.config import ModelConfig
+from mypt.errors import MyPTError
+from mypt.model import GPT
+from mypt.tokenizers import Tokenizer, tokenizer_from_json
+
+
+@dataclass
+class Built:
+    model: GPT
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+
+def checkpoint_config(ckpt: Checkpoint) -> ModelConfig:
+    return ModelConfig.from_dict(ckpt.config, f"{ckpt.path}/config.json")
+
+
+def checkpoint_tokenizer(ckpt: Checkpoint, cfg: ModelConfig) -> Tokenizer:
+    tok = tokenizer_from_json(ckpt.tokenizer, f"{ckpt.path}/tokenizer.json")
+    if tok.n_vocab > cfg.vocab_size:
+        raise MyPTError(f"{ckpt.path}/tokenizer.json: {tok.kind} has {tok.n_vocab} tokens but config.json's "
+                        f"vocab_size is {cfg.vocab_size}; the folder mixes files of different models")
+    return tok
+
+
+def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Built:
+    """The checkpoint's model on device, its weights loaded (a checkpoint loaded without weights:
+    on "meta", a shell for counting; elsewhere, freshly initialised)."""
+    cfg = checkpoint_config(ckpt)
+    tok = checkpoint_tokenizer(ckpt, cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    if ckpt.model_state:
+        _load_weights(model, ckpt)
+        model.to(device)
+    elif torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.tie_weights()
+        model.init_weights()
+    return Built(model, cfg, tok)
+
+
+def _load_weights(model: GPT, ckpt: Checkpoint) -> None:
+    """Copy the checkpoint's weights into model; names and shapes that disagree with config.json are named."""
+    expected = model.state_dict()
+    problems = []
+    for key, tensor in expected.items():
+        got = ckpt.model_state.get(key)
+        if got is None:
+            problems.append(f"{key} is missing")
+        elif tuple(got.shape) != tuple(tensor.shape):
+            problems.append(f"{key} has shape {tuple(got.shape)}, config.json implies {tuple(tensor.shape)}")
+    extra = sorted(set(ckpt.model_state) - set(expected))
+    if extra:
+        problems.append(f"unexpected weights {', '.join(extra[:5])}")
+    if problems:
+        raise MyPTError(f"{ckpt.path}/{ckpt.weights_file} does not match {ckpt.path}/config.json: "
+                        + "; ".join(problems[:5]))
+    model.load_state_dict(ckpt.model_state, assign=True)
+    model.tie_weights()  # assign=True replaced the tied parameters one by one
