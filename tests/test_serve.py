@@ -9,6 +9,7 @@ the same prompt, seed and settings.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -317,3 +318,20 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
                 script="src/mypt/__main__.py", cwd=ckpts.parent)
     taken.close()
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+
+
+def test_readme_examples_work_as_written(url: str, capsys: pytest.CaptureFixture) -> None:
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    python = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import" in b)
+    exec(compile(python.replace("http://127.0.0.1:8000", url).replace("demo_tiny", "chars"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert len(out) > 60  # a completion's 50 characters, then a chat reply
+    curl = shlex.split(next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if b.startswith("curl "))
+                       .replace("\\\n", " "))
+    assert curl[1] == "http://127.0.0.1:8000/v1/completions"
+    body = json.loads(curl[curl.index("-d") + 1].replace("demo_tiny", "chars"))
+    r = httpx.post(url + "/v1/completions", json=body)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 50
