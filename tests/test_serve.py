@@ -51,11 +51,10 @@ def models(ckpts: Path) -> dict[str, LoadedModel]:
     return {name: load_model(name, ckpts, device="cpu", dtype="fp32") for name in ("chars", "rope")}
 
 
-def solo(lm: LoadedModel, prompt: str, *, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-         top_k: int = 0, seed: int = 0, stop: tuple[str, ...] = (), repetition_penalty: float = 1.0) -> str:
-    """What the Python API (one continuation, alone) gives with the server's settings."""
-    return lm.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       seed=seed, stop=stop, repetition_penalty=repetition_penalty)
+def solo(lm: LoadedModel, prompt: str, *, max_tokens: int, seed: int = 0, **options) -> str:
+    """What the Python API (one continuation, alone) gives with the same settings (the server's
+    defaults are generate.py's)."""
+    return lm.generate(prompt, max_new_tokens=max_tokens, seed=seed, **options)
 
 
 def complete(client, model: str = "chars", prompt: str = PROMPT, **kw):
@@ -95,12 +94,14 @@ def test_sampled_completion_repeats_with_its_seed_and_equals_solo(client, models
     a, b = (complete(client, **kw).choices[0].text for _ in range(2))
     assert a == b == solo(models["chars"], PROMPT, **kw)
     assert complete(client, **{**kw, "seed": 8}).choices[0].text != a
+    defaults = complete(client, max_tokens=50, seed=7).choices[0].text  # temperature 0.8, top_k 200
+    assert defaults == models["chars"].generate(PROMPT, max_new_tokens=50, seed=7) != a
 
 
 def test_n_choices_use_consecutive_seeds(client, models) -> None:
     answer = complete(client, max_tokens=30, temperature=1.0, seed=11, n=3)
     texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
-    assert texts == [solo(models["chars"], PROMPT, max_tokens=30, seed=11 + i) for i in range(3)]
+    assert texts == [solo(models["chars"], PROMPT, max_tokens=30, temperature=1.0, seed=11 + i) for i in range(3)]
     assert len(set(texts)) == 3 and answer.usage.completion_tokens == 90
 
 
@@ -238,7 +239,7 @@ def wait_for(base: str, **expected: int) -> None:
 MIXED = [  # different prompt lengths, lengths and settings, decoded together
     ("ROMEO:", dict(max_tokens=70, temperature=0)),
     ("JULIET:\nO", dict(max_tokens=25, temperature=1.0, seed=1)),
-    ("First Citizen:\nWe are", dict(max_tokens=50, temperature=0.7, top_p=0.8, seed=2)),
+    ("First Citizen:\nWe are", dict(max_tokens=50, temperature=0.7, top_p=0.8, top_k=0, seed=2)),
     ("A", dict(max_tokens=90, temperature=1.2, top_k=5, seed=3, repetition_penalty=1.3)),
     ("MENENIUS:\n", dict(max_tokens=10, temperature=0)),
     ("All:\nSpeak, speak.", dict(max_tokens=60, temperature=0.5, seed=4, stop=["\n\n"])),
@@ -260,8 +261,7 @@ def test_concurrent_requests_each_equal_their_solo_output(url: str, models, name
     before = httpx.get(url + "/health").json()["models"][name]["steps"]
     texts = asyncio.run(all_at_once())
     steps = httpx.get(url + "/health").json()["models"][name]["steps"] - before
-    expected = [solo(models[name], p, **{"seed": 0, "top_k": 0, **kw, "stop": tuple(kw.get("stop", ()))})
-                for p, kw in MIXED]
+    expected = [solo(models[name], p, **{**kw, "stop": tuple(kw.get("stop", ()))}) for p, kw in MIXED]
     assert texts == expected + expected
     assert steps < sum(kw["max_tokens"] for _, kw in MIXED)  # decoded together, not one after another
 

@@ -3,7 +3,9 @@ responses and stream chunks as OpenAI's clients expect them, errors in OpenAI's 
 
 No I/O and no model here: `mypt.serve.app` reads requests, runs them and sends these shapes.
 Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k` and `repetition_penalty`.
-An unknown field is refused (400, naming it) so that a typo is never silently ignored.
+Sampling fields left out take generate.py's defaults (mypt.sampling.SamplingConfig: temperature
+0.8, top_k 200, top_p 1), so a request and `generate.py` with the same settings and seed give the
+same text. An unknown field is refused (400, naming it) so that a typo is never silently ignored.
 """
 
 from __future__ import annotations
@@ -158,10 +160,10 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     _unsupported(body, "best_of", (None, n))
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, None if chat else 16, 0, limits.max_tokens)
-    top_k = _int(body, "top_k", 0, -1)
-    sampling = dict(temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 0, 1, True),
-                    top_k=max(top_k, 0), stop=_stop(body),
-                    repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, True))
+    d = SamplingConfig()
+    sampling = dict(temperature=_number(body, "temperature", d.temperature, 0, 2),
+                    top_p=_number(body, "top_p", d.top_p, 0, 1, True), top_k=max(_int(body, "top_k", d.top_k, -1), 0),
+                    stop=_stop(body), repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, True))
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63):
         raise bad("seed", f"must be an integer, got {seed!r}")
