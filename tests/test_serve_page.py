@@ -52,17 +52,24 @@ def record_lengths(page) -> None:
     }""")
 
 
+def send(page, model: str, prompt: str, **fields: str) -> None:
+    """Choose the model, fill the settings (temperature, seed, max_tokens...) and the prompt, click Send."""
+    page.select_option("#model", model)
+    for field, value in fields.items():
+        page.fill(f"#{field}", value)
+    page.fill("#prompt", prompt)
+    page.click("#send")
+
+
+FINISHED = "document.getElementById('status').textContent.includes('finished')"
+
+
 def test_page_streams_a_completion_and_takes_a_screenshot(page, url: str, tmp_path: Path) -> None:
     page.wait_for_function("document.querySelectorAll('#model option').length === 2")
     assert page.locator("#model option").all_inner_texts() == ["chars (context 32)", "rope (context 32)"]
-    page.select_option("#model", "rope")
-    page.fill("#temperature", "0.8")
-    page.fill("#seed", "3")
-    page.fill("#max_tokens", "1000")
-    page.fill("#prompt", "ROMEO:\n")
     record_lengths(page)
-    page.click("#send")
-    page.wait_for_function("document.getElementById('status').textContent.includes('finished')")
+    send(page, "rope", "ROMEO:\n", temperature="0.8", seed="3", max_tokens="1000")
+    page.wait_for_function(FINISHED)
     shown = page.locator("#output .completion").inner_text()
     expected = httpx.post(url + "/v1/completions", json={"model": "rope", "prompt": "ROMEO:\n", "max_tokens": 1000,
                                                          "temperature": 0.8, "seed": 3}).json()["choices"][0]["text"]
@@ -76,11 +83,7 @@ def test_page_streams_a_completion_and_takes_a_screenshot(page, url: str, tmp_pa
 
 
 def test_stop_button_ends_a_long_reply_and_frees_its_slot(page, url: str) -> None:
-    page.select_option("#model", "chars")
-    page.fill("#temperature", "1")
-    page.fill("#max_tokens", "100000")
-    page.fill("#prompt", "To be")
-    page.click("#send")
+    send(page, "chars", "To be", temperature="1", max_tokens="100000")
     page.wait_for_function("document.querySelector('#output .completion').textContent.length > 50")
     page.click("#stop")
     page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
@@ -88,21 +91,17 @@ def test_stop_button_ends_a_long_reply_and_frees_its_slot(page, url: str) -> Non
     def active() -> int:
         return httpx.get(url + "/health").json()["models"]["chars"]["active"]
 
-    page.wait_for_timeout(100)
-    deadline = 50
-    while active() and deadline:
+    for _ in range(50):
+        if not active():
+            break
         page.wait_for_timeout(100)
-        deadline -= 1
     assert active() == 0
 
 
 def test_chat_mode_shows_both_turns(page) -> None:
     page.select_option("#mode", "chat")
-    page.select_option("#model", "chars")
-    page.fill("#max_tokens", "20")
-    page.fill("#prompt", "Who art thou?")
-    page.click("#send")
-    page.wait_for_function("document.getElementById('status').textContent.includes('finished')")
+    send(page, "chars", "Who art thou?", max_tokens="20")
+    page.wait_for_function(FINISHED)
     turns = page.locator("#output .turn").all_inner_texts()
     assert len(turns) == 2 and turns[0] == "You: Who art thou?" and turns[1].startswith("Model: ")
     assert len(turns[1]) > len("Model: ")
