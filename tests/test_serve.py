@@ -112,6 +112,17 @@ def test_stop_string_ends_the_text(client) -> None:
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_echo_and_a_list_of_prompts(client) -> None:
+    plain = complete(client, max_tokens=20, seed=2).choices[0].text
+    echoed = complete(client, max_tokens=20, seed=2, echo=True).choices[0].text
+    assert echoed == PROMPT + plain
+    streamed = "".join(c.choices[0].text for c in complete(client, max_tokens=20, seed=2, echo=True, stream=True))
+    assert streamed == echoed
+    both = complete(client, prompt=[PROMPT, "JULIET:"], max_tokens=20, seed=2, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3] and both.choices[0].text == plain
+    assert both.usage.prompt_tokens == len(PROMPT) + len("JULIET:") and both.usage.completion_tokens == 80
+
+
 def test_streaming_sends_the_same_text_then_done(client, url: str) -> None:
     kw = dict(max_tokens=40, temperature=0.8, seed=3)
     whole = complete(client, **kw).choices[0].text
