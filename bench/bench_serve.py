@@ -1,6 +1,6 @@
 """Load test of `mypt serve` on 127.0.0.1: continuous batching under 1, 4, 16 and 64 clients.
 
-    python bench/bench_serve.py                          # trains the small preset briefly first
+    python bench/bench_serve.py                          # trains the small preset briefly first (once)
     python bench/bench_serve.py --model_name NAME --checkpoints_dir checkpoints
     python bench/bench_serve.py --screenshot docs/serve-page.png --screenshot_model sc
 
@@ -28,7 +28,6 @@ import random
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +60,19 @@ def free_port() -> int:
 
 
 def train_small(root: Path) -> str:
-    """The small preset (GPT-2 tokenizer), trained briefly on tinyshakespeare: the speed is what counts."""
-    cmd = [sys.executable, str(REPO / "train.py"), "--config_file", "small", "--model_name", "small",
+    """The small preset (GPT-2 tokenizer), trained briefly on tinyshakespeare: the speed is what counts.
+    Kept in root/bench_serve_small and reused by later runs."""
+    name = "bench_serve_small"
+    if (root / name).is_dir():
+        return name
+    cmd = [sys.executable, str(REPO / "train.py"), "--config_file", "small", "--model_name", name,
            "--input_file", str(CORPUS), "--max_iters", "10", "--eval_interval", "10", "--eval_iters", "1",
            "--checkpoints_dir", str(root)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return "small"
+    return name
+
+
+THREADS = {"OMP_NUM_THREADS": "1"}  # set by --threads
 
 
 def start_server(names: list[str], ckpts: str, port: int, *extra: str) -> tuple[subprocess.Popen, float]:
@@ -74,7 +80,7 @@ def start_server(names: list[str], ckpts: str, port: int, *extra: str) -> tuple[
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mypt", "serve", "--model_name", *names, "--checkpoints_dir", ckpts,
                              "--port", str(port), "--log_level", "warning", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **THREADS})
     body = {"model": names[0], "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     while True:
         try:
@@ -221,27 +227,33 @@ def main() -> None:
     p.add_argument("--checkpoints_dir", default="checkpoints")
     p.add_argument("--requests", type=int, default=64, help="requests per level (default: %(default)s)")
     p.add_argument("--max_batch", type=int, default=64, help="the server's --max_batch (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads (OMP_NUM_THREADS); on a "
+                   "shared 2-core machine a second thread mostly spins (default: %(default)s)")
     p.add_argument("--screenshot", help="also save a screenshot of the page here (needs playwright and chromium)")
     p.add_argument("--screenshot_model", help="the model shown in the screenshot (default: the load-test model)")
     args = p.parse_args()
-    print(header("mypt serve load test"))
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpts = args.checkpoints_dir if args.model_name else tmp
-        model = args.model_name or train_small(Path(tmp))
-        names = [model] + ([args.screenshot_model] if args.screenshot_model else [])
-        port = free_port()
-        proc, startup = start_server(names, ckpts, port, "--max_batch", str(args.max_batch), "--max_queue", "256")
-        base = f"http://127.0.0.1:{port}"
-        print(f"model {model}; server: --max_batch {args.max_batch}; startup to first answer: {startup:.2f} s")
-        try:
-            failures = load_table(base, model, args.requests)
-            long_vs_short(base, model)
-            if args.screenshot:
-                screenshot(base, args.screenshot_model or model, args.screenshot)
-        finally:
-            proc.terminate()
-            proc.wait()
-        failures += burst([model], ckpts, model)
+    THREADS["OMP_NUM_THREADS"] = str(args.threads)
+    print(header("mypt serve load test") + f"\nserver threads: {args.threads}")
+    ckpts = args.checkpoints_dir
+    model = args.model_name or train_small(Path(ckpts))
+    names = [model] + ([args.screenshot_model] if args.screenshot_model else [])
+    port = free_port()
+    proc, startup = start_server([model], ckpts, port)  # alone: its startup is the figure
+    proc.terminate()
+    proc.wait()
+    print(f"model {model}; startup of `mypt serve` to its first answer: {startup:.2f} s")
+    proc, _ = start_server(names, ckpts, port, "--max_batch", str(args.max_batch), "--max_queue", "256")
+    base = f"http://127.0.0.1:{port}"
+    print(f"server: --max_batch {args.max_batch} --max_queue 256")
+    try:
+        failures = load_table(base, model, args.requests)
+        long_vs_short(base, model)
+        if args.screenshot:
+            screenshot(base, args.screenshot_model or model, args.screenshot)
+    finally:
+        proc.terminate()
+        proc.wait()
+    failures += burst([model], ckpts, model)
     if failures:
         raise SystemExit(f"{failures} failed, mixed-up or unclean responses")
 
