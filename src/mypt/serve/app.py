@@ -153,9 +153,10 @@ class Generation:
         cfg = req.sampling_config(max_tokens, extra_stop)
         seed = fresh_seed() if req.seed is None else req.seed
         self.jobs: list[Job] = []
+        self.queue: asyncio.Queue = asyncio.Queue()  # the text of every choice, as the batcher steps
         try:
-            for p in ids:
-                self.jobs.append(self.batcher.submit(p, cfg, [seed + i for i in range(req.n)]))
+            for j, p in enumerate(ids):
+                self.jobs.append(self.batcher.submit(p, cfg, [seed + i for i in range(req.n)], self.queue, j * req.n))
         except Overloaded as e:
             self.cancel()
             raise APIError(503, f"The server is busy ({e}); retry after {RETRY_AFTER_SECONDS} s", type="server_error",
@@ -179,30 +180,14 @@ class Generation:
 
     async def events(self) -> AsyncIterator[tuple[int, str, str | None, int]]:
         """(choice index, new text, finish_reason or None, completion tokens) until every choice is done."""
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def relay(j: int, job: Job) -> None:
-            for _ in range(len(job.continuations)):
-                while True:
-                    ev = await job.events.get()
-                    await merged.put((j, ev))
-                    if ev.finish_reason is not None:
-                        break
-
-        relays = [asyncio.create_task(relay(j, job)) for j, job in enumerate(self.jobs)]
-        try:
-            open_choices = self.choices
-            while open_choices:
-                j, ev = await merged.get()
-                if ev.finish_reason == "error":
-                    raise APIError(500, ev.text, type="server_error", code="internal_error")
-                if ev.finish_reason is not None:
-                    open_choices -= 1
-                yield j * self.req.n + ev.index, self.text(j * self.req.n + ev.index, ev.text), ev.finish_reason, \
-                    ev.completion_tokens
-        finally:
-            for task in relays:
-                task.cancel()
+        open_choices = self.choices
+        while open_choices:
+            ev = await self.queue.get()
+            if ev.finish_reason == "error":
+                raise APIError(500, ev.text, type="server_error", code="internal_error")
+            if ev.finish_reason is not None:
+                open_choices -= 1
+            yield ev.index, self.text(ev.index, ev.text), ev.finish_reason, ev.completion_tokens
 
 
 async def _until_disconnect(request: HTTPRequest) -> None:

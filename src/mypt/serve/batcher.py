@@ -6,9 +6,11 @@ request), each step gives every active continuation one token from one forward p
 continuation leaves as soon as it finishes or its client goes away, so a long request never
 holds up a short one. The step itself is the one in mypt.sampling that generate.py uses too.
 
-Everything here runs on the server's event loop except `Decoder.step`, which runs in a worker
-thread while the loop keeps serving; the decoder is touched only between steps, so no lock is
-needed. Each request hears of its text through an asyncio.Queue of `Event`s.
+Everything here runs on the server's event loop, `Decoder.step` included: between two steps the
+loop sends the new text and takes new requests, and nothing else touches the decoder, so no lock
+is needed. (A worker thread for the step was measured slower under load: its Python work and
+the loop's contend for the GIL; BENCHMARKS.md.) A request hears of its text through the
+asyncio.Queue of `Event`s it gave to `submit`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Overloaded(Exception):
 @dataclass(frozen=True)
 class Event:
     """New text of choice `index`; finish_reason set when that choice is done ("stop" or
-    "length"). index -1 with finish_reason "error": the whole request failed (message in text)."""
+    "length"). finish_reason "error": the whole request failed (the message in text)."""
 
     index: int
     text: str
@@ -42,11 +44,12 @@ class Event:
 
 
 class Job:
-    """One request: its continuations (choices) and the queue its handler reads events from."""
+    """One prompt of a request: its continuations (choices first_index, first_index + 1, ...) and
+    the queue its handler reads events from."""
 
-    def __init__(self, continuations: list[Continuation]) -> None:
+    def __init__(self, continuations: list[Continuation], events: asyncio.Queue[Event], first_index: int) -> None:
         self.continuations = continuations
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events, self.first_index = events, first_index
         self.cancelled = False
         self.admitted = 0  # continuations that have a row (they join in order)
         self.open = len(continuations)  # continuations not finished yet
@@ -69,12 +72,14 @@ class Batcher:
         self._wake = asyncio.Event()
         self.steps = 0
 
-    def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int]) -> Job:
-        """Queue one request of len(seeds) choices (choice i samples with seeds[i])."""
+    def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int],
+               events: asyncio.Queue[Event], first_index: int = 0) -> Job:
+        """Queue one prompt of len(seeds) choices (choice first_index + i samples with seeds[i]);
+        their text arrives in `events`."""
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
         job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=self.lm.tokenizer.n_vocab,
-                                tokenizer=self.lm.tokenizer) for seed in seeds])
+                                tokenizer=self.lm.tokenizer) for seed in seeds], events, first_index)
         self.waiting.append(job)
         self._wake.set()
         return job
@@ -96,13 +101,14 @@ class Batcher:
                 await self._wake.wait()
                 continue
             try:
-                done = await asyncio.to_thread(self.decoder.step)
+                done = self.decoder.step()
             except Exception as e:  # a failing step fails its requests, never the server
                 log.exception("decoding step failed")
                 self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
                 continue
             self.steps += 1
             self._publish(done)
+            await asyncio.sleep(0.001)  # the loop sends the text, takes new requests, notices gone clients
 
     def _admit(self) -> None:
         """Waiting continuations take free rows, in arrival order, within the prefill budget."""
@@ -136,7 +142,7 @@ class Batcher:
         """Hand each running job its new text; finished continuations say so."""
         finished = {id(c) for c in done}
         for job in list(self.running):
-            for i, c in enumerate(job.continuations[: job.admitted]):
+            for i, c in enumerate(job.continuations[: job.admitted], start=job.first_index):
                 text = c.take_text()
                 if id(c) in finished:
                     job.events.put_nowait(Event(i, text, c.finish_reason, c.n_new))
@@ -148,7 +154,7 @@ class Batcher:
 
     def _fail_all(self, message: str) -> None:
         for job in list(self.running):
-            job.events.put_nowait(Event(-1, message, "error"))
+            job.events.put_nowait(Event(job.first_index, message, "error"))
             job.cancel()
         self._drop_cancelled()
 
