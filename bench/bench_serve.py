@@ -100,7 +100,8 @@ def make_requests(model: str, n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         start = rng.randrange(len(text) - 400)
         prompt = text[start: start + rng.randrange(60, 250)]  # about 16-64 GPT-2 tokens
-        body = {"model": model, "prompt": prompt, "max_tokens": rng.choice((16, 32, 64, 96, 128)), "stream": True}
+        body = {"model": model, "prompt": prompt, "max_tokens": rng.choice((16, 32, 64, 96, 128)), "stream": True,
+                "ignore_eot": True}  # every request its full length
         body.update({"temperature": 0} if i % 2 == 0 else {"temperature": 0.9, "top_p": 0.95, "seed": i})
         out.append(body)
     return out
@@ -181,8 +182,9 @@ def load_table(base: str, model: str, n: int) -> float:
 
 def long_vs_short(base: str, model: str) -> None:
     """A 16-token request alone, then while a 1024-token request decodes."""
-    short = {"model": model, "prompt": "ROMEO:", "max_tokens": 16, "temperature": 0, "stream": True}
-    long = {"model": model, "prompt": "JULIET:", "max_tokens": 1024, "temperature": 0, "stream": True}
+    short = {"model": model, "prompt": "ROMEO:", "max_tokens": 16, "temperature": 0, "stream": True, "ignore_eot": True}
+    long = {"model": model, "prompt": "JULIET:", "max_tokens": 1024, "temperature": 0, "stream": True,
+            "ignore_eot": True}
 
     async def run() -> tuple[Result, Result, Result, float]:
         async with httpx.AsyncClient(base_url=base, timeout=600) as client:

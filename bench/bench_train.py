@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from _machine import header
@@ -36,7 +35,7 @@ from _machine import header
 import mypt.model
 from mypt import dist
 from mypt.config import ModelConfig, TrainConfig, load_model_config
-from mypt.data import batch_at, load_splits, prepare_tokens
+from mypt.data import Mixture, batch_at, training_data
 from mypt.estimate import flops_per_token
 from mypt.model import GPT
 from mypt.optim import make_optimizer
@@ -62,9 +61,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 15) -> float:
     return 2 * n**3 / min(times)
 
 
-def gpt2_tokens() -> tuple[np.ndarray, np.ndarray]:
-    token_file = prepare_tokens(DATA, build_tokenizer("gpt2"), CACHE, progress=False)
-    return load_splits(token_file, 0.1, 256, str(DATA))
+def gpt2_tokens() -> tuple[Mixture, Mixture]:
+    _, train, val = training_data([str(DATA)], build_tokenizer("gpt2"), CACHE, 0.1, 256)
+    return train, val
 
 
 @dataclass
@@ -80,7 +79,7 @@ class Run:
     times: list[float] = field(default_factory=list)
 
 
-def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
+def mypt_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[Mixture, Mixture],
              optimizer_kw: dict | None = None, compile_model: bool = False, malloc_reuse: bool = True) -> Run:
     model = GPT(cfg)
     model.load_state_dict(state)
@@ -116,7 +115,7 @@ def hf_model(cfg: ModelConfig, state: dict) -> torch.nn.Module:
     return model
 
 
-def hf_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[np.ndarray, np.ndarray],
+def hf_run(cfg: ModelConfig, state: dict, dtype: str, data: tuple[Mixture, Mixture],
            malloc_reuse: bool) -> Run:
     model = hf_model(cfg, state)
     optimizer = make_optimizer(model, TRAIN, CPU)
@@ -154,7 +153,7 @@ def time_runs(runs: list[Run], warmup: int, rounds: int) -> None:
 
 
 @torch.no_grad()
-def val_loss(run: Run, cfg: ModelConfig, val: np.ndarray) -> float:
+def val_loss(run: Run, cfg: ModelConfig, val: Mixture) -> float:
     run.model.eval()
     losses = [run.loss_of(*batch_at(val, cfg.block_size, cfg.batch_size, 99, i, CPU)).item()
               for i in range(EVAL_BATCHES)]
@@ -162,7 +161,7 @@ def val_loss(run: Run, cfg: ModelConfig, val: np.ndarray) -> float:
     return sum(losses) / len(losses)
 
 
-def bench_preset(name: str, rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray],
+def bench_preset(name: str, rounds: int, warmup: int, data: tuple[Mixture, Mixture],
                  peaks: dict[str, float]) -> None:
     cfg = load_model_config(name)
     torch.manual_seed(0)
@@ -210,7 +209,7 @@ def bench_preset(name: str, rounds: int, warmup: int, data: tuple[np.ndarray, np
               "(target within 2%)")
 
 
-def ablations(rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray]) -> None:
+def ablations(rounds: int, warmup: int, data: tuple[Mixture, Mixture]) -> None:
     """Variants of MyPT's tiny training step, timed interleaved against the default."""
     cfg = load_model_config("tiny")
     torch.manual_seed(0)
@@ -238,7 +237,7 @@ def ablations(rounds: int, warmup: int, data: tuple[np.ndarray, np.ndarray]) -> 
 
 
 def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
-                   data: tuple[np.ndarray, np.ndarray]) -> None:
+                   data: tuple[Mixture, Mixture]) -> None:
     """The loss head's LOSS_CHUNK_ROWS (a module constant, swapped per step)."""
     settings = [256, 512, 1024, 2048]
     default = mypt.model.LOSS_CHUNK_ROWS
@@ -259,7 +258,7 @@ def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
         print(f"| {d} | {rows} | {statistics.median(ts) * 1e3:.0f} | {min(ts) * 1e3:.0f} |")
 
 
-def profile_steps(name: str, data: tuple[np.ndarray, np.ndarray], steps: int = 3) -> None:
+def profile_steps(name: str, data: tuple[Mixture, Mixture], steps: int = 3) -> None:
     """torch.profiler over a few steps of each run: the ops with the most self time per iteration."""
     from torch.profiler import profile
 

@@ -32,7 +32,7 @@ from _machine import header
 from mypt import dist
 from mypt.cli.train import add_arguments, train_flags
 from mypt.config import ModelConfig, TrainConfig, load_model_config, new_run_train_config
-from mypt.data import char_vocab_of_file, load_splits, prepare_tokens
+from mypt.data import training_data
 from mypt.model import GPT
 from mypt.optim import make_optimizer
 from mypt.tokenizers import build_tokenizer
@@ -52,13 +52,10 @@ class _Quiet:
 
 def run_trainer(cfg: ModelConfig, tc: TrainConfig, input_file: Path, target: float, budget: float,
                 cache: Path, tokenizer: str = "char") -> list[dict[str, float]]:
+    tok, train_data, val_data = training_data([str(input_file)], None if tokenizer == "char" else
+                                              build_tokenizer(tokenizer), cache, tc.val_split, cfg.block_size)
     if tokenizer == "char":
-        tok = build_tokenizer("char", "".join(char_vocab_of_file(input_file)))
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.n_vocab}, "config")
-    else:
-        tok = build_tokenizer(tokenizer)
-    train_data, val_data = load_splits(prepare_tokens(input_file, tok, cache, progress=False), tc.val_split,
-                                       cfg.block_size, str(input_file))
     device = torch.device("cpu")
     dtype = dist.pick_dtype(tc.dtype, device)
     torch.manual_seed(tc.seed)

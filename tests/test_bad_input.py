@@ -129,6 +129,8 @@ class Case:
     script: str = "train.py"
 
 
+NEW_NO_INPUT = ["--model_name", "new", "--tokenizer", "char", "--max_iters", "4", "--eval_iters", "2",
+                "--device", "cpu", *tiny_arch_flags()]  # --input_file is repeatable: each case names its own
 NEW = ["--model_name", "new", "--input_file", "input.txt", "--tokenizer", "char", "--max_iters", "4",
        "--eval_iters", "2", "--device", "cpu"]
 NEW_TINY = [*NEW, *tiny_arch_flags()]
@@ -156,15 +158,17 @@ CASES: dict[str, Case] = {
                                             "vocab_size (100) is smaller than the gpt2 tokenizer's",
                                             preset(vocab_size=100)),
     # input text
-    "input-missing": Case([*NEW_TINY, "--input_file", "nosuch.txt"], "input file nosuch.txt does not exist"),
-    "input-empty": Case([*NEW_TINY, "--input_file", "e.txt"], "input file e.txt is empty", write("e.txt", "")),
-    "input-directory": Case([*NEW_TINY, "--input_file", "d"], "input file d is a directory",
-                            lambda w: (w / "d").mkdir()),
-    "input-binary": Case([*NEW_TINY, "--input_file", "b.bin"], "looks binary (it contains NUL bytes",
+    "input-missing": Case([*NEW_NO_INPUT, "--input_file", "nosuch.txt"], "input file nosuch.txt does not exist"),
+    "input-empty": Case([*NEW_NO_INPUT, "--input_file", "e.txt"], "input file e.txt is empty", write("e.txt", "")),
+    "input-empty-folder": Case([*NEW_NO_INPUT, "--input_file", "d"], "input folder d has no files ending in .txt",
+                               lambda w: (w / "d").mkdir()),
+    "input-binary": Case([*NEW_NO_INPUT, "--input_file", "b.bin"], "looks binary (it contains NUL bytes",
                          write("b.bin", b"\x7fELF\x02\x01\x00\x00" * 100)),
-    "input-not-utf8": Case([*NEW_TINY, "--input_file", "l.txt"], "is not valid UTF-8 (first bad byte at byte offset 5",
+    "input-not-utf8": Case([*NEW_NO_INPUT, "--input_file", "l.txt"],
+                           "is not valid UTF-8 (first bad byte at byte offset 5",
                            write("l.txt", b"caf\xc3\xa9\xe9 latin-1\n" * 50)),
-    "input-too-short": Case([*NEW_TINY, "--input_file", "s.txt"], "s.txt is too short: it has 12 tokens",
+    "input-too-short": Case([*NEW_NO_INPUT, "--input_file", "s.txt"],
+                            "s.txt is too short: it has 13 tokens",  # 12 characters and the end-of-text
                             write("s.txt", "hello world\n")),
     # model names that would leave the checkpoints folder or are not plain names
     "name-parent": Case([*NEW_TINY, "--model_name", "../x"], "it contains a path separator"),
@@ -285,6 +289,8 @@ def test_catalogue_is_big_enough() -> None:
 def test_bad_input(case: Case, base: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     shutil.copytree(base, work, symlinks=True)
+    state = work / GOOD / "training_state.json"  # as if `good` was trained here (input paths are absolute)
+    state.write_text(state.read_text().replace(str(base), str(work)))
     if case.prepare is not None:
         case.prepare(work)
     before = tree(work)

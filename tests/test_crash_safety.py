@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot, tiny_arch_flags
+from conftest import corpus_text, snapshot, tiny_arch_flags
 from forked_cli import Run, run
 
 from mypt.checkpoint import CHECKPOINT_FILES, load_checkpoint, recover, training_lock
@@ -276,8 +276,12 @@ def test_second_ctrl_c_while_saving_does_not_cut_the_save(work: Path) -> None:
 
 
 def test_ctrl_c_before_training_starts_is_a_clean_exit(work: Path) -> None:
+    (work / "input.txt").write_text(corpus_text(2_000_000) * 3, encoding="utf-8")  # long enough to catch
     r = Run(*train_flags(), cwd=work)
-    wait_for(r, "char tokenizer:")  # planned; now tokenizing and building the model
+    deadline = time.monotonic() + 60
+    while "preparing" not in r.stderr:  # planned; now preparing the data
+        assert r.poll() is None and time.monotonic() < deadline, r.stdout + r.stderr
+        time.sleep(0.005)
     r.send_signal(signal.SIGINT)
     assert r.wait() == 130, r.stdout + r.stderr
     assert "Traceback" not in r.stderr

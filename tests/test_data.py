@@ -1,28 +1,37 @@
-"""Tests for mypt.data: input checks, the token cache, train/val splits, the batch sampler."""
+"""mypt.data: every input kind, document boundaries, the one pass, validation by documents,
+mixtures and the batch sampler, changed sources, bad input. In-process, on small real text."""
 
+from __future__ import annotations
+
+import gzip
 import hashlib
+import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import corpus_text
 
 from mypt import data
-from mypt.data import (
-    TokenFile,
-    batch_at,
-    char_vocab_of_file,
-    check_input_file,
-    file_sha256,
-    load_splits,
-    prepare_tokens,
-)
+from mypt.data import Source, batch_at, open_splits, prepare_corpus, sources_from_flags
+from mypt.data import dataset as ds
+from mypt.data import sources as src
+from mypt.data.prepare import doc_keys
 from mypt.errors import MyPTError
-from mypt.tokenizers import CharTokenizer, build_tokenizer
+from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, build_tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+try:
+    from compression import zstd  # Python 3.14 on
+except ImportError:
+    from backports import zstd
+
+TEXT = corpus_text(40_000)
 
 
 @pytest.fixture(scope="module")
@@ -30,253 +39,422 @@ def gpt2():
     return build_tokenizer("gpt2")
 
 
-def write(tmp_path: Path, content: str | bytes, name: str = "input.txt") -> Path:
-    path = tmp_path / name
-    if isinstance(content, str):
-        content = content.encode("utf-8")
-    path.write_bytes(content)
+def docs_of(text: str, n: int) -> list[str]:
+    """n real documents: consecutive paragraphs of the corpus."""
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    return ["\n\n".join(paras[i::n]) for i in range(n)]
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text", opener=open) -> Path:
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, field: d}) + "\n")
     return path
 
 
-def read_ids(token_file: TokenFile) -> list[int]:
-    return np.fromfile(token_file.path, dtype=token_file.dtype).tolist()
+def write_parquet(path: Path, docs: list[str], column: str = "text") -> Path:
+    pq.write_table(pa.table({column: docs, "n": list(range(len(docs)))}), path, row_group_size=7)
+    return path
 
 
-# --- check_input_file ------------------------------------------------------------------------
+def stream_ids(corpus: data.Corpus, k: int = 0) -> list[int]:
+    """Every stored token of source k, in order."""
+    m, folder = corpus.parts[k].manifest, corpus.parts[k].folder
+    return np.concatenate([np.fromfile(folder / s["file"], dtype=s["dtype"]) for s in m["shards"]]).tolist()
 
 
-def test_check_input_file_accepts_utf8_text(tmp_path):
-    path = write(tmp_path, "héllo\n世界\n")
-    assert check_input_file(str(path)) == path
+def prepare(tmp_path: Path, inputs: list, tok=None, **kw) -> data.Corpus:
+    sources = [Source("input", tuple(str(p) for p in inputs), kw.pop("text_field", "text"))]
+    return prepare_corpus(sources, tok, tmp_path / "cache", progress=False, **kw)
 
 
-BAD_INPUTS = {
-    "missing": (None, r"does not exist; check the path"),
-    "directory": ("DIR", r"is a directory"),
-    "empty": (b"", r"is empty"),
-    "binary": (
-        b"text\x00\x01\x02",
-        r"looks binary \(it contains NUL bytes, the first at byte offset 4\)",
-    ),
-    "latin1": (
-        b"ok\nline two caf\xe9\n",
-        r"is not valid UTF-8 \(first bad byte at byte offset 15, line 2\)",
-    ),
-    "truncated": (
-        "ab\n🙂".encode()[:-1],
-        r"is not valid UTF-8 \(first bad byte at byte offset 3, line 2\)",
-    ),
+def with_eot(tok, docs: list[str]) -> list[int]:
+    out = []
+    for d in docs:
+        out += tok.encode(d) + [tok.eot_id]
+    return out
+
+
+# ----------------------------------------------------------------------------- what --input_file names
+
+
+def test_folder_is_searched_recursively_for_known_extensions(tmp_path):
+    root = tmp_path / "books"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".git").mkdir()
+    for name in ("a/one.txt", "a/b/two.md", "three.jsonl", "four.txt.gz", "skip.py", ".hidden.txt", ".git/x.txt"):
+        (root / name).write_bytes(b"x")
+    names = [f.name for f in src.list_files([str(root)])]
+    assert names == ["books/four.txt.gz", "books/three.jsonl", "books/a/one.txt", "books/a/b/two.md"]
+    (root / "a" / "loop").symlink_to(root)  # a link back up the tree is followed once, not forever
+    assert [f.name for f in src.list_files([str(root)])] == names
+    kinds = {f.name: (f.kind, f.compression) for f in src.list_files([str(root)])}
+    assert kinds["books/three.jsonl"] == ("jsonl", None) and kinds["books/four.txt.gz"] == ("text", "gzip")
+
+
+def test_globs_with_double_star_and_repeated_values_each_file_once(tmp_path):
+    (tmp_path / "code" / "pkg").mkdir(parents=True)
+    for name in ("code/a.py", "code/pkg/b.py", "code/pkg/c.txt"):
+        (tmp_path / name).write_text("x = 1\n")
+    files = src.list_files([str(tmp_path / "code" / "**" / "*.py"), str(tmp_path / "code" / "a.py")])
+    assert [f.name for f in files] == ["a.py", "pkg/b.py"]
+    assert all(f.kind == "text" for f in files)
+
+
+def test_flags_make_one_absolute_source_and_mixture_files_are_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    [s] = sources_from_flags(["a.txt", "docs/"], "body", None)
+    assert s.inputs == (str(tmp_path / "a.txt"), str(tmp_path / "docs")) and s.text_field == "body"
+    (tmp_path / "sub").mkdir()
+    mix = tmp_path / "sub" / "mix.json"
+    mix.write_text(json.dumps({"sources": [{"name": "prose", "input_file": ["books/"], "weight": 0.7},
+                                           {"name": "code", "input_file": "/abs/**/*.py", "weight": 0.3,
+                                            "text_field": "content"}]}))
+    prose, code = sources_from_flags(None, None, str(mix))
+    with pytest.raises(MyPTError, match=r"--text_field body: name the files it applies to with --input_file"):
+        sources_from_flags(None, "body", None)
+    assert prose.inputs == (str(tmp_path / "sub" / "books"),) and prose.weight == 0.7  # relative to the file
+    assert code.inputs == ("/abs/**/*.py",) and code.text_field == "content"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"sources": []}, "with at least one source"),
+    ({"sources": [{"name": "a", "input_file": "x"}], "extra": 1}, "unknown key 'extra'"),
+    ({"sources": [{"name": "a", "input_file": "x", "wieght": 1}]}, "source 1: unknown key 'wieght'"),
+    ({"sources": [{"name": "a", "input_file": "x", "weight": 0}]}, "'weight' (0) must be a number above 0"),
+    ({"sources": [{"name": "a", "input_file": []}]}, "'input_file' must be a path"),
+    ({"sources": [{"name": "a", "input_file": "x"}, {"name": "a", "input_file": "y"}]}, "'a' is used twice"),
+])
+def test_bad_mixture_files_are_named(tmp_path, content, message):
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps(content))
+    with pytest.raises(MyPTError, match=f"^{mix}: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        sources_from_flags(None, None, str(mix))
+
+
+# ----------------------------------------------------------------------------- each kind, documents and EOT
+
+
+def test_every_kind_of_file_is_read_as_documents_each_ending_with_eot(tmp_path, gpt2):
+    docs = docs_of(TEXT, 12)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(docs[0], encoding="utf-8")
+    write_jsonl(tmp_path / "in" / "b.jsonl", docs[1:4])
+    write_jsonl(tmp_path / "in" / "c.jsonl.gz", docs[4:6], opener=gzip.open)
+    with zstd.open(tmp_path / "in" / "d.txt.zst", "wt", encoding="utf-8") as f:
+        f.write(docs[6])
+    write_parquet(tmp_path / "in" / "e.parquet", docs[7:11])
+    (tmp_path / "in" / "f.json").write_text(json.dumps({"text": docs[11]}) + "\n\n")  # a blank line is skipped
+    corpus = prepare(tmp_path, [tmp_path / "in"], gpt2, chunk_size=1000)
+    names = [f["path"].rsplit("/", 1)[1] for f in corpus.parts[0].manifest["files"]]
+    assert names == ["a.txt", "b.jsonl", "c.jsonl.gz", "d.txt.zst", "e.parquet", "f.json"]
+    order = [docs[0], *docs[1:4], *docs[4:6], docs[6], *docs[7:11], docs[11]]
+    assert stream_ids(corpus) == with_eot(gpt2, order)
+    m = corpus.parts[0].manifest
+    assert m["n_documents"] == 12 and [f["documents"] for f in m["files"]] == [1, 3, 2, 1, 4, 1]
+    assert sum(f["tokens"] for f in m["files"]) == m["n_tokens"] == len(with_eot(gpt2, order))
+
+
+def test_eot_only_between_documents_never_inside_one(tmp_path, gpt2):
+    docs = ["literal <|endoftext|> stays text", "second", "third <|endoftext|>"]
+    write_jsonl(tmp_path / "d.jsonl", docs)
+    ids = stream_ids(prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2))
+    eots = [i for i, t in enumerate(ids) if t == GPT2_EOT_ID]
+    assert len(eots) == 3 and eots[-1] == len(ids) - 1
+    pieces = np.split(np.array(ids), np.array(eots[:-1]) + 1)
+    assert [gpt2.decode(p[:-1].tolist()) for p in pieces] == docs
+
+
+def test_char_data_learn_the_vocabulary_in_the_same_pass(tmp_path):
+    docs = ["héllo wörld", "🙂 emoji", "plain"]
+    write_jsonl(tmp_path / "d.jsonl", docs)
+    corpus = prepare(tmp_path, [tmp_path / "d.jsonl"], None)
+    assert corpus.parts[0].manifest["tokenizer"]["chars"][:5] == ["h", "é", "l", "o", " "]  # first appearance
+    tok = CharTokenizer(corpus.chars())
+    assert tok.chars == sorted(set("".join(docs))) and tok.eot_id == len(tok.chars)
+    train, val, _ = open_splits(corpus, tok, 0.3, 2)
+    whole = np.concatenate([s.gather(np.arange(len(s))) for s in (*train.streams, *val.streams)])
+    assert sorted(whole.tolist()) == sorted(with_eot(tok, docs))
+
+
+def test_chunked_text_tokenizes_as_the_whole_text(tmp_path, gpt2):
+    pieces = list("ab xy\n\t\r'sé世🙂.,!9") + ["'ll", "  \n", " \n", "  ", "\u00a0", "\u2028", "\x0b"]
+    rng = random.Random(1234)
+    for trial in range(40):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 300)))
+        path = tmp_path / f"t{trial}.txt"
+        path.write_text(text, encoding="utf-8")
+        corpus = prepare(tmp_path / str(trial), [path], gpt2, chunk_size=rng.randint(1, 32))
+        assert stream_ids(corpus) == gpt2.encode(text) + [GPT2_EOT_ID], repr(text)
+
+
+def test_text_without_whitespace_still_tokenizes(tmp_path, gpt2):
+    (tmp_path / "x.txt").write_text("x" * 5000)
+    ids = stream_ids(prepare(tmp_path, [tmp_path / "x.txt"], gpt2, chunk_size=64))
+    assert gpt2.decode(ids[:-1]) == "x" * 5000 and ids[-1] == GPT2_EOT_ID
+
+
+def test_shards_are_uint16_of_fixed_size_and_the_manifest_describes_them(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=1000)
+    m = corpus.parts[0].manifest
+    assert {s["dtype"] for s in m["shards"]} == {"uint16"}
+    assert [s["tokens"] for s in m["shards"][:-1]] == [1000] * (len(m["shards"]) - 1)
+    assert m["content_sha256"] == m["files"][0]["sha256"]  # one text file: its own sha256, as before
+    assert m["tokenizer"]["id"] == "gpt2" and m["tokenizer"]["eot"] == GPT2_EOT_ID
+    assert len(m["tokenizer"]["sha256"]) == 64
+    assert stream_ids(corpus) == gpt2.encode(TEXT) + [GPT2_EOT_ID]
+    assert sorted(p.name for p in corpus.parts[0].folder.iterdir()) == sorted(
+        ["manifest.json"] + [s["file"] for s in m["shards"]] + [s["docs"] for s in m["shards"]])
+
+
+def test_more_than_65535_characters_widen_a_shard_to_uint32(tmp_path):
+    ranges = [(0x21, 0x7F), (0xA1, 0xD800), (0xE000, 0x10000), (0x10000, 0x10900)]
+    text = "".join(chr(c) for lo, hi in ranges for c in range(lo, hi))
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    corpus = prepare(tmp_path, [tmp_path / "u.txt"], None, shard_tokens=40_000)
+    assert [s["dtype"] for s in corpus.parts[0].manifest["shards"]] == ["uint16", "uint32"]
+    tok = CharTokenizer(corpus.chars())
+    assert tok.n_vocab > 65536
+    stream = data.TokenStream(ds.shards(corpus.parts[0].folder, corpus.parts[0].manifest), np.array([[0, len(text)]]),
+                              data.corpus.char_table(corpus.parts[0].manifest, tok, "u"))
+    assert tok.decode(stream.gather(np.arange(len(text))).tolist()) == text
+
+
+# ----------------------------------------------------------------------------- validation by documents
+
+
+def test_one_document_keeps_the_old_tail_split(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2)
+    train, val, lines = open_splits(corpus, gpt2, 0.1, 16)
+    n = len(gpt2.encode(TEXT))
+    assert len(train) == int(n * 0.9) and len(val) == n - int(n * 0.9) + 1  # + the end-of-text
+    assert "validation: its last 10%" in lines[0]
+
+
+def test_validation_is_whole_documents_chosen_by_their_identity(tmp_path, gpt2):
+    docs = [f"document number {i}: " + d for i, d in enumerate(docs_of(TEXT, 60))]
+    write_jsonl(tmp_path / "d.jsonl", docs)
+    corpus = prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2)
+    train, val, lines = open_splits(corpus, gpt2, 0.2, 8)
+    keys = doc_keys("d.jsonl", np.arange(60))
+    held = [d for d, k in zip(docs, keys, strict=True) if k < 0.2 * 2**32]
+    assert 0 < len(held) < 30 and f"validation: {len(held)} whole documents" in lines[0]
+    val_text = gpt2.decode(val.streams[0].gather(np.arange(len(val))).tolist())
+    train_text = gpt2.decode(train.streams[0].gather(np.arange(len(train))).tolist())
+    assert val_text == "".join(d + GPT2_EOT for d in held)
+    assert train_text == "".join(d + GPT2_EOT for d in docs if d not in held)
+    again = open_splits(prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2), gpt2, 0.2, 8)[1]
+    assert len(again) == len(val)  # the same documents every time
+
+
+def test_few_documents_still_give_each_side_one(tmp_path):
+    ends = np.array([10, 20], dtype=np.uint64)
+    for keys in ([5, 9], [2**32 - 1, 2**32 - 2]):  # both below val_split, then both above
+        s = ds.split(ends, np.array(keys, dtype=np.uint32), 0.5 if keys[0] < 100 else 0.1)
+        assert s.tokens(s.train) == 10 and s.tokens(s.val) == 10
+
+
+def test_too_short_parts_name_the_source_and_the_fix(tmp_path, gpt2):
+    (tmp_path / "s.txt").write_text("hello world\n")
+    corpus = prepare(tmp_path, [tmp_path / "s.txt"], gpt2)
+    with pytest.raises(MyPTError, match=r"s.txt is too short: it has 4 tokens, so the training part .* block_size"):
+        open_splits(corpus, gpt2, 0.1, 8)
+
+
+# ----------------------------------------------------------------------------- sampler and mixtures
+
+
+def test_one_stream_batches_match_the_old_sampler():
+    arr = np.random.default_rng(0).integers(0, 60000, 5000).astype(np.uint16)
+    x, y = batch_at(arr, 16, 4, seed=5, index=12, device="cpu")
+    starts = np.random.default_rng((5, 12)).integers(0, len(arr) - 16, size=4)
+    windows = arr[starts[:, None] + np.arange(17)].astype(np.int64)
+    assert torch.equal(x, torch.from_numpy(windows[:, :-1])) and torch.equal(y, torch.from_numpy(windows[:, 1:]))
+
+
+def test_streams_read_across_runs_and_shards():
+    shards = data.sampler.Shards([np.arange(0, 10), np.arange(10, 25), np.arange(25, 40)])
+    stream = data.TokenStream(shards, np.array([[3, 12], [20, 22], [30, 40]]))
+    assert len(stream) == 21
+    assert stream.gather(np.arange(21)).tolist() == [*range(3, 12), 20, 21, *range(30, 40)]
+
+
+def test_mixture_draws_each_source_by_weight_and_is_a_pure_function():
+    a = data.TokenStream.from_array(np.zeros(1000, dtype=np.uint16))
+    b = data.TokenStream.from_array(np.ones(1000, dtype=np.uint16))
+    mix = data.Mixture([a, b], [7, 3])
+    rows = torch.cat([batch_at(mix, 8, 16, seed=1, index=i, device="cpu")[0][:, 0] for i in range(200)])
+    assert abs(rows.float().mean().item() - 0.3) < 0.03
+    x1, _ = batch_at(mix, 8, 16, seed=1, index=5, device="cpu")
+    assert torch.equal(x1, batch_at(mix, 8, 16, seed=1, index=5, device="cpu")[0])
+    assert not torch.equal(x1, batch_at(mix, 8, 16, seed=1, index=6, device="cpu")[0])
+
+
+def test_mixture_corpus_opens_each_source_with_its_weight(tmp_path, gpt2):
+    (tmp_path / "prose.txt").write_text(TEXT[:20000], encoding="utf-8")
+    write_jsonl(tmp_path / "code.jsonl", ["def f(x):\n    return x\n" * 20] * 30, field="content")
+    sources = [Source("prose", (str(tmp_path / "prose.txt"),), weight=0.7),
+               Source("code", (str(tmp_path / "code.jsonl"),), "content", 0.3)]
+    corpus = prepare_corpus(sources, gpt2, tmp_path / "cache", progress=False)
+    train, val, lines = open_splits(corpus, gpt2, 0.1, 16)
+    assert train.weights.tolist() == pytest.approx([0.7, 0.3]) and len(train.streams) == 2
+    assert lines[0].startswith("source 'prose'") and lines[1].startswith("source 'code'")
+    assert corpus.content_sha256 not in (corpus.parts[0].content_sha256, corpus.parts[1].content_sha256)
+
+
+# ----------------------------------------------------------------------------- a prepared dataset stays current
+
+
+def test_unchanged_sources_are_not_read_and_touched_ones_only_hashed(tmp_path, gpt2, monkeypatch):
+    (tmp_path / "in").mkdir()
+    for i, d in enumerate(docs_of(TEXT, 3)):
+        (tmp_path / "in" / f"{i}.txt").write_text(d, encoding="utf-8")
+    first = prepare(tmp_path, [tmp_path / "in"], gpt2)
+    shard = first.parts[0].folder / first.parts[0].manifest["shards"][0]["file"]
+    before = shard.stat().st_mtime_ns
+    hashed: list[str] = []
+    real_hash = src.hash_file
+    monkeypatch.setattr(ds, "hash_file", lambda f: hashed.append(f.name) or real_hash(f))
+    monkeypatch.setattr(data.corpus, "prepare", lambda *a, **k: pytest.fail("prepared again"))
+    assert prepare(tmp_path, [tmp_path / "in"], gpt2).parts[0].manifest == first.parts[0].manifest
+    assert hashed == []
+    os.utime(tmp_path / "in" / "1.txt", ns=(1, 1))  # touched, same content
+    again = prepare(tmp_path, [tmp_path / "in"], gpt2)
+    assert hashed == ["in/1.txt"] and again.parts[0].manifest["files"][1]["mtime_ns"] == 1
+    assert prepare(tmp_path, [tmp_path / "in"], gpt2) and hashed == ["in/1.txt"]  # the new mtime was recorded
+    assert shard.stat().st_mtime_ns == before
+
+
+def test_changed_content_is_prepared_again_or_refused_on_resume(tmp_path, gpt2):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT[:5000], encoding="utf-8")
+    first = prepare(tmp_path, [path], gpt2)
+    path.write_text(TEXT[5000:10000], encoding="utf-8")
+    with pytest.raises(data.DataChanged):
+        prepare(tmp_path, [path], gpt2, expect_sha256=first.content_sha256)
+    assert first.parts[0].manifest == ds.read_manifest(first.parts[0].folder)  # nothing written
+    second = prepare(tmp_path, [path], gpt2, expect_sha256=first.content_sha256, allow_change=True)
+    assert second.content_sha256 != first.content_sha256
+    assert stream_ids(second) == gpt2.encode(TEXT[5000:10000]) + [GPT2_EOT_ID]
+
+
+# ----------------------------------------------------------------------------- bad input: one message, nothing written
+
+
+def _gz_truncated(p: Path) -> None:
+    p.write_bytes(gzip.compress(TEXT.encode())[:-40])
+
+
+def _zst_truncated(p: Path) -> None:
+    p.write_bytes(zstd.compress(TEXT.encode())[:-40])
+
+
+BAD = {
+    "empty-folder": (lambda d: None, "has no files ending in .txt"),
+    "glob-no-match": ("*.nothing", "the pattern matches no files"),
+    "jsonl-not-json": (lambda d: (d / "a.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n'),
+                       r"a.jsonl line 2 is not valid JSON"),
+    "jsonl-missing-field": (lambda d: (d / "a.jsonl").write_text('{"text": "ok"}\n\n{"body": "x", "id": 3}\n'),
+                            r"a.jsonl line 3 has no field 'text' \(its fields: 'body', 'id'\); pass --text_field"),
+    "jsonl-field-not-text": (lambda d: (d / "a.jsonl").write_text('{"text": 5}\n'),
+                             r"a.jsonl line 1: the field 'text' is a number, not text"),
+    "jsonl-not-object": (lambda d: (d / "a.jsonl").write_text('["text"]\n'), r"a.jsonl line 1 is a list"),
+    "jsonl-surrogate": (lambda d: (d / "a.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n'),
+                        r"a.jsonl line 2: the text holds '\\ud800', an unpaired surrogate"),
+    "jsonl-nul": (lambda d: (d / "a.jsonl").write_text('{"text": "a\\u0000b"}\n'), r"line 1: the text contains NUL"),
+    "parquet-no-column": (lambda d: write_parquet(d / "a.parquet", ["x"], column="body"),
+                          r"a.parquet has no column 'text' \(its columns: 'body', 'n'\); pass --text_field"),
+    "parquet-truncated": (lambda d: (d / "a.parquet").write_bytes(
+        (write_parquet(d / "a.parquet", ["x"] * 20)).read_bytes()[:-30]), r"a.parquet is not a readable Parquet"),
+    "gz-truncated": (lambda d: _gz_truncated(d / "a.txt.gz"), r"a.txt.gz is truncated or is not valid gzip data"),
+    "zst-truncated": (lambda d: _zst_truncated(d / "a.txt.zst"), r"a.txt.zst is truncated or is not valid zstd"),
+    "binary-among-text": (lambda d: ((d / "a.txt").write_text(TEXT), (d / "b.txt").write_bytes(b"\x7fELF\x00\x01"),
+                                     (d / "c.txt").write_text(TEXT)),
+                          r"b.txt looks binary \(it contains NUL bytes, the first at byte offset 4\)"),
+    "latin1-among-text": (lambda d: ((d / "a.txt").write_text(TEXT), (d / "b.txt").write_bytes(b"ok\ncaf\xe9\n")),
+                          r"b.txt is not valid UTF-8 \(first bad byte at byte offset 6, line 2\)"),
+    "no-documents": (lambda d: ((d / "a.jsonl").write_text('{"text": ""}\n{"text": null}\n'),
+                                (d / "b.parquet").write_bytes(write_parquet(d / "b.parquet", [""]).read_bytes())),
+                     r"has no documents \(every JSON line or Parquet row has an empty or null 'text'\)"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_are_rejected_and_nothing_is_written(tmp_path, gpt2, case):
-    content, message = BAD_INPUTS[case]
-    path = tmp_path / "input.txt"
-    if content == "DIR":
-        path.mkdir()
-    elif content is not None:
-        path.write_bytes(content)
-    with pytest.raises(MyPTError, match=r"^input file .*input.txt " + message):
-        check_input_file(path, chunk_size=4)
-    cache = tmp_path / "cache"
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_message_naming_the_file_and_nothing_is_written(tmp_path, gpt2, case):
+    make, message = BAD[case]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    target = folder
+    if isinstance(make, str):
+        target = folder / make
+    else:
+        make(folder)
     with pytest.raises(MyPTError, match=message):
-        prepare_tokens(path, gpt2, cache, progress=False)
-    assert not cache.exists()
+        prepare(tmp_path, [target], gpt2, chunk_size=4)
+    assert not (tmp_path / "cache").exists()
 
 
-def test_bad_utf8_offset_across_chunk_boundaries(tmp_path):
-    # "é" is 2 bytes, so small chunks end inside characters; the bad byte follows 17 good ones.
-    body = "é\né\n" * 2 + "abcde"
-    assert len(body.encode("utf-8")) == 17
-    path = write(tmp_path, body.encode("utf-8") + b"\xff" + "é".encode())
-    for chunk_size in (1, 2, 3, 5, 1 << 20):
-        with pytest.raises(MyPTError, match=r"byte offset 17, line 5\)"):
-            check_input_file(path, chunk_size=chunk_size)
+def test_bad_input_found_late_removes_the_shards_written_before_it(tmp_path, gpt2):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "in" / "b.jsonl").write_text('{"text": "fine"}\n' * 50 + "not json\n")
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(MyPTError, match=r"b.jsonl line 51 is not valid JSON"):
+        prepare(tmp_path, [tmp_path / "in"], gpt2, shard_tokens=500)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_file_sha256_and_char_vocab(tmp_path):
-    text = "héllo 世界 🙂\nabc" * 50
-    path = write(tmp_path, text)
-    assert file_sha256(path, chunk_size=7) == hashlib.sha256(text.encode()).hexdigest()
-    assert char_vocab_of_file(path, chunk_size=3) == sorted(set(text))
+def test_a_missing_extra_is_named(tmp_path, gpt2, monkeypatch):
+    write_parquet(tmp_path / "a.parquet", ["x"])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: importing it fails
+    with pytest.raises(MyPTError, match=r"a.parquet needs the 'pyarrow' package, an optional extra: "
+                                        r'pip install "mypt\[data\]"'):
+        prepare(tmp_path, [tmp_path / "a.parquet"], gpt2)
 
 
-# --- prepare_tokens --------------------------------------------------------------------------
+def test_a_cache_folder_that_cannot_be_made_is_one_clear_error(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.raises(MyPTError, match=r"could not write the token cache folder .*cache/gpt2-.*; fix the problem"):
+        prepare(tmp_path, [tmp_path / "a.txt"], gpt2)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare.txt absent")
-def test_chunked_gpt2_tokenization_matches_whole_text(tmp_path, gpt2):
-    token_file = prepare_tokens(SHAKESPEARE, gpt2, tmp_path, progress=False, chunk_size=8192)
-    whole = gpt2.encode(SHAKESPEARE.read_text(encoding="utf-8"))
-    assert token_file.n_tokens == len(whole)
-    assert read_ids(token_file) == whole
+def test_a_prepare_stopped_before_its_manifest_finishes_without_reading_again(tmp_path, gpt2, monkeypatch):
+    from mypt.data import prepare as prep
+
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    real_write = prep._write_bytes
+
+    def crash_at_manifest(path: Path, payload: bytes) -> None:
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt  # killed just before the manifest
+        real_write(path, payload)
+
+    monkeypatch.setattr(prep, "_write_bytes", crash_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=3000)
+    monkeypatch.setattr(prep, "_write_bytes", real_write)
+    monkeypatch.setattr(prep, "items", lambda *a, **k: pytest.fail("the input was read again"))
+    corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=3000)
+    assert stream_ids(corpus) == gpt2.encode(TEXT) + [GPT2_EOT_ID]
+    assert [p.name for p in corpus.parts[0].folder.glob("*.json")] == ["manifest.json"]  # records removed
 
 
-def test_chunked_tokenization_matches_whole_text_on_awkward_whitespace(tmp_path, gpt2, monkeypatch):
-    # Tiny chunks over text full of whitespace runs, contractions and multibyte characters:
-    # every cut must land where GPT-2 splits the whole text anyway.
-    monkeypatch.setattr(data, "MAX_CARRY_CHUNKS", 10**9)  # never force a cut
-    pieces = list("ab xy\n\t\r'sé世🙂.,!9") + [
-        "'ll",
-        "  \n",
-        " \n",
-        "  ",
-        "\u00a0",
-        "\u2028",
-        "\x0b",
-    ]
-    rng = random.Random(1234)
-    for trial in range(60):
-        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 300)))
-        path = write(tmp_path, text, f"t{trial}.txt")
-        token_file = prepare_tokens(
-            path, gpt2, tmp_path / "cache", progress=False, chunk_size=rng.randint(1, 32)
-        )
-        assert read_ids(token_file) == gpt2.encode(text), repr(text)
+def test_a_bad_second_source_removes_the_first_one_prepared_with_it(tmp_path, gpt2):
+    (tmp_path / "good.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    sources = [Source("good", (str(tmp_path / "good.txt"),)), Source("bad", (str(tmp_path / "bad.jsonl"),))]
+    with pytest.raises(MyPTError, match=r"bad.jsonl line 2 has no field 'text'"):
+        prepare_corpus(sources, gpt2, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
-def test_pathological_text_without_whitespace_still_tokenizes(tmp_path, gpt2):
-    text = "x" * 5000
-    token_file = prepare_tokens(write(tmp_path, text), gpt2, tmp_path, False, chunk_size=64)
-    assert gpt2.decode(read_ids(token_file)) == text
-
-
-def test_cache_file_name_dtype_and_contents(tmp_path, gpt2):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    path = write(tmp_path, text)
-    sha = hashlib.sha256(text.encode()).hexdigest()
-
-    token_file = prepare_tokens(path, gpt2, tmp_path / "cache", progress=False)
-    assert token_file.path == tmp_path / "cache" / f"{sha[:16]}-gpt2.bin"
-    assert token_file.sha256 == sha
-    assert token_file.dtype == np.uint16
-    assert read_ids(token_file) == gpt2.encode(text)
-
-    char = CharTokenizer(char_vocab_of_file(path))
-    char_file = prepare_tokens(path, char, tmp_path / "cache", progress=False)
-    assert char_file.path.name == f"{sha[:16]}-{char.id_string()}.bin"
-    assert char_file.dtype == np.uint16
-    assert char.decode(read_ids(char_file)) == text
-    bins = {token_file.path, char_file.path}
-    assert set((tmp_path / "cache").iterdir()) == bins | {p.with_suffix(".json") for p in bins}
-
-
-def test_large_vocabulary_uses_uint32(tmp_path):
-    ranges = [(0x21, 0x7F), (0xA1, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x10900)]
-    text = "".join(chr(c) for lo, hi in ranges for c in range(lo, hi))
-    path = write(tmp_path, text)
-    tok = CharTokenizer(char_vocab_of_file(path))
-    assert tok.n_vocab > 65535
-    token_file = prepare_tokens(path, tok, tmp_path / "cache", progress=False, chunk_size=1 << 16)
-    assert token_file.dtype == np.uint32
-    ids = read_ids(token_file)
-    assert ids == list(range(tok.n_vocab))  # the text is the sorted vocabulary itself
-    assert tok.decode(ids) == text
-
-
-def test_char_tokenizer_from_other_text_names_input_file(tmp_path):
-    path = write(tmp_path, "hello wörld\n")
-    with pytest.raises(MyPTError, match=r"^input file .*input.txt contains characters.*'ö'"):
-        prepare_tokens(path, build_tokenizer("char", "hello world\n"), tmp_path / "c", False)
-
-
-def test_cache_is_reused_without_rewriting(tmp_path, gpt2, monkeypatch):
-    path = write(tmp_path, "to be or not to be\n" * 100)
-    first = prepare_tokens(path, gpt2, tmp_path / "cache", progress=False)
-    before = os.stat(first.path)
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the cache was rebuilt")
-
-    monkeypatch.setattr(data, "_write_tokens", fail)
-    second = prepare_tokens(path, gpt2, tmp_path / "cache", progress=False)
-    after = os.stat(second.path)
-    assert second == first
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-
-
-def test_incomplete_cache_is_rebuilt_and_no_temp_files_remain(tmp_path, gpt2):
-    path = write(tmp_path, "some text\n" * 10)
-    first = prepare_tokens(path, gpt2, tmp_path, progress=False)
-    first.path.with_suffix(".json").unlink()  # as if the run crashed before the sidecar
-    first.path.write_bytes(b"\x01")  # and left junk under the final name
-    again = prepare_tokens(path, gpt2, tmp_path, progress=False)
-    assert read_ids(again) == gpt2.encode("some text\n" * 10)
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_progress_bar_goes_to_stderr(tmp_path, gpt2, capsys):
-    prepare_tokens(write(tmp_path, "abc\n" * 100), gpt2, tmp_path / "c", progress=True)
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert "tokenizing input.txt" in captured.err and "B/s" in captured.err
-
-
-# --- load_splits -----------------------------------------------------------------------------
-
-
-def make_token_file(tmp_path: Path, n: int) -> TokenFile:
-    path = tmp_path / "tokens.bin"
-    np.arange(n, dtype=np.uint16).tofile(path)
-    return TokenFile(path, np.dtype(np.uint16), n, "0" * 64)
-
-
-def test_load_splits_parts(tmp_path):
-    train, val = load_splits(make_token_file(tmp_path, 100), 0.1, 8, "input.txt")
-    assert train.tolist() == list(range(90))
-    assert val.tolist() == list(range(90, 100))
-    with pytest.raises(ValueError):
-        train[0] = 5  # read-only
-
-
-def test_load_splits_too_short(tmp_path):
-    token_file = make_token_file(tmp_path, 100)
-    with pytest.raises(MyPTError) as err:
-        load_splits(token_file, 0.1, 10, "data/tiny.txt")
-    msg = str(err.value)
-    assert msg.startswith("data/tiny.txt is too short: it has 100 tokens")
-    assert "validation part (--val_split 0.1) has 10" in msg and "= 11" in msg
-    assert "--block_size" in msg and "--val_split" in msg
-    with pytest.raises(MyPTError, match="training part .* has 50, but .* = 61"):
-        load_splits(token_file, 0.5, 60, "data/tiny.txt")
-
-
-@pytest.mark.parametrize("val_split", [0.0, -0.1, 0.51, 1.0])
-def test_load_splits_rejects_bad_val_split(tmp_path, val_split):
-    with pytest.raises(MyPTError, match=r"^--val_split must be in \(0, 0.5\]"):
-        load_splits(make_token_file(tmp_path, 1000), val_split, 8, "input.txt")
-
-
-# --- batch_at ----------------------------------------------------------------------------------
-
-
-def tokens(n: int = 5000) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 60000, n).astype(np.uint16)
-
-
-def _find(arr: np.ndarray, window: list[int]) -> int:
-    n = len(window)
-    for start in range(len(arr) - n + 1):
-        if arr[start : start + n].tolist() == window:
-            return start
-    raise AssertionError("window not found in data")
-
-
-def test_batch_at_covers_the_last_token():
-    arr = np.arange(6, dtype=np.uint16)  # exactly one window of block 5 + 1
-    x, y = batch_at(arr, 5, 3, seed=0, index=0, device="cpu")
-    assert x.tolist() == [[0, 1, 2, 3, 4]] * 3 and y.tolist() == [[1, 2, 3, 4, 5]] * 3
-
-
-def test_batch_at_is_a_pure_function_of_seed_and_index():
-    arr = tokens()
-    x, y = batch_at(arr, 16, 4, seed=5, index=12, device="cpu")
-    again_x, again_y = batch_at(arr, 16, 4, seed=5, index=12, device="cpu")
-    assert torch.equal(x, again_x) and torch.equal(y, again_y)
-    assert x.shape == (4, 16) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    start = _find(arr, x[0].tolist())
-    assert y[0].tolist() == arr[start + 1 : start + 17].tolist()
-    assert not torch.equal(x, batch_at(arr, 16, 4, seed=5, index=13, device="cpu")[0])
-    assert not torch.equal(x, batch_at(arr, 16, 4, seed=6, index=12, device="cpu")[0])
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress), (".zst", zstd.compress)])
+def test_compressed_files_are_read_in_bounded_pieces_whatever_their_ratio(tmp_path, suffix, compress):
+    path = tmp_path / f"zeros.txt{suffix}"
+    path.write_bytes(compress(b"a" * 50_000_000))  # a ratio in the thousands
+    f = src.list_files([str(path)])[0]
+    sizes = [len(c) for c in src.byte_chunks(f, hashlib.sha256(), 1 << 20)]
+    assert sum(sizes) == 50_000_000 and max(sizes) <= 1 << 20

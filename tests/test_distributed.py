@@ -140,6 +140,36 @@ def test_muon_under_ddp_matches_one_process_and_resumes(runs):
 
 
 @pytest.mark.slow
+def test_ddp_on_a_sharded_mixture_matches_one_process(runs):
+    """Two ranks read their own windows of a two-source mixture prepared into many shards, and
+    reach the weights of one process with twice the accumulation."""
+    text = (runs / "input.txt").read_text(encoding="utf-8")
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    (runs / "docs").mkdir()
+    (runs / "docs" / "a.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[::2]))
+    (runs / "docs" / "b.txt").write_text("\n\n".join(paras[1::2]), encoding="utf-8")
+    (runs / "mix.json").write_text(json.dumps({"sources": [
+        {"name": "docs", "input_file": "docs/", "weight": 3}, {"name": "book", "input_file": "input.txt"}]}))
+    i = EXACT.index("--input_file")
+    mix = [*EXACT[:i], *EXACT[i + 2:], "--data", "mix.json"]
+    prepared = subprocess.run([sys.executable, "-m", "mypt", "prepare", "--data", "mix.json", "--tokenizer", "char",
+                               "--shard_tokens", "3000"], cwd=runs, capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    docs_line = prepared.stdout.splitlines()[0]  # (input.txt was prepared by the reference run: reused as it is)
+    assert docs_line.startswith("docs:") and int(docs_line.split(" in ")[1].split()[0]) >= 3, prepared.stdout
+    one = run_cli(*tiny_arch_flags(), *mix, "--model_name", "mix1", "--grad_accum_steps", "2", "--max_iters", "6",
+                  cwd=runs, env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    cmd = [*torchrun_cmd()[:-len(tiny_arch_flags()) - len(EXACT)], *tiny_arch_flags(), *mix, "--model_name", "mix2",
+           "--grad_accum_steps", "1", "--max_iters", "6"]
+    two = subprocess.run(cmd, cwd=runs, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "preparing" not in two.stderr  # both ranks found the prepared shards
+    assert_same_weights(weights(runs, "mix2"), weights(runs, "mix1"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [["--input_file", "missing.txt"], ["--learning_rate", "-1"],
                                  ["--optimizer", "muon", "--fsdp"]], ids=["file", "flag", "muon-fsdp"])
 def test_an_error_every_rank_has_is_printed_once(runs, bad):

@@ -71,13 +71,13 @@ def reference_greedy(lm: LoadedModel, prompt: str, n: int) -> str:
 
 def test_generate_py_prints_prompt_and_continuation_and_repeats_with_seed(ckpts: Path) -> None:
     args = ["--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:",
-            "--max_new_tokens", "40", "--seed", "7"]
+            "--max_new_tokens", "40", "--seed", "7", "--ignore_eot"]  # an untrained model: end-of-text any time
     first = run_cli(*args, cwd=ckpts.parent, script="generate.py", env=ONE_THREAD)
     again = run_cli(*args, cwd=ckpts.parent, script="generate.py", env=ONE_THREAD)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("ROMEO:") and len(first.stdout) == len("ROMEO:") + 40 + 1
+    assert first.stdout.startswith("ROMEO:") and len(first.stdout) > len("ROMEO:") + 1
     assert first.stdout == again.stdout
-    assert "seed 7" in first.stderr and "tokens/s" in first.stderr
+    assert first.stderr.startswith("[40 tokens, ") and "seed 7" in first.stderr and "tokens/s" in first.stderr
 
 
 def test_greedy_cli_with_cache_equals_no_cache_and_reference(capsys: pytest.CaptureFixture, ckpts: Path,
@@ -168,7 +168,7 @@ def test_a_tiny_temperature_is_greedy_not_nan(capsys: pytest.CaptureFixture, ckp
 
 def test_ctrl_c_prints_what_was_generated_so_far(ckpts: Path) -> None:
     r = Run("--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:", "--no-stream",
-            "--max_new_tokens", "1000000", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
+            "--max_new_tokens", "1000000", "--ignore_eot", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
             script="generate.py", env=ONE_THREAD)
     time.sleep(3)  # generating (not streamed: nothing printed yet)
     r.send_signal(signal.SIGINT)

@@ -121,7 +121,7 @@ def test_export_char_model(tmp_path):
     out = tmp_path / "hf"
     assert export(tmp_path, "c", out) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == len(set(CHAR_TEXT)) and config["eos_token_id"] is None
+    assert config["vocab_size"] == len(set(CHAR_TEXT)) + 1 and config["eos_token_id"] is None  # + end-of-text
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     lm = load_model(path=folder, device="cpu")
     text = "the  brown\n\nfox: Ünï 日本\t!"

@@ -56,11 +56,11 @@ def test_script_reports_config_training_files_and_curve(trained):
         "Layers        : 2", "Heads         : 2", "Embedding     : 32", "Block size    : 32",
         f"Vocab size    : {config['vocab_size']}", "Bias          : False",
         f"Parameters    : {n_params:,} ({n_params / 1e6:.2f}M)",
-        f"Tokenizer     : char, {n_chars:,} tokens",
+        f"Tokenizer     : char, {n_chars + 1:,} tokens",  # its characters and the end-of-text
         "Iteration     : 10",
         f"Best val loss : {state['best_val_loss']:.4f}",
         f"Last val loss : {state['last_val_loss']:.4f}",
-        "Input file    : input.txt (unchanged: matches the sha256 recorded at training)",
+        f"Input file    : {trained / 'input.txt'} (unchanged: matches the sha256 recorded at training)",
         "Loss curve: checkpoints/m/loss.png",
     ):
         assert line in out, line
@@ -70,7 +70,9 @@ def test_script_reports_config_training_files_and_curve(trained):
         assert any(row.split()[:1] == [name] and row.rstrip().endswith(size) for row in out.splitlines()), name
 
 
-def test_input_file_changed_or_missing(workdir, capsys):
+def test_input_file_changed_or_missing(trained, workdir, capsys):
+    state = workdir / "checkpoints" / "m" / "training_state.json"  # as if trained here (paths are absolute)
+    state.write_text(state.read_text().replace(str(trained), str(workdir)))
     (workdir / "input.txt").write_text("other text", encoding="utf-8")
     code, out, _ = inspect(capsys)
     assert code == 0 and "input.txt (CHANGED since training: resuming needs --allow_data_change)" in out

@@ -96,3 +96,47 @@ def test_readme_preset_table_matches_the_files_and_exact_counts():
         cfg = load_model_config(REPO / "configs" / file)
         assert (name, int(count.replace(",", ""))) == (cfg.name, count_params(cfg))
         assert list(map(int, numbers)) == [cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size]
+
+
+def _data_files(root: Path) -> None:
+    """The files the README's training-data examples name, made of real text."""
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paras = [p for p in corpus_text(200_000).split("\n\n") if p.strip()]
+    (root / "books" / "poems").mkdir(parents=True)
+    (root / "books" / "a.txt").write_text("\n\n".join(paras[0::8]), encoding="utf-8")
+    (root / "books" / "poems" / "b.md").write_text("\n\n".join(paras[1::8]), encoding="utf-8")
+    (root / "crawl" / "2024").mkdir(parents=True)
+    with gzip.open(root / "crawl" / "2024" / "part0.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"url": f"u{i}", "content": p}) + "\n" for i, p in enumerate(paras[2::8]))
+    pq.write_table(pa.table({"text": paras[3::8]}), root / "pages.parquet")
+    (root / "pages").mkdir()
+    pq.write_table(pa.table({"content": paras[4::8]}), root / "pages" / "p0.parquet")
+    (root / "notes.txt").write_text("\n\n".join(paras[5::8]), encoding="utf-8")
+    (root / "essays.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[6::8]))
+    (root / "code" / "pkg").mkdir(parents=True)
+    for i in range(40):
+        (root / "code" / "pkg" / f"m{i}.py").write_text(
+            "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n\n" for j in range(40)))
+
+
+@pytest.mark.slow
+def test_training_data_examples_run_as_written(tmp_path):
+    """The folder, JSON lines, Parquet and mixture examples (trained for 2 iterations each)."""
+    _data_files(tmp_path)
+    mix = next(b for b in re.findall(r"```json\n(.*?)```", (REPO / "README.md").read_text(), re.S) if "sources" in b)
+    (tmp_path / "mix.json").write_text(mix)
+    blocks = [b for b in readme_blocks() if "--input_file books/" in b or "--data mix.json" in b]
+    lines = [argv for b in blocks for argv in map(to_argv, b.splitlines()) if argv]
+    assert len(lines) == 5
+    short = ["--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--block_size", "64", "--batch_size", "2"]
+    outputs = [run([*argv, *(short if "train.py" in argv[1] else [])], tmp_path).stdout for argv in lines]
+    assert "data: the 2 input files: 2 file(s), 2 document(s)" in outputs[0]
+    assert "data: " in outputs[1] and "whole documents" in outputs[1]
+    assert "4 file(s)" in outputs[2]
+    assert outputs[3].startswith("input: 1 file(s)")
+    assert all(f"data: source '{n}'" in outputs[4] for n in ("prose", "code", "web"))

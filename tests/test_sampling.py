@@ -322,3 +322,36 @@ def test_stream_stops_at_a_stop_string_and_leaves_it_out() -> None:
     stream = TextStream(iter(tok.encode("abc XY abc XY")), tok, stop=("XY",), seed=0)
     assert stream.text() == "abc " and stream.stopped
     assert stream.n_tokens == 6  # generation stopped at the stop string
+
+
+def test_generation_stops_at_end_of_text_unless_ignore_eot(model: GPT) -> None:
+    greedy = reference_greedy(model, [1, 2, 3], 12, VOCAB)
+    eot = greedy[5]  # pretend the sixth greedy token is the end-of-text
+    first = greedy.index(eot)
+
+    def run(**options: object) -> list[int]:
+        cfg = SamplingConfig(max_new_tokens=12, temperature=0, **options)
+        return list(generate_ids(model, [1, 2, 3], cfg, vocab_size=VOCAB, seed=0, eot_id=eot))
+
+    assert run() == greedy[:first]  # stops before it, the end-of-text itself not produced
+    assert run(ignore_eot=True) == greedy
+    with pytest.raises(MyPTError, match=r"ignore_eot \('yes'\) must be true or false"):
+        SamplingConfig(ignore_eot="yes")
+
+
+def test_continuation_ends_at_end_of_text_unless_ignored(model: GPT) -> None:
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(VOCAB)])
+    greedy = ids(model, [1, 2], max_new_tokens=10, temperature=0)
+    k = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])
+    eot = greedy[k]  # as if that token were end-of-text
+    decoder = Decoder(model, slots=2)
+    ended = Continuation([1, 2], SamplingConfig(max_new_tokens=10, temperature=0), seed=0, vocab_size=VOCAB,
+                         tokenizer=tok, eot_id=eot)
+    ignored = Continuation([1, 2], SamplingConfig(max_new_tokens=10, temperature=0, ignore_eot=True), seed=0,
+                           vocab_size=VOCAB, tokenizer=tok, eot_id=eot)
+    decoder.add(ended)
+    decoder.add(ignored)
+    while decoder.active:
+        decoder.step()
+    assert ended.finish_reason == "stop" and ended.n_new == k and ended.take_text() == tok.decode(greedy[:k])
+    assert ignored.finish_reason == "length" and ignored.tokens[-10:] == greedy

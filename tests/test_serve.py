@@ -77,8 +77,9 @@ def test_greedy_completion_equals_generate_py(client, ckpts: Path, name: str) ->
     assert r.returncode == 0, r.stderr
     answer = complete(client, name, max_tokens=60, temperature=0)
     assert r.stdout == PROMPT + answer.choices[0].text + "\n"
-    assert answer.choices[0].finish_reason == "length" and answer.model == name
-    assert answer.usage.prompt_tokens == len(PROMPT) and answer.usage.completion_tokens == 60  # one char a token
+    text = answer.choices[0].text
+    assert answer.choices[0].finish_reason == ("length" if len(text) == 60 else "stop") and answer.model == name
+    assert answer.usage.prompt_tokens == len(PROMPT) and answer.usage.completion_tokens == len(text)  # a char a token
     assert len(set(answer.choices[0].text)) > 3  # a trained model's text, not one repeated character
 
 
@@ -102,7 +103,7 @@ def test_n_choices_use_consecutive_seeds(client, models) -> None:
     answer = complete(client, max_tokens=30, temperature=1.0, seed=11, n=3)
     texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
     assert texts == [solo(models["chars"], PROMPT, max_tokens=30, temperature=1.0, seed=11 + i) for i in range(3)]
-    assert len(set(texts)) == 3 and answer.usage.completion_tokens == 90
+    assert len(set(texts)) == 3 and answer.usage.completion_tokens == sum(map(len, texts))
 
 
 def test_stop_string_ends_the_text(client) -> None:
@@ -120,7 +121,8 @@ def test_echo_and_a_list_of_prompts(client) -> None:
     assert streamed == echoed
     both = complete(client, prompt=[PROMPT, "JULIET:"], max_tokens=20, seed=2, n=2)
     assert [c.index for c in both.choices] == [0, 1, 2, 3] and both.choices[0].text == plain
-    assert both.usage.prompt_tokens == len(PROMPT) + len("JULIET:") and both.usage.completion_tokens == 80
+    assert both.usage.prompt_tokens == len(PROMPT) + len("JULIET:")
+    assert both.usage.completion_tokens == sum(len(c.text) for c in both.choices)
 
 
 def test_streaming_sends_the_same_text_then_done(client, url: str) -> None:
@@ -130,7 +132,7 @@ def test_streaming_sends_the_same_text_then_done(client, url: str) -> None:
     assert len([c for c in chunks if c.choices and c.choices[0].text]) > 5  # piece by piece
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage.completion_tokens == 40
+    assert chunks[-1].usage.completion_tokens == len(whole)
     raw = httpx.post(url + "/v1/completions", json={"model": "chars", "prompt": PROMPT, "stream": True, **kw}).text
     assert raw.startswith("data: {") and raw.endswith("data: [DONE]\n\n")
 
@@ -214,7 +216,7 @@ def test_too_long_prompt_and_too_big_body(client, url: str) -> None:
 def test_full_queue_is_503_with_retry_after_and_a_gone_client_frees_its_slot(ckpts: Path) -> None:
     """One row, one waiting place: A decodes, B waits, C is refused; A's client leaves, B runs."""
     with running_server(ckpts, ["chars"], max_batch=1, max_queue=1, max_tokens=100_000) as base:
-        body = {"model": "chars", "prompt": PROMPT, "max_tokens": 100_000, "stream": True}
+        body = {"model": "chars", "prompt": PROMPT, "max_tokens": 100_000, "stream": True, "ignore_eot": True}
         with httpx.Client(base_url=base, timeout=30) as a, httpx.Client(base_url=base, timeout=30) as b:
             with a.stream("POST", "/v1/completions", json=body) as stream_a:
                 lines_a = stream_a.iter_lines()  # kept: dropping a half-read iterator closes the connection
@@ -345,4 +347,4 @@ def test_readme_examples_work_as_written(url: str, capsys: pytest.CaptureFixture
     assert curl[1] == "http://127.0.0.1:8000/v1/completions"
     body = json.loads(curl[curl.index("-d") + 1].replace("demo_tiny", "chars"))
     r = httpx.post(url + "/v1/completions", json=body)
-    assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 50
+    assert r.status_code == 200 and 0 < len(r.json()["choices"][0]["text"]) <= 50

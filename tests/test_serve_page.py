@@ -5,6 +5,7 @@ in, stop a long reply, chat; a screenshot is saved under the test's tmp dir.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -73,16 +74,20 @@ def test_page_streams_a_completion_and_takes_a_screenshot(page, url: str, tmp_pa
     shown = page.locator("#output .completion").inner_text()
     expected = httpx.post(url + "/v1/completions", json={"model": "rope", "prompt": "ROMEO:\n", "max_tokens": 1000,
                                                          "temperature": 0.8, "seed": 3}).json()["choices"][0]["text"]
-    assert shown == expected and len(expected) == 1000 and len(set(expected)) > 10
+    assert shown == expected and len(expected) > 200 and len(set(expected)) > 10
     lengths = page.evaluate("window.lengths")
-    assert len({n for n in lengths if len("ROMEO:\n") < n < len("ROMEO:\n") + 1000}) >= 3  # seen growing
-    assert "1000 tokens" in page.inner_text("#status")
+    assert len({n for n in lengths if len("ROMEO:\n") < n < len("ROMEO:\n") + len(expected)}) >= 3  # seen growing
+    assert f"{len(expected)} tokens" in page.inner_text("#status")  # a char a token
     shot = tmp_path / "page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 
 def test_stop_button_ends_a_long_reply_and_frees_its_slot(page, url: str) -> None:
+    def endless(route) -> None:  # the reply must outlast the click: past any end-of-text token
+        route.continue_(post_data=json.dumps({**json.loads(route.request.post_data), "ignore_eot": True}))
+
+    page.route("**/v1/completions", endless)
     send(page, "chars", "To be", temperature="1", max_tokens="100000")
     page.wait_for_function("document.querySelector('#output .completion').textContent.length > 50")
     page.click("#stop")
@@ -95,6 +100,7 @@ def test_stop_button_ends_a_long_reply_and_frees_its_slot(page, url: str) -> Non
         if not active():
             break
         page.wait_for_timeout(100)
+    page.unroute("**/v1/completions")
     assert active() == 0
 
 

@@ -77,7 +77,7 @@ def test_char_vocab_and_round_trip_unicode():
     tok = build_tokenizer("char", UNICODE_TEXT)
     assert tok.kind == "char"
     assert tok.chars == sorted(set(UNICODE_TEXT))
-    assert tok.n_vocab == len(set(UNICODE_TEXT))
+    assert tok.n_vocab == len(set(UNICODE_TEXT)) + 1 and tok.eot_id == len(tok.chars)  # the end-of-text after them
     ids = tok.encode(UNICODE_TEXT)
     assert ids == [tok.chars.index(c) for c in UNICODE_TEXT]
     assert tok.decode(ids) == UNICODE_TEXT
@@ -128,7 +128,9 @@ def test_json_round_trip(tmp_path, kind):
 
 def test_to_json_shapes():
     assert build_tokenizer("gpt2").to_json() == {"kind": "gpt2"}
-    assert build_tokenizer("char", "ba").to_json() == {"kind": "char", "chars": ["a", "b"]}
+    assert build_tokenizer("char", "ba").to_json() == {"kind": "char", "chars": ["a", "b"], "eot": True}
+    legacy = tokenizer_from_json({"kind": "char", "chars": ["a", "b"]}, "old.json")  # saved before end-of-text
+    assert legacy.eot_id is None and legacy.n_vocab == 2
 
 
 def test_unknown_kind_errors_list_known_kinds():

@@ -8,7 +8,8 @@
     lm.evaluate(open("held_out.txt").read()).bits_per_char
 
 generate/stream take the fields of mypt.sampling.SamplingConfig as keywords (max_new_tokens,
-temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache). A checkpoint folder
+temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache, ignore_eot). The text ends
+at the model's end-of-text token unless ignore_eot=True. A checkpoint folder
 describes itself: the model is rebuilt from its config.json, tokenizer.json and model.pt alone,
 never from the current command line.
 """
@@ -91,7 +92,8 @@ class LoadedModel:
         cfg = SamplingConfig.from_options(options)
         seed = fresh_seed() if cfg.seed is None else cfg.seed
         ids = generate_ids(self.model, self.encode_prompt(prompt), cfg, vocab_size=self.tokenizer.n_vocab,
-                           seed=seed, amp=lambda: dist.autocast(self.device, self.dtype))
+                           seed=seed, amp=lambda: dist.autocast(self.device, self.dtype),
+                           eot_id=self.tokenizer.eot_id)
         return TextStream(ids, self.tokenizer, cfg.stop, seed)
 
     def generate(self, prompt: str = "", **options: Any) -> str:

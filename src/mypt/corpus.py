@@ -6,10 +6,10 @@ written once to a cache file so the data pipeline treats it like any input file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from mypt.errors import MyPTError
+from mypt.fsutil import atomic_write_bytes, write_error
 
 BUILTIN_CORPUS = "builtin:python-docs"
 
@@ -28,8 +28,9 @@ def builtin_corpus_path(cache_dir: Path) -> Path:
     data = builtin_corpus_text().encode("utf-8")
     path = cache_dir / "python-docs.txt"
     if not path.exists() or path.stat().st_size != len(data) or path.read_bytes() != data:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(f"the token cache folder {cache_dir}", exc) from None
+        atomic_write_bytes(path, data, f"the built-in corpus {path}")
     return path

@@ -54,6 +54,7 @@ class SamplingConfig:
     seed: int | None = None  # None: a fresh random seed each call
     stop: tuple[str, ...] = ()
     use_cache: bool = True
+    ignore_eot: bool = False  # keep going past the end-of-text token (by default it ends the text)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -91,6 +92,8 @@ def _problems(cfg: SamplingConfig) -> list[str]:
         problems.append(f"top_p ({cfg.top_p}) must be above 0 and at most 1 (1: off)")
     if not _is_number(cfg.repetition_penalty) or not 0 < cfg.repetition_penalty < float("inf"):
         problems.append(f"repetition_penalty ({cfg.repetition_penalty}) must be above 0 (1: off)")
+    if not isinstance(cfg.ignore_eot, bool):
+        problems.append(f"ignore_eot ({cfg.ignore_eot!r}) must be true or false")
     if cfg.seed is not None and not _is_int(cfg.seed):
         problems.append(f"seed ({cfg.seed!r}) must be an integer")
     if not all(isinstance(s, str) and s for s in cfg.stop):
@@ -157,15 +160,17 @@ class Continuation:
     """One prompt's continuation while a Decoder steps it: its tokens and context window, its own
     random generator and repetition-penalty state, and (given a tokenizer) its text and stop strings.
 
-    `finish_reason` becomes "length" after cfg.max_new_tokens tokens or "stop" at a stop string;
+    `finish_reason` becomes "length" after cfg.max_new_tokens tokens, "stop" at a stop string or
+    at eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot);
     `take_text()` hands over the text produced since it was last called.
     """
 
     def __init__(self, prompt_ids: Sequence[int], cfg: SamplingConfig, *, seed: int, vocab_size: int,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, eot_id: int | None = None) -> None:
         if not prompt_ids:
             raise MyPTError("generation needs at least one prompt token (an empty prompt uses the start token)")
         self.cfg, self.seed, self.vocab_size = cfg, seed, vocab_size
+        self.eot_id = None if cfg.ignore_eot else eot_id
         self.tokens = list(prompt_ids)  # the context so far; Decoder.add keeps the last block_size
         self.n_new = 0
         self.finish_reason: str | None = None if cfg.max_new_tokens > 0 else "length"
@@ -188,7 +193,12 @@ class Continuation:
         if self.seen is not None:
             logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
         token = pick_token(logits, self.cfg, self.generator)
-        self._take(token)
+        if token == self.eot_id:
+            self.finish_reason = "stop"
+            if self.text is not None:
+                self._pieces.append(self.text.finish())
+        else:
+            self._take(token)
         return token
 
     def _take(self, token: int) -> None:
@@ -333,19 +343,23 @@ def generate_ids(
     vocab_size: int,
     seed: int,
     amp: AmpFactory = contextlib.nullcontext,
+    eot_id: int | None = None,
 ) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens new token ids after prompt_ids (of which the last
-    block_size are used): one Continuation stepped by a Decoder of one row.
+    block_size are used): one Continuation stepped by a Decoder of one row. Stops before eot_id
+    unless cfg.ignore_eot.
 
     vocab_size is the tokenizer's: padded ids beyond it are never produced. `amp` makes the
     context (autocast) each forward step runs in; it is entered per step, never across a yield.
     """
-    c = Continuation(prompt_ids, cfg, seed=seed, vocab_size=vocab_size)
+    c = Continuation(prompt_ids, cfg, seed=seed, vocab_size=vocab_size, eot_id=eot_id)
     decoder = Decoder(model, 1, amp)
     decoder.add(c)
     while c.finish_reason is None:
+        before = c.n_new
         decoder.step()
-        yield c.last
+        if c.n_new > before:  # not the end-of-text token, which ends the text unseen
+            yield c.last
 
 
 # ---------------------------------------------------------------------------------------------

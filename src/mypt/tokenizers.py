@@ -37,6 +37,7 @@ class Tokenizer(abc.ABC):
 
     kind: str
     n_vocab: int
+    eot_id: int | None  # the end-of-text token that ends every training document (None: a legacy char model)
 
     @abc.abstractmethod
     def encode(self, text: str, what: str = "prompt") -> list[int]:
@@ -117,10 +118,16 @@ class GPT2Tokenizer(Tokenizer):
     """GPT-2 byte-level BPE (50257 ids, id 50256 is <|endoftext|>)."""
 
     kind = "gpt2"
+    eot_id = GPT2_EOT_ID
 
     def __init__(self) -> None:
         self._enc = gpt2_encoding()
         self.n_vocab = self._enc.n_vocab
+
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding underneath (the data module encodes whole batches of documents with it)."""
+        return self._enc
 
     def encode(self, text: str, what: str = "prompt") -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -162,15 +169,17 @@ def _format_chars(chars: Sequence[str]) -> str:
 
 
 class CharTokenizer(Tokenizer):
-    """One id per character; ids are indices into the sorted list of the training characters."""
+    """One id per character; ids are indices into the sorted list of the training characters,
+    and the id after them is the end-of-text (eot=False: a model saved before it existed)."""
 
     kind = "char"
 
-    def __init__(self, chars: Sequence[str]) -> None:
+    def __init__(self, chars: Sequence[str], eot: bool = True) -> None:
         assert chars and all(len(c) == 1 for c in chars), "chars must be single characters"
         assert _sorted_unique(chars), "chars must be sorted and unique"
         self.chars = list(chars)
-        self.n_vocab = len(self.chars)
+        self.eot_id = len(self.chars) if eot else None
+        self.n_vocab = len(self.chars) + eot
         self._points = _code_points("".join(self.chars))
 
     @classmethod
@@ -185,7 +194,7 @@ class CharTokenizer(Tokenizer):
     def encode_array(self, text: str, what: str = "prompt") -> np.ndarray:
         points = _code_points(text)
         ids = np.searchsorted(self._points, points)
-        np.minimum(ids, self.n_vocab - 1, out=ids)
+        np.minimum(ids, len(self.chars) - 1, out=ids)
         unknown = self._points[ids] != points
         if unknown.any():
             self._raise_unknown(text, unknown, what)
@@ -203,7 +212,7 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         chars = self.chars
-        return "".join(chars[int(i)] for i in ids)
+        return "".join(chars[i] if i < len(chars) else GPT2_EOT for i in map(int, ids))
 
     def start_ids(self) -> list[int]:
         points = self._points
@@ -212,11 +221,11 @@ class CharTokenizer(Tokenizer):
         return [newline] if found else [0]
 
     def to_json(self) -> dict:
-        return {"kind": "char", "chars": list(self.chars)}
+        return {"kind": "char", "chars": list(self.chars), **({"eot": True} if self.eot_id is not None else {})}
 
     def id_string(self) -> str:
         digest = hashlib.sha256("".join(self.chars).encode("utf-8", errors="surrogatepass"))
-        return "char-" + digest.hexdigest()[:12]
+        return "char-" + digest.hexdigest()[:12] + ("" if self.eot_id is not None else "-noeot")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +271,7 @@ def tokenizer_from_json(d: dict, source: str) -> Tokenizer:
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
-        return CharTokenizer(_chars_from_json(d.get("chars"), source))
+        return CharTokenizer(_chars_from_json(d.get("chars"), source), eot=d.get("eot") is True)
     raise _unknown_kind(kind, f"{source}: ")
 
 

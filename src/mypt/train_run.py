@@ -1,20 +1,22 @@
 """One training run, new or resumed: decide the configs, build the objects, call the Trainer.
 
 Everything the user gave is checked before anything is written. Owns the resume rules of the
-spec: the saved config.json and tokenizer.json win, the saved input file is reused (a changed
-one needs --allow_data_change), saved training flags are the defaults for the new run.
+spec: the saved config.json and tokenizer.json win, the saved training data are reused (changed
+data need --allow_data_change), saved training flags are the defaults for the new run. The data
+module prepares the data (once, into the token cache) on rank 0 while the plan is made.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mypt import dist
+from mypt import data, dist
 from mypt.build import build_model, checkpoint_tokenizer
 from mypt.checkpoint import (
     checkpoint_dir,
@@ -37,26 +39,15 @@ from mypt.config import (
     resume_train_config,
     saved_train_config,
 )
-from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
-from mypt.data import (
-    TokenFile,
-    char_vocab_of_file,
-    check_input_file,
-    check_long_enough,
-    file_sha256,
-    load_splits,
-    prepare_tokens,
-)
+from mypt.corpus import BUILTIN_CORPUS
 from mypt.errors import MyPTError
 from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
 from mypt.fsutil import FileLock
 from mypt.metrics import MetricsWriter, Progress
 from mypt.model import GPT
 from mypt.optim import check_optimizer, make_optimizer, saved_optimizer
-from mypt.tokenizers import Tokenizer, build_tokenizer
+from mypt.tokenizers import CharTokenizer, Tokenizer, build_tokenizer
 from mypt.trainer import Stop, Trainer, TrainState, get_lr
-
-CACHE_DIR = ".cache"
 
 
 @dataclass
@@ -66,20 +57,23 @@ class RunPlan:
     ckpt_dir: Path
     model_cfg: ModelConfig
     train_cfg: TrainConfig
-    tokenizer: Tokenizer
-    input_path: Path
-    input_label: str  # what training_state.json records: a path, or the built-in corpus name
-    input_sha256: str
+    tokenizer: Tokenizer | None  # None until a new char model's data are prepared (they give its vocabulary)
+    sources: list[data.Source]
     state: TrainState
     resume: Any  # the loaded Checkpoint, or None for a new model
+    expect_sha256: str | None = None  # a resume: the recorded content hash of its data
+    corpus: data.Corpus | None = None  # the training data, prepared (rank 0's manifests)
+    splits: Any = None  # rank 0's (train, val) streams, opened while planning; not sent to other ranks
 
 
-def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_file: str | None,
+def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_files: list[str] | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
-          allow_data_change: bool = False, fsdp: bool = False, skip_memory_check: bool = False) -> Stop:
+          allow_data_change: bool = False, fsdp: bool = False, skip_memory_check: bool = False,
+          text_field: str | None = None, data_file: str | None = None) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: check_train_flags(train_flags))  # flag errors first, before any file is read
+    sources = dist.same_on_every_rank(lambda: data.sources_from_flags(input_files, text_field, data_file))
     torch_device = dist.pick_device(device, info)
     locks: list[FileLock] = []  # rank 0 holds the model's lock from before reading the checkpoint to the end
 
@@ -90,16 +84,26 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
             recover(ckpt_dir)  # only the lock holder may repair a killed save
         if (ckpt_dir / "config.json").exists():
-            plan = plan_resume(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags,
+            plan = plan_resume(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags,
                                allow_data_change)
         else:
-            plan = plan_new(ckpt_dir, config_file, input_file, tokenizer, arch_flags, train_flags)
+            plan = plan_new(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags)
         tc = plan.train_cfg
-        check_long_enough(plan.input_path, plan.tokenizer, tc.val_split, plan.model_cfg.block_size, plan.input_label)
+        if plan.state.iteration >= tc.max_iters:
+            return plan
+        dtype = dist.pick_dtype(tc.dtype, torch_device)  # flags that stop the run: before data are written
+        if tc.compile:
+            dist.check_compile(torch_device)
         _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
         check_optimizer(plan.train_cfg, fsdp, saved_optimizer(plan.resume.training_state) if plan.resume else None)
-        if not skip_memory_check:
-            check_memory(plan.model_cfg, tc, dist.pick_dtype(tc.dtype, torch_device), torch_device, info, fsdp)
+
+        def fits() -> None:
+            if not skip_memory_check:
+                check_memory(plan.model_cfg, plan.train_cfg, dtype, torch_device, info, fsdp)
+
+        if plan.tokenizer is not None:
+            fits()  # the model is known: refuse it before any data are prepared
+        _prepare_data(plan, allow_data_change, then=fits if plan.tokenizer is None else None)
         return plan
 
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
@@ -146,13 +150,13 @@ def check_memory(cfg: ModelConfig, tc: TrainConfig, dtype: str, device: torch.de
 def _for_other_ranks(plan: RunPlan) -> RunPlan:
     """The plan without the weights and optimizer state: the other ranks get those by broadcast."""
     if plan.resume is None:
-        return plan
+        return replace(plan, splits=None)
     scaler = (plan.resume.optimizer_state or {}).get("scaler")
     resume = replace(plan.resume, model_state={}, optimizer_state={"scaler": scaler})
-    return replace(plan, resume=resume)
+    return replace(plan, resume=resume, splits=None)
 
 
-def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
+def plan_new(ckpt_dir: Path, config_file: str | None, sources: list[data.Source] | None, tokenizer: str | None,
              arch_flags: dict[str, Any], train_flags: dict[str, Any]) -> RunPlan:
     base = load_model_config(config_file) if config_file else None
     cfg, warnings = apply_arch_flags(base, arch_flags, config_file)
@@ -161,24 +165,51 @@ def plan_new(ckpt_dir: Path, config_file: str | None, input_file: str | None, to
     tc, used = new_run_train_config(cfg, train_flags)
     if used:
         dist.print0(f"training settings from {config_file}: " + ", ".join(f"{k} {v}" for k, v in used.items()))
-    if input_file is None:
-        path, label = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR), BUILTIN_CORPUS
-        dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
-    else:
-        path, label = check_input_file(Path(input_file)), input_file
     kind = tokenizer or "gpt2"
-    if kind == "char":
-        tok = build_tokenizer("char", "".join(char_vocab_of_file(path)))
-        if cfg.vocab_size != tok.n_vocab:
-            dist.print0(f"char tokenizer: vocab_size is {tok.n_vocab} (the characters of {label}), "
-                        f"not the config's {cfg.vocab_size}")
-            cfg = _replace(cfg, vocab_size=tok.n_vocab)
-    else:
-        tok = build_tokenizer("gpt2")
-        if cfg.vocab_size < tok.n_vocab:
-            raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
-                            f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
-    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, file_sha256(path), TrainState(), None)
+    tok = build_tokenizer("gpt2") if kind == "gpt2" else None  # char: its vocabulary comes from the data
+    if tok is not None and cfg.vocab_size < tok.n_vocab:
+        raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
+                        f"the gpt2 tokenizer's {tok.n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
+    if sources is None:
+        sources = [data.Source("input", (BUILTIN_CORPUS,))]
+        dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
+    return RunPlan(ckpt_dir, cfg, tc, tok, sources, TrainState(), None)
+
+
+def _cache(ckpt_dir: Path) -> Path:
+    return ckpt_dir.parent / data.CACHE_DIR
+
+
+def _prepare_data(plan: RunPlan, allow_change: bool, then: Callable[[], None] | None = None) -> None:
+    """Prepare the data (rank 0; once, into the cache), settle a new char model's vocabulary, open
+    the train / validation streams, then run `then` (a check that needs the vocabulary). Data a
+    new run just prepared are removed again if it stops here: too short, or a check failed."""
+    try:
+        plan.corpus = data.prepare_corpus(plan.sources, plan.tokenizer, _cache(plan.ckpt_dir),
+                                          expect_sha256=plan.expect_sha256, allow_change=allow_change)
+    except data.DataChanged:
+        saved = data.describe_sources(data.saved_sources(plan.resume.training_state)[0])
+        what = ", ".join(i for s in plan.sources for i in s.inputs)
+        raise MyPTError(f"--input_file {what}: its content differs from the text '{plan.ckpt_dir.name}' was "
+                        f"trained on ({saved}); pass --allow_data_change to continue on the new text") from None
+    try:
+        if plan.tokenizer is None:
+            plan.tokenizer = CharTokenizer(plan.corpus.chars())
+            if plan.model_cfg.vocab_size != plan.tokenizer.n_vocab:
+                dist.print0(f"char tokenizer: vocab_size is {plan.tokenizer.n_vocab} (the characters of the "
+                            f"training data and an end-of-text), not the config's {plan.model_cfg.vocab_size}")
+                plan.model_cfg = _replace(plan.model_cfg, vocab_size=plan.tokenizer.n_vocab)
+        train, val, lines = data.open_splits(plan.corpus, plan.tokenizer, plan.train_cfg.val_split,
+                                             plan.model_cfg.block_size)
+        if then is not None:
+            then()
+    except MyPTError:
+        if plan.resume is None:
+            plan.corpus.discard_created()
+        raise
+    for line in lines:
+        dist.print0(f"data: {line}")
+    plan.splits = (train, val)
 
 
 def _check_folders(ckpt_dir: Path) -> None:
@@ -195,7 +226,7 @@ def _check_folders(ckpt_dir: Path) -> None:
             return
 
 
-def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None, tokenizer: str | None,
+def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Source] | None, tokenizer: str | None,
                 arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
     saved_src = f"{ckpt_dir}/config.json"
@@ -220,13 +251,14 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, input_file: str | None,
         raise MyPTError(f"--val_split {tc.val_split}: '{ckpt_dir.name}' was trained with --val_split "
                         f"{saved['val_split']}; another split would move validation text into training. Leave "
                         "--val_split out, or pass --allow_data_change to accept that")
-    path, label, sha = _resume_input(ckpt_dir, ts, input_file, allow_data_change)
+    saved_sources, saved_sha = data.saved_sources(ts, source)
     dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
     dist.print0(_schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
     if not ckpt.has_optimizer:
         dist.print0(f"note: {ckpt_dir.name} has no optimizer.pt (imported or weights only): starting a fresh "
                     "optimizer")
-    return RunPlan(ckpt_dir, cfg, tc, tok, path, label, sha, state, ckpt)
+    return RunPlan(ckpt_dir, cfg, tc, tok, sources or _saved_inputs(ckpt_dir, saved_sources), state, ckpt,
+                   saved_sha)
 
 
 def _schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:
@@ -235,26 +267,16 @@ def _schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:
             f"({how}); learning rate at iteration {iteration}: {get_lr(iteration, tc):.2e}")
 
 
-def _resume_input(ckpt_dir: Path, ts: dict[str, Any], input_file: str | None,
-                  allow_change: bool) -> tuple[Path, str, str]:
-    saved_label, saved_sha = ts.get("input_file"), ts.get("input_sha256")
-    if input_file is None:
-        if saved_label == BUILTIN_CORPUS:
-            path = builtin_corpus_path(ckpt_dir.parent / CACHE_DIR)
-            return path, saved_label, file_sha256(path)
-        if saved_label is None:
-            raise MyPTError(f"'{ckpt_dir.name}' has no saved input file (it was imported, not trained by MyPT); "
-                            "pass --input_file to fine-tune it")
-        if not Path(saved_label).exists():
-            raise MyPTError(f"'{ckpt_dir.name}' was trained on {saved_label}, which no longer exists; "
-                            "pass --input_file (and --allow_data_change if its content differs)")
-        input_file = saved_label
-    path = check_input_file(Path(input_file))
-    sha = file_sha256(path)
-    if saved_sha and sha != saved_sha and not allow_change:
-        raise MyPTError(f"--input_file {input_file}: its content differs from the text '{ckpt_dir.name}' was "
-                        f"trained on ({saved_label}); pass --allow_data_change to continue on the new text")
-    return path, input_file, sha
+def _saved_inputs(ckpt_dir: Path, saved: list[data.Source] | None) -> list[data.Source]:
+    """The data a resumed run trains on when the command names none: the recorded ones."""
+    if saved is None:
+        raise MyPTError(f"'{ckpt_dir.name}' has no saved input file (it was imported, not trained by MyPT); "
+                        "pass --input_file to fine-tune it")
+    missing = data.missing_inputs(saved)
+    if missing:
+        raise MyPTError(f"'{ckpt_dir.name}' was trained on {missing}, which no longer exists; pass "
+                        "--input_file (and --allow_data_change if its content differs)")
+    return saved
 
 
 def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
@@ -263,7 +285,7 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
-    train_data, val_data = load_splits(_token_file(plan, info), tc.val_split, cfg.block_size, plan.input_label)
+    train_data, val_data = _splits(plan, info)
 
     if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from wrap_model
         model = build_model(plan.resume, device).model
@@ -324,20 +346,20 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     return stop
 
 
-def _token_file(plan: RunPlan, info: dist.DistInfo) -> TokenFile:
-    """Rank 0 tokenizes first; the other ranks then find its cache, or, on a machine that does not
-    share rank 0's disk, tokenize the same text at the same path there."""
-    cache = plan.ckpt_dir.parent / CACHE_DIR
-    token_file = prepare_tokens(plan.input_path, plan.tokenizer, cache) if info.is_main else None
-    dist.barrier()
-    if token_file is not None:
-        return token_file
-    path = builtin_corpus_path(cache) if plan.input_label == BUILTIN_CORPUS else plan.input_path
-    token_file = prepare_tokens(path, plan.tokenizer, cache, progress=False)
-    if token_file.sha256 != plan.input_sha256:
-        raise MyPTError(f"process {info.rank}: {path} on this machine differs from the text rank 0 trains on; "
-                        "copy rank 0's file here (or put it on a shared filesystem)")
-    return token_file
+def _splits(plan: RunPlan, info: dist.DistInfo) -> tuple[data.Mixture, data.Mixture]:
+    """Rank 0 opened its streams while planning. The other ranks find rank 0's prepared data, or,
+    on a machine that does not share rank 0's disk, prepare the same inputs at the same paths
+    there; different content stops the run."""
+    if plan.splits is not None:
+        return plan.splits
+    corpus = data.prepare_corpus([p.source for p in plan.corpus.parts], plan.tokenizer, _cache(plan.ckpt_dir),
+                                 progress=False)
+    if corpus.content_sha256 != plan.corpus.content_sha256:
+        raise MyPTError(f"process {info.rank}: the training data on this machine "
+                        f"({data.describe_sources([p.source for p in corpus.parts])}) differ from the data rank 0 "
+                        "trains on; copy rank 0's files here (or put them on a shared filesystem)")
+    train, val, _ = data.open_splits(corpus, plan.tokenizer, plan.train_cfg.val_split, plan.model_cfg.block_size)
+    return train, val
 
 
 class _Reporter:
@@ -383,8 +405,7 @@ def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dis
         "model_name": plan.ckpt_dir.name,
         "train_config": tc.to_dict(),
         "world_size": info.world_size,
-        "input_file": plan.input_label,
-        "input_sha256": plan.input_sha256,
+        **data.sources_state(plan.corpus),
         "tokenizer": plan.tokenizer.kind,
         "versions": versions(),
         "saved_at": now(),

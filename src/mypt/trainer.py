@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from mypt import dist
 from mypt.config import TrainConfig
-from mypt.data import batch_at
+from mypt.data import Batches, batch_at
 from mypt.errors import MyPTError
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, the same at every eval
@@ -122,7 +121,7 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 train_data: np.ndarray, val_data: np.ndarray, block_size: int, batch_size: int,
+                 train_data: Batches, val_data: Batches, block_size: int, batch_size: int,
                  tc: TrainConfig, device: torch.device, dtype: str, info: dist.DistInfo) -> None:
         self.model, self.optimizer = model, optimizer
         self.train_data, self.val_data = train_data, val_data
@@ -139,7 +138,7 @@ class Trainer:
     def tokens_per_iter(self) -> int:
         return self.batch_size * self.block_size * self.tc.grad_accum_steps * self.info.world_size
 
-    def _batch(self, data: np.ndarray, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, data: Batches, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_at(data, self.block_size, self.batch_size, seed, index, self.device)
 
     def train_step(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": "mypt.cli.compare",
     "export": "mypt.cli.export",
     "import": "mypt.cli.import_hf",
+    "prepare": "mypt.cli.prepare",
     "serve": "mypt.cli.serve",
 }
 SUMMARIES = {
@@ -33,6 +34,7 @@ SUMMARIES = {
     "compare": "continue one prompt with several models side by side",
     "export": "write a model as a Hugging Face transformers folder",
     "import": "turn a Hugging Face GPT-2 folder into a MyPT checkpoint",
+    "prepare": "tokenize training data into shards once (train.py does it when needed)",
     "serve": "serve models over an OpenAI-compatible HTTP API, with a page for a browser",
 }
 

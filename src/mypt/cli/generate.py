@@ -66,6 +66,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stop", nargs="+", default=[], metavar="TEXT",
                    help="stop when the continuation contains one of these strings (not printed); "
                    "\\n and \\t are understood")
+    s.add_argument("--ignore_eot", action="store_true",
+                   help="keep generating past the end-of-text token (default: the text ends there, as a "
+                   "document ends in training)")
     s.add_argument("--cache", action=argparse.BooleanOptionalAction, default=d.use_cache,
                    help="KV cache: one position per new token (--no-cache reruns the whole context "
                    "each token; same output, slower) (default: on)")
@@ -98,7 +101,7 @@ def sampling_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The SamplingConfig fields given by the command line, with the seed to use."""
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
-                   stop=tuple(unescape(s) for s in args.stop), use_cache=args.cache)
+                   stop=tuple(unescape(s) for s in args.stop), use_cache=args.cache, ignore_eot=args.ignore_eot)
     SamplingConfig(**options)  # every bad flag reported before the model is loaded
     return options
 

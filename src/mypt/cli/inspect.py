@@ -101,22 +101,9 @@ def _training(state: dict[str, Any]) -> list[str]:
 
 
 def _input_status(state: dict[str, Any]) -> str:
-    from mypt.corpus import BUILTIN_CORPUS
-    from mypt.fsutil import sha256_file
+    from mypt.data import input_status
 
-    label, sha = state.get("input_file"), state.get("input_sha256")
-    if label is None:
-        return "none recorded (pass --input_file to train it)"
-    if label == BUILTIN_CORPUS:
-        return f"{label} (the built-in corpus)"
-    path = Path(label)
-    if not path.is_file():
-        return f"{label} (MISSING here: resuming needs --input_file)"
-    if not sha:
-        return f"{label} (no sha256 recorded to compare with)"
-    if sha256_file(path) == sha:
-        return f"{label} (unchanged: matches the sha256 recorded at training)"
-    return f"{label} (CHANGED since training: resuming needs --allow_data_change)"
+    return input_status(state)
 
 
 def _size(path: Path) -> int:

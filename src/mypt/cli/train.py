@@ -4,9 +4,13 @@ examples:
   python train.py --config_file configs/tiny.json --model_name test --input_file input.txt
   python train.py --config_file configs/150M.json --model_name dante --input_file input.txt --max_iters 5000
   python train.py --model_name dante --max_iters 10000          # resume: continues from the checkpoint
+  python train.py --model_name books --input_file books/ --input_file 'web/**/*.jsonl.gz'
+  python train.py --model_name mix --data mix.json              # named sources with weights
   torchrun --nproc_per_node=2 train.py --config_file configs/small.json --model_name dante
 
 A new model without --input_file trains on the built-in corpus (Python's own documentation).
+The data are prepared once into token shards under CHECKPOINTS_DIR/.cache/ (`mypt prepare` does
+that step alone); every document ends with the tokenizer's end-of-text token.
 Architecture comes from --config_file (its flags below are then ignored, with a warning);
 training flags always come from the command line. On resume the saved config.json wins and the
 saved training flags are the defaults.
@@ -38,8 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--model_name", required=True, help="checkpoint folder name under --checkpoints_dir")
     p.add_argument("--config_file", help="architecture preset: a path such as configs/tiny.json or a name such as tiny")
-    p.add_argument("--input_file", help="UTF-8 text to train on (default for a new model: the built-in corpus; "
-                   "on resume: the file the model was trained on)")
+    p.add_argument("--input_file", action="append", metavar="PATH",
+                   help="what to train on, repeatable: a UTF-8 text file (one document), a folder (searched "
+                   "recursively), or a glob ('data/**/*.jsonl'); .jsonl/.json lines and .parquet rows are documents, "
+                   ".gz and .zst are read compressed (default for a new model: the built-in corpus; on resume: "
+                   "the data the model was trained on)")
+    p.add_argument("--text_field", metavar="NAME",
+                   help="the JSON field / Parquet column holding the text (default: text)")
+    p.add_argument("--data", metavar="MIX.json",
+                   help='a mixture: {"sources": [{"name": "prose", "input_file": ["books/"], "weight": 0.7}, ...]}')
     p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
     p.add_argument("--tokenizer", choices=("gpt2", "char"), help="gpt2 BPE or characters of the text (default: gpt2)")
     p.add_argument("--allow_data_change", action="store_true",
@@ -93,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         stop = train(
             model_name=args.model_name, checkpoints_dir=Path(args.checkpoints_dir),
-            config_file=args.config_file, input_file=args.input_file, tokenizer=args.tokenizer,
+            config_file=args.config_file, input_files=args.input_file, tokenizer=args.tokenizer,
             arch_flags={k: getattr(args, k) for k in ARCH_FLAGS}, train_flags=train_flags(args),
             device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
-            skip_memory_check=args.skip_memory_check,
+            skip_memory_check=args.skip_memory_check, text_field=args.text_field, data_file=args.data,
         )
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns instead)
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)

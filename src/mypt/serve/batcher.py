@@ -78,8 +78,9 @@ class Batcher:
         their text arrives in `events`."""
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
-        job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=self.lm.tokenizer.n_vocab,
-                                tokenizer=self.lm.tokenizer) for seed in seeds], events, first_index)
+        tok = self.lm.tokenizer
+        job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.n_vocab, tokenizer=tok, eot_id=tok.eot_id)
+                   for seed in seeds], events, first_index)
         self.waiting.append(job)
         self._wake.set()
         return job

@@ -2,7 +2,8 @@
 responses and stream chunks as OpenAI's clients expect them, errors in OpenAI's error JSON.
 
 No I/O and no model here: `mypt.serve.app` reads requests, runs them and sends these shapes.
-Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k` and `repetition_penalty`.
+Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k`, `repetition_penalty` and
+`ignore_eot` (keep going past the end-of-text token, which otherwise ends the text: "stop").
 Sampling fields left out take generate.py's defaults (mypt.sampling.SamplingConfig: temperature
 0.8, top_k 200, top_p 1), so a request and `generate.py` with the same settings and seed give the
 same text. An unknown field is refused (400, naming it) so that a typo is never silently ignored.
@@ -20,9 +21,9 @@ from mypt.errors import MyPTError
 from mypt.sampling import SamplingConfig
 
 MAX_STOPS = 4  # as OpenAI
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
-                 "n", "stream", "stream_options", "user", "logprobs", "frequency_penalty", "presence_penalty",
-                 "logit_bias"}
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eot", "stop",
+                 "seed", "n", "stream", "stream_options", "user", "logprobs", "frequency_penalty",
+                 "presence_penalty", "logit_bias"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
                                "parallel_tool_calls", "tools", "tool_choice"}
@@ -163,7 +164,8 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     d = SamplingConfig()
     sampling = dict(temperature=_number(body, "temperature", d.temperature, 0, 2),
                     top_p=_number(body, "top_p", d.top_p, 0, 1, True), top_k=max(_int(body, "top_k", d.top_k, -1), 0),
-                    stop=_stop(body), repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, True))
+                    stop=_stop(body), repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, True),
+                    ignore_eot=_bool(body, "ignore_eot"))
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63):
         raise bad("seed", f"must be an integer, got {seed!r}")

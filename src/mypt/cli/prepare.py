@@ -1,0 +1,64 @@
+"""Prepare training data once: tokenize it into shards in the token cache that train.py reads.
+
+examples:
+  mypt prepare --input_file input.txt
+  mypt prepare --input_file books/ --input_file 'web/**/*.jsonl.gz' --tokenizer gpt2
+  mypt prepare --input_file corpus.parquet --text_field content --tokenizer char
+  mypt prepare --data mix.json --checkpoints_dir /big/disk/checkpoints
+
+train.py prepares what it needs by itself; this command does that step alone (say, before
+starting a job on many machines). It reads every input once, checks it (UTF-8, JSON lines,
+Parquet columns, compressed files), hashes it and tokenizes it on all cores into shards of
+--shard_tokens ids under CHECKPOINTS_DIR/.cache/, with a manifest. Stop it at any time and run
+it again: finished shards are kept and it continues. Data already prepared is not read again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mypt.errors import MyPTError
+
+INTERRUPTED = 130
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mypt.data import SHARD_TOKENS
+
+    p.add_argument("--input_file", action="append", metavar="PATH",
+                   help="a text file, a folder (recursive) or a glob; repeatable (as in train.py)")
+    p.add_argument("--text_field", metavar="NAME", help="the JSON field / Parquet column holding the text "
+                   "(default: text)")
+    p.add_argument("--data", metavar="MIX.json", help="a mixture file of named sources (as in train.py)")
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2",
+                   help="the tokenizer of the model that will train on it (default: %(default)s)")
+    p.add_argument("--checkpoints_dir", default="checkpoints",
+                   help="the cache is CHECKPOINTS_DIR/.cache, as for train.py (default: %(default)s)")
+    p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS,
+                   help="token ids per shard file (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mypt import data
+    from mypt.tokenizers import build_tokenizer
+
+    if args.shard_tokens < 1:
+        raise MyPTError(f"--shard_tokens ({args.shard_tokens}) must be 1 or more")
+    sources = data.sources_from_flags(args.input_file, args.text_field, args.data)
+    if sources is None:
+        raise MyPTError("name the data to prepare with --input_file (repeatable) or --data MIX.json")
+    tokenizer = build_tokenizer("gpt2") if args.tokenizer == "gpt2" else None
+    cache = Path(args.checkpoints_dir) / data.CACHE_DIR
+    try:
+        corpus = data.prepare_corpus(sources, tokenizer, cache, shard_tokens=args.shard_tokens)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished shards are kept; run the same command to continue", file=sys.stderr)
+        return INTERRUPTED
+    for p in corpus.parts:
+        m = p.manifest
+        vocab = f", {len(m['tokenizer']['chars'])} distinct characters" if "chars" in m["tokenizer"] else ""
+        print(f"{p.source.name}: {len(m['files'])} file(s), {m['n_documents']:,} documents, {m['n_tokens']:,} "
+              f"tokens{vocab} in {len(m['shards'])} shard(s)\n  {p.folder}  (content sha256 {p.content_sha256[:16]})")
+    return 0
