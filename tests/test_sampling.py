@@ -13,6 +13,8 @@ from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.model import GPT
 from mypt.sampling import (
+    Continuation,
+    Decoder,
     SamplingConfig,
     StopFilter,
     TextStream,
@@ -211,6 +213,56 @@ def test_batched_greedy_over_rows_at_different_lengths_equals_one_row_at_a_time(
     assert outs == singles
 
 
+MIXED = [  # (prompt, seed, sampling options): different lengths and settings in one batch
+    ([1, 2, 3], 0, dict(max_new_tokens=40, temperature=0)),
+    ([7] * 10, 1, dict(max_new_tokens=25, temperature=1.0, top_k=5)),
+    ([4, 5], 2, dict(max_new_tokens=33, temperature=0.7, top_p=0.8, repetition_penalty=1.3)),
+    (list(range(20)), 3, dict(max_new_tokens=12, temperature=1.5, top_k=0)),
+    ([9], 4, dict(max_new_tokens=1, temperature=0)),
+]
+
+
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_decoder_batch_gives_each_continuation_its_solo_tokens(kind: str, model: GPT, rotary: GPT) -> None:
+    """Continuations joining a 3-row decoder at different steps, leaving when done, with their own
+    seeds and settings, each get exactly the tokens generate_ids gives them alone (windows slide)."""
+    m = model if kind == "learned" else rotary
+    solo = [ids(m, p, seed=seed, **o) for p, seed, o in MIXED]
+    decoder = Decoder(m, slots=3)
+    waiting = [Continuation(p, SamplingConfig(**o), seed=seed, vocab_size=VOCAB) for p, seed, o in MIXED]
+    everyone, steps = list(waiting), 0
+    while waiting or decoder.active:
+        if waiting and decoder.free_slots and steps % 2 == 0:  # join between steps, one at a time
+            decoder.add(waiting.pop(0))
+        decoder.step()
+        steps += 1
+        assert len(decoder.active) <= 3
+    assert [c.tokens[-c.n_new:] for c in everyone] == solo
+    assert [c.finish_reason for c in everyone] == ["length"] * len(MIXED)
+
+
+def test_continuation_text_ends_at_a_stop_string_and_frees_its_row(model: GPT) -> None:
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(VOCAB)])
+    full = Continuation([1, 2], SamplingConfig(max_new_tokens=30, temperature=0), seed=0, vocab_size=VOCAB,
+                        tokenizer=tok)
+    decoder = Decoder(model, slots=1)
+    decoder.add(full)
+    while decoder.active:
+        decoder.step()
+    text = full.take_text()
+    assert len(text) == 30 and full.finish_reason == "length"
+    stop = text[10:12]
+    cut = Continuation([1, 2], SamplingConfig(max_new_tokens=30, temperature=0, stop=(stop,)), seed=0,
+                       vocab_size=VOCAB, tokenizer=tok)
+    decoder.add(cut)
+    pieces = []
+    while decoder.active:
+        decoder.step()
+        pieces.append(cut.take_text())
+    assert "".join(pieces) == text[: text.index(stop)] and cut.finish_reason == "stop"
+    assert decoder.free_slots == 1 and cut.n_new < 30
+
+
 def test_prompt_longer_than_block_keeps_its_end(model: GPT) -> None:
     prompt = list(range(30))
     assert ids(model, prompt, max_new_tokens=10, temperature=0) == reference_greedy(model, prompt[-16:], 10, VOCAB)
@@ -288,3 +340,21 @@ def test_generation_stops_at_end_of_text_unless_ignore_eot(model: GPT) -> None:
     assert run(ignore_eot=True) == greedy
     with pytest.raises(MyPTError, match=r"ignore_eot \('yes'\) must be true or false"):
         SamplingConfig(ignore_eot="yes")
+
+
+def test_continuation_ends_at_end_of_text_unless_ignored(model: GPT) -> None:
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(VOCAB)])
+    greedy = ids(model, [1, 2], max_new_tokens=10, temperature=0)
+    k = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])
+    eot = greedy[k]  # as if that token were end-of-text
+    decoder = Decoder(model, slots=2)
+    ended = Continuation([1, 2], SamplingConfig(max_new_tokens=10, temperature=0), seed=0, vocab_size=VOCAB,
+                         tokenizer=tok, eot_id=eot)
+    ignored = Continuation([1, 2], SamplingConfig(max_new_tokens=10, temperature=0, ignore_eot=True), seed=0,
+                           vocab_size=VOCAB, tokenizer=tok, eot_id=eot)
+    decoder.add(ended)
+    decoder.add(ignored)
+    while decoder.active:
+        decoder.step()
+    assert ended.finish_reason == "stop" and ended.n_new == k and ended.take_text() == tok.decode(greedy[:k])
+    assert ignored.finish_reason == "length" and ignored.tokens[-10:] == greedy

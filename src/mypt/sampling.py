@@ -1,10 +1,12 @@
 """Sampling: turning a GPT's next-token logits into tokens and text, one token at a time.
 
 Owns the sampling settings (`SamplingConfig`), the logits processing (repetition penalty,
-temperature, top-k, top-p), the context-window policy that the cached and the uncached decoders
-share, and the streams built on them: `generate_ids` (token ids) and `TextStream` (text pieces
-that never split a UTF-8 character and stop at a stop string). No I/O: nothing here prints or
-reads files; `mypt.api` and the CLI do that.
+temperature, top-k, top-p), the context-window policy, and the one decoding step: a `Decoder`
+steps any number of `Continuation`s of one model over a batched KV cache (one forward pass for
+all of them, then each picks its token with its own generator, penalty state and stop strings).
+`generate_ids` (token ids) and `TextStream` (text pieces that never split a UTF-8 character and
+stop at a stop string) run one continuation through it; `mypt.serve` runs many. No I/O: nothing
+here prints or reads files; `mypt.api` and the CLI do that.
 
 The context window depends on the model's positions. With learned absolute positions a KV
 cache cannot slide one token at a time: whenever the context would exceed block_size it jumps
@@ -154,51 +156,186 @@ def window_start(length: int, start: int, block_size: int) -> int:
     return length - max(1, block_size // 2)
 
 
-class _CachedDecoder:
-    """Next-token logits with a KV cache: one position per step, a refill when the window jumps."""
+class Continuation:
+    """One prompt's continuation while a Decoder steps it: its tokens and context window, its own
+    random generator and repetition-penalty state, and (given a tokenizer) its text and stop strings.
 
-    def __init__(self, model: GPT, device: torch.device, longest: int) -> None:
-        self.model = model
-        self.device = device
-        self.longest = longest  # the most tokens the sequence will hold: the cache needs no more
-        self.cache: KVCache | None = None
-        self.start = -1
+    `finish_reason` becomes "length" after cfg.max_new_tokens tokens, "stop" at a stop string or
+    at eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot);
+    `take_text()` hands over the text produced since it was last called.
+    """
 
-    def __call__(self, seq: list[int], start: int) -> torch.Tensor:
-        if self.cache is None:
-            self.cache = self.model.new_cache(1, self.device, self.model.lm_head.weight.dtype, self.longest)
-        if start != self.start:
-            self.cache.reset()
-            self.start = start
-            new = seq[start:]
+    def __init__(self, prompt_ids: Sequence[int], cfg: SamplingConfig, *, seed: int, vocab_size: int,
+                 tokenizer: Tokenizer | None = None, eot_id: int | None = None) -> None:
+        if not prompt_ids:
+            raise MyPTError("generation needs at least one prompt token (an empty prompt uses the start token)")
+        self.cfg, self.seed, self.vocab_size = cfg, seed, vocab_size
+        self.eot_id = None if cfg.ignore_eot else eot_id
+        self.tokens = list(prompt_ids)  # the context so far; Decoder.add keeps the last block_size
+        self.n_new = 0
+        self.finish_reason: str | None = None if cfg.max_new_tokens > 0 else "length"
+        self.text = TextOut(tokenizer, cfg.stop) if tokenizer is not None else None
+        self._pieces: list[str] = []
+        # set by Decoder.add: the cache row, the tokens of the window it holds, the window's start
+        self.slot: int | None = None
+        self.held = 0
+        self.start = 0
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # tokens already in the text (repetition penalty)
+
+    @property
+    def last(self) -> int:
+        return self.tokens[-1]
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Pick the next token from this continuation's logits (vocab,) and take it."""
+        logits = logits[: self.vocab_size].float()  # padded ids beyond the tokenizer's are never produced
+        if self.seen is not None:
+            logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
+        token = pick_token(logits, self.cfg, self.generator)
+        if token == self.eot_id:
+            self.finish_reason = "stop"
+            if self.text is not None:
+                self._pieces.append(self.text.finish())
         else:
-            assert int(self.cache.pos[0]) == len(seq) - start - 1, "cache out of step with the sequence"
-            new = seq[-1:]
-        return self.model.next_logits(_batch(new, self.device), self.cache)
+            self._take(token)
+        return token
+
+    def _take(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen[token] = True
+        self.tokens.append(token)
+        self.n_new += 1
+        if self.text is not None:
+            self._pieces.append(self.text.feed(token))
+            if self.text.stopped:
+                self.finish_reason = "stop"
+                return
+        if self.n_new >= self.cfg.max_new_tokens:
+            self.finish_reason = "length"
+            if self.text is not None:
+                self._pieces.append(self.text.finish())
+                self.finish_reason = "stop" if self.text.stopped else "length"
+
+    def take_text(self) -> str:
+        out, self._pieces = "".join(self._pieces), []
+        return out
 
 
-def _uncached_decoder(model: GPT, device: torch.device) -> Callable[[list[int], int], torch.Tensor]:
-    """Next-token logits by running the whole window every step (the reference for the cache).
+class Decoder:
+    """Steps continuations of one model together over one KV cache of `slots` rows.
+
+    Every `step()` gives each active continuation one token: one forward pass for all those
+    decoding (one new token each, rows at their own lengths), plus one per distinct prompt
+    length being prefilled or learned-position window being refilled; then each continuation
+    picks its token from its own logits with its own generator. generate_ids runs one
+    continuation through it, a server many: the tokens are the same either way, up to the last
+    bits of floating-point sums that a batched matrix product orders differently.
+    `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
+    (tokens a row holds, at most block_size) sizes the cache for continuations known to stay shorter.
+    """
+
+    def __init__(self, model: GPT, slots: int = 1, amp: AmpFactory = contextlib.nullcontext,
+                 capacity: int | None = None) -> None:
+        self.model, self.slots, self.amp, self.capacity = model, slots, amp, capacity
+        self.device = model.lm_head.weight.device
+        self.active: list[Continuation] = []
+        self._free = list(range(slots - 1, -1, -1))
+        self._cache: KVCache | None = None
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.slots, self.device, self.model.lm_head.weight.dtype,
+                                               self.capacity)
+        return self._cache
+
+    def add(self, c: Continuation) -> None:
+        """Give c a free row; its prompt is prefilled by the next step (its last block_size tokens)."""
+        import torch
+
+        if not self._free:
+            raise RuntimeError("no free slot: check free_slots before adding")
+        c.tokens = c.tokens[-self.model.config.block_size:]
+        c.slot, c.held, c.start = self._free.pop(), 0, 0
+        c.generator = torch.Generator(self.device).manual_seed(c.seed)
+        if c.cfg.repetition_penalty != 1:
+            c.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
+            c.seen[torch.tensor(c.tokens, device=self.device)] = True
+        self.active.append(c)
+        if c.finish_reason is not None:  # nothing to generate
+            self.remove(c)
+
+    def remove(self, c: Continuation) -> None:
+        """Take c out of the batch (finished, or its client went away); its row is free again."""
+        self.active.remove(c)
+        self._free.append(c.slot)
+        c.slot = None
+
+    def step(self) -> list[Continuation]:
+        """One token for every active continuation; returns those that finished (now removed)."""
+        import torch
+
+        with torch.inference_mode(), self.amp():
+            for c, logits in zip(self.active, self._logits(), strict=True):
+                c.choose(logits)
+        done = [c for c in self.active if c.finish_reason is not None]
+        for c in done:
+            self.remove(c)
+        return done
+
+    def _logits(self) -> list[torch.Tensor]:
+        """Next-token logits (vocab,) for each active continuation, in order."""
+        block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
+        out: list[torch.Tensor | None] = [None] * len(self.active)
+        feeds: dict[int, list[int]] = {}  # new tokens per row -> indices into active
+        for i, c in enumerate(self.active):
+            if not slides:  # a learned-position window jumps; its row is then refilled
+                start = window_start(len(c.tokens), c.start, block_size)
+                if start != c.start:
+                    c.start, c.held = start, 0
+            if not c.cfg.use_cache:
+                out[i] = _uncached_logits(self.model, c.tokens, c.start, self.device)
+            else:
+                feeds.setdefault(len(c.tokens) - c.start - c.held, []).append(i)
+        for n_new, members in feeds.items():
+            for i, logits in zip(members, self._feed([self.active[i] for i in members], n_new), strict=True):
+                out[i] = logits
+        return out
+
+    def _feed(self, group: list[Continuation], n_new: int) -> torch.Tensor:
+        """One forward pass of each continuation's n_new newest tokens into its row: (n, vocab)."""
+        import torch
+
+        cache = self.cache
+        slots = [c.slot for c in group]
+        fresh = [c.slot for c in group if c.held == 0]
+        if fresh:
+            cache.reset(torch.tensor(fresh))
+        idx = torch.tensor([c.tokens[-n_new:] for c in group], dtype=torch.long, device=self.device)
+        rows = None if slots == list(range(self.slots)) else torch.tensor(slots, device=self.device)
+        for c in group:
+            c.held += n_new
+        return self.model.next_logits(idx, cache, rows)
+
+
+def _uncached_logits(model: GPT, tokens: list[int], start: int, device: torch.device) -> torch.Tensor:
+    """Next-token logits (vocab,) from the whole window, no cache (the reference for the cache).
 
     For a rotary model the window is every token that can reach the next one through the
     layers' sliding windows: n_layer * (block_size - 1) + 1 tokens, at their own positions.
     """
-    cfg = model.config
-    reach = cfg.n_layer * (cfg.block_size - 1) + 1
-
-    def step(seq: list[int], start: int) -> torch.Tensor:
-        if cfg.position != "rope":  # a learned-position window starts again at position 0
-            return model.next_logits(_batch(seq[start:], device))
-        start = max(start, len(seq) - reach)
-        return model.next_logits(_batch(seq[start:], device), start=start)
-
-    return step
-
-
-def _batch(ids: list[int], device: torch.device) -> torch.Tensor:
     import torch
 
-    return torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    cfg = model.config
+    if cfg.position != "rope":  # a learned-position window starts again at position 0
+        return model.next_logits(torch.tensor([tokens[start:]], device=device))[0]
+    start = max(start, len(tokens) - (cfg.n_layer * (cfg.block_size - 1) + 1))
+    return model.next_logits(torch.tensor([tokens[start:]], device=device), start=start)[0]
 
 
 def generate_ids(
@@ -212,41 +349,21 @@ def generate_ids(
     eot_id: int | None = None,
 ) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens new token ids after prompt_ids (of which the last
-    block_size are used); stop before eot_id unless cfg.ignore_eot.
+    block_size are used): one Continuation stepped by a Decoder of one row. Stops before eot_id
+    unless cfg.ignore_eot.
 
     vocab_size is the tokenizer's: padded ids beyond it are never produced. `amp` makes the
     context (autocast) each forward step runs in; it is entered per step, never across a yield.
     """
-    import torch
-
-    block_size = model.config.block_size
-    if not prompt_ids:
-        raise MyPTError("generation needs at least one prompt token (an empty prompt uses the start token)")
-    seq = list(prompt_ids[-block_size:])
-    device = model.lm_head.weight.device
-    generator = torch.Generator(device).manual_seed(seed)
-    decode = (_CachedDecoder(model, device, len(seq) + cfg.max_new_tokens) if cfg.use_cache
-              else _uncached_decoder(model, device))
-    seen = None
-    if cfg.repetition_penalty != 1:
-        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        seen[torch.tensor(seq, device=device)] = True
-    start = 0
-    slides = model.config.position == "rope"  # one token at a time: the window never jumps
-    for _ in range(cfg.max_new_tokens):
-        if not slides:
-            start = window_start(len(seq), start, block_size)
-        with torch.inference_mode(), amp():
-            logits = decode(seq, start)[0, :vocab_size].float()
-            if seen is not None:
-                logits = penalize(logits, seen, cfg.repetition_penalty)
-            token = pick_token(logits, cfg, generator)
-        if token == eot_id and not cfg.ignore_eot:
-            return
-        if seen is not None:
-            seen[token] = True
-        seq.append(token)
-        yield token
+    c = Continuation(prompt_ids, cfg, seed=seed, vocab_size=vocab_size, eot_id=eot_id)
+    longest = min(len(prompt_ids), model.config.block_size) + cfg.max_new_tokens
+    decoder = Decoder(model, 1, amp, capacity=longest)  # a cache no longer than the text will be
+    decoder.add(c)
+    while c.finish_reason is None:
+        before = c.n_new
+        decoder.step()
+        if c.n_new > before:  # not the end-of-text token, which ends the text unseen
+            yield c.last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +402,24 @@ class StopFilter:
         return out
 
 
+class TextOut:
+    """Token ids -> text pieces that never split a UTF-8 character and end at a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self._decoder = StreamDecoder(tokenizer)
+        self._stops = StopFilter(stop)
+        self.stopped = False  # True once a stop string ended the text
+
+    def feed(self, token: int) -> str:
+        out, self.stopped = self._stops.feed(self._decoder.feed(token))
+        return out
+
+    def finish(self) -> str:
+        """The text held back at the end (an incomplete character, a partial stop string)."""
+        out, self.stopped = self._stops.feed(self._decoder.flush())
+        return out if self.stopped else out + self._stops.flush()
+
+
 class TextStream:
     """The text of one continuation, piece by piece; counts tokens and seconds as it goes.
 
@@ -299,7 +434,7 @@ class TextStream:
         self.n_tokens = 0
         self.seconds = 0.0
         self.stopped = False  # True when a stop string ended the text
-        self._pieces = self._run(ids, StreamDecoder(tokenizer), StopFilter(stop))
+        self._pieces = self._run(ids, TextOut(tokenizer, stop))
 
     def __iter__(self) -> TextStream:
         return self
@@ -315,7 +450,7 @@ class TextStream:
         """The rest of the stream as one string."""
         return "".join(self)
 
-    def _run(self, ids: Iterator[int], decoder: StreamDecoder, stops: StopFilter) -> Iterator[str]:
+    def _run(self, ids: Iterator[int], text: TextOut) -> Iterator[str]:
         ids = iter(ids)
         while True:
             t0 = time.perf_counter()  # time spent by the consumer between pieces is not counted
@@ -324,12 +459,13 @@ class TextStream:
                 break
             self.seconds += time.perf_counter() - t0
             self.n_tokens += 1
-            out, self.stopped = stops.feed(decoder.feed(token))
+            out = text.feed(token)
+            self.stopped = text.stopped
             if out:
                 yield out
             if self.stopped:
                 return
-        out, self.stopped = stops.feed(decoder.flush())
-        rest = out if self.stopped else out + stops.flush()
+        rest = text.finish()
+        self.stopped = text.stopped
         if rest:
             yield rest

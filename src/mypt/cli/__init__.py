@@ -24,6 +24,7 @@ COMMANDS = {
     "import": "mypt.cli.import_hf",
     "prepare": "mypt.cli.prepare",
     "tokenizer": "mypt.cli.tokenizer",
+    "serve": "mypt.cli.serve",
 }
 SUMMARIES = {
     "train": "train a model, or resume one",
@@ -33,9 +34,10 @@ SUMMARIES = {
     "eval": "loss, perplexity and bits per character of models on one text",
     "compare": "continue one prompt with several models side by side",
     "export": "write a model as a Hugging Face transformers folder",
-    "import": "turn a Hugging Face GPT-2 folder into a MyPT checkpoint",
+    "import": "turn a Hugging Face GPT-2, Llama or Qwen3 folder into a MyPT checkpoint",
     "prepare": "tokenize training data into shards once (train.py does it when needed)",
     "tokenizer": "train a bpe tokenizer on your text, or inspect a tokenizer",
+    "serve": "serve models over an OpenAI-compatible HTTP API, with a page for a browser",
 }
 
 

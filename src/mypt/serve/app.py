@@ -1,0 +1,318 @@
+"""The HTTP server: routes, authentication, request limits, streaming, and the page at `/`.
+
+    GET  /                      the page (page.html): choose a model, type a prompt, watch it stream
+    GET  /health                200 with each model's batch and queue once the models are loaded
+    GET  /v1/models             the loaded models (the id is the model name); /v1/models/{id}
+    POST /v1/completions        OpenAI completions; "stream": true sends server-sent events
+    POST /v1/chat/completions   OpenAI chat, the messages rendered by mypt.serve.chat
+
+A Starlette application (ASGI) run by uvicorn. Each model has a Batcher; handlers check the
+request (mypt.serve.protocol), tokenize it, queue it and relay its text. A bad request is one
+OpenAI-shaped error and nothing else: the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mypt.api import LoadedModel
+from mypt.errors import MyPTError
+from mypt.sampling import fresh_seed
+from mypt.serve import protocol
+from mypt.serve.batcher import Batcher, Job, Overloaded
+from mypt.serve.chat import ChatTemplate, load_template
+from mypt.serve.protocol import APIError, Limits
+
+RETRY_AFTER_SECONDS = 1
+
+
+class Server:
+    """The models, their batchers and chat templates, the limits and the API key."""
+
+    def __init__(self, models: list[LoadedModel], *, limits: Limits, max_batch: int, max_queue: int,
+                 api_key: str | None) -> None:
+        self.models = {lm.name: lm for lm in models}
+        self.limits, self.api_key = limits, api_key
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.templates = {lm.name: _template(lm) for lm in models}
+        self.batchers: dict[str, Batcher] = {}
+        self.created = {lm.name: _created(lm) for lm in models}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.batchers = {name: Batcher(lm, max_batch=self.max_batch, max_queue=self.max_queue)
+                         for name, lm in self.models.items()}
+        tasks = [asyncio.create_task(b.run(), name=f"batcher {name}") for name, b in self.batchers.items()]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def authorize(self, request: HTTPRequest) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>' "
+                           "with the key the server was started with (--api_key or MYPT_API_KEY)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def model(self, name: str) -> LoadedModel:
+        lm = self.models.get(name)
+        if lm is None:
+            raise APIError(404, f"The model '{name}' does not exist; this server has {', '.join(self.models)} "
+                           "(GET /v1/models)", param="model", code="model_not_found")
+        return lm
+
+    def prompt_limit(self, lm: LoadedModel) -> int:
+        return self.limits.max_prompt_tokens or lm.config.block_size
+
+
+def _template(lm: LoadedModel) -> ChatTemplate:
+    path = lm.checkpoint.path
+    return load_template(path.parent if path.name == "best" else path)
+
+
+def _created(lm: LoadedModel) -> int:
+    try:
+        return int(os.stat(lm.checkpoint.path).st_mtime)
+    except OSError:
+        return 0
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+async def read_body(request: HTTPRequest, limit: int) -> Any:
+    """The JSON body, at most `limit` bytes (413 beyond)."""
+    too_big = APIError(413, f"The request body is larger than this server accepts ({limit:,} bytes; "
+                       "--max_body_bytes)", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > limit:
+            raise too_big
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"The body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+
+
+def encode(lm: LoadedModel, text: str, param: str, limit: int) -> list[int]:
+    try:
+        ids = lm.encode_prompt(text, param)
+    except MyPTError as e:
+        raise protocol.bad(param, str(e)) from None
+    if len(ids) > limit:
+        raise APIError(400, f"{param}: {len(ids)} tokens, more than this server accepts for '{lm.name}' "
+                       f"({limit}; its context is {lm.config.block_size} tokens)", param=param,
+                       code="context_length_exceeded")
+    return ids
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class Generation:
+    """One checked request queued on its model's batcher: one job per prompt, n choices each."""
+
+    def __init__(self, server: Server, req: protocol.Request, chat: bool) -> None:
+        self.req, self.chat = req, chat
+        lm = server.model(req.model)
+        self.batcher = server.batchers[lm.name]
+        self.id = protocol.new_id(chat)
+        limit = server.prompt_limit(lm)
+        extra_stop: tuple[str, ...] = ()
+        if chat:
+            template = server.templates[lm.name]
+            prompts, extra_stop, param = [template.render(req.messages)], template.stop, "messages"
+        else:
+            prompts, param = req.prompts, "prompt"
+        self.echo = prompts if req.echo else [""] * len(prompts)
+        ids = [encode(lm, p, param, limit) for p in prompts]
+        self.prompt_tokens = sum(len(i) for i in ids)
+        max_tokens = server.limits.max_tokens if req.max_tokens is None else req.max_tokens
+        cfg = req.sampling_config(max_tokens, extra_stop)
+        seed = fresh_seed() if req.seed is None else req.seed
+        self.jobs: list[Job] = []
+        self.queue: asyncio.Queue = asyncio.Queue()  # the text of every choice, as the batcher steps
+        try:
+            for j, p in enumerate(ids):
+                self.jobs.append(self.batcher.submit(p, cfg, [seed + i for i in range(req.n)], self.queue, j * req.n))
+        except Overloaded as e:
+            self.cancel()
+            raise APIError(503, f"The server is busy ({e}); retry after {RETRY_AFTER_SECONDS} s", type="server_error",
+                           code="overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        self.strip = [chat] * (len(ids) * req.n)  # a chat reply's leading spaces are dropped
+
+    @property
+    def choices(self) -> int:
+        return len(self.jobs) * self.req.n
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+        self.batcher.wake()
+
+    def text(self, index: int, text: str) -> str:
+        if self.strip[index] and text:
+            text = text.lstrip()
+            self.strip[index] = not text
+        return text
+
+    async def events(self) -> AsyncIterator[tuple[int, str, str | None, int]]:
+        """(choice index, new text, finish_reason or None, completion tokens) until every choice is done."""
+        open_choices = self.choices
+        while open_choices:
+            ev = await self.queue.get()
+            if ev.finish_reason == "error":
+                raise APIError(500, ev.text, type="server_error", code="internal_error")
+            if ev.finish_reason is not None:
+                open_choices -= 1
+            yield ev.index, self.text(ev.index, ev.text), ev.finish_reason, ev.completion_tokens
+
+
+async def _until_disconnect(request: HTTPRequest) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answer_whole(request: HTTPRequest, gen: Generation) -> Response:
+    """Wait for every choice (the request is cancelled if the client goes away first)."""
+    texts, reasons, completion = [""] * gen.choices, [""] * gen.choices, 0
+
+    async def collect() -> None:
+        nonlocal completion
+        async for index, text, reason, n_tokens in gen.events():
+            texts[index] += text
+            if reason is not None:
+                reasons[index], completion = reason, completion + n_tokens
+
+    work, gone = asyncio.create_task(collect()), asyncio.create_task(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            gen.cancel()
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    work.result()  # raises the request's APIError, if any
+    texts = [e + t for e, t in zip([e for e in gen.echo for _ in range(gen.req.n)], texts, strict=True)]
+    body = protocol.response(gen.chat, gen.id, gen.req.model, texts, reasons,
+                             protocol.usage(gen.prompt_tokens, completion))
+    return JSONResponse(body)
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(gen: Generation) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per piece of text, a finish per choice, then data: [DONE]."""
+    chat, rid, model = gen.chat, gen.id, gen.req.model
+    completion = 0
+    try:
+        for index in range(gen.choices):
+            echo = gen.echo[index // gen.req.n]
+            if chat:
+                yield _sse(protocol.chunk(True, rid, model, index, role=True))
+            elif echo:
+                yield _sse(protocol.chunk(False, rid, model, index, echo))
+        async for index, text, reason, n_tokens in gen.events():
+            if text:
+                yield _sse(protocol.chunk(chat, rid, model, index, text))
+            if reason is not None:
+                completion += n_tokens
+                yield _sse(protocol.chunk(chat, rid, model, index, None, reason))
+        if gen.req.include_usage:
+            yield _sse(protocol.chunk(chat, rid, model, None, use=protocol.usage(gen.prompt_tokens, completion)))
+    except APIError as e:
+        yield _sse(e.body())
+    finally:
+        gen.cancel()  # finished: a no-op; the client went away: its rows are freed before the next step
+    yield _sse("[DONE]")
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def create_app(server: Server) -> Starlette:
+    """The ASGI application serving `server`'s models."""
+
+    async def page(request: HTTPRequest) -> Response:
+        return HTMLResponse(resources.files("mypt.serve").joinpath("page.html").read_text(encoding="utf-8"))
+
+    async def health(request: HTTPRequest) -> Response:
+        return JSONResponse({"status": "ok", "models": {name: b.stats() for name, b in server.batchers.items()}})
+
+    async def models(request: HTTPRequest) -> Response:
+        server.authorize(request)
+        cards = [protocol.model_card(name, server.created[name], lm.config.block_size)
+                 for name, lm in server.models.items()]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def one_model(request: HTTPRequest) -> Response:
+        server.authorize(request)
+        lm = server.model(request.path_params["model"])
+        return JSONResponse(protocol.model_card(lm.name, server.created[lm.name], lm.config.block_size))
+
+    def generation_route(chat: bool):
+        async def handle(request: HTTPRequest) -> Response:
+            server.authorize(request)
+            body = await read_body(request, server.limits.max_body_bytes)
+            gen = Generation(server, protocol.parse_request(body, chat, server.limits), chat)
+            if gen.req.stream:
+                return StreamingResponse(stream_events(gen), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await answer_whole(request, gen)
+
+        return handle
+
+    routes = [
+        Route("/", page),
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/v1/models/{model:path}", one_model),
+        Route("/v1/completions", generation_route(False), methods=["POST"]),
+        Route("/v1/chat/completions", generation_route(True), methods=["POST"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=server.lifespan)
+
+
+async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: HTTPRequest, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    what = {404: f"No route {request.url.path}; the API is under /v1 (GET /v1/models)",
+            405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(APIError(exc.status_code, what, code="not_found" if exc.status_code == 404 else None).body(),
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
+    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
+                        status_code=500)

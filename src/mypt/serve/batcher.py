@@ -1,0 +1,164 @@
+"""Continuous batching for one loaded model: the server's scheduler around mypt.sampling.Decoder.
+
+Requests wait in a bounded queue; between decoding steps the waiting continuations take the
+free rows of the KV cache (at most `prefill_tokens` prompt tokens join per step, at least one
+request), each step gives every active continuation one token from one forward pass, and a
+continuation leaves as soon as it finishes or its client goes away, so a long request never
+holds up a short one. The step itself is the one in mypt.sampling that generate.py uses too.
+
+Everything here runs on the server's event loop, `Decoder.step` included: between two steps the
+loop sends the new text and takes new requests, and nothing else touches the decoder, so no lock
+is needed. (A worker thread for the step was measured slower under load: its Python work and
+the loop's contend for the GIL; BENCHMARKS.md.) A request hears of its text through the
+asyncio.Queue of `Event`s it gave to `submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mypt import dist
+from mypt.api import LoadedModel
+from mypt.sampling import Continuation, Decoder, SamplingConfig
+
+log = logging.getLogger("mypt.serve")
+
+
+class Overloaded(Exception):
+    """The queue is full: the request is refused (HTTP 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """New text of choice `index`; finish_reason set when that choice is done ("stop" or
+    "length"). finish_reason "error": the whole request failed (the message in text)."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class Job:
+    """One prompt of a request: its continuations (choices first_index, first_index + 1, ...) and
+    the queue its handler reads events from."""
+
+    def __init__(self, continuations: list[Continuation], events: asyncio.Queue[Event], first_index: int) -> None:
+        self.continuations = continuations
+        self.events, self.first_index = events, first_index
+        self.cancelled = False
+        self.admitted = 0  # continuations that have a row (they join in order)
+        self.open = len(continuations)  # continuations not finished yet
+
+    def cancel(self) -> None:
+        """The client went away: the job's rows are freed before the next step."""
+        self.cancelled = True
+
+
+class Batcher:
+    """Schedules the requests of one model onto a Decoder of `max_batch` rows."""
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int, max_queue: int, prefill_tokens: int = 512) -> None:
+        self.lm = lm
+        self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
+        self.decoder = Decoder(lm.model, max_batch, amp=lambda: dist.autocast(lm.device, lm.dtype))
+        self.decoder.cache  # noqa: B018 - allocate the KV cache now, not on the first request
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self._wake = asyncio.Event()
+        self.steps = 0
+
+    def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int],
+               events: asyncio.Queue[Event], first_index: int = 0) -> Job:
+        """Queue one prompt of len(seeds) choices (choice first_index + i samples with seeds[i]);
+        their text arrives in `events`."""
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
+        tok = self.lm.tokenizer
+        job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.n_vocab, tokenizer=tok, eot_id=tok.eot_id)
+                   for seed in seeds], events, first_index)
+        self.waiting.append(job)
+        self._wake.set()
+        return job
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"slots": self.decoder.slots, "active": len(self.decoder.active),
+                "waiting": len(self.waiting), "steps": self.steps}
+
+    async def run(self) -> None:
+        """The scheduling loop (a task for the server's lifetime)."""
+        while True:
+            self._drop_cancelled()
+            self._admit()
+            if not self.decoder.active:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                done = self.decoder.step()
+            except Exception as e:  # a failing step fails its requests, never the server
+                log.exception("decoding step failed")
+                self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+                continue
+            self.steps += 1
+            self._publish(done)
+            await asyncio.sleep(0.001)  # the loop sends the text, takes new requests, notices gone clients
+
+    def _admit(self) -> None:
+        """Waiting continuations take free rows, in arrival order, within the prefill budget."""
+        budget = self.prefill_tokens
+        while self.waiting and self.decoder.free_slots:
+            job = self.waiting[0]
+            c = job.continuations[job.admitted]
+            cost = min(len(c.tokens), self.lm.config.block_size)
+            if cost > budget and budget < self.prefill_tokens:
+                break  # the rest joins at the next step
+            budget -= cost
+            self.decoder.add(c)
+            job.admitted += 1
+            if job.admitted == 1:
+                self.running.append(job)
+            if job.admitted == len(job.continuations):
+                self.waiting.popleft()
+            if c.finish_reason is not None:  # max_tokens 0: done without a step
+                self._publish([c])
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.waiting if j.cancelled]:
+            self.waiting.remove(job)
+        for job in [j for j in self.running if j.cancelled]:
+            for c in job.continuations[: job.admitted]:
+                if c.slot is not None:
+                    self.decoder.remove(c)
+            self._forget(job)
+
+    def _publish(self, done: list[Continuation]) -> None:
+        """Hand each running job its new text; finished continuations say so."""
+        finished = {id(c) for c in done}
+        for job in list(self.running):
+            for i, c in enumerate(job.continuations[: job.admitted], start=job.first_index):
+                text = c.take_text()
+                if id(c) in finished:
+                    job.events.put_nowait(Event(i, text, c.finish_reason, c.n_new))
+                    job.open -= 1
+                elif text:
+                    job.events.put_nowait(Event(i, text))
+            if job.open == 0:
+                self._forget(job)
+
+    def _fail_all(self, message: str) -> None:
+        for job in list(self.running):
+            job.events.put_nowait(Event(job.first_index, message, "error"))
+            job.cancel()
+        self._drop_cancelled()
+
+    def _forget(self, job: Job) -> None:
+        if job in self.running:
+            self.running.remove(job)

@@ -1,0 +1,263 @@
+"""The OpenAI HTTP API's shapes: request fields checked and turned into sampling settings,
+responses and stream chunks as OpenAI's clients expect them, errors in OpenAI's error JSON.
+
+No I/O and no model here: `mypt.serve.app` reads requests, runs them and sends these shapes.
+Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k`, `repetition_penalty` and
+`ignore_eot` (keep going past the end-of-text token, which otherwise ends the text: "stop").
+Sampling fields left out take generate.py's defaults (mypt.sampling.SamplingConfig: temperature
+0.8, top_k 200, top_p 1), so a request and `generate.py` with the same settings and seed give the
+same text. An unknown field is refused (400, naming it) so that a typo is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mypt.errors import MyPTError
+from mypt.sampling import SamplingConfig
+
+MAX_STOPS = 4  # as OpenAI
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eot", "stop",
+                 "seed", "n", "stream", "stream_options", "user", "logprobs", "frequency_penalty",
+                 "presence_penalty", "logit_bias"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
+                               "parallel_tool_calls", "tools", "tool_choice"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class APIError(Exception):
+    """An HTTP error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code=code)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the server's flags)."""
+
+    max_tokens: int = 1024
+    max_prompt_tokens: int | None = None  # None: each model's block_size
+    max_n: int = 16
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass
+class Request:
+    """A completion or chat request, checked: what to generate and how to answer."""
+
+    model: str
+    prompts: list[str] | None  # completions
+    messages: list[dict[str, str]] | None  # chat (roles mapped to system / user / assistant)
+    max_tokens: int | None  # None: as many as the server allows (chat)
+    sampling: dict[str, Any]  # SamplingConfig fields except max_new_tokens and seed
+    seed: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+    def sampling_config(self, max_tokens: int, extra_stop: tuple[str, ...] = ()) -> SamplingConfig:
+        stop = tuple(self.sampling.get("stop", ())) + extra_stop
+        return SamplingConfig(**{**self.sampling, "stop": stop, "max_new_tokens": max_tokens})
+
+
+def _int(body: dict, key: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise bad(key, f"must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise bad(key, f"must be from {low} to {high}, got {value}" if high is not None else
+                  f"must be {low} or more, got {value}")
+    return value
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise bad(key, f"must be a number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        raise bad(key, f"must be {'above' if low_open else 'at least'} {low} and at most {high}, got {value}")
+    return float(value)
+
+
+def _bool(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _unsupported(body: dict, key: str, allowed: tuple[Any, ...], hint: str = "") -> None:
+    if key in body and body[key] not in allowed:
+        raise APIError(400, f"{key}: not supported by this server{hint}", param=key, code="unsupported_parameter")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
+        raise bad("stop", f"must be a string or a list of at most {MAX_STOPS} strings")
+    return tuple(s for s in stops if s)
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad("stream_options", "is only allowed with stream: true")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad("stream_options", 'must be an object like {"include_usage": true}')
+    return _bool(options, "include_usage")
+
+
+def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
+    """Check a request body field by field; the first problem raises APIError(400) naming it."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    known = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    for key in body:
+        if key not in known:
+            raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key,
+                           code="unrecognized_argument")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model", "is required: the name of a model from GET /v1/models", "missing_required_parameter")
+    _unsupported(body, "logprobs", (None, False, 0))
+    _unsupported(body, "top_logprobs", (None, 0))
+    _unsupported(body, "frequency_penalty", (None, 0), " (use repetition_penalty, e.g. 1.2)")
+    _unsupported(body, "presence_penalty", (None, 0), " (use repetition_penalty, e.g. 1.2)")
+    _unsupported(body, "logit_bias", (None, {}))
+    _unsupported(body, "suffix", (None, ""))
+    _unsupported(body, "tools", (None, []))
+    _unsupported(body, "tool_choice", (None, "none", "auto"))
+    _unsupported(body, "response_format", (None, {"type": "text"}))
+    stream = _bool(body, "stream")
+    n = _int(body, "n", 1, 1, limits.max_n)
+    _unsupported(body, "best_of", (None, n))
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, key, None if chat else 16, 0, limits.max_tokens)
+    d = SamplingConfig()
+    sampling = dict(temperature=_number(body, "temperature", d.temperature, 0, 2),
+                    top_p=_number(body, "top_p", d.top_p, 0, 1, True), top_k=max(_int(body, "top_k", d.top_k, -1), 0),
+                    stop=_stop(body), repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, True),
+                    ignore_eot=_bool(body, "ignore_eot"))
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63):
+        raise bad("seed", f"must be an integer, got {seed!r}")
+    if isinstance(body.get("user"), (dict, list)):
+        raise bad("user", "must be a string")
+    return Request(model=model, prompts=None if chat else _prompts(body), messages=_messages(body) if chat else None,
+                   max_tokens=max_tokens, sampling=sampling, seed=seed, n=n, stream=stream,
+                   include_usage=_stream_options(body, stream), echo=False if chat else _bool(body, "echo"))
+
+
+def _prompts(body: dict) -> list[str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt
+    raise bad("prompt", "is required: a string, or a list of strings (token-id prompts are not supported)",
+              "missing_required_parameter" if prompt is None else "invalid_value")
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise bad(where, "must be a string or a list of text parts (images and audio are not supported)")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "is required: a non-empty list of {\"role\", \"content\"} objects",
+                  "missing_required_parameter" if messages is None else "invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(where, "must be an object with a role and a content")
+        role = CHAT_ROLES.get(m.get("role"))
+        if role is None:
+            raise bad(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+    return out
+
+
+def tokenizer_problem(e: MyPTError, param: str) -> APIError:
+    return bad(param, str(e))
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(chat: bool, rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
+    """The whole answer of a non-streaming request."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": use}
+
+
+def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None = None,
+          finish_reason: str | None = None, use: dict | None = None, role: bool = False) -> dict:
+    """One streamed chunk: new text (or the role, or the finish) of choice `index`; with index None
+    the closing usage chunk."""
+    choices = []
+    if index is not None:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        else:
+            choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+           "created": int(time.time()), "model": model, "choices": choices}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def model_card(name: str, created: int, context: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "mypt", "max_model_len": context}

@@ -1,0 +1,350 @@
+"""Tests for `mypt serve`: the real `openai` client against a real server on 127.0.0.1.
+
+Two tiny char-level models are trained once by train.py: 'chars' (learned positions) and 'rope'
+(rotary). A server runs them in a thread of this process; the command line is tested as a
+child process. Every answer is checked against what generate.py or the Python API gives for
+the same prompt, seed and settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, require, run_cli
+from serving import running_server, train_models
+
+from mypt.api import LoadedModel, load_model
+
+openai = require("openai")
+httpx = require("httpx")
+
+PROMPT = "ROMEO:\nWhat"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_models(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def url(ckpts: Path):
+    with running_server(ckpts, ["chars", "rope"], max_batch=4, max_queue=16, max_tokens=200,
+                        max_prompt_tokens=128, max_body_bytes=4096) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def models(ckpts: Path) -> dict[str, LoadedModel]:
+    return {name: load_model(name, ckpts, device="cpu", dtype="fp32") for name in ("chars", "rope")}
+
+
+def solo(lm: LoadedModel, prompt: str, *, max_tokens: int, seed: int = 0, **options) -> str:
+    """What the Python API (one continuation, alone) gives with the same settings (the server's
+    defaults are generate.py's)."""
+    return lm.generate(prompt, max_new_tokens=max_tokens, seed=seed, **options)
+
+
+def complete(client, model: str = "chars", prompt: str = PROMPT, **kw):
+    return client.completions.create(model=model, prompt=prompt, **kw)
+
+
+def error_of(exc: pytest.ExceptionInfo) -> dict:
+    body = exc.value.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+@pytest.mark.parametrize("name", ["chars", "rope"])
+def test_greedy_completion_equals_generate_py(client, ckpts: Path, name: str) -> None:
+    r = run_cli("--model_name", name, "--checkpoints_dir", str(ckpts), "--prompt", PROMPT, "--max_new_tokens", "60",
+                "--temperature", "0", "--device", "cpu", script="generate.py", cwd=ckpts.parent)
+    assert r.returncode == 0, r.stderr
+    answer = complete(client, name, max_tokens=60, temperature=0)
+    assert r.stdout == PROMPT + answer.choices[0].text + "\n"
+    text = answer.choices[0].text
+    assert answer.choices[0].finish_reason == ("length" if len(text) == 60 else "stop") and answer.model == name
+    assert answer.usage.prompt_tokens == len(PROMPT) and answer.usage.completion_tokens == len(text)  # a char a token
+    assert len(set(answer.choices[0].text)) > 3  # a trained model's text, not one repeated character
+
+
+def test_models_are_listed_by_name(client) -> None:
+    assert sorted(m.id for m in client.models.list().data) == ["chars", "rope"]
+    assert client.models.retrieve("rope").id == "rope"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_sampled_completion_repeats_with_its_seed_and_equals_solo(client, models) -> None:
+    kw = dict(max_tokens=50, temperature=0.9, top_p=0.9, seed=7)
+    a, b = (complete(client, **kw).choices[0].text for _ in range(2))
+    assert a == b == solo(models["chars"], PROMPT, **kw)
+    assert complete(client, **{**kw, "seed": 8}).choices[0].text != a
+    defaults = complete(client, max_tokens=50, seed=7).choices[0].text  # temperature 0.8, top_k 200
+    assert defaults == models["chars"].generate(PROMPT, max_new_tokens=50, seed=7) != a
+
+
+def test_n_choices_use_consecutive_seeds(client, models) -> None:
+    answer = complete(client, max_tokens=30, temperature=1.0, seed=11, n=3)
+    texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
+    assert texts == [solo(models["chars"], PROMPT, max_tokens=30, temperature=1.0, seed=11 + i) for i in range(3)]
+    assert len(set(texts)) == 3 and answer.usage.completion_tokens == sum(map(len, texts))
+
+
+def test_stop_string_ends_the_text(client) -> None:
+    full = complete(client, max_tokens=80, temperature=0).choices[0].text
+    stop = full[20:23]
+    cut = complete(client, max_tokens=80, temperature=0, stop=[stop, "@@"]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_echo_and_a_list_of_prompts(client) -> None:
+    plain = complete(client, max_tokens=20, seed=2).choices[0].text
+    echoed = complete(client, max_tokens=20, seed=2, echo=True).choices[0].text
+    assert echoed == PROMPT + plain
+    streamed = "".join(c.choices[0].text for c in complete(client, max_tokens=20, seed=2, echo=True, stream=True))
+    assert streamed == echoed
+    both = complete(client, prompt=[PROMPT, "JULIET:"], max_tokens=20, seed=2, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3] and both.choices[0].text == plain
+    assert both.usage.prompt_tokens == len(PROMPT) + len("JULIET:")
+    assert both.usage.completion_tokens == sum(len(c.text) for c in both.choices)
+
+
+def test_streaming_sends_the_same_text_then_done(client, url: str) -> None:
+    kw = dict(max_tokens=40, temperature=0.8, seed=3)
+    whole = complete(client, **kw).choices[0].text
+    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}, **kw))
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 5  # piece by piece
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == len(whole)
+    raw = httpx.post(url + "/v1/completions", json={"model": "chars", "prompt": PROMPT, "stream": True, **kw}).text
+    assert raw.startswith("data: {") and raw.endswith("data: [DONE]\n\n")
+
+
+def test_chat_renders_the_documented_template(client) -> None:
+    messages = [{"role": "system", "content": "A play."}, {"role": "user", "content": "Who art thou?"},
+                {"role": "assistant", "content": "A friend."}, {"role": "user", "content": "Speak!"}]
+    reply = client.chat.completions.create(model="rope", messages=messages, max_tokens=60, temperature=0.7, seed=5)
+    rendered = "A play.\n\nUser: Who art thou?\nAssistant: A friend.\nUser: Speak!\nAssistant:"
+    same = complete(client, "rope", rendered, max_tokens=60, temperature=0.7, seed=5, stop=["\nUser:"]).choices[0]
+    assert reply.choices[0].message.content == same.text.lstrip()
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == same.finish_reason
+    streamed = client.chat.completions.create(model="rope", messages=messages, max_tokens=60, temperature=0.7,
+                                              seed=5, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
+
+
+def test_a_models_own_chat_template(ckpts: Path) -> None:
+    from mypt.errors import MyPTError
+    from mypt.serve.chat import ChatTemplate, load_template
+
+    folder = ckpts / "chars"
+    assert load_template(folder) == ChatTemplate()
+    (folder / "chat_template.json").write_text('{"user": "Q: {content}\\n", "generation_prompt": "A:", '
+                                               '"stop": ["\\nQ:"]}', encoding="utf-8")
+    try:
+        template = load_template(folder)
+        assert template.render([{"role": "user", "content": "Why?"}]) == "Q: Why?\nA:"
+        assert template.stop == ("\nQ:",)
+        (folder / "chat_template.json").write_text('{"user": "Q:"}', encoding="utf-8")
+        with pytest.raises(MyPTError, match=r"chat_template.json: 'user' must contain \{content\}"):
+            load_template(folder)
+    finally:
+        (folder / "chat_template.json").unlink()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", "hot"), ("temperature", 3), ("max_tokens", 201),
+                                              ("n", 0), ("top_p", 0), ("stop", [1]), ("frequency_penalty", 0.5),
+                                              ("seed", 1.5)])
+def test_a_bad_field_is_400_naming_it(client, field: str, value: object) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, max_tokens=5, extra_body={field: value})
+    assert error_of(e)["param"] == field
+    assert complete(client, max_tokens=5).choices[0].text  # still serving
+
+
+def test_unknown_field_unknown_model_and_bad_json(client, url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, max_tokens=5, extra_body={"temprature": 0.5})
+    assert error_of(e)["param"] == "temprature"
+    with pytest.raises(openai.NotFoundError) as e:
+        complete(client, model="nope", max_tokens=5)
+    error = error_of(e)
+    assert error["code"] == "model_not_found" and "chars, rope" in error["message"]
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="chars", messages=[{"role": "robot", "content": "hi"}])
+    assert error_of(e)["param"] == "messages[0].role"
+    r = httpx.get(url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_too_long_prompt_and_too_big_body(client, url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, prompt="a" * 129, max_tokens=5)  # --max_prompt_tokens 128
+    assert error_of(e)["code"] == "context_length_exceeded"
+    with pytest.raises(openai.APIStatusError) as e:
+        complete(client, prompt="a" * 5000, max_tokens=5)  # body over --max_body_bytes 4096
+    assert e.value.status_code == 413 and error_of(e)["code"] == "request_too_large"
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, prompt="ROMEO: €", max_tokens=5)  # not in the char vocabulary
+    assert error_of(e)["param"] == "prompt"
+    assert complete(client, max_tokens=5).choices[0].text
+
+
+def test_full_queue_is_503_with_retry_after_and_a_gone_client_frees_its_slot(ckpts: Path) -> None:
+    """One row, one waiting place: A decodes, B waits, C is refused; A's client leaves, B runs."""
+    with running_server(ckpts, ["chars"], max_batch=1, max_queue=1, max_tokens=100_000) as base:
+        body = {"model": "chars", "prompt": PROMPT, "max_tokens": 100_000, "stream": True, "ignore_eot": True}
+        with httpx.Client(base_url=base, timeout=30) as a, httpx.Client(base_url=base, timeout=30) as b:
+            with a.stream("POST", "/v1/completions", json=body) as stream_a:
+                lines_a = stream_a.iter_lines()  # kept: dropping a half-read iterator closes the connection
+                assert next(lines_a).startswith("data: {")
+                with b.stream("POST", "/v1/completions", json=body) as stream_b:
+                    wait_for(base, active=1, waiting=1)
+                    c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+                    with pytest.raises(openai.APIStatusError) as e:
+                        c.completions.create(model="chars", prompt=PROMPT, max_tokens=5)
+                    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+                    assert error_of(e)["code"] == "overloaded"
+                    assert stream_b.status_code == 200
+                    stream_a.close()  # A's client goes away
+                    wait_for(base, active=1, waiting=0)
+                    assert next(stream_b.iter_lines()).startswith("data: {")  # B got A's row
+            wait_for(base, active=0, waiting=0)
+            assert c.completions.create(model="chars", prompt=PROMPT, max_tokens=5).choices[0].text
+
+
+def wait_for(base: str, **expected: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        stats = httpx.get(base + "/health").json()["models"]["chars"]
+        if all(stats[k] == v for k, v in expected.items()):
+            return
+        assert time.monotonic() < deadline, f"health stayed {stats}, expected {expected}"
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+MIXED = [  # different prompt lengths, lengths and settings, decoded together
+    ("ROMEO:", dict(max_tokens=70, temperature=0)),
+    ("JULIET:\nO", dict(max_tokens=25, temperature=1.0, seed=1)),
+    ("First Citizen:\nWe are", dict(max_tokens=50, temperature=0.7, top_p=0.8, top_k=0, seed=2)),
+    ("A", dict(max_tokens=90, temperature=1.2, top_k=5, seed=3, repetition_penalty=1.3)),
+    ("MENENIUS:\n", dict(max_tokens=10, temperature=0)),
+    ("All:\nSpeak, speak.", dict(max_tokens=60, temperature=0.5, seed=4, stop=["\n\n"])),
+]
+
+
+@pytest.mark.parametrize("name", ["chars", "rope"])
+def test_concurrent_requests_each_equal_their_solo_output(url: str, models, name: str) -> None:
+    async def one(client, prompt: str, kw: dict) -> str:
+        extra = {k: kw[k] for k in ("top_k", "repetition_penalty") if k in kw}
+        plain = {k: v for k, v in kw.items() if k not in extra}
+        r = await client.completions.create(model=name, prompt=prompt, extra_body=extra, **plain)
+        return r.choices[0].text
+
+    async def all_at_once() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+            return await asyncio.gather(*(one(client, p, kw) for p, kw in MIXED + MIXED))
+
+    before = httpx.get(url + "/health").json()["models"][name]["steps"]
+    texts = asyncio.run(all_at_once())
+    steps = httpx.get(url + "/health").json()["models"][name]["steps"] - before
+    expected = [solo(models[name], p, **{**kw, "stop": tuple(kw.get("stop", ()))}) for p, kw in MIXED]
+    assert texts == expected + expected
+    assert steps < sum(kw["max_tokens"] for _, kw in MIXED)  # decoded together, not one after another
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.slow
+def test_mypt_serve_command_with_an_api_key(ckpts: Path) -> None:
+    from mypt.cli.serve import bind
+
+    port = bind("127.0.0.1", 0).getsockname()[1]  # closed again: free for the server
+    env = {**os.environ, "MYPT_API_KEY": "s3cret", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mypt", "serve", "--model_name", "chars", "--checkpoints_dir", str(ckpts),
+           "--port", str(port), "--log_level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(base + "/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        keyless = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            keyless.models.list()
+        assert error_of(e)["code"] == "invalid_api_key"
+        keyed = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert keyed.completions.create(model="chars", prompt=PROMPT, max_tokens=5).choices[0].text
+        assert httpx.get(base + "/").text.startswith("<!doctype html>")  # the page itself needs no key
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err  # Ctrl-C: a clean stop
+    assert f"serving chars at {base}/" in out and "API key required" in out
+
+
+def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
+    base = ["--checkpoints_dir", str(ckpts)]
+    r = run_cli("serve", "--model_name", "chars", "chars", "--max_batch", "0", *base, script="src/mypt/__main__.py",
+                cwd=ckpts.parent)
+    assert r.returncode == 2
+    assert "--max_batch (0) must be 1 or more" in r.stderr and "lists chars more than once" in r.stderr
+    r = run_cli("serve", "--model_name", "nope", *base, script="src/mypt/__main__.py", cwd=ckpts.parent)
+    assert r.returncode == 2 and "nope" in r.stderr and "chars" in r.stderr and "Traceback" not in r.stderr
+    from mypt.cli.serve import bind
+
+    taken = bind("127.0.0.1", 0)
+    r = run_cli("serve", "--model_name", "chars", "--port", str(taken.getsockname()[1]), *base,
+                script="src/mypt/__main__.py", cwd=ckpts.parent)
+    taken.close()
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+
+
+def test_readme_examples_work_as_written(url: str, capsys: pytest.CaptureFixture) -> None:
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    python = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import" in b)
+    exec(compile(python.replace("http://127.0.0.1:8000", url).replace("demo_tiny", "chars"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert len(out) > 60  # a completion's 50 characters, then a chat reply
+    curl = shlex.split(next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if b.startswith("curl "))
+                       .replace("\\\n", " "))
+    assert curl[1] == "http://127.0.0.1:8000/v1/completions"
+    body = json.loads(curl[curl.index("-d") + 1].replace("demo_tiny", "chars"))
+    r = httpx.post(url + "/v1/completions", json=body)
+    assert r.status_code == 200 and 0 < len(r.json()["choices"][0]["text"]) <= 50
