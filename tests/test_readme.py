@@ -87,7 +87,7 @@ def test_char_quick_start_command_runs_with_the_presets_training_settings(tmp_pa
 
 
 def test_modern_quick_start_command_runs_with_the_presets_recipe(tmp_path):
-    block = next(b for b in readme_blocks() if "shakespeare-char-modern.json" in b and "train.py" in b)
+    block = next(b for b in readme_blocks() if "--model_name scm" in b)
     argv = to_argv(block.strip().splitlines()[0])
     (tmp_path / "tinyshakespeare.txt").write_text(corpus_text(40_000), encoding="utf-8")
     out = run([*argv, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1"], tmp_path).stdout

@@ -1,13 +1,14 @@
 """Parameters, training memory and FLOPs for a model config.
 
 Parameter counts come from the model itself, built on the meta device (no memory, no time), so
-they always equal what training builds. Memory and FLOPs are analytic estimates whose terms
+they always equal what training builds (tests/test_model.py checks them against built models). Memory and FLOPs are analytic estimates whose terms
 follow what autograd keeps for MyPT's model (see `activation_bytes`); bench/memory.py measures
 them against real training steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -19,34 +20,41 @@ from mypt.errors import MyPTError
 from mypt.model import GPT, LOSS_CHUNK_ROWS
 
 
-def build_meta_model(cfg: Any) -> GPT:
+def _meta_model(cfg: Any, n_layer: int) -> GPT:
+    """cfg's model with n_layer of its (identical) layers, on the meta device: no memory."""
     with torch.device("meta"):
-        return GPT(cfg)
+        return GPT(dataclasses.replace(cfg, n_layer=n_layer))
 
 
 def param_breakdown(cfg: Any) -> dict[str, int]:
     """Unique parameters by part: embeddings, one layer (and its attention and MLP), all layers,
-    final norm, an untied output layer, total; and hidden_matrices, what Muon would update."""
-    model = build_meta_model(cfg)
+    final norm, an untied output layer, total; and hidden_matrices, what Muon would update.
+
+    Counted on a model of at most one layer: the layers are identical and share nothing, so the
+    rest follows exactly, and a config of 10,000 layers counts as fast as one of 2.
+    """
+    built = min(cfg.n_layer, 1)
+    model = _meta_model(cfg, built)
     t = model.transformer
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    first = t.h[0] if len(t.h) else None
+    first = t.h[0] if built else None
+    per_layer = count(first) if first is not None else 0
     return {
         "token_embedding": count(t.wte),
         "position_embedding": count(t.wpe) if "wpe" in t else 0,
-        "per_layer": count(first) if first is not None else 0,
+        "per_layer": per_layer,
         "attention": count(first.attn) if first is not None else 0,
         "mlp": count(first.mlp) if first is not None else 0,
-        "layers": count(t.h),
+        "layers": cfg.n_layer * per_layer,
         "final_norm": count(t.ln_f),
         "lm_head": 0 if cfg.tie_embeddings else count(model.lm_head),
-        "total": model.num_params(),
-        "hidden_matrices": sum(p.numel() for p in t.h.parameters() if p.dim() == 2),
+        "total": model.num_params() + (cfg.n_layer - built) * per_layer,
+        "hidden_matrices": cfg.n_layer * sum(p.numel() for p in first.parameters() if p.dim() == 2) if first else 0,
     }
 
 
 def count_params(cfg: Any) -> int:
-    return build_meta_model(cfg).num_params()
+    return param_breakdown(cfg)["total"]
 
 
 def flops_per_token(cfg: Any, n_params: int | None = None) -> int:
