@@ -1,9 +1,9 @@
 """Parameters, training memory and FLOPs for a model config.
 
 Parameter counts come from the model itself, built on the meta device (no memory, no time), so
-they always equal what training builds (tests/test_model.py checks them against built models). Memory and FLOPs are analytic estimates whose terms
-follow what autograd keeps for MyPT's model (see `activation_bytes`); bench/memory.py measures
-them against real training steps.
+they always equal what training builds (tests/test_model.py checks them against built models).
+Memory and FLOPs are analytic estimates whose terms follow what autograd keeps for MyPT's model
+(see `activation_bytes`); bench/memory.py measures them against real training steps.
 """
 
 from __future__ import annotations
