@@ -96,8 +96,8 @@ def activation_bytes(cfg: Any, batch_size: int, precision: str, checkpointing: b
     norm's input and output and the head's input gradient (3 x 4u), and the head's workspace:
     one (LOSS_CHUNK_ROWS, vocab) block of logit gradients in the compute dtype and, in bf16, one
     bf16 (vocab, n_embd) product. Gradients are counted in full besides (estimate_memory): a
-    margin, as at this peak only the head's exists; within 15% of measured steps for tiny,
-    small and 150M (BENCHMARKS.md).
+    margin, as at this peak only the head's exists (bench/memory.py measures it against real
+    steps: BENCHMARKS.md).
     """
     u = batch_size * cfg.block_size * cfg.n_embd
     h = cfg.hidden_size / cfg.n_embd

@@ -209,7 +209,7 @@ class CacheStep:
 
 class _CPURMSNorm(torch.autograd.Function):
     """RMSNorm in a few passes over memory, for CPUs (where torch's rms_norm is a chain of
-    elementwise ops, 3x LayerNorm's time): the sum of squares in one pass, and backward through
+    elementwise ops, several times LayerNorm's; BENCHMARKS.md): the sum of squares in one pass, and backward through
     LayerNorm's fused kernel (with the mean set to 0 it is RMSNorm's backward but for one
     term, rstd * mean(g * w), added here)."""
 
@@ -270,7 +270,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.view(B, T, self.n_head, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # A CPU's flash-attention backward is 2-4x slower in bf16 than in fp32 (BENCHMARKS.md): in
+        # A CPU's flash-attention backward is slower in bf16 than in fp32 (BENCHMARKS.md): in
         # training it attends in fp32, outside autocast, which would cast the inputs back down
         fp32 = cache is None and x.device.type == "cpu"
         if rope is not None:
@@ -461,8 +461,8 @@ class GPT(nn.Module):
         cache = KVCache(c.n_layer, batch, c.kv_heads, capacity, c.head_dim, device, dtype,
                         ring=c.position == "rope" and capacity == c.block_size)
         if device.type == "cpu":
-            # On a CPU, one row of logits is 2-3x faster against a contiguous (n_embd, vocab) copy
-            # of the head than through nn.Linear's (vocab, n_embd) (bench/bench_generate.py).
+            # On a CPU, one row of logits is faster against a contiguous (n_embd, vocab) copy of
+            # the head than through nn.Linear's (vocab, n_embd) (BENCHMARKS.md, Generation).
             cache.head = self.lm_head.weight.detach().t().contiguous()
         return cache
 
@@ -501,7 +501,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _row_max(t: torch.Tensor) -> torch.Tensor:
     """t.amax(dim=1) of a contiguous (rows, vocab) block. A CPU reduces bf16 along a row one value
     at a time, at less than fp32's speed; taking the max of 128-wide column groups first lets it
-    compare 128 lanes at once (1.5x faster on (1024, 50304); BENCHMARKS.md)."""
+    compare 128 lanes at once (exact, and faster: BENCHMARKS.md)."""
     if t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.size(1) % 128 == 0:
         return t.view(t.size(0), -1, 128).amax(dim=1).amax(dim=1)
     return t.amax(dim=1)
