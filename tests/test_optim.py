@@ -168,3 +168,12 @@ def test_bad_muon_flags_are_named(tmp_path: Path):
     assert r.returncode == 2
     assert "--muon_lr (-1.0) must be a number above 0" in r.stderr
     assert "--muon_momentum (1.5) must be at least 0 and below 1" in r.stderr
+
+
+def test_a_muon_flag_without_muon_is_refused(tmp_path: Path, small_text: Path):
+    before = snapshot(tmp_path)
+    r = run("--model_name", "m", *tiny_arch_flags(), "--tokenizer", "char", "--input_file", str(small_text),
+            "--muon_lr", "0.03", "--max_iters", "2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "--muon_lr only applies to --optimizer muon, and this run uses --optimizer adamw" in r.stderr
+    assert snapshot(tmp_path) == before

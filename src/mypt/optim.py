@@ -78,8 +78,14 @@ def saved_optimizer(training_state: dict[str, Any]) -> str | None:
     return None if saved is None else saved.get("optimizer", "adamw")
 
 
-def optimizer_problem(tc: TrainConfig, fsdp: bool, saved: str | None) -> str | None:
-    """Why this run cannot use tc.optimizer (None if it can). saved: the resumed run's optimizer."""
+def optimizer_problem(tc: TrainConfig, fsdp: bool, saved: str | None, given: Iterable[str] = ()) -> str | None:
+    """Why this run cannot use tc.optimizer (None if it can). saved: the resumed run's optimizer;
+    given: the training flags on the command line (a Muon flag without Muon is a mistake)."""
+    stray = [f"--{name}" for name in ("muon_lr", "muon_momentum") if name in given]
+    if stray and tc.optimizer != "muon":
+        verb = "applies" if len(stray) == 1 else "apply"
+        return (f"{' and '.join(stray)} only {verb} to --optimizer muon, and this run uses --optimizer "
+                f"{tc.optimizer}; add --optimizer muon (for a new model), or leave {' and '.join(stray)} out")
     if fsdp and tc.optimizer == "muon":
         return ("--optimizer muon cannot run with --fsdp: Muon orthogonalises whole matrices and FSDP "
                 "gives each process a shard of them. Use data parallel (leave out --fsdp) or --optimizer adamw")
@@ -89,8 +95,8 @@ def optimizer_problem(tc: TrainConfig, fsdp: bool, saved: str | None) -> str | N
     return None
 
 
-def check_optimizer(tc: TrainConfig, fsdp: bool, saved: str | None) -> None:
-    problem = optimizer_problem(tc, fsdp, saved)
+def check_optimizer(tc: TrainConfig, fsdp: bool, saved: str | None, given: Iterable[str] = ()) -> None:
+    problem = optimizer_problem(tc, fsdp, saved, given)
     if problem:
         raise MyPTError(problem)
 

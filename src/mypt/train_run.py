@@ -109,7 +109,8 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         if tc.compile:
             dist.check_compile(torch_device)
         _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
-        check_optimizer(plan.train_cfg, fsdp, saved_optimizer(plan.resume.training_state) if plan.resume else None)
+        saved = saved_optimizer(plan.resume.training_state) if plan.resume else None
+        check_optimizer(plan.train_cfg, fsdp, saved, given=train_flags)
 
         def fits() -> None:
             if not skip_memory_check:
