@@ -2,6 +2,7 @@
 
 usage: python bench/bench_tokenizer.py [--only train encode compression quality] [--mb 100]
                                        [--budget 120] [--quality_vocabs 1024 2048 4096 8192]
+                                       [--preset shakespeare-char] [--threads N]
 
 train        MyPT's bpe training (rustbpe) and Hugging Face `tokenizers` given the same pieces of
              the same --mb MB text, same split pattern, vocab 8192; each in a fresh process,
@@ -13,7 +14,8 @@ encode       mypt.data.prepare_corpus (the data preparation train.py runs) with 
 compression  bytes per token of bpe trained on the first 90% of a text (vocab 1024 ... 16384),
              on the held-out last 10% and on the whole, against gpt2 and char; on
              tinyshakespeare and the built-in corpus.
-quality      on tinyshakespeare, the shakespeare-char architecture with each tokenizer for the
+quality      on tinyshakespeare, the --preset's architecture and training settings (default
+             shakespeare-char's) with each tokenizer for the
              same --budget seconds of training on torch's threads, counted in CPU time (budget x
              threads CPU-seconds, so that other load on the shared machine does not favour one
              run), the cosine schedule's end kept where the budget runs out; then bits per
@@ -209,8 +211,8 @@ def bench_compression(folder: Path) -> None:
 # Quality per second
 
 
-def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[str, Any]:
-    """Train shakespeare-char's architecture with tok for `budget` seconds; held-out bits per char."""
+def quality_run(tok: Any, budget: float, cache: Path, lr: float | None, preset_name: str) -> dict[str, Any]:
+    """Train the preset's architecture and recipe with tok for `budget` seconds; held-out bits per char."""
     import numpy as np
     import torch
 
@@ -219,9 +221,10 @@ def quality_run(tok: Any, budget: float, cache: Path, lr: float | None) -> dict[
     from mypt.config import ModelConfig, TrainConfig, load_model_config, new_run_train_config
     from mypt.data import training_data
     from mypt.model import GPT
-    from mypt.trainer import Trainer, TrainState, make_optimizer
+    from mypt.optim import make_optimizer
+    from mypt.trainer import Trainer, TrainState
 
-    preset = load_model_config("shakespeare-char")
+    preset = load_model_config(preset_name)
     vocab = tok.model_vocab_size() if tok.kind != "gpt2" else 50304
     cfg = ModelConfig.from_dict({**preset.to_dict(), "vocab_size": vocab}, "config")
     flags = {"learning_rate": lr} if lr else {}
@@ -298,7 +301,8 @@ class _Quiet:
         pass
 
 
-def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float], threads: int | None) -> None:
+def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[float], threads: int | None,
+                  preset: str) -> None:
     import torch
 
     from mypt.tokenizers import build_tokenizer, train_bpe
@@ -306,7 +310,7 @@ def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[floa
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    print(f"\n## Quality per second: tinyshakespeare, shakespeare-char architecture, {budget:.0f} s of training "
+    print(f"\n## Quality per second: tinyshakespeare, {preset}'s architecture and recipe, {budget:.0f} s of training "
           f"on {threads} thread(s) ({budget * threads:.0f} CPU-seconds)\n")
     print("tokens/s and chars/s are per CPU-second x threads: what the run does with the whole machine.\n")
     print("| tokenizer | vocab | learning rate | parameters | iterations | wall seconds | CPU seconds | tokens/s "
@@ -319,7 +323,7 @@ def bench_quality(folder: Path, budget: float, vocabs: list[int], lrs: list[floa
     for name, tok in toks.items():
         chars_per_token = n_chars / len(tok.encode(SHAKESPEARE.read_text(encoding="utf-8")))
         for lr in lrs or [None]:
-            r = quality_run(tok, budget, folder / "cache", lr)
+            r = quality_run(tok, budget, folder / "cache", lr, preset)
             print(f"| {name} | {tok.n_vocab:,} | {r['lr']:g} | {r['params']:,} | {r['iters']:,} | {r['seconds']:.0f} "
                   f"| {r['cpu_seconds']:.0f} | {r['tokens_per_cpu_s']:,.0f} "
                   f"| {r['tokens_per_cpu_s'] * chars_per_token:,.0f} | {r['bpc']:.3f} |", flush=True)
@@ -334,6 +338,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=120.0, help="seconds of training per quality run")
     p.add_argument("--quality_vocabs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--lrs", type=float, nargs="*", default=[], help="learning rates to try (default: the preset's)")
+    p.add_argument("--preset", default="shakespeare-char", help="the quality runs' architecture and training "
+                   "settings, the vocabulary aside (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads for the quality runs (1: CPU time is compute "
                    "time even on a loaded machine, no thread waits for a descheduled one)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -354,7 +360,7 @@ def main() -> None:
         if "compression" in args.only:
             bench_compression(folder)
         if "quality" in args.only:
-            bench_quality(folder, args.budget, args.quality_vocabs, args.lrs, args.threads)
+            bench_quality(folder, args.budget, args.quality_vocabs, args.lrs, args.threads, args.preset)
 
 
 if __name__ == "__main__":

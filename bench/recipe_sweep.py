@@ -32,7 +32,7 @@ from time_to_loss import DATA
 
 from mypt import dist
 from mypt.config import ModelConfig, load_model_config, new_run_train_config
-from mypt.data import char_vocab_of_file, load_splits, prepare_tokens
+from mypt.data import training_data
 from mypt.model import GPT
 from mypt.optim import make_optimizer
 from mypt.tokenizers import build_tokenizer
@@ -50,14 +50,13 @@ class _Quiet:
 def build(spec: dict[str, Any], cache: Path) -> tuple[GPT, Trainer]:
     base = load_model_config(spec.get("config", "shakespeare-char"))
     fields = {**base.to_dict(), **spec.get("arch", {})}
-    if spec.get("tokenizer", "char") == "char":
-        tok = build_tokenizer("char", "".join(char_vocab_of_file(DATA)))
-        fields["vocab_size"] = tok.n_vocab
-    else:
-        tok = build_tokenizer(spec["tokenizer"])
+    char = spec.get("tokenizer", "char") == "char"
     cfg = ModelConfig.from_dict(fields, "sweep")
     tc, _ = new_run_train_config(cfg, spec.get("train", {}))
-    train, val = load_splits(prepare_tokens(DATA, tok, cache, progress=False), tc.val_split, cfg.block_size, "data")
+    tok, train, val = training_data([str(DATA)], None if char else build_tokenizer(spec["tokenizer"]), cache,
+                                    tc.val_split, cfg.block_size)
+    if char:
+        cfg = ModelConfig.from_dict({**fields, "vocab_size": tok.n_vocab}, "sweep")
     device = torch.device("cpu")
     dtype = dist.pick_dtype(tc.dtype, device)
     torch.manual_seed(tc.seed)
