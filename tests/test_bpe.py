@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH, corpus_text, tiny_arch_flags
+from conftest import TINY_ARCH, corpus_text, require, tiny_arch_flags
 from forked_cli import ONE_THREAD, run
 
 from mypt import data
@@ -191,7 +191,7 @@ def test_one_tokenizer_file_serves_two_models(root: Path, tmp_path: Path, capsys
 
 
 def test_export_to_transformers_and_back(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     ckpts = str(root / "checkpoints")
     out = tmp_path / "hf"
     assert run_command("export", ["--model_name", "b", "--checkpoints_dir", ckpts, "--out", str(out)]) == 0
