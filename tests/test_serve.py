@@ -200,6 +200,28 @@ def test_unknown_field_unknown_model_and_bad_json(client, url: str) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
+def test_hostile_bodies_are_400s_naming_the_field(url: str) -> None:
+    def post(body: object | bytes, path: str = "/v1/completions") -> dict:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = httpx.post(url + path, content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    assert post(b"[" * 1500 + b"]" * 1500)["code"] == "invalid_json"  # nested past json's recursion limit
+    chat = {"model": "chars", "max_tokens": 2}
+    assert post({**chat, "messages": [{"role": ["user"], "content": "hi"}]}, "/v1/chat/completions")["param"] \
+        == "messages[0].role"
+    assert post({**chat, "messages": [{"role": "user", "content": "hi"}], "user": 5},
+                "/v1/chat/completions")["param"] == "user"
+    assert post({**chat, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                 "stream_options": {"include_usage": "yes"}}, "/v1/chat/completions")["param"] \
+        == "stream_options.include_usage"
+    many = post({"model": "chars", "prompt": ["ROMEO:"] * 17, "max_tokens": 2})  # --max_queue 16: never fits
+    assert many["param"] == "prompt" and "--max_queue" in many["message"]
+    unknown = post({"model": "chars", "prompt": "ROMEO: €", "max_tokens": 2})
+    assert unknown["param"] == "prompt" and not unknown["message"].startswith("prompt: prompt")
+
+
 def test_too_long_prompt_and_too_big_body(client, url: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, prompt="a" * 129, max_tokens=5)  # --max_prompt_tokens 128
@@ -283,13 +305,18 @@ def test_concurrent_requests_each_equal_their_solo_output(url: str, models, name
 
 
 @pytest.mark.slow
-def test_mypt_serve_command_with_an_api_key(ckpts: Path) -> None:
+@pytest.mark.parametrize("key_from", ["flag", "environment"])
+def test_mypt_serve_command_with_an_api_key(ckpts: Path, key_from: str) -> None:
     from mypt.cli.serve import bind
 
     port = bind("127.0.0.1", 0).getsockname()[1]  # closed again: free for the server
-    env = {**os.environ, "MYPT_API_KEY": "s3cret", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mypt", "serve", "--model_name", "chars", "--checkpoints_dir", str(ckpts),
-           "--port", str(port), "--log_level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MYPT_API_KEY", None)
+    key = ["--api_key", "s3cret"] if key_from == "flag" else []
+    if key_from == "environment":
+        env["MYPT_API_KEY"] = "s3cret"
+    cmd = [sys.executable, "-m", "mypt", "serve", "--model_name", "chars", "rope", "--checkpoints_dir", str(ckpts),
+           "--port", str(port), "--log_level", "warning", *key]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -308,12 +335,13 @@ def test_mypt_serve_command_with_an_api_key(ckpts: Path) -> None:
         assert error_of(e)["code"] == "invalid_api_key"
         keyed = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="chars", prompt=PROMPT, max_tokens=5).choices[0].text
+        assert keyed.completions.create(model="rope", prompt=PROMPT, max_tokens=5).choices[0].text
         assert httpx.get(base + "/").text.startswith("<!doctype html>")  # the page itself needs no key
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Traceback" not in err  # Ctrl-C: a clean stop
-    assert f"serving chars at {base}/" in out and "API key required" in out
+    assert f"serving chars, rope at {base}/" in out and "API key required" in out
 
 
 def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
@@ -331,6 +359,10 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
                 script="src/mypt/__main__.py", cwd=ckpts.parent)
     taken.close()
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+    r = run_cli("serve", "--model_name", "chars", "--max_batch", str(10**12), "--port", "0", *base,
+                script="src/mypt/__main__.py", cwd=ckpts.parent)  # a KV cache no machine has
+    assert r.returncode == 2 and r.stderr.startswith("error: --max_batch 1000000000000: the KV cache of 'chars'")
+    assert "serving" not in r.stdout and "Traceback" not in r.stderr
 
 
 def test_readme_examples_work_as_written(url: str, capsys: pytest.CaptureFixture) -> None:

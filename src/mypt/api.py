@@ -68,10 +68,14 @@ class LoadedModel:
     dtype: str
 
     @property
-    def name(self) -> str:
-        """The model's name (its folder's, also when these are its best/ weights)."""
+    def folder(self) -> Path:
+        """The model's folder in checkpoints/ (also when these are its best/ weights)."""
         path = self.checkpoint.path
-        return path.parent.name if path.name == BEST_DIR else path.name
+        return path.parent if path.name == BEST_DIR else path
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
 
     @property
     def iterations(self) -> int | None:

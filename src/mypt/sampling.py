@@ -317,7 +317,7 @@ class Decoder:
         if fresh:
             cache.reset(torch.tensor(fresh))
         idx = torch.tensor([c.tokens[-n_new:] for c in group], dtype=torch.long, device=self.device)
-        rows = None if slots == list(range(self.slots)) else torch.tensor(slots, device=self.device)
+        rows = None if slots == list(range(self.slots)) else torch.tensor(slots)  # host: the cache plans on it
         for c in group:
             c.held += n_new
         return self.model.next_logits(idx, cache, rows)

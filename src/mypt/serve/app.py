@@ -33,7 +33,7 @@ from mypt.errors import MyPTError
 from mypt.sampling import fresh_seed
 from mypt.serve import protocol
 from mypt.serve.batcher import Batcher, Job, Overloaded
-from mypt.serve.chat import ChatTemplate, load_template
+from mypt.serve.chat import load_template
 from mypt.serve.protocol import APIError, Limits
 
 RETRY_AFTER_SECONDS = 1
@@ -47,14 +47,12 @@ class Server:
         self.models = {lm.name: lm for lm in models}
         self.limits, self.api_key = limits, api_key
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.templates = {lm.name: _template(lm) for lm in models}
-        self.batchers: dict[str, Batcher] = {}
+        self.templates = {lm.name: load_template(lm.folder) for lm in models}
+        self.batchers = {lm.name: _batcher(lm, max_batch, max_queue) for lm in models}
         self.created = {lm.name: _created(lm) for lm in models}
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self.batchers = {name: Batcher(lm, max_batch=self.max_batch, max_queue=self.max_queue)
-                         for name, lm in self.models.items()}
         tasks = [asyncio.create_task(b.run(), name=f"batcher {name}") for name, b in self.batchers.items()]
         try:
             yield
@@ -83,9 +81,14 @@ class Server:
         return self.limits.max_prompt_tokens or lm.config.block_size
 
 
-def _template(lm: LoadedModel) -> ChatTemplate:
-    path = lm.checkpoint.path
-    return load_template(path.parent if path.name == "best" else path)
+def _batcher(lm: LoadedModel, max_batch: int, max_queue: int) -> Batcher:
+    """lm's batcher with its KV cache allocated now, before the server listens."""
+    try:
+        return Batcher(lm, max_batch=max_batch, max_queue=max_queue)
+    except (RuntimeError, MemoryError) as e:  # the cache does not fit (torch reports it as a RuntimeError)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise MyPTError(f"--max_batch {max_batch}: the KV cache of '{lm.name}' for {max_batch} rows could not be "
+                        f"allocated ({first}); use a smaller --max_batch") from None
 
 
 def _created(lm: LoadedModel) -> int:
@@ -112,15 +115,15 @@ async def read_body(request: HTTPRequest, limit: int) -> Any:
             raise too_big
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5,000-digit number, deep nesting
         raise APIError(400, f"The body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
 
 
 def encode(lm: LoadedModel, text: str, param: str, limit: int) -> list[int]:
     try:
         ids = lm.encode_prompt(text, param)
-    except MyPTError as e:
-        raise protocol.bad(param, str(e)) from None
+    except MyPTError as e:  # its message names `param` already
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
     if len(ids) > limit:
         raise APIError(400, f"{param}: {len(ids)} tokens, more than this server accepts for '{lm.name}' "
                        f"({limit}; its context is {lm.config.block_size} tokens)", param=param,
@@ -146,6 +149,10 @@ class Generation:
             prompts, extra_stop, param = [template.render(req.messages)], template.stop, "messages"
         else:
             prompts, param = req.prompts, "prompt"
+            if len(prompts) > self.batcher.max_queue:  # could never all wait at once: not worth a retry
+                raise APIError(400, f"prompt: {len(prompts)} prompts in one request, more than this server queues "
+                               f"({self.batcher.max_queue}; --max_queue); send them in smaller requests",
+                               param="prompt", code="invalid_value")
         self.echo = prompts if req.echo else [""] * len(prompts)
         ids = [encode(lm, p, param, limit) for p in prompts]
         self.prompt_tokens = sum(len(i) for i in ids)
@@ -211,9 +218,8 @@ async def answer_whole(request: HTTPRequest, gen: Generation) -> Response:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not work.done():
-            work.cancel()
-            gen.cancel()
+        work.cancel()  # a no-op when it finished
+        gen.cancel()  # finished: a no-op; failed or abandoned: its waiting prompts leave the queue too
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # nobody is listening
     work.result()  # raises the request's APIError, if any
@@ -259,8 +265,10 @@ async def stream_events(gen: Generation) -> AsyncIterator[str]:
 def create_app(server: Server) -> Starlette:
     """The ASGI application serving `server`'s models."""
 
+    page_html = resources.files("mypt.serve").joinpath("page.html").read_text(encoding="utf-8")
+
     async def page(request: HTTPRequest) -> Response:
-        return HTMLResponse(resources.files("mypt.serve").joinpath("page.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     async def health(request: HTTPRequest) -> Response:
         return JSONResponse({"status": "ok", "models": {name: b.stats() for name, b in server.batchers.items()}})

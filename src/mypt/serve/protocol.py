@@ -17,7 +17,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from mypt.errors import MyPTError
 from mypt.sampling import SamplingConfig
 
 MAX_STOPS = 4  # as OpenAI
@@ -132,7 +131,10 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise bad("stream_options", "is only allowed with stream: true")
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise bad("stream_options", 'must be an object like {"include_usage": true}')
-    return _bool(options, "include_usage")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad("stream_options.include_usage", f"must be true or false, got {include!r}")
+    return include
 
 
 def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
@@ -159,8 +161,9 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     stream = _bool(body, "stream")
     n = _int(body, "n", 1, 1, limits.max_n)
     _unsupported(body, "best_of", (None, n))
-    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, key, None if chat else 16, 0, limits.max_tokens)
+    max_tokens = _int(body, "max_tokens", None if chat else 16, 0, limits.max_tokens)
+    if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
+        max_tokens = _int(body, "max_completion_tokens", None, 0, limits.max_tokens)
     d = SamplingConfig()
     sampling = dict(temperature=_number(body, "temperature", d.temperature, 0, 2),
                     top_p=_number(body, "top_p", d.top_p, 0, 1, True), top_k=max(_int(body, "top_k", d.top_k, -1), 0),
@@ -169,7 +172,7 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63):
         raise bad("seed", f"must be an integer, got {seed!r}")
-    if isinstance(body.get("user"), (dict, list)):
+    if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "must be a string")
     return Request(model=model, prompts=None if chat else _prompts(body), messages=_messages(body) if chat else None,
                    max_tokens=max_tokens, sampling=sampling, seed=seed, n=n, stream=stream,
@@ -206,15 +209,11 @@ def _messages(body: dict) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(where, "must be an object with a role and a content")
-        role = CHAT_ROLES.get(m.get("role"))
+        role = CHAT_ROLES.get(m["role"]) if isinstance(m.get("role"), str) else None
         if role is None:
             raise bad(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
         out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
     return out
-
-
-def tokenizer_problem(e: MyPTError, param: str) -> APIError:
-    return bad(param, str(e))
 
 
 # ----------------------------------------------------------------------------- responses
