@@ -106,6 +106,12 @@ def test_globs_with_double_star_and_repeated_values_each_file_once(tmp_path):
     assert all(f.kind == "text" for f in files)
 
 
+def test_an_empty_input_file_value_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MyPTError, match=r"--input_file '': an empty path"):
+        sources_from_flags(["input.txt", ""], None, None)
+
+
 def test_flags_make_one_absolute_source_and_mixture_files_are_read(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     [s] = sources_from_flags(["a.txt", "docs/"], "body", None)
@@ -442,6 +448,10 @@ BAD = {
                           r"b.txt looks binary \(it contains NUL bytes, the first at byte offset 4\)"),
     "latin1-among-text": (lambda d: ((d / "a.txt").write_text(TEXT), (d / "b.txt").write_bytes(b"ok\ncaf\xe9\n")),
                           r"b.txt is not valid UTF-8 \(first bad byte at byte offset 6, line 2\)"),
+    "fifo-in-folder": (lambda d: ((d / "a.txt").write_text(TEXT), os.mkfifo(d / "b.txt")),
+                       r"b.txt \(in folder .*\): is a FIFO \(named pipe\), not a regular file"),
+    "broken-link-in-folder": (lambda d: ((d / "a.txt").write_text(TEXT), (d / "b.txt").symlink_to(d / "gone.txt")),
+                              r"b.txt \(in folder .*\): no such file"),
     "no-documents": (lambda d: ((d / "a.jsonl").write_text('{"text": ""}\n{"text": null}\n'),
                                 (d / "b.parquet").write_bytes(write_parquet(d / "b.parquet", [""]).read_bytes())),
                      r"has no documents \(every JSON line or Parquet row has an empty or null 'text'\)"),

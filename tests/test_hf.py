@@ -265,6 +265,8 @@ BROKEN = {
     "pickle": (_pickle_only, "pytorch_model.bin"),
     "vocab": (_other_vocab, "vocab.json is not GPT-2's"),
     "small_vocab": (lambda f: _edit_config(f, vocab_size=1000), "vocab_size is 1000"),
+    "pdrop-text": (lambda f: _edit_config(f, attn_pdrop="x"), "attn_pdrop is 'x'; expected a probability"),
+    "positions": (lambda f: _edit_config(f, n_positions=-3), "block_size (n_positions in config.json)"),
 }
 
 
@@ -395,6 +397,9 @@ BPE_BROKEN = {
     "pre": (lambda d: d.__setitem__("pre_tokenizer", {"type": "Whitespace"}), "pre-tokenizer is not a split"),
     "eot": (lambda d: d["added_tokens"].clear(), "<|endoftext|> must be the special token right after"),
     "ids": (lambda d: d["model"]["vocab"].__setitem__("Ġthe", 5000), "ids of its vocabulary are not 0, 1, 2"),
+    "id-text": (lambda d: d["model"]["vocab"].__setitem__("Ġthe", "5"), "is not a tokenizer.json of a kind MyPT"),
+    "pre-steps": (lambda d: d.__setitem__("pre_tokenizer", {"type": "Sequence", "pretokenizers": ["x"]}),
+                  "pre-tokenizer is not a split"),
 }
 
 

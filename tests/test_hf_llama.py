@@ -193,6 +193,12 @@ BROKEN = {
                                     rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope type is 'linear'"),
     "shapes": (lambda f: _edit(f, intermediate_size=64), "mlp.gate_proj.weight has shape (40, 32)"),
     "model_type": (lambda f: _edit(f, model_type="mistral"), "model_type is 'mistral'"),
+    "eps-text": (lambda f: _edit(f, rms_norm_eps="small"), "norm_eps (rms_norm_eps in config.json)"),
+    "no-heads": (lambda f: _edit(f, num_attention_heads=0), "n_head (num_attention_heads in config.json)"),
+    "width-text": (lambda f: _edit(f, hidden_size="32"), "n_embd (hidden_size in config.json)"),
+    "rope-list": (lambda f: _edit(f, rope_parameters=[1]), "rope_parameters is [1]; expected an object"),
+    "tie-text": (lambda f: _edit(f, tie_word_embeddings="no"),
+                 "tie_embeddings (tie_word_embeddings in config.json)"),
 }
 
 

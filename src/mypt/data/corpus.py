@@ -92,6 +92,8 @@ def sources_from_flags(input_files: Sequence[str] | None, text_field: str | None
             raise MyPTError(f"--text_field {text_field}: name the files it applies to with --input_file (on resume "
                             "too: the recorded inputs keep their recorded field)")
         return None
+    if any(not v.strip() for v in input_files):  # an unset shell variable: would mean the current folder
+        raise MyPTError("--input_file '': an empty path; name a file, folder or glob")
     field_name = text_field or DEFAULT_TEXT_FIELD
     return [Source("input", tuple(_absolute(v) for v in input_files), field_name)]
 

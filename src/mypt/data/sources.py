@@ -153,6 +153,8 @@ def _expand(value: str) -> list[InputFile]:
             raise MyPTError(f"input folder {value} has no files ending in {', '.join(FOLDER_SUFFIXES[:5])} "
                             f"(or .jsonl, .json, .parquet, and .gz or .zst of the text kinds); add some, or "
                             f"pass a glob such as '{Path(value) / '**' / '*.py'}' for other files")
+        for p in files:  # a FIFO would hang the read, a broken link fail it: refused up front
+            check_regular_file(p, f"input file {shown(str(p))} (in folder {value})")
         return [_input_file(p, (Path(path.absolute().name) / p.relative_to(path)).as_posix()) for p in files]
     if not os.path.lexists(path):
         raise MyPTError(f"input file {value} does not exist; check the path")

@@ -27,6 +27,7 @@ from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versio
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.formats import hf_gpt2, hf_llama, weights_only
+from mypt.formats.hf_config import hf_value
 from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
 from mypt.tokenizers import Tokenizer
@@ -160,7 +161,7 @@ def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str,
     bias = any(bool(weights[name].any()) for name in shapes if name.endswith(".bias"))
     cfg = dataclasses.replace(cfg, bias=bias)
     notes = [] if bias else ["every bias is zero: imported with bias false (no bias parameters)"]
-    attn_pdrop = float(hf_gpt2.hf_value(hf, "attn_pdrop", 0.0))
+    attn_pdrop = float(hf_value(hf, "attn_pdrop", 0.0))
     if attn_pdrop:
         notes.append(f"attn_pdrop {attn_pdrop} dropped: MyPT has no attention dropout "
                      f"(dropout {cfg.dropout} applies to the residual stream)")

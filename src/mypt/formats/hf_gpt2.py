@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mypt.config import ModelConfig
+from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
 
 HF_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -118,10 +119,6 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def hf_value(hf: dict[str, Any], key: str, default: Any) -> Any:
-    return hf[key] if hf.get(key) is not None else default
-
-
 def architecture_problems(hf: dict[str, Any]) -> list[str]:
     """What keeps a transformers config from being MyPT's architecture (empty: nothing)."""
     problems = []
@@ -142,6 +139,10 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
     eps = hf_value(hf, "layer_norm_epsilon", LAYER_NORM_EPS)
     if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
         problems.append(f"layer_norm_epsilon is {eps}; MyPT's LayerNorm uses {LAYER_NORM_EPS}")
+    for key in ("resid_pdrop", "attn_pdrop"):
+        value = hf_value(hf, key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key} is {value!r}; expected a probability from 0 to 1")
     checks = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
               "add_cross_attention": False, "tie_word_embeddings": True}
     for key, want in checks.items():
@@ -168,14 +169,17 @@ def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
     return problems
 
 
+CONFIG_KEYS = {"block_size": "n_positions", "dropout": "resid_pdrop"}  # the rest have MyPT's names
+
+
 def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
     """MyPT's config for the folder (bias is decided later, from the weights)."""
     dropout = hf_value(hf, "resid_pdrop", 0.1)
-    return ModelConfig.from_dict({
+    return model_config({
         "name": f"{hf_dir.name} (imported)",
         "description": f"imported from the transformers folder {hf_dir}",
         "n_layer": hf_value(hf, "n_layer", 12), "n_head": hf_value(hf, "n_head", 12),
         "n_embd": hf_value(hf, "n_embd", 768), "block_size": hf_value(hf, "n_positions", 1024),
         "vocab_size": hf_value(hf, "vocab_size", 50257), "dropout": dropout, "bias": False,
         "batch_size": ModelConfig.batch_size,
-    }, source)
+    }, CONFIG_KEYS, source)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mypt.config import ModelConfig
+from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -178,52 +179,62 @@ def export_notes(cfg: ModelConfig) -> list[str]:
     return []
 
 
-def _value(hf: dict[str, Any], key: str, default: Any) -> Any:
-    return hf[key] if hf.get(key) is not None else default
-
-
 def rope_theta(hf: dict[str, Any]) -> Any:
-    params = hf.get("rope_parameters") or {}
-    return params.get("rope_theta", _value(hf, "rope_theta", 10000.0))
+    params = hf.get("rope_parameters")
+    return params.get("rope_theta", hf_value(hf, "rope_theta", 10000.0)) if isinstance(params, dict) else \
+        hf_value(hf, "rope_theta", 10000.0)
 
 
 def architecture_problems(hf: dict[str, Any]) -> list[str]:
     """What keeps a Llama or Qwen3 config.json from MyPT's architecture (empty: nothing)."""
     problems = []
-    act = _value(hf, "hidden_act", "silu")
+    act = hf_value(hf, "hidden_act", "silu")
     if act != "silu":
         problems.append(f"hidden_act is {act!r}; MyPT's gated MLP uses silu")
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        problems.append(f"rope_parameters is {params!r}; expected an object such as "
+                        '{"rope_type": "default", "rope_theta": 10000.0}')
+        params = {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         problems.append(f"rope type is {rope_type!r}; MyPT has plain rotary positions (no scaling)")
     if hf.get("model_type") == "llama" and bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
         problems.append("attention_bias and mlp_bias differ; MyPT's bias field covers both")
     if hf.get("model_type") == "qwen3" and hf.get("use_sliding_window") and \
-            hf.get("sliding_window") != _value(hf, "max_position_embeddings", 2048):
+            hf.get("sliding_window") != hf_value(hf, "max_position_embeddings", 2048):
         problems.append("sliding_window differs from max_position_embeddings; MyPT's window is its block_size")
-    n_embd, n_head = _value(hf, "hidden_size", 4096), _value(hf, "num_attention_heads", 32)
-    head_dim = _value(hf, "head_dim", n_embd // n_head)
+    n_embd, n_head = hf_value(hf, "hidden_size", 4096), hf_value(hf, "num_attention_heads", 32)
+    if not all(isinstance(v, int) and v > 0 for v in (n_embd, n_head)):
+        return problems  # import_config names the bad value
+    head_dim = hf_value(hf, "head_dim", n_embd // n_head)
     if head_dim * n_head != n_embd:
         problems.append(f"head_dim ({head_dim}) x num_attention_heads ({n_head}) is not hidden_size ({n_embd}); "
                         "MyPT's heads split the width")
     return problems
 
 
+CONFIG_KEYS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+               "block_size": "max_position_embeddings", "vocab_size": "vocab_size", "bias": "attention_bias",
+               "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "intermediate_size": "intermediate_size",
+               "n_kv_head": "num_key_value_heads", "tie_embeddings": "tie_word_embeddings"}
+
+
 def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
-    n_embd, n_head = _value(hf, "hidden_size", 4096), _value(hf, "num_attention_heads", 32)
-    return ModelConfig.from_dict({
+    n_embd, n_head = hf_value(hf, "hidden_size", 4096), hf_value(hf, "num_attention_heads", 32)
+    width = n_embd if isinstance(n_embd, int) else 0
+    return model_config({
         "name": f"{hf_dir.name} (imported)",
         "description": f"imported from the transformers folder {hf_dir}",
-        "n_layer": _value(hf, "num_hidden_layers", 32), "n_head": n_head, "n_embd": n_embd,
-        "block_size": _value(hf, "max_position_embeddings", 2048), "vocab_size": _value(hf, "vocab_size", 32000),
-        "dropout": 0.0, "bias": bool(hf.get("attention_bias")), "batch_size": ModelConfig.batch_size,
-        "position": "rope", "rope_theta": float(rope_theta(hf)), "norm": "rmsnorm",
-        "norm_eps": float(_value(hf, "rms_norm_eps", 1e-6)), "mlp": "swiglu",
-        "intermediate_size": _value(hf, "intermediate_size", 4 * n_embd), "qk_norm": hf.get("model_type") == "qwen3",
-        "n_kv_head": _value(hf, "num_key_value_heads", n_head),
-        "tie_embeddings": bool(_value(hf, "tie_word_embeddings", False)),
-    }, source)
+        "n_layer": hf_value(hf, "num_hidden_layers", 32), "n_head": n_head, "n_embd": n_embd,
+        "block_size": hf_value(hf, "max_position_embeddings", 2048), "vocab_size": hf_value(hf, "vocab_size", 32000),
+        "dropout": 0.0, "bias": hf_value(hf, "attention_bias", False), "batch_size": ModelConfig.batch_size,
+        "position": "rope", "rope_theta": rope_theta(hf), "norm": "rmsnorm",
+        "norm_eps": hf_value(hf, "rms_norm_eps", 1e-6), "mlp": "swiglu",
+        "intermediate_size": hf_value(hf, "intermediate_size", 4 * width), "qk_norm": hf.get("model_type") == "qwen3",
+        "n_kv_head": hf_value(hf, "num_key_value_heads", n_head),
+        "tie_embeddings": hf_value(hf, "tie_word_embeddings", False),
+    }, CONFIG_KEYS, source)
 
 
 def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> list[str]:

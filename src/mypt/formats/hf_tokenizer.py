@@ -174,6 +174,9 @@ def import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
         return _bpe_from_hf(d, str(path)), None
     except MyPTError as e:
         return GPT2Tokenizer(), str(e)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:  # a field of an unexpected shape
+        return GPT2Tokenizer(), (f"{path} is not a tokenizer.json of a kind MyPT reads (a field has an unexpected "
+                                 f"shape: {type(e).__name__}: {str(e)[:120]})")
 
 
 def _eot_from_hf(d: dict[str, Any], source: str) -> int | None:
