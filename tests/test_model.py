@@ -84,6 +84,19 @@ def test_every_variant_counts_exactly_what_it_builds(variant, bias):
     assert adamw.optimizer - muon.optimizer == 4 * matrices  # Muon keeps one buffer, AdamW two
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_zero_init_starts_the_residual_projections_and_an_untied_head_at_zero(tie):
+    def zero_names(zero_init: bool) -> set[str]:
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=50, tie_embeddings=tie,
+                                zero_init=zero_init))
+        return {n for n, p in model.named_parameters() if p.dim() == 2 and not p.any()}
+
+    projections = {f"transformer.h.{i}.{part}.c_proj.weight" for i in range(2) for part in ("attn", "mlp")}
+    assert zero_names(True) == projections | (set() if tie else {"lm_head.weight"})
+    assert zero_names(False) == set()  # GPT-2's initialisation: nothing starts at zero
+
+
 def test_breakdown_adds_up_and_head_is_tied():
     cfg = load_model_config("tiny")
     parts = param_breakdown(cfg)

@@ -8,6 +8,7 @@ is re-tied after loading (GPT.tie_weights).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,19 +56,26 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Built:
     return Built(model, cfg, tok)
 
 
+def tensor_problems(got: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                    ignored: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """What keeps the tensors `got` from being the ones named in `shapes` (empty: nothing):
+    missing and unexpected names (but those `ignored`), and shapes config.json does not imply."""
+    problems = []
+    missing = [name for name in shapes if name not in got]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}")
+    extra = sorted(name for name in got if name not in shapes and not ignored(name))
+    if extra:
+        problems.append(f"tensors config.json does not describe: {', '.join(extra[:5])}")
+    for name, shape in shapes.items():
+        if name in got and tuple(got[name].shape) != tuple(shape):
+            problems.append(f"{name} has shape {tuple(got[name].shape)}, config.json implies {tuple(shape)}")
+    return problems
+
+
 def _load_weights(model: GPT, ckpt: Checkpoint) -> None:
     """Copy the checkpoint's weights into model; names and shapes that disagree with config.json are named."""
-    expected = model.state_dict()
-    problems = []
-    for key, tensor in expected.items():
-        got = ckpt.model_state.get(key)
-        if got is None:
-            problems.append(f"{key} is missing")
-        elif tuple(got.shape) != tuple(tensor.shape):
-            problems.append(f"{key} has shape {tuple(got.shape)}, config.json implies {tuple(tensor.shape)}")
-    extra = sorted(set(ckpt.model_state) - set(expected))
-    if extra:
-        problems.append(f"unexpected weights {', '.join(extra[:5])}")
+    problems = tensor_problems(ckpt.model_state, {k: tuple(t.shape) for k, t in model.state_dict().items()})
     if problems:
         raise MyPTError(f"{ckpt.path}/{ckpt.weights_file} does not match {ckpt.path}/config.json: "
                         + "; ".join(problems[:5]))

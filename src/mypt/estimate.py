@@ -18,6 +18,7 @@ import torch
 
 from mypt.errors import MyPTError
 from mypt.model import GPT, LOSS_CHUNK_ROWS
+from mypt.optim import is_hidden_matrix
 
 
 def _meta_model(cfg: Any, n_layer: int) -> GPT:
@@ -49,7 +50,8 @@ def param_breakdown(cfg: Any) -> dict[str, int]:
         "final_norm": count(t.ln_f),
         "lm_head": 0 if cfg.tie_embeddings else count(model.lm_head),
         "total": model.num_params() + (cfg.n_layer - built) * per_layer,
-        "hidden_matrices": cfg.n_layer * sum(p.numel() for p in first.parameters() if p.dim() == 2) if first else 0,
+        "hidden_matrices": cfg.n_layer * sum(p.numel() for n, p in t.h.named_parameters(prefix="transformer.h")
+                                             if is_hidden_matrix(n, p)),
     }
 
 

@@ -142,7 +142,7 @@ class CacheStep:
             self.positions = torch.arange(first, first + T, device=device)
         else:  # (n, T)
             self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        self.mask = self._mask(torch.tensor(starts, device=device), device)
+        self.mask = self._mask(starts, device)
         self.is_causal = self.mask is None and T > 1  # every row starts at 0 and fits: plain causal
 
     def _slot_positions(self, length_after: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ class CacheStep:
         last = length_after[:, None] - 1
         return last - torch.remainder(last - slots, S)
 
-    def _mask(self, start: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    def _mask(self, starts: list[int], device: torch.device) -> torch.Tensor | None:
         """(n, 1, T, keys) bool, or None where every query sees every key read (or plain causal)."""
         S, T = self.cache.capacity, self.T
         if self.uniform and not self.side_by_side:
@@ -161,6 +161,7 @@ class CacheStep:
                 return None  # one query sees every slot read; or a fresh prefill: is_causal
             if self.first + T <= S:  # no wrap: the slots are positions 0 .. first + T - 1
                 return torch.ones(T, self.first + T, dtype=torch.bool, device=device).tril(diagonal=self.first)
+        start = torch.tensor(starts, device=device)  # (n,): only here, so a plain decode step copies nothing
         positions = self.positions.expand(start.size(0), T)  # (n, T)
         if self.side_by_side:
             keys = torch.cat((self._slot_positions(start), positions), dim=1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mypt.build import tensor_problems
 from mypt.config import ModelConfig
 from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
@@ -122,9 +123,6 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
 def architecture_problems(hf: dict[str, Any]) -> list[str]:
     """What keeps a transformers config from being MyPT's architecture (empty: nothing)."""
     problems = []
-    if hf.get("model_type") != "gpt2":
-        return [f"model_type is {hf.get('model_type')!r}; only GPT-2 folders (model_type 'gpt2') "
-                "can be imported"]
     archs = hf.get("architectures") or ["GPT2LMHeadModel"]
     if not set(archs) & set(HF_ARCHITECTURES):
         problems.append(f"architectures {archs} has no GPT-2 language model "
@@ -133,8 +131,8 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
     if act not in TANH_GELUS:
         problems.append(f"activation_function is {act!r}; MyPT uses the tanh GELU ('gelu_new')")
     n_embd = hf_value(hf, "n_embd", 768)
-    n_inner = hf_value(hf, "n_inner", 4 * n_embd)
-    if n_inner != 4 * n_embd:
+    n_inner = hf_value(hf, "n_inner", 4 * n_embd) if isinstance(n_embd, int) else None
+    if n_inner is not None and n_inner != 4 * n_embd:  # (a bad n_embd is named by import_config)
         problems.append(f"n_inner is {n_inner}; MyPT's MLP is 4 * n_embd = {4 * n_embd} wide")
     eps = hf_value(hf, "layer_norm_epsilon", LAYER_NORM_EPS)
     if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
@@ -152,17 +150,7 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
 
 
 def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    problems = []
-    missing = [name for name in shapes if name not in hf]
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:5])}")
-    known = set(shapes) | {TIED_HEAD}
-    extra = sorted(k for k in hf if k not in known and not k.endswith(HF_MASK_BUFFERS))
-    if extra:
-        problems.append(f"tensors GPT-2 does not have: {', '.join(extra[:5])}")
-    for name, shape in shapes.items():
-        if name in hf and tuple(hf[name].shape) != shape:
-            problems.append(f"{name} has shape {tuple(hf[name].shape)}, config.json implies {shape}")
+    problems = tensor_problems(hf, shapes, lambda name: name == TIED_HEAD or name.endswith(HF_MASK_BUFFERS))
     head = hf.get(TIED_HEAD)
     if head is not None and EMBEDDING in hf and not torch.equal(head, hf[EMBEDDING]):
         problems.append("lm_head.weight differs from the token embedding; MyPT ties the two")

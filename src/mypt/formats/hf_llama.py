@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mypt.build import tensor_problems
 from mypt.config import ModelConfig
 from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
@@ -238,16 +239,7 @@ def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
 
 
 def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    problems = []
-    missing = [name for name in shapes if name not in hf]
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:5])}")
-    extra = sorted(k for k in hf if k not in shapes and not k.endswith("rotary_emb.inv_freq") and k != HEAD)
-    if extra:
-        problems.append(f"tensors the config does not describe: {', '.join(extra[:5])}")
-    for name, shape in shapes.items():
-        if name in hf and tuple(hf[name].shape) != shape:
-            problems.append(f"{name} has shape {tuple(hf[name].shape)}, config.json implies {shape}")
+    problems = tensor_problems(hf, shapes, lambda name: name.endswith("rotary_emb.inv_freq") or name == HEAD)
     if HEAD not in shapes and HEAD in hf and EMBEDDING in hf and not torch.equal(hf[HEAD], hf[EMBEDDING]):
         problems.append("lm_head.weight differs from the token embedding, but tie_word_embeddings is true")
     return problems
