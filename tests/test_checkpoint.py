@@ -194,7 +194,7 @@ def test_extras_survive_without_renameat2(ckpt: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux's")
 def test_exchange_swaps_two_folders(tmp_path: Path) -> None:
-    assert fsutil._renameat2() is not None, "this Linux C library has no renameat2: folder swaps fall back to two renames"
+    assert fsutil._renameat2() is not None, "this C library has no renameat2: folder swaps fall back to renames"
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("from a")
     (tmp_path / "b").mkdir()
