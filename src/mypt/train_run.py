@@ -51,8 +51,8 @@ from mypt.tokenizers import (
     KNOWN_KINDS,
     CharTokenizer,
     Tokenizer,
-    build_tokenizer,
     tokenizer_file,
+    tokenizer_for,
     train_bpe,
 )
 from mypt.tokenizers.base import padded_vocab
@@ -195,7 +195,7 @@ def plan_new(ckpt_dir: Path, config_file: str | None, sources: list[data.Source]
         plan.bpe_vocab = vocab_size or DEFAULT_BPE_VOCAB
         plan.model_cfg = _model_vocab(cfg, "bpe", plan.bpe_vocab, padded_vocab(plan.bpe_vocab), config_file)
     elif choice != "char":  # char: its vocabulary comes from the data
-        tok = build_tokenizer("gpt2") if choice == "gpt2" else tokenizer_file(choice)
+        tok = tokenizer_for(choice)
         plan.tokenizer = tok
         plan.model_cfg = _model_vocab(cfg, tok.kind, tok.n_vocab, tok.model_vocab_size(), config_file)
     return plan

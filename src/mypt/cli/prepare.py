@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _tokenizer(choice: str) -> Tokenizer | None:
     """The tokenizer to prepare with (None: char, whose vocabulary comes from the data)."""
-    from mypt.tokenizers import build_tokenizer, tokenizer_file
+    from mypt.tokenizers import tokenizer_for
 
     if choice == "char":
         return None
@@ -79,4 +79,4 @@ def _tokenizer(choice: str) -> Tokenizer | None:
         raise MyPTError("--tokenizer bpe: train.py trains a new bpe tokenizer on its run's training data and "
                         "prepares the data with it; to prepare ahead, train one (mypt tokenizer train) and pass "
                         "--tokenizer FILE.json here and to train.py")
-    return build_tokenizer("gpt2") if choice == "gpt2" else tokenizer_file(choice)
+    return tokenizer_for(choice)

@@ -44,7 +44,7 @@ from mypt.data.prepare import (
     wait_for_lock,
 )
 from mypt.data.sampler import Mixture
-from mypt.data.sources import CHUNK_SIZE, InputFile, hash_file, list_files
+from mypt.data.sources import CHUNK_SIZE, InputFile, hash_file, list_files, shown
 from mypt.errors import MyPTError
 from mypt.fsutil import json_bytes, read_json, write_error
 from mypt.tokenizers import Tokenizer
@@ -222,7 +222,8 @@ def _prepare_one(source: Source, files: list[InputFile], tokenizer: Tokenizer | 
         manifest, _ = dataset.current_manifest(folder, files)  # another process may have just finished it
         if manifest is None:
             manifest = prepare(files, source.text_field, tokenizer, folder, shard_tokens=shard_tokens,
-                               progress=progress, chunk_size=chunk_size, label=source_label(source, files))
+                               progress=progress, chunk_size=chunk_size,
+                               label=source_label(source, [f.path for f in files]))
             corpus.created.append((folder, made))
     except WriteFailed:
         raise
@@ -234,13 +235,18 @@ def _prepare_one(source: Source, files: list[InputFile], tokenizer: Tokenizer | 
     return Prepared(source, folder, manifest)
 
 
-def source_label(source: Source, files: Sequence[InputFile]) -> str:
-    """A source in messages: its file, its number of files, or its name in a mixture."""
+def _files_sha256(source: Source, files: Sequence[InputFile]) -> str:
+    """The content hash of a source's files as they are now (each file read in full)."""
+    return content_sha256(files, [hash_file(f) for f in files], source.text_field)
+
+
+def source_label(source: Source, paths: Sequence[str | Path]) -> str:
+    """A source of these files in messages: its file, its number of files, or its name in a mixture."""
     if source.inputs == (BUILTIN_CORPUS,):
         return BUILTIN_CORPUS
     if source.name != "input":
         return f"source '{source.name}'"
-    return files[0].label if len(files) == 1 else f"the {len(files)} input files"
+    return shown(paths[0]) if len(paths) == 1 else f"the {len(paths)} input files"
 
 
 def _remove(folder: Path, made: Sequence[Path]) -> None:
@@ -278,8 +284,7 @@ def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache
         folder = dataset_folder(s, files, tokenizer, cache)
         found.append((s, files, folder, _current(s, files, folder)))
     if expect_sha256 is not None and not allow_change:
-        hashes = [(s, m["content_sha256"] if m else content_sha256(files, [hash_file(f) for f in files],
-                                                                    s.text_field)) for s, files, _, m in found]
+        hashes = [(s, m["content_sha256"] if m else _files_sha256(s, files)) for s, files, _, m in found]
         if corpus_sha256(sources[0], hashes) != expect_sha256:
             raise DataChanged()
     corpus = Corpus([])
@@ -312,8 +317,8 @@ def char_table(manifest: dict[str, Any], tokenizer: Tokenizer, name: str) -> np.
     unknown = sorted(set(chars) - known)
     if unknown:
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        shown = ", ".join(repr(c) for c in unknown[:10]) + more
-        raise MyPTError(f"the training data ({name}) contain characters not in this model's vocabulary: {shown} "
+        listed = ", ".join(repr(c) for c in unknown[:10]) + more
+        raise MyPTError(f"the training data ({name}) contain characters not in this model's vocabulary: {listed} "
                         "(the char tokenizer only knows the characters of its training text)")
     table = np.empty(len(chars) + 1, dtype=np.int64)
     table[CHAR_EOT] = end_of_text(tokenizer)
@@ -337,7 +342,7 @@ def open_splits(corpus: Corpus, tokenizer: Tokenizer, val_split: float, block_si
     train, val, lines = [], [], []
     for p in corpus.parts:
         char = p.manifest["tokenizer"]["kind"] == "chars"
-        table = char_table(p.manifest, tokenizer, p.source.name) if char else None
+        table = char_table(p.manifest, tokenizer, _label(p)) if char else None
         t, v, s = dataset.streams(p.folder, p.manifest, val_split, table, p.source.name)
         _check_long_enough(p, t, v, s, val_split, block_size)
         train.append(t)
@@ -348,12 +353,7 @@ def open_splits(corpus: Corpus, tokenizer: Tokenizer, val_split: float, block_si
 
 
 def _label(p: Prepared) -> str:
-    files = p.manifest["files"]
-    if p.source.inputs == (BUILTIN_CORPUS,):
-        return BUILTIN_CORPUS
-    if p.source.name == "input":
-        return files[0]["path"] if len(files) == 1 else f"the {len(files)} input files"
-    return f"source '{p.source.name}'"
+    return source_label(p.source, [f["path"] for f in p.manifest["files"]])
 
 
 def _check_long_enough(p: Prepared, train: Any, val: Any, s: dataset.Split, val_split: float,
@@ -441,8 +441,7 @@ def input_status(state: dict[str, Any]) -> str:
     if not sha:
         return f"{label} (no sha256 recorded to compare with)"
     try:
-        hashes = [(s, content_sha256(fs, [hash_file(f) for f in fs], s.text_field))
-                  for s in sources for fs in [list_files(s.inputs)]]
+        hashes = [(s, _files_sha256(s, list_files(s.inputs))) for s in sources]
     except MyPTError:
         return f"{label} (MISSING here: resuming needs --input_file)"
     if corpus_sha256(sources[0], hashes) == sha:

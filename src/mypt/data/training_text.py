@@ -87,7 +87,7 @@ class TrainingText:
 
     def label(self) -> str:
         """The sources in a few words, for messages: a file, a number of files, named sources."""
-        return ", ".join(source_label(s, source_files(s, self.cache)) for s in self.sources)
+        return ", ".join(source_label(s, [f.path for f in source_files(s, self.cache)]) for s in self.sources)
 
     def describe(self) -> str:
         """What the last iteration read, source by source."""
@@ -121,7 +121,7 @@ class TrainingText:
     def _source_text(self, index: int, source: Source) -> Iterator[str]:
         files = source_files(source, self.cache)
         tally = _Tally()
-        self._read[index] = (source_label(source, files), tally)
+        self._read[index] = (source_label(source, [f.path for f in files]), tally)
         threshold = dataset.val_threshold(self.val_split)
         for f in files:
             doc, mode = None, ""

@@ -17,11 +17,13 @@ from mypt.tokenizers.load import (
     load_tokenizer,
     save_tokenizer,
     tokenizer_file,
+    tokenizer_for,
     tokenizer_from_json,
 )
 
 __all__ = [
     "EOT", "VOCAB_MULTIPLE", "StreamDecoder", "Tokenizer", "SPLIT_PATTERN", "BPETokenizer", "bpe_parts",
     "train_bpe", "CharTokenizer", "GPT2_EOT", "GPT2_EOT_ID", "GPT2Tokenizer", "gpt2_encoding", "KNOWN_KINDS",
-    "build_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_file", "tokenizer_from_json",
+    "build_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_file", "tokenizer_for",
+    "tokenizer_from_json",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mypt.errors import MyPTError
-from mypt.fsutil import atomic_write_bytes, json_bytes, read_json
+from mypt.fsutil import atomic_write_bytes, check_regular_file, json_bytes, read_json
 from mypt.tokenizers.base import Tokenizer
 from mypt.tokenizers.bpe import bpe_from_json
 from mypt.tokenizers.char import CharTokenizer, char_from_json
@@ -65,4 +65,10 @@ def tokenizer_file(path: str) -> Tokenizer:
         known = ", ".join(KNOWN_KINDS)
         raise MyPTError(f"--tokenizer {path}: no such file; pass one of {known}, or a tokenizer .json file "
                         "(mypt tokenizer train writes one)")
+    check_regular_file(path, f"--tokenizer {path}")
     return load_tokenizer(path)
+
+
+def tokenizer_for(choice: str) -> Tokenizer:
+    """--tokenizer gpt2 or FILE.json as a tokenizer (char and bpe ones are made from the data)."""
+    return build_tokenizer("gpt2") if choice == "gpt2" else tokenizer_file(choice)
