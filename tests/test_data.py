@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import corpus_text
+from conftest import corpus_text, require
 
 from mypt import data
 from mypt.data import Source, batch_at, open_splits, prepare_corpus, sources_from_flags
@@ -26,10 +24,9 @@ from mypt.data.prepare import doc_keys
 from mypt.errors import MyPTError
 from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, build_tokenizer, train_bpe
 
-try:
-    from compression import zstd  # Python 3.14 on
-except ImportError:
-    from backports import zstd
+pa = require("pyarrow", "data")
+pq = require("pyarrow.parquet", "data")
+zstd = require("compression.zstd" if sys.version_info >= (3, 14) else "backports.zstd", "data")
 
 TEXT = corpus_text(40_000)
 

@@ -11,15 +11,16 @@ import signal
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import corpus_text, tiny_arch_flags
+from conftest import corpus_text, require, tiny_arch_flags
 from forked_cli import Run, run
 
 from mypt import data, dist
 from mypt.errors import MyPTError
+
+pa = require("pyarrow", "data")
+pq = require("pyarrow.parquet", "data")
 
 TEXT = corpus_text(200_000)
 

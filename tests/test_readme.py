@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, corpus_text
+from conftest import REPO, corpus_text, require
 
 SHRINK = {"--eval_interval": "2", "--eval_iters": "1", "--max_new_tokens": "8",
           "--max_chars": "3000"}
@@ -114,8 +114,7 @@ def _data_files(root: Path) -> None:
     import gzip
     import json
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = require("pyarrow", "data"), require("pyarrow.parquet", "data")
 
     paras = [p for p in corpus_text(200_000).split("\n\n") if p.strip()]
     (root / "books" / "poems").mkdir(parents=True)
