@@ -54,9 +54,9 @@ DOC_BYTES = 3000  # about the size of a web page's text
 
 
 def paragraphs() -> list[str]:
-    from mypt.corpus import builtin_corpus_text
+    from mypt.data.builtin import DEFAULT, builtin_text
 
-    text = SHAKESPEARE.read_text(encoding="utf-8") + "\n\n" + builtin_corpus_text()
+    text = SHAKESPEARE.read_text(encoding="utf-8") + "\n\n" + builtin_text(DEFAULT)
     return [p for p in text.split("\n\n") if p.strip()]
 
 

@@ -55,12 +55,12 @@ COMPRESSION_VOCABS = (1024, 4096, 8192, 16384)
 
 def big_text(folder: Path, size_mb: int) -> Path:
     """tinyshakespeare and the built-in corpus, alternately, repeated to size_mb MB."""
-    from mypt.corpus import builtin_corpus_text
+    from mypt.data.builtin import DEFAULT, builtin_text
 
     path = folder / f"mixed-{size_mb}MB.txt"
     if path.exists():
         return path
-    block = (SHAKESPEARE.read_text(encoding="utf-8") + builtin_corpus_text()).encode("utf-8")
+    block = (SHAKESPEARE.read_text(encoding="utf-8") + builtin_text(DEFAULT)).encode("utf-8")
     with open(path, "wb") as f:
         for _ in range(size_mb * MB // len(block)):
             f.write(block)
@@ -70,9 +70,9 @@ def big_text(folder: Path, size_mb: int) -> Path:
 
 
 def builtin_file(folder: Path) -> Path:
-    from mypt.corpus import builtin_corpus_path
+    from mypt.data.builtin import DEFAULT, builtin_path
 
-    return builtin_corpus_path(folder)
+    return builtin_path(DEFAULT, folder)
 
 
 def text_of(path: Path, val_split: float) -> Any:

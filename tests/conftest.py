@@ -20,7 +20,6 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
              "dropout": 0.0, "bias": False}
 
@@ -47,22 +46,20 @@ def require(module: str, extra: str = "test") -> object:
                     pytrace=False)
 
 
-def corpus_text(n_chars: int) -> str:
-    """The first n_chars of tinyshakespeare: the one corpus the tests train on, here as in CI.
+def corpus_text(n_chars: int | None = None) -> str:
+    """The first n_chars (default: all) of tinyshakespeare, the corpus the tests train on: MyPT's own shipped
+    copy (`builtin:tinyshakespeare`), so a clone with nothing beside it runs the tests."""
+    from mypt.data.builtin import TINYSHAKESPEARE, builtin_text
 
-    It lies in ../shared/data (CI has a read-only copy); without it the tests fail, never fall
-    back to another text, so a local run and CI always see the same data.
-    """
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if not src.is_file():
-        pytest.fail(f"{src} is missing: the tests train on it (CI has it; never commit a copy)", pytrace=False)
-    return src.read_text(encoding="utf-8")[:n_chars]
+    return builtin_text(TINYSHAKESPEARE)[:n_chars]
 
 
-@pytest.fixture
-def shakespeare() -> Path:
-    corpus_text(1)
-    return SHARED_DATA / "tinyshakespeare.txt"
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole of tinyshakespeare as a file (for tests that pass it as --input_file)."""
+    path = tmp_path_factory.mktemp("corpus") / "tinyshakespeare.txt"
+    path.write_text(corpus_text(), encoding="utf-8")
+    return path
 
 
 @pytest.fixture

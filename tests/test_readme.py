@@ -61,6 +61,16 @@ def test_setup_demo_command_trains_and_generates(tmp_path):
     assert out.startswith("The ") and len(out) > len("The ")
 
 
+def test_ci_runs_exactly_the_readmes_test_command_which_installs_the_tested_torch():
+    test_command = readme_blocks()[1].strip()
+    assert test_command == "bash scripts/test.sh"
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == test_command
+    script = (REPO / "scripts" / "test.sh").read_text()
+    assert "pip install -q torch==2.13.0 -e \".[test]\"" in script and "apt-get install" in script
+    assert "pip install torch==2.13.0 -e . && python train.py" in readme_blocks()[0]
+
+
 @pytest.mark.slow
 def test_walkthrough_runs_as_written(tmp_path):
     text = corpus_text(200_000)
@@ -80,7 +90,7 @@ def test_walkthrough_runs_as_written(tmp_path):
 def test_char_quick_start_command_runs_with_the_presets_training_settings(tmp_path):
     block = next(b for b in readme_blocks() if "shakespeare-char.json" in b)
     argv = to_argv(block.strip())
-    (tmp_path / "tinyshakespeare.txt").write_text(corpus_text(40_000), encoding="utf-8")
+    assert argv[argv.index("--input_file") + 1] == "builtin:tinyshakespeare"
     out = run([*argv, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1"], tmp_path).stdout
     assert "training settings from configs/shakespeare-char.json: learning_rate 0.006, warmup_iters 30" in out
     assert (tmp_path / "checkpoints" / "sc" / "model.pt").is_file()
@@ -89,7 +99,7 @@ def test_char_quick_start_command_runs_with_the_presets_training_settings(tmp_pa
 def test_modern_quick_start_command_runs_with_the_presets_recipe(tmp_path):
     block = next(b for b in readme_blocks() if "--model_name scm" in b)
     argv = to_argv(block.strip().splitlines()[0])
-    (tmp_path / "tinyshakespeare.txt").write_text(corpus_text(40_000), encoding="utf-8")
+    assert argv[argv.index("--input_file") + 1] == "builtin:tinyshakespeare"
     out = run([*argv, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1"], tmp_path).stdout
     assert "training settings from configs/shakespeare-char-modern.json: optimizer muon" in out
     saved = json.loads((tmp_path / "checkpoints" / "scm" / "config.json").read_text())

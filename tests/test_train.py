@@ -103,6 +103,39 @@ def test_new_model_without_input_trains_on_builtin_corpus_with_gpt2_offline(tmp_
     assert config["vocab_size"] == 50304
 
 
+def test_builtin_tinyshakespeare_trains_a_char_model_and_resumes_without_naming_it(tmp_path):
+    """builtin:tinyshakespeare is the shipped corpus: its 65 characters (+ end-of-text) are the
+    vocabulary, it is recorded as given, and a resume finds it again without --input_file."""
+    result = train(tmp_path, "--model_name", "s", "--tokenizer", "char", "--input_file", "builtin:tinyshakespeare",
+                   "--max_iters", "4", "--eval_interval", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = json.loads((tmp_path / "checkpoints" / "s" / "training_state.json").read_text())
+    assert state["input_file"] == "builtin:tinyshakespeare"
+    assert state["input_sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert json.loads((tmp_path / "checkpoints" / "s" / "config.json").read_text())["vocab_size"] == 66
+    result = train(tmp_path, "--model_name", "s", "--max_iters", "6")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "checkpoints" / "s" / "training_state.json").read_text())["iteration"] == 6
+
+
+def test_unknown_builtin_corpus_is_refused_naming_the_known_ones(tmp_path):
+    result = train(tmp_path, "--model_name", "u", "--input_file", "builtin:shakespeare", "--max_iters", "2")
+    assert result.returncode == 2
+    assert "--input_file builtin:shakespeare: no such built-in corpus" in result.stderr
+    assert "builtin:python-docs, builtin:tinyshakespeare" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints" / "u").exists()
+
+
+def test_a_damaged_shipped_file_is_named_with_the_fix():
+    from mypt.data.builtin import TINYSHAKESPEARE_GZ_SHA256
+    from mypt.errors import MyPTError
+    from mypt.fsutil import read_shipped
+
+    assert len(read_shipped("tinyshakespeare.txt.gz", TINYSHAKESPEARE_GZ_SHA256)) == 433_884
+    with pytest.raises(MyPTError, match=r"tinyshakespeare.txt.gz is damaged \(sha256 bf237b9f.*reinstall mypt"):
+        read_shipped("tinyshakespeare.txt.gz", "0" * 64)
+
+
 def test_preset_training_settings_are_used_and_flags_override_them(tmp_path):
     preset = json.loads((REPO / "configs" / "tiny.json").read_text())
     arch = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4}

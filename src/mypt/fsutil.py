@@ -355,3 +355,19 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def read_shipped(name: str, sha256: str) -> bytes:
+    """A file shipped in mypt/assets, checked against its sha256 (a damaged install: reinstall)."""
+    import importlib.resources
+
+    resource = importlib.resources.files("mypt") / "assets" / name
+    try:
+        data = resource.read_bytes()
+    except OSError as exc:
+        raise MyPTError(f"cannot read the shipped file {resource} ({os_reason(exc)}); reinstall mypt") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise MyPTError(f"the shipped file {resource} is damaged (sha256 {digest}, expected {sha256}); "
+                        "reinstall mypt")
+    return data

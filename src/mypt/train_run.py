@@ -40,7 +40,7 @@ from mypt.config import (
     resume_train_config,
     saved_train_config,
 )
-from mypt.corpus import BUILTIN_CORPUS
+from mypt.data.builtin import DEFAULT as BUILTIN_CORPUS
 from mypt.errors import MyPTError
 from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
 from mypt.fsutil import FileLock

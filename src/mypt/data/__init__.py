@@ -1,5 +1,6 @@
 """Training data: sources -> one pass -> shards + manifest -> memory-mapped batches.
 
+- `builtin`: the built-in corpora (`builtin:python-docs`, `builtin:tinyshakespeare`).
 - `sources`: what --input_file names (files, folders, globs; text, JSON lines, Parquet, .gz,
   .zst) and reading it as documents, with every check of the input.
 - `prepare`: the one streaming pass per source (check, hash, tokenize, char vocabulary) into

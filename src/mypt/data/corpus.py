@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mypt.corpus import BUILTIN_CORPUS, builtin_corpus_path
-from mypt.data import dataset
+from mypt.data import builtin, dataset
 from mypt.data.prepare import (
     CHAR_EOT,
     FORMAT,
@@ -73,8 +72,8 @@ class Source:
 
 
 def _absolute(value: str, base: Path | None = None) -> str:
-    if value == BUILTIN_CORPUS:
-        return value
+    if builtin.is_builtin(value):
+        return builtin.check_name(value)
     path = Path(os.path.expanduser(value))
     return os.path.abspath(path if base is None or path.is_absolute() else base / path)
 
@@ -188,9 +187,10 @@ def corpus_sha256(first: Source, hashes: Sequence[tuple[Source, str]]) -> str:
 
 def source_files(source: Source, cache: Path) -> list[InputFile]:
     """The files a source reads (the built-in corpus is written into the cache first)."""
-    if source.inputs == (BUILTIN_CORPUS,):
-        return [InputFile(builtin_corpus_path(cache), "python-docs.txt", "text", None)]
-    return list_files(source.inputs)
+    files = [InputFile(builtin.builtin_path(v, cache), builtin.file_name(v), "text", None)
+             for v in dict.fromkeys(source.inputs) if builtin.is_builtin(v)]
+    others = [v for v in source.inputs if not builtin.is_builtin(v)]
+    return files + list_files(others) if others else files
 
 
 def dataset_folder(source: Source, files: Sequence[InputFile], tokenizer: Tokenizer | None, cache: Path) -> Path:
@@ -242,8 +242,8 @@ def _files_sha256(source: Source, files: Sequence[InputFile]) -> str:
 
 def source_label(source: Source, paths: Sequence[str | Path]) -> str:
     """A source of these files in messages: its file, its number of files, or its name in a mixture."""
-    if source.inputs == (BUILTIN_CORPUS,):
-        return BUILTIN_CORPUS
+    if len(source.inputs) == 1 and builtin.is_builtin(source.inputs[0]):
+        return source.inputs[0]
     if source.name != "input":
         return f"source '{source.name}'"
     return shown(paths[0]) if len(paths) == 1 else f"the {len(paths)} input files"
@@ -423,7 +423,7 @@ def missing_inputs(sources: Sequence[Source]) -> str | None:
     """The first recorded input path that no longer exists (globs are not checked here)."""
     for s in sources:
         for value in s.inputs:
-            if value != BUILTIN_CORPUS and not _is_glob(value) and not os.path.lexists(value):
+            if not builtin.is_builtin(value) and not _is_glob(value) and not os.path.lexists(value):
                 return value
     return None
 
@@ -434,8 +434,8 @@ def input_status(state: dict[str, Any]) -> str:
     if sources is None:
         return "none recorded (pass --input_file to train it)"
     label = describe_sources(sources)
-    if sources[0].inputs == (BUILTIN_CORPUS,):
-        return f"{label} (the built-in corpus)"
+    if all(builtin.is_builtin(v) for s in sources for v in s.inputs):
+        return f"{label} (built in)"
     if missing_inputs(sources):
         return f"{label} (MISSING here: resuming needs --input_file)"
     if not sha:

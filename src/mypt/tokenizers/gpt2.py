@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
-import importlib.resources
 from collections.abc import Iterable
 
 import numpy as np
 import tiktoken
 
-from mypt.errors import MyPTError
+from mypt.fsutil import read_shipped
 from mypt.tokenizers.base import EOT, Tokenizer
 
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -22,20 +20,7 @@ GPT2_EOT_ID = 50256
 
 
 def _gpt2_ranks_bytes() -> bytes:
-    resource = importlib.resources.files("mypt") / "assets" / "gpt2.tiktoken"
-    try:
-        data = resource.read_bytes()
-    except OSError as e:
-        raise MyPTError(
-            f"cannot read the shipped GPT-2 ranks file {resource} ({e}); reinstall mypt"
-        ) from e
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != GPT2_SHA256:
-        raise MyPTError(
-            f"the shipped GPT-2 ranks file {resource} is corrupted (sha256 {digest}, expected "
-            f"{GPT2_SHA256}); reinstall mypt"
-        )
-    return data
+    return read_shipped("gpt2.tiktoken", GPT2_SHA256)
 
 
 def _parse_ranks(data: bytes) -> dict[bytes, int]:
