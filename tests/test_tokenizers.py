@@ -34,7 +34,7 @@ def gpt2():
 
 def test_gpt2_known_ids(gpt2):
     assert gpt2.kind == "gpt2"
-    assert gpt2.n_vocab == 50257
+    assert gpt2.n_vocab == 50261  # GPT-2's 50257, then the 4 chat tokens
     assert gpt2.encode("Hello world") == [15496, 995]
     assert gpt2.encode(" the") == [262]
     assert gpt2.start_ids() == [50256]
@@ -85,7 +85,7 @@ def test_char_vocab_and_round_trip_unicode():
     tok = build_tokenizer("char", UNICODE_TEXT)
     assert tok.kind == "char"
     assert tok.chars == sorted(set(UNICODE_TEXT))
-    assert tok.n_vocab == len(set(UNICODE_TEXT)) + 1  # the characters, then end-of-text
+    assert tok.n_vocab == len(set(UNICODE_TEXT)) + 5  # the characters, then end-of-text and the chat tokens
     assert tok.eot_id == len(set(UNICODE_TEXT)) and tok.decode([tok.eot_id]) == "<|endoftext|>"
     ids = tok.encode(UNICODE_TEXT)
     assert ids == [tok.chars.index(c) for c in UNICODE_TEXT]
@@ -136,13 +136,16 @@ def test_json_round_trip(tmp_path, kind):
 
 
 def test_to_json_shapes():
-    assert build_tokenizer("gpt2").to_json() == {"kind": "gpt2"}
+    chat = {"<|system|>": 3, "<|user|>": 4, "<|assistant|>": 5, "<|end|>": 6}
+    assert build_tokenizer("gpt2").to_json() == {"kind": "gpt2", "special_tokens": {
+        "<|endoftext|>": 50256, "<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}}
     assert build_tokenizer("char", "ba").to_json() == {"kind": "char", "chars": ["a", "b"],
-                                                       "special_tokens": {"<|endoftext|>": 2}}
+                                                       "special_tokens": {"<|endoftext|>": 2, **chat}}
     legacy = tokenizer_from_json({"kind": "char", "chars": ["a", "b"]}, "old.json")  # saved before end-of-text
     assert legacy.eot_id is None and legacy.n_vocab == 2
     interim = tokenizer_from_json({"kind": "char", "chars": ["a", "b"], "eot": True}, "interim.json")
-    assert interim.eot_id == 2 and interim.to_json() == build_tokenizer("char", "ba").to_json()
+    assert interim.eot_id == 2 and interim.n_vocab == 3 and not interim.chat  # saved before the chat tokens
+    assert interim.to_json() == {"kind": "char", "chars": ["a", "b"], "special_tokens": {"<|endoftext|>": 2}}
 
 
 def test_unknown_kind_errors_list_known_kinds():
@@ -231,7 +234,7 @@ def bpe():
 
 def test_bpe_vocabulary_layout(bpe):
     assert bpe.kind == "bpe" and bpe.n_vocab == 1024 and bpe.model_vocab_size() == 1024
-    assert bpe.eot_id == 1023 and bpe.decode([bpe.eot_id]) == "<|endoftext|>"
+    assert bpe.eot_id == 1019 and bpe.decode([bpe.eot_id]) == "<|endoftext|>"  # then the 4 chat tokens
     assert bpe.ranks[:256] == [bytes([b]) for b in range(256)]  # byte-level: every text encodes
     assert bpe.start_ids() == [ord("\n")]
     assert train_bpe([corpus_text(300_000)], 1000, "t").model_vocab_size() == 1024  # padded to 64
@@ -258,7 +261,7 @@ def test_bpe_training_is_deterministic_and_hash_keyed(bpe):
     assert again.ranks == bpe.ranks and again.id_string() == bpe.id_string()
     assert bpe.id_string() == "bpe-" + bpe.sha256[:12]
     other = train_bpe([corpus_text(300_000)], 1088, "test text")
-    assert other.ranks[:1023] == bpe.ranks and other.id_string() != bpe.id_string()
+    assert other.ranks[:1019] == bpe.ranks and other.id_string() != bpe.id_string()
 
 
 def test_bpe_training_pieces_do_not_change_the_result(monkeypatch):
@@ -310,7 +313,7 @@ def test_bpe_edited_or_corrupted_file_is_refused_by_name(bpe, change, message):
 
 @pytest.mark.parametrize("vocab_size", [0, 256, 10**9])
 def test_bpe_vocab_size_out_of_range(vocab_size):
-    with pytest.raises(MyPTError, match=f"--vocab_size {vocab_size} is out of range.*at least 257"):
+    with pytest.raises(MyPTError, match=f"--vocab_size {vocab_size} is out of range.*at least 261"):
         train_bpe(["some text"], vocab_size, "t")
 
 
@@ -345,7 +348,55 @@ def test_legacy_char_file_without_end_of_text_loads_as_before():
 
 def test_every_kind_has_an_end_of_text_id(gpt2, bpe):
     char = build_tokenizer("char", "abc<|endoftext|>")
-    assert (gpt2.eot_id, char.eot_id, bpe.eot_id) == (50256, len(char.chars), 1023)
+    assert (gpt2.eot_id, char.eot_id, bpe.eot_id) == (50256, len(char.chars), 1019)
     for tok in (gpt2, char, bpe):
-        assert tok.eot_id == tok.n_vocab - 1 and tok.decode([tok.eot_id]) == "<|endoftext|>"
+        assert tok.eot_id == tok.n_vocab - 5 and tok.decode([tok.eot_id]) == "<|endoftext|>"
         assert tok.eot_id not in tok.encode("abc<|endoftext|>cba")
+
+
+CHAT_TEXT = "a<|system|>b<|user|>c<|assistant|>d<|end|>e<|endoftext|>"
+
+
+def test_every_kind_reserves_the_chat_tokens_after_end_of_text(gpt2, bpe):
+    """Four ids after end-of-text, spelled as the tokens when decoded, never made from text."""
+    char = build_tokenizer("char", CHAT_TEXT)
+    for tok in (gpt2, char, bpe):
+        assert tok.chat and list(tok.chat_ids) == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+        assert list(tok.chat_ids.values()) == [tok.eot_id + 1, tok.eot_id + 2, tok.eot_id + 3, tok.eot_id + 4]
+        assert tok.decode(list(tok.chat_ids.values())) == "<|system|><|user|><|assistant|><|end|>"
+        ids = tok.encode(CHAT_TEXT)
+        assert not set(ids) & {tok.eot_id, *tok.chat_ids.values()} and tok.decode(ids) == CHAT_TEXT
+        assert tok.encode_array(CHAT_TEXT).tolist() == ids
+        again = tokenizer_from_json(json.loads(json.dumps(tok.to_json())), "t.json")
+        assert again.chat_ids == tok.chat_ids and again.id_string() == tok.id_string()
+
+
+def test_tokenizers_saved_before_the_chat_tokens_load_without_them(bpe):
+    """A gpt2, char or bpe tokenizer.json from before: the same ids for text, no chat ids;
+    with_chat() adds them (what fine-tuning does), changing no id of any text."""
+    old_bpe = dict(bpe.to_json(), special_tokens={"<|endoftext|>": bpe.eot_id})
+    content = {k: v for k, v in old_bpe.items() if k != "sha256"}
+    old_bpe["sha256"] = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"),
+                                                  ensure_ascii=True).encode()).hexdigest()
+    olds = [{"kind": "gpt2"}, {"kind": "char", "chars": sorted(set(UNICODE_TEXT)), "special_tokens": {
+        "<|endoftext|>": len(set(UNICODE_TEXT))}}, old_bpe]
+    for saved in olds:
+        old = tokenizer_from_json(saved, "old.json")
+        assert not old.chat and old.chat_ids == {} and old.n_vocab == old.eot_id + 1
+        assert old.to_json() == saved
+        new = old.with_chat()
+        assert new.chat and new.n_vocab == old.n_vocab + 4 and new.eot_id == old.eot_id
+        assert new.encode(UNICODE_TEXT) == old.encode(UNICODE_TEXT)
+        assert new.with_chat() is new
+    assert tokenizer_from_json({"kind": "gpt2"}, "x").id_string() == "gpt2"  # gpt2's token cache stays valid
+
+
+def test_chat_template_name_is_kept_and_checked():
+    tok = build_tokenizer("char", "ab")
+    tok.chat_template = "mypt-chat-1"
+    assert tokenizer_from_json(tok.to_json(), "t.json").chat_template == "mypt-chat-1"
+    assert tokenizer_from_json(build_tokenizer("char", "ab").to_json(), "t.json").chat_template is None
+    with pytest.raises(MyPTError, match="^t.json: 'chat_template' must be"):
+        tokenizer_from_json({"kind": "gpt2", "chat_template": "mypt-chat-1"}, "t.json")  # no chat tokens
+    with pytest.raises(MyPTError, match="^t.json: 'special_tokens' must be"):
+        tokenizer_from_json({"kind": "gpt2", "special_tokens": {"<|endoftext|>": 50256, "<|user|>": 50257}}, "t.json")

@@ -1,21 +1,31 @@
 """What every tokenizer offers (the `Tokenizer` interface) and StreamDecoder, which prints
 generated tokens as they arrive without ever splitting a UTF-8 character.
 
-Every kind reserves an end-of-text token, `Tokenizer.eot_id`, spelled EOT when decoded. It is
-never produced from ordinary text: a user's text containing the literal string EOT is
-tokenized as the characters it is made of.
+Every kind reserves an end-of-text token, `Tokenizer.eot_id`, spelled EOT when decoded, and
+right after it the four chat tokens CHAT_TOKENS (a start marker per role and an end-of-turn,
+`Tokenizer.chat_ids`). None of them is ever produced from ordinary text: a user's text
+containing the literal string EOT or `<|user|>` is tokenized as the characters it is made of.
+A tokenizer saved before the chat tokens were reserved loads without them (`chat` False);
+`with_chat()` adds them (fine-tuning grows such a model's embedding). `chat_template` names the
+chat template a model was fine-tuned with (mypt.finetune.template), None for a base model.
 """
 
 from __future__ import annotations
 
 import abc
 import codecs
+import json
 import re
 from collections.abc import Iterable
 
 import numpy as np
 
+from mypt.errors import MyPTError
+
 EOT = "<|endoftext|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"
+CHAT_TOKENS = (*ROLE_TOKENS.values(), END_OF_TURN)  # their ids follow end-of-text's, in this order
 VOCAB_MULTIPLE = 64  # model vocabularies are padded up to a multiple of this for fast matmuls
 
 # Where a long text may be cut so that tokenizing the pieces one by one gives the ids of the
@@ -34,16 +44,58 @@ def padded_vocab(n_vocab: int) -> int:
     return -(-n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def special_tokens(eot_id: int, chat: bool) -> dict[str, int]:
+    """tokenizer.json's "special_tokens": end-of-text, then (chat) the chat tokens after it."""
+    chat_ids = {token: eot_id + 1 + i for i, token in enumerate(CHAT_TOKENS)} if chat else {}
+    return {EOT: eot_id, **chat_ids}
+
+
+def chat_in(special: object, eot_id: int, source: str, damaged: str) -> bool:
+    """Whether a saved "special_tokens" has the chat tokens: it must be end-of-text alone (saved
+    before they were reserved) or with them; anything else is a damaged file."""
+    for chat in (False, True):
+        if special == special_tokens(eot_id, chat):
+            return chat
+    raise MyPTError(f"{source}: 'special_tokens' must be {json.dumps(special_tokens(eot_id, True))} (end-of-text, "
+                    f"then the chat tokens; older files: end-of-text alone); {damaged}")
+
+
+def chat_template_of(d: dict, tok: Tokenizer, source: str) -> Tokenizer:
+    """tok with the "chat_template" name a tokenizer.json records (a fine-tuned model's)."""
+    name = d.get("chat_template")
+    if name is not None and (not isinstance(name, str) or not tok.chat):
+        raise MyPTError(f"{source}: 'chat_template' must be the name of a chat template, and the tokenizer must "
+                        "have the chat tokens; the file is damaged, restore it")
+    tok.chat_template = name
+    return tok
+
+
 class Tokenizer(abc.ABC):
     """What every tokenizer offers. `what` in encode names the text in error messages.
 
     eot_id is the end-of-text id; None only for char tokenizers saved before it was reserved
-    (their models have no row for it).
+    (their models have no row for it). chat: the chat tokens follow it (see the module docstring).
     """
 
     kind: str
     n_vocab: int
     eot_id: int | None
+    chat: bool = False
+    chat_template: str | None = None
+
+    @property
+    def chat_ids(self) -> dict[str, int]:
+        """The id of each chat token (CHAT_TOKENS); empty for a tokenizer saved before they existed."""
+        if not self.chat:
+            return {}
+        return {token: i for token, i in special_tokens(self.eot_id, True).items() if token != EOT}
+
+    @abc.abstractmethod
+    def with_chat(self) -> Tokenizer:
+        """This tokenizer with the chat tokens (itself if it has them): the same ids for text."""
+
+    def _json_extra(self) -> dict:
+        return {} if self.chat_template is None else {"chat_template": self.chat_template}
 
     @abc.abstractmethod
     def encode(self, text: str, what: str = "prompt") -> list[int]:

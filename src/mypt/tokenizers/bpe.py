@@ -6,12 +6,14 @@ so a bpe tokenizer encodes as fast as gpt2. Text is first split with SPLIT_PATTE
 (cl100k)-style pattern, so no token crosses a word, number or whitespace boundary. Byte-level:
 the 256 single bytes are tokens, so every text is encodable and there is no unknown token.
 
-Ids: the mergeable ranks (0 .. n-2, the 256 bytes first) then end-of-text (n-1), so a
-vocabulary of N = a multiple of 64 fills the model's embedding with no padding.
+Ids: the mergeable ranks (0 .. n-6, the 256 bytes first) then end-of-text (n-5) and the four
+chat tokens (n-4 .. n-1), so a vocabulary of N = a multiple of 64 fills the model's embedding
+with no padding. A file saved before the chat tokens existed ends at end-of-text (n-1).
 
 tokenizer.json holds the ranks (base64, in rank order), the split pattern, the special tokens
 and the sha256 of that content; loading recomputes the hash, so an edited or corrupted file is
-refused by name. id_string (the token cache key) comes from the same hash.
+refused by name. id_string (the token cache key) comes from the same hash. A fine-tuned model's
+"chat_template" name sits beside them, outside the hash (it changes no id).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import tiktoken
 
 from mypt.errors import MyPTError
-from mypt.tokenizers.base import EOT, NEWLINE_CUT
+from mypt.tokenizers.base import CHAT_TOKENS, NEWLINE_CUT, chat_in, chat_template_of, special_tokens
 from mypt.tokenizers.gpt2 import TiktokenTokenizer
 
 # cl100k-style: contractions, letters (with one leading non-letter), numbers of up to 3 digits,
@@ -37,7 +39,7 @@ SPLIT_PATTERN = (
 )
 FORMAT_VERSION = 1
 N_BYTES = 256
-N_SPECIAL = 1  # end-of-text
+N_SPECIAL = 1 + len(CHAT_TOKENS)  # end-of-text and the chat tokens
 MIN_VOCAB = N_BYTES + N_SPECIAL
 MAX_VOCAB = 1 << 24
 TRAIN_PIECE_CHARS = 1 << 16  # rustbpe counts pieces of about this size in parallel
@@ -65,39 +67,45 @@ class BPETokenizer(TiktokenTokenizer):
 
     kind = "bpe"
 
-    def __init__(self, ranks: Sequence[bytes], pattern: str = SPLIT_PATTERN) -> None:
+    def __init__(self, ranks: Sequence[bytes], pattern: str = SPLIT_PATTERN, chat: bool = True) -> None:
         self.ranks = list(ranks)
         self.pattern = pattern
+        self.chat = chat
         self.eot_id = len(self.ranks)
-        self.n_vocab = self.eot_id + 1
-        self.sha256 = _content_sha256(_content(self.ranks, pattern, self.eot_id))
+        special = special_tokens(self.eot_id, chat)
+        self.n_vocab = self.eot_id + len(special)
+        self.sha256 = _content_sha256(_content(self.ranks, pattern, special))
         self._enc = tiktoken.Encoding(
             name=f"mypt-bpe-{self.sha256[:12]}",
             pat_str=pattern,
             mergeable_ranks={token: i for i, token in enumerate(self.ranks)},
-            special_tokens={EOT: self.eot_id},
+            special_tokens=special,
         )
 
     def start_ids(self) -> list[int]:
         return [self.ranks.index(b"\n")]
 
+    def with_chat(self) -> BPETokenizer:
+        return self if self.chat else BPETokenizer(self.ranks, self.pattern)
+
     def to_json(self) -> dict:
-        return {**_content(self.ranks, self.pattern, self.eot_id), "sha256": self.sha256}
+        special = special_tokens(self.eot_id, self.chat)
+        return {**_content(self.ranks, self.pattern, special), "sha256": self.sha256, **self._json_extra()}
 
     def id_string(self) -> str:
         return "bpe-" + self.sha256[:12]
 
     def byte_lengths(self) -> np.ndarray:
-        """The UTF-8 length of every id's text (end-of-text counts 0: it stands for no text)."""
-        return np.array([len(token) for token in self.ranks] + [0], dtype=np.int64)
+        """The UTF-8 length of every id's text (the special tokens count 0: they stand for no text)."""
+        return np.array([len(token) for token in self.ranks] + [0] * (self.n_vocab - self.eot_id), dtype=np.int64)
 
 
-def _content(ranks: Sequence[bytes], pattern: str, eot_id: int) -> dict:
+def _content(ranks: Sequence[bytes], pattern: str, special: dict[str, int]) -> dict:
     return {
         "kind": "bpe",
         "version": FORMAT_VERSION,
         "pattern": pattern,
-        "special_tokens": {EOT: eot_id},
+        "special_tokens": special,
         "ranks": [base64.b64encode(token).decode("ascii") for token in ranks],
     }
 
@@ -113,7 +121,7 @@ def _content_sha256(content: dict) -> str:
 
 def bpe_from_json(d: dict, source: str) -> BPETokenizer:
     """The bpe tokenizer of a tokenizer.json dict, after checking its hash and its structure."""
-    content = {k: v for k, v in d.items() if k != "sha256"}
+    content = {k: v for k, v in d.items() if k not in ("sha256", "chat_template")}
     if _content_sha256(content) != d.get("sha256"):
         raise MyPTError(f"{source}: its content does not match its sha256; {_DAMAGED}")
     if d.get("version") != FORMAT_VERSION:
@@ -123,13 +131,12 @@ def bpe_from_json(d: dict, source: str) -> BPETokenizer:
     pattern = d.get("pattern")
     if not isinstance(pattern, str) or not pattern:
         raise MyPTError(f"{source}: 'pattern' must be the split pattern (a regular expression); {_DAMAGED}")
-    if d.get("special_tokens") != {EOT: len(ranks)}:
-        raise MyPTError(f"{source}: 'special_tokens' must be {{\"{EOT}\": {len(ranks)}}} (the id after "
-                        f"the ranks); {_DAMAGED}")
+    chat = chat_in(d.get("special_tokens"), len(ranks), source, _DAMAGED)
     try:
-        return BPETokenizer(ranks, pattern)
+        tok = BPETokenizer(ranks, pattern, chat)
     except ValueError as e:  # tiktoken refuses the pattern
         raise MyPTError(f"{source}: tiktoken cannot use its split pattern ({e}); {_DAMAGED}") from None
+    return chat_template_of(d, tok, source)
 
 
 def _ranks_from_json(ranks: object, source: str) -> list[bytes]:
@@ -170,7 +177,8 @@ def ranks_problem(tokens: Sequence[bytes]) -> str | None:
 def check_vocab_size(vocab_size: int, flag: str = "--vocab_size") -> None:
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise MyPTError(f"{flag} {vocab_size} is out of range for a bpe tokenizer: it needs at least "
-                        f"{MIN_VOCAB} (the {N_BYTES} bytes and end-of-text) and at most {MAX_VOCAB:,}; "
+                        f"{MIN_VOCAB} (the {N_BYTES} bytes, end-of-text and the chat tokens) and at most "
+                        f"{MAX_VOCAB:,}; "
                         "a few thousand suits most texts (e.g. 4096)")
 
 

@@ -1,7 +1,8 @@
 """The "char" tokenizer: one id per character of the training text, in sorted order, then the
-end-of-text id. A char tokenizer.json saved before end-of-text was reserved has no
-"special_tokens" entry: it loads as it was, with no end-of-text id (eot_id None). One that says
-`"eot": true` instead, as MyPT wrote it for a short while, has the end-of-text id."""
+end-of-text id, then the chat tokens. A char tokenizer.json saved before end-of-text was reserved
+has no "special_tokens" entry: it loads as it was, with no end-of-text id (eot_id None) and no
+chat tokens. One that says `"eot": true` instead, as MyPT wrote it for a short while, has the
+end-of-text id; one whose "special_tokens" is end-of-text alone has no chat tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from mypt.errors import MyPTError
-from mypt.tokenizers.base import EOT, Tokenizer
+from mypt.tokenizers.base import CHAT_TOKENS, EOT, Tokenizer, chat_in, chat_template_of, special_tokens
 
 _MAX_LISTED_CHARS = 10
 
@@ -34,20 +35,25 @@ def _format_chars(chars: Sequence[str]) -> str:
 class CharTokenizer(Tokenizer):
     """One id per character; ids are indices into the sorted list of the training characters.
 
-    With `eot` (every new one) the id after the characters is end-of-text. The model's
-    vocab_size is n_vocab exactly, not padded: a character vocabulary is small.
+    With `eot` (every new one) the id after the characters is end-of-text, and with `chat` (every
+    new one) the chat tokens follow it. The model's vocab_size is n_vocab exactly, not padded: a
+    character vocabulary is small.
     """
 
     kind = "char"
 
-    def __init__(self, chars: Sequence[str], eot: bool = True) -> None:
+    def __init__(self, chars: Sequence[str], eot: bool = True, chat: bool | None = None) -> None:
         assert chars and all(len(c) == 1 for c in chars), "chars must be single characters"
         assert sorted_unique(chars), "chars must be sorted and unique"
+        chat = eot if chat is None else chat
+        assert eot or not chat, "the chat tokens follow end-of-text"
         self.chars = list(chars)
+        self.chat = chat
         self.eot_id = len(self.chars) if eot else None
-        self.n_vocab = len(self.chars) + (1 if eot else 0)
+        specials = ([EOT] if eot else []) + (list(CHAT_TOKENS) if chat else [])
+        self.n_vocab = len(self.chars) + len(specials)
         self._points = _code_points("".join(self.chars))
-        self._texts = self.chars + ([EOT] if eot else [])
+        self._texts = self.chars + specials
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -88,14 +94,17 @@ class CharTokenizer(Tokenizer):
         found = newline < len(points) and int(points[newline]) == ord("\n")
         return [newline] if found else [0]
 
+    def with_chat(self) -> CharTokenizer:
+        return self if self.chat else CharTokenizer(self.chars)
+
     def to_json(self) -> dict:
         d: dict = {"kind": "char", "chars": list(self.chars)}
         if self.eot_id is not None:
-            d["special_tokens"] = {EOT: self.eot_id}
-        return d
+            d["special_tokens"] = special_tokens(self.eot_id, self.chat)
+        return {**d, **self._json_extra()}
 
     def id_string(self) -> str:
-        text = "".join(self.chars) + ("" if self.eot_id is None else "\0" + EOT)
+        text = "".join(self.chars) + "".join("\0" + t for t in self._texts[len(self.chars):])
         digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass"))
         return "char-" + digest.hexdigest()[:12]
 
@@ -118,10 +127,7 @@ def char_from_json(d: dict, source: str) -> CharTokenizer:
             "single characters; the file is damaged, restore or re-create it"
         )
     special = d.get("special_tokens")
-    if special is not None and special != {EOT: len(chars)}:
-        raise MyPTError(
-            f"{source}: the char tokenizer's 'special_tokens' must be {{\"{EOT}\": {len(chars)}}} "
-            "(the id after the characters); the file is damaged, restore or re-create it"
-        )
+    chat = special is not None and chat_in(special, len(chars), source,
+                                           "the file is damaged, restore or re-create it")
     interim = d.get("eot") is True  # see the module docstring
-    return CharTokenizer(chars, eot=special is not None or interim)
+    return chat_template_of(d, CharTokenizer(chars, eot=special is not None or interim, chat=chat), source)

@@ -11,7 +11,7 @@ import numpy as np
 import tiktoken
 
 from mypt.fsutil import read_shipped
-from mypt.tokenizers.base import EOT, Tokenizer
+from mypt.tokenizers.base import EOT, Tokenizer, chat_in, chat_template_of, special_tokens
 
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -34,17 +34,18 @@ def _parse_ranks(data: bytes) -> dict[bytes, int]:
 
 
 @functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
-    """The GPT-2 tiktoken Encoding, built from the verified shipped file (never the network).
+def gpt2_encoding(chat: bool = False) -> tiktoken.Encoding:
+    """The GPT-2 tiktoken Encoding, built from the verified shipped file (never the network);
+    with `chat`, the chat tokens are its special tokens 50257-50260 after end-of-text.
 
     The ranks are parsed from the bytes whose sha256 was just checked, rather than through
     tiktoken.load.load_tiktoken_bpe, which reads and writes a shared cache in the temp dir.
     """
     return tiktoken.Encoding(
-        name="gpt2",
+        name="gpt2-chat" if chat else "gpt2",
         pat_str=GPT2_PAT_STR,
         mergeable_ranks=_parse_ranks(_gpt2_ranks_bytes()),
-        special_tokens={GPT2_EOT: GPT2_EOT_ID},
+        special_tokens=special_tokens(GPT2_EOT_ID, chat),
     )
 
 
@@ -74,20 +75,32 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class GPT2Tokenizer(TiktokenTokenizer):
-    """GPT-2 byte-level BPE (50257 ids, id 50256 is <|endoftext|>)."""
+    """GPT-2 byte-level BPE (50257 ids, id 50256 is <|endoftext|>), then the chat tokens
+    (50257-50260; chat=False: a tokenizer.json saved before them, or an imported GPT-2's)."""
 
     kind = "gpt2"
     eot_id = GPT2_EOT_ID
 
-    def __init__(self) -> None:
-        self._enc = gpt2_encoding()
+    def __init__(self, chat: bool = True) -> None:
+        self.chat = chat
+        self._enc = gpt2_encoding(chat)
         self.n_vocab = self._enc.n_vocab
 
     def start_ids(self) -> list[int]:
         return [GPT2_EOT_ID]
 
+    def with_chat(self) -> GPT2Tokenizer:
+        return self if self.chat else GPT2Tokenizer()
+
     def to_json(self) -> dict:
-        return {"kind": "gpt2"}
+        special = {"special_tokens": special_tokens(GPT2_EOT_ID, True)} if self.chat else {}
+        return {"kind": "gpt2", **special, **self._json_extra()}
 
     def id_string(self) -> str:
-        return "gpt2"
+        return "gpt2"  # the chat tokens change no id of any text: one token cache for both
+
+
+def gpt2_from_json(d: dict, source: str) -> GPT2Tokenizer:
+    special = d.get("special_tokens", special_tokens(GPT2_EOT_ID, False))
+    tok = GPT2Tokenizer(chat_in(special, GPT2_EOT_ID, source, "the file is damaged, restore it"))
+    return chat_template_of(d, tok, source)

@@ -9,7 +9,7 @@ from mypt.fsutil import atomic_write_bytes, check_regular_file, json_bytes, read
 from mypt.tokenizers.base import Tokenizer
 from mypt.tokenizers.bpe import bpe_from_json
 from mypt.tokenizers.char import CharTokenizer, char_from_json
-from mypt.tokenizers.gpt2 import GPT2Tokenizer
+from mypt.tokenizers.gpt2 import GPT2Tokenizer, gpt2_from_json
 
 KNOWN_KINDS = ("gpt2", "char", "bpe")
 
@@ -38,7 +38,7 @@ def tokenizer_from_json(d: dict, source: str) -> Tokenizer:
         raise MyPTError(f"{source}: tokenizer description must be a JSON object, got {d!r:.80}")
     kind = d.get("kind")
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        return gpt2_from_json(d, source)
     if kind == "char":
         return char_from_json(d, source)
     if kind == "bpe":
