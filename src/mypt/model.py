@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gradients, held at a time
+IGNORE_INDEX = -1  # a target that is not trained on (fine-tuning masks all but the assistant's tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +445,8 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(logits, loss). With targets the logits are never materialised: (None, mean loss)."""
+        """(logits, loss). With targets the logits are never materialised: (None, mean loss over
+        the targets that are not IGNORE_INDEX)."""
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
@@ -516,6 +518,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     backward only scales them, in place. Memory: one (chunk, vocab) block, allocated once, in
     which each chunk of rows turns from logits into probabilities into gradients in place.
     The loss comes from a softmax (one exp per logit, not log_softmax and exp, two).
+
+    Targets below 0 (IGNORE_INDEX) are ignored: the mean is over the others, and an ignored
+    row adds nothing to either gradient (its input row is zeroed before the weight gradient,
+    its gradient row after: O(n_embd) per row, not O(vocab), and no device sync).
     """
 
     @staticmethod
@@ -528,10 +534,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         total = torch.zeros((), dtype=acc, device=x.device)
         grad = torch.empty(min(n, LOSS_CHUNK_ROWS), vocab, dtype=dtype, device=x.device)
+        kept = targets >= 0
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, n, LOSS_CHUNK_ROWS):
-                xc = x[start:start + LOSS_CHUNK_ROWS].to(dtype)
-                tc = targets[start:start + LOSS_CHUNK_ROWS]
+                keep = kept[start:start + LOSS_CHUNK_ROWS, None]
+                xc = x[start:start + LOSS_CHUNK_ROWS].to(dtype) * keep  # an ignored row: no weight gradient
+                tc = targets[start:start + LOSS_CHUNK_ROWS].clamp(min=0)
                 logits = torch.mm(xc, w.T, out=grad[:xc.size(0)])  # (chunk, vocab)
                 target_logit = logits.gather(1, tc[:, None]).squeeze(1).to(acc)
                 max_logit = _row_max(logits).to(acc)
@@ -541,11 +549,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # log-sum-exp from the largest probability, which never underflows (in bf16 it
                 # carries bf16's 0.4% rounding, i.e. 0.002 nats per row, as the logits do)
                 target_logp = target_logit - max_logit + _row_max(probs).to(acc).log()
-                total -= target_logp.sum()
+                total -= (target_logp * keep[:, 0]).sum()
                 # d(loss_sum)/d(logits) = softmax - one_hot(target); at the target expm1(logp) is
                 # p - 1 without cancellation
                 probs[torch.arange(tc.numel(), device=x.device), tc] = torch.expm1(target_logp).to(dtype)
                 grad_x[start:start + LOSS_CHUNK_ROWS] = probs @ w
+                grad_x[start:start + LOSS_CHUNK_ROWS] *= keep  # an ignored row: no input gradient
                 if grad_w is None:
                     grad_w = (probs.T @ xc).to(acc)
                 elif dtype == acc:
@@ -553,29 +562,32 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 else:  # in row blocks: adding bf16 to fp32 makes an fp32 copy of what is added
                     for total_rows, part in zip(grad_w.split(4096), (probs.T @ xc).split(4096), strict=True):
                         total_rows += part
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.n = n
+        count = kept.sum().clamp(min=1)  # a tensor: no device sync
+        ctx.save_for_backward(grad_x, grad_w, count)
         ctx.weight_dtype = weight.dtype
-        return total / n
+        return total / count
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.n
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count
         # in place: no second (vocab, n_embd) buffer while every activation is still alive; a
         # second backward through the same graph fails with autograd's in-place error
         return grad_x.mul_(scale), grad_w.mul_(scale).to(ctx.weight_dtype), None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,))."""
+    """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,)),
+    over the targets that are not IGNORE_INDEX (any negative target is ignored)."""
     dtype = _compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(x, weight, targets, dtype)
     acc = torch.promote_types(dtype, torch.float32)
     total = torch.zeros((), dtype=acc, device=x.device)
     w = weight.to(dtype)
+    targets = targets.where(targets >= 0, IGNORE_INDEX)
     for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
         logits = (x[start:start + LOSS_CHUNK_ROWS].to(dtype) @ w.T).to(acc)
-        total += F.cross_entropy(logits, targets[start:start + LOSS_CHUNK_ROWS], reduction="sum")
-    return total / x.size(0)
+        total += F.cross_entropy(logits, targets[start:start + LOSS_CHUNK_ROWS], reduction="sum",
+                                 ignore_index=IGNORE_INDEX)
+    return total / (targets >= 0).sum().clamp(min=1)
