@@ -378,14 +378,24 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _document(f: InputFile, line: bytes, number: int, field: str) -> str | None:
-    """The text of one JSON line (None: blank, or the field is null or empty)."""
+_BLANK = object()  # a blank line's record
+
+
+def _parsed(f: InputFile, line: bytes, number: int) -> Any:
+    """The JSON value of one line (_BLANK: the line is blank)."""
     try:
-        record = _loads(line)
+        return _loads(line)
     except ValueError:  # invalid JSON or UTF-8; or what only json accepts (a BOM, NaN, a lone surrogate)
         if not line.strip():
-            return None
-        record = _strict(f, line, number)
+            return _BLANK
+        return _strict(f, line, number)
+
+
+def _document(f: InputFile, line: bytes, number: int, field: str) -> str | None:
+    """The text of one JSON line (None: blank, or the field is null or empty)."""
+    record = _parsed(f, line, number)
+    if record is _BLANK:
+        return None
     value = record.get(field) if isinstance(record, dict) else None
     if type(value) is not str:  # noqa: E721 (the common case first, fast)
         if value is None and isinstance(record, dict) and field in record:
@@ -425,9 +435,10 @@ def _bad_record(f: InputFile, record: object, number: int, field: str) -> None:
                     "with a field that holds text")
 
 
-def jsonl_items(f: InputFile, hasher: Any, field: str, start: int = 0, start_row: int = 0,
-                chunk_size: int = CHUNK_SIZE) -> Iterator[Item]:
-    """One Item per non-blank line; resumes at byte `start`, which is line index `start_row`."""
+def _json_lines(f: InputFile, hasher: Any, start: int = 0, start_row: int = 0,
+                chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, int, bytes]]:
+    """(byte position, line index, bytes) of every line from byte `start` (line `start_row`) on;
+    a NUL byte is refused."""
     chunks = byte_chunks(f, hasher, chunk_size)
     if start:
         chunks = _skip(chunks, start)
@@ -439,21 +450,36 @@ def jsonl_items(f: InputFile, hasher: Any, field: str, start: int = 0, start_row
         lines = (carry + chunk).split(b"\n")
         carry = lines.pop()
         for line in lines:
-            text = _document(f, line, row + 1, field)
-            if text is not None:
-                yield Item(text, True, position, row)
+            yield position, row, line
             position += len(line) + 1
             row += 1
-    text = _document(f, carry, row + 1, field)
-    if text is not None:
-        yield Item(text, True, position, row)
+    yield position, row, carry
+
+
+def jsonl_items(f: InputFile, hasher: Any, field: str, start: int = 0, start_row: int = 0,
+                chunk_size: int = CHUNK_SIZE) -> Iterator[Item]:
+    """One Item per non-blank line; resumes at byte `start`, which is line index `start_row`."""
+    for position, row, line in _json_lines(f, hasher, start, start_row, chunk_size):
+        text = _document(f, line, row + 1, field)
+        if text is not None:
+            yield Item(text, True, position, row)
+
+
+def json_records(f: InputFile, hasher: Any) -> Iterator[tuple[int, Any]]:
+    """(line index, JSON value) of every non-blank line, checked as jsonl_items checks them: for
+    readers of whole records (mypt.finetune's conversations)."""
+    for _, row, line in _json_lines(f, hasher):
+        record = _parsed(f, line, row + 1)
+        if record is not _BLANK:
+            yield row, record
 
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
 
 
-def _parquet_file(f: InputFile, field: str) -> Any:
+def _parquet_file(f: InputFile, field: str | None) -> Any:
+    """The open Parquet file; with `field`, checked to have that column of strings."""
     require_extra("pyarrow", f"reading the Parquet file {f.label}")
     import pyarrow
     import pyarrow.parquet as pq
@@ -463,6 +489,8 @@ def _parquet_file(f: InputFile, field: str) -> Any:
     except (pyarrow.ArrowException, OSError) as e:
         raise MyPTError(f"input file {f.label} is not a readable Parquet file ({e}); it may be truncated: "
                         "write or download it again") from None
+    if field is None:
+        return pf
     schema = pf.schema_arrow
     if field not in schema.names:
         columns = ", ".join(repr(n) for n in schema.names[:12])
@@ -494,6 +522,25 @@ def parquet_items(f: InputFile, hasher: Any, field: str, start_row: int = 0,
                 if row >= start_row and text:
                     _check_text(f, text, row)
                     yield Item(text, True, row, row)
+                row += 1
+    except (pyarrow.ArrowException, OSError) as e:
+        raise MyPTError(f"input file {f.label} could not be read at row {row} ({e}); it may be truncated: "
+                        "write or download it again") from None
+
+
+def parquet_records(f: InputFile, hasher: Any, batch_rows: int = 8192) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row, {column: value}) of every row, the file's bytes hashed first: for readers of whole
+    records (mypt.finetune's conversations)."""
+    import pyarrow
+
+    for chunk in byte_chunks(f, hasher, 1 << 20):
+        del chunk
+    pf = _parquet_file(f, None)
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for record in batch.to_pylist():
+                yield row, record
                 row += 1
     except (pyarrow.ArrowException, OSError) as e:
         raise MyPTError(f"input file {f.label} could not be read at row {row} ({e}); it may be truncated: "
