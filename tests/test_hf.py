@@ -118,7 +118,8 @@ def test_export_char_model(tmp_path):
     out = tmp_path / "hf"
     assert export(tmp_path, "c", out) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == len(set(CHAR_TEXT)) + 1 and config["eos_token_id"] == len(set(CHAR_TEXT))
+    assert config["vocab_size"] == len(set(CHAR_TEXT)) + 5  # the characters, end-of-text, the 4 chat tokens
+    assert config["eos_token_id"] == len(set(CHAR_TEXT))
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     lm = load_model(path=folder, device="cpu")
     assert theirs.eos_token_id == lm.tokenizer.eot_id
@@ -147,7 +148,7 @@ def test_export_then_import_gives_identical_weights(tmp_path, bias, capsys):
     assert not load_checkpoint(tmp_path / "ck" / "back", with_optimizer=True).has_optimizer
     state = back.training_state
     assert state["iteration"] == 0 and state["imported_from"] == str((tmp_path / "hf").resolve())
-    assert back.tokenizer == {"kind": "gpt2"}
+    assert back.tokenizer == GPT2Tokenizer().to_json()  # with the chat tokens, as exported
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def hf_folder(tmp_path_factory) -> Path:
         for p in model.parameters():
             p.normal_(0.0, 0.5)
     model.save_pretrained(root / "model")
-    make_checkpoint(root / "ck", "tok")
+    make_checkpoint(root / "ck", "tok", tok=GPT2Tokenizer(chat=False))  # GPT-2's own files: no chat tokens
     export(root, "tok", root / "tokenizer_source")
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(root / "tokenizer_source" / name, root / "model" / name)
@@ -173,7 +174,7 @@ def test_import_transformers_model(tmp_path, hf_folder, capsys):
     assert run_command("import", ["--hf_dir", str(hf_folder), "--model_name", "g", "--checkpoints_dir", str(ck)]) == 0
     assert "bias true" in capsys.readouterr().out
     lm = load_model("g", ck, device="cpu")
-    assert lm.config.vocab_size == 50257 and lm.config.bias and lm.tokenizer.kind == "gpt2"
+    assert lm.config.vocab_size == 50257 and lm.config.bias and lm.tokenizer.kind == "gpt2" and not lm.tokenizer.chat
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_folder).eval()
     ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -351,9 +352,9 @@ def test_export_bpe_model_tokenizes_like_mypt_in_transformers(tmp_path, bpe_tok)
     out = tmp_path / "hf"
     assert export(tmp_path, "b", out) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == 704 and config["eos_token_id"] == bpe_tok.eot_id == 699
+    assert config["vocab_size"] == 704 and config["eos_token_id"] == bpe_tok.eot_id == 695  # then 4 chat tokens
     theirs = transformers.AutoTokenizer.from_pretrained(out)
-    assert theirs.eos_token_id == 699 and len(theirs) == 700
+    assert theirs.eos_token_id == 695 and len(theirs) == 700
     merged = [t for t in bpe_tok.ranks if len(t) > 1 and t[0] >= 0x80]  # multibyte characters were merged
     assert merged
     for text in HARD_TEXTS:
@@ -362,7 +363,7 @@ def test_export_bpe_model_tokenizes_like_mypt_in_transformers(tmp_path, bpe_tok)
         assert theirs.decode(ids) == text
     literal = "a <|endoftext|> b"
     assert theirs.encode(literal, split_special_tokens=True) == bpe_tok.encode(literal)
-    assert theirs.decode([699]) == "<|endoftext|>"
+    assert theirs.decode([695]) == "<|endoftext|>"
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     lm = load_model(path=folder, device="cpu")
     x = torch.tensor([bpe_tok.encode(HARD_TEXTS[2])[:TINY_ARCH["block_size"]]])

@@ -30,11 +30,12 @@ from mypt.formats import hf_gpt2, hf_llama, weights_only
 from mypt.formats.hf_config import hf_value
 from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
-from mypt.tokenizers import Tokenizer
+from mypt.tokenizers import END_OF_TURN, Tokenizer
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+HF_GENERATION_CONFIG = "generation_config.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +52,9 @@ def export_hf(built: Built, out: Path) -> list[str]:
                      "targets them, so sampling them is rare)")
     family = export_family(cfg)
     files[HF_CONFIG] = fsutil.json_bytes(family.hf_config(cfg, tok))
+    if tok.chat_template is not None:  # a chat model: generate() stops at the end of its turn
+        stops = [tok.eot_id, tok.chat_ids[END_OF_TURN]]
+        files[HF_GENERATION_CONFIG] = fsutil.json_bytes({"bos_token_id": tok.eot_id, "eos_token_id": stops})
     if family is hf_llama:
         notes += hf_llama.export_notes(cfg)
     with fsutil.new_folder(out) as tmp:
@@ -129,6 +133,18 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
         raise MyPTError(f"--hf_dir {hf_dir}: no such folder")
     if ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(ckpt_dir.iterdir())):
         raise MyPTError(f"{ckpt_dir} already exists; pick another --model_name or remove that folder")
+    cfg, state, tok, notes, family = read_hf(hf_dir)
+    with training_lock(ckpt_dir):
+        recover(ckpt_dir)
+        save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer=tok.to_json(),
+                        training_state=_import_state(ckpt_dir, hf_dir, family, tok.kind),
+                        optimizer_state=None)
+    return cfg, notes
+
+
+def read_hf(hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, list[str], str]:
+    """The transformers GPT-2, Llama or Qwen3 folder hf_dir as MyPT's config, weights and tokenizer
+    (with notes for the user and the family's name), checked to fit the model MyPT builds."""
     hf = fsutil.read_json(hf_dir / HF_CONFIG, "transformers config")
     if not isinstance(hf, dict):
         raise MyPTError(f"{hf_dir / HF_CONFIG}: expected a JSON object")
@@ -139,12 +155,7 @@ def import_hf(hf_dir: Path, ckpt_dir: Path) -> tuple[Any, list[str]]:
     cfg, state, tok, notes = (_from_gpt2 if kind == "gpt2" else _from_llama)(hf, hf_dir)
     with torch.device("meta"):
         GPT(cfg).load_state_dict(state, assign=True)  # names and shapes fit the model MyPT builds
-    with training_lock(ckpt_dir):
-        recover(ckpt_dir)
-        save_checkpoint(ckpt_dir, model_state=state, config=cfg.to_dict(), tokenizer=tok.to_json(),
-                        training_state=_import_state(ckpt_dir, hf_dir, FAMILIES[kind], tok.kind),
-                        optimizer_state=None)
-    return cfg, notes
+    return cfg, state, tok, notes, FAMILIES[kind]
 
 
 def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, list[str]]:

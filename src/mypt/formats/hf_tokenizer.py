@@ -4,10 +4,12 @@ gpt2: vocab.json and merges.txt derived from the shipped tiktoken ranks. bpe: a 
 tokenizer.json (the split pattern, then GPT-2's byte-level mapping, then BPE with the vocabulary
 and merges, end-of-text as a special added token). Both spell token bytes with GPT-2's
 byte-to-unicode map and recover each merge by re-running BPE on a token's bytes with the ranks
-below its own. char: a tokenizer.json whose BPE has no merges.
+below its own. char: a tokenizer.json whose BPE has no merges. The chat tokens are special added
+tokens after end-of-text, and a fine-tuned model's template is tokenizer_config.json's
+"chat_template" (mypt.finetune.template.JINJA), so that apply_chat_template gives MyPT's ids.
 
 Import reads such files back: GPT-2's vocabulary, or a tokenizer.json written as above (checked
-to be one that tiktoken encodes the same way).
+to be one that tiktoken encodes the same way), with the chat tokens and template if present.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mypt.errors import MyPTError
+from mypt.finetune.template import JINJA, TEMPLATE
 from mypt.fsutil import json_bytes, read_json
 from mypt.tokenizers import (
+    CHAT_TOKENS,
     EOT,
     GPT2_EOT,
     GPT2_EOT_ID,
@@ -72,17 +76,19 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _config(block_size: int, tokenizer_class: str, eot: bool) -> dict[str, Any]:
-    special = {"bos_token": EOT, "eos_token": EOT} if eot else {}
+def _config(block_size: int, tokenizer_class: str, tok: Tokenizer) -> dict[str, Any]:
+    special = {"bos_token": EOT, "eos_token": EOT} if tok.eot_id is not None else {}
+    template = {"chat_template": JINJA} if tok.chat_template == TEMPLATE else {}
     return {"tokenizer_class": tokenizer_class, "model_max_length": block_size, **special,
-            "clean_up_tokenization_spaces": False}
+            "clean_up_tokenization_spaces": False, **template}
 
 
-def _gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
+def _gpt2_tokenizer_files(tok: GPT2Tokenizer, block_size: int) -> dict[str, bytes]:
     vocab, merges = gpt2_vocab_and_merges()
     merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    config = {**_config(block_size, "GPT2Tokenizer", True), "unk_token": GPT2_EOT, "add_prefix_space": False,
-              "add_bos_token": False}
+    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in _added_tokens(tok)}
+    config = {**_config(block_size, "GPT2Tokenizer", tok), "unk_token": GPT2_EOT, "add_prefix_space": False,
+              "add_bos_token": False, "added_tokens_decoder": added}
     return {
         "vocab.json": json_bytes(vocab),
         "merges.txt": merges_txt.encode("utf-8"),
@@ -90,17 +96,19 @@ def _gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
     }
 
 
-def _added_eot(tok: Tokenizer) -> list[dict[str, Any]]:
+def _added_tokens(tok: Tokenizer) -> list[dict[str, Any]]:
+    """End-of-text and the chat tokens, as special added tokens (never split, never normalized)."""
     if tok.eot_id is None:
         return []
-    return [{"id": tok.eot_id, "content": EOT, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}]
+    specials = {EOT: tok.eot_id, **tok.chat_ids}
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True} for t, i in specials.items()]
 
 
 def _tokenizer_json(model: dict[str, Any], tok: Tokenizer, pre_tokenizer: Any, decoder: Any) -> dict[str, Any]:
     bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False}
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_eot(tok),
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tok),
             "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder,
             "model": {**bpe, **model}}
 
@@ -109,7 +117,7 @@ def _char_tokenizer_files(tok: CharTokenizer, block_size: int) -> dict[str, byte
     """BPE without merges maps each character to its id; Fuse joins them with nothing between."""
     model = {"vocab": {c: i for i, c in enumerate(tok.chars)}, "merges": []}
     tokenizer = _tokenizer_json(model, tok, None, {"type": "Fuse"})
-    config = _config(block_size, "PreTrainedTokenizerFast", tok.eot_id is not None)
+    config = _config(block_size, "PreTrainedTokenizerFast", tok)
     return {"tokenizer.json": json_bytes(tokenizer), "tokenizer_config.json": json_bytes(config)}
 
 
@@ -125,7 +133,7 @@ def _bpe_tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, bytes]
     split = {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False}
     pre = {"type": "Sequence", "pretokenizers": [split, _byte_level("pre")]}
     tokenizer = _tokenizer_json(model, tok, pre, _byte_level("decoder"))
-    config = _config(block_size, "PreTrainedTokenizerFast", True)
+    config = _config(block_size, "PreTrainedTokenizerFast", tok)
     return {"tokenizer.json": json_bytes(tokenizer), "tokenizer_config.json": json_bytes(config)}
 
 
@@ -135,13 +143,17 @@ def tokenizer_files(tok: Tokenizer, block_size: int) -> tuple[dict[str, bytes], 
     if tok.eot_id is not None:
         notes.append(f"{EOT} is the special token {tok.eot_id} (eos_token); transformers turns that string in a "
                      "text into it unless you pass split_special_tokens=True, MyPT keeps it as text")
+    if tok.chat_template == TEMPLATE:
+        notes.append(f"chat template {TEMPLATE} written as tokenizer_config.json's chat_template: "
+                     "apply_chat_template(messages, add_generation_prompt=True) gives MyPT's ids; generate() "
+                     f"stops a reply at <|end|> (id {tok.chat_ids['<|end|>']}, generation_config.json)")
     if isinstance(tok, CharTokenizer):
         notes.append(f"char tokenizer ({len(tok.chars)} characters) written as tokenizer.json; "
                      "transformers drops characters it does not know instead of failing")
         return _char_tokenizer_files(tok, block_size), notes
     if isinstance(tok, BPETokenizer):
         return _bpe_tokenizer_files(tok, block_size), notes
-    return _gpt2_tokenizer_files(block_size), notes
+    return _gpt2_tokenizer_files(tok, block_size), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,38 +165,74 @@ def import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
 
     A folder with no tokenizer files is taken to use GPT-2's.
     """
+    tok, problem = _import_tokenizer(hf_dir)
+    if problem is None and tok.chat:
+        config = hf_dir / "tokenizer_config.json"
+        saved = read_json(config, "tokenizer config") if config.is_file() else {}
+        if isinstance(saved, dict) and saved.get("chat_template") == JINJA:
+            tok.chat_template = TEMPLATE  # a model fine-tuned by MyPT
+    return tok, problem
+
+
+def _import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
     gpt2_vocab, _ = gpt2_vocab_and_merges()
     if (hf_dir / "vocab.json").is_file():
         if read_json(hf_dir / "vocab.json", "vocabulary") == gpt2_vocab:
-            return GPT2Tokenizer(), None
-        return GPT2Tokenizer(), ("its vocab.json is not GPT-2's; MyPT reads GPT-2's vocab.json, or a "
-                                 "tokenizer.json of the kinds mypt export writes")
+            return _gpt2_from_hf(hf_dir)
+        return GPT2Tokenizer(chat=False), ("its vocab.json is not GPT-2's; MyPT reads GPT-2's vocab.json, or a "
+                                           "tokenizer.json of the kinds mypt export writes")
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
-        return GPT2Tokenizer(), None
+        return GPT2Tokenizer(chat=False), None
     d = read_json(path, "tokenizer")
     model = d.get("model") if isinstance(d, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
-        return GPT2Tokenizer(), f"{path} has no BPE vocabulary (model.vocab); it is not a tokenizer MyPT reads"
-    if model["vocab"] == gpt2_vocab:
-        return GPT2Tokenizer(), None
+        return GPT2Tokenizer(chat=False), (f"{path} has no BPE vocabulary (model.vocab); it is not a tokenizer "
+                                           "MyPT reads")
     try:
+        if model["vocab"] == gpt2_vocab:
+            return GPT2Tokenizer(_specials_from_hf(d.get("added_tokens") or [], str(path))[1]), None
         if _is_char(d):
             return _char_from_hf(d, str(path)), None
         return _bpe_from_hf(d, str(path)), None
     except MyPTError as e:
-        return GPT2Tokenizer(), str(e)
+        return GPT2Tokenizer(chat=False), str(e)
     except (TypeError, AttributeError, KeyError, ValueError) as e:  # a field of an unexpected shape
-        return GPT2Tokenizer(), (f"{path} is not a tokenizer.json of a kind MyPT reads (a field has an unexpected "
-                                 f"shape: {type(e).__name__}: {str(e)[:120]})")
+        return GPT2Tokenizer(chat=False), (f"{path} is not a tokenizer.json of a kind MyPT reads (a field has an "
+                                           f"unexpected shape: {type(e).__name__}: {str(e)[:120]})")
+
+
+def _gpt2_from_hf(hf_dir: Path) -> tuple[Tokenizer, str | None]:
+    """GPT-2's tokenizer, with the chat tokens if tokenizer_config.json adds them (a MyPT export)."""
+    path = hf_dir / "tokenizer_config.json"
+    config = read_json(path, "tokenizer config") if path.is_file() else {}
+    decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
+    if not isinstance(decoder, dict):
+        return GPT2Tokenizer(chat=False), None
+    try:
+        added = [{**t, "id": int(i)} for i, t in decoder.items()]
+        return GPT2Tokenizer(_specials_from_hf(added, str(path))[1]), None
+    except MyPTError as e:
+        return GPT2Tokenizer(chat=False), str(e)
+    except (TypeError, ValueError) as e:
+        return GPT2Tokenizer(chat=False), f"{path}: added_tokens_decoder has an unexpected shape ({e})"
+
+
+def _specials_from_hf(added: list[Any], source: str) -> tuple[int | None, bool]:
+    """(end-of-text's id, whether the chat tokens follow it) from a folder's added tokens; only
+    those two kinds of special token are read."""
+    ids = {t.get("content"): t.get("id") for t in added if isinstance(t, dict)}
+    eot = ids.pop(EOT, None)
+    if not ids:
+        return eot, False
+    if eot is not None and ids == {t: eot + 1 + i for i, t in enumerate(CHAT_TOKENS)}:
+        return eot, True
+    raise MyPTError(f"{source}: added tokens other than {EOT} and MyPT's chat tokens right after it "
+                    f"({', '.join(CHAT_TOKENS)}) are not supported")
 
 
 def _eot_from_hf(d: dict[str, Any], source: str) -> int | None:
-    ids = [t.get("id") for t in d.get("added_tokens") or [] if isinstance(t, dict) and t.get("content") == EOT]
-    others = [t for t in d.get("added_tokens") or [] if not (isinstance(t, dict) and t.get("content") == EOT)]
-    if others:
-        raise MyPTError(f"{source}: added tokens other than {EOT} are not supported")
-    return ids[0] if ids else None
+    return _specials_from_hf(d.get("added_tokens") or [], source)[0]
 
 
 def _is_char(d: dict[str, Any]) -> bool:
@@ -194,12 +242,12 @@ def _is_char(d: dict[str, Any]) -> bool:
 def _char_from_hf(d: dict[str, Any], source: str) -> CharTokenizer:
     vocab = d["model"]["vocab"]
     chars = sorted(vocab, key=lambda c: vocab[c])
-    eot = _eot_from_hf(d, source)
+    eot, chat = _specials_from_hf(d.get("added_tokens") or [], source)
     if [vocab[c] for c in chars] != list(range(len(chars))) or chars != sorted(chars) or \
             not all(len(c) == 1 for c in chars) or eot not in (None, len(chars)):
         raise MyPTError(f"{source}: a character vocabulary must map sorted single characters to 0, 1, 2, ... "
                         "(then end-of-text); this one does not")
-    return CharTokenizer(chars, eot=eot is not None)
+    return CharTokenizer(chars, eot=eot is not None, chat=chat)
 
 
 def _bpe_from_hf(d: dict[str, Any], source: str) -> BPETokenizer:
@@ -216,7 +264,7 @@ def _bpe_from_hf(d: dict[str, Any], source: str) -> BPETokenizer:
             problem = "its merges are not in the order of the tokens they make, so tiktoken would split differently"
     if problem:
         raise MyPTError(f"{source}: {problem}")
-    return BPETokenizer(ranks, pattern)
+    return BPETokenizer(ranks, pattern, _specials_from_hf(d.get("added_tokens") or [], source)[1])
 
 
 def _byte_ranks(vocab: dict[str, int], source: str) -> list[bytes]:
