@@ -32,12 +32,14 @@ class Progress:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        trained = {"trained": f"{row['trained']:.0%}"} if "trained" in row else {}  # a fine-tune's
         if self.bar is not None:
             self.bar.update(row["iter"] - self.last)
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}", **trained)
         else:
             print(f"iter {row['iter']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
-                  f"{row['tokens_per_sec']:,.0f} tokens/s", flush=True)
+                  f"{row['tokens_per_sec']:,.0f} tokens/s"
+                  + (f", {trained['trained']} of the targets trained on" if trained else ""), flush=True)
         self.last = row["iter"]
 
     def eval(self, iteration: int, losses: dict[str, float]) -> None:

@@ -78,6 +78,11 @@ class RunPlan:
     corpus: data.Corpus | None = None  # the training data, prepared (rank 0's manifests)
     splits: Any = None  # rank 0's (train, val) streams, opened while planning; not sent to other ranks
     bpe_vocab: int | None = None  # a new bpe model: its tokenizer's size (trained while the data are prepared)
+    # A fine-tune (mypt.finetune.run) sets these: its resume is the base's weights when new, its
+    # splits are packed conversations, its data are not a prepared corpus.
+    trainer: type[Trainer] = Trainer
+    data_state: dict[str, Any] | None = None  # training_state.json's data fields (None: the corpus')
+    command: str = "train.py"  # what resumes the run, after "python " or "torchrun ... "
 
 
 def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_files: list[str] | None,
@@ -307,6 +312,9 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Sour
                 arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool,
                 vocab_size: int | None = None) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
+    if "finetune" in ckpt.training_state:
+        raise MyPTError(f"'{ckpt_dir.name}' is a chat fine-tune: resume it with mypt finetune --model_name "
+                        f"{ckpt_dir.name} (train.py trains on text)")
     saved_src = f"{ckpt_dir}/config.json"
     cfg = ModelConfig.from_dict(ckpt.config, saved_src)
     ts = ckpt.training_state
@@ -390,8 +398,8 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     if plan.resume is not None and plan.resume.has_optimizer:
         dist.load_optimizer_state(wrapped, optimizer, saved.get("optimizer"))
     runnable = torch.compile(wrapped) if tc.compile else wrapped
-    trainer = Trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,
-                      device, dtype, info)
+    trainer = plan.trainer(runnable, optimizer, train_data, val_data, cfg.block_size, cfg.batch_size, tc,
+                           device, dtype, info)
     if saved.get("scaler"):
         trainer.scaler.load_state_dict(saved["scaler"])
 
@@ -428,7 +436,8 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     if stop.signum is not None:
         launcher = f"torchrun --nproc_per_node={info.local_world_size}" if info.enabled else "python"
         dist.print0(f"stopped by signal at iteration {plan.state.iteration}; checkpoint saved. Resume with:\n"
-                    f"  {launcher} train.py --model_name {plan.ckpt_dir.name} --checkpoints_dir {plan.ckpt_dir.parent}"
+                    f"  {launcher} {plan.command} --model_name {plan.ckpt_dir.name} "
+                    f"--checkpoints_dir {plan.ckpt_dir.parent}"
                     + (" --fsdp" if fsdp else ""))
     else:
         dist.print0(f"done: iteration {plan.state.iteration}, val loss {plan.state.last_val_loss:.4f}; "
@@ -495,7 +504,7 @@ def _training_state(plan: RunPlan, tc: TrainConfig, state: TrainState, info: dis
         "model_name": plan.ckpt_dir.name,
         "train_config": tc.to_dict(),
         "world_size": info.world_size,
-        **data.sources_state(plan.corpus),
+        **(data.sources_state(plan.corpus) if plan.data_state is None else plan.data_state),
         "tokenizer": plan.tokenizer.kind,
         "versions": versions(),
         "saved_at": now(),

@@ -15,7 +15,9 @@ from mypt.errors import MyPTError, ReportedElsewhere
 
 COMMANDS = {
     "train": "mypt.cli.train",
+    "finetune": "mypt.cli.finetune",
     "generate": "mypt.cli.generate",
+    "chat": "mypt.cli.chat",
     "configs": "mypt.cli.configs",
     "inspect": "mypt.cli.inspect",
     "eval": "mypt.cli.evaluate",
@@ -28,7 +30,9 @@ COMMANDS = {
 }
 SUMMARIES = {
     "train": "train a model, or resume one",
+    "finetune": "fine-tune a model on conversations into a chat model, or resume one",
     "generate": "sample text from a trained model",
+    "chat": "talk to a fine-tuned chat model in the terminal",
     "configs": "list the presets with exact parameter counts and memory estimates",
     "inspect": "show what a checkpoint folder holds",
     "eval": "loss, perplexity and bits per character of models on one text",

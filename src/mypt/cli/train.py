@@ -40,7 +40,6 @@ def _bool(text: str) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
     p.add_argument("--model_name", required=True, help="checkpoint folder name under --checkpoints_dir")
     p.add_argument("--config_file", help="architecture preset: a path such as configs/tiny.json or a name such as tiny")
     p.add_argument("--input_file", action="append", metavar="PATH",
@@ -65,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
                        ("batch_size", int), ("dropout", float), ("bias", _bool)):
         arch.add_argument(f"--{name}", type=kind)
+    add_training_arguments(p, TrainConfig().to_dict())
+    p.add_argument("--skip_memory_check", action="store_true",
+                   help="start even if the estimated training memory exceeds this machine's (or GPU's)")
+
+
+def add_training_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The training flags (TrainConfig's fields and the run's switches); `defaults` (by field) for --help."""
     t = p.add_argument_group("training (on resume the saved values are the defaults)")
     helps = {
         "max_iters": "total iterations to train to", "eval_interval": "evaluate and save every N iterations",
@@ -80,8 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in helps:
             kind = int if f.type in ("int", "int | None") else float
-            default = getattr(d, f.name)
-            t.add_argument(f"--{f.name}", type=kind, help=f"{helps[f.name]} (default: {default})")
+            t.add_argument(f"--{f.name}", type=kind, help=f"{helps[f.name]} (default: {defaults[f.name]})")
     t.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw, or muon: Muon on the blocks' matrices, AdamW (--learning_rate) on embeddings, "
                    "output layer and gains (default: adamw)")
@@ -100,8 +105,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keep_every", type=int, help="also keep the checkpoint every N iterations in "
                    "checkpoints/NAME/iter_N/ (default: 0, off)")
     t.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (torchrun only)")
-    p.add_argument("--skip_memory_check", action="store_true",
-                   help="start even if the estimated training memory exceeds this machine's (or GPU's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,14 @@
+"""Supervised fine-tuning: a base model trained on conversations into a chat model.
+
+- `chat_data`: JSON lines / Parquet records in three shapes -> conversations, checked, split.
+- `template`: MyPT's chat template: a conversation -> token ids and the targets trained on
+  (the assistant's), and the same template as Jinja for transformers.
+- `packing`: conversations -> rows of block_size + 1 tokens with masked targets -> batches.
+- `run`: the fine-tuning run (`mypt finetune`), new or resumed, on train.py's machinery.
+"""
+
+DEFAULT_EPOCHS = 2
+# Fine-tuning's own defaults (the flags override them; here, without torch, for --help): a tenth
+# of pretraining's learning rate and no weight decay; the schedule, evaluation and logging scale
+# with the data (mypt.finetune.run).
+DEFAULTS = {"learning_rate": 1e-4, "weight_decay": 0.0}
