@@ -6,6 +6,8 @@
     for piece in lm.stream("To be", temperature=0):   # text as it is generated
         print(piece, end="", flush=True)
     lm.evaluate(open("held_out.txt").read()).bits_per_char
+    chat = load_model("dante-chat")               # a model fine-tuned by mypt finetune
+    print(chat.chat([{"role": "user", "content": "Who speaks next?"}]).text())
 
 generate/stream take the fields of mypt.sampling.SamplingConfig as keywords (max_new_tokens,
 temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache, ignore_eot). The text ends
@@ -29,6 +31,7 @@ from mypt.build import build_model
 from mypt.checkpoint import BEST_DIR, Checkpoint, best_dir, checkpoint_dir, load_checkpoint
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
+from mypt.finetune.template import ROLES, Message, check_template, prompt_ids, stop_ids
 from mypt.model import GPT
 from mypt.sampling import SamplingConfig, TextStream, fresh_seed, generate_ids
 from mypt.tokenizers import Tokenizer
@@ -93,12 +96,26 @@ class LoadedModel:
         A prompt longer than block_size keeps its last block_size tokens; the context then
         slides in steps of block_size // 2. Without `seed` a fresh one is drawn (stream.seed).
         """
+        return self._stream(self.encode_prompt(prompt), options)
+
+    def _stream(self, prompt_ids: list[int], options: dict[str, Any]) -> TextStream:
         cfg = SamplingConfig.from_options(options)
         seed = fresh_seed() if cfg.seed is None else cfg.seed
-        ids = generate_ids(self.model, self.encode_prompt(prompt), cfg, vocab_size=self.tokenizer.n_vocab,
+        ids = generate_ids(self.model, prompt_ids, cfg, vocab_size=self.tokenizer.n_vocab,
                            seed=seed, amp=lambda: dist.autocast(self.device, self.dtype),
                            eot_id=self.tokenizer.eot_id)
         return TextStream(ids, self.tokenizer, cfg.stop, seed)
+
+    def chat(self, messages: list[dict[str, str]], **options: Any) -> TextStream:
+        """A fine-tuned chat model's reply to messages ({"role": "system" | "user" | "assistant",
+        "content": ...}), rendered with its chat template, as stream() gives text; it ends at the
+        model's end-of-turn. A conversation longer than block_size keeps its end."""
+        check_template(self.tokenizer, f"'{self.name}'")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise MyPTError(f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}")
+        ids = prompt_ids(self.tokenizer, [Message(m["role"], m["content"]) for m in messages], "messages")
+        return self._stream(ids, {**options, "stop_ids": stop_ids(self.tokenizer)})
 
     def generate(self, prompt: str = "", **options: Any) -> str:
         """prompt's continuation as one string (the prompt not included); options as stream()."""

@@ -55,9 +55,11 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     use_cache: bool = True
     ignore_eot: bool = False  # keep going past the end-of-text token (by default it ends the text)
+    stop_ids: tuple[int, ...] = ()  # tokens that end the text, unseen, like end-of-text (a chat reply's end-of-turn)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
         problems = _problems(self)
         if problems:
             raise MyPTError("sampling settings: " + "; ".join(problems))
@@ -98,6 +100,8 @@ def _problems(cfg: SamplingConfig) -> list[str]:
         problems.append(f"seed ({cfg.seed!r}) must be an integer")
     if not all(isinstance(s, str) and s for s in cfg.stop):
         problems.append(f"stop strings ({list(cfg.stop)!r}) must be non-empty text")
+    if not all(_is_int(i) and i >= 0 for i in cfg.stop_ids):
+        problems.append(f"stop_ids ({list(cfg.stop_ids)!r}) must be token ids (integers, 0 or more)")
     return problems
 
 
@@ -160,8 +164,9 @@ class Continuation:
     """One prompt's continuation while a Decoder steps it: its tokens and context window, its own
     random generator and repetition-penalty state, and (given a tokenizer) its text and stop strings.
 
-    `finish_reason` becomes "length" after cfg.max_new_tokens tokens, "stop" at a stop string or
-    at eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot);
+    `finish_reason` becomes "length" after cfg.max_new_tokens tokens, "stop" at a stop string, at
+    eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot) or at one of
+    cfg.stop_ids (also not taken);
     `take_text()` hands over the text produced since it was last called.
     """
 
@@ -193,7 +198,7 @@ class Continuation:
         if self.seen is not None:
             logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
         token = pick_token(logits, self.cfg, self.generator)
-        if token == self.eot_id:
+        if token == self.eot_id or token in self.cfg.stop_ids:
             self.finish_reason = "stop"
             if self.text is not None:
                 self._pieces.append(self.text.finish())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import os
@@ -47,7 +48,7 @@ class Server:
         self.models = {lm.name: lm for lm in models}
         self.limits, self.api_key = limits, api_key
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.templates = {lm.name: load_template(lm.folder) for lm in models}
+        self.templates = {lm.name: load_template(lm.folder, lm.tokenizer) for lm in models}
         self.batchers = {lm.name: _batcher(lm, max_batch, max_queue) for lm in models}
         self.created = {lm.name: _created(lm) for lm in models}
 
@@ -119,9 +120,10 @@ async def read_body(request: HTTPRequest, limit: int) -> Any:
         raise APIError(400, f"The body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
 
 
-def encode(lm: LoadedModel, text: str, param: str, limit: int) -> list[int]:
+def encode(lm: LoadedModel, text: str | list[int], param: str, limit: int) -> list[int]:
+    """A prompt's ids (a fine-tuned model's chat template renders ids itself), checked against the limit."""
     try:
-        ids = lm.encode_prompt(text, param)
+        ids = lm.encode_prompt(text, param) if isinstance(text, str) else text
     except MyPTError as e:  # its message names `param` already
         raise APIError(400, str(e), param=param, code="invalid_value") from None
     if len(ids) > limit:
@@ -144,9 +146,14 @@ class Generation:
         self.id = protocol.new_id(chat)
         limit = server.prompt_limit(lm)
         extra_stop: tuple[str, ...] = ()
+        stop_ids: tuple[int, ...] = ()
         if chat:
             template = server.templates[lm.name]
-            prompts, extra_stop, param = [template.render(req.messages)], template.stop, "messages"
+            try:
+                prompts: list[Any] = [template.render(req.messages)]
+            except MyPTError as e:  # a fine-tuned model's template encodes the messages; its message names them
+                raise APIError(400, str(e), param="messages", code="invalid_value") from None
+            extra_stop, stop_ids, param = template.stop, template.stop_ids, "messages"
         else:
             prompts, param = req.prompts, "prompt"
             if len(prompts) > self.batcher.max_queue:  # could never all wait at once: not worth a retry
@@ -157,7 +164,7 @@ class Generation:
         ids = [encode(lm, p, param, limit) for p in prompts]
         self.prompt_tokens = sum(len(i) for i in ids)
         max_tokens = server.limits.max_tokens if req.max_tokens is None else req.max_tokens
-        cfg = req.sampling_config(max_tokens, extra_stop)
+        cfg = dataclasses.replace(req.sampling_config(max_tokens, extra_stop), stop_ids=stop_ids)
         seed = fresh_seed() if req.seed is None else req.seed
         self.jobs: list[Job] = []
         self.queue: asyncio.Queue = asyncio.Queue()  # the text of every choice, as the batcher steps

@@ -1,6 +1,10 @@
-"""Chat messages -> one prompt for a base model, and the stop strings that end its turn.
+"""Chat messages -> one prompt, and what ends the model's turn.
 
-A MyPT model continues text; it was not trained on conversations. `/v1/chat/completions`
+A model fine-tuned for chat (`mypt finetune`; its tokenizer names its chat template) gets the
+messages in the template it was trained on, as token ids (mypt.finetune.template), and its
+reply stops at its end-of-turn token: `ModelTemplate`.
+
+Any other MyPT model continues text; it was not trained on conversations. `/v1/chat/completions`
 renders the messages as a plain transcript that such a model can continue, and stops the
 reply where the model starts the next user turn. The default template:
 
@@ -14,7 +18,8 @@ A model folder may carry its own template as `chat_template.json` beside its con
 (checkpoints/NAME/chat_template.json, also used with --best). Every field is optional and
 replaces the default's: "system", "user", "assistant" (text with `{content}` where the
 message goes), "generation_prompt" (what the reply follows) and "stop" (a list of strings).
-Training never touches the file: saves carry it over.
+Training never touches the file: saves carry it over. A fine-tuned model's own template wins
+over the file.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from mypt.errors import MyPTError
+from mypt.finetune import template as chat_template
 from mypt.fsutil import read_json
+from mypt.tokenizers import Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
@@ -38,14 +45,37 @@ class ChatTemplate:
     generation_prompt: str = "Assistant:"
     stop: tuple[str, ...] = ("\nUser:",)
 
+    stop_ids: tuple[int, ...] = ()
+
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt for messages (each {"role", "content"}, already checked)."""
         parts = [getattr(self, m["role"]).replace("{content}", m["content"]) for m in messages]
         return "".join(parts) + self.generation_prompt
 
 
-def load_template(model_dir: Path) -> ChatTemplate:
-    """model_dir's chat_template.json over the default template; the default when there is none."""
+@dataclass(frozen=True)
+class ModelTemplate:
+    """The template a model was fine-tuned with: the prompt as ids; its end-of-turn ends the reply."""
+
+    tokenizer: Tokenizer
+    stop: tuple[str, ...] = ()
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return chat_template.stop_ids(self.tokenizer)
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's ids; MyPTError naming "messages" if the tokenizer cannot encode them."""
+        chat = [chat_template.Message(m["role"], m["content"]) for m in messages]
+        return chat_template.prompt_ids(self.tokenizer, chat, "messages")
+
+
+def load_template(model_dir: Path, tokenizer: Tokenizer | None = None) -> ChatTemplate | ModelTemplate:
+    """A fine-tuned model's own template; else model_dir's chat_template.json over the default
+    template; the default when there is none."""
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        chat_template.check_template(tokenizer, f"{model_dir}/tokenizer.json")
+        return ModelTemplate(tokenizer)
     path = model_dir / TEMPLATE_FILE
     if not path.exists():
         return ChatTemplate()
