@@ -183,7 +183,7 @@ CASES: dict[str, Case] = {
                             write("s.txt", "hello world\n")),
     # tokenizers: a new bpe, a tokenizer file
     "bpe-vocab-too-small": Case([*BPE, "--vocab_size", "256"], "--vocab_size 256 is out of range for a bpe "
-                                "tokenizer: it needs at least 257"),
+                                "tokenizer: it needs at least 261"),
     "bpe-vocab-too-large-for-text": Case([*BPE, "--vocab_size", "60000"], "the training part of input.txt (--val_split "
                                          "0.1 left out) is too short for a bpe tokenizer of 60000"),
     "bpe-training-split-too-short": Case([*BPE, "--input_file", "s.txt", "--vocab_size", "300"],

@@ -71,7 +71,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_new_bpe_model_is_self_contained(root: Path) -> None:
     folder = root / "checkpoints" / "b"
     tok_json = json.loads((folder / "tokenizer.json").read_text())
-    assert tok_json["kind"] == "bpe" and tok_json["special_tokens"] == {"<|endoftext|>": 499}
+    assert tok_json["kind"] == "bpe" and tok_json["special_tokens"] == {
+        "<|endoftext|>": 495, "<|system|>": 496, "<|user|>": 497, "<|assistant|>": 498, "<|end|>": 499}
     assert json.loads((folder / "config.json").read_text())["vocab_size"] == 512
     state = json.loads((folder / "training_state.json").read_text())
     assert state["tokenizer"] == "bpe" and state["iteration"] == 6
@@ -167,12 +168,13 @@ def test_inspect_shows_the_bpe_tokenizer(root: Path, capsys: pytest.CaptureFixtu
     tok = load_tokenizer(root / "checkpoints" / "b" / "tokenizer.json")
     ckpts = str(root / "checkpoints")
     assert run_command("inspect", ["--model_name", "b", "--checkpoints_dir", ckpts]) == 0
-    assert f"Tokenizer     : bpe, 500 tokens (end-of-text 499; {tok.id_string()})" in capsys.readouterr().out
+    assert f"Tokenizer     : bpe, 500 tokens (end-of-text 495, chat tokens 496-499; {tok.id_string()})" in \
+        capsys.readouterr().out
     args = ["inspect", "--model_name", "b", "--checkpoints_dir", ckpts, "--input_file", str(root / "input.txt")]
     assert run_command("tokenizer", [*args, "--top", "3"]) == 0
     out = capsys.readouterr().out
     n_tokens = len(tok.encode((root / "input.txt").read_text(encoding="utf-8")))
-    assert f"{n_tokens:,} tokens" in out and "Longest tokens (3 of 499):" in out
+    assert f"{n_tokens:,} tokens" in out and "Longest tokens (3 of 495):" in out
 
 
 def test_one_tokenizer_file_serves_two_models(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -514,3 +514,29 @@ def test_mypt_chat_reads_lines_and_keeps_the_conversation(chat_model):
                            str(chat_model)], input="hi\n", capture_output=True, text=True, timeout=120,
                           env={**os.environ, **ONE_THREAD}, cwd=REPO)
     assert base.returncode == 2 and "has no chat template" in base.stderr and "Traceback" not in base.stderr
+
+
+@pytest.mark.slow
+def test_readme_chat_walkthrough_runs_as_written(tmp_path, capsys):
+    """The README's fine-tuning commands (iterations and data shrunk) and its openai client code."""
+    import re
+
+    from serving import running_server
+    from test_readme import readme_blocks, to_argv
+    from test_readme import run as run_line
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in readme_blocks() if "mypt finetune --from shake" in b)
+    pretrain, data, tune, chat = (to_argv(line) for line in block.strip().splitlines())
+    run_line(pretrain, tmp_path)
+    run_line([*data, "--n_train", "60", "--n_heldout", "10"], tmp_path)
+    out = run_line([*tune, "--max_iters", "2", "--eval_interval", "1", "--eval_iters", "1"], tmp_path).stdout
+    assert "fine-tuning 'shake' into 'shake-chat'" in out and "60 conversations" in out
+    r = subprocess.run(chat, input="ROMEO:\\nBut soft!\\n\\nWho speaks next?\n", capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert r.returncode == 0 and r.stdout.endswith("\n") and "Traceback" not in r.stderr, r.stderr
+    assert any(b.strip() == "mypt serve --model_name shake-chat" for b in readme_blocks())
+    python = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if '"shake-chat"' in b)
+    with running_server(tmp_path / "checkpoints", ["shake-chat"]) as url:
+        exec(compile(python.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")

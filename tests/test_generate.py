@@ -62,7 +62,7 @@ def reference_greedy(lm: LoadedModel, prompt: str, n: int) -> str:
             start = len(seq) - block // 2
         with torch.no_grad():
             logits, _ = lm.model(torch.tensor([seq[start:]]))
-        seq.append(int(logits[0, -1, : lm.tokenizer.n_vocab].argmax()))
+        seq.append(int(logits[0, -1, : lm.tokenizer.sampled_vocab].argmax()))
     return lm.tokenizer.decode(seq[first:])
 
 

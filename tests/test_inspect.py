@@ -56,7 +56,8 @@ def test_script_reports_config_training_files_and_curve(trained):
         "Layers        : 2", "Heads         : 2", "Embedding     : 32", "Block size    : 32",
         f"Vocab size    : {config['vocab_size']}", "Bias          : False",
         f"Parameters    : {n_params:,} ({n_params / 1e6:.2f}M)",
-        f"Tokenizer     : char, {n_chars + 1:,} tokens (end-of-text {n_chars}; char-",
+        f"Tokenizer     : char, {n_chars + 5:,} tokens (end-of-text {n_chars}, chat tokens {n_chars + 1}-"
+        f"{n_chars + 4}; char-",
         "Iteration     : 10",
         f"Best val loss : {state['best_val_loss']:.4f}",
         f"Last val loss : {state['last_val_loss']:.4f}",

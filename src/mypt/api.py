@@ -101,7 +101,7 @@ class LoadedModel:
     def _stream(self, prompt_ids: list[int], options: dict[str, Any]) -> TextStream:
         cfg = SamplingConfig.from_options(options)
         seed = fresh_seed() if cfg.seed is None else cfg.seed
-        ids = generate_ids(self.model, prompt_ids, cfg, vocab_size=self.tokenizer.n_vocab,
+        ids = generate_ids(self.model, prompt_ids, cfg, vocab_size=self.tokenizer.sampled_vocab,
                            seed=seed, amp=lambda: dist.autocast(self.device, self.dtype),
                            eot_id=self.tokenizer.eot_id)
         return TextStream(ids, self.tokenizer, cfg.stop, seed)

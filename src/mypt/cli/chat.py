@@ -3,10 +3,11 @@
 examples:
   mypt chat --model_name dante-chat
   mypt chat --model_name dante-chat --system "Answer with one name." --temperature 0
-  printf 'Who speaks first?\nAnd then?\n' | mypt chat --model_name dante-chat --seed 1
+  printf 'Who speaks first?\\nAnd then?\\n' | mypt chat --model_name dante-chat --seed 1
 
-Each line read from standard input is a user message; the reply streams to standard output and
-ends at the model's end-of-turn (or after --max_new_tokens). The conversation is kept, rendered
+Each line read from standard input is a user message (\\n in it stands for a newline, \\t for
+a tab, \\\\ for a backslash); the reply streams to standard output and ends at the model's
+end-of-turn (or after --max_new_tokens). The conversation is kept, rendered
 with the model's chat template: when it no longer fits in the context (block_size, with room
 for --max_new_tokens), the oldest messages are dropped (a --system message stays). An empty
 line is skipped; end of input (Ctrl-D) ends the conversation.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mypt.cli.generate import INTERRUPTED, add_runtime_arguments, add_sampling_arguments, sampling_options
+from mypt.cli.generate import INTERRUPTED, add_runtime_arguments, add_sampling_arguments, sampling_options, unescape
 from mypt.sampling import fresh_seed
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         while (line := _read(interactive)) is not None:
             if not line.strip():
                 continue
-            history, _ = fit_history(lm.tokenizer, [*history, Message("user", line)], budget)
+            history, _ = fit_history(lm.tokenizer, [*history, Message("user", unescape(line))], budget)
             stream = lm.chat([{"role": m.role, "content": m.content} for m in history],
                              **{**options, "seed": seed + turn})
             reply = []

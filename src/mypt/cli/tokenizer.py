@@ -91,9 +91,11 @@ def _text(input_files: list[str], text_field: str | None, val_split: float) -> T
 
 
 def summary(tok: Tokenizer) -> str:
-    """One line: kind, size, end-of-text id and cache key (mypt inspect shows it too)."""
+    """One line: kind, size, end-of-text and chat ids and cache key (mypt inspect shows it too)."""
     eot = "no end-of-text id (saved by an older MyPT)" if tok.eot_id is None else f"end-of-text {tok.eot_id}"
-    return f"{tok.kind}, {tok.n_vocab:,} tokens ({eot}; {tok.id_string()})"
+    chat = f", chat tokens {min(tok.chat_ids.values())}-{max(tok.chat_ids.values())}" if tok.chat else ""
+    template = f", chat template {tok.chat_template}" if tok.chat_template else ""
+    return f"{tok.kind}, {tok.n_vocab:,} tokens ({eot}{chat}{template}; {tok.id_string()})"
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -139,7 +141,8 @@ def _compression(tok: Tokenizer, input_file: str) -> list[str]:
 def _longest(tok: Tokenizer, top: int) -> list[str]:
     if top <= 0:
         return []
-    tokens = [(len(tok.decode_bytes([i])), i) for i in range(tok.n_vocab) if i != tok.eot_id]
+    special = {tok.eot_id, *tok.chat_ids.values()}
+    tokens = [(len(tok.decode_bytes([i])), i) for i in range(tok.n_vocab) if i not in special]
     tokens.sort(key=lambda item: (-item[0], item[1]))
     lines = [f"Longest tokens ({min(top, len(tokens))} of {len(tokens):,}):"]
     for size, i in tokens[:top]:

@@ -79,8 +79,8 @@ class Batcher:
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
         tok = self.lm.tokenizer
-        job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.n_vocab, tokenizer=tok, eot_id=tok.eot_id)
-                   for seed in seeds], events, first_index)
+        job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.sampled_vocab, tokenizer=tok,
+                                eot_id=tok.eot_id) for seed in seeds], events, first_index)
         self.waiting.append(job)
         self._wake.set()
         return job

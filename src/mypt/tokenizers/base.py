@@ -90,6 +90,12 @@ class Tokenizer(abc.ABC):
             return {}
         return {token: i for token, i in special_tokens(self.eot_id, True).items() if token != EOT}
 
+    @property
+    def sampled_vocab(self) -> int:
+        """How many ids generation may produce (ids 0 .. this - 1): every id for a chat model; a base
+        model stops at end-of-text, since it never saw the chat tokens in its text."""
+        return self.eot_id + 1 if self.chat and self.chat_template is None else self.n_vocab
+
     @abc.abstractmethod
     def with_chat(self) -> Tokenizer:
         """This tokenizer with the chat tokens (itself if it has them): the same ids for text."""
