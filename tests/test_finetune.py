@@ -172,12 +172,14 @@ def test_bad_data_of_whole_files_and_flags(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("just text\n")
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}] * 2)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": LINES[0] * 10, "completion": "x"}] * 3)
     cases = [
         (["--input_file", str(text)], "chat data must be JSON lines"),
         (["--input_file", "builtin:tinyshakespeare"], "the built-in corpora are plain text"),
         (["--input_file", str(alpaca), "--format", "messages"], "line 1 is not a messages conversation (as --format"),
         (["--input_file", str(write_jsonl(tmp_path / "one.jsonl", conversations(1)))], "needs at least 2"),
         (["--input_file", str(good), "--epochs", "2", "--max_iters", "5"], "pass one of them"),
+        (["--input_file", str(long)], "no training conversation fits in block_size + 1 = 97 tokens"),
         ([], "name the conversations to fine-tune on"),
         (["--input_file", str(good), "--from", "nope"], "--from nope: no model of that name"),
     ]
@@ -304,6 +306,12 @@ def test_batches_are_a_pure_function_of_seed_and_index_and_cover_each_epoch():
     epoch = np.concatenate([a.windows(1, 5, i)[0] for i in range(p.rows)])
     assert sorted(map(bytes, epoch)) == sorted(map(bytes, p.tokens))  # every row once per epoch
     assert not np.array_equal(a.windows(4, 6, 0)[0], a.windows(4, 5, 0)[0])
+    other = pack((template.turns(tok, [Message("user", "x"), Message("assistant", "y")]) for _ in range(9)), 95,
+                 tok.eot_id)
+    mix = ChatBatches([p, other], [3.0, 1.0])  # a --data mixture: each row draws its source by weight
+    rows = np.concatenate([mix.windows(8, 5, i)[0] for i in range(50)])
+    from_other = (rows == other.tokens[0]).all(axis=1).mean()
+    assert 0.1 < from_other < 0.4 and np.array_equal(rows[:8], ChatBatches([p, other], [3.0, 1.0]).windows(8, 5, 0)[0])
 
 
 # ---------------------------------------------------------------------------------------------

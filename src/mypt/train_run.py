@@ -224,7 +224,7 @@ def _model_vocab(cfg: ModelConfig, kind: str, n_vocab: int, size: int, config_fi
                             f"the gpt2 tokenizer's {n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
         return cfg
     if cfg.vocab_size != size:
-        why = ("the characters of the training data and an end-of-text" if kind == "char" else
+        why = ("the characters of the training data, end-of-text and the chat tokens" if kind == "char" else
                f"its {n_vocab} tokens" + (" padded to a multiple of 64" if size > n_vocab else ""))
         dist.print0(f"{kind} tokenizer: vocab_size is {size} ({why}), not the config's {cfg.vocab_size}")
         cfg = _replace(cfg, vocab_size=size)

@@ -20,7 +20,8 @@ BASE (--from) is a model in --checkpoints_dir, a checkpoint folder, or a transfo
 that mypt import reads; it is never changed. NEW (--model_name) is a new checkpoint folder that
 records BASE's name and the sha256 of its weights. Everything train.py does applies: evaluation,
 best/, --keep_every, Ctrl-C and crash-safe saves, torchrun. The defaults suit fine-tuning and
-depend on the data (the run prints them): 2 epochs, learning rate 1e-4, no weight decay.
+depend on the data and the base (the run prints them): 2 epochs, a tenth of the base's learning
+rate (1e-4 if it records none), no weight decay.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from mypt.finetune.chat_data import FORMATS
 
 HELP_DEFAULTS = {**TrainConfig().to_dict(), **DEFAULTS, "max_iters": "--epochs", "eval_interval": "max_iters / 8",
                  "eval_iters": "the whole validation set, at most 100", "log_interval": "max_iters / 20, at most 10",
-                 "warmup_iters": "max_iters / 20, at most 100"}
+                 "warmup_iters": "max_iters / 20, at most 100",
+                 "learning_rate": "a tenth of the base's, or 1e-4"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

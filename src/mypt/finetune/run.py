@@ -50,7 +50,7 @@ from mypt.config import (
     saved_train_config,
 )
 from mypt.errors import MyPTError
-from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, chat_data, template
+from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LR_FRACTION, chat_data, template
 from mypt.finetune.packing import ChatBatches, Packed, pack, to_device
 from mypt.fsutil import FileLock, json_bytes, sha256_file
 from mypt.optim import check_optimizer, saved_optimizer
@@ -238,9 +238,6 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     if sources is None:
         raise MyPTError("--input_file: name the conversations to fine-tune on (JSON lines or Parquet, one "
                         f"conversation per line: {chat_data.EXAMPLE})")
-    if Path(base).name == ckpt_dir.name and (Path(checkpoints_dir) / base).resolve() == ckpt_dir.resolve():
-        raise MyPTError(f"--from {base} and --model_name {ckpt_dir.name} name the same model; the fine-tune "
-                        "is written to a new folder and the base is never changed: pick another --model_name")
     ckpt, record = load_base(base, checkpoints_dir)
     cfg = ModelConfig.from_dict(ckpt.config, f"{ckpt.path}/config.json")
     cfg = _arch(replace(cfg, training={}), arch_flags, "", new=True)  # the base's pretraining settings: not ours
@@ -248,7 +245,7 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     start, cfg, tok = _chat_base(ckpt, cfg, seed)
     val_split = train_flags.get("val_split", TrainConfig.val_split)
     parts, train, val = _read_data(sources, form, tok, cfg.block_size, val_split)
-    values = _defaults(train, val, cfg, train_flags, epochs, info) | train_flags
+    values = _defaults(train, val, cfg, train_flags, epochs, info, _base_lr(ckpt)) | train_flags
     tc, _ = new_run_train_config(cfg, values)
     state = {**_data_state(sources, parts), "finetune": {**record, "template": template.TEMPLATE, "format": form}}
     dist.print0(f"fine-tuning '{record['base_model']}' into '{ckpt_dir.name}' (the base is read, never written)")
@@ -320,11 +317,10 @@ def _read_data(sources: list[data.Source], form: str | None, tok: Tokenizer, blo
             packed[split].append(pack(encoded, block_size, tok.eot_id))
     for p, t, v in zip(parts, packed["train"], packed["val"], strict=True):
         dist.print0(_describe(p, t, v, block_size))
-    for split in ("train", "val"):
-        empty = [p.source.name for p, k in zip(parts, packed[split], strict=True) if k.rows == 0]
+    for split, name in (("train", "training"), ("val", "validation")):
+        empty = [p.source for p, k in zip(parts, packed[split], strict=True) if k.rows == 0]
         if empty:
-            raise MyPTError(f"{chat_data.label(parts[0].source) if empty == ['input'] else 'source ' + empty[0]}: no "
-                            f"{'training' if split == 'train' else 'validation'} conversation fits in block_size + 1 = "
+            raise MyPTError(f"{chat_data.label(empty[0])}: no {name} conversation fits in block_size + 1 = "
                             f"{block_size + 1} tokens with an assistant message; use shorter conversations")
     weights = [p.source.weight for p in parts]
     return parts, ChatBatches(packed["train"], weights), ChatBatches(packed["val"], weights)
@@ -347,19 +343,28 @@ def _iters_per_epoch(train: ChatBatches, cfg: ModelConfig, accum: int, info: dis
     return max(1, math.ceil(train.rows / (cfg.batch_size * accum * info.world_size)))
 
 
+def _base_lr(ckpt: Checkpoint) -> float | None:
+    """The peak learning rate the base was trained with (None: not recorded, e.g. imported)."""
+    lr = (ckpt.training_state.get("train_config") or {}).get("learning_rate")
+    ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf
+    return float(lr) if ok else None
+
+
 def _defaults(train: ChatBatches, val: ChatBatches, cfg: ModelConfig, flags: dict[str, Any], epochs: int | None,
-              info: dist.DistInfo) -> dict[str, Any]:
-    """A new fine-tune's defaults, from the data (printed; the flags override them)."""
+              info: dist.DistInfo, base_lr: float | None) -> dict[str, Any]:
+    """A new fine-tune's defaults, from the data and the base (printed; the flags override them)."""
     per_epoch = _iters_per_epoch(train, cfg, flags.get("grad_accum_steps", 1), info)
     max_iters = flags.get("max_iters", (epochs or DEFAULT_EPOCHS) * per_epoch)
-    values = {**DEFAULTS, "max_iters": max_iters, "warmup_iters": min(100, max_iters // 20),
+    lr = DEFAULTS["learning_rate"] if base_lr is None else float(f"{base_lr * LR_FRACTION:.3g}")
+    values = {**DEFAULTS, "learning_rate": lr, "max_iters": max_iters, "warmup_iters": min(100, max_iters // 20),
               "eval_interval": max(1, math.ceil(max_iters / 8)), "log_interval": max(1, min(10, max_iters // 20)),
               "eval_iters": max(1, min(100, math.ceil(val.rows / (cfg.batch_size * info.world_size))))}
+    why = {"learning_rate": "the base records none" if base_lr is None else f"a tenth of the base's {base_lr:g}"}
+    shown = [f"{k} {v:g}" + (f" ({why[k]})" if k in why else "") for k, v in values.items()
+             if k != "max_iters" and k not in flags]
     length = (f"--max_iters {max_iters}" if "max_iters" in flags else
               f"{epochs or DEFAULT_EPOCHS} epoch(s) of {train.rows:,} rows = {max_iters} iterations")
-    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
-                      if k != "max_iters" and k not in flags)
-    dist.print0(f"fine-tuning for {length}; defaults: {shown} (flags override them)")
+    dist.print0(f"fine-tuning for {length}; defaults: {', '.join(shown)} (flags override them)")
     return values
 
 
