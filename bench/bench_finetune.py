@@ -27,8 +27,9 @@ from sft_data import build
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
-from mypt.finetune.template import Message, encode
+from mypt.finetune.template import Message, encode, prompt_ids, stop_ids
 from mypt.model import IGNORE_INDEX
+from mypt.sampling import SamplingConfig, generate_ids
 
 ARCH = ["--n_layer", "3", "--n_head", "4", "--n_embd", "96", "--block_size", "192", "--batch_size", "8",
         "--dropout", "0"]
@@ -56,12 +57,20 @@ def score(lm: LoadedModel, convs: list[dict]) -> dict[str, float]:
         n = int((y >= 0).sum())
         nats += lm.model(x, y)[1].item() * n
         tokens += n
-        prompt = [{"role": m.role, "content": m.content} for m in messages[:-1]]
-        reply = lm.chat(prompt, temperature=0, max_new_tokens=24).text()
+        reply = greedy_reply(lm, messages[:-1])
         hits.setdefault(c["task"], []).append(reply.split("\n")[0].strip() == messages[-1].content)
     out = {"loss": nats / tokens, "exact": sum(sum(h) for h in hits.values()) / len(convs)}
     out.update({f"exact_{task}": sum(h) / len(h) for task, h in hits.items()})
     return out
+
+
+def greedy_reply(lm: LoadedModel, messages: list[Message]) -> str:
+    """The greedy reply to messages in the chat template, to its end-of-turn (a base model, which
+    has no template of its own, is prompted with the same ids and may sample any id)."""
+    tok = lm.tokenizer
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0, stop_ids=stop_ids(tok))
+    ids = generate_ids(lm.model, prompt_ids(tok, messages), cfg, vocab_size=tok.n_vocab, seed=0, eot_id=tok.eot_id)
+    return tok.decode(list(ids))
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ examples:
   mypt tokenizer inspect my_tokenizer.json --input_file input.txt
   mypt tokenizer inspect --model_name dante --top 20
 
-train: a byte-level BPE of --vocab_size tokens (end-of-text included) on --input_file, written as
-a self-contained tokenizer.json. One tokenizer file can serve several models (train.py
+train: a byte-level BPE of --vocab_size tokens (end-of-text and the 4 chat tokens included) on
+--input_file, written as a self-contained tokenizer.json. One tokenizer file can serve several models (train.py
 --tokenizer FILE.json), so their losses compare token for token. --val_split F leaves out what
 train.py --val_split F validates on: whole documents chosen by their names, or for a single
 document (one text file) the text after (1 - F) of its bytes, so that a model trained on the
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "lines and .parquet rows are documents (as train.py reads --input_file)")
     t.add_argument("--text_field", metavar="NAME", help="the JSON field / Parquet column holding the text "
                    "(default: text)")
-    t.add_argument("--vocab_size", type=int, required=True, help="tokens, end-of-text included (e.g. 4096)")
+    t.add_argument("--vocab_size", type=int, required=True,
+                   help="tokens, end-of-text and the 4 chat tokens included (e.g. 4096)")
     t.add_argument("--out", required=True, help="the tokenizer file to write (FILE.json; must not exist)")
     t.add_argument("--val_split", type=float, default=0.0,
                    help="leave out the validation part, as train.py's --val_split does: whole documents, or "

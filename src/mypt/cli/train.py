@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpt2 (GPT-2's BPE), char (the characters of the text), bpe (a byte-level BPE trained "
                    "on the training part of the text, --vocab_size tokens) or a tokenizer file from "
                    "mypt tokenizer train (default: gpt2)")
-    p.add_argument("--vocab_size", type=int, help="tokens of a new --tokenizer bpe, end-of-text included "
-                   "(default: 4096); the model's vocab_size is this padded up to a multiple of 64")
+    p.add_argument("--vocab_size", type=int, help="tokens of a new --tokenizer bpe, end-of-text and the 4 chat "
+                   "tokens included (default: 4096); the model's vocab_size is this padded up to a multiple of 64")
     p.add_argument("--allow_data_change", action="store_true",
                    help="on resume, accept an --input_file whose content differs from the one trained on")
     arch = p.add_argument_group("architecture (used when no --config_file is given; default: the tiny preset)")

@@ -45,7 +45,9 @@ class ChatTemplate:
     generation_prompt: str = "Assistant:"
     stop: tuple[str, ...] = ("\nUser:",)
 
-    stop_ids: tuple[int, ...] = ()
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return ()  # a transcript's reply ends at a stop string
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt for messages (each {"role", "content"}, already checked)."""
