@@ -160,6 +160,6 @@ def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "che
     torch_device = dist.pick_device(device, dist.DistInfo())
     run_dtype = inference_dtype(dtype, torch_device)
     ckpt = load_checkpoint(folder)
-    built = build_model(ckpt, torch_device)
+    built = build_model(ckpt, torch_device, merge_adapters=True)
     built.model.eval()
     return LoadedModel(built.model, built.config, built.tokenizer, ckpt, torch_device, run_dtype)

@@ -31,7 +31,8 @@ REQUIRED_FIELDS: dict[str, type] = {
     "dropout": float,
     "bias": bool,
 }
-OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str, "training": dict}
+OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str, "training": dict,
+                                    "lora": dict}
 # Architecture components beyond GPT-2's (model.py's docstring says what each does). An absent
 # field takes the default below, which is GPT-2's choice, so older presets and checkpoints load
 # unchanged; config.json leaves out the fields at their defaults.
@@ -75,6 +76,7 @@ class ModelConfig:
     zero_init: bool = False
     # training flags this preset was tuned with: defaults for a new run, the CLI overrides them
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # a LoRA fine-tune's adapters (LoRAConfig's fields); None: none
 
     def __post_init__(self) -> None:
         problems = _field_problems(dataclasses.asdict(self))
@@ -106,6 +108,8 @@ class ModelConfig:
             del d["device"]
         if not d["training"]:
             del d["training"]
+        if d["lora"] is None:
+            del d["lora"]
         for key, default in _ARCH_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
@@ -113,8 +117,12 @@ class ModelConfig:
 
     def arch_dict(self) -> dict[str, Any]:
         """The fields that shape the network (what a checkpoint's weights depend on)."""
-        keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", *ARCH_FIELDS)
+        keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", *ARCH_FIELDS, "lora")
         return {k: getattr(self, k) for k in keys}
+
+    @property
+    def lora_config(self) -> LoRAConfig | None:
+        return None if self.lora is None else LoRAConfig(**self.lora)
 
     @property
     def head_dim(self) -> int:
@@ -176,6 +184,8 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
             valid[key] = value
     if "training" in valid:
         problems += _training_problems(valid["training"])
+    if "lora" in valid:
+        problems += [f"lora.{p}" for p in lora_problems(valid["lora"])]
     return problems + _shape_problems(valid)
 
 
@@ -221,6 +231,43 @@ def _training_problems(block: dict[str, Any]) -> list[str]:
             problems.append(f"training.{key} ({json.dumps(value)}) must be {_TYPE_NAMES[want]}")
     if not problems:
         problems = [p.replace("--", "training.", 1) for p in train_problems(block)]
+    return problems
+
+
+LORA_TARGETS = ("attn", "mlp", "all")
+MAX_LORA_RANK = 1 << 16
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (finetune/lora.py): their rank, alpha (the update is scaled by alpha / rank),
+    dropout on their input, and which of the blocks' linear layers get one."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str = "all"
+
+    def __post_init__(self) -> None:
+        problems = lora_problems(dataclasses.asdict(self))
+        if problems:
+            raise MyPTError(_format_problems("lora", problems))
+
+
+def lora_problems(d: dict[str, Any]) -> list[str]:
+    """Problems of a LoRA block (config.json's "lora", or the --lora_* flags), field by field."""
+    known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    problems = [f"unknown field '{k}' (known: {', '.join(sorted(known))})" for k in d if k not in known]
+    rank, alpha = d.get("rank"), d.get("alpha")
+    if not (type(rank) is int and 1 <= rank <= MAX_LORA_RANK):
+        problems.append(f"rank ({json.dumps(rank)}) must be an integer from 1 to {MAX_LORA_RANK}")
+    if not (_type_ok(alpha, float) and 0 < alpha < float("inf")):
+        problems.append(f"alpha ({json.dumps(alpha)}) must be a number above 0")
+    dropout = d.get("dropout", 0.0)
+    if not (_type_ok(dropout, float) and 0 <= dropout < 1):
+        problems.append(f"dropout ({json.dumps(dropout)}) must be at least 0 and below 1")
+    if d.get("targets", "all") not in LORA_TARGETS:
+        problems.append(f"targets ({json.dumps(d.get('targets'))}) must be one of {', '.join(LORA_TARGETS)}")
     return problems
 
 

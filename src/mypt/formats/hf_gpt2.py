@@ -171,3 +171,13 @@ def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
         "vocab_size": hf_value(hf, "vocab_size", 50257), "dropout": dropout, "bias": False,
         "batch_size": ModelConfig.batch_size,
     }, CONFIG_KEYS, source)
+
+
+PEFT_FAN_IN_FAN_OUT = True  # GPT-2's layers are Conv1D: weights stored (in, out)
+
+
+def lora_to_hf(layer: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor,
+                                                                                              torch.Tensor]]:
+    """One adapted layer's LoRA matrices as GPT2LMHeadModel's: the same names and shapes (PEFT keeps
+    A as (rank, in) and B as (out, rank) for a Conv1D layer too)."""
+    return [(layer, a, b)]

@@ -30,6 +30,7 @@ LAYER_NAMES = {
     "mlp.c_proj.weight": "mlp.down_proj.weight", "mlp.c_proj.bias": "mlp.down_proj.bias",
 }
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+PEFT_FAN_IN_FAN_OUT = False
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
@@ -243,3 +244,22 @@ def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
     if HEAD not in shapes and HEAD in hf and EMBEDDING in hf and not torch.equal(hf[HEAD], hf[EMBEDDING]):
         problems.append("lm_head.weight differs from the token embedding, but tie_word_embeddings is true")
     return problems
+
+
+def lora_to_hf(layer: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor,
+                                                                                              torch.Tensor]]:
+    """One adapted layer's LoRA matrices (A: rank x in, B: out x rank) as transformers' modules.
+
+    A fused matrix's B is split as its weight is (rotary rows permuted the same way), the parts
+    sharing A: each part's update B_part A is exactly that part's rows of the fused update.
+    """
+    _, _, i, local = layer.split(".", 3)  # transformer.h.{i}.{local}
+    prefix = f"model.layers.{i}."
+    if local == "attn.c_attn":
+        order = _rotary_order(cfg.head_dim)
+        q, k, v = b.split((cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim))
+        parts = (_per_head(q, cfg.head_dim, order), _per_head(k, cfg.head_dim, order), v)
+        return [(prefix + name, a, part) for name, part in zip(QKV, parts, strict=True)]
+    if local == "mlp.c_fc":
+        return [(prefix + name, a, part) for name, part in zip(GATE_UP, b.chunk(2), strict=True)]
+    return [(prefix + LAYER_NAMES[f"{local}.weight"].removesuffix(".weight"), a, b)]

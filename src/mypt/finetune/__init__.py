@@ -1,0 +1,1 @@
+"""Fine-tuning a trained model: LoRA adapters applied from outside the model (lora)."""
