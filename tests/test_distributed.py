@@ -32,6 +32,9 @@ from mypt.train_run import _fit_world_size
 EXACT = ["--tokenizer", "char", "--input_file", "input.txt", "--dtype", "fp32", "--eval_iters", "2",
          "--log_interval", "3", "--eval_interval", "3", "--warmup_iters", "2", "--learning_rate", "1e-2"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Waits that only guard against a hang: far above normal timing (seconds), above the collectives'
+# timeout after which a rank gives up on a silent peer.
+HANG_GUARD_S = 3 * dist.COLLECTIVE_TIMEOUT_S
 
 
 def train1(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -199,6 +202,9 @@ def _worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
 @pytest.mark.parametrize("victim", [1, 0], ids=["kill-rank1", "kill-rank0-the-writer"])
 def test_killing_one_rank_stops_the_other_with_a_clear_error(runs, victim):
+    """The survivor stops by itself with PeerLost's message. The waits are only hang guards, far
+    above normal timing (a loaded machine is slow, not wrong): the survivor must stop within its
+    collectives' timeout, which is what turns a silent peer into an error."""
     name = f"kill{victim}"
     folder = runs / "checkpoints" / name
     cmd = torchrun_cmd("--model_name", name, "--max_iters", "100000", "--eval_interval", "2")
@@ -206,21 +212,22 @@ def test_killing_one_rank_stops_the_other_with_a_clear_error(runs, victim):
     with open(runs / f"{name}.err", "w+") as err:
         launcher = subprocess.Popen(cmd, cwd=runs, env=env, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            deadline = time.monotonic() + 120
-            while not (folder / "training_state.json").exists():
-                assert launcher.poll() is None and time.monotonic() < deadline, (runs / f"{name}.err").read_text()
+            deadline = time.monotonic() + HANG_GUARD_S
+            while not (folder / "training_state.json").exists():  # the first checkpoint: training runs
+                assert launcher.poll() is None, (runs / f"{name}.err").read_text()
+                assert time.monotonic() < deadline, f"no checkpoint after {HANG_GUARD_S} s (hung?)"
                 time.sleep(0.2)
-            time.sleep(0.5)  # into the next iterations, maybe into a save
+            time.sleep(0.5)  # into the next iterations, maybe into a save: any moment will do
             os.kill(_worker_pids(launcher)[victim], signal.SIGKILL)
-            killed = time.monotonic()
-            launcher.wait(timeout=90)
-            took = time.monotonic() - killed
+            try:
+                launcher.wait(timeout=HANG_GUARD_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the surviving rank still runs {HANG_GUARD_S} s after its peer was killed (hung)")
         finally:
             if launcher.poll() is None:
                 launcher.kill()
     stderr = (runs / f"{name}.err").read_text()
     assert launcher.returncode != 0
-    assert took < 60, f"the surviving rank took {took:.0f} s to stop"
     survivor = 1 - victim
     assert f"error: process {survivor} of 2: another process of this run stopped or stopped answering" in stderr
     assert f"[rank{survivor}]: Traceback" not in stderr  # torchrun's own report follows, not a worker's traceback
