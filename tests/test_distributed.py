@@ -42,9 +42,11 @@ def train1(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run_cli(*tiny_arch_flags(), *EXACT, *args, cwd=cwd, env=ONE_THREAD)
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def torchrun_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(REPO / "train.py"), *tiny_arch_flags(), *EXACT, *args]
+    return [*TORCHRUN, str(REPO / "train.py"), *tiny_arch_flags(), *EXACT, *args]
 
 
 def train2(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -110,6 +112,33 @@ def test_fsdp_two_processes_match_and_the_checkpoint_loads_in_generate(runs):
     assert sample.stdout.startswith("ROMEO:")
 
 
+def build2(*flags: str) -> list[dict]:
+    """tests/fsdp_build.py under torchrun with two processes: each rank's JSON line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    cmd = [*TORCHRUN, str(REPO / "tests" / "fsdp_build.py"), *flags]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+                  key=lambda rank: rank["rank"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through /proc")
+def test_fsdp_never_builds_the_whole_model_on_a_rank():
+    """--fsdp builds the model on the meta device and shards it before any weight exists: while
+    building, no rank's peak memory rises by the whole model (150 MB), each ends with half of it,
+    and the weights are those of the unsharded GPT(cfg) for every architecture variant. The same
+    build under DDP, whole on each rank, shows that the measure sees a whole model."""
+    sharded = build2("--fsdp")
+    assert [rank["rank"] for rank in sharded] == [0, 1]
+    for rank in sharded:
+        assert 2 * rank["local"] == rank["model"], rank
+        assert rank["rose"] < 0.8 * rank["model"], f"rank {rank['rank']}: the build took {rank['rose']:,} bytes"
+    assert sharded[0]["same"] == {"gpt2": True, "modern": True, "zero_init": True}
+    for rank in build2():
+        assert rank["rose"] > rank["model"], rank
+
+
 @pytest.mark.slow
 def test_resume_with_another_process_count_keeps_the_global_batch(runs, ddp):
     """Saved by 2 (DDP) resumed on 1, and saved by 1 resumed on 2 (FSDP): the same weights."""
@@ -164,7 +193,7 @@ def test_ddp_on_a_sharded_mixture_matches_one_process(runs):
                   cwd=runs, env=ONE_THREAD)
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
-    cmd = [*torchrun_cmd()[:-len(tiny_arch_flags()) - len(EXACT)], *tiny_arch_flags(), *mix, "--model_name", "mix2",
+    cmd = [*TORCHRUN, str(REPO / "train.py"), *tiny_arch_flags(), *mix, "--model_name", "mix2",
            "--grad_accum_steps", "1", "--max_iters", "6"]
     two = subprocess.run(cmd, cwd=runs, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -258,9 +287,9 @@ def test_one_process_helpers_are_no_ops():
     assert dist.from_main(lambda: 7, share=lambda r: -r) == 7
     dist.barrier()
     model = torch.nn.Linear(2, 2)
-    assert dist.wrap_model(model, dist.DistInfo(), torch.device("cpu"), fsdp=False) is model
+    assert dist.wrap_model(model, dist.DistInfo(), torch.device("cpu")) is model
     with pytest.raises(MyPTError, match="torchrun --nproc_per_node"):
-        dist.wrap_model(model, dist.DistInfo(), torch.device("cpu"), fsdp=True)
+        dist.sharded_model(model, dist.DistInfo(), torch.device("cpu"), weights=None)
 
 
 def _plan(saved_world: int, saved_accum: int) -> SimpleNamespace:

@@ -28,6 +28,8 @@ heads), an swiglu c_fc holds gate then up.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -189,23 +191,33 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     def init_weights(self) -> None:
+        """GPT-2 initialisation (see weight_inits), in place."""
+        for param, init in self.weight_inits():
+            init(param)
+
+    def weight_inits(self) -> Iterator[tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer);
-        with zero_init the residual projections and an untied head start at zero instead."""
+        with zero_init the residual projections and an untied head start at zero instead.
+
+        As (parameter, in-place init) in the order they draw from torch's generator (a tied
+        matrix twice, the second wins), so an init applied to any tensor of its parameter's shape
+        gives the same values: mypt.dist fills a sharded model one parameter at a time this way.
+        """
+        cfg = self.config
+        normal = partial(nn.init.normal_, mean=0.0, std=0.02)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                yield module.weight, normal
             if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+                yield module.bias, nn.init.zeros_
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                nn.init.ones_(module.weight)
+                yield module.weight, nn.init.ones_
+        residual = nn.init.zeros_ if cfg.zero_init else partial(normal, std=0.02 / math.sqrt(2 * cfg.n_layer))
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                if self.config.zero_init:
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
-        if self.config.zero_init and not self.config.tie_embeddings:
-            nn.init.zeros_(self.lm_head.weight)
+                yield p, residual
+        if cfg.zero_init and not cfg.tie_embeddings:
+            yield self.lm_head.weight, nn.init.zeros_
 
     def num_params(self) -> int:
         """Unique parameters (a tied head counted once)."""
