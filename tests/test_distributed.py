@@ -1,6 +1,7 @@
 """Training with several processes (torchrun, gloo on the CPU): DDP and FSDP2 reach the weights of
-one process with twice the gradient accumulation, runs resume with another process count, and a
-killed rank stops the others with a clear error instead of a hang.
+one process with twice the gradient accumulation, FSDP2 never builds the whole model on a rank,
+runs resume with another process count, and a killed rank stops the others with a clear error
+instead of a hang.
 
 The torchrun tests are marked slow (each launch imports torch twice on two shared cores); they
 still run in CI. The tests at the bottom check mypt.dist in this process.
