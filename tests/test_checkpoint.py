@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_same, fix_manifest, snapshot
 
 from mypt import checkpoint as ck
 from mypt import fsutil
@@ -61,27 +62,8 @@ def _assert_extras(ckpt: Path) -> None:
         assert (ckpt / rel).read_bytes() == data, rel
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def _hidden_entries(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
-
-
-def _fix_manifest(ckpt: Path, name: str) -> None:
-    """Make the manifest agree with the current bytes of ckpt/name."""
-    state_path = ckpt / "training_state.json"
-    state = json.loads(state_path.read_text())
-    data = (ckpt / name).read_bytes()
-    state["manifest"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    state_path.write_text(json.dumps(state, indent=2))
-
-
-def _assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
 
 
 @pytest.fixture
@@ -99,7 +81,7 @@ def test_round_trip(ckpt: Path) -> None:
 
     loaded = ck.load_checkpoint(ckpt, with_optimizer=True)
 
-    _assert_tensors_equal(loaded.model_state, payload["model_state"])
+    assert_same(loaded.model_state, payload["model_state"], "model_state")
     assert loaded.config == payload["config"]
     assert loaded.tokenizer == payload["tokenizer"]
     assert loaded.path == ckpt and loaded.has_optimizer
@@ -207,7 +189,7 @@ def test_fallback_failed_rename_in_restores_old(ckpt: Path, monkeypatch: pytest.
     monkeypatch.setattr(fsutil, "_renameat2", lambda: None)
     _save(ckpt, iteration=1)
     _write_extras(ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     real_rename = os.rename
 
     def rename(src: Any, dst: Any) -> None:
@@ -220,7 +202,7 @@ def test_fallback_failed_rename_in_restores_old(ckpt: Path, monkeypatch: pytest.
     with pytest.raises(MyPTError, match="Input/output error.*iteration 1"):
         _save(ckpt, iteration=2)
     monkeypatch.undo()
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert _hidden_entries(ckpt.parent) == []
 
 
@@ -325,7 +307,7 @@ def test_failed_save_leaves_previous_checkpoint(
 ) -> None:
     _save(ckpt, iteration=10)
     _write_extras(ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     payload = _payload(11, scale=5.0)
     fail(monkeypatch, payload)
 
@@ -338,7 +320,7 @@ def test_failed_save_leaves_previous_checkpoint(
     if fail is _fail_on_optimizer:
         assert "optimizer.pt" in msg and "No space left on device" in msg
         assert "free some disk space" in msg
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert _hidden_entries(ckpt.parent) == []
     monkeypatch.undo()
     assert ck.load_checkpoint(ckpt, with_optimizer=True).training_state["iteration"] == 10
@@ -376,7 +358,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
 def test_file_size_limit_in_subprocess(ckpt: Path) -> None:
     _save(ckpt, iteration=5)
     _write_extras(ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     script = textwrap.dedent(
         f"""
         import resource, signal, sys
@@ -405,7 +387,7 @@ def test_file_size_limit_in_subprocess(ckpt: Path) -> None:
     assert "model.pt: File too large" in proc.stderr
     assert "previous checkpoint (iteration 5)" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert _hidden_entries(ckpt.parent) == []
     assert ck.load_checkpoint(ckpt, with_optimizer=True).training_state["iteration"] == 5
 
@@ -545,7 +527,7 @@ def test_truncated_model_is_named(ckpt: Path) -> None:
     (ckpt / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(MyPTError, match=r"model\.pt does not match its manifest \(truncated"):
         ck.load_checkpoint(ckpt)
-    _fix_manifest(ckpt, "model.pt")
+    fix_manifest(ckpt, "model.pt")
     with pytest.raises(MyPTError, match=r"model\.pt is truncated or corrupt") as info:
         ck.load_checkpoint(ckpt)
     assert "Traceback" not in str(info.value)
@@ -588,7 +570,7 @@ def test_malformed_json_is_named_with_position(ckpt: Path, name: str) -> None:
     _save(ckpt)
     (ckpt / name).write_text('{\n  "a": 1,\n  "b" 2\n}\n')
     if name != "training_state.json":
-        _fix_manifest(ckpt, name)
+        fix_manifest(ckpt, name)
     with pytest.raises(MyPTError, match=rf"{name}: malformed JSON at line 3, column 7"):
         ck.load_checkpoint(ckpt)
 
@@ -596,7 +578,7 @@ def test_malformed_json_is_named_with_position(ckpt: Path, name: str) -> None:
 def test_duplicate_json_key_is_named(ckpt: Path) -> None:
     _save(ckpt)
     (ckpt / "config.json").write_text('{"n_layer": 2, "n_embd": 4, "n_layer": 3}')
-    _fix_manifest(ckpt, "config.json")
+    fix_manifest(ckpt, "config.json")
     with pytest.raises(MyPTError, match=r"config\.json: the key 'n_layer' appears twice"):
         ck.load_checkpoint(ckpt)
 
@@ -619,7 +601,7 @@ def test_malicious_pickle_never_runs(ckpt: Path, tmp_path: Path, target: str, fl
         torch.save(evil, ckpt / target, _use_new_zipfile_serialization=True)
     else:
         (ckpt / target).write_bytes(pickle.dumps(evil, protocol=2))
-    _fix_manifest(ckpt, target)  # so the refusal must come from weights_only
+    fix_manifest(ckpt, target)  # so the refusal must come from weights_only
 
     with pytest.raises(MyPTError) as info:
         ck.load_checkpoint(ckpt, with_optimizer=True)
@@ -634,7 +616,7 @@ def test_malicious_pickle_never_runs(ckpt: Path, tmp_path: Path, target: str, fl
 def test_model_file_that_is_not_a_state_dict(ckpt: Path) -> None:
     _save(ckpt)
     torch.save([torch.ones(2)], ckpt / "model.pt")
-    _fix_manifest(ckpt, "model.pt")
+    fix_manifest(ckpt, "model.pt")
     with pytest.raises(MyPTError, match=r"model\.pt does not hold a model state_dict"):
         ck.load_checkpoint(ckpt)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import corpus_text, run_cli, tiny_arch_flags
-from forked_cli import Run
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
@@ -166,15 +165,31 @@ def test_a_tiny_temperature_is_greedy_not_nan(capsys: pytest.CaptureFixture, ckp
     assert generate(capsys, ckpts, *args, "--temperature", "0")[1] == tiny
 
 
-def test_ctrl_c_prints_what_was_generated_so_far(ckpts: Path) -> None:
-    r = Run("--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:", "--no-stream",
-            "--max_new_tokens", "1000000", "--ignore_eot", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
-            script="generate.py", env=ONE_THREAD)
-    time.sleep(3)  # generating (not streamed: nothing printed yet)
-    r.send_signal(signal.SIGINT)
-    assert r.wait() == 130
-    assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 50, r.stdout + r.stderr
-    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+def test_ctrl_c_prints_what_was_generated_so_far(capsys: pytest.CaptureFixture, ckpts: Path, chars: LoadedModel,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (a real SIGINT) once 60 tokens are generated, not streamed (nothing printed yet): the
+    60 characters are printed all the same. Pressed after a token count, not after a wait."""
+    import mypt.api
+
+    real_generate_ids = mypt.api.generate_ids
+
+    def ctrl_c_after_60(*args: object, **kwargs: object) -> Iterator[int]:
+        for n, token in enumerate(real_generate_ids(*args, **kwargs)):
+            if n == 60:
+                signal.raise_signal(signal.SIGINT)  # Python raises KeyboardInterrupt here
+            yield token
+
+    monkeypatch.setattr(mypt.api, "generate_ids", ctrl_c_after_60)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises KeyboardInterrupt
+    code, out, err = generate(capsys, ckpts, "--model_name", "chars", "--prompt", "ROMEO:", "--no-stream",
+                              "--max_new_tokens", "1000000", "--ignore_eot", "--seed", "1", "--dtype", "fp32")
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    monkeypatch.undo()
+    full = chars.generate("ROMEO:", max_new_tokens=60, ignore_eot=True, seed=1)  # the same defaults and dtype
+    assert out.startswith("ROMEO:") and out.endswith("\n")
+    printed = out[len("ROMEO:"):-1]
+    assert len(printed) > 50 and full.startswith(printed), (printed, full)
 
 
 def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture) -> None:

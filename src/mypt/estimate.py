@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from mypt.errors import MyPTError
-from mypt.model import GPT, LOSS_CHUNK_ROWS
+from mypt.model import GPT
+from mypt.ops import LOSS_CHUNK_ROWS
 from mypt.optim import is_hidden_matrix
 
 

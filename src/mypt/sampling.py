@@ -37,7 +37,8 @@ from mypt.tokenizers import StreamDecoder, Tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from mypt.model import GPT, KVCache
+    from mypt.kvcache import KVCache
+    from mypt.model import GPT
 
 AmpFactory = Callable[[], contextlib.AbstractContextManager]
 

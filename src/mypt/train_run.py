@@ -377,14 +377,7 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
     train_data, val_data = _splits(plan, info)
-
-    if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from wrap_model
-        model = build_model(plan.resume, device).model
-    else:
-        torch.manual_seed(tc.seed)
-        model = GPT(cfg).to(device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
-    wrapped = dist.wrap_model(model, info, device, fsdp)
+    model, wrapped = build_for_training(plan, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
     saved = (plan.resume.optimizer_state or {}) if plan.resume is not None else {}
     if plan.resume is not None and plan.resume.has_optimizer:
@@ -434,6 +427,34 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
         dist.print0(f"done: iteration {plan.state.iteration}, val loss {plan.state.last_val_loss:.4f}; "
                     f"saved to {plan.ckpt_dir}/")
     return stop
+
+
+def build_for_training(plan: RunPlan, info: dist.DistInfo, device: torch.device,
+                       fsdp: bool) -> tuple[GPT, torch.nn.Module]:
+    """The model to train and its wrapped form (DDP or FSDP), holding the resumed weights (rank 0
+    reads them; the other ranks get them from it) or a new model's, drawn under the run's seed.
+
+    With --fsdp no rank ever holds the whole model: it is built on the meta device and sharded
+    before any weight exists (dist.sharded_model), with the weights of the unsharded build.
+    """
+    cfg, tc = plan.model_cfg, plan.train_cfg
+    if fsdp:
+        if plan.resume is not None and info.is_main:
+            build_model(plan.resume, "meta")  # the weights' names and shapes checked against config.json
+        torch.manual_seed(tc.seed)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        weights = None if plan.resume is None else plan.resume.model_state  # {} but on rank 0
+        wrapped = model = dist.sharded_model(model, info, device, weights)
+    else:
+        if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from DDP
+            model = build_model(plan.resume, device).model
+        else:
+            torch.manual_seed(tc.seed)
+            model = GPT(cfg).to(device)
+        wrapped = dist.wrap_model(model, info, device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    return model, wrapped
 
 
 def _splits(plan: RunPlan, info: dist.DistInfo) -> tuple[data.Mixture, data.Mixture]:

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -48,12 +48,9 @@ class TrainState:
     last_train_loss: float | None = None
     tokens_seen: int = 0
     train_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        del d["history"]
-        return d
+        return asdict(self)
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any], source: str) -> TrainState:
