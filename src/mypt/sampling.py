@@ -12,7 +12,7 @@ The context window depends on the model's positions. With learned absolute posit
 cache cannot slide one token at a time: whenever the context would exceed block_size it jumps
 forward to keep the last block_size // 2 tokens, and the cache is refilled from them. A rotary
 model slides one token at a time instead: each token attends to the block_size tokens ending at
-itself, the cache overwrites its oldest entry (`mypt.model.KVCache`), nothing is refilled. The
+itself, the cache overwrites its oldest entry (`mypt.kvcache.KVCache`), nothing is refilled. The
 uncached decoder computes the very same function (the same windows; for a rotary model the
 model's sliding-window forward over as many tokens as can reach the next one), so both give the
 same tokens.
