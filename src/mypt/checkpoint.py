@@ -121,6 +121,46 @@ def require_models(names: list[str], checkpoints_dir: str | Path) -> None:
         raise no_model_error(missing, checkpoints_dir)
 
 
+NEW, SAVED = "new", "saved"
+
+
+def folder_state(ckpt_dir: Path) -> str:
+    """What a trainer finds at ckpt_dir (after recover()): NEW, no folder or an empty one, where a
+    new model may be saved; or SAVED, a checkpoint with all its files, to resume (its bytes are
+    checked as it loads). A folder holding anything else is never trained over as new: a
+    MyPTError names the missing files and the ways out.
+    """
+    real = real_folder(ckpt_dir)
+    if os.path.lexists(real) and not real.is_dir():
+        raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
+    if not real.is_dir():
+        stranded = sorted(e.name for e in _leftovers(real))
+        if stranded:  # recover() could not put them back
+            raise MyPTError(f"{ckpt_dir} is missing, but an interrupted save left {', '.join(stranded)} beside it, "
+                            "holding files that could not be put back; move them away (or pick another "
+                            "--model_name) and run again")
+        return NEW
+    held = sorted(e.name + ("/" if e.is_dir() else "") for e in real.iterdir())
+    if not held:
+        return NEW
+    missing = missing_files(real)
+    if not missing:
+        return SAVED
+    shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+    raise MyPTError(f"{ckpt_dir} is not a complete checkpoint: {', '.join(missing)} missing (it holds {shown}); "
+                    "training would overwrite it, so nothing was done. Restore the missing file(s) from a backup, "
+                    "or move the folder away, or pick another --model_name")
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The files a complete checkpoint in folder must have but it lacks: config.json,
+    tokenizer.json, training_state.json, a weights file and whatever its manifest lists."""
+    listed = _manifest_names(folder) or set()
+    present = {n for n in {*CHECKPOINT_FILES, *WEIGHTS_FILES, *listed} if os.path.lexists(folder / n)}
+    weights = next((n for n in WEIGHTS_FILES if n in listed | present), MODEL_FILE)
+    return sorted({CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, weights, *listed} - present)
+
+
 def best_dir(ckpt_dir: Path) -> Path:
     """The folder of a model's best-validation weights; MyPTError if it has none yet."""
     folder = Path(ckpt_dir) / BEST_DIR
@@ -494,7 +534,8 @@ def _interrupted(ckpt_dir: Path) -> MyPTError:
                      "to restore it, then run this command again")
 
 
-def _folder_problem(ckpt_dir: Path) -> MyPTError:
+def folder_problem(ckpt_dir: Path) -> MyPTError:
+    """Why there is no model folder at ckpt_dir: not a folder, an interrupted save, or no such model."""
     if os.path.lexists(ckpt_dir) and not ckpt_dir.is_dir():
         return MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
     if _leftovers(real_folder(ckpt_dir)):
@@ -698,13 +739,13 @@ def load_checkpoint(ckpt_dir: Path, *, with_optimizer: bool = False, weights: bo
     ckpt_dir = Path(ckpt_dir)
     for _ in range(_LOAD_ATTEMPTS - 1):
         if not ckpt_dir.is_dir():
-            raise _folder_problem(ckpt_dir)
+            raise folder_problem(ckpt_dir)
         try:
             return _load_once(ckpt_dir, with_optimizer=with_optimizer, weights=weights, map_location=map_location)
         except _Replaced:
             continue  # a save replaced the folder meanwhile: read the new one
     if not ckpt_dir.is_dir():
-        raise _folder_problem(ckpt_dir)
+        raise folder_problem(ckpt_dir)
     try:
         return _load_once(ckpt_dir, with_optimizer=with_optimizer, weights=weights, map_location=map_location)
     except _Replaced as exc:

@@ -20,7 +20,9 @@ import torch
 from mypt import data, dist
 from mypt.build import build_model, checkpoint_tokenizer
 from mypt.checkpoint import (
+    SAVED,
     checkpoint_dir,
+    folder_state,
     load_checkpoint,
     now,
     real_folder,
@@ -97,7 +99,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
             recover(ckpt_dir)  # only the lock holder may repair a killed save
-        if (ckpt_dir / "config.json").exists():
+        if folder_state(ckpt_dir) == SAVED:  # a folder with anything else in it is refused, never trained over
             plan = plan_resume(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags,
                                allow_data_change, vocab_size)
         else:

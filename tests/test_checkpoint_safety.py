@@ -1,0 +1,96 @@
+"""A model folder is never lost to a mistake around it: a folder missing a file is refused, not
+trained over; two models' temporary names never meet; a lock or checkpoint file that is a link,
+a FIFO, a device or a folder is refused with one message (exit 2) and nothing on disk changes.
+
+Each test runs the real scripts (train.py, generate.py, mypt ...) on a copy of a working folder
+holding a tiny trained model `m`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import corpus_text, snapshot, tiny_arch_flags
+from forked_cli import run
+
+from mypt.cli import run_command
+
+TRAIN = ["--tokenizer", "char", *tiny_arch_flags(), "--eval_interval", "4", "--eval_iters", "2", "--device", "cpu"]
+RESUME = ["--model_name", "m", "--max_iters", "12", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder with input.txt and a model m trained 8 iterations (best/ and iter_4/ kept)."""
+    work = tmp_path_factory.mktemp("trained")
+    (work / "input.txt").write_text(corpus_text(20_000), encoding="utf-8")
+    r = run("--model_name", "m", "--input_file", "input.txt", "--max_iters", "8", "--keep_every", "4", *TRAIN,
+            cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return work
+
+
+@pytest.fixture
+def work(trained: Path, tmp_path: Path) -> Path:
+    """A copy of `trained` that a test may spoil (input paths in training_state.json follow it)."""
+    work = tmp_path / "work"
+    shutil.copytree(trained, work, symlinks=True)
+    state = work / "checkpoints" / "m" / "training_state.json"
+    state.write_text(state.read_text().replace(str(trained), str(work)))
+    return work
+
+
+def everything(root: Path) -> tuple[dict[str, bytes], list[str]]:
+    """Every file's bytes and every path (folders, links, FIFOs too) under root, hidden ones included."""
+    return snapshot(root), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def refused(work: Path, *args: str, script: str = "train.py", timeout: float = 60) -> str:
+    """Run a script that must refuse: exit 2, one error line, no traceback, nothing changed. Its stderr."""
+    before = everything(work)
+    r = run(*args, cwd=work, script=script, timeout=timeout)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "error:" in line]) == 1, r.stderr
+    assert everything(work) == before
+    return r.stderr
+
+
+# ----------------------------------------------------------------------------- a folder missing files
+
+
+@pytest.mark.parametrize("gone", ["config.json", "model.pt", "tokenizer.json", "training_state.json",
+                                  "optimizer.pt"])
+def test_a_folder_missing_one_file_is_refused_not_trained_over(work: Path, gone: str) -> None:
+    (work / "checkpoints" / "m" / gone).unlink()
+    err = refused(work, *RESUME)
+    assert f"checkpoints/m is not a complete checkpoint: {gone} missing" in err
+    assert "Restore the missing file(s) from a backup, or move the folder away, or pick another --model_name" in err
+
+
+@pytest.mark.parametrize("kept", ["best", "iter_4", "metrics.jsonl"])
+def test_a_folder_holding_only_other_files_is_refused(work: Path, kept: str) -> None:
+    folder = work / "checkpoints" / "m"
+    for entry in folder.iterdir():
+        if entry.name != kept:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    err = refused(work, *RESUME, "--input_file", "input.txt", *TRAIN)
+    assert "config.json, model.pt, tokenizer.json, training_state.json missing" in err
+    assert f"(it holds {kept}{'/' if (folder / kept).is_dir() else ''})" in err
+
+
+def test_an_empty_folder_takes_a_new_model(work: Path) -> None:
+    (work / "checkpoints" / "fresh").mkdir()
+    r = run("--model_name", "fresh", "--input_file", "input.txt", "--max_iters", "4", *TRAIN, cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (work / "checkpoints" / "fresh" / "model.pt").is_file()
+
+
+def test_inspect_names_what_an_incomplete_folder_lacks(work: Path, capsys: pytest.CaptureFixture) -> None:
+    (work / "checkpoints" / "m" / "config.json").unlink()
+    assert run_command("inspect", ["--model_name", "m", "--checkpoints_dir", str(work / "checkpoints")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/m is an incomplete checkpoint: config.json missing; restore" in err
+    assert "no model named" not in err
