@@ -174,9 +174,9 @@ def test_extras_survive_two_saves(ckpt: Path) -> None:
 def test_temp_files_of_a_killed_write_are_not_carried(ckpt: Path) -> None:
     _save(ckpt, iteration=1)
     _write_extras(ckpt)
-    (ckpt / ".metrics.jsonl.tmp-4242").write_bytes(b"half a metrics file")  # a metrics write killed midway
+    (ckpt / ".metrics.jsonl~tmp-4242").write_bytes(b"half a metrics file")  # a metrics write killed midway
     _save(ckpt, iteration=2)
-    assert not (ckpt / ".metrics.jsonl.tmp-4242").exists()
+    assert not (ckpt / ".metrics.jsonl~tmp-4242").exists()
     _assert_extras(ckpt)
 
 
@@ -211,7 +211,7 @@ def test_fallback_failed_rename_in_restores_old(ckpt: Path, monkeypatch: pytest.
     real_rename = os.rename
 
     def rename(src: Any, dst: Any) -> None:
-        if Path(src).name.startswith(".m.tmp-") and not Path(src).name.endswith("-old") and Path(dst) == ckpt:
+        if Path(src).name.startswith(".m~tmp-") and not Path(src).name.endswith("-old") and Path(dst) == ckpt:
             assert not ckpt.exists()  # the old checkpoint is parked, not deleted
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_rename(src, dst)
@@ -421,14 +421,14 @@ def _make_checkpoint_at(folder: Path, iteration: int, **kw: Any) -> None:
 
 
 def test_recover_temp_complete_and_original_missing(ckpt: Path) -> None:
-    tmp = ckpt.parent / ".m.tmp-999"
+    tmp = ckpt.parent / ".m~tmp-999"
     ckpt.parent.mkdir(parents=True)
     _make_checkpoint_at(tmp, iteration=20)
     _write_extras(tmp)  # the save had already moved the extras in
 
     with pytest.raises(MyPTError, match="last save of 'm' was interrupted.*nothing is lost.*train.py --model_name m"):
         ck.load_checkpoint(ckpt)  # a reader repairs nothing
-    assert _hidden_entries(ckpt.parent) == [".m.tmp-999"]
+    assert _hidden_entries(ckpt.parent) == [".m~tmp-999"]
     with ck.training_lock(ckpt):
         ck.recover(ckpt)
 
@@ -440,8 +440,8 @@ def test_recover_temp_complete_and_original_missing(ckpt: Path) -> None:
 def test_recover_fallback_crash_picks_newest(ckpt: Path) -> None:
     """Killed between 'rename old away' and 'rename new in': old and new both complete."""
     ckpt.parent.mkdir(parents=True)
-    old = ckpt.parent / ".m.tmp-7-old"
-    new = ckpt.parent / ".m.tmp-7"
+    old = ckpt.parent / ".m~tmp-7-old"
+    new = ckpt.parent / ".m~tmp-7"
     _make_checkpoint_at(old, iteration=1, best=True)
     _make_checkpoint_at(new, iteration=2)
     os.utime(old / "training_state.json", ns=(1_000_000_000, 1_000_000_000))
@@ -458,7 +458,7 @@ def test_recover_fallback_crash_picks_newest(ckpt: Path) -> None:
 def test_recover_half_written_temp_with_original_present(ckpt: Path) -> None:
     _save(ckpt, iteration=30, best=True)
     _write_extras(ckpt)
-    tmp = ckpt.parent / ".m.tmp-31"
+    tmp = ckpt.parent / ".m~tmp-31"
     tmp.mkdir()
     (tmp / "model.pt").write_bytes(b"PK\x03\x04 half")
     (tmp / "best").mkdir()
@@ -475,7 +475,7 @@ def test_recover_half_written_temp_with_original_present(ckpt: Path) -> None:
 def test_recover_extras_and_best_stranded_in_temp(ckpt: Path) -> None:
     """Killed after moving the extras and the old best/ into the complete temp folder, before the swap."""
     _save(ckpt, iteration=40, best=True)
-    tmp = ckpt.parent / ".m.tmp-41"
+    tmp = ckpt.parent / ".m~tmp-41"
     _make_checkpoint_at(tmp, iteration=41)
     _write_extras(tmp)
     os.rename(ckpt / "best", tmp / "best")
@@ -490,7 +490,7 @@ def test_recover_extras_and_best_stranded_in_temp(ckpt: Path) -> None:
 
 def test_recover_incomplete_temp_is_not_restored(ckpt: Path) -> None:
     ckpt.parent.mkdir(parents=True)
-    tmp = ckpt.parent / ".m.tmp-5"
+    tmp = ckpt.parent / ".m~tmp-5"
     _make_checkpoint_at(tmp, iteration=1)
     with open(tmp / "optimizer.pt", "r+b") as f:
         f.truncate(10)
@@ -501,12 +501,12 @@ def test_recover_incomplete_temp_is_not_restored(ckpt: Path) -> None:
 
 def test_recover_keeps_a_leftover_holding_the_trainers_files(ckpt: Path) -> None:
     ckpt.parent.mkdir(parents=True)
-    tmp = ckpt.parent / ".m.tmp-6"
+    tmp = ckpt.parent / ".m~tmp-6"
     _make_checkpoint_at(tmp, iteration=1)
     (tmp / "optimizer.pt").write_bytes(b"cut short")
     _write_extras(tmp)
     ck.recover(ckpt)
-    assert not ckpt.exists() and _hidden_entries(ckpt.parent) == [".m.tmp-6"]  # nowhere to put them: kept
+    assert not ckpt.exists() and _hidden_entries(ckpt.parent) == [".m~tmp-6"]  # nowhere to put them: kept
 
 
 def test_recover_is_a_no_op_without_anything(tmp_path: Path) -> None:
@@ -665,13 +665,27 @@ def test_good_model_names(name: str) -> None:
     assert ck.validate_model_name(name) == name
 
 
+@pytest.mark.parametrize("other", ["a.tmp-1", "a.tmp-1-old", "a.tmp-", "a.1", "a-old", "a.lock", "aa", "a..tmp-2"])
+def test_temp_names_of_two_models_never_meet(tmp_path: Path, other: str) -> None:
+    """Model a's leftovers are exactly its own temp folders: never those of a model whose name
+    starts with a's (a.tmp-1 is a valid model name), and no temp name is a model name."""
+    for tag in (None, "old"):
+        theirs = fsutil.temp_path(tmp_path / other, tag).name
+        ours = fsutil.temp_path(tmp_path / "a", tag).name
+        assert fsutil.is_temp_of(ours, "a") and fsutil.is_temp_of(theirs, other)
+        assert not fsutil.is_temp_of(theirs, "a") and not fsutil.is_temp_of(ours, other)
+        assert ck._name_problem(theirs) is not None and ck._name_problem(theirs[1:]) is not None
+        (tmp_path / theirs).mkdir()
+    assert ck._leftovers(tmp_path / "a") == []
+
+
 def test_checkpoint_dir_and_list_models(tmp_path: Path) -> None:
     assert ck.checkpoint_dir(tmp_path, "abc") == tmp_path / "abc"
     assert ck.checkpoint_dir(str(tmp_path), "abc") == tmp_path / "abc"
     with pytest.raises(MyPTError, match="--model_name"):
         ck.checkpoint_dir(tmp_path, "../escape")
     assert ck.list_models(tmp_path / "missing") == []
-    for name in ("zeta", "alpha", ".alpha.tmp-123", ".hidden", "no_config"):
+    for name in ("zeta", "alpha", ".alpha~tmp-123", ".hidden", "no_config"):
         (tmp_path / name).mkdir()
         if name != "no_config":
             (tmp_path / name / "config.json").write_text("{}")

@@ -8,6 +8,7 @@ holding a tiny trained model `m`.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from conftest import corpus_text, snapshot, tiny_arch_flags
 from forked_cli import run
 
+from mypt import fsutil
 from mypt.cli import run_command
 
 TRAIN = ["--tokenizer", "char", *tiny_arch_flags(), "--eval_interval", "4", "--eval_iters", "2", "--device", "cpu"]
@@ -94,3 +96,29 @@ def test_inspect_names_what_an_incomplete_folder_lacks(work: Path, capsys: pytes
     err = capsys.readouterr().err
     assert "checkpoints/m is an incomplete checkpoint: config.json missing; restore" in err
     assert "no model named" not in err
+
+
+# ----------------------------------------------------------------------------- temporary names
+
+
+def test_a_model_whose_name_looks_like_a_temp_name_is_left_alone(work: Path) -> None:
+    """Model a.tmp-1 with a save in flight (its temp folder, complete, beside it): training and
+    resuming model a never takes that folder for one of its own, and a.tmp-1 recovers it later."""
+    ckpts = work / "checkpoints"
+    other = ckpts / "a.tmp-1"
+    shutil.copytree(ckpts / "m", other)
+    in_flight = fsutil.temp_path(other)  # what a save of a.tmp-1 killed before its swap leaves:
+    shutil.copytree(ckpts / "m", in_flight)
+    for name in ("metrics.jsonl", "loss.png"):  # the trainer's files already moved into it
+        (other / name).unlink()
+    before = everything(other), everything(in_flight)
+    for iters in ("4", "8"):  # a new model a, then a resumed one
+        r = run("--model_name", "a", "--input_file", "input.txt", "--max_iters", iters, *TRAIN, cwd=work)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (everything(other), everything(in_flight)) == before
+    a_before = everything(ckpts / "a")
+    assert json.loads((ckpts / "a" / "training_state.json").read_text())["model_name"] == "a"
+    r = run("--model_name", "a.tmp-1", "--max_iters", "12", "--device", "cpu", cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not in_flight.exists() and everything(ckpts / "a") == a_before
+    assert (other / "loss.png").is_file()  # put back into a.tmp-1, where it belongs

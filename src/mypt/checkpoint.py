@@ -428,11 +428,11 @@ def _fsync_quietly(path: Path) -> None:
 
 
 def _leftovers(real: Path) -> list[Path]:
-    """Temp folders that saves of this model left behind (killed saves)."""
-    prefix = f".{real.name}.tmp-"
+    """Temp folders that saves of this model left behind (killed saves); never another model's."""
     if not real.parent.is_dir():
         return []
-    return [e for e in real.parent.iterdir() if e.name.startswith(prefix) and e.is_dir()]
+    return [e for e in real.parent.iterdir()
+            if fsutil.is_temp_of(e.name, real.name) and e.is_dir() and not e.is_symlink()]
 
 
 def _manifest_names(folder: Path) -> set[str] | None:
@@ -529,7 +529,7 @@ class Checkpoint:
 
 def _interrupted(ckpt_dir: Path) -> MyPTError:
     return MyPTError(f"the last save of '{ckpt_dir.name}' was interrupted before it finished (a leftover "
-                     f".{ckpt_dir.name}.tmp-* folder is beside {ckpt_dir}); nothing is lost: run "
+                     f".{ckpt_dir.name}~tmp-* folder is beside {ckpt_dir}); nothing is lost: run "
                      f"`python train.py --model_name {ckpt_dir.name}` (with the same --checkpoints_dir) "
                      "to restore it, then run this command again")
 

@@ -9,8 +9,9 @@ the OS has it). A failed write becomes one `MyPTError` naming the file and the f
 that records the host and pid holding it; it dies with its process, on any machine that shares
 the file system.
 
-Temp files and folders are named `.NAME.tmp-...`; `is_temp_name` recognises them, so a write
-killed half way is never mistaken for data.
+Temp files and folders are named `.NAME~tmp-PID`; `is_temp_name` recognises them, so a write
+killed half way is never mistaken for data, and `is_temp_of` finds exactly those of one name
+('~' is in no model name, so the temp names of two models never look alike).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -32,7 +34,7 @@ from typing import Any, BinaryIO
 from mypt.errors import MyPTError
 
 HASH_CHUNK = 1 << 20
-_TEMP_MARK = ".tmp-"
+_TEMP_MARK = "~tmp-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 FIXES = {
@@ -67,8 +69,10 @@ def write_error(what: str, exc: OSError, intact: str = "") -> MyPTError:
 # ----------------------------------------------------------------------------- temp names
 
 
-def temp_path(final: Path, tag: str | int | None = None) -> Path:
-    """A hidden temp sibling of final (same folder, so same file system): .NAME.tmp-PID[-TAG]."""
+def temp_path(final: Path, tag: str | None = None) -> Path:
+    """A hidden temp sibling of final (same folder, so same file system): .NAME~tmp-PID[-TAG]."""
+    if tag is not None and not re.fullmatch(r"[a-z]+", tag):
+        raise ValueError(f"temp tag {tag!r}: lower-case letters only")
     suffix = f"{os.getpid()}" if tag is None else f"{os.getpid()}-{tag}"
     return final.parent / f".{final.name}{_TEMP_MARK}{suffix}"
 
@@ -76,6 +80,11 @@ def temp_path(final: Path, tag: str | int | None = None) -> Path:
 def is_temp_name(name: str) -> bool:
     """True for names temp_path makes: leftovers of a write that was killed."""
     return name.startswith(".") and _TEMP_MARK in name
+
+
+def is_temp_of(name: str, final_name: str) -> bool:
+    """True if name is exactly one temp_path makes for final_name (in any process, with any tag)."""
+    return re.fullmatch(rf"\.{re.escape(final_name)}{re.escape(_TEMP_MARK)}\d+(-[a-z]+)?", name) is not None
 
 
 # ----------------------------------------------------------------------------- writing
