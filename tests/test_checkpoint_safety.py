@@ -9,6 +9,7 @@ holding a tiny trained model `m`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -122,3 +123,41 @@ def test_a_model_whose_name_looks_like_a_temp_name_is_left_alone(work: Path) -> 
     assert r.returncode == 0, r.stdout + r.stderr
     assert not in_flight.exists() and everything(ckpts / "a") == a_before
     assert (other / "loss.png").is_file()  # put back into a.tmp-1, where it belongs
+
+
+# ----------------------------------------------------------------------------- links where MyPT makes its own files
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(work: Path) -> None:
+    outside = work / "precious.txt"
+    outside.write_text("not a lock\n")
+    (work / "checkpoints" / ".m.lock").symlink_to(outside)
+    err = refused(work, *RESUME)
+    assert "the lock file checkpoints/.m.lock is not a regular file of its own (a symbolic link)" in err
+    assert outside.read_text() == "not a lock\n"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "hard link"])
+def test_a_lock_file_that_is_not_a_file_of_its_own_is_refused(work: Path, kind: str) -> None:
+    lock = work / "checkpoints" / ".m.lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "folder":
+        lock.mkdir()
+    else:
+        os.link(work / "input.txt", lock)
+    err = refused(work, *RESUME)
+    assert "the lock file checkpoints/.m.lock is not a regular file of its own" in err
+    assert "remove it (nothing in it is needed) and run again" in err
+
+
+def test_atomic_write_never_writes_through_a_link_at_its_temp_path(tmp_path: Path) -> None:
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    final = tmp_path / "out" / "metrics.jsonl"
+    final.parent.mkdir()
+    fsutil.temp_path(final).symlink_to(outside)  # planted where this process will write its temp file
+    fsutil.atomic_write_bytes(final, b"new\n")
+    assert outside.read_text() == "keep me\n"
+    assert not final.is_symlink() and final.read_bytes() == b"new\n"
+    assert os.listdir(final.parent) == ["metrics.jsonl"]

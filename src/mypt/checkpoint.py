@@ -376,7 +376,7 @@ def save_checkpoint(
     moved: list[str] = []
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # this pid's own leftover (a reused pid)
+        fsutil.remove_temp(tmp)  # this pid's own leftover (a reused pid); a link there itself, not its target
         manifest = write_folder(tmp, files, training_state)
         written = set()
         if best:

@@ -11,7 +11,8 @@ the file system.
 
 Temp files and folders are named `.NAME~tmp-PID`; `is_temp_name` recognises them, so a write
 killed half way is never mistaken for data, and `is_temp_of` finds exactly those of one name
-('~' is in no model name, so the temp names of two models never look alike).
+('~' is in no model name, so the temp names of two models never look alike). A temp path is
+created fresh by `create_temp`: never through a link, never into a file already there.
 """
 
 from __future__ import annotations
@@ -87,6 +88,28 @@ def is_temp_of(name: str, final_name: str) -> bool:
     return re.fullmatch(rf"\.{re.escape(final_name)}{re.escape(_TEMP_MARK)}\d+(-[a-z]+)?", name) is not None
 
 
+def remove_temp(tmp: Path) -> None:
+    """Remove what is at a temp path (left by a killed write of a process with the same pid):
+    a link itself, never what it points to."""
+    if tmp.is_symlink() or (os.path.lexists(tmp) and not tmp.is_dir()):
+        tmp.unlink()
+    elif tmp.is_dir():
+        shutil.rmtree(tmp)
+
+
+def _open_new(path: Path) -> BinaryIO:
+    """Create path for writing; it must not exist (O_EXCL refuses a link there too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def create_temp(tmp: Path) -> BinaryIO:
+    """Open the temp file tmp (from temp_path) for writing, created fresh: what was there is
+    removed first, and a link planted there meanwhile is refused, never written through."""
+    remove_temp(tmp)
+    return _open_new(tmp)
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -107,7 +130,7 @@ def atomic_write(final: Path, fill: Callable[[BinaryIO], object], what: str | No
     final = Path(final)
     tmp = temp_path(final)
     try:
-        with open(tmp, "wb") as f:
+        with create_temp(tmp) as f:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
@@ -195,7 +218,7 @@ def new_folder(out: Path, flag: str = "--out") -> Iterator[Path]:
     tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp)
         tmp.mkdir()
         yield tmp
         fsync_dir(tmp)
@@ -221,6 +244,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_kind(mode: int) -> str | None:
+    """None for a regular file; else what it is: 'a directory', 'a FIFO (named pipe)', 'a device or socket'."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+
+
 def check_regular_file(path: str | Path, what: str) -> Path:
     """path if it names a regular file (links followed); else MyPTError naming `what`.
 
@@ -235,8 +267,8 @@ def check_regular_file(path: str | Path, what: str) -> Path:
         raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
     if stat.S_ISDIR(mode):
         raise MyPTError(f"{what}: is a directory, not a file; pass a file")
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+    kind = file_kind(mode)
+    if kind is not None:
         raise MyPTError(f"{what}: is {kind}, not a regular file; save its content to a file and pass that")
     return path
 
@@ -314,10 +346,30 @@ class FileLock:
         except OSError as exc:
             raise write_error(f"the lock file {self.path}", exc) from None
 
+    def _open(self) -> int:
+        """The lock file, opened (created if missing) without following a link or blocking; a
+        path that is not a regular file of its own (a link, a FIFO, a hard link to another
+        file) is refused before anything is written to it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            fd, kind = -1, {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(exc.errno, "a socket")
+        else:
+            st = os.fstat(fd)
+            kind = file_kind(st.st_mode) or ("a file with other names: hard links" if st.st_nlink > 1 else None)
+        if kind is not None:
+            if fd >= 0:
+                os.close(fd)
+            raise MyPTError(f"the lock file {self.path} is not a regular file of its own ({kind}); MyPT makes "
+                            "this file itself: remove it (nothing in it is needed) and run again")
+        return fd
+
     def _take(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -330,7 +382,7 @@ class FileLock:
                 os.close(fd)
                 raise
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -351,7 +403,7 @@ class FileLock:
         if self._fd is None:
             return
         try:
-            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+            if os.lstat(self.path).st_ino == os.fstat(self._fd).st_ino:
                 os.unlink(self.path)  # before unlocking: see the class docstring
         except OSError:
             pass  # already gone, or a read-only folder: the lock file stays, harmless
