@@ -122,7 +122,7 @@ def test_each_file_is_read_once_and_optimizer_only_when_asked(ckpt: Path, monkey
     _save(ckpt)
     reads: list[str] = []
     real_read = ck._Folder.read
-    monkeypatch.setattr(ck._Folder, "read", lambda self, name: reads.append(name) or real_read(self, name))
+    monkeypatch.setattr(ck._Folder, "read", lambda self, name, *a: reads.append(name) or real_read(self, name, *a))
     opened: list[str] = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
@@ -141,11 +141,11 @@ def test_a_save_during_a_load_never_mixes_two_checkpoints(ckpt: Path, monkeypatc
     real_read = ck._Folder.read
     swapped = []
 
-    def read(self: Any, name: str) -> bytes:
+    def read(self: Any, name: str, *args: Any) -> bytes:
         if name == "model.pt" and not swapped:
             swapped.append(True)
             _save(ckpt, iteration=2, scale=2.0)  # a trainer saves meanwhile
-        return real_read(self, name)
+        return real_read(self, name, *args)
 
     monkeypatch.setattr(ck._Folder, "read", read)
     loaded = ck.load_checkpoint(ckpt, with_optimizer=True)
@@ -549,6 +549,20 @@ def test_truncated_model_is_named(ckpt: Path) -> None:
     with pytest.raises(MyPTError, match=r"model\.pt is truncated or corrupt") as info:
         ck.load_checkpoint(ckpt)
     assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "config.json"])
+def test_a_file_too_big_for_any_checkpoint_is_refused_unread(ckpt: Path, name: str) -> None:
+    """A (sparse) file past the size limit is refused before a byte is read, even with a manifest
+    claiming that size: a machine's memory for weights, MAX_JSON_BYTES for JSON."""
+    _save(ckpt)
+    limit = ck.MAX_JSON_BYTES if name.endswith(".json") else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    os.truncate(ckpt / name, limit + 1)
+    state = json.loads((ckpt / "training_state.json").read_text())
+    state["manifest"][name]["size"] = limit + 1
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(MyPTError, match=rf"{name} is {limit + 1:,} bytes, more than .*: it is not a checkpoint file"):
+        ck.load_checkpoint(ckpt)
 
 
 def test_modified_file_fails_sha256(ckpt: Path) -> None:

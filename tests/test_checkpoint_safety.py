@@ -161,3 +161,55 @@ def test_atomic_write_never_writes_through_a_link_at_its_temp_path(tmp_path: Pat
     assert outside.read_text() == "keep me\n"
     assert not final.is_symlink() and final.read_bytes() == b"new\n"
     assert os.listdir(final.parent) == ["metrics.jsonl"]
+
+
+# ----------------------------------------------------------------------------- checkpoint files that are not files
+
+GENERATE = ["--model_name", "m", "--max_new_tokens", "4", "--seed", "1", "--device", "cpu"]
+
+
+def spoil(path: Path, kind: str) -> None:
+    """Put something that is not a regular file where path was."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+
+
+KINDS = {"fifo": "is a FIFO (named pipe), not a regular file", "dev-zero": "is a device or socket, not a regular file",
+         "folder": "is a directory, not a regular file"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["model.pt", "config.json", "tokenizer.json", "training_state.json", "best/model.pt"])
+def test_generate_refuses_a_checkpoint_file_that_is_not_a_file(work: Path, name: str, kind: str) -> None:
+    spoil(work / "checkpoints" / "m" / name, kind)
+    best = ["--best"] if name.startswith("best/") else []
+    err = refused(work, *GENERATE, *best, script="generate.py", timeout=30)  # a FIFO read would hang: it must not
+    assert f"checkpoints/m/{name}: {KINDS[kind]}; put the real file in its place" in err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["optimizer.pt", "training_state.json", "model.pt"])
+def test_resume_refuses_a_checkpoint_file_that_is_not_a_file(work: Path, name: str, kind: str) -> None:
+    spoil(work / "checkpoints" / "m" / name, kind)
+    err = refused(work, *RESUME, timeout=30)
+    assert f"checkpoints/m/{name}: {KINDS[kind]}; put the real file in its place" in err
+
+
+@pytest.mark.parametrize("name", ["training_state.json", "model.pt"])
+def test_recovery_reads_a_kept_copy_holding_a_fifo_without_waiting(work: Path, name: str) -> None:
+    """A killed save's leftover holds a kept copy (iter_100/) the folder lacks, with a FIFO in it:
+    recovery finds the copy incomplete (it does not wait on the FIFO), drops it, and training resumes."""
+    ckpts = work / "checkpoints"
+    leftover = fsutil.temp_path(ckpts / "m")
+    shutil.copytree(ckpts / "m" / "iter_4", leftover / "iter_100")
+    shutil.copytree(ckpts / "m" / "iter_4", leftover, dirs_exist_ok=True)
+    spoil(leftover / "iter_100" / name, "fifo")
+    r = run(*RESUME, cwd=work, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not leftover.exists() and not (ckpts / "m" / "iter_100").exists()
+    assert json.loads((ckpts / "m" / "training_state.json").read_text())["iteration"] == 12

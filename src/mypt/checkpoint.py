@@ -32,6 +32,7 @@ import pickle
 import platform
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -54,6 +55,7 @@ SNAPSHOT_PREFIX = "iter_"
 BEST_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
 FORMAT_VERSION = 1
 MAX_NAME_LENGTH = 100
+MAX_JSON_BYTES = 1 << 30  # far above any config, training state or tokenizer (a 16M-token bpe: ~0.4 GB)
 _LOAD_ATTEMPTS = 3  # a save swapping the folder during a load makes the load start again
 
 _NAME_RULE = (
@@ -164,7 +166,7 @@ def missing_files(folder: Path) -> list[str]:
 def best_dir(ckpt_dir: Path) -> Path:
     """The folder of a model's best-validation weights; MyPTError if it has none yet."""
     folder = Path(ckpt_dir) / BEST_DIR
-    if not (folder / STATE_FILE).is_file():
+    if not os.path.lexists(folder / STATE_FILE):  # there but not a file: the load names what it is
         raise MyPTError(f"'{Path(ckpt_dir).name}' has no best checkpoint yet ({folder}/ is missing): it is "
                         "written at the first evaluation, unless training ran with --no-keep_best; "
                         "leave out --best to use the latest weights")
@@ -435,21 +437,32 @@ def _leftovers(real: Path) -> list[Path]:
             if fsutil.is_temp_of(e.name, real.name) and e.is_dir() and not e.is_symlink()]
 
 
+def _saved_state(folder: Path) -> dict[str, Any] | None:
+    """folder's training_state.json, read as a load reads it; None if it is missing or unusable
+    (for recovery and messages: a load names the problem)."""
+    try:
+        opened = _Folder(folder)
+    except OSError:
+        return None
+    try:
+        return _json_object(folder / STATE_FILE, opened.read(STATE_FILE))
+    except (OSError, MyPTError):
+        return None
+    finally:
+        opened.close()
+
+
 def _manifest_names(folder: Path) -> set[str] | None:
     """Names listed in folder's manifest; None if training_state.json is unreadable."""
-    try:
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    state = _saved_state(folder)
+    if state is None:
         return None
-    manifest = state.get("manifest") if isinstance(state, dict) else None
+    manifest = state.get("manifest")
     return set(manifest) if isinstance(manifest, dict) else set()
 
 
 def _iteration_of(folder: Path) -> int | None:
-    try:
-        value = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("iteration")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = (_saved_state(folder) or {}).get("iteration")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -570,28 +583,60 @@ class _Folder:
         return True
 
     def size(self, name: str) -> int:
-        return os.stat(name, dir_fd=self.fd).st_size
+        """The size of name, which must be a regular file (links followed)."""
+        st = os.stat(name, dir_fd=self.fd)
+        kind = fsutil.file_kind(st.st_mode)
+        if kind is not None:
+            raise MyPTError(f"{self.path / name}: is {kind}, not a regular file; {_PUT_BACK}")
+        return st.st_size
 
-    def read(self, name: str) -> bytes:
-        fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
+    def read(self, name: str, expected: int | None = None) -> bytes:
+        """The bytes of name: a regular file (links followed; a FIFO or device is refused, never
+        waited on), within its size limit and of size `expected` (its manifest's) if given,
+        both checked before a byte is read."""
+        path = self.path / name
+        fd = fsutil.open_regular(name, str(path), _PUT_BACK, dir_fd=self.fd)
         with os.fdopen(fd, "rb") as f:
-            return f.read()
+            size = os.fstat(fd).st_size
+            _check_size(path, size, expected)
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise _broken(path, f"changed while it was read ({len(data)} bytes, then {size})", "run the command again")
+        return data
+
+
+_PUT_BACK = "put the real file in its place (restore it from a backup)"
 
 
 def _broken(path: Path, what: str, fix: str = "restore it from a backup or train the model again") -> MyPTError:
     return MyPTError(f"{path} {what}; {fix}")
 
 
+def _size_limit(name: str) -> tuple[int, str]:
+    """The most bytes a checkpoint file of this name can hold, and what that limit is."""
+    if name.endswith(".json"):
+        return MAX_JSON_BYTES, "the limit for a checkpoint's JSON file"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory, which it must fit in"
+    except (ValueError, OSError):
+        return sys.maxsize, "no limit"
+
+
+def _check_size(path: Path, size: int, expected: int | None) -> None:
+    limit, what = _size_limit(path.name)
+    if size > limit:
+        raise _broken(path, f"is {size:,} bytes, more than {what} ({limit:,} bytes): it is not a checkpoint file",
+                      "restore it from a backup")
+    if expected is not None and size != expected:
+        raise _broken(path, f"does not match its manifest (truncated or modified: {size} bytes, expected {expected})")
+
+
 def _checked(folder: _Folder, name: str, manifest: dict[str, Any] | None) -> bytes:
     """The bytes of folder/name, read once and checked against its manifest entry."""
-    data = folder.read(name)
     entry = None if manifest is None else manifest.get(name)
-    if entry is not None:
-        if len(data) != entry["size"]:
-            raise _broken(folder.path / name, f"does not match its manifest (truncated or modified: "
-                          f"{len(data)} bytes, expected {entry['size']})")
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise _broken(folder.path / name, "does not match its manifest (truncated or modified: sha256 differs)")
+    data = folder.read(name, None if entry is None else entry["size"])
+    if entry is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise _broken(folder.path / name, "does not match its manifest (truncated or modified: sha256 differs)")
     return data
 
 

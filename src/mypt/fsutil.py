@@ -4,7 +4,8 @@ Every file MyPT writes goes through `atomic_write` (a temp file beside the targe
 renamed over it), and every checkpoint folder through `swap_folder` (renameat2's exchange where
 the OS has it). A failed write becomes one `MyPTError` naming the file and the fix
 (`write_error`). Every path a user gives is checked for what it is before it is opened
-(`check_regular_file`), so a FIFO or a device never blocks or floods a command. JSON is read by
+(`check_regular_file`), and every checkpoint file is opened by `open_regular`, so a FIFO or a
+device never blocks or floods a command. JSON is read by
 `read_json`, which names the file and refuses duplicate keys. `FileLock` is an OS lock (flock)
 that records the host and pid holding it; it dies with its process, on any machine that shares
 the file system.
@@ -53,7 +54,7 @@ FIXES = {
 
 def os_reason(exc: OSError) -> str:
     """'model.pt: No space left on device' out of an OSError."""
-    where = f"{Path(exc.filename).name}: " if exc.filename else ""
+    where = f"{Path(exc.filename).name}: " if isinstance(exc.filename, (str, os.PathLike)) and exc.filename else ""
     return f"{where}{exc.strerror or exc}"
 
 
@@ -271,6 +272,26 @@ def check_regular_file(path: str | Path, what: str) -> Path:
     if kind is not None:
         raise MyPTError(f"{what}: is {kind}, not a regular file; save its content to a file and pass that")
     return path
+
+
+def open_regular(path: str | Path, what: str, fix: str, *, dir_fd: int | None = None) -> int:
+    """A read-only descriptor of path (relative to dir_fd if given), which must be a regular file
+    (links followed); else MyPTError "{what}: is a FIFO (named pipe), not a regular file; {fix}".
+
+    Checked before and after opening, and opened without blocking: a FIFO or device put in a
+    file's place is refused, never waited on or read without end. OSErrors (missing, no
+    permission) come through for the caller to name.
+    """
+    kind = file_kind(os.stat(path, dir_fd=dir_fd).st_mode)
+    fd = -1
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        if fd >= 0:
+            os.close(fd)
+        raise MyPTError(f"{what}: is {kind}, not a regular file; {fix}")
+    return fd
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
