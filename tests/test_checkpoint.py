@@ -536,7 +536,17 @@ def test_missing_file_is_named(ckpt: Path, missing: str) -> None:
     _save(ckpt)
     (ckpt / missing).unlink()
     with pytest.raises(MyPTError, match=f"incomplete: {missing} missing"):
-        ck.load_checkpoint(ckpt)
+        ck.load_checkpoint(ckpt, with_optimizer=True)
+
+
+def test_a_missing_optimizer_is_needed_only_to_resume(ckpt: Path) -> None:
+    payload = _save(ckpt)
+    (ckpt / "optimizer.pt").unlink()
+    loaded = ck.load_checkpoint(ckpt)  # generate, eval, export: they never read it
+    _assert_tensors_equal(loaded.model_state, payload["model_state"])
+    assert not loaded.has_optimizer
+    with pytest.raises(MyPTError, match=r"incomplete: optimizer\.pt missing \(listed in its manifest\)"):
+        ck.load_checkpoint(ckpt, with_optimizer=True)
 
 
 def test_truncated_model_is_named(ckpt: Path) -> None:

@@ -213,3 +213,18 @@ def test_recovery_reads_a_kept_copy_holding_a_fifo_without_waiting(work: Path, n
     assert r.returncode == 0, r.stdout + r.stderr
     assert not leftover.exists() and not (ckpts / "m" / "iter_100").exists()
     assert json.loads((ckpts / "m" / "training_state.json").read_text())["iteration"] == 12
+
+
+# ----------------------------------------------------------------------------- a file only training reads
+
+
+def test_generate_eval_and_export_need_no_optimizer_file(work: Path, capsys: pytest.CaptureFixture) -> None:
+    (work / "checkpoints" / "m" / "optimizer.pt").unlink()
+    r = run(*GENERATE, "--prompt", "ROMEO:", cwd=work, script="generate.py")
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stdout + r.stderr
+    ckpts = ["--model_name", "m", "--checkpoints_dir", str(work / "checkpoints")]
+    assert run_command("eval", [*ckpts, "--input_file", str(work / "input.txt"), "--device", "cpu"]) == 0
+    out = work / "exported"
+    assert run_command("export", [*ckpts, "--format", "safetensors", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert "error" not in capsys.readouterr().err

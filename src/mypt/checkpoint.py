@@ -707,16 +707,21 @@ def _model_state(path: Path, data: bytes, map_location: str | torch.device | Non
     return state
 
 
-def _files_of(folder: _Folder, manifest: dict[str, Any] | None) -> tuple[str, bool]:
-    """(the weights file, whether there is an optimizer.pt); MyPTError if a needed file is missing."""
+def _files_of(folder: _Folder, manifest: dict[str, Any] | None, with_optimizer: bool) -> tuple[str, bool]:
+    """(the weights file, whether there is an optimizer.pt); MyPTError if a needed file is missing.
+
+    optimizer.pt is needed only to resume training (with_optimizer) and only if the manifest
+    lists it: generate, eval and export never read it, so they load a folder without it.
+    """
     names = set(manifest) if manifest is not None else {n for n in CHECKPOINT_FILES + WEIGHTS_FILES if folder.has(n)}
     weights = next((n for n in WEIGHTS_FILES if n in names), MODEL_FILE)
-    missing = [n for n in sorted(names | {weights, CONFIG_FILE, TOKENIZER_FILE}) if not folder.has(n)]
+    needed = names if with_optimizer else names - {OPTIMIZER_FILE}
+    missing = [n for n in sorted(needed | {weights, CONFIG_FILE, TOKENIZER_FILE}) if not folder.has(n)]
     if missing:
         listed = " (listed in its manifest)" if manifest is not None else ""
         raise _broken(folder.path, f"is incomplete: {', '.join(missing)} missing{listed}",
                       "restore the file(s) from a backup or train the model again")
-    return weights, OPTIMIZER_FILE in names
+    return weights, OPTIMIZER_FILE in names and folder.has(OPTIMIZER_FILE)
 
 
 class _Replaced(Exception):
@@ -752,13 +757,13 @@ def _load_from(folder: _Folder, *, with_optimizer: bool, weights: bool, map_loca
     state = _json_object(path / STATE_FILE, folder.read(STATE_FILE))
     _check_format_version(path / STATE_FILE, state)
     manifest = _manifest_of(path, state)
-    weights_name, has_optimizer = _files_of(folder, manifest)
+    weights_name, has_optimizer = _files_of(folder, manifest, with_optimizer)
     wanted = {CONFIG_FILE, TOKENIZER_FILE} | ({weights_name} if weights else set())
     if with_optimizer and has_optimizer:
         wanted.add(OPTIMIZER_FILE)
     data = {name: _checked(folder, name, manifest) for name in sorted(wanted)}
-    for name in set(manifest or ()) - wanted:  # not loaded: their sizes at least must match
-        if folder.size(name) != manifest[name]["size"]:
+    for name in set(manifest or ()) - wanted:  # not loaded: their sizes at least must match, if they are there
+        if folder.has(name) and folder.size(name) != manifest[name]["size"]:
             raise _broken(path / name, "does not match its manifest (truncated or modified: size differs)")
     config = _json_object(path / CONFIG_FILE, data[CONFIG_FILE])
     tokenizer = _json_object(path / TOKENIZER_FILE, data[TOKENIZER_FILE])
