@@ -403,11 +403,9 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     metrics = MetricsWriter(plan.ckpt_dir, tc.tensorboard and info.is_main, plan.state.iteration)
     progress = Progress(plan.state.iteration, tc.max_iters, enabled=info.is_main)
 
-    last_save = [plan.state.iteration]
-
     def save(state: TrainState, best: bool) -> None:
         model_state, optim_state = dist.full_state_dicts(wrapped, optimizer)
-        keep = bool(tc.keep_every) and state.iteration // tc.keep_every > last_save[0] // tc.keep_every
+        keep = bool(tc.keep_every) and state.iteration % tc.keep_every == 0  # the trainer saves at each multiple
         if info.is_main:
             save_checkpoint(
                 plan.ckpt_dir, model_state=model_state, config=cfg.to_dict(),
@@ -415,7 +413,6 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
                 optimizer_state={"optimizer": optim_state, "scaler": trainer.scaler.state_dict()},
                 best=best and tc.keep_best, keep=keep,
             )
-        last_save[0] = state.iteration
         dist.barrier()
 
     def on_eval(state: TrainState, row: dict[str, Any]) -> None:
