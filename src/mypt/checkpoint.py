@@ -42,9 +42,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mypt import __version__, fsutil
+from mypt import __version__, fsutil, weights_only
 from mypt.errors import MyPTError
-from mypt.formats import weights_only
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "tokenizer.json", "training_state.json", "optimizer.pt")
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE = CHECKPOINT_FILES
