@@ -357,7 +357,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
 ) -> None:
     """torch.save turns a failed write into a RuntimeError; the OSError must come through."""
     _save(ckpt, iteration=3)
-    real_write = ck._HashingWriter.write
+    real_write = fsutil._HashingWriter.write
 
     def write(self: Any, data: Any) -> int:
         if memoryview(data).nbytes > 1000:
@@ -365,7 +365,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
             raise self.error
         return real_write(self, data)
 
-    monkeypatch.setattr(ck._HashingWriter, "write", write)
+    monkeypatch.setattr(fsutil._HashingWriter, "write", write)
     with pytest.raises(MyPTError, match="File too large.*iteration 3.*ulimit -f"):
         _save(ckpt, iteration=4, width=1000)
     monkeypatch.undo()

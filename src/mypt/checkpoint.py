@@ -7,14 +7,19 @@ This module owns the layout of ``checkpoints/NAME/`` and nothing else::
     iter_N/    the five files as they were at iteration N (--keep_every)
     metrics.jsonl  loss.png  tensorboard/ ...                                 the trainer's files
 
-- :func:`save_checkpoint` writes a whole new folder beside the old one (best/ and iter_N/ are
-  hard links to its files, so they cost no disk until later saves replace those files) and
-  swaps the two atomically: the folder always holds the complete old or the complete new
-  checkpoint. ``training_state.json`` holds a sha256 ``manifest`` of the other files.
+- :func:`save_checkpoint` writes a whole new folder beside the old one (each file made by
+  ``fsutil.create_file``; best/ and iter_N/ are hard links to its files, so they cost no disk
+  until later saves replace those files) and swaps the two atomically (``fsutil.swap_folder``):
+  the folder always holds the complete old or the complete new checkpoint.
+  ``training_state.json`` holds a sha256 ``manifest`` of the other files.
 - :func:`recover` finishes or rolls back a save that was killed. Only the holder of the
   model's :func:`training_lock` may call it (train does, at start); readers never change a thing.
 - :func:`load_checkpoint` reads each file once, checks those bytes against the manifest and
-  parses the same bytes; ``.pt`` files only with ``torch.load(weights_only=True)``.
+  parses the same bytes; ``.pt`` files only with ``torch.load(weights_only=True)``. Every file
+  read (here and in recovery) must be a regular file within a size limit, checked before
+  reading: a FIFO, a device or a folder in a file's place is refused, never waited on.
+- :func:`folder_state` tells a trainer whether a folder takes a new model (none, or empty) or
+  holds one to resume; anything else is refused, never trained over.
 - A model folder that is a symbolic link (to a bigger disk) is saved into the link's target;
   the link stays.
 
@@ -228,59 +233,15 @@ def _test_pause() -> None:
         time.sleep(float(delay))
 
 
-class _HashingWriter:
-    """File-like wrapper that hashes what passes through and remembers the first OSError.
-
-    torch.save turns a failed write (disk full, file too large) into an opaque RuntimeError;
-    keeping the OSError lets the caller report the real reason.
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.size = 0
-        self.digest = hashlib.sha256()
-        self.error: OSError | None = None
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-        self.digest.update(data)
-        n = memoryview(data).nbytes
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 Content = bytes | Callable[[BinaryIO], object]
 
 
 def _write_file(path: Path, content: Content) -> dict[str, Any]:
-    """Create path with content (bytes, or a function writing a file), fsync it; its manifest entry."""
-    try:
-        with open(path, "xb") as f:
-            writer = _HashingWriter(f)
-            try:
-                if isinstance(content, bytes):
-                    writer.write(content)
-                else:
-                    content(writer)
-            except Exception as exc:
-                if writer.error is not None and not isinstance(exc, OSError):
-                    raise writer.error from exc  # torch.save hid the OSError
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-            _test_pause()
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
-    return {"size": writer.size, "sha256": writer.digest.hexdigest()}
+    """Create path with content (bytes, or a function writing a file), fsync'd; its manifest entry."""
+    fill = content if callable(content) else (lambda f: f.write(content))
+    size, sha256 = fsutil.create_file(path, fill)
+    _test_pause()
+    return {"size": size, "sha256": sha256}
 
 
 def torch_content(obj: Any) -> Content:

@@ -1,11 +1,11 @@
 """Files, the one way MyPT touches them: atomic writes, folder swaps, hashing, checks, locks.
 
-Every file MyPT writes goes through `atomic_write` (a temp file beside the target, fsync'd,
-renamed over it), and every checkpoint folder through `swap_folder` (renameat2's exchange where
-the OS has it). A failed write becomes one `MyPTError` naming the file and the fix
-(`write_error`). Every path a user gives is checked for what it is before it is opened
-(`check_regular_file`), and every checkpoint file is opened by `open_regular`, so a FIFO or a
-device never blocks or floods a command. JSON is read by
+A file is replaced by `atomic_write` (a temp file beside the target, fsync'd, renamed over
+it); a checkpoint's files are made by `create_file` in a temp folder that `swap_folder` puts in
+place of the old one (renameat2's exchange where the OS has it). A failed write becomes one
+`MyPTError` naming the file and the fix (`write_error`). Every path a user gives is checked for
+what it is before it is opened (`check_regular_file`), and every checkpoint file is opened by
+`open_regular`, so a FIFO or a device never blocks or floods a command. JSON is read by
 `read_json`, which names the file and refuses duplicate keys. `FileLock` is an OS lock (flock)
 that records the host and pid holding it; it dies with its process, on any machine that shares
 the file system.
@@ -148,6 +148,59 @@ def atomic_write(final: Path, fill: Callable[[BinaryIO], object], what: str | No
 
 def atomic_write_bytes(final: Path, data: bytes, what: str | None = None) -> None:
     atomic_write(final, lambda f: f.write(data), what)
+
+
+class _HashingWriter:
+    """File-like wrapper that hashes what passes through and remembers the first OSError.
+
+    torch.save turns a failed write (disk full, file too large) into an opaque RuntimeError;
+    keeping the OSError lets the caller report the real reason.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        self.digest.update(data)
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def create_file(path: Path, fill: Callable[[BinaryIO], object]) -> tuple[int, str]:
+    """Create path (in a temp folder that is swapped in whole: checkpoint saves), let fill() write
+    it and fsync it; (size, sha256) of what was written.
+
+    path must not exist, and a link there is not followed. A failed write raises its OSError
+    (naming path), also when fill (torch.save) hid it inside another exception.
+    """
+    try:
+        with _open_new(path) as f:
+            writer = _HashingWriter(f)
+            try:
+                fill(writer)
+            except Exception as exc:
+                if writer.error is not None and not isinstance(exc, OSError):
+                    raise writer.error from exc
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+    return writer.size, writer.digest.hexdigest()
 
 
 def json_bytes(obj: Any) -> bytes:
