@@ -67,7 +67,7 @@ def save_step(ckpts: Path, pid: int) -> int | None:
     7: the trainer's files (metrics.jsonl, loss.png) moved into it; 8: swapped in, the temporary
     folder now holds the old checkpoint.
     """
-    tmp = ckpts / f".m.tmp-{pid}"
+    tmp = ckpts / f".m~tmp-{pid}"
     try:
         names = set(os.listdir(tmp))
     except FileNotFoundError:
@@ -113,7 +113,7 @@ def just_after_a_save() -> Trigger:
     seen = []
 
     def trigger(r: Run, ckpts: Path) -> bool:
-        saving = (ckpts / f".m.tmp-{r.pid}").exists()
+        saving = (ckpts / f".m~tmp-{r.pid}").exists()
         seen.append(saving)
         return not saving and any(seen)
     return trigger

@@ -20,7 +20,9 @@ import torch
 from mypt import data, dist
 from mypt.build import build_model, checkpoint_tokenizer
 from mypt.checkpoint import (
+    SAVED,
     checkpoint_dir,
+    folder_state,
     load_checkpoint,
     now,
     real_folder,
@@ -97,7 +99,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
             recover(ckpt_dir)  # only the lock holder may repair a killed save
-        if (ckpt_dir / "config.json").exists():
+        if folder_state(ckpt_dir) == SAVED:  # a folder with anything else in it is refused, never trained over
             plan = plan_resume(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags,
                                allow_data_change, vocab_size)
         else:
@@ -394,11 +396,9 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     metrics = MetricsWriter(plan.ckpt_dir, tc.tensorboard and info.is_main, plan.state.iteration)
     progress = Progress(plan.state.iteration, tc.max_iters, enabled=info.is_main)
 
-    last_save = [plan.state.iteration]
-
     def save(state: TrainState, best: bool) -> None:
         model_state, optim_state = dist.full_state_dicts(wrapped, optimizer)
-        keep = bool(tc.keep_every) and state.iteration // tc.keep_every > last_save[0] // tc.keep_every
+        keep = bool(tc.keep_every) and state.iteration % tc.keep_every == 0  # the trainer saves at each multiple
         if info.is_main:
             save_checkpoint(
                 plan.ckpt_dir, model_state=model_state, config=cfg.to_dict(),
@@ -406,7 +406,6 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
                 optimizer_state={"optimizer": optim_state, "scaler": trainer.scaler.state_dict()},
                 best=best and tc.keep_best, keep=keep,
             )
-        last_save[0] = state.iteration
         dist.barrier()
 
     def on_eval(state: TrainState, row: dict[str, Any]) -> None:

@@ -21,12 +21,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mypt import fsutil
+from mypt import fsutil, weights_only
 from mypt.build import Built
 from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versions, write_folder
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
-from mypt.formats import hf_gpt2, hf_llama, weights_only
+from mypt.formats import hf_gpt2, hf_llama
 from mypt.formats.hf_config import hf_value
 from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
