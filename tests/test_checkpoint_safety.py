@@ -200,6 +200,12 @@ def test_resume_refuses_a_checkpoint_file_that_is_not_a_file(work: Path, name: s
     assert f"checkpoints/m/{name}: {KINDS[kind]}; put the real file in its place" in err
 
 
+def test_resume_refuses_a_metrics_log_that_is_not_a_file_before_training(work: Path) -> None:
+    spoil(work / "checkpoints" / "m" / "metrics.jsonl", "fifo")  # read at each evaluation: it would hang there
+    err = refused(work, *RESUME, timeout=60)
+    assert f"checkpoints/m/metrics.jsonl: {KINDS['fifo']}; move it away" in err
+
+
 @pytest.mark.parametrize("name", ["training_state.json", "model.pt"])
 def test_recovery_reads_a_kept_copy_holding_a_fifo_without_waiting(work: Path, name: str) -> None:
     """A killed save's leftover holds a kept copy (iter_100/) the folder lacks, with a FIFO in it:

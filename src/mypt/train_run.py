@@ -46,7 +46,7 @@ from mypt.data.builtin import DEFAULT as BUILTIN_CORPUS
 from mypt.errors import MyPTError
 from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
 from mypt.fsutil import FileLock
-from mypt.metrics import MetricsWriter, Progress
+from mypt.metrics import MetricsWriter, Progress, read_metrics
 from mypt.model import GPT
 from mypt.optim import check_optimizer, make_optimizer, saved_optimizer
 from mypt.tokenizers import (
@@ -309,6 +309,7 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Sour
                 arch_flags: dict[str, Any], train_flags: dict[str, Any], allow_data_change: bool,
                 vocab_size: int | None = None) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
+    read_metrics(ckpt_dir)  # each evaluation rewrites it: one that is not a file is refused now
     saved_src = f"{ckpt_dir}/config.json"
     cfg = ModelConfig.from_dict(ckpt.config, saved_src)
     ts = ckpt.training_state
