@@ -18,6 +18,7 @@ from conftest import corpus_text, run_cli, tiny_arch_flags
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
+from mypt.errors import MyPTError
 
 TRAIN_FLAGS = ["--max_iters", "30", "--eval_interval", "30", "--eval_iters", "2", "--dtype", "fp32"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two threads on two busy shared cores spin far slower than one
@@ -258,6 +259,19 @@ def test_config_that_does_not_match_weights(capsys: pytest.CaptureFixture, ckpts
 def test_prompt_outside_a_char_vocabulary(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
     err = assert_error(capsys, ckpts, "--model_name", "chars", "--prompt", "naïve ☃")
     assert "prompt" in err and "'☃'" in err
+
+
+def test_sampling_values_that_could_make_nan_are_refused_naming_the_flag(capsys: pytest.CaptureFixture, ckpts: Path,
+                                                                         chars: LoadedModel) -> None:
+    """A repetition penalty of 1e-38 once overflowed the logits (NaN) and printed garbage."""
+    err = assert_error(capsys, ckpts, "--model_name", "chars", "--repetition_penalty", "1e-38", "--top_p", "1e-50",
+                       "--temperature", "1e300")
+    assert "--repetition_penalty (1e-38) must be a number from 0.01 to 100" in err
+    assert "--temperature (1e+300) must be" in err and "--top_p" not in err  # a tiny top_p is fine
+    with pytest.raises(MyPTError, match=r"repetition_penalty \(1e-38\) must be"):
+        chars.generate("ROMEO:", repetition_penalty=1e-38)
+    assert chars.generate("ROMEO:", max_new_tokens=10, top_p=1e-50, seed=1) == chars.generate(
+        "ROMEO:", max_new_tokens=10, temperature=0)  # only the likeliest token is left
 
 
 def test_bad_flags_and_prompt_file(capsys: pytest.CaptureFixture, ckpts: Path) -> None:

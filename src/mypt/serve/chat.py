@@ -25,6 +25,7 @@ from typing import Any
 
 from mypt.errors import MyPTError
 from mypt.fsutil import read_json
+from mypt.sampling import setting_problems
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
@@ -63,8 +64,9 @@ def _field(path: Path, key: str, value: Any) -> Any:
     if key not in {f.name for f in fields(ChatTemplate)}:
         raise MyPTError(f"{path}: unknown field {key!r}; the fields are {_field_list()}")
     if key == "stop":
-        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise MyPTError(f'{path}: "stop" must be a list of non-empty strings, e.g. ["\\nUser:"]')
+        problems = setting_problems({"stop": tuple(value) if isinstance(value, list) else value})
+        if problems:  # the stop strings' rule is generate.py's
+            raise MyPTError(f'{path}: "stop" {problems[0][1]}, e.g. ["\\nUser:"]')
         return tuple(value)
     if not isinstance(value, str):
         raise MyPTError(f"{path}: {key!r} must be a string")
