@@ -42,14 +42,30 @@ LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gra
 # Rotary positions
 
 
-def rope_table(head_dim: int, theta: float, length: int, device: torch.device) -> torch.Tensor:
+def rope_table(head_dim: int, theta: float, length: int, device: torch.device,
+               scaling: dict | None = None) -> torch.Tensor:
     """exp(i * position * theta^(-2j / head_dim)) as complex64 (length, head_dim / 2).
 
     Computed in float64 and rounded once, so angles stay exact at positions far past block_size.
+    scaling: Llama 3's frequency scaling (config.rope_scaling), as transformers computes it.
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3's scaling: long wavelengths slowed by factor, short ones kept, the band between
+    interpolated (transformers' _compute_llama3_parameters)."""
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    slow = torch.where(wavelen > old / s["low_freq_factor"], inv_freq / s["factor"], inv_freq)
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * slow / s["factor"] + smooth * slow
+    medium = (wavelen >= old / s["high_freq_factor"]) & (wavelen <= old / s["low_freq_factor"])
+    return torch.where(medium, smoothed, slow)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -254,7 +270,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         if cfg.qk_norm:  # the config's norm over each head (a gain, no bias)
             self.q_norm = make_norm(cfg, cfg.head_dim, bias=False)
@@ -292,7 +308,7 @@ class CausalSelfAttention(nn.Module):
                                                    is_causal=causal, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -409,7 +425,7 @@ class GPT(nn.Module):
         cfg = self.config
         if self._rope is None or self._rope.size(0) < end or self._rope.device != positions.device:
             length = max(end, cfg.block_size, 2 * (self._rope.size(0) if self._rope is not None else 0))
-            self._rope = rope_table(cfg.head_dim, cfg.rope_theta, length, positions.device)
+            self._rope = rope_table(cfg.head_dim, cfg.rope_theta, length, positions.device, cfg.rope_scaling)
         return self._rope[positions].unsqueeze(-2)
 
     def hidden_states(self, idx: torch.Tensor, cache: CacheStep | None = None, start: int = 0) -> torch.Tensor:
