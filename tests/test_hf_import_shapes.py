@@ -290,6 +290,8 @@ def test_export_writes_the_tokenizer_and_model_back(tmp_path, hf_folder, capsys)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     original = json.loads((hf_folder / "config.json").read_text())
     assert config["head_dim"] == original["head_dim"]
+    assert config["eos_token_id"] == original["eos_token_id"][0]  # the model's eos, MyPT's end-of-text
+    assert config["bos_token_id"] == (original["bos_token_id"] or config["eos_token_id"])
     assert config.get("rope_scaling") == (SHORT_SCALING if original["model_type"] == "llama" else None)
     a = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -398,3 +400,35 @@ def test_a_qwen3_folder_without_tokenizer_files_is_refused(tmp_path, capsys):
     model.save_pretrained(source)
     err = refused_import(tmp_path, source, lambda folder: None, capsys)
     assert "has no tokenizer.json" in err and "copy the model's tokenizer files" in err
+
+
+PUBLIC_CONFIGS = {  # the public config.json values, at full depth
+    "Qwen3-0.6B": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
+                   "num_hidden_layers": 28, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000,
+                   "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "hidden_act": "silu",
+                   "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                   "bos_token_id": 151643, "eos_token_id": 151645},
+    "Llama-3.2-1B": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "vocab_size": 128256, "tie_word_embeddings": True,
+                     "rope_theta": 500000.0, "rope_scaling": LLAMA32_SCALING, "rms_norm_eps": 1e-5,
+                     "max_position_embeddings": 131072, "hidden_act": "silu", "attention_bias": False,
+                     "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_CONFIGS))
+def test_public_configs_count_exactly_what_transformers_builds(name, tmp_path):
+    """MyPT's count of the imported config (inspect, the memory check) is transformers' count, at full depth."""
+    from mypt.formats import hf_llama
+
+    hf = PUBLIC_CONFIGS[name]
+    assert not hf_llama.architecture_problems(hf)
+    cfg = hf_llama.import_config(hf, tmp_path / name, "config.json")
+    assert cfg.head_dim == hf["head_dim"] and cfg.rope_scaling == hf.get("rope_scaling")
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+        ours = GPT(cfg)
+    assert count_params(cfg) == sum(p.numel() for p in theirs.parameters()) == ours.num_params()  # tied: once
+    assert count_params(cfg) == {"Qwen3-0.6B": 596_049_920, "Llama-3.2-1B": 1_235_814_400}[name]

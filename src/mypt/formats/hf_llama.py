@@ -164,7 +164,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": special,
+        "bos_token_id": tok.start_ids()[0],  # an imported tokenizer's begin-of-text, else end-of-text
         "eos_token_id": special,
     }
     if cfg.rope_scaling:
