@@ -84,8 +84,11 @@ class LoadedModel:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def encode_prompt(self, prompt: str, what: str = "prompt") -> list[int]:
-        """Token ids of prompt; an empty prompt is the tokenizer's start token. Not cropped."""
-        return self.tokenizer.encode(prompt, what) if prompt else self.tokenizer.start_ids()
+        """Token ids of prompt; an empty prompt is the tokenizer's start token. Not cropped. An imported
+        tokenizer that begins every text with a token (Llama 3's <|begin_of_text|>) begins a prompt with it."""
+        if not prompt:
+            return self.tokenizer.start_ids()
+        return getattr(self.tokenizer, "prompt_prefix", []) + self.tokenizer.encode(prompt, what)
 
     def stream(self, prompt: str = "", **options: Any) -> TextStream:
         """An iterator over the text pieces of prompt's continuation (the prompt not included).

@@ -39,6 +39,7 @@ OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": s
 ARCH_FIELDS: dict[str, type] = {
     "position": str, "rope_theta": float, "norm": str, "norm_eps": float, "mlp": str,
     "intermediate_size": int, "qk_norm": bool, "n_kv_head": int, "tie_embeddings": bool, "zero_init": bool,
+    "head_size": int, "rope_scaling": dict,
 }
 ARCH_CHOICES = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
 # The CLI flags the spec calls "architecture parameters": taken from the preset when one is given.
@@ -74,6 +75,8 @@ class ModelConfig:
     n_kv_head: int | None = None  # key/value heads; default n_head (no grouping)
     tie_embeddings: bool = True
     zero_init: bool = False
+    head_size: int | None = None  # each attention head's width (transformers' head_dim); default n_embd // n_head
+    rope_scaling: dict[str, Any] | None = None  # Llama 3's rotary frequency scaling (ROPE_SCALING_KEYS); None: none
     # training flags this preset was tuned with: defaults for a new run, the CLI overrides them
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     lora: dict[str, Any] | None = None  # a LoRA fine-tune's adapters (LoRAConfig's fields); None: none
@@ -126,7 +129,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -140,6 +143,8 @@ class ModelConfig:
     def components(self) -> list[tuple[str, str]]:
         """The architecture's components as (label, value) rows, for show_configs and inspect."""
         position = f"rotary (theta {self.rope_theta:g})" if self.position == "rope" else "learned"
+        if self.position == "rope" and self.rope_scaling:
+            position += f", llama3 scaling x{self.rope_scaling['factor']:g}"
         mlp = {"gelu": "GELU", "swiglu": "SwiGLU (gated)", "relu2": "squared ReLU"}[self.mlp]
         groups = "" if self.kv_heads == self.n_head else f", {self.kv_heads} key/value heads (grouped-query)"
         head = "tied to the token embedding" if self.tie_embeddings else "untied"
@@ -199,6 +204,28 @@ def _value_problem(key: str, value: Any, want: type) -> str | None:
         return f"{key} ({json.dumps(value)}) must be one of {', '.join(ARCH_CHOICES[key])}"
     if key in ("rope_theta", "norm_eps") and not 0 < value < float("inf"):
         return f"{key} ({value}) must be a number above 0"
+    if key == "rope_scaling":
+        return rope_scaling_problem(value)
+    return None
+
+
+# Llama 3's rotary scaling (transformers' rope_type "llama3"), each key with its type
+ROPE_SCALING_KEYS = {"rope_type": str, "factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                     "original_max_position_embeddings": int}
+
+
+def rope_scaling_problem(d: dict[str, Any]) -> str | None:
+    """What is wrong with a rope_scaling object (None: nothing)."""
+    shape = ", ".join(f'"{k}"' for k in ROPE_SCALING_KEYS)
+    if set(d) != set(ROPE_SCALING_KEYS) or d.get("rope_type") != "llama3":
+        return (f"rope_scaling ({json.dumps(d)[:160]}) must have exactly the keys {shape}, with rope_type "
+                '"llama3" (the only scaling MyPT has)')
+    for key, want in ROPE_SCALING_KEYS.items():
+        if want is not str and not (_type_ok(d[key], want) and 0 < d[key] < float("inf")):
+            return f"rope_scaling.{key} ({json.dumps(d[key])}) must be {_TYPE_NAMES[want]} above 0"
+    if d["high_freq_factor"] <= d["low_freq_factor"]:
+        return (f"rope_scaling.high_freq_factor ({d['high_freq_factor']}) must be above low_freq_factor "
+                f"({d['low_freq_factor']})")
     return None
 
 
@@ -207,14 +234,19 @@ def _shape_problems(valid: dict[str, Any]) -> list[str]:
     n_embd, n_head, n_kv = valid.get("n_embd"), valid.get("n_head"), valid.get("n_kv_head")
     if n_embd is None or n_head is None:
         return []
-    if n_embd % n_head:
-        return [f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"]
+    head_size = valid.get("head_size")
+    if n_embd % n_head and head_size is None:
+        return [f"n_embd ({n_embd}) must be divisible by n_head ({n_head}), or head_size set"]
+    size = f"head_size is {head_size}" if head_size else f"n_embd / n_head is {n_embd // n_head}"
+    head_size = head_size or n_embd // n_head
     problems = []
     if n_kv is not None and n_head % n_kv:
         problems.append(f"n_kv_head ({n_kv}) must divide n_head ({n_head}): each key/value head serves "
                         "the same number of query heads")
-    if valid.get("position") == "rope" and (n_embd // n_head) % 2:
-        problems.append(f"position rope needs an even head size; n_embd / n_head is {n_embd // n_head}")
+    if valid.get("position") == "rope" and head_size % 2:
+        problems.append(f"position rope needs an even head size; {size}")
+    if valid.get("rope_scaling") and valid.get("position") != "rope":
+        problems.append("rope_scaling needs position rope")
     return problems
 
 
@@ -271,7 +303,7 @@ def lora_problems(d: dict[str, Any]) -> list[str]:
     return problems
 
 
-_NULLABLE = ("intermediate_size", "n_kv_head")
+_NULLABLE = ("intermediate_size", "n_kv_head", "head_size", "rope_scaling")
 _ARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ARCH_FIELDS}
 
 

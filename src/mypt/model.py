@@ -44,14 +44,27 @@ from mypt.ops import attends_in_fp32, attention, linear_cross_entropy, rms_norm,
 # Rotary positions
 
 
-def rope_table(head_dim: int, theta: float, length: int, device: torch.device) -> torch.Tensor:
+def rope_table(head_dim: int, theta: float, length: int, device: torch.device,
+               scaling: dict | None = None) -> torch.Tensor:
     """exp(i * position * theta^(-2j / head_dim)) as complex64 (length, head_dim / 2).
 
     Computed in float64 and rounded once, so angles stay exact at positions far past block_size.
+    scaling: Llama 3's frequency scaling (config.rope_scaling), as transformers computes it.
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3's rotary scaling of the frequencies inv_freq: a frequency of which fewer than
+    low_freq_factor wavelengths fit in the original context is divided by factor, one of which
+    more than high_freq_factor fit is kept, and those between are blended linearly."""
+    fits = s["original_max_position_embeddings"] * inv_freq / (2 * math.pi)  # wavelengths per context
+    keep = ((fits - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    return (1 - keep) * inv_freq / s["factor"] + keep * inv_freq
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -88,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         if cfg.qk_norm:  # the config's norm over each head (a gain, no bias)
             self.q_norm = make_norm(cfg, cfg.head_dim, bias=False)
@@ -118,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         # No dropout on the attention probabilities: it would force the memory-hungry math
         # kernel (B, nh, T, T) instead of the flash kernel. Dropout acts on the residual stream.
         y = attention(q, k, v, mask, causal, fp32)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -229,7 +242,7 @@ class GPT(nn.Module):
         cfg = self.config
         if self._rope is None or self._rope.size(0) < end or self._rope.device != positions.device:
             length = max(end, cfg.block_size, 2 * (self._rope.size(0) if self._rope is not None else 0))
-            self._rope = rope_table(cfg.head_dim, cfg.rope_theta, length, positions.device)
+            self._rope = rope_table(cfg.head_dim, cfg.rope_theta, length, positions.device, cfg.rope_scaling)
         return self._rope[positions].unsqueeze(-2)
 
     def hidden_states(self, idx: torch.Tensor, cache: CacheStep | None = None, start: int = 0) -> torch.Tensor:

@@ -154,7 +154,7 @@ def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str,
     cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
     shapes = hf_gpt2.hf_shapes(cfg)
     weights = hf_gpt2.hub_names(_read_hf_weights(hf_dir))
-    tok, problems = _tokenizer(hf_dir, cfg)
+    tok, problems = _tokenizer(hf_dir, hf, cfg)
     problems = hf_gpt2.weight_problems(weights, shapes) + problems
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
@@ -174,7 +174,7 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_llama.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
     weights = _read_hf_weights(hf_dir)
-    tok, problems = _tokenizer(hf_dir, cfg)
+    tok, problems = _tokenizer(hf_dir, hf, cfg)
     problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + problems
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
@@ -183,9 +183,9 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
     return cfg, hf_llama.from_hf_state(weights, cfg), tok, notes
 
 
-def _tokenizer(hf_dir: Path, cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:
+def _tokenizer(hf_dir: Path, hf: dict[str, Any], cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:
     """The folder's tokenizer and what stops its use: unreadable, or more tokens than the model's vocabulary."""
-    tok, problem = import_tokenizer(hf_dir)
+    tok, problem = import_tokenizer(hf_dir, hf)
     if problem:
         return tok, [problem]
     if cfg.vocab_size < tok.n_vocab:
