@@ -77,7 +77,7 @@ def test_gpt2_builds_without_network(monkeypatch):
 
 def test_gpt2_ranks_checksum_mismatch_is_reported(monkeypatch):
     monkeypatch.setattr(gpt2_module, "GPT2_SHA256", "0" * 64)
-    with pytest.raises(MyPTError, match="gpt2.tiktoken is corrupted.*reinstall mypt"):
+    with pytest.raises(MyPTError, match="gpt2.tiktoken is damaged.*reinstall mypt"):
         gpt2_module._gpt2_ranks_bytes()
 
 
