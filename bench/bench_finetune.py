@@ -28,7 +28,7 @@ from sft_data import build
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
 from mypt.finetune.template import Message, encode, prompt_ids, stop_ids
-from mypt.model import IGNORE_INDEX
+from mypt.ops import IGNORE_INDEX
 from mypt.sampling import SamplingConfig, generate_ids
 
 ARCH = ["--n_layer", "3", "--n_head", "4", "--n_embd", "96", "--block_size", "192", "--batch_size", "8",

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from _machine import header
 
-import mypt.model
+import mypt.ops
 from mypt import dist
 from mypt.config import ARCH_FIELDS, ModelConfig, TrainConfig, load_model_config
 from mypt.data import Mixture, batch_at, training_data
@@ -255,18 +255,18 @@ def chunk_ablation(cfg: ModelConfig, state: dict, rounds: int, warmup: int,
                    data: tuple[Mixture, Mixture]) -> None:
     """The loss head's LOSS_CHUNK_ROWS (a module constant, swapped per step)."""
     settings = [256, 512, 1024, 2048]
-    default = mypt.model.LOSS_CHUNK_ROWS
+    default = mypt.ops.LOSS_CHUNK_ROWS
     times: dict[tuple[str, int], list[float]] = {}
     for d in ("fp32", "bf16"):
         run = mypt_run(cfg, state, d, data)
         for it in range(warmup + rounds):
             for rows in settings:
-                mypt.model.LOSS_CHUNK_ROWS = rows
+                mypt.ops.LOSS_CHUNK_ROWS = rows
                 t = time.perf_counter()
                 run.step(it)
                 if it >= warmup:
                     times.setdefault((d, rows), []).append(time.perf_counter() - t)
-    mypt.model.LOSS_CHUNK_ROWS = default
+    mypt.ops.LOSS_CHUNK_ROWS = default
     print("\n| dtype | LOSS_CHUNK_ROWS | ms/iter median | ms/iter min |")
     print("| --- | ---: | ---: | ---: |")
     for (d, rows), ts in times.items():

@@ -5,6 +5,7 @@ Tests train 2-layer, 32-64 wide models so the whole suite stays within minutes o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -97,6 +98,36 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fix_manifest(ckpt: Path, name: str) -> None:
+    """Make the manifest in ckpt/training_state.json agree with the current bytes of ckpt/name, as
+    someone tampering with the folder would: the checks past the manifest must then catch it."""
+    state_path = ckpt / "training_state.json"
+    state = json.loads(state_path.read_text())
+    data = (ckpt / name).read_bytes()
+    state["manifest"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    state_path.write_text(json.dumps(state, indent=2))
+
+
+def assert_same(a: Any, b: Any, where: str) -> None:
+    """a and b (tensors, or dicts / lists / tuples of them and plain values, as torch.load gives a
+    saved state) are equal bit for bit, dtypes included; a difference is named by its path."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where}: largest difference {(a.double() - b.double()).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def refused_import(tmp_path: Path, source: Path, breaker: Callable[[Path], None],

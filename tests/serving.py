@@ -36,20 +36,24 @@ def train_models(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(ckpts: Path, names: list[str], *, api_key: str | None = None, **limits: int) -> Iterator[str]:
-    """Serve `names` from ckpts on a free 127.0.0.1 port in a thread; yields the base URL."""
+def running_server(ckpts: Path, names: list[str], *, api_key: str | None = None, loaded: list | None = None,
+                   max_connections: int = 64, request_timeout: float = 30.0, **limits: int) -> Iterator[str]:
+    """Serve `names` from ckpts (or the LoadedModels `loaded`) on a free 127.0.0.1 port in a
+    thread, with the settings `mypt serve` runs uvicorn with; yields the base URL."""
     uvicorn = require("uvicorn")
     from mypt.api import load_model
     from mypt.cli.serve import bind
     from mypt.serve.app import Server, create_app
+    from mypt.serve.connections import uvicorn_config
     from mypt.serve.protocol import Limits
 
     max_batch, max_queue = limits.pop("max_batch", 4), limits.pop("max_queue", 8)
-    models = [load_model(name, ckpts, device="cpu", dtype="fp32") for name in names]
+    models = loaded or [load_model(name, ckpts, device="cpu", dtype="fp32") for name in names]
     server = Server(models, limits=Limits(max_n=max_batch, **limits), max_batch=max_batch, max_queue=max_queue,
                     api_key=api_key)
     sock = bind("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
+    uv = uvicorn.Server(uvicorn_config(create_app(server), max_connections=max_connections,
+                                       request_timeout=request_timeout, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

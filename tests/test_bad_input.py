@@ -9,7 +9,6 @@ The security cases plant a pickle that would create a file if it ever ran.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARCH, corpus_text, tiny_arch_flags
+from conftest import TINY_ARCH, corpus_text, fix_manifest, tiny_arch_flags
 from forked_cli import run
 
 from mypt import dist
@@ -61,15 +60,6 @@ def preset(**changes: object) -> Callable[[Path], None]:
     """cfg.json: the tiny test preset with some fields changed (None removes a field)."""
     fields = {"vocab_size": 50304, **TINY_ARCH, **changes}
     return write("cfg.json", json.dumps({k: v for k, v in fields.items() if v is not None}))
-
-
-def fix_manifest(ckpt: Path, name: str) -> None:
-    """Make the manifest agree with ckpt/name, as someone tampering with the folder would."""
-    state_path = ckpt / "training_state.json"
-    state = json.loads(state_path.read_text())
-    data = (ckpt / name).read_bytes()
-    state["manifest"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    state_path.write_text(json.dumps(state, indent=2))
 
 
 def edit_json(name: str, change: Callable[[dict], None], manifest: bool = True) -> Callable[[Path], None]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_same, fix_manifest, snapshot
 
 from mypt import checkpoint as ck
 from mypt import fsutil
@@ -61,27 +62,8 @@ def _assert_extras(ckpt: Path) -> None:
         assert (ckpt / rel).read_bytes() == data, rel
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def _hidden_entries(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
-
-
-def _fix_manifest(ckpt: Path, name: str) -> None:
-    """Make the manifest agree with the current bytes of ckpt/name."""
-    state_path = ckpt / "training_state.json"
-    state = json.loads(state_path.read_text())
-    data = (ckpt / name).read_bytes()
-    state["manifest"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    state_path.write_text(json.dumps(state, indent=2))
-
-
-def _assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
 
 
 @pytest.fixture
@@ -99,7 +81,7 @@ def test_round_trip(ckpt: Path) -> None:
 
     loaded = ck.load_checkpoint(ckpt, with_optimizer=True)
 
-    _assert_tensors_equal(loaded.model_state, payload["model_state"])
+    assert_same(loaded.model_state, payload["model_state"], "model_state")
     assert loaded.config == payload["config"]
     assert loaded.tokenizer == payload["tokenizer"]
     assert loaded.path == ckpt and loaded.has_optimizer
@@ -122,7 +104,7 @@ def test_each_file_is_read_once_and_optimizer_only_when_asked(ckpt: Path, monkey
     _save(ckpt)
     reads: list[str] = []
     real_read = ck._Folder.read
-    monkeypatch.setattr(ck._Folder, "read", lambda self, name: reads.append(name) or real_read(self, name))
+    monkeypatch.setattr(ck._Folder, "read", lambda self, name, *a: reads.append(name) or real_read(self, name, *a))
     opened: list[str] = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
@@ -141,11 +123,11 @@ def test_a_save_during_a_load_never_mixes_two_checkpoints(ckpt: Path, monkeypatc
     real_read = ck._Folder.read
     swapped = []
 
-    def read(self: Any, name: str) -> bytes:
+    def read(self: Any, name: str, *args: Any) -> bytes:
         if name == "model.pt" and not swapped:
             swapped.append(True)
             _save(ckpt, iteration=2, scale=2.0)  # a trainer saves meanwhile
-        return real_read(self, name)
+        return real_read(self, name, *args)
 
     monkeypatch.setattr(ck._Folder, "read", read)
     loaded = ck.load_checkpoint(ckpt, with_optimizer=True)
@@ -174,9 +156,9 @@ def test_extras_survive_two_saves(ckpt: Path) -> None:
 def test_temp_files_of_a_killed_write_are_not_carried(ckpt: Path) -> None:
     _save(ckpt, iteration=1)
     _write_extras(ckpt)
-    (ckpt / ".metrics.jsonl.tmp-4242").write_bytes(b"half a metrics file")  # a metrics write killed midway
+    (ckpt / ".metrics.jsonl~tmp-4242").write_bytes(b"half a metrics file")  # a metrics write killed midway
     _save(ckpt, iteration=2)
-    assert not (ckpt / ".metrics.jsonl.tmp-4242").exists()
+    assert not (ckpt / ".metrics.jsonl~tmp-4242").exists()
     _assert_extras(ckpt)
 
 
@@ -207,11 +189,11 @@ def test_fallback_failed_rename_in_restores_old(ckpt: Path, monkeypatch: pytest.
     monkeypatch.setattr(fsutil, "_renameat2", lambda: None)
     _save(ckpt, iteration=1)
     _write_extras(ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     real_rename = os.rename
 
     def rename(src: Any, dst: Any) -> None:
-        if Path(src).name.startswith(".m.tmp-") and not Path(src).name.endswith("-old") and Path(dst) == ckpt:
+        if Path(src).name.startswith(".m~tmp-") and not Path(src).name.endswith("-old") and Path(dst) == ckpt:
             assert not ckpt.exists()  # the old checkpoint is parked, not deleted
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_rename(src, dst)
@@ -220,7 +202,7 @@ def test_fallback_failed_rename_in_restores_old(ckpt: Path, monkeypatch: pytest.
     with pytest.raises(MyPTError, match="Input/output error.*iteration 1"):
         _save(ckpt, iteration=2)
     monkeypatch.undo()
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert _hidden_entries(ckpt.parent) == []
 
 
@@ -325,7 +307,7 @@ def test_failed_save_leaves_previous_checkpoint(
 ) -> None:
     _save(ckpt, iteration=10)
     _write_extras(ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     payload = _payload(11, scale=5.0)
     fail(monkeypatch, payload)
 
@@ -338,7 +320,7 @@ def test_failed_save_leaves_previous_checkpoint(
     if fail is _fail_on_optimizer:
         assert "optimizer.pt" in msg and "No space left on device" in msg
         assert "free some disk space" in msg
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert _hidden_entries(ckpt.parent) == []
     monkeypatch.undo()
     assert ck.load_checkpoint(ckpt, with_optimizer=True).training_state["iteration"] == 10
@@ -357,7 +339,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
 ) -> None:
     """torch.save turns a failed write into a RuntimeError; the OSError must come through."""
     _save(ckpt, iteration=3)
-    real_write = ck._HashingWriter.write
+    real_write = fsutil._HashingWriter.write
 
     def write(self: Any, data: Any) -> int:
         if memoryview(data).nbytes > 1000:
@@ -365,7 +347,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
             raise self.error
         return real_write(self, data)
 
-    monkeypatch.setattr(ck._HashingWriter, "write", write)
+    monkeypatch.setattr(fsutil._HashingWriter, "write", write)
     with pytest.raises(MyPTError, match="File too large.*iteration 3.*ulimit -f"):
         _save(ckpt, iteration=4, width=1000)
     monkeypatch.undo()
@@ -376,7 +358,7 @@ def test_torch_save_hiding_an_os_error_is_still_reported(
 def test_file_size_limit_in_subprocess(ckpt: Path) -> None:
     _save(ckpt, iteration=5)
     _write_extras(ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     script = textwrap.dedent(
         f"""
         import resource, signal, sys
@@ -405,7 +387,7 @@ def test_file_size_limit_in_subprocess(ckpt: Path) -> None:
     assert "model.pt: File too large" in proc.stderr
     assert "previous checkpoint (iteration 5)" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert _snapshot(ckpt) == before
+    assert snapshot(ckpt) == before
     assert _hidden_entries(ckpt.parent) == []
     assert ck.load_checkpoint(ckpt, with_optimizer=True).training_state["iteration"] == 5
 
@@ -421,14 +403,14 @@ def _make_checkpoint_at(folder: Path, iteration: int, **kw: Any) -> None:
 
 
 def test_recover_temp_complete_and_original_missing(ckpt: Path) -> None:
-    tmp = ckpt.parent / ".m.tmp-999"
+    tmp = ckpt.parent / ".m~tmp-999"
     ckpt.parent.mkdir(parents=True)
     _make_checkpoint_at(tmp, iteration=20)
     _write_extras(tmp)  # the save had already moved the extras in
 
     with pytest.raises(MyPTError, match="last save of 'm' was interrupted.*nothing is lost.*train.py --model_name m"):
         ck.load_checkpoint(ckpt)  # a reader repairs nothing
-    assert _hidden_entries(ckpt.parent) == [".m.tmp-999"]
+    assert _hidden_entries(ckpt.parent) == [".m~tmp-999"]
     with ck.training_lock(ckpt):
         ck.recover(ckpt)
 
@@ -440,8 +422,8 @@ def test_recover_temp_complete_and_original_missing(ckpt: Path) -> None:
 def test_recover_fallback_crash_picks_newest(ckpt: Path) -> None:
     """Killed between 'rename old away' and 'rename new in': old and new both complete."""
     ckpt.parent.mkdir(parents=True)
-    old = ckpt.parent / ".m.tmp-7-old"
-    new = ckpt.parent / ".m.tmp-7"
+    old = ckpt.parent / ".m~tmp-7-old"
+    new = ckpt.parent / ".m~tmp-7"
     _make_checkpoint_at(old, iteration=1, best=True)
     _make_checkpoint_at(new, iteration=2)
     os.utime(old / "training_state.json", ns=(1_000_000_000, 1_000_000_000))
@@ -458,7 +440,7 @@ def test_recover_fallback_crash_picks_newest(ckpt: Path) -> None:
 def test_recover_half_written_temp_with_original_present(ckpt: Path) -> None:
     _save(ckpt, iteration=30, best=True)
     _write_extras(ckpt)
-    tmp = ckpt.parent / ".m.tmp-31"
+    tmp = ckpt.parent / ".m~tmp-31"
     tmp.mkdir()
     (tmp / "model.pt").write_bytes(b"PK\x03\x04 half")
     (tmp / "best").mkdir()
@@ -475,7 +457,7 @@ def test_recover_half_written_temp_with_original_present(ckpt: Path) -> None:
 def test_recover_extras_and_best_stranded_in_temp(ckpt: Path) -> None:
     """Killed after moving the extras and the old best/ into the complete temp folder, before the swap."""
     _save(ckpt, iteration=40, best=True)
-    tmp = ckpt.parent / ".m.tmp-41"
+    tmp = ckpt.parent / ".m~tmp-41"
     _make_checkpoint_at(tmp, iteration=41)
     _write_extras(tmp)
     os.rename(ckpt / "best", tmp / "best")
@@ -490,7 +472,7 @@ def test_recover_extras_and_best_stranded_in_temp(ckpt: Path) -> None:
 
 def test_recover_incomplete_temp_is_not_restored(ckpt: Path) -> None:
     ckpt.parent.mkdir(parents=True)
-    tmp = ckpt.parent / ".m.tmp-5"
+    tmp = ckpt.parent / ".m~tmp-5"
     _make_checkpoint_at(tmp, iteration=1)
     with open(tmp / "optimizer.pt", "r+b") as f:
         f.truncate(10)
@@ -501,12 +483,12 @@ def test_recover_incomplete_temp_is_not_restored(ckpt: Path) -> None:
 
 def test_recover_keeps_a_leftover_holding_the_trainers_files(ckpt: Path) -> None:
     ckpt.parent.mkdir(parents=True)
-    tmp = ckpt.parent / ".m.tmp-6"
+    tmp = ckpt.parent / ".m~tmp-6"
     _make_checkpoint_at(tmp, iteration=1)
     (tmp / "optimizer.pt").write_bytes(b"cut short")
     _write_extras(tmp)
     ck.recover(ckpt)
-    assert not ckpt.exists() and _hidden_entries(ckpt.parent) == [".m.tmp-6"]  # nowhere to put them: kept
+    assert not ckpt.exists() and _hidden_entries(ckpt.parent) == [".m~tmp-6"]  # nowhere to put them: kept
 
 
 def test_recover_is_a_no_op_without_anything(tmp_path: Path) -> None:
@@ -536,7 +518,17 @@ def test_missing_file_is_named(ckpt: Path, missing: str) -> None:
     _save(ckpt)
     (ckpt / missing).unlink()
     with pytest.raises(MyPTError, match=f"incomplete: {missing} missing"):
-        ck.load_checkpoint(ckpt)
+        ck.load_checkpoint(ckpt, with_optimizer=True)
+
+
+def test_a_missing_optimizer_is_needed_only_to_resume(ckpt: Path) -> None:
+    payload = _save(ckpt)
+    (ckpt / "optimizer.pt").unlink()
+    loaded = ck.load_checkpoint(ckpt)  # generate, eval, export: they never read it
+    assert all(torch.equal(loaded.model_state[k], v) for k, v in payload["model_state"].items())
+    assert not loaded.has_optimizer
+    with pytest.raises(MyPTError, match=r"incomplete: optimizer\.pt missing \(listed in its manifest\)"):
+        ck.load_checkpoint(ckpt, with_optimizer=True)
 
 
 def test_truncated_model_is_named(ckpt: Path) -> None:
@@ -545,10 +537,24 @@ def test_truncated_model_is_named(ckpt: Path) -> None:
     (ckpt / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(MyPTError, match=r"model\.pt does not match its manifest \(truncated"):
         ck.load_checkpoint(ckpt)
-    _fix_manifest(ckpt, "model.pt")
+    fix_manifest(ckpt, "model.pt")
     with pytest.raises(MyPTError, match=r"model\.pt is truncated or corrupt") as info:
         ck.load_checkpoint(ckpt)
     assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "config.json"])
+def test_a_file_too_big_for_any_checkpoint_is_refused_unread(ckpt: Path, name: str) -> None:
+    """A (sparse) file past the size limit is refused before a byte is read, even with a manifest
+    claiming that size: a machine's memory for weights, MAX_JSON_BYTES for JSON."""
+    _save(ckpt)
+    limit = ck.MAX_JSON_BYTES if name.endswith(".json") else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    os.truncate(ckpt / name, limit + 1)
+    state = json.loads((ckpt / "training_state.json").read_text())
+    state["manifest"][name]["size"] = limit + 1
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(MyPTError, match=rf"{name} is {limit + 1:,} bytes, more than .*: it is not a checkpoint file"):
+        ck.load_checkpoint(ckpt)
 
 
 def test_modified_file_fails_sha256(ckpt: Path) -> None:
@@ -588,7 +594,7 @@ def test_malformed_json_is_named_with_position(ckpt: Path, name: str) -> None:
     _save(ckpt)
     (ckpt / name).write_text('{\n  "a": 1,\n  "b" 2\n}\n')
     if name != "training_state.json":
-        _fix_manifest(ckpt, name)
+        fix_manifest(ckpt, name)
     with pytest.raises(MyPTError, match=rf"{name}: malformed JSON at line 3, column 7"):
         ck.load_checkpoint(ckpt)
 
@@ -596,7 +602,7 @@ def test_malformed_json_is_named_with_position(ckpt: Path, name: str) -> None:
 def test_duplicate_json_key_is_named(ckpt: Path) -> None:
     _save(ckpt)
     (ckpt / "config.json").write_text('{"n_layer": 2, "n_embd": 4, "n_layer": 3}')
-    _fix_manifest(ckpt, "config.json")
+    fix_manifest(ckpt, "config.json")
     with pytest.raises(MyPTError, match=r"config\.json: the key 'n_layer' appears twice"):
         ck.load_checkpoint(ckpt)
 
@@ -619,7 +625,7 @@ def test_malicious_pickle_never_runs(ckpt: Path, tmp_path: Path, target: str, fl
         torch.save(evil, ckpt / target, _use_new_zipfile_serialization=True)
     else:
         (ckpt / target).write_bytes(pickle.dumps(evil, protocol=2))
-    _fix_manifest(ckpt, target)  # so the refusal must come from weights_only
+    fix_manifest(ckpt, target)  # so the refusal must come from weights_only
 
     with pytest.raises(MyPTError) as info:
         ck.load_checkpoint(ckpt, with_optimizer=True)
@@ -634,7 +640,7 @@ def test_malicious_pickle_never_runs(ckpt: Path, tmp_path: Path, target: str, fl
 def test_model_file_that_is_not_a_state_dict(ckpt: Path) -> None:
     _save(ckpt)
     torch.save([torch.ones(2)], ckpt / "model.pt")
-    _fix_manifest(ckpt, "model.pt")
+    fix_manifest(ckpt, "model.pt")
     with pytest.raises(MyPTError, match=r"model\.pt does not hold a model state_dict"):
         ck.load_checkpoint(ckpt)
 
@@ -665,13 +671,27 @@ def test_good_model_names(name: str) -> None:
     assert ck.validate_model_name(name) == name
 
 
+@pytest.mark.parametrize("other", ["a.tmp-1", "a.tmp-1-old", "a.tmp-", "a.1", "a-old", "a.lock", "aa", "a..tmp-2"])
+def test_temp_names_of_two_models_never_meet(tmp_path: Path, other: str) -> None:
+    """Model a's leftovers are exactly its own temp folders: never those of a model whose name
+    starts with a's (a.tmp-1 is a valid model name), and no temp name is a model name."""
+    for tag in (None, "old"):
+        theirs = fsutil.temp_path(tmp_path / other, tag).name
+        ours = fsutil.temp_path(tmp_path / "a", tag).name
+        assert fsutil.is_temp_of(ours, "a") and fsutil.is_temp_of(theirs, other)
+        assert not fsutil.is_temp_of(theirs, "a") and not fsutil.is_temp_of(ours, other)
+        assert ck._name_problem(theirs) is not None and ck._name_problem(theirs[1:]) is not None
+        (tmp_path / theirs).mkdir()
+    assert ck._leftovers(tmp_path / "a") == []
+
+
 def test_checkpoint_dir_and_list_models(tmp_path: Path) -> None:
     assert ck.checkpoint_dir(tmp_path, "abc") == tmp_path / "abc"
     assert ck.checkpoint_dir(str(tmp_path), "abc") == tmp_path / "abc"
     with pytest.raises(MyPTError, match="--model_name"):
         ck.checkpoint_dir(tmp_path, "../escape")
     assert ck.list_models(tmp_path / "missing") == []
-    for name in ("zeta", "alpha", ".alpha.tmp-123", ".hidden", "no_config"):
+    for name in ("zeta", "alpha", ".alpha~tmp-123", ".hidden", "no_config"):
         (tmp_path / name).mkdir()
         if name != "no_config":
             (tmp_path / name / "config.json").write_text("{}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_text, snapshot, tiny_arch_flags
+from conftest import assert_same, corpus_text, snapshot, tiny_arch_flags
 from forked_cli import Run, run
 
 from mypt.checkpoint import CHECKPOINT_FILES, load_checkpoint, recover, training_lock
@@ -67,7 +67,7 @@ def save_step(ckpts: Path, pid: int) -> int | None:
     7: the trainer's files (metrics.jsonl, loss.png) moved into it; 8: swapped in, the temporary
     folder now holds the old checkpoint.
     """
-    tmp = ckpts / f".m.tmp-{pid}"
+    tmp = ckpts / f".m~tmp-{pid}"
     try:
         names = set(os.listdir(tmp))
     except FileNotFoundError:
@@ -113,7 +113,7 @@ def just_after_a_save() -> Trigger:
     seen = []
 
     def trigger(r: Run, ckpts: Path) -> bool:
-        saving = (ckpts / f".m.tmp-{r.pid}").exists()
+        saving = (ckpts / f".m~tmp-{r.pid}").exists()
         seen.append(saving)
         return not saving and any(seen)
     return trigger
@@ -219,21 +219,6 @@ def test_sigkill_at_many_moments_loses_nothing(work: Path) -> None:
         assert_same(a, b, name)
     assert iteration_of(ckpts / "m") == end
     assert sorted(p.name for p in ckpts.iterdir()) == [".cache", "m", "ref"]
-
-
-def assert_same(a: object, b: object, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def wait_for(r: Run, prefix: str, timeout: float = 60) -> None:

@@ -28,7 +28,8 @@ from mypt.data.sources import InputFile, shown
 from mypt.finetune import chat_data, template
 from mypt.finetune.packing import ChatBatches, pack
 from mypt.finetune.template import Message
-from mypt.model import GPT, linear_cross_entropy
+from mypt.model import GPT
+from mypt.ops import linear_cross_entropy
 from mypt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, train_bpe
 
 LINES = [line for line in corpus_text(60_000).splitlines() if 0 < len(line) <= 40]
@@ -353,7 +354,7 @@ def test_finetune_a_trained_base_leaves_it_unchanged_and_records_it(trained):
     state = json.loads((folder / "training_state.json").read_text())
     weights = hashlib.sha256((base / "model.pt").read_bytes()).hexdigest()
     assert state["finetune"]["base_model"] == "base" and state["finetune"]["base_sha256"] == weights
-    assert json.loads((folder / "tokenizer.json").read_text())["chat_template"] == "mypt-chat-1"
+    assert json.loads((folder / "tokenizer.json").read_text())["chat_format"] == "mypt-chat-1"
     assert (folder / "best" / "model.pt").exists()
     ck = load_checkpoint(folder)
     assert not torch.equal(ck.model_state["lm_head.weight"], load_checkpoint(base).model_state["lm_head.weight"])
@@ -444,7 +445,7 @@ def test_exported_chat_template_gives_mypts_ids_in_transformers(tmp_path, kind):
     text = corpus_text(100_000)
     tok = {"gpt2": GPT2Tokenizer, "bpe": lambda: train_bpe([text], 400, "t"),
            "char": lambda: CharTokenizer(sorted(set(text) | set("<|>")))}[kind]()
-    tok.chat_template = template.TEMPLATE
+    tok.chat_format = template.TEMPLATE
     make_base(tmp_path / "ck", "m", tok)
     assert run_command("export", ["--model_name", "m", "--checkpoints_dir", str(tmp_path / "ck"),
                                   "--out", str(tmp_path / "hf")]) == 0

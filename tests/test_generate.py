@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import corpus_text, run_cli, tiny_arch_flags
-from forked_cli import Run
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
+from mypt.errors import MyPTError
 
 TRAIN_FLAGS = ["--max_iters", "30", "--eval_interval", "30", "--eval_iters", "2", "--dtype", "fp32"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two threads on two busy shared cores spin far slower than one
@@ -166,15 +166,31 @@ def test_a_tiny_temperature_is_greedy_not_nan(capsys: pytest.CaptureFixture, ckp
     assert generate(capsys, ckpts, *args, "--temperature", "0")[1] == tiny
 
 
-def test_ctrl_c_prints_what_was_generated_so_far(ckpts: Path) -> None:
-    r = Run("--model_name", "chars", "--checkpoints_dir", str(ckpts), "--prompt", "ROMEO:", "--no-stream",
-            "--max_new_tokens", "1000000", "--ignore_eot", "--seed", "1", "--device", "cpu", cwd=ckpts.parent,
-            script="generate.py", env=ONE_THREAD)
-    time.sleep(3)  # generating (not streamed: nothing printed yet)
-    r.send_signal(signal.SIGINT)
-    assert r.wait() == 130
-    assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 50, r.stdout + r.stderr
-    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+def test_ctrl_c_prints_what_was_generated_so_far(capsys: pytest.CaptureFixture, ckpts: Path, chars: LoadedModel,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (a real SIGINT) once 60 tokens are generated, not streamed (nothing printed yet): the
+    60 characters are printed all the same. Pressed after a token count, not after a wait."""
+    import mypt.api
+
+    real_generate_ids = mypt.api.generate_ids
+
+    def ctrl_c_after_60(*args: object, **kwargs: object) -> Iterator[int]:
+        for n, token in enumerate(real_generate_ids(*args, **kwargs)):
+            if n == 60:
+                signal.raise_signal(signal.SIGINT)  # Python raises KeyboardInterrupt here
+            yield token
+
+    monkeypatch.setattr(mypt.api, "generate_ids", ctrl_c_after_60)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises KeyboardInterrupt
+    code, out, err = generate(capsys, ckpts, "--model_name", "chars", "--prompt", "ROMEO:", "--no-stream",
+                              "--max_new_tokens", "1000000", "--ignore_eot", "--seed", "1", "--dtype", "fp32")
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    monkeypatch.undo()
+    full = chars.generate("ROMEO:", max_new_tokens=60, ignore_eot=True, seed=1)  # the same defaults and dtype
+    assert out.startswith("ROMEO:") and out.endswith("\n")
+    printed = out[len("ROMEO:"):-1]
+    assert len(printed) > 50 and full.startswith(printed), (printed, full)
 
 
 def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture) -> None:
@@ -243,6 +259,19 @@ def test_config_that_does_not_match_weights(capsys: pytest.CaptureFixture, ckpts
 def test_prompt_outside_a_char_vocabulary(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
     err = assert_error(capsys, ckpts, "--model_name", "chars", "--prompt", "naïve ☃")
     assert "prompt" in err and "'☃'" in err
+
+
+def test_sampling_values_that_could_make_nan_are_refused_naming_the_flag(capsys: pytest.CaptureFixture, ckpts: Path,
+                                                                         chars: LoadedModel) -> None:
+    """A repetition penalty of 1e-38 once overflowed the logits (NaN) and printed garbage."""
+    err = assert_error(capsys, ckpts, "--model_name", "chars", "--repetition_penalty", "1e-38", "--top_p", "1e-50",
+                       "--temperature", "1e300")
+    assert "--repetition_penalty (1e-38) must be a number from 0.01 to 100" in err
+    assert "--temperature (1e+300) must be" in err and "--top_p" not in err  # a tiny top_p is fine
+    with pytest.raises(MyPTError, match=r"repetition_penalty \(1e-38\) must be"):
+        chars.generate("ROMEO:", repetition_penalty=1e-38)
+    assert chars.generate("ROMEO:", max_new_tokens=10, top_p=1e-50, seed=1) == chars.generate(
+        "ROMEO:", max_new_tokens=10, temperature=0)  # only the likeliest token is left
 
 
 def test_bad_flags_and_prompt_file(capsys: pytest.CaptureFixture, ckpts: Path) -> None:

@@ -74,6 +74,21 @@ def test_keep_every_keeps_resumable_checkpoints(overfit: Path) -> None:
         assert (folder / "iter_40" / name).stat().st_ino == (folder / name).stat().st_ino
 
 
+def test_keep_every_keeps_exactly_its_multiples_between_evaluations(tmp_path: Path) -> None:
+    """--keep_every 15 with evaluations every 10: iterations 15 and 30 are kept, as saved then
+    (not the first evaluation after each multiple), and evaluations stay every 10."""
+    (tmp_path / "input.txt").write_text(corpus_text(20_000), encoding="utf-8")
+    r = run("--model_name", "k", "--input_file", "input.txt", "--max_iters", "40", "--keep_every", "15", *FLAGS,
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    folder = tmp_path / "checkpoints" / "k"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("iter_")) == ["iter_15", "iter_30"]
+    for n in (15, 30):
+        kept = load_model(path=folder / f"iter_{n}", device="cpu")
+        assert kept.iterations == n
+    assert list(val_losses(folder)) == [10, 20, 30, 40]
+
+
 def test_best_flag_of_the_api_generate_eval_and_export(overfit: Path, capsys: pytest.CaptureFixture) -> None:
     ckpts = overfit / "checkpoints"
     best = load_model("m", ckpts, best=True, device="cpu")

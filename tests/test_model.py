@@ -9,7 +9,8 @@ from conftest import REPO
 
 from mypt.config import ModelConfig, load_model_config
 from mypt.estimate import count_params, estimate_memory, flops_per_token, param_breakdown
-from mypt.model import GPT, RMSNorm, apply_rope, linear_cross_entropy, rope_table
+from mypt.model import GPT, RMSNorm, apply_rope, rope_table
+from mypt.ops import linear_cross_entropy, row_max
 
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
 EXPECTED = {"tiny.json": 11_454_144, "small.json": 30_036_864, "150M.json": 152_101_632,
@@ -320,8 +321,6 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("vocab", [1024, 1000])
 def test_loss_head_row_max_is_amax(dtype, vocab):
-    from mypt.model import _row_max
-
     t = (torch.randn(7, vocab) * 5).to(dtype)
     t[3, 700] = 99.0  # the largest value anywhere in a row
-    assert torch.equal(_row_max(t), t.amax(dim=1))
+    assert torch.equal(row_max(t), t.amax(dim=1))

@@ -17,8 +17,12 @@ SHRINK = {"--eval_interval": "2", "--eval_iters": "1", "--max_new_tokens": "8",
           "--max_chars": "3000"}
 
 
+def readme_text() -> str:
+    return (REPO / "README.md").read_text(encoding="utf-8")
+
+
 def readme_blocks() -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    return re.findall(r"```bash\n(.*?)```", readme_text(), re.S)
 
 
 def to_argv(line: str) -> list[str] | None:
@@ -69,6 +73,8 @@ def test_ci_runs_exactly_the_readmes_test_command_which_installs_the_tested_torc
     script = (REPO / "scripts" / "test.sh").read_text()
     assert "pip install -q torch==2.13.0 -e \".[test]\"" in script and "apt-get install" in script
     assert "pip install torch==2.13.0 -e . && python train.py" in readme_blocks()[0]
+    # the package itself asks for a range, so a user's own torch build (CUDA, ROCm) is kept
+    assert '"torch>=2.9",' in (REPO / "pyproject.toml").read_text() and "torch>=2.9" in readme_text()
 
 
 @pytest.mark.slow

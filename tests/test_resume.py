@@ -16,11 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, tiny_arch_flags
+from conftest import REPO, assert_same, tiny_arch_flags
 from forked_cli import ONE_THREAD, run
 
 from mypt import dist
@@ -56,29 +55,13 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     for name in ("model.pt", "optimizer.pt"):
         sa = torch.load(a / name, weights_only=True)
         sb = torch.load(b / name, weights_only=True)
-        assert_equal_nested(sa, sb, name)
+        assert_same(sa, sb, name)
     ta, tb = (json.loads((p / "training_state.json").read_text()) for p in (a, b))
     for key in ("iteration", "tokens_seen", "best_val_loss", "last_val_loss", "last_train_loss"):
         assert ta[key] == tb[key], key
     ma, mb = ((p / "metrics.jsonl").read_text().splitlines() for p in (a, b))
     evals = [[(r["iter"], r["train_loss"], r["val_loss"]) for r in map(json.loads, m)] for m in (ma, mb)]
     assert evals[0] == evals[1]
-
-
-def assert_equal_nested(a: Any, b: Any, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), f"{where}: largest difference {(a.double() - b.double()).abs().max().item()}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_equal_nested(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_equal_nested(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 VARIANTS = [pytest.param(0.2, "fp32", id="fp32-dropout"), pytest.param(0.2, "bf16", id="bf16-dropout")]
@@ -173,4 +156,4 @@ def test_resume_after_sigint_equals_straight_run(tmp_path: Path, small_text: Pat
     ckpts = tmp_path / "checkpoints"
     for name in ("model.pt", "optimizer.pt"):
         a = torch.load(ckpts / "straight" / name, weights_only=True)
-        assert_equal_nested(a, torch.load(ckpts / "stopped" / name, weights_only=True), name)
+        assert_same(a, torch.load(ckpts / "stopped" / name, weights_only=True), name)

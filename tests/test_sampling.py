@@ -13,6 +13,7 @@ from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.model import GPT
 from mypt.sampling import (
+    BOUNDS,
     Continuation,
     Decoder,
     SamplingConfig,
@@ -98,6 +99,32 @@ def test_every_bad_setting_is_reported_at_once() -> None:
     msg = str(e.value)
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
         assert name in msg
+
+
+def test_a_setting_that_could_overflow_the_logits_is_refused_naming_it() -> None:
+    """A repetition penalty of 1e-38 once passed and scaled a seen logit past float32's range."""
+    logits, seen = torch.tensor([4.0, -4.0, 1.0]), torch.tensor([True, True, False])
+    assert not torch.isfinite(penalize(logits, seen, 1e-38)).all()  # why the range matters
+    for bad in ({"repetition_penalty": 1e-38}, {"repetition_penalty": 1e38}, {"temperature": 1e300},
+                {"top_k": 10**12}, {"max_new_tokens": 10**12}, {"seed": 2**64}, {"stop": ("x" * 1001,)},
+                {"use_cache": "no"}, {"top_p": float("nan")}, {"temperature": True}, {"temperature": 10**400},
+                {"max_new_tokens": 5.0}):
+        field = next(iter(bad))
+        with pytest.raises(MyPTError, match=rf"sampling settings: {field} \(.*\) must be"):
+            SamplingConfig(**bad)
+
+
+def test_every_setting_at_the_edge_of_its_range_keeps_finite_logits_finite() -> None:
+    logits = torch.tensor([1e30, -1e30, 3.0, -3.0, 0.0, 1e-30])
+    seen = torch.tensor([True, True, True, False, False, True])
+    g = torch.Generator().manual_seed(0)
+    for penalty in (BOUNDS["repetition_penalty"].low, BOUNDS["repetition_penalty"].high):
+        scores = penalize(logits, seen, penalty)
+        assert torch.isfinite(scores).all()
+        for temperature in (0, 1e-300, BOUNDS["temperature"].high):
+            for top_p, top_k in ((1e-300, 0), (1.0, 0), (1.0, 1)):
+                cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty)
+                assert 0 <= pick_token(scores, cfg, g) < len(logits)
 
 
 def test_unknown_option_lists_known_ones() -> None:
@@ -239,6 +266,44 @@ def test_decoder_batch_gives_each_continuation_its_solo_tokens(kind: str, model:
         assert len(decoder.active) <= 3
     assert [c.tokens[-c.n_new:] for c in everyone] == solo
     assert [c.finish_reason for c in everyone] == ["length"] * len(MIXED)
+
+
+def poisoned(model: GPT, mark: int):
+    """A forward hook making the embedding of token `mark` NaN, as a broken weight row would: any
+    row that holds it gets non-finite logits. (Remove it again: the fixture model is shared.)"""
+    return model.transformer.wte.register_forward_hook(
+        lambda module, inputs, out: out.masked_fill((inputs[0] == mark)[..., None], float("nan")))
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone(model: GPT) -> None:
+    """B's logits turn NaN in the middle of a batch: B alone ends with an error, A decoding beside
+    it gets exactly its solo tokens, and C, which takes B's row next, too (B's NaN keys and values
+    are not left in the row, where the attention product would still meet them, times 0)."""
+    a_prompt, c_prompt = list(range(1, 9)), [4, 5]
+    solo_a = ids(model, a_prompt, seed=0, max_new_tokens=30, temperature=1.0)
+    solo_c = ids(model, c_prompt, max_new_tokens=10, temperature=0)
+    mark = min(set(range(VOCAB)) - set(a_prompt + solo_a + c_prompt + solo_c))
+    a = Continuation(a_prompt, SamplingConfig(max_new_tokens=30, temperature=1.0), seed=0, vocab_size=VOCAB)
+    b = Continuation([mark, 1, 2, 3, 4, 5], SamplingConfig(max_new_tokens=30, temperature=1.0), seed=0,
+                     vocab_size=VOCAB)
+    c = Continuation(c_prompt, SamplingConfig(max_new_tokens=10, temperature=0), seed=0, vocab_size=VOCAB)
+    decoder = Decoder(model, slots=2)
+    decoder.add(a)
+    decoder.add(b)
+    hook = poisoned(model, mark)
+    try:
+        done = decoder.step()  # A's and B's prompts, in one step
+        assert done == [b] and b.finish_reason == "error" and "not finite" in b.error and b.n_new == 0
+        decoder.step()
+        decoder.add(c)  # B's row, while A is longer than B was: C's rows meet B's old slots, masked
+        while decoder.active:
+            decoder.step()
+    finally:
+        hook.remove()
+    assert a.tokens[-a.n_new:] == solo_a and a.finish_reason == "length"
+    assert c.tokens[-c.n_new:] == solo_c and decoder.free_slots == 2
+    with pytest.raises(MyPTError, match="not finite"), poisoned(model, mark):
+        ids(model, [mark], max_new_tokens=5)
 
 
 def test_continuation_text_ends_at_a_stop_string_and_frees_its_row(model: GPT) -> None:

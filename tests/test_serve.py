@@ -9,15 +9,19 @@ the same prompt, seed and settings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, require, run_cli
 from serving import running_server, train_models
 
@@ -173,14 +177,35 @@ def test_a_models_own_chat_template(ckpts: Path) -> None:
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(("field", "value"), [("temperature", "hot"), ("temperature", 3), ("max_tokens", 201),
+@pytest.mark.parametrize(("field", "value"), [("temperature", "hot"), ("temperature", 101), ("max_tokens", 201),
                                               ("n", 0), ("top_p", 0), ("stop", [1]), ("frequency_penalty", 0.5),
-                                              ("seed", 1.5)])
+                                              ("seed", 1.5), ("seed", 2**63), ("repetition_penalty", 1e-38),
+                                              ("repetition_penalty", 1e38), ("top_k", -2), ("stop", ["x" * 1001]),
+                                              ("temperature", 10**400)])
 def test_a_bad_field_is_400_naming_it(client, field: str, value: object) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, max_tokens=5, extra_body={field: value})
     assert error_of(e)["param"] == field
     assert complete(client, max_tokens=5).choices[0].text  # still serving
+
+
+def test_sampling_ranges_are_generate_pys() -> None:
+    """The server checks sampling fields against the one table generate.py's settings use."""
+    from mypt.sampling import BOUNDS, SamplingConfig
+    from mypt.serve.protocol import APIError, Limits, parse_request
+
+    for field, bound in BOUNDS.items():
+        if field == "max_new_tokens":
+            continue  # the server's own --max_tokens caps it
+        for value in (bound.low, bound.high):
+            ok = not (bound.low_open and value == bound.low)
+            body = {"model": "m", "prompt": "a", field: value}
+            if ok:
+                req = parse_request(body, False, Limits())
+                assert req.sampling_config(5) == SamplingConfig(**{**req.sampling, "max_new_tokens": 5})
+            else:
+                with pytest.raises(APIError):
+                    parse_request(body, False, Limits())
 
 
 def test_unknown_field_unknown_model_and_bad_json(client, url: str) -> None:
@@ -301,6 +326,123 @@ def test_concurrent_requests_each_equal_their_solo_output(url: str, models, name
     assert steps < sum(kw["max_tokens"] for _, kw in MIXED)  # decoded together, not one after another
 
 
+# ----------------------------------------------------------------------------- failures stay contained
+
+
+def test_a_request_whose_logits_turn_nan_fails_alone(ckpts: Path, models) -> None:
+    """B's prompt holds a character whose embedding is NaN (a forward hook, as a broken weight
+    row would be): B gets 500 while A, decoding in the same steps, streams its solo text, and C,
+    which reuses B's row, gets its own."""
+    lm = load_model("chars", ckpts, device="cpu", dtype="fp32")
+    kw = dict(max_tokens=100, temperature=0.8, seed=4, ignore_eot=True)
+    solo_a = solo(models["chars"], "ROMEO:", **kw)
+    solo_c = solo(models["chars"], "KING", max_tokens=10, temperature=0)
+    unused = [i for i in range(lm.tokenizer.n_vocab) if i != lm.tokenizer.eot_id
+              and lm.tokenizer.decode([i]) not in "To ROMEO:KING" + solo_a + solo_c]
+    bad_id = unused[0]
+    mark = lm.tokenizer.decode([bad_id])
+    lm.model.transformer.wte.register_forward_hook(
+        lambda module, inputs, out: out.masked_fill((inputs[0] == bad_id)[..., None], float("nan")))
+    with running_server(ckpts, ["chars"], loaded=[lm]) as base, httpx.Client(base_url=base, timeout=60) as http:
+        body = {"model": "chars", "prompt": "ROMEO:", "stream": True, **kw}
+        with http.stream("POST", "/v1/completions", json=body) as stream_a:
+            lines = stream_a.iter_lines()
+            first = next(lines)  # A is decoding
+            b = http.post("/v1/completions", json={"model": "chars", "prompt": "To " + mark, "max_tokens": 20})
+            rest = list(lines)
+        assert b.status_code == 500 and "not finite" in b.json()["error"]["message"]
+        chunks = [json.loads(line[len("data: "):]) for line in [first, *rest] if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == solo_a
+        c = http.post("/v1/completions", json={"model": "chars", "prompt": "KING", "max_tokens": 10, "temperature": 0})
+        assert c.json()["choices"][0]["text"] == solo_c
+
+
+def test_a_step_that_raises_fails_its_request_promptly_and_the_next(ckpts: Path) -> None:
+    """A model whose forward raises (one layer left in float64): every request gets a prompt 500
+    in OpenAI's shape, and /health counts the failed steps."""
+    lm = load_model("chars", ckpts, device="cpu", dtype="fp32")
+    lm.model.transformer.h[0].attn.c_attn.to(torch.float64)
+    with running_server(ckpts, ["chars"], loaded=[lm]) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as e:
+                complete(c, max_tokens=5)
+            assert "decoding failed: RuntimeError" in error_of(e)["message"]
+        health = httpx.get(base + "/health").json()
+        assert health["status"] == "ok" and health["models"]["chars"]["failed_steps"] == 2
+
+
+def test_a_stopped_batcher_answers_every_request_and_health_says_why(ckpts: Path) -> None:
+    """A model on the meta device (what `serve --device meta` loaded): its loop stops at the first
+    request. That request and later ones get 503 at once instead of waiting for ever, /health too."""
+    lm = load_model("chars", ckpts, device="cpu", dtype="fp32")
+    lm.model.to("meta")
+    lm = dataclasses.replace(lm, device=torch.device("meta"))
+    with running_server(ckpts, ["chars"], loaded=[lm]) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        for _ in range(2):
+            with pytest.raises(openai.APIStatusError) as e:
+                complete(c, max_tokens=5)
+            assert e.value.status_code == 503 and error_of(e)["code"] == "model_unavailable"
+            assert "out of service" in error_of(e)["message"]
+        health = httpx.get(base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "META" in health.json()["models"]["chars"]["error"]
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_half_sent_requests_time_out_and_health_still_answers(ckpts: Path) -> None:
+    """50 clients send part of their headers or part of their body and stop: /health answers
+    meanwhile, and each gets 408 and is closed after --request_timeout; a long stream is not cut."""
+    with running_server(ckpts, ["chars"], request_timeout=1.0) as base:
+        port = int(base.rsplit(":", 1)[1])
+        slow, started = [], time.monotonic()
+        for i in range(50):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + (b"Content-Length: 100\r\n\r\n{\"model\"" if i % 2 else b"Content-Le"))
+            slow.append(sock)
+        assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"
+        body = {"model": "chars", "prompt": PROMPT, "stream": True, "max_tokens": 300, "ignore_eot": True}
+        streamed = httpx.post(base + "/v1/completions", json=body, timeout=60).text
+        assert streamed.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in streamed
+        for sock in slow:
+            with sock:
+                answer = read_until_closed(sock)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in answer
+        assert time.monotonic() - started >= 1.0
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+
+
+def test_connections_beyond_the_limit_get_503_at_once(ckpts: Path) -> None:
+    with running_server(ckpts, ["chars"], max_connections=8) as base:
+        port = int(base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(8)]
+        try:
+            for _ in range(4):
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+                    answer = read_until_closed(extra)  # before it sends anything
+                assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer
+            r = httpx.get(base + "/health", timeout=10)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + 20
+        while httpx.get(base + "/health", timeout=10).status_code != 200:  # the server notices the closes
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -349,7 +491,7 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
     r = run_cli("serve", "--model_name", "chars", "chars", "--max_batch", "0", *base, script="src/mypt/__main__.py",
                 cwd=ckpts.parent)
     assert r.returncode == 2
-    assert "--max_batch (0) must be 1 or more" in r.stderr and "lists chars more than once" in r.stderr
+    assert "--max_batch (0) must be from 1 to 65,536" in r.stderr and "lists chars more than once" in r.stderr
     r = run_cli("serve", "--model_name", "nope", *base, script="src/mypt/__main__.py", cwd=ckpts.parent)
     assert r.returncode == 2 and "nope" in r.stderr and "chars" in r.stderr and "Traceback" not in r.stderr
     from mypt.cli.serve import bind
@@ -359,10 +501,19 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
                 script="src/mypt/__main__.py", cwd=ckpts.parent)
     taken.close()
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
-    r = run_cli("serve", "--model_name", "chars", "--max_batch", str(10**12), "--port", "0", *base,
-                script="src/mypt/__main__.py", cwd=ckpts.parent)  # a KV cache no machine has
-    assert r.returncode == 2 and r.stderr.startswith("error: --max_batch 1000000000000: the KV cache of 'chars'")
+    r = run_cli("serve", "--model_name", "chars", "--max_batch", str(10**9), "--max_connections", "0",
+                "--request_timeout", "nan", "--max_body_bytes", str(2**40), "--port", "0", *base,
+                script="src/mypt/__main__.py", cwd=ckpts.parent)  # once: a list of 10**9 free rows, then 8 GB later
+    assert r.returncode == 2 and "--max_batch (1000000000) must be from 1 to 65,536" in r.stderr
+    assert "--max_connections (0)" in r.stderr and "--request_timeout (nan)" in r.stderr
+    assert "--max_body_bytes (1099511627776)" in r.stderr
     assert "serving" not in r.stdout and "Traceback" not in r.stderr
+    few_files = subprocess.run(  # a process that may open 200 files cannot hold 512 connections
+        [sys.executable, "-m", "mypt", "serve", "--model_name", "chars", "--port", "0", *base], cwd=ckpts.parent,
+        capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)))
+    assert few_files.returncode == 2 and "--max_connections 512: this process may open at most 200 files" \
+        in few_files.stderr and "serving" not in few_files.stdout
 
 
 def test_readme_examples_work_as_written(url: str, capsys: pytest.CaptureFixture) -> None:

@@ -73,7 +73,8 @@ def test_page_streams_a_completion_and_takes_a_screenshot(page, url: str, tmp_pa
     page.wait_for_function(FINISHED)
     shown = page.locator("#output .completion").inner_text()
     expected = httpx.post(url + "/v1/completions", json={"model": "rope", "prompt": "ROMEO:\n", "max_tokens": 1000,
-                                                         "temperature": 0.8, "seed": 3}).json()["choices"][0]["text"]
+                                                         "temperature": 0.8, "seed": 3},
+                          timeout=120).json()["choices"][0]["text"]
     assert shown == expected and len(expected) > 200 and len(set(expected)) > 10
     lengths = page.evaluate("window.lengths")
     assert len({n for n in lengths if len("ROMEO:\n") < n < len("ROMEO:\n") + len(expected)}) >= 3  # seen growing

@@ -77,7 +77,7 @@ def test_gpt2_builds_without_network(monkeypatch):
 
 def test_gpt2_ranks_checksum_mismatch_is_reported(monkeypatch):
     monkeypatch.setattr(gpt2_module, "GPT2_SHA256", "0" * 64)
-    with pytest.raises(MyPTError, match="gpt2.tiktoken is corrupted.*reinstall mypt"):
+    with pytest.raises(MyPTError, match="gpt2.tiktoken is damaged.*reinstall mypt"):
         gpt2_module._gpt2_ranks_bytes()
 
 
@@ -391,12 +391,12 @@ def test_tokenizers_saved_before_the_chat_tokens_load_without_them(bpe):
     assert tokenizer_from_json({"kind": "gpt2"}, "x").id_string() == "gpt2"  # gpt2's token cache stays valid
 
 
-def test_chat_template_name_is_kept_and_checked():
+def test_chat_format_is_kept_and_checked():
     tok = build_tokenizer("char", "ab")
-    tok.chat_template = "mypt-chat-1"
-    assert tokenizer_from_json(tok.to_json(), "t.json").chat_template == "mypt-chat-1"
-    assert tokenizer_from_json(build_tokenizer("char", "ab").to_json(), "t.json").chat_template is None
-    with pytest.raises(MyPTError, match="^t.json: 'chat_template' must be"):
-        tokenizer_from_json({"kind": "gpt2", "chat_template": "mypt-chat-1"}, "t.json")  # no chat tokens
+    tok.chat_format = "mypt-chat-1"
+    assert tokenizer_from_json(tok.to_json(), "t.json").chat_format == "mypt-chat-1"
+    assert tokenizer_from_json(build_tokenizer("char", "ab").to_json(), "t.json").chat_format is None
+    with pytest.raises(MyPTError, match="^t.json: 'chat_format' must be"):
+        tokenizer_from_json({"kind": "gpt2", "chat_format": "mypt-chat-1"}, "t.json")  # no chat tokens
     with pytest.raises(MyPTError, match="^t.json: 'special_tokens' must be"):
         tokenizer_from_json({"kind": "gpt2", "special_tokens": {"<|endoftext|>": 50256, "<|user|>": 50257}}, "t.json")

@@ -87,8 +87,11 @@ class LoadedModel:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def encode_prompt(self, prompt: str, what: str = "prompt") -> list[int]:
-        """Token ids of prompt; an empty prompt is the tokenizer's start token. Not cropped."""
-        return self.tokenizer.encode(prompt, what) if prompt else self.tokenizer.start_ids()
+        """Token ids of prompt; an empty prompt is the tokenizer's start token. Not cropped. An imported
+        tokenizer that begins every text with a token (Llama 3's <|begin_of_text|>) begins a prompt with it."""
+        if not prompt:
+            return self.tokenizer.start_ids()
+        return getattr(self.tokenizer, "prompt_prefix", []) + self.tokenizer.encode(prompt, what)
 
     def stream(self, prompt: str = "", **options: Any) -> TextStream:
         """An iterator over the text pieces of prompt's continuation (the prompt not included).
@@ -177,6 +180,6 @@ def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "che
     torch_device = dist.pick_device(device, dist.DistInfo())
     run_dtype = inference_dtype(dtype, torch_device)
     ckpt = load_checkpoint(folder)
-    built = build_model(ckpt, torch_device)
+    built = build_model(ckpt, torch_device, merge_adapters=True)
     built.model.eval()
     return LoadedModel(built.model, built.config, built.tokenizer, ckpt, torch_device, run_dtype)

@@ -9,13 +9,14 @@ is re-tied after loading (GPT.tie_weights).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mypt.checkpoint import Checkpoint
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
+from mypt.finetune.lora import adapted, apply_lora, merge_lora
 from mypt.model import GPT
 from mypt.tokenizers import Tokenizer, tokenizer_from_json
 
@@ -39,13 +40,19 @@ def checkpoint_tokenizer(ckpt: Checkpoint, cfg: ModelConfig) -> Tokenizer:
     return tok
 
 
-def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Built:
+def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu", merge_adapters: bool = False) -> Built:
     """The checkpoint's model on device, its weights loaded (a checkpoint loaded without weights:
-    on "meta", a shell for counting; elsewhere, freshly initialised)."""
+    on "meta", a shell for counting; elsewhere, freshly initialised).
+
+    A LoRA fine-tune's model has its adapters (config.json's "lora"): trainable, or with
+    merge_adapters folded into plain layers, for sampling and export at the base model's speed
+    (the returned config then has no "lora")."""
     cfg = checkpoint_config(ckpt)
     tok = checkpoint_tokenizer(ckpt, cfg)
     with torch.device("meta"):
         model = GPT(cfg)
+        if cfg.lora is not None:
+            apply_lora(model, cfg.lora_config)
     if ckpt.model_state:
         _load_weights(model, ckpt)
         model.to(device)
@@ -53,6 +60,11 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Built:
         model.to_empty(device=device)
         model.tie_weights()
         model.init_weights()
+        for _, layer in adapted(model):
+            layer.reset_adapter()
+    if merge_adapters and cfg.lora is not None:
+        merge_lora(model)
+        cfg = replace(cfg, lora=None)
     return Built(model, cfg, tok)
 
 

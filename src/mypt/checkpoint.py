@@ -7,14 +7,19 @@ This module owns the layout of ``checkpoints/NAME/`` and nothing else::
     iter_N/    the five files as they were at iteration N (--keep_every)
     metrics.jsonl  loss.png  tensorboard/ ...                                 the trainer's files
 
-- :func:`save_checkpoint` writes a whole new folder beside the old one (best/ and iter_N/ are
-  hard links to its files, so they cost no disk until later saves replace those files) and
-  swaps the two atomically: the folder always holds the complete old or the complete new
-  checkpoint. ``training_state.json`` holds a sha256 ``manifest`` of the other files.
+- :func:`save_checkpoint` writes a whole new folder beside the old one (each file made by
+  ``fsutil.create_file``; best/ and iter_N/ are hard links to its files, so they cost no disk
+  until later saves replace those files) and swaps the two atomically (``fsutil.swap_folder``):
+  the folder always holds the complete old or the complete new checkpoint.
+  ``training_state.json`` holds a sha256 ``manifest`` of the other files.
 - :func:`recover` finishes or rolls back a save that was killed. Only the holder of the
   model's :func:`training_lock` may call it (train does, at start); readers never change a thing.
 - :func:`load_checkpoint` reads each file once, checks those bytes against the manifest and
-  parses the same bytes; ``.pt`` files only with ``torch.load(weights_only=True)``.
+  parses the same bytes; ``.pt`` files only with ``torch.load(weights_only=True)``. Every file
+  read (here and in recovery) must be a regular file within a size limit, checked before
+  reading: a FIFO, a device or a folder in a file's place is refused, never waited on.
+- :func:`folder_state` tells a trainer whether a folder takes a new model (none, or empty) or
+  holds one to resume; anything else is refused, never trained over.
 - A model folder that is a symbolic link (to a bigger disk) is saved into the link's target;
   the link stays.
 
@@ -32,6 +37,7 @@ import pickle
 import platform
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -41,9 +47,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mypt import __version__, fsutil
+from mypt import __version__, fsutil, weights_only
 from mypt.errors import MyPTError
-from mypt.formats import weights_only
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "tokenizer.json", "training_state.json", "optimizer.pt")
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE = CHECKPOINT_FILES
@@ -54,6 +59,7 @@ SNAPSHOT_PREFIX = "iter_"
 BEST_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
 FORMAT_VERSION = 1
 MAX_NAME_LENGTH = 100
+MAX_JSON_BYTES = 1 << 30  # far above any config, training state or tokenizer (a 16M-token bpe: ~0.4 GB)
 _LOAD_ATTEMPTS = 3  # a save swapping the folder during a load makes the load start again
 
 _NAME_RULE = (
@@ -121,10 +127,50 @@ def require_models(names: list[str], checkpoints_dir: str | Path) -> None:
         raise no_model_error(missing, checkpoints_dir)
 
 
+NEW, SAVED = "new", "saved"
+
+
+def folder_state(ckpt_dir: Path) -> str:
+    """What a trainer finds at ckpt_dir (after recover()): NEW, no folder or an empty one, where a
+    new model may be saved; or SAVED, a checkpoint with all its files, to resume (its bytes are
+    checked as it loads). A folder holding anything else is never trained over as new: a
+    MyPTError names the missing files and the ways out.
+    """
+    real = real_folder(ckpt_dir)
+    if os.path.lexists(real) and not real.is_dir():
+        raise MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
+    if not real.is_dir():
+        stranded = sorted(e.name for e in _leftovers(real))
+        if stranded:  # recover() could not put them back
+            raise MyPTError(f"{ckpt_dir} is missing, but an interrupted save left {', '.join(stranded)} beside it, "
+                            "holding files that could not be put back; move them away (or pick another "
+                            "--model_name) and run again")
+        return NEW
+    held = sorted(e.name + ("/" if e.is_dir() else "") for e in real.iterdir())
+    if not held:
+        return NEW
+    missing = missing_files(real)
+    if not missing:
+        return SAVED
+    shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+    raise MyPTError(f"{ckpt_dir} is not a complete checkpoint: {', '.join(missing)} missing (it holds {shown}); "
+                    "training would overwrite it, so nothing was done. Restore the missing file(s) from a backup, "
+                    "or move the folder away, or pick another --model_name")
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The files a complete checkpoint in folder must have but it lacks: config.json,
+    tokenizer.json, training_state.json, a weights file and whatever its manifest lists."""
+    listed = _manifest_names(folder) or set()
+    present = {n for n in {*CHECKPOINT_FILES, *WEIGHTS_FILES, *listed} if os.path.lexists(folder / n)}
+    weights = next((n for n in WEIGHTS_FILES if n in listed | present), MODEL_FILE)
+    return sorted({CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, weights, *listed} - present)
+
+
 def best_dir(ckpt_dir: Path) -> Path:
     """The folder of a model's best-validation weights; MyPTError if it has none yet."""
     folder = Path(ckpt_dir) / BEST_DIR
-    if not (folder / STATE_FILE).is_file():
+    if not os.path.lexists(folder / STATE_FILE):  # there but not a file: the load names what it is
         raise MyPTError(f"'{Path(ckpt_dir).name}' has no best checkpoint yet ({folder}/ is missing): it is "
                         "written at the first evaluation, unless training ran with --no-keep_best; "
                         "leave out --best to use the latest weights")
@@ -187,59 +233,15 @@ def _test_pause() -> None:
         time.sleep(float(delay))
 
 
-class _HashingWriter:
-    """File-like wrapper that hashes what passes through and remembers the first OSError.
-
-    torch.save turns a failed write (disk full, file too large) into an opaque RuntimeError;
-    keeping the OSError lets the caller report the real reason.
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.size = 0
-        self.digest = hashlib.sha256()
-        self.error: OSError | None = None
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-        self.digest.update(data)
-        n = memoryview(data).nbytes
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 Content = bytes | Callable[[BinaryIO], object]
 
 
 def _write_file(path: Path, content: Content) -> dict[str, Any]:
-    """Create path with content (bytes, or a function writing a file), fsync it; its manifest entry."""
-    try:
-        with open(path, "xb") as f:
-            writer = _HashingWriter(f)
-            try:
-                if isinstance(content, bytes):
-                    writer.write(content)
-                else:
-                    content(writer)
-            except Exception as exc:
-                if writer.error is not None and not isinstance(exc, OSError):
-                    raise writer.error from exc  # torch.save hid the OSError
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-            _test_pause()
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
-    return {"size": writer.size, "sha256": writer.digest.hexdigest()}
+    """Create path with content (bytes, or a function writing a file), fsync'd; its manifest entry."""
+    fill = content if callable(content) else (lambda f: f.write(content))
+    size, sha256 = fsutil.create_file(path, fill)
+    _test_pause()
+    return {"size": size, "sha256": sha256}
 
 
 def torch_content(obj: Any) -> Content:
@@ -336,7 +338,7 @@ def save_checkpoint(
     moved: list[str] = []
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # this pid's own leftover (a reused pid)
+        fsutil.remove_temp(tmp)  # this pid's own leftover (a reused pid); a link there itself, not its target
         manifest = write_folder(tmp, files, training_state)
         written = set()
         if best:
@@ -388,28 +390,39 @@ def _fsync_quietly(path: Path) -> None:
 
 
 def _leftovers(real: Path) -> list[Path]:
-    """Temp folders that saves of this model left behind (killed saves)."""
-    prefix = f".{real.name}.tmp-"
+    """Temp folders that saves of this model left behind (killed saves); never another model's."""
     if not real.parent.is_dir():
         return []
-    return [e for e in real.parent.iterdir() if e.name.startswith(prefix) and e.is_dir()]
+    return [e for e in real.parent.iterdir()
+            if fsutil.is_temp_of(e.name, real.name) and e.is_dir() and not e.is_symlink()]
+
+
+def _saved_state(folder: Path) -> dict[str, Any] | None:
+    """folder's training_state.json, read as a load reads it; None if it is missing or unusable
+    (for recovery and messages: a load names the problem)."""
+    try:
+        opened = _Folder(folder)
+    except OSError:
+        return None
+    try:
+        return _json_object(folder / STATE_FILE, opened.read(STATE_FILE))
+    except (OSError, MyPTError):
+        return None
+    finally:
+        opened.close()
 
 
 def _manifest_names(folder: Path) -> set[str] | None:
     """Names listed in folder's manifest; None if training_state.json is unreadable."""
-    try:
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    state = _saved_state(folder)
+    if state is None:
         return None
-    manifest = state.get("manifest") if isinstance(state, dict) else None
+    manifest = state.get("manifest")
     return set(manifest) if isinstance(manifest, dict) else set()
 
 
 def _iteration_of(folder: Path) -> int | None:
-    try:
-        value = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("iteration")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = (_saved_state(folder) or {}).get("iteration")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -489,12 +502,13 @@ class Checkpoint:
 
 def _interrupted(ckpt_dir: Path) -> MyPTError:
     return MyPTError(f"the last save of '{ckpt_dir.name}' was interrupted before it finished (a leftover "
-                     f".{ckpt_dir.name}.tmp-* folder is beside {ckpt_dir}); nothing is lost: run "
+                     f".{ckpt_dir.name}~tmp-* folder is beside {ckpt_dir}); nothing is lost: run "
                      f"`python train.py --model_name {ckpt_dir.name}` (with the same --checkpoints_dir) "
                      "to restore it, then run this command again")
 
 
-def _folder_problem(ckpt_dir: Path) -> MyPTError:
+def folder_problem(ckpt_dir: Path) -> MyPTError:
+    """Why there is no model folder at ckpt_dir: not a folder, an interrupted save, or no such model."""
     if os.path.lexists(ckpt_dir) and not ckpt_dir.is_dir():
         return MyPTError(f"{ckpt_dir} is not a folder; move it away or pick another --model_name")
     if _leftovers(real_folder(ckpt_dir)):
@@ -529,28 +543,60 @@ class _Folder:
         return True
 
     def size(self, name: str) -> int:
-        return os.stat(name, dir_fd=self.fd).st_size
+        """The size of name, which must be a regular file (links followed)."""
+        st = os.stat(name, dir_fd=self.fd)
+        kind = fsutil.file_kind(st.st_mode)
+        if kind is not None:
+            raise MyPTError(f"{self.path / name}: is {kind}, not a regular file; {_PUT_BACK}")
+        return st.st_size
 
-    def read(self, name: str) -> bytes:
-        fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
+    def read(self, name: str, expected: int | None = None) -> bytes:
+        """The bytes of name: a regular file (links followed; a FIFO or device is refused, never
+        waited on), within its size limit and of size `expected` (its manifest's) if given,
+        both checked before a byte is read."""
+        path = self.path / name
+        fd = fsutil.open_regular(name, str(path), _PUT_BACK, dir_fd=self.fd)
         with os.fdopen(fd, "rb") as f:
-            return f.read()
+            size = os.fstat(fd).st_size
+            _check_size(path, size, expected)
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise _broken(path, f"changed while it was read ({len(data)} bytes, then {size})", "run the command again")
+        return data
+
+
+_PUT_BACK = "put the real file in its place (restore it from a backup)"
 
 
 def _broken(path: Path, what: str, fix: str = "restore it from a backup or train the model again") -> MyPTError:
     return MyPTError(f"{path} {what}; {fix}")
 
 
+def _size_limit(name: str) -> tuple[int, str]:
+    """The most bytes a checkpoint file of this name can hold, and what that limit is."""
+    if name.endswith(".json"):
+        return MAX_JSON_BYTES, "the limit for a checkpoint's JSON file"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory, which it must fit in"
+    except (ValueError, OSError):
+        return sys.maxsize, "no limit"
+
+
+def _check_size(path: Path, size: int, expected: int | None) -> None:
+    limit, what = _size_limit(path.name)
+    if size > limit:
+        raise _broken(path, f"is {size:,} bytes, more than {what} ({limit:,} bytes): it is not a checkpoint file",
+                      "restore it from a backup")
+    if expected is not None and size != expected:
+        raise _broken(path, f"does not match its manifest (truncated or modified: {size} bytes, expected {expected})")
+
+
 def _checked(folder: _Folder, name: str, manifest: dict[str, Any] | None) -> bytes:
     """The bytes of folder/name, read once and checked against its manifest entry."""
-    data = folder.read(name)
     entry = None if manifest is None else manifest.get(name)
-    if entry is not None:
-        if len(data) != entry["size"]:
-            raise _broken(folder.path / name, f"does not match its manifest (truncated or modified: "
-                          f"{len(data)} bytes, expected {entry['size']})")
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise _broken(folder.path / name, "does not match its manifest (truncated or modified: sha256 differs)")
+    data = folder.read(name, None if entry is None else entry["size"])
+    if entry is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise _broken(folder.path / name, "does not match its manifest (truncated or modified: sha256 differs)")
     return data
 
 
@@ -621,16 +667,21 @@ def _model_state(path: Path, data: bytes, map_location: str | torch.device | Non
     return state
 
 
-def _files_of(folder: _Folder, manifest: dict[str, Any] | None) -> tuple[str, bool]:
-    """(the weights file, whether there is an optimizer.pt); MyPTError if a needed file is missing."""
+def _files_of(folder: _Folder, manifest: dict[str, Any] | None, with_optimizer: bool) -> tuple[str, bool]:
+    """(the weights file, whether there is an optimizer.pt); MyPTError if a needed file is missing.
+
+    optimizer.pt is needed only to resume training (with_optimizer) and only if the manifest
+    lists it: generate, eval and export never read it, so they load a folder without it.
+    """
     names = set(manifest) if manifest is not None else {n for n in CHECKPOINT_FILES + WEIGHTS_FILES if folder.has(n)}
     weights = next((n for n in WEIGHTS_FILES if n in names), MODEL_FILE)
-    missing = [n for n in sorted(names | {weights, CONFIG_FILE, TOKENIZER_FILE}) if not folder.has(n)]
+    needed = names if with_optimizer else names - {OPTIMIZER_FILE}
+    missing = [n for n in sorted(needed | {weights, CONFIG_FILE, TOKENIZER_FILE}) if not folder.has(n)]
     if missing:
         listed = " (listed in its manifest)" if manifest is not None else ""
         raise _broken(folder.path, f"is incomplete: {', '.join(missing)} missing{listed}",
                       "restore the file(s) from a backup or train the model again")
-    return weights, OPTIMIZER_FILE in names
+    return weights, OPTIMIZER_FILE in names and folder.has(OPTIMIZER_FILE)
 
 
 class _Replaced(Exception):
@@ -666,13 +717,13 @@ def _load_from(folder: _Folder, *, with_optimizer: bool, weights: bool, map_loca
     state = _json_object(path / STATE_FILE, folder.read(STATE_FILE))
     _check_format_version(path / STATE_FILE, state)
     manifest = _manifest_of(path, state)
-    weights_name, has_optimizer = _files_of(folder, manifest)
+    weights_name, has_optimizer = _files_of(folder, manifest, with_optimizer)
     wanted = {CONFIG_FILE, TOKENIZER_FILE} | ({weights_name} if weights else set())
     if with_optimizer and has_optimizer:
         wanted.add(OPTIMIZER_FILE)
     data = {name: _checked(folder, name, manifest) for name in sorted(wanted)}
-    for name in set(manifest or ()) - wanted:  # not loaded: their sizes at least must match
-        if folder.size(name) != manifest[name]["size"]:
+    for name in set(manifest or ()) - wanted:  # not loaded: their sizes at least must match, if they are there
+        if folder.has(name) and folder.size(name) != manifest[name]["size"]:
             raise _broken(path / name, "does not match its manifest (truncated or modified: size differs)")
     config = _json_object(path / CONFIG_FILE, data[CONFIG_FILE])
     tokenizer = _json_object(path / TOKENIZER_FILE, data[TOKENIZER_FILE])
@@ -698,13 +749,13 @@ def load_checkpoint(ckpt_dir: Path, *, with_optimizer: bool = False, weights: bo
     ckpt_dir = Path(ckpt_dir)
     for _ in range(_LOAD_ATTEMPTS - 1):
         if not ckpt_dir.is_dir():
-            raise _folder_problem(ckpt_dir)
+            raise folder_problem(ckpt_dir)
         try:
             return _load_once(ckpt_dir, with_optimizer=with_optimizer, weights=weights, map_location=map_location)
         except _Replaced:
             continue  # a save replaced the folder meanwhile: read the new one
     if not ckpt_dir.is_dir():
-        raise _folder_problem(ckpt_dir)
+        raise folder_problem(ckpt_dir)
     try:
         return _load_once(ckpt_dir, with_optimizer=with_optimizer, weights=weights, map_location=map_location)
     except _Replaced as exc:

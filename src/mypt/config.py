@@ -31,13 +31,15 @@ REQUIRED_FIELDS: dict[str, type] = {
     "dropout": float,
     "bias": bool,
 }
-OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str, "training": dict}
+OPTIONAL_FIELDS: dict[str, type] = {"name": str, "description": str, "device": str, "training": dict,
+                                    "lora": dict}
 # Architecture components beyond GPT-2's (model.py's docstring says what each does). An absent
 # field takes the default below, which is GPT-2's choice, so older presets and checkpoints load
 # unchanged; config.json leaves out the fields at their defaults.
 ARCH_FIELDS: dict[str, type] = {
     "position": str, "rope_theta": float, "norm": str, "norm_eps": float, "mlp": str,
     "intermediate_size": int, "qk_norm": bool, "n_kv_head": int, "tie_embeddings": bool, "zero_init": bool,
+    "head_size": int, "rope_scaling": dict,
 }
 ARCH_CHOICES = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
 # The CLI flags the spec calls "architecture parameters": taken from the preset when one is given.
@@ -73,8 +75,11 @@ class ModelConfig:
     n_kv_head: int | None = None  # key/value heads; default n_head (no grouping)
     tie_embeddings: bool = True
     zero_init: bool = False
+    head_size: int | None = None  # each attention head's width (transformers' head_dim); default n_embd // n_head
+    rope_scaling: dict[str, Any] | None = None  # Llama 3's rotary frequency scaling (ROPE_SCALING_KEYS); None: none
     # training flags this preset was tuned with: defaults for a new run, the CLI overrides them
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # a LoRA fine-tune's adapters (LoRAConfig's fields); None: none
 
     def __post_init__(self) -> None:
         problems = _field_problems(dataclasses.asdict(self))
@@ -106,6 +111,8 @@ class ModelConfig:
             del d["device"]
         if not d["training"]:
             del d["training"]
+        if d["lora"] is None:
+            del d["lora"]
         for key, default in _ARCH_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
@@ -113,12 +120,16 @@ class ModelConfig:
 
     def arch_dict(self) -> dict[str, Any]:
         """The fields that shape the network (what a checkpoint's weights depend on)."""
-        keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", *ARCH_FIELDS)
+        keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", *ARCH_FIELDS, "lora")
         return {k: getattr(self, k) for k in keys}
 
     @property
+    def lora_config(self) -> LoRAConfig | None:
+        return None if self.lora is None else LoRAConfig(**self.lora)
+
+    @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -132,6 +143,8 @@ class ModelConfig:
     def components(self) -> list[tuple[str, str]]:
         """The architecture's components as (label, value) rows, for show_configs and inspect."""
         position = f"rotary (theta {self.rope_theta:g})" if self.position == "rope" else "learned"
+        if self.position == "rope" and self.rope_scaling:
+            position += f", llama3 scaling x{self.rope_scaling['factor']:g}"
         mlp = {"gelu": "GELU", "swiglu": "SwiGLU (gated)", "relu2": "squared ReLU"}[self.mlp]
         groups = "" if self.kv_heads == self.n_head else f", {self.kv_heads} key/value heads (grouped-query)"
         head = "tied to the token embedding" if self.tie_embeddings else "untied"
@@ -176,6 +189,8 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
             valid[key] = value
     if "training" in valid:
         problems += _training_problems(valid["training"])
+    if "lora" in valid:
+        problems += [f"lora.{p}" for p in lora_problems(valid["lora"])]
     return problems + _shape_problems(valid)
 
 
@@ -189,6 +204,28 @@ def _value_problem(key: str, value: Any, want: type) -> str | None:
         return f"{key} ({json.dumps(value)}) must be one of {', '.join(ARCH_CHOICES[key])}"
     if key in ("rope_theta", "norm_eps") and not 0 < value < float("inf"):
         return f"{key} ({value}) must be a number above 0"
+    if key == "rope_scaling":
+        return rope_scaling_problem(value)
+    return None
+
+
+# Llama 3's rotary scaling (transformers' rope_type "llama3"), each key with its type
+ROPE_SCALING_KEYS = {"rope_type": str, "factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                     "original_max_position_embeddings": int}
+
+
+def rope_scaling_problem(d: dict[str, Any]) -> str | None:
+    """What is wrong with a rope_scaling object (None: nothing)."""
+    shape = ", ".join(f'"{k}"' for k in ROPE_SCALING_KEYS)
+    if set(d) != set(ROPE_SCALING_KEYS) or d.get("rope_type") != "llama3":
+        return (f"rope_scaling ({json.dumps(d)[:160]}) must have exactly the keys {shape}, with rope_type "
+                '"llama3" (the only scaling MyPT has)')
+    for key, want in ROPE_SCALING_KEYS.items():
+        if want is not str and not (_type_ok(d[key], want) and 0 < d[key] < float("inf")):
+            return f"rope_scaling.{key} ({json.dumps(d[key])}) must be {_TYPE_NAMES[want]} above 0"
+    if d["high_freq_factor"] <= d["low_freq_factor"]:
+        return (f"rope_scaling.high_freq_factor ({d['high_freq_factor']}) must be above low_freq_factor "
+                f"({d['low_freq_factor']})")
     return None
 
 
@@ -197,14 +234,19 @@ def _shape_problems(valid: dict[str, Any]) -> list[str]:
     n_embd, n_head, n_kv = valid.get("n_embd"), valid.get("n_head"), valid.get("n_kv_head")
     if n_embd is None or n_head is None:
         return []
-    if n_embd % n_head:
-        return [f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"]
+    head_size = valid.get("head_size")
+    if n_embd % n_head and head_size is None:
+        return [f"n_embd ({n_embd}) must be divisible by n_head ({n_head}), or head_size set"]
+    size = f"head_size is {head_size}" if head_size else f"n_embd / n_head is {n_embd // n_head}"
+    head_size = head_size or n_embd // n_head
     problems = []
     if n_kv is not None and n_head % n_kv:
         problems.append(f"n_kv_head ({n_kv}) must divide n_head ({n_head}): each key/value head serves "
                         "the same number of query heads")
-    if valid.get("position") == "rope" and (n_embd // n_head) % 2:
-        problems.append(f"position rope needs an even head size; n_embd / n_head is {n_embd // n_head}")
+    if valid.get("position") == "rope" and head_size % 2:
+        problems.append(f"position rope needs an even head size; {size}")
+    if valid.get("rope_scaling") and valid.get("position") != "rope":
+        problems.append("rope_scaling needs position rope")
     return problems
 
 
@@ -224,7 +266,44 @@ def _training_problems(block: dict[str, Any]) -> list[str]:
     return problems
 
 
-_NULLABLE = ("intermediate_size", "n_kv_head")
+LORA_TARGETS = ("attn", "mlp", "all")
+MAX_LORA_RANK = 1 << 16
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (finetune/lora.py): their rank, alpha (the update is scaled by alpha / rank),
+    dropout on their input, and which of the blocks' linear layers get one."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str = "all"
+
+    def __post_init__(self) -> None:
+        problems = lora_problems(dataclasses.asdict(self))
+        if problems:
+            raise MyPTError(_format_problems("lora", problems))
+
+
+def lora_problems(d: dict[str, Any]) -> list[str]:
+    """Problems of a LoRA block (config.json's "lora", or the --lora_* flags), field by field."""
+    known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    problems = [f"unknown field '{k}' (known: {', '.join(sorted(known))})" for k in d if k not in known]
+    rank, alpha = d.get("rank"), d.get("alpha")
+    if not (type(rank) is int and 1 <= rank <= MAX_LORA_RANK):
+        problems.append(f"rank ({json.dumps(rank)}) must be an integer from 1 to {MAX_LORA_RANK}")
+    if not (_type_ok(alpha, float) and 0 < alpha < float("inf")):
+        problems.append(f"alpha ({json.dumps(alpha)}) must be a number above 0")
+    dropout = d.get("dropout", 0.0)
+    if not (_type_ok(dropout, float) and 0 <= dropout < 1):
+        problems.append(f"dropout ({json.dumps(dropout)}) must be at least 0 and below 1")
+    if d.get("targets", "all") not in LORA_TARGETS:
+        problems.append(f"targets ({json.dumps(d.get('targets'))}) must be one of {', '.join(LORA_TARGETS)}")
+    return problems
+
+
+_NULLABLE = ("intermediate_size", "n_kv_head", "head_size", "rope_scaling")
 _ARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ARCH_FIELDS}
 
 

@@ -2,9 +2,9 @@
 
 The only module that reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun). It picks the
 device and the autocast dtype, starts and tears down the process group (nccl on CUDA, gloo on
-CPU), wraps the model for data parallel (DDP) or sharded (FSDP2) training, and offers the few
-collectives the training loop needs. With one process every helper is a cheap no-op, so the
-loop reads the same either way.
+CPU), wraps the model for data parallel (DDP) training or builds it sharded (FSDP2, never whole
+on one rank), and offers the few collectives the training loop needs. With one process every
+helper is a cheap no-op, so the loop reads the same either way.
 
 Files are rank 0's business: it plans the run (`from_main`), tokenizes first and writes every
 checkpoint, while the other ranks wait on a separate group with a long timeout (`barrier`).
@@ -15,11 +15,12 @@ rank that dies (or a collective that fails) becomes `PeerLost` on the others.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -203,7 +204,7 @@ def from_main(make: Callable[[], T], share: Callable[[T], T] = lambda result: re
 
     For the work done once, on rank 0's disk: checking the command against the files, reading
     the checkpoint. share() keeps what the other ranks need (not, say, the weights: those come
-    by broadcast in wrap_model and load_optimizer_state).
+    by broadcast in wrap_model or sharded_model, and load_optimizer_state).
     """
     if not td.is_initialized():
         return make()
@@ -235,28 +236,66 @@ def same_on_every_rank(check: Callable[[], T]) -> T:
         raise
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool) -> torch.nn.Module:
-    """Apply data parallelism from outside the model: DDP, or FSDP2 (fully_shard) per block.
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """Apply data parallelism (DDP) from outside the model; with one process, the model itself.
 
     Every rank starts from rank 0's weights (DDP broadcasts them itself), so only rank 0 needs
-    to load a checkpoint.
+    to load a checkpoint. A sharded model comes from `sharded_model` instead.
     """
     if not info.enabled:
-        if fsdp:
-            raise MyPTError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for tensor in model.state_dict().values():
-            td.broadcast(tensor, src=0)
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sharded_model(model: torch.nn.Module, info: DistInfo, device: torch.device,
+                  weights: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """FSDP2 without the whole model on any rank: `model`, built on the meta device (no memory),
+    is sharded there (fully_shard of each block, then of the root), and only then is each rank's
+    shard allocated on `device` and filled, one parameter at a time.
+
+    weights None: a new model, with the very weights the model's class builds on a CPU under the
+    current seed (its construction draws, then its weight_inits). Otherwise rank 0's full state
+    dict (the other ranks pass an empty one): sent tensor by tensor, each rank keeping its shard.
+    """
+    if not info.enabled:
+        raise MyPTError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    if weights is None:
+        _skip_construction_draws(model)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=device)
+    if weights is None:
+        _init_shards(model)
+    else:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, dict(weights), options=options)
+    return model
+
+
+def _skip_construction_draws(model: torch.nn.Module) -> None:
+    """Advance torch's CPU generator past what building `model` on a CPU draws (each layer's
+    default initialisation, which the model's own then overwrites), one layer at a time, in
+    module order: the order GPT builds its layers in (tests/fsdp_build.py checks the weights)."""
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and next(module.parameters(recurse=False), None) is not None:
+            copy.deepcopy(module).to_empty(device="cpu").reset_parameters()
+
+
+@torch.no_grad()
+def _init_shards(model: torch.nn.Module) -> None:
+    """Each parameter's initialisation drawn whole on the CPU (as an unsharded model's), then this
+    rank's shard of it kept: one full parameter in memory at a time, never the model."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for param, init in model.weight_inits():
+        full = init(torch.empty(param.shape, dtype=param.dtype)).to(param.device)
+        param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
 
 
 def no_sync(model: torch.nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:

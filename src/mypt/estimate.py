@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from mypt.errors import MyPTError
-from mypt.model import GPT, LOSS_CHUNK_ROWS
+from mypt.model import GPT
+from mypt.ops import LOSS_CHUNK_ROWS
 from mypt.optim import is_hidden_matrix
 
 
@@ -61,7 +62,8 @@ def count_params(cfg: Any) -> int:
 
 def flops_per_token(cfg: Any, n_params: int | None = None) -> int:
     """Training FLOPs per token (forward + backward): 6 per weight of a matrix product (the
-    blocks' matrices and the output layer) + 12 L C T for attention.
+    blocks' matrices and the output layer) + 12 L C T for attention (C: the heads' total width,
+    n_head * head_dim, which is n_embd unless head_size is set).
 
     Embedding tables are lookups, not products: the position table, and the token table when
     the output layer is a matrix of its own (a tied one is counted once, as the output layer).
@@ -70,7 +72,7 @@ def flops_per_token(cfg: Any, n_params: int | None = None) -> int:
     lookups = (cfg.block_size if cfg.position == "learned" else 0) * cfg.n_embd
     if not cfg.tie_embeddings:
         lookups += cfg.vocab_size * cfg.n_embd
-    return 6 * (n - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return 6 * (n - lookups) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
 
 
 @dataclass

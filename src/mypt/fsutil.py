@@ -1,16 +1,19 @@
 """Files, the one way MyPT touches them: atomic writes, folder swaps, hashing, checks, locks.
 
-Every file MyPT writes goes through `atomic_write` (a temp file beside the target, fsync'd,
-renamed over it), and every checkpoint folder through `swap_folder` (renameat2's exchange where
-the OS has it). A failed write becomes one `MyPTError` naming the file and the fix
-(`write_error`). Every path a user gives is checked for what it is before it is opened
-(`check_regular_file`), so a FIFO or a device never blocks or floods a command. JSON is read by
+A file is replaced by `atomic_write` (a temp file beside the target, fsync'd, renamed over
+it); a checkpoint's files are made by `create_file` in a temp folder that `swap_folder` puts in
+place of the old one (renameat2's exchange where the OS has it). A failed write becomes one
+`MyPTError` naming the file and the fix (`write_error`). Every path a user gives is checked for
+what it is before it is opened (`check_regular_file`), and every checkpoint file is opened by
+`open_regular`, so a FIFO or a device never blocks or floods a command. JSON is read by
 `read_json`, which names the file and refuses duplicate keys. `FileLock` is an OS lock (flock)
 that records the host and pid holding it; it dies with its process, on any machine that shares
 the file system.
 
-Temp files and folders are named `.NAME.tmp-...`; `is_temp_name` recognises them, so a write
-killed half way is never mistaken for data.
+Temp files and folders are named `.NAME~tmp-PID`; `is_temp_name` recognises them, so a write
+killed half way is never mistaken for data, and `is_temp_of` finds exactly those of one name
+('~' is in no model name, so the temp names of two models never look alike). A temp path is
+created fresh by `create_temp`: never through a link, never into a file already there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -32,7 +36,7 @@ from typing import Any, BinaryIO
 from mypt.errors import MyPTError
 
 HASH_CHUNK = 1 << 20
-_TEMP_MARK = ".tmp-"
+_TEMP_MARK = "~tmp-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 FIXES = {
@@ -50,7 +54,7 @@ FIXES = {
 
 def os_reason(exc: OSError) -> str:
     """'model.pt: No space left on device' out of an OSError."""
-    where = f"{Path(exc.filename).name}: " if exc.filename else ""
+    where = f"{Path(exc.filename).name}: " if isinstance(exc.filename, (str, os.PathLike)) and exc.filename else ""
     return f"{where}{exc.strerror or exc}"
 
 
@@ -67,8 +71,10 @@ def write_error(what: str, exc: OSError, intact: str = "") -> MyPTError:
 # ----------------------------------------------------------------------------- temp names
 
 
-def temp_path(final: Path, tag: str | int | None = None) -> Path:
-    """A hidden temp sibling of final (same folder, so same file system): .NAME.tmp-PID[-TAG]."""
+def temp_path(final: Path, tag: str | None = None) -> Path:
+    """A hidden temp sibling of final (same folder, so same file system): .NAME~tmp-PID[-TAG]."""
+    if tag is not None and not re.fullmatch(r"[a-z]+", tag):
+        raise ValueError(f"temp tag {tag!r}: lower-case letters only")
     suffix = f"{os.getpid()}" if tag is None else f"{os.getpid()}-{tag}"
     return final.parent / f".{final.name}{_TEMP_MARK}{suffix}"
 
@@ -76,6 +82,33 @@ def temp_path(final: Path, tag: str | int | None = None) -> Path:
 def is_temp_name(name: str) -> bool:
     """True for names temp_path makes: leftovers of a write that was killed."""
     return name.startswith(".") and _TEMP_MARK in name
+
+
+def is_temp_of(name: str, final_name: str) -> bool:
+    """True if name is exactly one temp_path makes for final_name (in any process, with any tag)."""
+    return re.fullmatch(rf"\.{re.escape(final_name)}{re.escape(_TEMP_MARK)}\d+(-[a-z]+)?", name) is not None
+
+
+def remove_temp(tmp: Path) -> None:
+    """Remove what is at a temp path (left by a killed write of a process with the same pid):
+    a link itself, never what it points to."""
+    if tmp.is_symlink() or (os.path.lexists(tmp) and not tmp.is_dir()):
+        tmp.unlink()
+    elif tmp.is_dir():
+        shutil.rmtree(tmp)
+
+
+def _open_new(path: Path) -> BinaryIO:
+    """Create path for writing; it must not exist (O_EXCL refuses a link there too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def create_temp(tmp: Path) -> BinaryIO:
+    """Open the temp file tmp (from temp_path) for writing, created fresh: what was there is
+    removed first, and a link planted there meanwhile is refused, never written through."""
+    remove_temp(tmp)
+    return _open_new(tmp)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -98,7 +131,7 @@ def atomic_write(final: Path, fill: Callable[[BinaryIO], object], what: str | No
     final = Path(final)
     tmp = temp_path(final)
     try:
-        with open(tmp, "wb") as f:
+        with create_temp(tmp) as f:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
@@ -115,6 +148,59 @@ def atomic_write(final: Path, fill: Callable[[BinaryIO], object], what: str | No
 
 def atomic_write_bytes(final: Path, data: bytes, what: str | None = None) -> None:
     atomic_write(final, lambda f: f.write(data), what)
+
+
+class _HashingWriter:
+    """File-like wrapper that hashes what passes through and remembers the first OSError.
+
+    torch.save turns a failed write (disk full, file too large) into an opaque RuntimeError;
+    keeping the OSError lets the caller report the real reason.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        self.digest.update(data)
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def create_file(path: Path, fill: Callable[[BinaryIO], object]) -> tuple[int, str]:
+    """Create path (in a temp folder that is swapped in whole: checkpoint saves), let fill() write
+    it and fsync it; (size, sha256) of what was written.
+
+    path must not exist, and a link there is not followed. A failed write raises its OSError
+    (naming path), also when fill (torch.save) hid it inside another exception.
+    """
+    try:
+        with _open_new(path) as f:
+            writer = _HashingWriter(f)
+            try:
+                fill(writer)
+            except Exception as exc:
+                if writer.error is not None and not isinstance(exc, OSError):
+                    raise writer.error from exc
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+    return writer.size, writer.digest.hexdigest()
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -186,7 +272,7 @@ def new_folder(out: Path, flag: str = "--out") -> Iterator[Path]:
     tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp)
         tmp.mkdir()
         yield tmp
         fsync_dir(tmp)
@@ -212,6 +298,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_kind(mode: int) -> str | None:
+    """None for a regular file; else what it is: 'a directory', 'a FIFO (named pipe)', 'a device or socket'."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+
+
 def check_regular_file(path: str | Path, what: str) -> Path:
     """path if it names a regular file (links followed); else MyPTError naming `what`.
 
@@ -226,10 +321,30 @@ def check_regular_file(path: str | Path, what: str) -> Path:
         raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
     if stat.S_ISDIR(mode):
         raise MyPTError(f"{what}: is a directory, not a file; pass a file")
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+    kind = file_kind(mode)
+    if kind is not None:
         raise MyPTError(f"{what}: is {kind}, not a regular file; save its content to a file and pass that")
     return path
+
+
+def open_regular(path: str | Path, what: str, fix: str, *, dir_fd: int | None = None) -> int:
+    """A read-only descriptor of path (relative to dir_fd if given), which must be a regular file
+    (links followed); else MyPTError "{what}: is a FIFO (named pipe), not a regular file; {fix}".
+
+    Checked before and after opening, and opened without blocking: a FIFO or device put in a
+    file's place is refused, never waited on or read without end. OSErrors (missing, no
+    permission) come through for the caller to name.
+    """
+    kind = file_kind(os.stat(path, dir_fd=dir_fd).st_mode)
+    fd = -1
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        if fd >= 0:
+            os.close(fd)
+        raise MyPTError(f"{what}: is {kind}, not a regular file; {fix}")
+    return fd
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -305,10 +420,30 @@ class FileLock:
         except OSError as exc:
             raise write_error(f"the lock file {self.path}", exc) from None
 
+    def _open(self) -> int:
+        """The lock file, opened (created if missing) without following a link or blocking; a
+        path that is not a regular file of its own (a link, a FIFO, a hard link to another
+        file) is refused before anything is written to it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            fd, kind = -1, {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(exc.errno, "a socket")
+        else:
+            st = os.fstat(fd)
+            kind = file_kind(st.st_mode) or ("a file with other names: hard links" if st.st_nlink > 1 else None)
+        if kind is not None:
+            if fd >= 0:
+                os.close(fd)
+            raise MyPTError(f"the lock file {self.path} is not a regular file of its own ({kind}); MyPT makes "
+                            "this file itself: remove it (nothing in it is needed) and run again")
+        return fd
+
     def _take(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -321,7 +456,7 @@ class FileLock:
                 os.close(fd)
                 raise
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -342,7 +477,7 @@ class FileLock:
         if self._fd is None:
             return
         try:
-            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+            if os.lstat(self.path).st_ino == os.fstat(self._fd).st_ino:
                 os.unlink(self.path)  # before unlocking: see the class docstring
         except OSError:
             pass  # already gone, or a read-only folder: the lock file stays, harmless

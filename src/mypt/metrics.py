@@ -60,8 +60,11 @@ def read_metrics(ckpt_dir: Path) -> list[dict[str, Any]]:
     path = ckpt_dir / METRICS_FILE
     if not path.exists():
         return []
+    fd = fsutil.open_regular(path, str(path), "move it away (it is a log; training starts a new one)")
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        text = f.read()
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

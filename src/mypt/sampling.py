@@ -1,9 +1,11 @@
 """Sampling: turning a GPT's next-token logits into tokens and text, one token at a time.
 
-Owns the sampling settings (`SamplingConfig`), the logits processing (repetition penalty,
+Owns the sampling settings (`SamplingConfig`) and the one table of their ranges (`BOUNDS`, which
+the server checks requests against too), the logits processing (repetition penalty,
 temperature, top-k, top-p), the context-window policy, and the one decoding step: a `Decoder`
 steps any number of `Continuation`s of one model over a batched KV cache (one forward pass for
-all of them, then each picks its token with its own generator, penalty state and stop strings).
+all of them, then each picks its token with its own generator, penalty state and stop strings;
+a continuation whose logits are not finite fails alone, the others go on).
 `generate_ids` (token ids) and `TextStream` (text pieces that never split a UTF-8 character and
 stop at a stop string) run one continuation through it; `mypt.serve` runs many. No I/O: nothing
 here prints or reads files; `mypt.api` and the CLI do that.
@@ -12,7 +14,7 @@ The context window depends on the model's positions. With learned absolute posit
 cache cannot slide one token at a time: whenever the context would exceed block_size it jumps
 forward to keep the last block_size // 2 tokens, and the cache is refilled from them. A rotary
 model slides one token at a time instead: each token attends to the block_size tokens ending at
-itself, the cache overwrites its oldest entry (`mypt.model.KVCache`), nothing is refilled. The
+itself, the cache overwrites its oldest entry (`mypt.kvcache.KVCache`), nothing is refilled. The
 uncached decoder computes the very same function (the same windows; for a rotary model the
 model's sliding-window forward over as many tokens as can reach the next one), so both give the
 same tokens.
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
+import reprlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,9 +41,59 @@ from mypt.tokenizers import StreamDecoder, Tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from mypt.model import GPT, KVCache
+    from mypt.kvcache import KVCache
+    from mypt.model import GPT
 
 AmpFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+MAX_COUNT = 1_000_000_000  # the most new tokens, or top_k, anyone may ask for
+MAX_STOP_CHARS = 1000  # the longest stop string (the text held back while one may begin is checked each token)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric sampling setting accepts: from low (above it if low_open) to high."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+    note: str = ""
+
+    def problem(self, value: object) -> str | None:
+        """What is wrong with value, as 'must be ...'; None when it is fine."""
+        ok = _is_int(value) or (not self.integer and _is_number(value) and math.isfinite(value))
+        if ok and (self.low < value or (value == self.low and not self.low_open)) and value <= self.high:
+            return None
+        kind = "an integer" if self.integer else "a number"
+        low = f"above {self.low} and at most" if self.low_open else f"from {self.low} to"
+        return f"must be {kind} {low} {self.high}" + (f" ({self.note})" if self.note else "")
+
+
+# The one table of ranges, used by SamplingConfig (generate.py, the Python API) and the server's
+# request checks. Within them a finite row of logits stays finite through the penalty and the
+# temperature (a penalty of 1e-38 would scale a logit of 4 past float32's largest, 3.4e38).
+BOUNDS = {
+    "max_new_tokens": Bound(0, MAX_COUNT, integer=True),
+    "temperature": Bound(0, 100, note="0: greedy"),
+    "top_k": Bound(0, MAX_COUNT, integer=True, note="0: off"),
+    "top_p": Bound(0, 1, low_open=True, note="1: off"),
+    "repetition_penalty": Bound(0.01, 100, note="1: off"),
+    "seed": Bound(-(2**63), 2**63 - 1, integer=True),
+}
+
+
+class SamplingError(MyPTError):
+    """Bad sampling settings: `problems` holds (field, value, what is wrong) for each."""
+
+    def __init__(self, problems: list[tuple[str, object, str]]) -> None:
+        self.problems = problems
+        super().__init__("sampling settings: " + self.named(str))
+
+    def named(self, name: Callable[[str], str]) -> str:
+        """The problems in one line, each field called name(field) (a flag, a request field)."""
+        return "; ".join(f"{name(field)} ({reprlib.repr(value)}) {what}" for field, value, what in self.problems)
 
 
 @dataclass(frozen=True)
@@ -58,11 +112,16 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()  # tokens that end the text, unseen, like end-of-text (a chat reply's end-of-turn)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
-        problems = _problems(self)
+        if isinstance(self.stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_ids, (list, tuple)):
+            object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.seed is None:
+            del values["seed"]
+        problems = setting_problems(values)
         if problems:
-            raise MyPTError("sampling settings: " + "; ".join(problems))
+            raise SamplingError([(field, values[field], what) for field, what in problems])
 
     @classmethod
     def from_options(cls, options: dict) -> SamplingConfig:
@@ -82,27 +141,32 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
-def _problems(cfg: SamplingConfig) -> list[str]:
+def setting_problems(values: dict[str, object]) -> list[tuple[str, str]]:
+    """(field, 'must be ...') for each bad sampling setting among `values` (fields of SamplingConfig)."""
     problems = []
-    if not _is_int(cfg.max_new_tokens) or cfg.max_new_tokens < 0:
-        problems.append(f"max_new_tokens ({cfg.max_new_tokens}) must be an integer, 0 or more")
-    if not _is_number(cfg.temperature) or not 0 <= cfg.temperature < float("inf"):
-        problems.append(f"temperature ({cfg.temperature}) must be 0 (greedy) or more")
-    if not _is_int(cfg.top_k) or cfg.top_k < 0:
-        problems.append(f"top_k ({cfg.top_k}) must be an integer, 0 (off) or more")
-    if not _is_number(cfg.top_p) or not 0 < cfg.top_p <= 1:
-        problems.append(f"top_p ({cfg.top_p}) must be above 0 and at most 1 (1: off)")
-    if not _is_number(cfg.repetition_penalty) or not 0 < cfg.repetition_penalty < float("inf"):
-        problems.append(f"repetition_penalty ({cfg.repetition_penalty}) must be above 0 (1: off)")
-    if not isinstance(cfg.ignore_eot, bool):
-        problems.append(f"ignore_eot ({cfg.ignore_eot!r}) must be true or false")
-    if cfg.seed is not None and not _is_int(cfg.seed):
-        problems.append(f"seed ({cfg.seed!r}) must be an integer")
-    if not all(isinstance(s, str) and s for s in cfg.stop):
-        problems.append(f"stop strings ({list(cfg.stop)!r}) must be non-empty text")
-    if not all(_is_int(i) and i >= 0 for i in cfg.stop_ids):
-        problems.append(f"stop_ids ({list(cfg.stop_ids)!r}) must be token ids (integers, 0 or more)")
+    for field, value in values.items():
+        if field in BOUNDS:
+            what = BOUNDS[field].problem(value)
+        elif field in ("use_cache", "ignore_eot"):
+            what = None if isinstance(value, bool) else "must be true or false"
+        elif field == "stop":
+            what = _stop_problem(value)
+        elif field == "stop_ids":
+            ok = isinstance(value, tuple) and all(_is_int(i) and i >= 0 for i in value)
+            what = None if ok else "must be token ids (integers, 0 or more)"
+        else:
+            continue
+        if what is not None:
+            problems.append((field, what))
     return problems
+
+
+def _stop_problem(stop: object) -> str | None:
+    if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
+        return "must be a list of non-empty strings"
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        return f"must be at most {MAX_STOP_CHARS} characters each"
+    return None
 
 
 def fresh_seed() -> int:
@@ -122,10 +186,15 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 
 def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
     """The next token from 1-D logits (vocab,): argmax at temperature 0, else a filtered sample."""
+    return int(_pick(logits, cfg, generator))
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """pick_token's token as a 0-dim tensor on the logits' device (read without a device sync)."""
+    if cfg.temperature == 0:
+        return logits.argmax()
     import torch
 
-    if cfg.temperature == 0:
-        return int(logits.argmax())
     # shifted to <= 0 and the temperature kept a representable positive number: however small it
     # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
     temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
@@ -138,11 +207,13 @@ def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
         ids = None
     probs = logits.softmax(dim=-1)
     if cfg.top_p < 1:
-        # keep the smallest prefix of the sorted tokens whose mass reaches top_p
-        before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before >= cfg.top_p, 0.0)
-    choice = probs.multinomial(1, generator=generator)
-    return int(ids[choice] if ids is not None else choice)
+        # keep the smallest prefix of the sorted tokens whose mass reaches top_p; the likeliest
+        # always (a top_p below float32's smallest number would compare as 0 and keep none)
+        dropped = probs.cumsum(-1) - probs >= cfg.top_p
+        dropped[0] = False
+        probs = probs.masked_fill(dropped, 0.0)
+    choice = probs.multinomial(1, generator=generator)[0]
+    return ids[choice] if ids is not None else choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +237,8 @@ class Continuation:
 
     `finish_reason` becomes "length" after cfg.max_new_tokens tokens, "stop" at a stop string, at
     eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot) or at one of
-    cfg.stop_ids (also not taken);
+    cfg.stop_ids (also not taken), "error" when its logits are not finite (`error` says so; the
+    other continuations go on);
     `take_text()` hands over the text produced since it was last called.
     """
 
@@ -179,6 +251,7 @@ class Continuation:
         self.tokens = list(prompt_ids)  # the context so far; Decoder.add keeps the last block_size
         self.n_new = 0
         self.finish_reason: str | None = None if cfg.max_new_tokens > 0 else "length"
+        self.error: str | None = None  # why, when finish_reason is "error"
         self.text = TextOut(tokenizer, cfg.stop) if tokenizer is not None else None
         self._pieces: list[str] = []
         # set by Decoder.add: the cache row, the tokens of the window it holds, the window's start
@@ -192,12 +265,23 @@ class Continuation:
     def last(self) -> int:
         return self.tokens[-1]
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick the next token from this continuation's logits (vocab,) and take it."""
+    def choose(self, logits: torch.Tensor) -> int | None:
+        """Pick the next token from this continuation's logits (vocab,) and take it. Logits that
+        are not all finite end this continuation alone: finish_reason "error", the reason in `error`."""
+        import torch
+
         logits = logits[: self.vocab_size].float()  # padded ids beyond the tokenizer's are never produced
         if self.seen is not None:
             logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
-        token = pick_token(logits, self.cfg, self.generator)
+        finite = torch.isfinite(logits).all()
+        # a bad row samples from zeros instead: no NaN reaches multinomial (on a GPU a device-side
+        # assert that would end every row), and the token and the check come back in one sync
+        token, ok = torch.stack((_pick(logits.where(finite, 0.0), self.cfg, self.generator), finite.long())).tolist()
+        if not ok:
+            self.finish_reason = "error"
+            self.error = (f"the model's next-token scores are not finite (NaN or infinite) at new token "
+                          f"{self.n_new + 1}")
+            return None
         if token == self.eot_id or token in self.cfg.stop_ids:
             self.finish_reason = "stop"
             if self.text is not None:
@@ -266,20 +350,42 @@ class Decoder:
         if not self._free:
             raise RuntimeError("no free slot: check free_slots before adding")
         c.tokens = c.tokens[-self.model.config.block_size:]
-        c.slot, c.held, c.start = self._free.pop(), 0, 0
-        c.generator = torch.Generator(self.device).manual_seed(c.seed)
+        c.generator = torch.Generator(self.device).manual_seed(c.seed % 2**64)  # torch's 64 bits: -1 is 2**64 - 1
         if c.cfg.repetition_penalty != 1:
             c.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
             c.seen[torch.tensor(c.tokens, device=self.device)] = True
+        c.slot, c.held, c.start = self._free.pop(), 0, 0  # taken last: a failure above leaves no row lost
         self.active.append(c)
         if c.finish_reason is not None:  # nothing to generate
             self.remove(c)
 
     def remove(self, c: Continuation) -> None:
-        """Take c out of the batch (finished, or its client went away); its row is free again."""
+        """Take c out of the batch (finished, or its client went away); its row is free again.
+
+        The row of a continuation that failed is zeroed: masked cache entries still enter the
+        attention product (times 0), and a NaN left there would spoil the next row's output.
+        """
         self.active.remove(c)
+        if c.finish_reason == "error":
+            self._zero(c.slot)
         self._free.append(c.slot)
         c.slot = None
+
+    def reset(self) -> None:
+        """Remove every continuation and zero the cache: after a step that raised part-way."""
+        for c in self.active:
+            self._free.append(c.slot)
+            c.slot = None
+        self.active = []
+        self._zero(slice(None))
+
+    def _zero(self, rows: int | slice) -> None:
+        import torch
+
+        if self._cache is not None:
+            with torch.inference_mode():  # the cache may have been made in it
+                self._cache.k[:, rows] = 0
+                self._cache.v[:, rows] = 0
 
     def step(self) -> list[Continuation]:
         """One token for every active continuation; returns those that finished (now removed)."""
@@ -355,7 +461,7 @@ def generate_ids(
 ) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens new token ids after prompt_ids (of which the last
     block_size are used): one Continuation stepped by a Decoder of one row. Stops before eot_id
-    unless cfg.ignore_eot.
+    unless cfg.ignore_eot. Logits that are not finite raise MyPTError.
 
     vocab_size is the tokenizer's: padded ids beyond it are never produced. `amp` makes the
     context (autocast) each forward step runs in; it is entered per step, never across a yield.
@@ -369,6 +475,9 @@ def generate_ids(
         decoder.step()
         if c.n_new > before:  # not the end-of-text token, which ends the text unseen
             yield c.last
+    if c.error is not None:
+        raise MyPTError(f"generation stopped: {c.error}; the checkpoint's weights may hold NaN or infinite values, "
+                        "or a 16-bit dtype overflowed (try dtype fp32)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ import torch
 from mypt import data, dist
 from mypt.build import build_model, checkpoint_tokenizer
 from mypt.checkpoint import (
+    SAVED,
     checkpoint_dir,
+    folder_state,
     load_checkpoint,
     now,
     real_folder,
@@ -44,7 +46,7 @@ from mypt.data.builtin import DEFAULT as BUILTIN_CORPUS
 from mypt.errors import MyPTError
 from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
 from mypt.fsutil import FileLock
-from mypt.metrics import MetricsWriter, Progress
+from mypt.metrics import MetricsWriter, Progress, read_metrics
 from mypt.model import GPT
 from mypt.optim import check_optimizer, make_optimizer, saved_optimizer
 from mypt.tokenizers import (
@@ -102,7 +104,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
             recover(ckpt_dir)  # only the lock holder may repair a killed save
-        if (ckpt_dir / "config.json").exists():
+        if folder_state(ckpt_dir) == SAVED:  # a folder with anything else in it is refused, never trained over
             plan = plan_resume(ckpt_dir, config_file, sources, tokenizer, arch_flags, train_flags,
                                allow_data_change, vocab_size)
         else:
@@ -315,6 +317,7 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Sour
     if "finetune" in ckpt.training_state:
         raise MyPTError(f"'{ckpt_dir.name}' is a chat fine-tune: resume it with mypt finetune --model_name "
                         f"{ckpt_dir.name} (train.py trains on text)")
+    read_metrics(ckpt_dir)  # each evaluation rewrites it: one that is not a file is refused now
     saved_src = f"{ckpt_dir}/config.json"
     cfg = ModelConfig.from_dict(ckpt.config, saved_src)
     ts = ckpt.training_state
@@ -385,14 +388,7 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
     train_data, val_data = _splits(plan, info)
-
-    if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from wrap_model
-        model = build_model(plan.resume, device).model
-    else:
-        torch.manual_seed(tc.seed)
-        model = GPT(cfg).to(device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
-    wrapped = dist.wrap_model(model, info, device, fsdp)
+    model, wrapped = build_for_training(plan, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
     saved = (plan.resume.optimizer_state or {}) if plan.resume is not None else {}
     if plan.resume is not None and plan.resume.has_optimizer:
@@ -409,11 +405,9 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
     metrics = MetricsWriter(plan.ckpt_dir, tc.tensorboard and info.is_main, plan.state.iteration)
     progress = Progress(plan.state.iteration, tc.max_iters, enabled=info.is_main)
 
-    last_save = [plan.state.iteration]
-
     def save(state: TrainState, best: bool) -> None:
         model_state, optim_state = dist.full_state_dicts(wrapped, optimizer)
-        keep = bool(tc.keep_every) and state.iteration // tc.keep_every > last_save[0] // tc.keep_every
+        keep = bool(tc.keep_every) and state.iteration % tc.keep_every == 0  # the trainer saves at each multiple
         if info.is_main:
             save_checkpoint(
                 plan.ckpt_dir, model_state=model_state, config=cfg.to_dict(),
@@ -421,7 +415,6 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
                 optimizer_state={"optimizer": optim_state, "scaler": trainer.scaler.state_dict()},
                 best=best and tc.keep_best, keep=keep,
             )
-        last_save[0] = state.iteration
         dist.barrier()
 
     def on_eval(state: TrainState, row: dict[str, Any]) -> None:
@@ -443,6 +436,34 @@ def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, f
         dist.print0(f"done: iteration {plan.state.iteration}, val loss {plan.state.last_val_loss:.4f}; "
                     f"saved to {plan.ckpt_dir}/")
     return stop
+
+
+def build_for_training(plan: RunPlan, info: dist.DistInfo, device: torch.device,
+                       fsdp: bool) -> tuple[GPT, torch.nn.Module]:
+    """The model to train and its wrapped form (DDP or FSDP), holding the resumed weights (rank 0
+    reads them; the other ranks get them from it) or a new model's, drawn under the run's seed.
+
+    With --fsdp no rank ever holds the whole model: it is built on the meta device and sharded
+    before any weight exists (dist.sharded_model), with the weights of the unsharded build.
+    """
+    cfg, tc = plan.model_cfg, plan.train_cfg
+    if fsdp:
+        if plan.resume is not None and info.is_main:
+            build_model(plan.resume, "meta")  # the weights' names and shapes checked against config.json
+        torch.manual_seed(tc.seed)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        weights = None if plan.resume is None else plan.resume.model_state  # {} but on rank 0
+        wrapped = model = dist.sharded_model(model, info, device, weights)
+    else:
+        if plan.resume is not None and info.is_main:  # the other ranks get rank 0's weights from DDP
+            model = build_model(plan.resume, device).model
+        else:
+            torch.manual_seed(tc.seed)
+            model = GPT(cfg).to(device)
+        wrapped = dist.wrap_model(model, info, device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    return model, wrapped
 
 
 def _splits(plan: RunPlan, info: dist.DistInfo) -> tuple[data.Mixture, data.Mixture]:

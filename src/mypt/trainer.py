@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -48,12 +48,9 @@ class TrainState:
     last_train_loss: float | None = None
     tokens_seen: int = 0
     train_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        del d["history"]
-        return d
+        return asdict(self)
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any], source: str) -> TrainState:
@@ -181,7 +178,8 @@ class Trainer:
 
     def fit(self, state: TrainState, save: Callable[[TrainState, bool], None],
             on_eval: Callable[[TrainState, dict[str, Any]], None], progress: Any) -> Stop:
-        """Train from state.iteration to max_iters; evaluate and save every eval_interval and at the end.
+        """Train from state.iteration to max_iters; evaluate and save every eval_interval and at the end,
+        and save at every multiple of keep_every (the caller keeps those copies).
 
         save(state, best) gets best=True when this evaluation's validation loss is the lowest so far.
         """
@@ -204,7 +202,9 @@ class Trainer:
                     t_log, tokens_log = now, 0
                     self._check_finite(row["loss"], state)
                     progress.log(row)
-                if state.iteration % tc.eval_interval == 0 or last:
+                evaluate = state.iteration % tc.eval_interval == 0 or last
+                keep = bool(tc.keep_every) and state.iteration % tc.keep_every == 0
+                if evaluate:
                     losses = self.evaluate()
                     self._check_finite(losses["val"], state)
                     state.last_train_loss, state.last_val_loss = losses["train"], losses["val"]
@@ -218,8 +218,11 @@ class Trainer:
                                     "elapsed": state.train_seconds})
                     progress.eval(state.iteration, losses)
                     t_log, tokens_log = time.perf_counter(), 0  # keep eval time out of tokens/s
+                elif keep:  # --keep_every N keeps iterations N, 2N, ... exactly: saved between evaluations too
+                    save(state, False)
+                    t_log, tokens_log = time.perf_counter(), 0
                 if dist.any_rank(self.stop_signal is not None, self.device):
-                    if not (state.iteration % tc.eval_interval == 0 or last):
+                    if not (evaluate or keep):
                         save(state, False)
                     return Stop(self.stop_signal or signal.SIGTERM)
         return Stop()

@@ -14,6 +14,14 @@ refused with the fields that differ. With no MyPT code and no network:
   model = AutoModelForCausalLM.from_pretrained("exports/dante-hf")
   tokenizer = AutoTokenizer.from_pretrained("exports/dante-hf")
 
+A LoRA fine-tune (mypt finetune --lora_rank R) exports with its adapters merged into the
+weights; --format peft writes the adapters alone (adapter_config.json and
+adapter_model.safetensors), which peft loads onto the --format hf export of the base model:
+
+  from peft import PeftModel
+  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("exports/base-hf"),
+                                    "exports/dante-lora")
+
 --format safetensors writes MyPT's own folder with model.safetensors in place of model.pt and
 no optimizer state (nothing in it is a pickle): mypt.api.load_model(path=DIR) reads it, and so
 does generate.py once the folder sits in a checkpoints folder. Training cannot resume from it.
@@ -28,9 +36,10 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to export (a folder under --checkpoints_dir)")
     p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
-    p.add_argument("--format", choices=("hf", "safetensors"), default="hf",
-                   help="hf: a transformers folder (GPT-2, Llama or Qwen3); safetensors: MyPT's weights-only folder "
-                        "(default: %(default)s)")
+    p.add_argument("--format", choices=("hf", "safetensors", "peft"), default="hf",
+                   help="hf: a transformers folder (GPT-2, Llama or Qwen3; a LoRA fine-tune's adapters merged); "
+                        "safetensors: MyPT's weights-only folder; peft: a LoRA fine-tune's adapters as a PEFT "
+                        "folder (default: %(default)s)")
     p.add_argument("--best", action="store_true", help="export the weights with the best validation loss "
                    "(checkpoints/NAME/best/) instead of the latest")
     p.add_argument("--out", type=Path, required=True,
@@ -41,14 +50,17 @@ def run(args: argparse.Namespace) -> int:
     from mypt.build import build_model
     from mypt.checkpoint import best_dir, checkpoint_dir, load_checkpoint
     from mypt.formats.hf import export_hf, export_weights_only
+    from mypt.formats.peft import export_peft
 
     folder = checkpoint_dir(args.checkpoints_dir, args.model_name)
     if args.best:
         folder = best_dir(folder)
     ckpt = load_checkpoint(folder)
-    built = build_model(ckpt)
+    built = build_model(ckpt, merge_adapters=args.format != "peft")
     if args.format == "hf":
         notes = export_hf(built, args.out)
+    elif args.format == "peft":
+        notes = export_peft(built, args.out)
     else:
         notes = export_weights_only(built, ckpt.training_state, folder, args.out)
     which = " (best-validation weights)" if args.best else ""

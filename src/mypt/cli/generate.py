@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from mypt.errors import MyPTError
 from mypt.fsutil import check_regular_file
-from mypt.sampling import SamplingConfig, TextStream, fresh_seed
+from mypt.sampling import SamplingConfig, SamplingError, TextStream, fresh_seed
 
 if TYPE_CHECKING:
     from mypt.api import LoadedModel
@@ -102,7 +102,10 @@ def sampling_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
                    stop=tuple(unescape(s) for s in args.stop), use_cache=args.cache, ignore_eot=args.ignore_eot)
-    SamplingConfig(**options)  # every bad flag reported before the model is loaded
+    try:
+        SamplingConfig(**options)  # every bad flag reported before the model is loaded
+    except SamplingError as e:
+        raise MyPTError(e.named(lambda field: "--cache" if field == "use_cache" else f"--{field}")) from None
     return options
 
 

@@ -8,11 +8,15 @@ examples:
 The folder needs config.json (model_type gpt2, llama or qwen3) and model.safetensors (or its
 shards); a Llama or Qwen3 folder becomes a rotary, RMSNorm, SwiGLU model (with QK-norm for
 Qwen3) of its sizes, its max_position_embeddings the block_size. A folder
-with only pytorch_model.bin is refused, because loading it would unpickle. The new checkpoint
-uses MyPT's gpt2 tokenizer (a folder whose vocab.json differs from GPT-2's is refused), is at
-iteration 0 with no optimizer state yet (training starts a fresh one), and records where it came
-from. bias is set to true when any of the folder's
-biases is nonzero. It has no input file yet: the first fine-tuning run needs --input_file.
+with only pytorch_model.bin is refused, because loading it would unpickle. head_dim and a
+Llama 3 rope_scaling are kept (Qwen3-0.6B, Llama-3.2-1B). The new checkpoint keeps the folder's
+own byte-level BPE tokenizer.json (Llama 3's, Qwen's: its special tokens and the chat template
+of tokenizer_config.json; the end-of-text is the model's eos), or GPT-2's vocab.json; a folder
+whose tokenizer MyPT cannot read (WordPiece, Unigram, SentencePiece-style), or with no
+tokenizer files and a vocab_size other than GPT-2's, is refused. It is at iteration 0 with no
+optimizer state yet (training starts a fresh one), and records where it came from. bias is
+set to true when any of the folder's biases is nonzero. It has no input file yet: the first
+fine-tuning run needs --input_file.
 """
 
 from __future__ import annotations

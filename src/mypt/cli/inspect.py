@@ -16,6 +16,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mypt.errors import MyPTError
+
 RULE = "=" * 70
 
 
@@ -27,11 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mypt.checkpoint import checkpoint_dir, no_model_error
+    from mypt.checkpoint import checkpoint_dir, folder_problem, missing_files
 
     folder = checkpoint_dir(args.checkpoints_dir, args.model_name)
+    if not folder.is_dir():
+        raise folder_problem(folder)
     if not (folder / "config.json").is_file():
-        raise no_model_error([args.model_name], args.checkpoints_dir)
+        raise MyPTError(f"{folder} is an incomplete checkpoint: {', '.join(missing_files(folder))} missing; "
+                        "restore the missing file(s) from a backup (or train the model again under another name)")
     print("\n".join(describe(folder, args.verify)))
     return 0
 

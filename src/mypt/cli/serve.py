@@ -10,7 +10,9 @@ Open http://127.0.0.1:8000/ for the page. The API (the model id is the model nam
        -d '{"model": "dante", "prompt": "Nel mezzo", "max_tokens": 50}'
 Also /v1/chat/completions, /v1/models and /health. Concurrent requests are decoded together
 (continuous batching over --max_batch rows); more wait in a queue of --max_queue requests, and
-beyond it a request gets 503 with Retry-After. Needs the serve extra: pip install -e ".[serve]".
+beyond it a request gets 503 with Retry-After. A request must arrive whole within
+--request_timeout seconds (else 408), and at most --max_connections connections are open at once
+(a new one beyond them gets 503). Needs the serve extra: pip install -e ".[serve]".
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 
 from mypt.cli.generate import INTERRUPTED, add_runtime_arguments
 from mypt.errors import MyPTError
+from mypt.sampling import MAX_COUNT
 
 API_KEY_ENV = "MYPT_API_KEY"
 
@@ -46,17 +49,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="longest prompt in tokens (default: each model's block_size)")
     limits.add_argument("--max_body_bytes", type=int, default=1 << 20,
                         help="largest request body; beyond it: 413 (default: %(default)s)")
+    limits.add_argument("--max_connections", type=int, default=512,
+                        help="connections open at once; beyond them a new one gets 503 (default: %(default)s)")
+    limits.add_argument("--request_timeout", type=float, default=30.0,
+                        help="seconds a request (headers and body) may take to arrive; beyond them: 408 and the "
+                        "connection is closed (default: %(default)s)")
     p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log detail; info includes a line per request (default: %(default)s)")
     add_runtime_arguments(p)
 
 
+# every number the server sizes something by, checked before anything is allocated
+FLAG_RANGES = {"max_batch": (1, 65536), "max_queue": (1, 1_000_000), "max_tokens": (1, MAX_COUNT),
+               "max_prompt_tokens": (1, MAX_COUNT), "max_body_bytes": (1, 1 << 30),
+               "max_connections": (1, 1_000_000), "port": (0, 65535)}
+MAX_REQUEST_TIMEOUT = 3600.0
+
+
 def check_args(args: argparse.Namespace) -> None:
-    problems = [f"--{flag} ({getattr(args, flag)}) must be 1 or more"
-                for flag in ("max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_body_bytes")
-                if getattr(args, flag) is not None and getattr(args, flag) < 1]
-    if not 0 <= args.port <= 65535:
-        problems.append(f"--port ({args.port}) must be from 0 to 65535")
+    problems = [f"--{flag} ({getattr(args, flag)}) must be from {low:,} to {high:,}"
+                for flag, (low, high) in FLAG_RANGES.items()
+                if getattr(args, flag) is not None and not low <= getattr(args, flag) <= high]
+    if not 0 < args.request_timeout <= MAX_REQUEST_TIMEOUT:  # also refuses nan
+        problems.append(f"--request_timeout ({args.request_timeout}) must be above 0 and at most "
+                        f"{MAX_REQUEST_TIMEOUT:g} seconds")
     duplicates = sorted({n for n in args.model_name if args.model_name.count(n) > 1})
     if duplicates:
         problems.append(f"--model_name lists {', '.join(duplicates)} more than once")
@@ -84,11 +100,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise MyPTError(f"mypt serve needs the serve extra ({e.name} is missing): "
                         'pip install -e ".[serve]"') from None
+    from mypt import dist
     from mypt.api import load_model
     from mypt.checkpoint import require_models
+    from mypt.serve.connections import reserve_descriptors, uvicorn_config
     from mypt.serve.protocol import Limits
 
+    reserve_descriptors(args.max_connections)
     require_models(args.model_name, args.checkpoints_dir)
+    dist.pick_device(args.device, dist.DistInfo())  # a device MyPT cannot use is refused by name before listening
     sock = bind(args.host, args.port)
     models = [load_model(name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
               for name in args.model_name]
@@ -103,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr, flush=True)
-    config = uvicorn.Config(create_app(server), log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(create_app(server), max_connections=args.max_connections,
+                            request_timeout=args.request_timeout, log_level=args.log_level)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on

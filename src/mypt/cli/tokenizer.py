@@ -95,7 +95,7 @@ def summary(tok: Tokenizer) -> str:
     """One line: kind, size, end-of-text and chat ids and cache key (mypt inspect shows it too)."""
     eot = "no end-of-text id (saved by an older MyPT)" if tok.eot_id is None else f"end-of-text {tok.eot_id}"
     chat = f", chat tokens {min(tok.chat_ids.values())}-{max(tok.chat_ids.values())}" if tok.chat else ""
-    template = f", chat template {tok.chat_template}" if tok.chat_template else ""
+    template = f", chat template {tok.chat_format}" if tok.chat_format else ""
     return f"{tok.kind}, {tok.n_vocab:,} tokens ({eot}{chat}{template}; {tok.id_string()})"
 
 

@@ -1,10 +1,12 @@
-"""Supervised fine-tuning: a base model trained on conversations into a chat model.
+"""Fine-tuning a trained model: supervised fine-tuning on conversations into a chat model, and
+LoRA adapters applied from outside the model.
 
 - `chat_data`: JSON lines / Parquet records in three shapes -> conversations, checked, split.
 - `template`: MyPT's chat template: a conversation -> token ids and the targets trained on
   (the assistant's), and the same template as Jinja for transformers.
 - `packing`: conversations -> rows of block_size + 1 tokens with masked targets -> batches.
 - `run`: the fine-tuning run (`mypt finetune`), new or resumed, on train.py's machinery.
+- `lora`: low-rank adapters on the blocks' linear layers, and merging them back.
 """
 
 DEFAULT_EPOCHS = 2

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mypt.finetune.template import Turn, trained_mask
-from mypt.model import IGNORE_INDEX
+from mypt.ops import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

@@ -32,9 +32,11 @@ from mypt import data, dist
 from mypt.build import checkpoint_tokenizer
 from mypt.checkpoint import (
     CONFIG_FILE,
+    SAVED,
     STATE_FILE,
     Checkpoint,
     checkpoint_dir,
+    folder_state,
     list_models,
     load_checkpoint,
     recover,
@@ -53,6 +55,7 @@ from mypt.errors import MyPTError
 from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LR_FRACTION, chat_data, template
 from mypt.finetune.packing import ChatBatches, Packed, pack, to_device
 from mypt.fsutil import FileLock, json_bytes, sha256_file
+from mypt.metrics import read_metrics
 from mypt.optim import check_optimizer, saved_optimizer
 from mypt.tokenizers import Tokenizer
 from mypt.train_run import (
@@ -87,7 +90,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
             recover(ckpt_dir)
-        if (ckpt_dir / CONFIG_FILE).exists():
+        if folder_state(ckpt_dir) == SAVED:  # a folder with anything else in it is refused, never trained over
             plan = _plan_resume(ckpt_dir, base, sources, form, epochs, arch_flags, train_flags, allow_data_change,
                                 info)
         else:
@@ -197,7 +200,7 @@ def _chat_base(ckpt: Checkpoint, cfg: ModelConfig, seed: int) -> tuple[Checkpoin
     """The base as the fine-tune starts from it: the chat tokenizer, the vocabulary grown if needed."""
     old = checkpoint_tokenizer(ckpt, cfg)
     tok = old.with_chat()
-    tok.chat_template = template.TEMPLATE
+    tok.chat_format = template.TEMPLATE
     state = ckpt.model_state
     if cfg.vocab_size < tok.n_vocab:
         grown = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.model_vocab_size()}, "config")
@@ -257,6 +260,7 @@ def _plan_resume(ckpt_dir: Path, base: str | None, sources: list[data.Source] | 
                  epochs: int | None, arch_flags: dict[str, Any], train_flags: dict[str, Any],
                  allow_data_change: bool, info: dist.DistInfo) -> RunPlan:
     ckpt = load_checkpoint(ckpt_dir, with_optimizer=True)
+    read_metrics(ckpt_dir)  # each evaluation rewrites it: one that is not a file is refused now
     ts, source = ckpt.training_state, f"{ckpt_dir}/{STATE_FILE}"
     ft = ts.get("finetune")
     if not isinstance(ft, dict):

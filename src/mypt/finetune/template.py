@@ -11,7 +11,7 @@ of the tokenizer (`Tokenizer.chat_ids`), never text: a message containing the st
 "<|end|>" is that string's characters. Trained on: the content of each assistant message and
 the `<|end|>` closing it; the system and user messages and every role token are context only.
 
-A fine-tuned model's tokenizer.json names its template ("chat_template"); generation, the
+A fine-tuned model's tokenizer.json names its template ("chat_format"); generation, the
 server and `mypt export --format hf` look it up here.
 """
 
@@ -49,10 +49,10 @@ class Turn:
 
 def check_template(tok: Tokenizer, where: str) -> None:
     """tok must carry a template this MyPT renders (a fine-tuned model's)."""
-    if tok.chat_template is None:
+    if tok.chat_format is None:
         raise MyPTError(f"{where} has no chat template: it was not fine-tuned for chat (mypt finetune makes one)")
-    if tok.chat_template != TEMPLATE:
-        raise MyPTError(f"{where}: chat template {tok.chat_template!r} is not one this MyPT knows ({TEMPLATE}); "
+    if tok.chat_format != TEMPLATE:
+        raise MyPTError(f"{where}: chat template {tok.chat_format!r} is not one this MyPT knows ({TEMPLATE}); "
                         "upgrade MyPT")
 
 

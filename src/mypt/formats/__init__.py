@@ -1,6 +1,5 @@
 """Conversions between MyPT checkpoints and other formats, side by side.
 
-- `weights_only`: MyPT's pickle-free weights file (model.safetensors in place of model.pt).
 - `hf`: Hugging Face transformers folders, both ways (folder-level export and import).
 - `hf_gpt2`: GPT-2's name map, shape rule and config.json schema.
 - `hf_llama`: Llama's and Qwen3's name map, shape rule (the rotary row order) and config.json schema.

@@ -21,12 +21,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mypt import fsutil
+from mypt import fsutil, weights_only
 from mypt.build import Built
 from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versions, write_folder
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
-from mypt.formats import hf_gpt2, hf_llama, weights_only
+from mypt.formats import hf_gpt2, hf_llama
 from mypt.formats.hf_config import hf_value
 from mypt.formats.hf_tokenizer import import_tokenizer, tokenizer_files
 from mypt.model import GPT
@@ -52,7 +52,7 @@ def export_hf(built: Built, out: Path) -> list[str]:
                      "targets them, so sampling them is rare)")
     family = export_family(cfg)
     files[HF_CONFIG] = fsutil.json_bytes(family.hf_config(cfg, tok))
-    if tok.chat_template is not None:  # a chat model: generate() stops at the end of its turn
+    if tok.chat_format is not None:  # a chat model: generate() stops at the end of its turn
         stops = [tok.eot_id, tok.chat_ids[END_OF_TURN]]
         files[HF_GENERATION_CONFIG] = fsutil.json_bytes({"bos_token_id": tok.eot_id, "eos_token_id": stops})
     if family is hf_llama:
@@ -165,7 +165,7 @@ def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str,
     cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
     shapes = hf_gpt2.hf_shapes(cfg)
     weights = hf_gpt2.hub_names(_read_hf_weights(hf_dir))
-    tok, problems = _tokenizer(hf_dir, cfg)
+    tok, problems = _tokenizer(hf_dir, hf, cfg)
     problems = hf_gpt2.weight_problems(weights, shapes) + problems
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
@@ -185,7 +185,7 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_llama.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
     weights = _read_hf_weights(hf_dir)
-    tok, problems = _tokenizer(hf_dir, cfg)
+    tok, problems = _tokenizer(hf_dir, hf, cfg)
     problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + problems
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
@@ -194,9 +194,9 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
     return cfg, hf_llama.from_hf_state(weights, cfg), tok, notes
 
 
-def _tokenizer(hf_dir: Path, cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:
+def _tokenizer(hf_dir: Path, hf: dict[str, Any], cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:
     """The folder's tokenizer and what stops its use: unreadable, or more tokens than the model's vocabulary."""
-    tok, problem = import_tokenizer(hf_dir)
+    tok, problem = import_tokenizer(hf_dir, hf)
     if problem:
         return tok, [problem]
     if cfg.vocab_size < tok.n_vocab:

@@ -31,8 +31,9 @@ EMBEDDING = "transformer.wte.weight"
 def export_problems(cfg: ModelConfig) -> list[str]:
     """What keeps the config from GPT2LMHeadModel, each naming its field (empty: nothing)."""
     wanted = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
-              "norm_eps": LAYER_NORM_EPS, "hidden_size": 4 * cfg.n_embd, "kv_heads": cfg.n_head}
-    names = {"hidden_size": "intermediate_size", "kv_heads": "n_kv_head"}
+              "norm_eps": LAYER_NORM_EPS, "hidden_size": 4 * cfg.n_embd, "kv_heads": cfg.n_head,
+              "head_dim": cfg.n_embd // cfg.n_head}
+    names = {"hidden_size": "intermediate_size", "kv_heads": "n_kv_head", "head_dim": "head_size"}
     return [f"{names.get(k, k)} is {getattr(cfg, k)}; GPT-2 has {names.get(k, k)} {want}"
             for k, want in wanted.items() if getattr(cfg, k) != want]
 
@@ -171,3 +172,13 @@ def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
         "vocab_size": hf_value(hf, "vocab_size", 50257), "dropout": dropout, "bias": False,
         "batch_size": ModelConfig.batch_size,
     }, CONFIG_KEYS, source)
+
+
+PEFT_FAN_IN_FAN_OUT = True  # GPT-2's layers are Conv1D: weights stored (in, out)
+
+
+def lora_to_hf(layer: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor,
+                                                                                              torch.Tensor]]:
+    """One adapted layer's LoRA matrices as GPT2LMHeadModel's: the same names and shapes (PEFT keeps
+    A as (rank, in) and B as (out, rank) for a Conv1D layer too)."""
+    return [(layer, a, b)]

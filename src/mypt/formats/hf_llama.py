@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mypt.build import tensor_problems
-from mypt.config import ModelConfig
+from mypt.config import ROPE_SCALING_KEYS, ModelConfig
 from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
 
@@ -30,6 +30,7 @@ LAYER_NAMES = {
     "mlp.c_proj.weight": "mlp.down_proj.weight", "mlp.c_proj.bias": "mlp.down_proj.bias",
 }
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+PEFT_FAN_IN_FAN_OUT = False
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
@@ -71,7 +72,8 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.n_layer):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (c,), p + "post_attention_layernorm.weight": (c,),
-                   p + "self_attn.o_proj.weight": (c, c), p + "mlp.down_proj.weight": (c, hidden)}
+                   p + "self_attn.o_proj.weight": (c, widths[QKV[0]]),
+                   p + "mlp.down_proj.weight": (c, hidden)}
         shapes |= {p + f"{name}.weight": (rows, c) for name, rows in widths.items()}
         if cfg.bias:
             shapes |= {p + f"{name}.bias": (rows,) for name, rows in widths.items()}
@@ -155,16 +157,18 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,  # transformers 4's key; 5 reads rope_parameters
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,  # transformers 4's keys (rope_scaling below); 5 reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
         "attention_bias": cfg.bias,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": special,
+        "bos_token_id": tok.start_ids()[0],  # an imported tokenizer's begin-of-text, else end-of-text
         "eos_token_id": special,
     }
+    if cfg.rope_scaling:
+        config["rope_scaling"] = dict(cfg.rope_scaling)
     if kind == "llama":
         config["mlp_bias"] = cfg.bias
     else:  # each token attends to the block_size tokens ending at itself, as in MyPT
@@ -186,39 +190,53 @@ def rope_theta(hf: dict[str, Any]) -> Any:
         hf_value(hf, "rope_theta", 10000.0)
 
 
+def _rope_params(hf: dict[str, Any]) -> Any:
+    """rope_parameters (transformers 5) or rope_scaling (4); {} when neither is set."""
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """MyPT's rope_scaling for a llama3-scaled config.json (None: plain rotary positions); its
+    values are checked where ModelConfig validates them, naming rope_scaling."""
+    params = _rope_params(hf)
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    return {key: params.get(key) for key in ROPE_SCALING_KEYS}
+
+
 def architecture_problems(hf: dict[str, Any]) -> list[str]:
     """What keeps a Llama or Qwen3 config.json from MyPT's architecture (empty: nothing)."""
     problems = []
     act = hf_value(hf, "hidden_act", "silu")
     if act != "silu":
         problems.append(f"hidden_act is {act!r}; MyPT's gated MLP uses silu")
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    params = _rope_params(hf)
     if not isinstance(params, dict):
         problems.append(f"rope_parameters is {params!r}; expected an object such as "
                         '{"rope_type": "default", "rope_theta": 10000.0}')
         params = {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        problems.append(f"rope type is {rope_type!r}; MyPT has plain rotary positions (no scaling)")
+    if rope_type not in ("default", "llama3"):
+        problems.append(f"rope type is {rope_type!r}; MyPT has plain rotary positions or Llama 3's scaling "
+                        "(rope_type llama3)")
     if hf.get("model_type") == "llama" and bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
         problems.append("attention_bias and mlp_bias differ; MyPT's bias field covers both")
     if hf.get("model_type") == "qwen3" and hf.get("use_sliding_window") and \
             hf.get("sliding_window") != hf_value(hf, "max_position_embeddings", 2048):
         problems.append("sliding_window differs from max_position_embeddings; MyPT's window is its block_size")
-    n_embd, n_head = hf_value(hf, "hidden_size", 4096), hf_value(hf, "num_attention_heads", 32)
-    if not all(isinstance(v, int) and v > 0 for v in (n_embd, n_head)):
-        return problems  # import_config names the bad value
-    head_dim = hf_value(hf, "head_dim", n_embd // n_head)
-    if head_dim * n_head != n_embd:
-        problems.append(f"head_dim ({head_dim}) x num_attention_heads ({n_head}) is not hidden_size ({n_embd}); "
-                        "MyPT's heads split the width")
     return problems
 
 
 CONFIG_KEYS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                "block_size": "max_position_embeddings", "vocab_size": "vocab_size", "bias": "attention_bias",
                "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "intermediate_size": "intermediate_size",
-               "n_kv_head": "num_key_value_heads", "tie_embeddings": "tie_word_embeddings"}
+               "n_kv_head": "num_key_value_heads", "tie_embeddings": "tie_word_embeddings", "head_size": "head_dim"}
+
+
+def _head_size(hf: dict[str, Any], n_embd: int, n_head: Any) -> Any:
+    """config.json's head_dim where it differs from hidden_size / num_attention_heads (None: it does not)."""
+    head_dim = hf.get("head_dim")
+    return None if isinstance(n_head, int) and n_head > 0 and head_dim == n_embd // n_head else head_dim
 
 
 def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
@@ -235,6 +253,7 @@ def import_config(hf: dict[str, Any], hf_dir: Path, source: str) -> ModelConfig:
         "intermediate_size": hf_value(hf, "intermediate_size", 4 * width), "qk_norm": hf.get("model_type") == "qwen3",
         "n_kv_head": hf_value(hf, "num_key_value_heads", n_head),
         "tie_embeddings": hf_value(hf, "tie_word_embeddings", False),
+        "head_size": _head_size(hf, width, n_head), "rope_scaling": rope_scaling(hf),
     }, CONFIG_KEYS, source)
 
 
@@ -243,3 +262,22 @@ def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
     if HEAD not in shapes and HEAD in hf and EMBEDDING in hf and not torch.equal(hf[HEAD], hf[EMBEDDING]):
         problems.append("lm_head.weight differs from the token embedding, but tie_word_embeddings is true")
     return problems
+
+
+def lora_to_hf(layer: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor,
+                                                                                              torch.Tensor]]:
+    """One adapted layer's LoRA matrices (A: rank x in, B: out x rank) as transformers' modules.
+
+    A fused matrix's B is split as its weight is (rotary rows permuted the same way), the parts
+    sharing A: each part's update B_part A is exactly that part's rows of the fused update.
+    """
+    _, _, i, local = layer.split(".", 3)  # transformer.h.{i}.{local}
+    prefix = f"model.layers.{i}."
+    if local == "attn.c_attn":
+        order = _rotary_order(cfg.head_dim)
+        q, k, v = b.split((cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim))
+        parts = (_per_head(q, cfg.head_dim, order), _per_head(k, cfg.head_dim, order), v)
+        return [(prefix + name, a, part) for name, part in zip(QKV, parts, strict=True)]
+    if local == "mlp.c_fc":
+        return [(prefix + name, a, part) for name, part in zip(GATE_UP, b.chunk(2), strict=True)]
+    return [(prefix + LAYER_NAMES[f"{local}.weight"].removesuffix(".weight"), a, b)]

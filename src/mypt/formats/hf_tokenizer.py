@@ -7,9 +7,14 @@ byte-to-unicode map and recover each merge by re-running BPE on a token's bytes 
 below its own. char: a tokenizer.json whose BPE has no merges. The chat tokens are special added
 tokens after end-of-text, and a fine-tuned model's template is tokenizer_config.json's
 "chat_template" (mypt.finetune.template.JINJA), so that apply_chat_template gives MyPT's ids.
+hf_bpe (an imported model's own tokenizer): its tokenizer.json and tokenizer_config.json (chat
+template included) as they came.
 
-Import reads such files back: GPT-2's vocabulary, or a tokenizer.json written as above (checked
-to be one that tiktoken encodes the same way), with the chat tokens and template if present.
+Import reads such files back: GPT-2's vocabulary, a tokenizer.json written as above (checked
+to be one that tiktoken encodes the same way, with the chat tokens and template if present), or
+any other byte-level BPE tokenizer.json (Llama 3's, Qwen's), kept whole as an hf_bpe tokenizer
+with the model's eos as its end-of-text. Other kinds (WordPiece, Unigram, SentencePiece-style
+BPE) are refused, and so is a folder with no tokenizer files whose vocab_size is not GPT-2's.
 """
 
 from __future__ import annotations
@@ -34,20 +39,7 @@ from mypt.tokenizers import (
     gpt2_encoding,
 )
 from mypt.tokenizers.bpe import ranks_problem
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable character (how vocab.json spells bytes).
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes get the characters
-    from U+0100 on, in byte order.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in chars)
-    chars.update((b, chr(256 + i)) for i, b in enumerate(extra))
-    return dict(sorted(chars.items()))
+from mypt.tokenizers.hf_bpe import HFBPETokenizer, bytes_to_unicode
 
 
 def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -78,7 +70,7 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def _config(block_size: int, tokenizer_class: str, tok: Tokenizer) -> dict[str, Any]:
     special = {"bos_token": EOT, "eos_token": EOT} if tok.eot_id is not None else {}
-    template = {"chat_template": JINJA} if tok.chat_template == TEMPLATE else {}
+    template = {"chat_template": JINJA} if tok.chat_format == TEMPLATE else {}
     return {"tokenizer_class": tokenizer_class, "model_max_length": block_size, **special,
             "clean_up_tokenization_spaces": False, **template}
 
@@ -139,11 +131,16 @@ def _bpe_tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, bytes]
 
 def tokenizer_files(tok: Tokenizer, block_size: int) -> tuple[dict[str, bytes], list[str]]:
     """The tokenizer files of an exported folder for tok, and notes for the user."""
+    if isinstance(tok, HFBPETokenizer):  # an imported model's own files, as they came
+        config = {**tok.config, "model_max_length": block_size}
+        return {"tokenizer.json": json_bytes(tok.tokenizer), "tokenizer_config.json": json_bytes(config)}, [
+            "the tokenizer is the imported model's own: transformers turns its special-token strings in a text into "
+            "the special tokens unless you pass split_special_tokens=True, MyPT keeps them as text"]
     notes = []
     if tok.eot_id is not None:
         notes.append(f"{EOT} is the special token {tok.eot_id} (eos_token); transformers turns that string in a "
                      "text into it unless you pass split_special_tokens=True, MyPT keeps it as text")
-    if tok.chat_template == TEMPLATE:
+    if tok.chat_format == TEMPLATE:
         notes.append(f"chat template {TEMPLATE} written as tokenizer_config.json's chat_template: "
                      "apply_chat_template(messages, add_generation_prompt=True) gives MyPT's ids; generate() "
                      f"stops a reply at <|end|> (id {tok.chat_ids['<|end|>']}, generation_config.json)")
@@ -160,32 +157,48 @@ def tokenizer_files(tok: Tokenizer, block_size: int) -> tuple[dict[str, bytes], 
 # Import
 
 
-def import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
-    """The MyPT tokenizer of a transformers folder, and why it cannot be used (None: it can).
+GPT2_VOCAB_SIZES = (50257, 50304)  # GPT-2's vocabulary, and padded to a multiple of 64 as MyPT pads it
 
-    A folder with no tokenizer files is taken to use GPT-2's.
+
+def import_tokenizer(hf_dir: Path, hf: dict[str, Any]) -> tuple[Tokenizer, str | None]:
+    """The MyPT tokenizer of a transformers folder (hf: its config.json), and why it cannot be used
+    (None: it can).
+
+    tokenizer.json comes first (GPT-2's, a MyPT export's, or a byte-level BPE such as Llama 3's
+    or Qwen's), then vocab.json (GPT-2's only). A folder with neither is taken to use GPT-2's
+    tokenizer only when its vocab_size is GPT-2's; any other is refused. A MyPT export's chat
+    tokens and template come back with it.
     """
-    tok, problem = _import_tokenizer(hf_dir)
+    tok, problem = _import_tokenizer(hf_dir, hf)
     if problem is None and tok.chat:
         config = hf_dir / "tokenizer_config.json"
         saved = read_json(config, "tokenizer config") if config.is_file() else {}
         if isinstance(saved, dict) and saved.get("chat_template") == JINJA:
-            tok.chat_template = TEMPLATE  # a model fine-tuned by MyPT
+            tok.chat_format = TEMPLATE  # a model fine-tuned by MyPT
     return tok, problem
 
 
-def _import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
+def _import_tokenizer(hf_dir: Path, hf: dict[str, Any]) -> tuple[Tokenizer, str | None]:
     gpt2_vocab, _ = gpt2_vocab_and_merges()
-    if (hf_dir / "vocab.json").is_file():
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file() and (hf_dir / "vocab.json").is_file():
         if read_json(hf_dir / "vocab.json", "vocabulary") == gpt2_vocab:
             return _gpt2_from_hf(hf_dir)
-        return GPT2Tokenizer(chat=False), ("its vocab.json is not GPT-2's; MyPT reads GPT-2's vocab.json, or a "
-                                           "tokenizer.json of the kinds mypt export writes")
-    path = hf_dir / "tokenizer.json"
+        return GPT2Tokenizer(chat=False), ("its vocab.json is not GPT-2's and it has no tokenizer.json; MyPT reads "
+                                           "GPT-2's vocab.json, or a byte-level BPE tokenizer.json: copy the model's "
+                                           "tokenizer.json and tokenizer_config.json into the folder")
     if not path.is_file():
-        return GPT2Tokenizer(chat=False), None
+        if hf.get("vocab_size") in GPT2_VOCAB_SIZES:
+            return GPT2Tokenizer(chat=False), None
+        return GPT2Tokenizer(chat=False), (f"it has no tokenizer.json, and its vocab_size ({hf.get('vocab_size')}) "
+                                           "is not GPT-2's, so its ids mean nothing to any tokenizer MyPT has: copy "
+                                           "the model's tokenizer files (tokenizer.json, tokenizer_config.json) into "
+                                           "the folder")
     d = read_json(path, "tokenizer")
     model = d.get("model") if isinstance(d, dict) else None
+    if isinstance(model, dict) and model.get("type", "BPE") != "BPE":
+        return GPT2Tokenizer(chat=False), (f"{path}: its model type is {model.get('type')!r}; MyPT reads byte-level "
+                                           "BPE tokenizers (GPT-2's, Llama 3's, Qwen's) only")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
         return GPT2Tokenizer(chat=False), (f"{path} has no BPE vocabulary (model.vocab); it is not a tokenizer "
                                            "MyPT reads")
@@ -194,7 +207,7 @@ def _import_tokenizer(hf_dir: Path) -> tuple[Tokenizer, str | None]:
             return GPT2Tokenizer(_specials_from_hf(d.get("added_tokens") or [], str(path))[1]), None
         if _is_char(d):
             return _char_from_hf(d, str(path)), None
-        return _bpe_from_hf(d, str(path)), None
+        return _mypt_or_hf_bpe(d, hf_dir, hf), None
     except MyPTError as e:
         return GPT2Tokenizer(chat=False), str(e)
     except (TypeError, AttributeError, KeyError, ValueError) as e:  # a field of an unexpected shape
@@ -229,6 +242,66 @@ def _specials_from_hf(added: list[Any], source: str) -> tuple[int | None, bool]:
         return eot, True
     raise MyPTError(f"{source}: added tokens other than {EOT} and MyPT's chat tokens right after it "
                     f"({', '.join(CHAT_TOKENS)}) are not supported")
+
+
+def _mypt_or_hf_bpe(d: dict[str, Any], hf_dir: Path, hf: dict[str, Any]) -> Tokenizer:
+    """A tokenizer.json MyPT exported (its bpe kind), else the folder's own byte-level BPE (hf_bpe)."""
+    source = str(hf_dir / "tokenizer.json")
+    try:
+        return _bpe_from_hf(d, source)
+    except MyPTError:
+        if not _is_byte_level_bpe(d):
+            raise
+    config = _tokenizer_config(hf_dir)
+    ids = {t["content"]: t["id"] for t in d.get("added_tokens") or []}
+    eot = _special_id(_eos_setting(hf_dir, hf, config), ids)
+    if eot is None:
+        raise MyPTError(f"{source}: no end-of-text token: neither generation_config.json nor config.json has an "
+                        "eos_token_id, nor tokenizer_config.json an eos_token that is one of its added tokens")
+    return HFBPETokenizer(d, config, eot, _special_id(config.get("bos_token"), ids), source)
+
+
+def _is_byte_level_bpe(d: dict[str, Any]) -> bool:
+    """A BPE over GPT-2's byte spelling: a ByteLevel pre-tokenizer (alone or last of a Sequence) and decoder."""
+    pre, decoder = d.get("pre_tokenizer") or {}, d.get("decoder") or {}
+    steps = pre.get("pretokenizers") or [{}] if pre.get("type") == "Sequence" else [pre]
+    last = steps[-1] if isinstance(steps, list) else {}
+    return isinstance(last, dict) and last.get("type") == "ByteLevel" and decoder.get("type") == "ByteLevel"
+
+
+def _tokenizer_config(hf_dir: Path) -> dict[str, Any]:
+    """tokenizer_config.json (empty if absent), its chat_template taken from chat_template.jinja
+    where transformers wrote it there."""
+    path = hf_dir / "tokenizer_config.json"
+    config = read_json(path, "tokenizer config") if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise MyPTError(f"{path}: expected a JSON object")
+    jinja = hf_dir / "chat_template.jinja"
+    if "chat_template" not in config and jinja.is_file():
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+    return config
+
+
+def _eos_setting(hf_dir: Path, hf: dict[str, Any], config: dict[str, Any]) -> Any:
+    """The model's eos as the folder gives it: generation_config.json's eos_token_id, config.json's,
+    or tokenizer_config.json's eos_token (an id, a list of ids, or a token's text)."""
+    path = hf_dir / "generation_config.json"
+    generation = read_json(path, "generation config") if path.is_file() else {}
+    for source in (generation, hf):
+        if isinstance(source, dict) and source.get("eos_token_id") is not None:
+            return source["eos_token_id"]
+    return config.get("eos_token")
+
+
+def _special_id(setting: Any, ids: dict[str, int]) -> int | None:
+    """The id a bos/eos setting names: an id, the first of a list, or an added token's text (or {"content"})."""
+    if isinstance(setting, list):
+        setting = setting[0] if setting else None
+    if isinstance(setting, dict):
+        setting = setting.get("content")
+    if isinstance(setting, str):
+        return ids.get(setting)
+    return setting if isinstance(setting, int) and not isinstance(setting, bool) else None
 
 
 def _eot_from_hf(d: dict[str, Any], source: str) -> int | None:

@@ -1,7 +1,8 @@
 """The HTTP server: routes, authentication, request limits, streaming, and the page at `/`.
 
     GET  /                      the page (page.html): choose a model, type a prompt, watch it stream
-    GET  /health                200 with each model's batch and queue once the models are loaded
+    GET  /health                200 with each model's batch and queue once the models are loaded;
+                                503 once a model is out of service (its "error" says why)
     GET  /v1/models             the loaded models (the id is the model name); /v1/models/{id}
     POST /v1/completions        OpenAI completions; "stream": true sends server-sent events
     POST /v1/chat/completions   OpenAI chat, the messages rendered by mypt.serve.chat
@@ -25,6 +26,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -33,7 +35,7 @@ from mypt.api import LoadedModel
 from mypt.errors import MyPTError
 from mypt.sampling import fresh_seed
 from mypt.serve import protocol
-from mypt.serve.batcher import Batcher, Job, Overloaded
+from mypt.serve.batcher import Batcher, Job, OutOfService, Overloaded
 from mypt.serve.chat import load_template
 from mypt.serve.protocol import APIError, Limits
 
@@ -110,10 +112,13 @@ async def read_body(request: HTTPRequest, limit: int) -> Any:
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
     data = bytearray()
-    async for part in request.stream():
-        data += part
-        if len(data) > limit:
-            raise too_big
+    try:
+        async for part in request.stream():
+            data += part
+            if len(data) > limit:
+                raise too_big
+    except ClientDisconnect:  # gone, or closed by --request_timeout: nobody to answer
+        raise APIError(400, "The client went away before its request body arrived") from None
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5,000-digit number, deep nesting
@@ -175,6 +180,10 @@ class Generation:
             self.cancel()
             raise APIError(503, f"The server is busy ({e}); retry after {RETRY_AFTER_SECONDS} s", type="server_error",
                            code="overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except OutOfService as e:
+            self.cancel()
+            raise APIError(503, f"The model '{lm.name}' is out of service: {e}; restart the server",
+                           type="server_error", code="model_unavailable") from None
         self.strip = [chat] * (len(ids) * req.n)  # a chat reply's leading spaces are dropped
 
     @property
@@ -198,7 +207,8 @@ class Generation:
         while open_choices:
             ev = await self.queue.get()
             if ev.finish_reason == "error":
-                raise APIError(500, ev.text, type="server_error", code="internal_error")
+                raise APIError(ev.status, ev.text, type="server_error",
+                               code="model_unavailable" if ev.status == 503 else "internal_error")
             if ev.finish_reason is not None:
                 open_choices -= 1
             yield ev.index, self.text(ev.index, ev.text), ev.finish_reason, ev.completion_tokens
@@ -278,7 +288,10 @@ def create_app(server: Server) -> Starlette:
         return HTMLResponse(page_html)
 
     async def health(request: HTTPRequest) -> Response:
-        return JSONResponse({"status": "ok", "models": {name: b.stats() for name, b in server.batchers.items()}})
+        stopped = any(b.stopped is not None for b in server.batchers.values())
+        return JSONResponse({"status": "error" if stopped else "ok",
+                             "models": {name: b.stats() for name, b in server.batchers.items()}},
+                            status_code=503 if stopped else 200)
 
     async def models(request: HTTPRequest) -> Response:
         server.authorize(request)

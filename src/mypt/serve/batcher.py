@@ -6,6 +6,10 @@ request), each step gives every active continuation one token from one forward p
 continuation leaves as soon as it finishes or its client goes away, so a long request never
 holds up a short one. The step itself is the one in mypt.sampling that generate.py uses too.
 
+A continuation whose logits are not finite fails its own request (500) while the others go
+on; a step that raises fails the requests in it (500) and the cache is zeroed; should the loop
+itself stop, the model is out of service: every request gets 503 and /health says why.
+
 Everything here runs on the server's event loop, `Decoder.step` included: between two steps the
 loop sends the new text and takes new requests, and nothing else touches the decoder, so no lock
 is needed. (A worker thread for the step was measured slower under load: its Python work and
@@ -32,15 +36,21 @@ class Overloaded(Exception):
     """The queue is full: the request is refused (HTTP 503 with Retry-After)."""
 
 
+class OutOfService(Exception):
+    """The scheduling loop stopped on an error: no request can be served until a restart."""
+
+
 @dataclass(frozen=True)
 class Event:
     """New text of choice `index`; finish_reason set when that choice is done ("stop" or
-    "length"). finish_reason "error": the whole request failed (the message in text)."""
+    "length"). finish_reason "error": the whole request failed (the message in text; `status`
+    500, or 503 when the model went out of service)."""
 
     index: int
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    status: int = 500
 
 
 class Job:
@@ -71,11 +81,15 @@ class Batcher:
         self.running: list[Job] = []
         self._wake = asyncio.Event()
         self.steps = 0
+        self.failed_steps = 0
+        self.stopped: str | None = None  # why the loop stopped (out of service), if it did
 
     def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int],
                events: asyncio.Queue[Event], first_index: int = 0) -> Job:
         """Queue one prompt of len(seeds) choices (choice first_index + i samples with seeds[i]);
         their text arrives in `events`."""
+        if self.stopped is not None:
+            raise OutOfService(self.stopped)
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
         tok = self.lm.tokenizer
@@ -88,12 +102,25 @@ class Batcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def stats(self) -> dict[str, int]:
-        return {"slots": self.decoder.slots, "active": len(self.decoder.active),
-                "waiting": len(self.waiting), "steps": self.steps}
+    def stats(self) -> dict[str, int | str | None]:
+        return {"slots": self.decoder.slots, "active": len(self.decoder.active), "waiting": len(self.waiting),
+                "steps": self.steps, "failed_steps": self.failed_steps, "error": self.stopped}
 
     async def run(self) -> None:
-        """The scheduling loop (a task for the server's lifetime)."""
+        """The scheduling loop (a task for the server's lifetime), supervised: should it stop on an
+        error, every request waiting or running gets that error and later ones are refused
+        (OutOfService), instead of waiting for a loop that is gone."""
+        try:
+            await self._loop()
+        except Exception as e:
+            log.exception("the scheduling loop of '%s' stopped", self.lm.name)
+            self.stopped = f"its decoding loop stopped ({type(e).__name__}: {e})"
+            for job in dict.fromkeys([*self.running, *self.waiting]):  # a job may be in both
+                job.events.put_nowait(Event(job.first_index, f"The model '{self.lm.name}' is out of service: "
+                                            f"{self.stopped}; restart the server", "error", status=503))
+            self.running, self.waiting = [], deque()
+
+    async def _loop(self) -> None:
         while True:
             self._drop_cancelled()
             self._admit()
@@ -105,6 +132,8 @@ class Batcher:
                 done = self.decoder.step()
             except Exception as e:  # a failing step fails its requests, never the server
                 log.exception("decoding step failed")
+                self.failed_steps += 1
+                self.decoder.reset()
                 self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
                 continue
             self.steps += 1
@@ -145,6 +174,10 @@ class Batcher:
         for job in list(self.running):
             for i, c in enumerate(job.continuations[: job.admitted], start=job.first_index):
                 text = c.take_text()
+                if id(c) in finished and c.error is not None:  # this request alone fails; its rows are freed
+                    job.events.put_nowait(Event(i, f"decoding failed: {c.error}", "error"))
+                    job.cancel()
+                    break
                 if id(c) in finished:
                     job.events.put_nowait(Event(i, text, c.finish_reason, c.n_new))
                     job.open -= 1

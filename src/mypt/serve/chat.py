@@ -31,6 +31,7 @@ from typing import Any
 from mypt.errors import MyPTError
 from mypt.finetune import template as chat_template
 from mypt.fsutil import read_json
+from mypt.sampling import setting_problems
 from mypt.tokenizers import Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
@@ -75,7 +76,7 @@ class ModelTemplate:
 def load_template(model_dir: Path, tokenizer: Tokenizer | None = None) -> ChatTemplate | ModelTemplate:
     """A fine-tuned model's own template; else model_dir's chat_template.json over the default
     template; the default when there is none."""
-    if tokenizer is not None and tokenizer.chat_template is not None:
+    if tokenizer is not None and tokenizer.chat_format is not None:
         chat_template.check_template(tokenizer, f"{model_dir}/tokenizer.json")
         return ModelTemplate(tokenizer)
     path = model_dir / TEMPLATE_FILE
@@ -95,8 +96,9 @@ def _field(path: Path, key: str, value: Any) -> Any:
     if key not in {f.name for f in fields(ChatTemplate)}:
         raise MyPTError(f"{path}: unknown field {key!r}; the fields are {_field_list()}")
     if key == "stop":
-        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise MyPTError(f'{path}: "stop" must be a list of non-empty strings, e.g. ["\\nUser:"]')
+        problems = setting_problems({"stop": tuple(value) if isinstance(value, list) else value})
+        if problems:  # the stop strings' rule is generate.py's
+            raise MyPTError(f'{path}: "stop" {problems[0][1]}, e.g. ["\\nUser:"]')
         return tuple(value)
     if not isinstance(value, str):
         raise MyPTError(f"{path}: {key!r} must be a string")

@@ -4,6 +4,7 @@ responses and stream chunks as OpenAI's clients expect them, errors in OpenAI's 
 No I/O and no model here: `mypt.serve.app` reads requests, runs them and sends these shapes.
 Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k`, `repetition_penalty` and
 `ignore_eot` (keep going past the end-of-text token, which otherwise ends the text: "stop").
+Sampling values are checked against mypt.sampling's ranges (BOUNDS), the same as generate.py's.
 Sampling fields left out take generate.py's defaults (mypt.sampling.SamplingConfig: temperature
 0.8, top_k 200, top_p 1), so a request and `generate.py` with the same settings and seed give the
 same text. An unknown field is refused (400, naming it) so that a typo is never silently ignored.
@@ -11,13 +12,13 @@ same text. An unknown field is refused (400, naming it) so that a typo is never 
 
 from __future__ import annotations
 
-import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from mypt.sampling import SamplingConfig
+from mypt.sampling import SamplingConfig, setting_problems
 
 MAX_STOPS = 4  # as OpenAI
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eot", "stop",
@@ -88,15 +89,15 @@ def _int(body: dict, key: str, default: int | None, low: int, high: int | None =
     return value
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def _setting(body: dict, key: str, default: Any) -> Any:
+    """A sampling setting, checked against mypt.sampling's one table of ranges (as generate.py's)."""
     value = body.get(key)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise bad(key, f"must be a number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        raise bad(key, f"must be {'above' if low_open else 'at least'} {low} and at most {high}, got {value}")
-    return float(value)
+    problems = setting_problems({key: value})
+    if problems:
+        raise bad(key, f"{problems[0][1]}, got {reprlib.repr(value)}")
+    return value
 
 
 def _bool(body: dict, key: str) -> bool:
@@ -120,7 +121,7 @@ def _stop(body: dict) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
         raise bad("stop", f"must be a string or a list of at most {MAX_STOPS} strings")
-    return tuple(s for s in stops if s)
+    return _setting({"stop": tuple(s for s in stops if s)}, "stop", ())
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -165,13 +166,12 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
         max_tokens = _int(body, "max_completion_tokens", None, 0, limits.max_tokens)
     d = SamplingConfig()
-    sampling = dict(temperature=_number(body, "temperature", d.temperature, 0, 2),
-                    top_p=_number(body, "top_p", d.top_p, 0, 1, True), top_k=max(_int(body, "top_k", d.top_k, -1), 0),
-                    stop=_stop(body), repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, True),
+    top_k = 0 if body.get("top_k") == -1 else body.get("top_k")  # -1: off, as vLLM
+    sampling = dict(temperature=_setting(body, "temperature", d.temperature), top_p=_setting(body, "top_p", d.top_p),
+                    top_k=_setting({"top_k": top_k}, "top_k", d.top_k), stop=_stop(body),
+                    repetition_penalty=_setting(body, "repetition_penalty", d.repetition_penalty),
                     ignore_eot=_bool(body, "ignore_eot"))
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63):
-        raise bad("seed", f"must be an integer, got {seed!r}")
+    seed = _setting(body, "seed", None)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "must be a string")
     return Request(model=model, prompts=None if chat else _prompts(body), messages=_messages(body) if chat else None,

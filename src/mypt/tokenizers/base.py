@@ -6,7 +6,7 @@ right after it the four chat tokens CHAT_TOKENS (a start marker per role and an 
 `Tokenizer.chat_ids`). None of them is ever produced from ordinary text: a user's text
 containing the literal string EOT or `<|user|>` is tokenized as the characters it is made of.
 A tokenizer saved before the chat tokens were reserved loads without them (`chat` False);
-`with_chat()` adds them (fine-tuning grows such a model's embedding). `chat_template` names the
+`with_chat()` adds them (fine-tuning grows such a model's embedding). `chat_format` names the
 chat template a model was fine-tuned with (mypt.finetune.template), None for a base model.
 """
 
@@ -60,13 +60,14 @@ def chat_in(special: object, eot_id: int, source: str, damaged: str) -> bool:
                     f"then the chat tokens; older files: end-of-text alone); {damaged}")
 
 
-def chat_template_of(d: dict, tok: Tokenizer, source: str) -> Tokenizer:
-    """tok with the "chat_template" name a tokenizer.json records (a fine-tuned model's)."""
-    name = d.get("chat_template")
+def chat_format_of(d: dict, tok: Tokenizer, source: str) -> Tokenizer:
+    """tok with the "chat_format" a tokenizer.json records (the MyPT chat template a fine-tuned model
+    was trained with)."""
+    name = d.get("chat_format")
     if name is not None and (not isinstance(name, str) or not tok.chat):
-        raise MyPTError(f"{source}: 'chat_template' must be the name of a chat template, and the tokenizer must "
+        raise MyPTError(f"{source}: 'chat_format' must be the name of a chat template, and the tokenizer must "
                         "have the chat tokens; the file is damaged, restore it")
-    tok.chat_template = name
+    tok.chat_format = name
     return tok
 
 
@@ -81,7 +82,7 @@ class Tokenizer(abc.ABC):
     n_vocab: int
     eot_id: int | None
     chat: bool = False
-    chat_template: str | None = None
+    chat_format: str | None = None  # MyPT's chat template (its name) a fine-tune was trained with
 
     @property
     def chat_ids(self) -> dict[str, int]:
@@ -94,14 +95,19 @@ class Tokenizer(abc.ABC):
     def sampled_vocab(self) -> int:
         """How many ids generation may produce (ids 0 .. this - 1): every id for a chat model; a base
         model stops at end-of-text, since it never saw the chat tokens in its text."""
-        return self.eot_id + 1 if self.chat and self.chat_template is None else self.n_vocab
+        return self.eot_id + 1 if self.chat and self.chat_format is None else self.n_vocab
 
-    @abc.abstractmethod
     def with_chat(self) -> Tokenizer:
-        """This tokenizer with the chat tokens (itself if it has them): the same ids for text."""
+        """This tokenizer with the chat tokens (itself if it has them): the same ids for text.
+        gpt2, char and bpe add them after end-of-text; an imported model's own tokenizer (hf_bpe)
+        has its own special tokens and chat template instead."""
+        if self.chat:
+            return self
+        raise MyPTError(f"a {self.kind} tokenizer (an imported model's own) has no room for MyPT's chat tokens: "
+                        "fine-tuning it into a MyPT chat model is not supported yet")
 
     def _json_extra(self) -> dict:
-        return {} if self.chat_template is None else {"chat_template": self.chat_template}
+        return {} if self.chat_format is None else {"chat_format": self.chat_format}
 
     @abc.abstractmethod
     def encode(self, text: str, what: str = "prompt") -> list[int]:

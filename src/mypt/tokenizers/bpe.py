@@ -13,7 +13,7 @@ with no padding. A file saved before the chat tokens existed ends at end-of-text
 tokenizer.json holds the ranks (base64, in rank order), the split pattern, the special tokens
 and the sha256 of that content; loading recomputes the hash, so an edited or corrupted file is
 refused by name. id_string (the token cache key) comes from the same hash. A fine-tuned model's
-"chat_template" name sits beside them, outside the hash (it changes no id).
+"chat_format" name sits beside them, outside the hash (it changes no id).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import tiktoken
 
 from mypt.errors import MyPTError
-from mypt.tokenizers.base import CHAT_TOKENS, NEWLINE_CUT, chat_in, chat_template_of, special_tokens
+from mypt.tokenizers.base import CHAT_TOKENS, NEWLINE_CUT, chat_format_of, chat_in, special_tokens
 from mypt.tokenizers.gpt2 import TiktokenTokenizer
 
 # cl100k-style: contractions, letters (with one leading non-letter), numbers of up to 3 digits,
@@ -121,7 +121,7 @@ def _content_sha256(content: dict) -> str:
 
 def bpe_from_json(d: dict, source: str) -> BPETokenizer:
     """The bpe tokenizer of a tokenizer.json dict, after checking its hash and its structure."""
-    content = {k: v for k, v in d.items() if k not in ("sha256", "chat_template")}
+    content = {k: v for k, v in d.items() if k not in ("sha256", "chat_format")}
     if _content_sha256(content) != d.get("sha256"):
         raise MyPTError(f"{source}: its content does not match its sha256; {_DAMAGED}")
     if d.get("version") != FORMAT_VERSION:
@@ -136,7 +136,7 @@ def bpe_from_json(d: dict, source: str) -> BPETokenizer:
         tok = BPETokenizer(ranks, pattern, chat)
     except ValueError as e:  # tiktoken refuses the pattern
         raise MyPTError(f"{source}: tiktoken cannot use its split pattern ({e}); {_DAMAGED}") from None
-    return chat_template_of(d, tok, source)
+    return chat_format_of(d, tok, source)
 
 
 def _ranks_from_json(ranks: object, source: str) -> list[bytes]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from mypt.errors import MyPTError
-from mypt.tokenizers.base import CHAT_TOKENS, EOT, Tokenizer, chat_in, chat_template_of, special_tokens
+from mypt.tokenizers.base import CHAT_TOKENS, EOT, Tokenizer, chat_format_of, chat_in, special_tokens
 
 _MAX_LISTED_CHARS = 10
 
@@ -130,4 +130,4 @@ def char_from_json(d: dict, source: str) -> CharTokenizer:
     chat = special is not None and chat_in(special, len(chars), source,
                                            "the file is damaged, restore or re-create it")
     interim = d.get("eot") is True  # see the module docstring
-    return chat_template_of(d, CharTokenizer(chars, eot=special is not None or interim, chat=chat), source)
+    return chat_format_of(d, CharTokenizer(chars, eot=special is not None or interim, chat=chat), source)

@@ -11,7 +11,7 @@ import numpy as np
 import tiktoken
 
 from mypt.fsutil import read_shipped
-from mypt.tokenizers.base import EOT, Tokenizer, chat_in, chat_template_of, special_tokens
+from mypt.tokenizers.base import EOT, Tokenizer, chat_format_of, chat_in, special_tokens
 
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -103,4 +103,4 @@ class GPT2Tokenizer(TiktokenTokenizer):
 def gpt2_from_json(d: dict, source: str) -> GPT2Tokenizer:
     special = d.get("special_tokens", special_tokens(GPT2_EOT_ID, False))
     tok = GPT2Tokenizer(chat_in(special, GPT2_EOT_ID, source, "the file is damaged, restore it"))
-    return chat_template_of(d, tok, source)
+    return chat_format_of(d, tok, source)

@@ -10,6 +10,7 @@ from mypt.tokenizers.base import Tokenizer
 from mypt.tokenizers.bpe import bpe_from_json
 from mypt.tokenizers.char import CharTokenizer, char_from_json
 from mypt.tokenizers.gpt2 import GPT2Tokenizer, gpt2_from_json
+from mypt.tokenizers.hf_bpe import hf_bpe_from_json
 
 KNOWN_KINDS = ("gpt2", "char", "bpe")
 
@@ -43,6 +44,8 @@ def tokenizer_from_json(d: dict, source: str) -> Tokenizer:
         return char_from_json(d, source)
     if kind == "bpe":
         return bpe_from_json(d, source)
+    if kind == "hf_bpe":  # an imported model's own tokenizer (mypt import), never built or trained here
+        return hf_bpe_from_json(d, source)
     if kind is None:
         raise MyPTError(f"{source}: not a MyPT tokenizer file (it has no \"kind\"); pass a tokenizer.json "
                         "that MyPT wrote (mypt tokenizer train, or a checkpoint's)")

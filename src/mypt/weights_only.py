@@ -1,4 +1,5 @@
-"""MyPT's pickle-free weights file: model.safetensors, which a folder may hold in place of model.pt.
+"""MyPT's pickle-free weights file: model.safetensors, which a checkpoint folder may hold in place
+of model.pt (checkpoint.py loads it; `mypt export --format safetensors` writes it).
 
 safetensors refuses two names sharing one storage (the tied output layer and the token
 embedding), so each storage is stored once and the other names are recorded as aliases in the
