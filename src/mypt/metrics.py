@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mypt import fsutil
+from mypt.errors import MyPTError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -59,11 +60,13 @@ def read_metrics(ckpt_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: the rest of the file is still good
+            row = fsutil.parse_json(line, str(path), line=number)
+        except MyPTError:
+            continue  # a line cut by a crash (or edited past reading): the rest of the file is still good
+        if isinstance(row, dict) and isinstance(row.get("iter"), int):
+            rows.append(row)
     return rows
 
 
