@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mypt import fsutil
-from mypt.build import Built
+from mypt.build import Built, check_weights_fit
 from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versions, write_folder
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
@@ -152,6 +152,7 @@ def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str,
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
+    _check_fits(cfg, hf_dir)
     shapes = hf_gpt2.hf_shapes(cfg)
     weights = hf_gpt2.hub_names(_read_hf_weights(hf_dir))
     tok, problems = _tokenizer(hf_dir, cfg)
@@ -173,6 +174,7 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_llama.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
+    _check_fits(cfg, hf_dir)
     weights = _read_hf_weights(hf_dir)
     tok, problems = _tokenizer(hf_dir, cfg)
     problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + problems
@@ -181,6 +183,14 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
     notes = [f"block_size {cfg.block_size} (max_position_embeddings): each token attends to at most that many, "
              "as a sliding window past it"]
     return cfg, hf_llama.from_hf_state(weights, cfg), tok, notes
+
+
+def _check_fits(cfg: ModelConfig, hf_dir: Path) -> None:
+    """Refuse, before any weight is read, a config.json whose model's fp32 weights exceed this machine's memory."""
+    try:
+        check_weights_fit(cfg, "cpu")
+    except MyPTError as e:
+        raise MyPTError(_problems(hf_dir, [f"its config.json describes {e}"])) from None
 
 
 def _tokenizer(hf_dir: Path, cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mypt.build import tensor_problems
-from mypt.config import ModelConfig
+from mypt.config import ModelConfig, shown
 from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
 
@@ -209,8 +209,8 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
     if not all(isinstance(v, int) and v > 0 for v in (n_embd, n_head)):
         return problems  # import_config names the bad value
     head_dim = hf_value(hf, "head_dim", n_embd // n_head)
-    if head_dim * n_head != n_embd:
-        problems.append(f"head_dim ({head_dim}) x num_attention_heads ({n_head}) is not hidden_size ({n_embd}); "
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim * n_head != n_embd:
+        problems.append(f"head_dim ({shown(head_dim)}) x num_attention_heads ({n_head}) is not hidden_size ({n_embd}); "
                         "MyPT's heads split the width")
     return problems
 
