@@ -4,7 +4,8 @@ Owns `ModelConfig` (what a preset file holds: the architecture plus its batch si
 `TrainConfig` (the per-run training flags). Every problem in a config is collected and raised
 once as a `MyPTError` naming the file and the field. Every number has a range with a finite top
 (MAX_SIZES, FLOAT_RANGES, MAX_COUNTS, MAX_SEED), so NaN, infinity and a 400-digit integer are
-refused by name instead of overflowing later; `seed_problem` is the one seed check. Precedence is written here and only here:
+refused by name instead of overflowing later; `seed_problem` is the one seed check.
+Precedence is written here and only here:
 
 * defaults < the preset's "training" block < CLI for training fields (new runs),
 * the preset file wins over the CLI's architecture flags (each ignored flag gets a warning),
