@@ -244,6 +244,12 @@ def _drop_tensor(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _sharded(folder: Path, index: str) -> None:
+    """The weights as named by a model.safetensors.index.json of the given text."""
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(index)
+
+
 def _pickle_only(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
@@ -278,6 +284,11 @@ BROKEN = {
                     "config.json: holds a number MyPT cannot read"),
     "nested-100000": (lambda f: (f / "config.json").write_text('{"model_type": %s}' % ("[" * 10**5 + "]" * 10**5)),
                       "config.json: lists and objects are nested more than 100 deep"),
+    "index-not-an-object": (lambda f: _sharded(f, "[1]"), "model.safetensors.index.json: expected"),
+    "index-names-a-file-elsewhere": (lambda f: _sharded(f, '{"weight_map": {"a": "../x.safetensors"}}'),
+                                     "{tensor name: file name in this folder}"),
+    "index-nested-100000": (lambda f: _sharded(f, '{"weight_map": %s}' % ("[" * 10**5 + "]" * 10**5)),
+                            "index.json: lists and objects are nested more than 100 deep"),
     "too-big-for-memory": (lambda f: _edit_config(f, n_layer=1024, n_embd=65536, n_head=64, n_positions=1 << 21),
                            "its config.json describes the model (52,917,425,012,736 parameters: n_layer 1024"),
 }

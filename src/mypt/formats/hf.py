@@ -100,8 +100,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / HF_WEIGHTS).is_file():
         files = [hf_dir / HF_WEIGHTS]
     elif index.is_file():
-        weight_map = fsutil.read_json(index, "weights index").get("weight_map", {})
-        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        files = [hf_dir / name for name in _shard_names(index)]
     elif (hf_dir / "pytorch_model.bin").is_file():
         raise MyPTError(
             f"{hf_dir} has only pytorch_model.bin, a pickle, which MyPT does not load; convert it first: "
@@ -118,6 +117,17 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise MyPTError(f"{path} could not be read ({first}); download it again") from None
     return tensors
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The safetensors files model.safetensors.index.json names (files in its own folder)."""
+    doc = fsutil.read_json(index, "weights index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+        raise MyPTError(f"{index}: expected {{\"weight_map\": {{tensor name: file name in this folder}}}}; "
+                        "download the folder again")
+    return sorted(names)
 
 
 FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
