@@ -284,6 +284,7 @@ BROKEN = {
                     "config.json: holds a number MyPT cannot read"),
     "nested-100000": (lambda f: (f / "config.json").write_text('{"model_type": %s}' % ("[" * 10**5 + "]" * 10**5)),
                       "config.json: lists and objects are nested more than 100 deep"),
+    "architectures-nested": (lambda f: _edit_config(f, architectures=[["GPT2LMHeadModel"]]), "architectures [["),
     "index-not-an-object": (lambda f: _sharded(f, "[1]"), "model.safetensors.index.json: expected"),
     "index-names-a-file-elsewhere": (lambda f: _sharded(f, '{"weight_map": {"a": "../x.safetensors"}}'),
                                      "{tensor name: file name in this folder}"),

@@ -124,8 +124,8 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
     """What keeps a transformers config from being MyPT's architecture (empty: nothing)."""
     problems = []
     archs = hf.get("architectures") or ["GPT2LMHeadModel"]
-    if not set(archs) & set(HF_ARCHITECTURES):
-        problems.append(f"architectures {archs} has no GPT-2 language model "
+    if not isinstance(archs, list) or not set(a for a in archs if isinstance(a, str)) & set(HF_ARCHITECTURES):
+        problems.append(f"architectures {shown(archs)} has no GPT-2 language model "
                         f"({' or '.join(HF_ARCHITECTURES)})")
     act = hf_value(hf, "activation_function", "gelu_new")
     if act not in TANH_GELUS:
