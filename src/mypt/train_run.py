@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mypt import data, dist
-from mypt.build import build_model, checkpoint_tokenizer
+from mypt.build import build_model, check_weights_fit, checkpoint_tokenizer, new_model
 from mypt.checkpoint import (
     SAVED,
     checkpoint_dir,
@@ -115,7 +115,9 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         check_optimizer(plan.train_cfg, fsdp, saved, given=train_flags)
 
         def fits() -> None:
-            if not skip_memory_check:
+            if skip_memory_check:  # weights alone beyond the device's memory could never run all the same
+                check_weights_fit(plan.model_cfg, torch_device)
+            else:
                 check_memory(plan.model_cfg, plan.train_cfg, dtype, torch_device, info, fsdp)
 
         if plan.tokenizer is None and plan.bpe_vocab is None:
@@ -451,7 +453,7 @@ def build_for_training(plan: RunPlan, info: dist.DistInfo, device: torch.device,
             model = build_model(plan.resume, device).model
         else:
             torch.manual_seed(tc.seed)
-            model = GPT(cfg).to(device)
+            model = new_model(cfg, device)
         wrapped = dist.wrap_model(model, info, device)
     model.gradient_checkpointing = tc.gradient_checkpointing
     return model, wrapped

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mypt.cli.options import add_checkpoints_dir
 from mypt.errors import MyPTError
 
 RULE = "=" * 70
@@ -23,7 +24,7 @@ RULE = "=" * 70
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to inspect (a folder under --checkpoints_dir)")
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
     p.add_argument("--verify", action="store_true",
                    help="also check each file's sha256 against the manifest (reads every byte)")
 
@@ -45,7 +46,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     """The report's lines for the checkpoint folder (a damaged one too: that is what it is for)."""
     from mypt.build import checkpoint_config, checkpoint_tokenizer
     from mypt.checkpoint import Checkpoint
-    from mypt.cli.tokenizer import summary
+    from mypt.cli.output import tokenizer_summary
     from mypt.estimate import count_params
     from mypt.fsutil import read_json
 
@@ -58,7 +59,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     lines += _architecture(cfg, count_params(cfg))
     if tokenizer is not None:
         tok = checkpoint_tokenizer(ckpt, cfg)
-        lines.append(f"  {'Tokenizer':<14}: {summary(tok)}")
+        lines.append(f"  {'Tokenizer':<14}: {tokenizer_summary(tok)}")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
     lines += [""] + _training(state) + [""] + _files(folder, state, verify) + [""]

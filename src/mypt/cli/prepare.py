@@ -21,12 +21,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mypt.cli.options import add_checkpoints_dir, check_count
+from mypt.cli.output import INTERRUPTED
 from mypt.errors import MyPTError
 
 if TYPE_CHECKING:
     from mypt.tokenizers import Tokenizer
 
-INTERRUPTED = 130
+MAX_SHARD_TOKENS = 1 << 32  # ids per shard file: 16 GiB of uint32 ids
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="gpt2", metavar="{gpt2,char,FILE.json}",
                    help="the tokenizer of the model that will train on it: gpt2, char, or a tokenizer file "
                    "(mypt tokenizer train writes one) (default: %(default)s)")
-    p.add_argument("--checkpoints_dir", default="checkpoints",
-                   help="the cache is CHECKPOINTS_DIR/.cache, as for train.py (default: %(default)s)")
+    add_checkpoints_dir(p, "the cache is CHECKPOINTS_DIR/.cache, as for train.py (default: %(default)s)")
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS,
                    help="token ids per shard file (default: %(default)s)")
 
@@ -49,8 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mypt import data
 
-    if args.shard_tokens < 1:
-        raise MyPTError(f"--shard_tokens ({args.shard_tokens}) must be 1 or more")
+    check_count("--shard_tokens", args.shard_tokens, MAX_SHARD_TOKENS)
     sources = data.sources_from_flags(args.input_file, args.text_field, args.data)
     if sources is None:
         raise MyPTError("name the data to prepare with --input_file (repeatable) or --data MIX.json")

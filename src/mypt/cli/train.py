@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mypt.cli.options import DEVICE_HELP, DTYPES, add_checkpoints_dir
 from mypt.config import ARCH_FLAGS, OPTIMIZERS, TrainConfig
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the JSON field / Parquet column holding the text (default: text)")
     p.add_argument("--data", metavar="MIX.json",
                    help='a mixture: {"sources": [{"name": "prose", "input_file": ["books/"], "weight": 0.7}, ...]}')
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
     p.add_argument("--tokenizer", metavar="{gpt2,char,bpe,FILE.json}",
                    help="gpt2 (GPT-2's BPE), char (the characters of the text), bpe (a byte-level BPE trained "
                    "on the training part of the text, --vocab_size tokens) or a tokenizer file from "
@@ -85,9 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw, or muon: Muon on the blocks' matrices, AdamW (--learning_rate) on embeddings, "
                    "output layer and gains (default: adamw)")
-    t.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+    t.add_argument("--dtype", choices=DTYPES,
                    help="auto: bf16 autocast where the device runs it fast, fp16 on older GPUs, else fp32")
-    t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    t.add_argument("--device", default="auto", help=DEVICE_HELP)
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: off)")
     t.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,

@@ -21,7 +21,6 @@ MyPT recorded it), or a hash of the sources' names, weights and hashes.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from mypt.tokenizers import Tokenizer
 CACHE_DIR = ".cache"  # the token cache, inside the checkpoints folder
 DEFAULT_TEXT_FIELD = "text"
 SOURCE_KEYS = {"name", "input_file", "weight", "text_field"}
+MAX_WEIGHT = 1e6  # weights are relative; below this any number of them sums to a finite total
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,9 @@ def _check_source(d: object, where: str) -> None:
     if not isinstance(inputs, list) or not inputs or not all(isinstance(v, str) and v for v in inputs):
         raise MyPTError(f"{where}: 'input_file' must be a path (file, folder or glob) or a list of them")
     weight = d.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
-        raise MyPTError(f"{where}: 'weight' ({weight!r}) must be a number above 0")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+        raise MyPTError(f"{where}: 'weight' ({str(weight)[:40]}) must be a number above 0 and at most {MAX_WEIGHT:g} "
+                        "(weights are relative: 0.7 and 0.3 mix as 7 and 3 do)")
     if not isinstance(d.get("text_field", DEFAULT_TEXT_FIELD), str):
         raise MyPTError(f"{where}: 'text_field' must be a string")
 
