@@ -428,8 +428,9 @@ def missing_inputs(sources: Sequence[Source]) -> str | None:
     return None
 
 
-def input_status(state: dict[str, Any]) -> str:
-    """For `mypt inspect`: the recorded inputs and whether they are still here, unchanged."""
+def input_status(state: dict[str, Any], verify: bool = False) -> str:
+    """For `mypt inspect`: the recorded inputs and whether they are still here; with verify,
+    whether their content is unchanged (each file is read and hashed)."""
     sources, sha = saved_sources(state)
     if sources is None:
         return "none recorded (pass --input_file to train it)"
@@ -440,6 +441,8 @@ def input_status(state: dict[str, Any]) -> str:
         return f"{label} (MISSING here: resuming needs --input_file)"
     if not sha:
         return f"{label} (no sha256 recorded to compare with)"
+    if not verify:
+        return f"{label} (present; --verify compares its content with the sha256 recorded at training)"
     try:
         hashes = [(s, _files_sha256(s, list_files(s.inputs))) for s in sources]
     except MyPTError:
