@@ -3,42 +3,23 @@
 A dataset is current when its manifest lists the same files and every file's size and mtime
 match; only a file whose size or mtime differ is hashed again, and if its content is the same
 the manifest takes the new size and mtime. Opening one reads the manifest and the document
-index, and maps the shards; nothing else is read, whatever the corpus size.
-
-Validation is chosen by whole documents: a document goes to validation when its key (a hash
-of its file's name and its row, see prepare.doc_keys) falls below val_split, so about that
-fraction of the documents is held out, the same ones on every machine and every run, and a
-document stays on its side when files are added. At least one document goes to each side. A
-dataset of one document (one text file) keeps MyPT's earlier rule: the last val_split of its
-tokens is validation, so results on one file compare with earlier runs.
+index, and maps the shards; nothing else is read, whatever the corpus size. Which tokens
+validate is split.py's rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mypt.data import split as splits
 from mypt.data.prepare import FORMAT
 from mypt.data.sampler import Shards, TokenStream
 from mypt.data.sources import InputFile, hash_file
 from mypt.errors import MyPTError
 from mypt.fsutil import atomic_write_bytes, json_bytes, read_json
-
-
-@dataclass(frozen=True)
-class Split:
-    """Where a dataset's tokens go: runs [start, end) of its token stream."""
-
-    train: np.ndarray
-    val: np.ndarray
-    val_documents: int
-    n_documents: int
-
-    def tokens(self, runs: np.ndarray) -> int:
-        return int((runs[:, 1] - runs[:, 0]).sum())
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -48,7 +29,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = read_json(path)
-        if manifest.get("format") != FORMAT:
+        if manifest.get("format") != FORMAT or not isinstance(manifest["cut"], dict | None):
             return None
         for shard in manifest["shards"]:
             size = shard["tokens"] * np.dtype(shard["dtype"]).itemsize
@@ -99,35 +80,13 @@ def documents(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return ends, keys
 
 
-def val_threshold(val_split: float) -> int:
-    """A document whose key is below this validates (see the module docstring for the exceptions)."""
-    return int(val_split * 2**32)
-
-
-def split(ends: np.ndarray, keys: np.ndarray, val_split: float) -> Split:
-    """Train and validation runs for documents ending at `ends` (see the module docstring)."""
-    n = len(ends)
-    if n == 1:
-        body = int(ends[0]) - 1  # the end-of-text stays with the tail
-        cut = int(body * (1 - val_split))
-        return Split(np.array([[0, cut]]), np.array([[cut, int(ends[0])]]), 0, 1)
-    is_val = keys.astype(np.uint64) < np.uint64(val_threshold(val_split))
-    if not is_val.any():
-        is_val[int(np.argmin(keys))] = True
-    if is_val.all():
-        is_val[int(np.argmax(keys))] = False
-    change = np.flatnonzero(is_val[1:] != is_val[:-1]) + 1
-    first = np.concatenate([[0], change])
-    last = np.concatenate([change, [n]]) - 1
-    starts = np.where(first == 0, 0, ends[np.maximum(first - 1, 0)].astype(np.int64))
-    runs = np.stack([starts, ends[last].astype(np.int64)], axis=1)
-    val = is_val[first]
-    return Split(runs[~val], runs[val], int(is_val.sum()), n)
-
-
 def streams(folder: Path, manifest: dict[str, Any], val_split: float, table: np.ndarray | None,
-            name: str) -> tuple[TokenStream, TokenStream, Split]:
+            name: str, label: str) -> tuple[TokenStream, TokenStream, splits.Split]:
     """The train and validation streams of a dataset, memory-mapped."""
-    s = split(*documents(folder, manifest), val_split)
+    ends, keys = documents(folder, manifest)
+    cut = manifest["cut"]
+    if cut is not None:
+        assert cut["val_split"] == val_split, "the dataset folder's name includes the val_split it was cut for"
+    s = splits.split(ends, keys, val_split, None if cut is None else cut["token"], label)
     store = shards(folder, manifest)
     return TokenStream(store, s.train, table, name), TokenStream(store, s.val, table, name), s
