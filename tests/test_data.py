@@ -506,6 +506,10 @@ def test_changed_content_is_prepared_again_or_refused_on_resume(tmp_path, gpt2):
 
 @pytest.mark.parametrize("edit", [
     lambda m: {k: v for k, v in m.items() if k != "cut"} | {"format": 1},  # the earlier format: a token-tail split
+    lambda m: m | {"n_tokens": str(m["n_tokens"])},
+    lambda m: m | {"shards": [{**m["shards"][0], "file": "../../a.txt"}, *m["shards"][1:]]},
+    lambda m: m | {"tokenizer": {**m["tokenizer"], "chars": ["ab"]}},
+    lambda m: m | {"cut": {**m["cut"], "token": -1}},
 ])
 def test_a_manifest_of_another_format_or_malformed_is_prepared_again_not_read(tmp_path, gpt2, edit):
     (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
@@ -531,6 +535,52 @@ def test_every_prepared_file_is_written_through_fsutil(tmp_path, gpt2, monkeypat
 def test_tokenizing_uses_every_core_the_process_may_run_on(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     assert prep.tokenize_threads() == 12
+
+
+# ----------------------------------------------------------------------------- what is read back is checked
+
+
+def damage_ids(folder: Path, shard: dict, value: int) -> None:
+    """Overwrite every 10th id of a shard with `value`, keeping its size (so it still looks current)."""
+    path = folder / shard["file"]
+    ids = np.fromfile(path, dtype=shard["dtype"])
+    ids[::10] = value
+    ids.tofile(path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char"])
+def test_a_shard_with_ids_beyond_the_vocabulary_is_one_message_naming_the_cache(tmp_path, gpt2, kind):
+    write_jsonl(tmp_path / "d.jsonl", docs_of(TEXT, 20))
+    corpus = prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2 if kind == "gpt2" else None, shard_tokens=4000)
+    tok = gpt2 if kind == "gpt2" else CharTokenizer(corpus.chars())
+    part = corpus.parts[0]
+    damage_ids(part.folder, part.manifest["shards"][1], 65535)
+    again = prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2 if kind == "gpt2" else None, shard_tokens=4000)
+    assert again.parts[0].manifest == part.manifest  # sizes and mtimes of the inputs match: taken as current
+    train, val, _ = open_splits(again, tok, 0.1, 16)
+    with pytest.raises(MyPTError, match=rf"^the token cache {part.folder} is damaged: 00001.bin holds the id 65535 "
+                                        r"at position [\d,]+, beyond the [\d,]+ ids of its tokenizer; delete that "
+                                        rf"folder \(or all of {part.folder.parent}\), and the next run or mypt "
+                                        "prepare prepares it again$"):
+        for i in range(50):
+            for stream in (train, val):
+                batch_at(stream, 16, 8, seed=0, index=i, device="cpu")
+
+
+def test_a_damaged_document_index_or_cut_is_one_message_naming_the_cache(tmp_path, gpt2):
+    write_jsonl(tmp_path / "d.jsonl", docs_of(TEXT, 20))
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    docs, one = (prepare(tmp_path, [tmp_path / name], gpt2).parts[0] for name in ("d.jsonl", "a.txt"))
+    index = docs.folder / docs.manifest["shards"][0]["docs"]
+    index.write_bytes(index.read_bytes()[:-12])  # one document short
+    manifest = json.loads((one.folder / "manifest.json").read_text())
+    manifest["cut"]["token"] = manifest["n_tokens"] + 5
+    (one.folder / "manifest.json").write_text(json.dumps(manifest))
+    for folder, what in ((docs.folder, "00000.docs does not hold the 20 documents its manifest lists"),
+                         (one.folder, "its manifest's cut lies outside its document")):
+        corpus = prepare(tmp_path, [tmp_path / ("d.jsonl" if folder == docs.folder else "a.txt")], gpt2)
+        with pytest.raises(MyPTError, match=rf"^the token cache {folder} is damaged: {what}; delete that folder"):
+            open_splits(corpus, gpt2, 0.1, 8)
 
 
 # ----------------------------------------------------------------------------- bad input: one message, nothing written

@@ -350,7 +350,7 @@ def open_splits(corpus: Corpus, tokenizer: Tokenizer, val_split: float, block_si
     for p in corpus.parts:
         char = p.manifest["tokenizer"]["kind"] == "chars"
         table = char_table(p.manifest, tokenizer, _label(p)) if char else None
-        t, v, s = dataset.streams(p.folder, p.manifest, val_split, table, p.source.name, _label(p))
+        t, v, s = dataset.streams(p.folder, p.manifest, val_split, table, tokenizer.n_vocab, p.source.name, _label(p))
         _check_long_enough(p, t, v, s, val_split, block_size, smaller_block)
         train.append(t)
         val.append(v)
