@@ -8,11 +8,12 @@ the text alone, before any tokenizer exists.
   key is below the threshold, the lowest-keyed document validates, and if every key is, the
   highest-keyed one trains (the first of equal keys). training_text.TrainingText applies the
   same rule while it streams the text.
-- A source of one text file is one document. It validates on its last val_split of its bytes:
-  from `text_cut`, the last place before that point where every tokenizer splits anyway (just
-  before a line break, else before whitespace, see sources.split_safely) within CUT_SEARCH
-  bytes, else the character boundary at that point. The prepare pass ends a piece of the text
-  there, so no token crosses the cut, and records the token at which validation starts.
+- A source of one text file is one document. It validates on its last val_split of its bytes,
+  from `cut_of`: the last place before that point where every tokenizer splits anyway (before
+  a line break that follows a letter or digit, else before whitespace that does, see
+  sources.split_safely) within CUT_SEARCH bytes, else the character boundary at that point.
+  The prepare pass ends a piece of the text there, so no token crosses the cut, and records
+  the token at which validation starts; a bpe tokenizer learns from the text before it.
 - A JSON lines or Parquet source of a single document has nothing to split: it is refused.
 """
 
