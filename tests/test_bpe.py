@@ -95,6 +95,16 @@ def test_bpe_is_trained_on_the_training_split_only(root: Path) -> None:
     assert whole.ranks != tok.ranks  # the validation text would have changed it
 
 
+def test_tokenizer_train_with_val_split_learns_what_train_py_learns(root: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "t.json"
+    assert run_command("tokenizer", ["train", "--input_file", str(root / "input.txt"), "--vocab_size", "500",
+                                     "--val_split", "0.1", "--out", str(out)]) == 0
+    cut = bpe_text_ends((root / "b-output.txt").read_text())[0]
+    assert f"(the first {cut:,} bytes of " in capsys.readouterr().out
+    assert load_tokenizer(out).to_json() == load_tokenizer(root / "checkpoints" / "b" / "tokenizer.json").to_json()
+
+
 def test_bpe_is_trained_once_even_when_the_end_tokenizes_compactly(tmp_path: Path) -> None:
     # The last tenth of this text is one line repeated: it tokenizes far more compactly than the
     # rest. The split is decided in bytes before the tokenizer exists, so that changes nothing.
