@@ -33,7 +33,7 @@ FLAGS = [*tiny_arch_flags(), "--tokenizer", "char", "--eval_interval", "10", "--
 def overfit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Model m trained 40 iterations with --keep_every 20 on a text it overfits."""
     work = tmp_path_factory.mktemp("keep")
-    text = ("the cat sat on the mat. " * 400)[:9000] + corpus_text(1000)  # the last 10% is validation
+    text = ("the cat sat on the mat. " * 400)[:8998] + "s\n" + corpus_text(1000)  # validation: "\n" and the last 10%
     (work / "input.txt").write_text(text, encoding="utf-8")
     (work / "held_out.txt").write_text(corpus_text(1000), encoding="utf-8")  # the validation text
     r = run("--model_name", "m", "--input_file", "input.txt", "--max_iters", "40", "--keep_every", "20", *FLAGS,

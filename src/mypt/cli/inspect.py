@@ -5,9 +5,10 @@ examples:
   mypt inspect --model_name dante --checkpoints_dir runs/ --verify
 
 Prints the architecture, the tokenizer and its size, the exact parameter count, training
-progress (iteration, best and last validation loss), the input file and whether it still
-matches the sha256 recorded at training, every file with its size (checked against the
-manifest; --verify also checks the sha256 of each), and where the loss curve is.
+progress (iteration, best and last validation loss), the input file and whether it is still
+there, every file with its size (checked against the manifest), and where the loss curve is.
+--verify also reads every file: each checkpoint file's sha256 against the manifest, and the
+input's against the sha256 recorded at training.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to inspect (a folder under --checkpoints_dir)")
     add_checkpoints_dir(p)
     p.add_argument("--verify", action="store_true",
-                   help="also check each file's sha256 against the manifest (reads every byte)")
+                   help="also check each file's sha256 against the manifest, and the input's against the one "
+                   "recorded at training (reads every byte)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +64,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
         lines.append(f"  {'Tokenizer':<14}: {tokenizer_summary(tok)}")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
-    lines += [""] + _training(state) + [""] + _files(folder, state, verify) + [""]
+    lines += [""] + _training(state, verify) + [""] + _files(folder, state, verify) + [""]
     lines += _curves(folder) + [RULE]
     return lines
 
@@ -90,7 +92,7 @@ def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "not evaluated yet"
 
 
-def _training(state: dict[str, Any]) -> list[str]:
+def _training(state: dict[str, Any], verify: bool) -> list[str]:
     if not state:
         return ["Training: training_state.json is missing"]
     lines = ["Training (training_state.json):"]
@@ -98,7 +100,7 @@ def _training(state: dict[str, Any]) -> list[str]:
             ("Best val loss", _loss(state.get("best_val_loss"))),
             ("Last val loss", _loss(state.get("last_val_loss"))),
             ("Tokens seen", f"{state.get('tokens_seen', 0):,}"),
-            ("Input file", _input_status(state))]
+            ("Input file", _input_status(state, verify))]
     if state.get("imported_from"):
         rows.append(("Imported from", state["imported_from"]))
     if state.get("exported_from"):
@@ -108,10 +110,10 @@ def _training(state: dict[str, Any]) -> list[str]:
     return lines + [f"  {label:<14}: {value}" for label, value in rows]
 
 
-def _input_status(state: dict[str, Any]) -> str:
+def _input_status(state: dict[str, Any], verify: bool) -> str:
     from mypt.data import input_status
 
-    return input_status(state)
+    return input_status(state, verify)
 
 
 def _size(path: Path) -> int:

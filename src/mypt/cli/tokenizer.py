@@ -10,8 +10,9 @@ train: a byte-level BPE of --vocab_size tokens (end-of-text included) on --input
 a self-contained tokenizer.json. One tokenizer file can serve several models (train.py
 --tokenizer FILE.json), so their losses compare token for token. --val_split F leaves out what
 train.py --val_split F validates on: whole documents chosen by their names, or for a single
-document (one text file) the text after (1 - F) of its bytes, so that a model trained on the
-same data with the same --val_split validates on text the tokenizer never saw.
+document (one text file) its text from the last line break before (1 - F) of its bytes, so
+that a model trained on the same data with the same --val_split validates on text the
+tokenizer never saw.
 
 inspect: the kind, the vocabulary size, the end-of-text id and the cache key of a tokenizer
 file or a model's tokenizer; bytes and characters per token on --input_file; the longest tokens.

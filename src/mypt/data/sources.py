@@ -197,6 +197,13 @@ def check_readable(files: Sequence[InputFile], text_field: str) -> None:
 # Bytes: raw (hashed) and decompressed
 
 
+class NoHash:
+    """A hasher for reads whose bytes need no hash."""
+
+    def update(self, data: bytes) -> None:
+        pass
+
+
 class _HashingReader:
     """A binary file whose bytes feed a hasher as they are read."""
 
@@ -261,6 +268,43 @@ def _skip(chunks: Iterator[bytes], start: int) -> Iterator[bytes]:
             yield from chunks
             return
         done += len(chunk)
+
+
+def _break_at(chunks: Iterator[bytes], start: int, at: int) -> Iterator[bytes]:
+    """The chunks (which begin at byte `start`), one of them split so that a chunk ends at byte `at`."""
+    done = start
+    for chunk in chunks:
+        if done < at < done + len(chunk):
+            yield chunk[:at - done]
+            chunk = chunk[at - done:]
+        done += len(chunk)
+        yield chunk
+
+
+def text_size(f: InputFile) -> int:
+    """The bytes of a text file's text: its size, or for a compressed file the bytes it decompresses to
+    (read through once to count them)."""
+    if f.compression is None:
+        return f.path.stat().st_size
+    return sum(len(chunk) for chunk in byte_chunks(f, NoHash()))
+
+
+def text_bytes(f: InputFile, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a text file's text (a compressed file is decompressed up to `end`)."""
+    if f.compression is None:
+        try:
+            with open(f.path, "rb") as raw:
+                raw.seek(start)
+                return raw.read(end - start)
+        except OSError as e:
+            raise MyPTError(f"cannot read input file {f.label} ({e.strerror or e}); check its permissions") from None
+    out, done = [], 0
+    for chunk in byte_chunks(f, NoHash()):
+        out.append(chunk[max(0, start - done): end - done])
+        done += len(chunk)
+        if done >= end:
+            break
+    return b"".join(out)
 
 
 def hash_file(f: InputFile) -> str:
@@ -355,12 +399,24 @@ def split_safely(text: str, force: bool) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def text_items(f: InputFile, hasher: Any, start: int = 0, chunk_size: int = CHUNK_SIZE) -> Iterator[Item]:
-    """The file as one document, in pieces cut at safe points; from byte `start` on when resuming."""
+def text_items(f: InputFile, hasher: Any, start: int = 0, chunk_size: int = CHUNK_SIZE,
+               cut: int | None = None) -> Iterator[Item]:
+    """The file as one document, in pieces cut at safe points; from byte `start` on when resuming.
+
+    `cut` (a character boundary): a piece also ends there, wherever it is, so the text before
+    it is tokenized apart from the text after it (where a single file's validation starts).
+    """
     chunks = byte_chunks(f, hasher, chunk_size)
+    if start:
+        chunks = _skip(chunks, start)
+    if cut is not None and cut > start:
+        chunks = _break_at(chunks, start, cut)
     position, carry, seen = start, "", start > 0
-    for text, end in _decoded(f, _skip(chunks, start) if start else chunks, start):
-        head, carry = split_safely(carry + text, force=len(carry) >= MAX_CARRY_CHUNKS * chunk_size)
+    for text, end in _decoded(f, chunks, start):
+        if end == cut:
+            head, carry = carry + text, ""
+        else:
+            head, carry = split_safely(carry + text, force=len(carry) >= MAX_CARRY_CHUNKS * chunk_size)
         if head:
             yield Item(head, False, position, 0)
             position = end - len(carry.encode("utf-8"))
@@ -508,12 +564,12 @@ def _check_text(f: InputFile, text: str, row: int) -> None:
 
 
 def items(f: InputFile, hasher: Any, text_field: str, position: int = 0, row: int = 0,
-          chunk_size: int = CHUNK_SIZE) -> Iterator[Item]:
-    """The Items of any kind of file, from (position, row) on."""
+          chunk_size: int = CHUNK_SIZE, cut: int | None = None) -> Iterator[Item]:
+    """The Items of any kind of file, from (position, row) on; `cut`: see text_items."""
     if f.kind == "jsonl":
         return jsonl_items(f, hasher, text_field, position, row, chunk_size)
     if f.kind == "parquet":
         return parquet_items(f, hasher, text_field, row)
-    return text_items(f, hasher, position, chunk_size)
+    return text_items(f, hasher, position, chunk_size, cut)
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import tiktoken
 
 from mypt.errors import MyPTError
@@ -86,10 +85,6 @@ class BPETokenizer(TiktokenTokenizer):
 
     def id_string(self) -> str:
         return "bpe-" + self.sha256[:12]
-
-    def byte_lengths(self) -> np.ndarray:
-        """The UTF-8 length of every id's text (end-of-text counts 0: it stands for no text)."""
-        return np.array([len(token) for token in self.ranks] + [0], dtype=np.int64)
 
 
 def _content(ranks: Sequence[bytes], pattern: str, eot_id: int) -> dict:
