@@ -130,12 +130,15 @@ def run_seed(args: argparse.Namespace, samples: int = 1) -> int:
 
 def sampling_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The SamplingConfig fields given by the command line, with the seed to use."""
-    from mypt.sampling import SamplingConfig
+    from mypt.sampling import SamplingConfig, SamplingError
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
                    stop=tuple(unescape(s) for s in args.stop), use_cache=args.cache, ignore_eot=args.ignore_eot)
-    SamplingConfig(**options)  # every bad flag reported before the model is loaded
+    try:
+        SamplingConfig(**options)  # every bad flag reported before the model is loaded
+    except SamplingError as e:
+        raise MyPTError(e.named(lambda field: "--cache" if field == "use_cache" else f"--{field}")) from None
     return options
 
 
