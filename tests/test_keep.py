@@ -164,7 +164,7 @@ def test_a_diverging_run_stops_with_status_1_and_keeps_the_last_good_checkpoint(
     good = run("--model_name", "d", "--input_file", "input.txt", "--max_iters", "10", *FLAGS, cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     before = (tmp_path / "checkpoints" / "d" / "model.pt").read_bytes()
-    r = run("--model_name", "d", "--max_iters", "30", "--learning_rate", "1e30", "--grad_clip", "0",
+    r = run("--model_name", "d", "--max_iters", "30", "--learning_rate", "1000", "--grad_clip", "0",
             "--log_interval", "1", cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert re.search(r"error: loss became (nan|inf) at iteration 1\d: training stopped and the last good checkpoint "
