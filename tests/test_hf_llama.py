@@ -203,7 +203,8 @@ BROKEN = {
                       "rope_theta (1000000000000000000"),
     "layers-10**8": (lambda f: _edit(f, num_hidden_layers=10**8), "n_layer (num_hidden_layers in config.json) "
                      "(100000000) must be at most 1,024"),
-    "head-dim-list": (lambda f: _edit(f, head_dim=[1], num_attention_heads=10**9), "head_size (head_dim in config.json) ([1]) must be an integer"),
+    "head-dim-list": (lambda f: _edit(f, head_dim=[1], num_attention_heads=10**9),
+                      "head_size (head_dim in config.json) ([1]) must be an integer"),
 }
 
 
