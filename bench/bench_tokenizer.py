@@ -120,7 +120,8 @@ def child_encode(kind: str, path: Path) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as cache:
         start, cpu = time.perf_counter(), time.process_time()
-        corpus = data.prepare_corpus([data.Source("input", (str(path),))], tok, Path(cache), progress=False)
+        corpus = data.prepare_corpus([data.Source("input", (str(path),))], tok, Path(cache), val_split=0.1,
+                                     progress=False)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     n_tokens = corpus.parts[0].manifest["n_tokens"]
     return {"seconds": seconds, "cpu_seconds": cpu, "n_tokens": n_tokens, "before_mib": before}

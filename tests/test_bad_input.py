@@ -9,6 +9,7 @@ The security cases plant a pickle that would create a file if it ever ran.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from conftest import TINY_ARCH, corpus_text, fix_manifest, tiny_arch_flags
 from forked_cli import run
 
 from mypt import dist
+from mypt.errors import MyPTError
 from mypt.tokenizers import train_bpe
 
 GOOD = Path("checkpoints/good")
@@ -116,6 +118,27 @@ def edited_bpe_file(name: str) -> Callable[[Path], None]:
 
 def set_field(**changes: object) -> Callable[[dict], None]:
     return lambda d: d.update(changes)
+
+
+def bpe_file_with_pattern(name: str, pattern: str) -> Callable[[Path], None]:
+    """A bpe tokenizer file whose split pattern was replaced and its sha256 recomputed to match."""
+    from mypt.tokenizers.bpe import _content_sha256
+
+    def prepare(work: Path) -> None:
+        d = train_bpe([(work / "input.txt").read_text(encoding="utf-8")], 300, "t").to_json()
+        d["pattern"] = pattern
+        d["sha256"] = _content_sha256({k: v for k, v in d.items() if k != "sha256"})
+        (work / name).write_text(json.dumps(d))
+    return prepare
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # nested past json's recursion limit (a RecursionError once)
+DIGITS = "9" * 5000  # past Python's int-from-text limit (a ValueError once)
+
+
+def mixture(*weights: object) -> Callable[[Path], None]:
+    sources = [{"name": f"s{i}", "input_file": "input.txt", "weight": w} for i, w in enumerate(weights)]
+    return write("mix.json", json.dumps({"sources": sources}))
 
 
 # ----------------------------------------------------------------------------- the catalogue
@@ -277,9 +300,9 @@ CASES: dict[str, Case] = {
                         lambda w: os.mkfifo(w / "cfg.json")),
     "input-fifo": Case([*NEW_TINY, "--input_file", "p.txt"], "input file p.txt: is a FIFO (named pipe)",
                        lambda w: os.mkfifo(w / "p.txt")),
-    "memory-batch-too-big": Case([*NEW_TINY, "--batch_size", "10000000"],
+    "memory-batch-too-big": Case([*NEW_TINY, "--batch_size", "1000000"],
                                  "the largest batch_size that fits is"),
-    "memory-model-too-big": Case([*NEW_TINY, "--n_layer", "10000", "--n_embd", "2048", "--n_head", "16"],
+    "memory-model-too-big": Case([*NEW_TINY, "--n_layer", "1000", "--n_embd", "8192", "--n_head", "16"],
                                  "no batch size fits: use a smaller config"),
     "resume-val-split-changed": Case([*RESUME, "--val_split", "0.2"], "--val_split 0.2: 'good' was trained with "
                                      "--val_split 0.1; another split would move validation text into training"),
@@ -296,6 +319,71 @@ CASES: dict[str, Case] = {
                                      "--prompt_file /dev/zero: is a device or socket", script="generate.py"),
     "generate-no-best-yet": Case([*GENERATE, "--best"], "'good' has no best checkpoint yet",
                                  lambda w: shutil.rmtree(w / GOOD / "best"), script="generate.py"),
+}
+# numbers: every number a user gives is range-checked before use (a 400-digit integer, 1e309 and
+# NaN once passed and then raised OverflowError, hung, or failed inside numpy or the allocator)
+GIANT = [*NEW_TINY, "--n_layer", "1000", "--n_embd", "65536", "--n_head", "64", "--skip_memory_check"]
+CASES |= {
+    "preset-value-10**400": Case(PRESET, "rope_theta (1000000000", preset(rope_theta=10**400)),
+    "preset-layers-10**8": Case(PRESET, "n_layer (100000000) must be at most 1,024", preset(n_layer=10**8)),
+    "preset-width-1e309": Case(PRESET, "n_embd (Infinity) must be an integer",  # TINY_ARCH's first 32 is n_embd
+                               write("cfg.json", json.dumps({**TINY_ARCH, "vocab_size": 9}).replace("32", "1e309", 1))),
+    "preset-training-lr-10**400": Case(PRESET, "training.learning_rate (1000000",
+                                       preset(training={"learning_rate": 10**400})),
+    "lr-overflows-to-inf": Case([*NEW_TINY, "--learning_rate", "1e400"], "--learning_rate (inf) must be a number"),
+    "max-iters-10**13": Case([*NEW_TINY, "--max_iters", str(10**13)],
+                             "must be a positive integer of at most 1,000,000,000,000"),
+    "eval-iters-10**7": Case([*NEW_TINY, "--eval_iters", str(10**7)],
+                             "--eval_iters (10000000) must be a positive integer of at most"),
+    "mixture-weights-sum-to-infinity": Case([*NEW_NO_INPUT, "--data", "mix.json"],
+                                            "'weight' (1e+308) must be a number above 0 and at most 1e+06",
+                                            mixture(1e308, 1e308)),
+    "mixture-weight-10**400": Case([*NEW_NO_INPUT, "--data", "mix.json"], "'weight' (1000000000", mixture(10**400)),
+    "memory-check-skipped-impossible-size": Case(GIANT, "(51,539,744,653,312 parameters: n_layer 1000, n_embd 65536, "
+                                                 "vocab_size 59, block_size 32) needs 187.50 TiB for its fp32 weights"),
+    "arch-batch-size-2**21": Case([*NEW_TINY, "--batch_size", str(2**21)], "batch_size (2097152) must be at most"),
+    "generate-seed-2**64": Case([*GENERATE, "--seed", str(2**64)], "--seed (18446744073709551616) must be an integer "
+                                "from 0 to 4294967295", script="generate.py"),
+    "generate-seed-negative": Case([*GENERATE, "--seed", "-1"], "--seed (-1) must be an integer from 0",
+                                   script="generate.py"),
+    "generate-seed-past-the-last-sample": Case([*GENERATE, "--seed", "4294967295", "--num_samples", "2"],
+                                               "--seed (4294967295) + --num_samples (2) - 1 must be at most",
+                                               script="generate.py"),
+    "generate-num-samples-10**6": Case([*GENERATE, "--num_samples", str(10**6)], "--num_samples (1000000) must be at "
+                                       "most 10,000", script="generate.py"),
+}
+# JSON nested 100,000 deep, a 5000-digit number or a repeated key: one message naming the file (and line)
+JSONL = [*NEW_NO_INPUT, "--input_file", "d.jsonl"]
+CASES |= {
+    "preset-nested-100000": Case(PRESET, "cfg.json: lists and objects are nested more than 100 deep",
+                                 write("cfg.json", '{"n_layer": ' + DEEP + "}")),
+    "preset-digits-5000": Case(PRESET, "cfg.json: holds a number MyPT cannot read",
+                               write("cfg.json", '{"n_layer": ' + DIGITS + "}")),
+    "input-jsonl-nested-100000": Case(JSONL, "d.jsonl line 2: lists and objects are nested more than 100 deep",
+                                      write("d.jsonl", '{"text": "a"}\n{"x": ' + DEEP + "}\n")),
+    "input-jsonl-digits-5000": Case(JSONL, "d.jsonl line 1: holds a number",
+                                    write("d.jsonl", '{"text": "a", "n": ' + DIGITS + "}\n")),
+    "input-jsonl-repeated-key": Case(JSONL, "d.jsonl line 2: the key 'text' appears twice",
+                                     write("d.jsonl", '{"text": "a"}\n{"text": "b", "text": "c"}\n')),
+    "mixture-nested-100000": Case([*NEW_NO_INPUT, "--data", "mix.json"], "mix.json: lists and objects are nested",
+                                  write("mix.json", '{"sources": ' + DEEP + "}")),
+    "tokenizer-file-nested-100000": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: lists and objects are nested",
+                                         write("t.json", '{"kind": "bpe", "ranks": ' + DEEP + "}")),
+}
+# devices MyPT does not run on, refused by name (meta and xpu once gave tracebacks)
+for device in ("meta", "xpu", "cuda:99", "junk!"):
+    CASES[f"device-{device}"] = Case([*NEW_TINY, "--device", device], f"--device {device}: ")
+    CASES[f"generate-device-{device}"] = Case([*GENERATE, "--device", device], f"--device {device}: ",
+                                              script="generate.py")
+CASES |= {
+    "checkpoints-dir-empty": Case([*NEW_TINY, "--checkpoints_dir", ""], "argument --checkpoints_dir: an empty path "
+                                  "would mean the current folder"),
+    "generate-checkpoints-dir-empty": Case([*GENERATE, "--checkpoints_dir", ""], "argument --checkpoints_dir: an empty "
+                                           "path", script="generate.py"),
+    "tokenizer-file-pattern-matches-empty": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: its split pattern "
+                                                 "matches the empty string", bpe_file_with_pattern("t.json", r"\s*")),
+    "tokenizer-file-pattern-drops-text": Case([*NEW_TINY, "--tokenizer", "t.json"], "t.json: its split pattern leaves "
+                                              "characters", bpe_file_with_pattern("t.json", r"\p{L}+")),
 }
 if not dist.cpu_has_fast_bf16():
     CASES["dtype-bf16-without-bf16"] = Case([*NEW_TINY, "--dtype", "bf16"], "--dtype bf16: cpu on this machine has no")
@@ -327,3 +415,119 @@ def test_bad_input(case: Case, base: Path, tmp_path: Path) -> None:
     after = tree(work)
     assert after.keys() == before.keys(), f"written: {sorted(after.keys() - before.keys())}"
     assert after == before, [k for k in before if before[k] != after[k]]
+
+
+# ----------------------------------------------------------------------------- every JSON reader, one reader
+
+
+def _jsonl_documents(path: Path) -> list:
+    from mypt.data.sources import items, list_files
+
+    return list(items(list_files([str(path)])[0], hashlib.sha256(), "text"))
+
+
+def _import(path: Path) -> object:
+    from mypt.formats.hf import import_hf
+
+    return import_hf(path.parent, path.parent.parent / "ck" / "x")
+
+
+def _chat_template(path: Path) -> object:
+    from mypt.serve.chat import load_template
+
+    return load_template(path.parent)
+
+
+def _mixture(path: Path) -> object:
+    from mypt.data import read_mixture
+
+    return read_mixture(path)
+
+
+def _config(path: Path) -> object:
+    from mypt.config import load_model_config
+
+    return load_model_config(path)
+
+
+def _tokenizer(path: Path) -> object:
+    from mypt.tokenizers import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+# reader: (file name, its text around the nested value, how MyPT reads it)
+READERS: dict[str, tuple[str, str, Callable[[Path], object]]] = {
+    "config": ("cfg.json", '{"n_layer": %s}', _config),
+    "tokenizer file": ("tok.json", '{"kind": "char", "chars": %s}', _tokenizer),
+    "mixture file": ("mix.json", '{"sources": %s}', _mixture),
+    "JSON lines": ("d.jsonl", '{"text": "a"}\n{"text": %s}\n', _jsonl_documents),
+    "transformers config.json": ("hf/config.json", '{"model_type": %s}', _import),
+    "chat_template.json": ("m/chat_template.json", '{"stop": %s}', _chat_template),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_every_json_reader_refuses_100000_deep_nesting_by_name(tmp_path: Path, reader: str) -> None:
+    name, template, read = READERS[reader]
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(template % DEEP)
+    with pytest.raises(MyPTError, match="lists and objects are nested more than 100 deep") as info:
+        read(path)
+    assert str(path) in str(info.value) or path.name in str(info.value)
+    if reader == "JSON lines":
+        assert "d.jsonl line 2:" in str(info.value)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_every_json_reader_refuses_a_repeated_key_and_a_5000_digit_number(tmp_path: Path, reader: str) -> None:
+    name, template, read = READERS[reader]
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    repeated = '"a", "text": "b"' if reader == "JSON lines" else '{"a": 1, "a": 2}'  # JSON lines: the field read
+    for value, message in ((DIGITS, "holds a number MyPT cannot read"),
+                           (repeated, "the key '(a|text)' appears twice in one object")):
+        path.write_text(template % value)
+        with pytest.raises(MyPTError, match=message):
+            read(path)
+
+
+# ----------------------------------------------------------------------------- files whose size reads 0
+
+
+def test_a_procfs_file_is_read_by_reading_not_by_its_size(tmp_path: Path) -> None:
+    """/proc files report size 0 and have content: neither "empty" nor read past a tail limit."""
+    from mypt.cli import run_command
+    from mypt.cli.options import read_text_file
+
+    assert os.stat("/proc/self/status").st_size == 0
+    text, size = read_text_file("/proc/self/status", "--prompt_file", 1 << 20)
+    assert text.startswith("Name:") and size == len(text.encode("utf-8"))
+    whole, _ = read_text_file("/proc/self/comm", "--prompt_file", 1 << 20)  # this process's name: stable
+    tail, size = read_text_file("/proc/self/comm", "--prompt_file", 3)
+    assert tail == whole[-3:] and size == len(whole) > 3
+    code = run_command("prepare", ["--input_file", "/proc/self/status", "--tokenizer", "char",
+                                   "--checkpoints_dir", str(tmp_path / "ck")])
+    assert code == 0  # once: "input file /proc/self/status is empty"
+    assert any((tmp_path / "ck" / ".cache").iterdir())
+
+
+def test_an_allocation_that_fails_is_one_message_naming_the_sizes() -> None:
+    """What the allocator refuses (here: 1 EiB on the CPU) becomes a MyPTError naming the config's sizes."""
+    from mypt.build import allocating
+    from mypt.config import ModelConfig
+
+    cfg = ModelConfig(**TINY_ARCH, vocab_size=64)
+    with pytest.raises(MyPTError, match=r"the model \([\d,]+ parameters: n_layer 2, n_embd 32, vocab_size 64, "
+                                        r"block_size 32\) could not be allocated on cpu \(.*alloc"):
+        with allocating(cfg, "cpu"):
+            torch.empty(1 << 60, dtype=torch.uint8)
+
+
+def test_metrics_lines_past_reading_are_skipped_like_a_line_cut_by_a_crash(tmp_path: Path) -> None:
+    from mypt.metrics import METRICS_FILE, read_metrics
+
+    good = {"iter": 5, "train_loss": 1.0}
+    (tmp_path / METRICS_FILE).write_text(f'{json.dumps(good)}\n{{"iter": {DEEP}}}\n{{"iter": {DIGITS}}}\n[1]\n{{"it')
+    assert read_metrics(tmp_path) == [good]

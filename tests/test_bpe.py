@@ -15,10 +15,10 @@ import pytest
 from conftest import TINY_ARCH, corpus_text, require, tiny_arch_flags
 from forked_cli import ONE_THREAD, run
 
-from mypt import data
 from mypt.api import load_model
 from mypt.cli import run_command
 from mypt.data import dataset as ds
+from mypt.data import split as splits
 from mypt.tokenizers import EOT, BPETokenizer, load_tokenizer, train_bpe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,14 +40,22 @@ def dataset_of(folder: Path, tok: BPETokenizer) -> tuple[Path, dict]:
 def split_tokens(folder: Path, tok: BPETokenizer) -> tuple[np.ndarray, np.ndarray]:
     """The (training, validation) token ids of the run's data, split as training splits them."""
     found, manifest = dataset_of(folder, tok)
-    split = ds.split(*ds.documents(found, manifest), 0.1)
+    cut = manifest["cut"]["token"] if manifest["cut"] else None
+    split = splits.split(*ds.documents(found, manifest), 0.1, cut, "input")
     store = ds.shards(found, manifest)
     return tuple(np.concatenate([store.take(np.arange(a, b)) for a, b in runs]) for runs in (split.train, split.val))
 
 
-def validation_start(folder: Path, tok: BPETokenizer) -> int:
-    """The byte of input.txt at which the validation tokens of the run start."""
-    return int(tok.byte_lengths()[split_tokens(folder, tok)[0]].sum())
+def assert_split_at_the_text_it_learned_from(folder: Path, tok: BPETokenizer, output: str) -> None:
+    """The tokenizer was trained once, on the input's bytes before its cut; the training tokens are
+    exactly those bytes and the validation tokens exactly the rest."""
+    raw = (folder / "input.txt").read_bytes()
+    cut = dataset_of(folder, tok)[1]["cut"]["byte"]
+    assert bpe_text_ends(output) == [cut] and output.count("training a bpe tokenizer") == 1
+    train_ids, val_ids = split_tokens(folder, tok)
+    assert tok.decode(train_ids.tolist()).encode() == raw[:cut]
+    assert tok.decode(val_ids.tolist()).encode() == raw[cut:] + EOT.encode()
+    assert train_bpe([raw[:cut].decode()], tok.n_vocab, "t").ranks == tok.ranks
 
 
 def train(root: Path, *args: str) -> str:
@@ -83,27 +91,32 @@ def test_new_bpe_model_is_self_contained(root: Path) -> None:
 def test_bpe_is_trained_on_the_training_split_only(root: Path) -> None:
     tok = load_tokenizer(root / "checkpoints" / "b" / "tokenizer.json")
     assert isinstance(tok, BPETokenizer)
-    end = bpe_text_ends((root / "b-output.txt").read_text())[-1]
-    text = data.TrainingText([data.Source("input", (str(root / "input.txt"),))], root, 0.1)
-    text.heads[0] = end
-    assert train_bpe(text, 500, "t").ranks == tok.ranks
-    assert validation_start(root, tok) >= end  # no validation text reached the tokenizer
+    assert_split_at_the_text_it_learned_from(root, tok, (root / "b-output.txt").read_text())
     whole = train_bpe([(root / "input.txt").read_text(encoding="utf-8")], 500, "t")
     assert whole.ranks != tok.ranks  # the validation text would have changed it
 
 
-def test_bpe_is_trained_again_when_validation_starts_early(tmp_path: Path) -> None:
+def test_tokenizer_train_with_val_split_learns_what_train_py_learns(root: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "t.json"
+    assert run_command("tokenizer", ["train", "--input_file", str(root / "input.txt"), "--vocab_size", "500",
+                                     "--val_split", "0.1", "--out", str(out)]) == 0
+    cut = bpe_text_ends((root / "b-output.txt").read_text())[0]
+    assert f"(the first {cut:,} bytes of " in capsys.readouterr().out
+    assert load_tokenizer(out).to_json() == load_tokenizer(root / "checkpoints" / "b" / "tokenizer.json").to_json()
+
+
+def test_bpe_is_trained_once_even_when_the_end_tokenizes_compactly(tmp_path: Path) -> None:
     # The last tenth of this text is one line repeated: it tokenizes far more compactly than the
-    # rest, so validation (the last 10% of the tokens) starts well before 90% of the bytes.
+    # rest. The split is decided in bytes before the tokenizer exists, so that changes nothing.
     text = corpus_text(45_000)
     (tmp_path / "input.txt").write_text(text + "to be or not to be\n" * 400, encoding="utf-8")
     out = train(tmp_path, "--model_name", "e", "--tokenizer", "bpe", "--vocab_size", "400")
-    assert "training it again on less" in out
-    ends = bpe_text_ends(out)
-    assert ends[0] == int((tmp_path / "input.txt").stat().st_size * 0.9) and len(ends) >= 2 and ends[-1] < ends[0]
-    last = ends[-1]
     tok = load_tokenizer(tmp_path / "checkpoints" / "e" / "tokenizer.json")
-    assert isinstance(tok, BPETokenizer) and validation_start(tmp_path, tok) >= last
+    assert isinstance(tok, BPETokenizer)
+    assert_split_at_the_text_it_learned_from(tmp_path, tok, out)
+    point = int((tmp_path / "input.txt").stat().st_size * 0.9)
+    assert point - 20 < bpe_text_ends(out)[0] <= point  # inside the repeated line: its last line break
 
 
 def test_bpe_never_learns_from_validation_documents(tmp_path: Path) -> None:
@@ -157,7 +170,7 @@ def test_eval_and_compare_across_tokenizers(root: Path, capsys: pytest.CaptureFi
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["b"], ["c"])}
     assert " bpe " in rows["b"] and " char " in rows["c"]
     bpc = load_model("b", ckpts, device="cpu").evaluate(held_out.read_text(encoding="utf-8")).bits_per_char
-    assert f"{bpc:.3f}" in rows["b"]
+    assert rows["b"].split()[-1] == f"{bpc:.4f}"  # the table prints 4 decimals
     code = run_command("compare", ["--model_name", "b", "c", "--prompt", "ROMEO:", "--max_new_tokens", "10",
                                    "--seed", "1", "--checkpoints_dir", ckpts, "--device", "cpu"])
     out = capsys.readouterr().out

@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from mypt.config import ARCH_FIELDS, ModelConfig, TrainConfig, apply_arch_flags, load_model_config, new_run_train_config
+from mypt.config import (
+    ARCH_FIELDS,
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    TRAIN_FIELD_TYPES,
+    ModelConfig,
+    TrainConfig,
+    apply_arch_flags,
+    load_model_config,
+    new_run_train_config,
+)
 from mypt.errors import MyPTError
 
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
@@ -70,7 +80,11 @@ BAD_CONFIGS = {
     "kv_heads": ({**BASE, "n_kv_head": 3}, r"n_kv_head \(3\) must divide n_head \(4\)"),
     "rope_odd_head": ({**BASE, "position": "rope", "n_embd": 12, "n_head": 4},
                       r"position rope needs an even head size; n_embd / n_head is 3"),
-    "rope_theta": ({**BASE, "rope_theta": 0}, r"rope_theta \(0\) must be a number above 0"),
+    "rope_theta": ({**BASE, "rope_theta": 0}, r"rope_theta \(0\) must be a number from 1 to 1e\+12"),
+    "rope_theta_huge_int": ({**BASE, "rope_theta": 10**400}, r"rope_theta \(1000000\d+\.\.\.\) must be a number"),
+    "norm_eps_tiny": ({**BASE, "norm_eps": 1e-300}, r"norm_eps \(1e-300\) must be a number from 1e-12 to 1"),
+    "n_layer_huge": ({**BASE, "n_layer": 10**8}, r"n_layer \(100000000\) must be at most 1,024"),
+    "block_size_huge": ({**BASE, "block_size": 10**400}, r"block_size \(1000000\d+\.\.\.\) must be at most"),
     "intermediate": ({**BASE, "intermediate_size": 0}, r"intermediate_size \(0\) must be a positive integer"),
     "optimizer": ({**BASE, "training": {"optimizer": "sgd"}}, r"training.optimizer \(sgd\) must be one of adamw, muon"),
     "muon_momentum": ({**BASE, "training": {"muon_momentum": 1}},
@@ -183,3 +197,33 @@ def test_preset_training_block_sets_defaults_that_flags_override(tmp_path):
     tc, used = new_run_train_config(cfg, {"warmup_iters": 5, "max_iters": 9})
     assert (tc.learning_rate, tc.warmup_iters, tc.max_iters, tc.min_lr) == (5e-3, 5, 9, None)
     assert used == {"learning_rate": 5e-3, "min_lr": None}
+
+
+# Every number a config file holds, given the values that once got through: a 400-digit integer
+# (OverflowError when made a float), 1e309 (infinity in JSON), -1, NaN and Infinity (which
+# Python's json reads) and the string "nan".
+HOSTILE = {"huge_int": "1" + "0" * 400, "overflow": "1e309", "negative": "-1", "nan": "NaN",
+           "infinity": "Infinity", "nan_string": '"nan"'}
+NUMBER_FIELDS = [k for k, t in {**REQUIRED_FIELDS, **OPTIONAL_FIELDS, **ARCH_FIELDS}.items() if t in (int, float)]
+TRAIN_NUMBERS = [k for k, t in TRAIN_FIELD_TYPES.items() if t in (int, float)]
+
+
+@pytest.mark.parametrize("value", HOSTILE.values(), ids=HOSTILE.keys())
+@pytest.mark.parametrize("field", NUMBER_FIELDS + [f"training.{k}" for k in TRAIN_NUMBERS])
+def test_every_number_in_a_config_is_range_checked(tmp_path, field, value):
+    key = field.split(".")[-1]
+    placeholder = {**BASE, "training": {key: 12345}} if field.startswith("training.") else {**BASE, key: 12345}
+    text = json.dumps(placeholder).replace("12345", value)
+    path = write(tmp_path, text)
+    with pytest.raises(MyPTError) as info:
+        load_model_config(path)
+    assert str(path) in str(info.value) and key in str(info.value)
+    assert len(str(info.value)) < 1000  # a 400-digit number is cut, not pasted whole
+
+
+def test_seed_check_is_shared():
+    from mypt.config import MAX_SEED, seed_problem
+
+    assert seed_problem(0) is None and seed_problem(MAX_SEED) is None
+    for bad in (-1, MAX_SEED + 1, 2**64, True, 1.5, "1"):
+        assert seed_problem(bad, "--seed") is not None

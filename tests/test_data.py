@@ -1,5 +1,6 @@
-"""mypt.data: every input kind, document boundaries, the one pass, validation by documents,
-mixtures and the batch sampler, changed sources, bad input. In-process, on small real text."""
+"""mypt.data: every input kind, document boundaries, the one pass, validation by documents and
+a single file's cut, mixtures and the batch sampler, changed sources, damaged caches, bad input.
+In-process, on small real text."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from conftest import corpus_text, require
 from mypt import data
 from mypt.data import Source, batch_at, open_splits, prepare_corpus, sources_from_flags
 from mypt.data import dataset as ds
+from mypt.data import prepare as prep
 from mypt.data import sources as src
+from mypt.data import split as splits
 from mypt.data.prepare import doc_keys
 from mypt.errors import MyPTError
 from mypt.tokenizers import GPT2_EOT, GPT2_EOT_ID, CharTokenizer, build_tokenizer, train_bpe
+from mypt.tokenizers.base import NEWLINE_CUT
 
 pa = require("pyarrow", "data")
 pq = require("pyarrow.parquet", "data")
@@ -67,7 +71,7 @@ def stream_ids(corpus: data.Corpus, k: int = 0) -> list[int]:
 
 def prepare(tmp_path: Path, inputs: list, tok=None, **kw) -> data.Corpus:
     sources = [Source("input", tuple(str(p) for p in inputs), kw.pop("text_field", "text"))]
-    return prepare_corpus(sources, tok, tmp_path / "cache", progress=False, **kw)
+    return prepare_corpus(sources, tok, tmp_path / "cache", progress=False, **{"val_split": 0.1, **kw})
 
 
 def with_eot(tok, docs: list[str]) -> list[int]:
@@ -199,7 +203,7 @@ def test_chunked_text_tokenizes_as_the_whole_text(tmp_path, request, kind, monke
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 300)))
         path = tmp_path / f"t{trial}.txt"
         path.write_text(text, encoding="utf-8")
-        corpus = prepare(tmp_path / str(trial), [path], tok, chunk_size=rng.randint(1, 32))
+        corpus = prepare(tmp_path / str(trial), [path], tok, chunk_size=rng.randint(1, 32), val_split=0)
         assert stream_ids(corpus) == tok.encode(text) + [tok.eot_id], repr(text)
 
 
@@ -239,13 +243,87 @@ def test_more_than_65535_characters_widen_a_shard_to_uint32(tmp_path):
 # ----------------------------------------------------------------------------- validation by documents
 
 
-def test_one_document_keeps_the_old_tail_split(tmp_path, gpt2):
+def split_text(corpus: data.Corpus, tok, val_split: float) -> tuple[str, str, list[str]]:
+    """(training text, validation text, lines) of a prepared source, decoded from its token streams."""
+    train, val, lines = open_splits(corpus, tok, val_split, 1)
+    return tuple(tok.decode(s.streams[0].gather(np.arange(len(s))).tolist()) for s in (train, val)) + (lines,)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe", "char"])
+def test_one_text_file_validates_on_its_last_bytes_from_a_line_break(tmp_path, request, kind):
+    tok = CharTokenizer(sorted(set(TEXT))) if kind == "char" else request.getfixturevalue(kind)
     (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
-    corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2)
-    train, val, lines = open_splits(corpus, gpt2, 0.1, 16)
-    n = len(gpt2.encode(TEXT))
-    assert len(train) == int(n * 0.9) and len(val) == n - int(n * 0.9) + 1  # + the end-of-text
-    assert "validation: its last 10%" in lines[0]
+    for val_split in (0.1, 0.25):
+        corpus = prepare(tmp_path, [tmp_path / "a.txt"], None if kind == "char" else tok, val_split=val_split)
+        raw = TEXT.encode("utf-8")
+        cut = corpus.parts[0].manifest["cut"]["byte"]
+        point = int(len(raw) * (1 - val_split))
+        assert raw[cut:cut + 1] == b"\n" and raw[cut - 1:cut].isalnum()  # a line break after a word
+        assert point - 2000 < cut and not NEWLINE_CUT.search(raw[cut:point].decode())  # the last one before point
+        train_text, val_text, lines = split_text(corpus, tok, val_split)
+        assert train_text.encode() == raw[:cut] and val_text.encode() == raw[cut:] + tok.decode([tok.eot_id]).encode()
+        if kind != "char":  # (char data store ids by first appearance)
+            assert stream_ids(corpus) == tok.encode(TEXT) + [tok.eot_id]  # cut where no token crosses
+        assert f"validation: its last {val_split:.0%} of the text, from byte {cut:,}" in lines[0]
+
+
+def test_a_file_without_line_breaks_or_spaces_is_cut_at_a_character(tmp_path, gpt2):
+    text = "a" + "\u20ac" * 2000  # 6,001 bytes; 90% of them ends inside a 3-byte character
+    (tmp_path / "e.txt").write_text(text, encoding="utf-8")
+    corpus = prepare(tmp_path, [tmp_path / "e.txt"], gpt2)
+    assert corpus.parts[0].manifest["cut"]["byte"] == 1 + 3 * 1799
+    train_text, val_text, _ = split_text(corpus, gpt2, 0.1)
+    assert train_text == text[:1800] and val_text == text[1800:] + GPT2_EOT
+
+
+def test_the_cut_is_found_in_compressed_text_and_is_the_plain_files(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(TEXT.encode("utf-8")))
+    plain = prepare(tmp_path / "plain", [tmp_path / "a.txt"], gpt2).parts[0].manifest["cut"]
+    packed = prepare(tmp_path / "gz", [tmp_path / "b.txt.gz"], gpt2).parts[0].manifest["cut"]
+    assert plain == packed and plain["token"] > 0
+
+
+def test_each_val_split_prepares_a_single_file_of_its_own(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "d.jsonl", docs_of(TEXT, 20))
+    one = [prepare(tmp_path, [tmp_path / "a.txt"], gpt2, val_split=v).parts[0] for v in (0.1, 0.2)]
+    assert one[0].folder != one[1].folder and one[0].manifest["cut"]["token"] > one[1].manifest["cut"]["token"]
+    docs = [prepare(tmp_path, [tmp_path / "d"], gpt2, val_split=v).parts[0] for v in (0.1, 0.2)]
+    assert docs[0].folder == docs[1].folder and docs[0].manifest["cut"] is None  # documents: one dataset
+
+
+@pytest.mark.parametrize("when", ["before", "in", "after"])
+def test_a_single_file_prepare_killed_around_its_cut_resumes_to_the_same_bytes(tmp_path, gpt2, monkeypatch, when):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    whole = prepare(tmp_path / "whole", [tmp_path / "a.txt"], gpt2, shard_tokens=1000)
+    in_shard = whole.parts[0].manifest["cut"]["token"] // 1000  # the shard the validation starts in
+    assert 2 < in_shard < len(whole.parts[0].manifest["shards"]) - 1
+    at = {"before": 2, "in": in_shard, "after": in_shard + 1}[when]
+    real_write = prep._write
+
+    def killed(path: Path, parts) -> None:
+        if path.name == f"{at:05d}.bin":
+            raise KeyboardInterrupt
+        real_write(path, parts)
+
+    monkeypatch.setattr(prep, "_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "killed", [tmp_path / "a.txt"], gpt2, shard_tokens=1000)
+    monkeypatch.setattr(prep, "_write", real_write)
+    again = prepare(tmp_path / "killed", [tmp_path / "a.txt"], gpt2, shard_tokens=1000)
+    assert again.parts[0].manifest == whole.parts[0].manifest and stream_ids(again) == stream_ids(whole)
+
+
+def test_a_json_lines_source_of_one_document_is_refused(tmp_path, gpt2):
+    write_jsonl(tmp_path / "one.jsonl", [TEXT])
+    corpus = prepare(tmp_path, [tmp_path / "one.jsonl"], gpt2)
+    message = r"one.jsonl holds one document \(one JSON line or Parquet row\).*pass its text as a plain text file"
+    with pytest.raises(MyPTError, match=message):
+        open_splits(corpus, gpt2, 0.1, 8)
+    with pytest.raises(MyPTError, match=message):
+        "".join(data.TrainingText([Source("input", (str(tmp_path / "one.jsonl"),))], tmp_path, 0.1))
 
 
 def test_validation_is_whole_documents_chosen_by_their_identity(tmp_path, gpt2):
@@ -267,33 +345,49 @@ def test_validation_is_whole_documents_chosen_by_their_identity(tmp_path, gpt2):
 def test_few_documents_still_give_each_side_one(tmp_path):
     ends = np.array([10, 20], dtype=np.uint64)
     for keys in ([5, 9], [2**32 - 1, 2**32 - 2]):  # both below val_split, then both above
-        s = ds.split(ends, np.array(keys, dtype=np.uint32), 0.5 if keys[0] < 100 else 0.1)
+        s = splits.split(ends, np.array(keys, dtype=np.uint32), 0.5 if keys[0] < 100 else 0.1, None, "d")
         assert s.tokens(s.train) == 10 and s.tokens(s.val) == 10
 
 
 def test_too_short_parts_name_the_source_and_the_fix(tmp_path, gpt2):
     (tmp_path / "s.txt").write_text("hello world\n")
     corpus = prepare(tmp_path, [tmp_path / "s.txt"], gpt2)
-    with pytest.raises(MyPTError, match=r"s.txt is too short: it has 4 tokens, so the training part .* block_size"):
+    with pytest.raises(MyPTError, match=r"s.txt is too short: it has 4 tokens, so the training part .* block_size"
+                                        r".*; use a longer input, a smaller block_size or a smaller --val_split$"):
         open_splits(corpus, gpt2, 0.1, 8)
+    (tmp_path / "t.txt").write_text("hello world and a few more words here\n")
+    corpus = prepare(tmp_path, [tmp_path / "t.txt"], gpt2)
+    with pytest.raises(MyPTError, match=r"so the validation part \(--val_split 0.1, the end of its text\) has 3, .*; "
+                                        r"use a longer input or a larger --val_split$"):
+        open_splits(corpus, gpt2, 0.1, 3, None)  # None: the block size cannot change (a resumed model)
 
 
-# ----------------------------------------------------------------------------- the training split's text
+# ----------------------------------------------------------------------------- the run's text before a tokenizer
 
 
-def test_training_text_of_one_document_is_its_head(tmp_path):
+def test_training_text_of_one_text_file_is_its_text_before_the_cut(tmp_path):
     whole = "".join(f"line {i} of the text, word{i}\n" for i in range(2000))
     (tmp_path / "a.txt").write_text(whole, encoding="utf-8")
-    write_jsonl(tmp_path / "one.jsonl", [whole])  # one record is one document too
-    for name in ("a.txt", "one.jsonl"):
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(whole.encode("utf-8")))
+    for name in ("a.txt", "a.txt.gz"):
         for val_split in (0.1, 0.5):
             text = data.TrainingText([Source("input", (str(tmp_path / name),))], tmp_path / "cache", val_split)
             got = "".join(text)
-            end = int(len(whole.encode("utf-8")) * (1 - val_split))
-            assert text.heads == {0: end} and text.n_bytes == len(got.encode("utf-8"))
-            assert whole.startswith(got) and end - 64 < len(got.encode("utf-8")) <= end  # back to a safe cut only
-            assert f"the first {end:,} bytes of " in text.describe()
+            point = int(len(whole.encode("utf-8")) * (1 - val_split))
+            cut = splits.cut_of(src.list_files([str(tmp_path / name)]), val_split)
+            assert got == whole[:cut] and text.n_bytes == cut and point - 64 < cut <= point
+            assert f"the first {cut:,} bytes of " in text.describe()
     assert "".join(data.TrainingText([Source("input", (str(tmp_path / "a.txt"),))], tmp_path, 0.0)) == whole
+
+
+def test_the_characters_of_the_text_are_those_the_char_data_hold(tmp_path):
+    docs = ["caf\u00e9", "\u4e16\u754c", "plain"]
+    whole = TEXT + "\n\u00e9\U0001f642 in the validation part only\n"
+    (tmp_path / "a.txt").write_text(whole, encoding="utf-8")
+    write_jsonl(tmp_path / "b.jsonl", docs)
+    for name, content in (("a.txt", whole), ("b.jsonl", "".join(docs))):
+        chars = data.TrainingText([Source("input", (str(tmp_path / name),))], tmp_path / "cache", 0.1).characters()
+        assert chars == sorted(set(content)) == prepare(tmp_path / f"{name}-data", [tmp_path / name], None).chars()
 
 
 def marked_docs(n: int) -> list[str]:
@@ -367,7 +461,7 @@ def test_mixture_corpus_opens_each_source_with_its_weight(tmp_path, gpt2):
     write_jsonl(tmp_path / "code.jsonl", ["def f(x):\n    return x\n" * 20] * 30, field="content")
     sources = [Source("prose", (str(tmp_path / "prose.txt"),), weight=0.7),
                Source("code", (str(tmp_path / "code.jsonl"),), "content", 0.3)]
-    corpus = prepare_corpus(sources, gpt2, tmp_path / "cache", progress=False)
+    corpus = prepare_corpus(sources, gpt2, tmp_path / "cache", val_split=0.1, progress=False)
     train, val, lines = open_splits(corpus, gpt2, 0.1, 16)
     assert train.weights.tolist() == pytest.approx([0.7, 0.3]) and len(train.streams) == 2
     assert lines[0].startswith("source 'prose'") and lines[1].startswith("source 'code'")
@@ -408,6 +502,85 @@ def test_changed_content_is_prepared_again_or_refused_on_resume(tmp_path, gpt2):
     second = prepare(tmp_path, [path], gpt2, expect_sha256=first.content_sha256, allow_change=True)
     assert second.content_sha256 != first.content_sha256
     assert stream_ids(second) == gpt2.encode(TEXT[5000:10000]) + [GPT2_EOT_ID]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: {k: v for k, v in m.items() if k != "cut"} | {"format": 1},  # the earlier format: a token-tail split
+    lambda m: m | {"n_tokens": str(m["n_tokens"])},
+    lambda m: m | {"shards": [{**m["shards"][0], "file": "../../a.txt"}, *m["shards"][1:]]},
+    lambda m: m | {"tokenizer": {**m["tokenizer"], "chars": ["ab"]}},
+    lambda m: m | {"cut": {**m["cut"], "token": -1}},
+])
+def test_a_manifest_of_another_format_or_malformed_is_prepared_again_not_read(tmp_path, gpt2, edit):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    first = prepare(tmp_path, [tmp_path / "a.txt"], gpt2).parts[0]
+    (first.folder / "manifest.json").write_text(json.dumps(edit(first.manifest)))
+    again = prepare(tmp_path, [tmp_path / "a.txt"], gpt2)
+    assert again.parts[0].folder == first.folder and again.parts[0].manifest == first.manifest
+    assert split_text(again, gpt2, 0.1)[0] == TEXT[:first.manifest["cut"]["byte"]]
+
+
+def test_every_prepared_file_is_written_through_fsutil(tmp_path, gpt2, monkeypatch):
+    written: list[str] = []
+    real = prep.atomic_write
+    monkeypatch.setattr(prep, "atomic_write", lambda path, fill, what=None: (written.append(path.name),
+                                                                            real(path, fill, what))[1])
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    corpus = prepare(tmp_path, [tmp_path / "a.txt"], gpt2, shard_tokens=3000)
+    on_disk = {p.name for p in corpus.parts[0].folder.iterdir() if p.name != "lock"}
+    assert on_disk <= set(written) and {"00000.bin", "00003.bin", "manifest.json"} <= on_disk
+    assert stream_ids(corpus) == gpt2.encode(TEXT) + [GPT2_EOT_ID]
+
+
+def test_tokenizing_uses_every_core_the_process_may_run_on(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert prep.tokenize_threads() == 12
+
+
+# ----------------------------------------------------------------------------- what is read back is checked
+
+
+def damage_ids(folder: Path, shard: dict, value: int) -> None:
+    """Overwrite every 10th id of a shard with `value`, keeping its size (so it still looks current)."""
+    path = folder / shard["file"]
+    ids = np.fromfile(path, dtype=shard["dtype"])
+    ids[::10] = value
+    ids.tofile(path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char"])
+def test_a_shard_with_ids_beyond_the_vocabulary_is_one_message_naming_the_cache(tmp_path, gpt2, kind):
+    write_jsonl(tmp_path / "d.jsonl", docs_of(TEXT, 20))
+    corpus = prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2 if kind == "gpt2" else None, shard_tokens=4000)
+    tok = gpt2 if kind == "gpt2" else CharTokenizer(corpus.chars())
+    part = corpus.parts[0]
+    damage_ids(part.folder, part.manifest["shards"][1], 65535)
+    again = prepare(tmp_path, [tmp_path / "d.jsonl"], gpt2 if kind == "gpt2" else None, shard_tokens=4000)
+    assert again.parts[0].manifest == part.manifest  # sizes and mtimes of the inputs match: taken as current
+    train, val, _ = open_splits(again, tok, 0.1, 16)
+    with pytest.raises(MyPTError, match=rf"^the token cache {part.folder} is damaged: 00001.bin holds the id 65535 "
+                                        r"at position [\d,]+, beyond the [\d,]+ ids of its tokenizer; delete that "
+                                        rf"folder \(or all of {part.folder.parent}\), and the next run or mypt "
+                                        "prepare prepares it again$"):
+        for i in range(50):
+            for stream in (train, val):
+                batch_at(stream, 16, 8, seed=0, index=i, device="cpu")
+
+
+def test_a_damaged_document_index_or_cut_is_one_message_naming_the_cache(tmp_path, gpt2):
+    write_jsonl(tmp_path / "d.jsonl", docs_of(TEXT, 20))
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    docs, one = (prepare(tmp_path, [tmp_path / name], gpt2).parts[0] for name in ("d.jsonl", "a.txt"))
+    index = docs.folder / docs.manifest["shards"][0]["docs"]
+    index.write_bytes(index.read_bytes()[:-12])  # one document short
+    manifest = json.loads((one.folder / "manifest.json").read_text())
+    manifest["cut"]["token"] = manifest["n_tokens"] + 5
+    (one.folder / "manifest.json").write_text(json.dumps(manifest))
+    for folder, what in ((docs.folder, "00000.docs does not hold the 20 documents its manifest lists"),
+                         (one.folder, "its manifest's cut lies outside its document")):
+        corpus = prepare(tmp_path, [tmp_path / ("d.jsonl" if folder == docs.folder else "a.txt")], gpt2)
+        with pytest.raises(MyPTError, match=rf"^the token cache {folder} is damaged: {what}; delete that folder"):
+            open_splits(corpus, gpt2, 0.1, 8)
 
 
 # ----------------------------------------------------------------------------- bad input: one message, nothing written
@@ -521,7 +694,7 @@ def test_a_bad_second_source_removes_the_first_one_prepared_with_it(tmp_path, gp
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     sources = [Source("good", (str(tmp_path / "good.txt"),)), Source("bad", (str(tmp_path / "bad.jsonl"),))]
     with pytest.raises(MyPTError, match=r"bad.jsonl line 2 has no field 'text'"):
-        prepare_corpus(sources, gpt2, tmp_path / "cache", progress=False)
+        prepare_corpus(sources, gpt2, tmp_path / "cache", val_split=0.1, progress=False)
     assert not (tmp_path / "cache").exists()
 
 

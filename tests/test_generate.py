@@ -147,7 +147,7 @@ def test_long_prompt_is_cropped_with_a_note(capsys: pytest.CaptureFixture, ckpts
 
 def test_a_huge_prompt_file_is_read_only_at_its_end(capsys: pytest.CaptureFixture, ckpts: Path,
                                                      tmp_path: Path) -> None:
-    from mypt.cli.generate import PROMPT_MAX_BYTES
+    from mypt.cli.options import PROMPT_MAX_BYTES
 
     text = training_text()
     path = tmp_path / "big.txt"

@@ -245,6 +245,12 @@ def _drop_tensor(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _sharded(folder: Path, index: str) -> None:
+    """The weights as named by a model.safetensors.index.json of the given text."""
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(index)
+
+
 def _pickle_only(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
@@ -266,8 +272,27 @@ BROKEN = {
     "pickle": (_pickle_only, "pytorch_model.bin"),
     "vocab": (_other_vocab, "vocab.json is not GPT-2's"),
     "small_vocab": (lambda f: _edit_config(f, vocab_size=1000), "vocab_size is 1000"),
-    "pdrop-text": (lambda f: _edit_config(f, attn_pdrop="x"), "attn_pdrop is 'x'; expected a probability"),
+    "pdrop-text": (lambda f: _edit_config(f, attn_pdrop="x"), 'attn_pdrop is "x"; expected a probability'),
     "positions": (lambda f: _edit_config(f, n_positions=-3), "block_size (n_positions in config.json)"),
+    # numbers no model has: refused by name before anything is built or read (n_layer 10**8 once hung)
+    "layers-10**8": (lambda f: _edit_config(f, n_layer=10**8), "n_layer (100000000) must be at most 1,024"),
+    "pdrop-10**400": (lambda f: _edit_config(f, attn_pdrop=10**400), "attn_pdrop is 10000"),
+    "pdrop-nan": (lambda f: _edit_config(f, resid_pdrop=float("nan")), "resid_pdrop is NaN"),
+    "eps-10**400": (lambda f: _edit_config(f, layer_norm_epsilon=10**400), "layer_norm_epsilon is 10000"),
+    "width-1e309": (lambda f: (f / "config.json").write_text('{"model_type": "gpt2", "n_embd": 1e309}'),
+                    "n_embd (Infinity) must be an integer"),
+    "digits-5000": (lambda f: (f / "config.json").write_text('{"model_type": "gpt2", "n_layer": %s}' % ("9" * 5000)),
+                    "config.json: holds a number MyPT cannot read"),
+    "nested-100000": (lambda f: (f / "config.json").write_text('{"model_type": %s}' % ("[" * 10**5 + "]" * 10**5)),
+                      "config.json: lists and objects are nested more than 100 deep"),
+    "architectures-nested": (lambda f: _edit_config(f, architectures=[["GPT2LMHeadModel"]]), "architectures [["),
+    "index-not-an-object": (lambda f: _sharded(f, "[1]"), "model.safetensors.index.json: expected"),
+    "index-names-a-file-elsewhere": (lambda f: _sharded(f, '{"weight_map": {"a": "../x.safetensors"}}'),
+                                     "{tensor name: file name in this folder}"),
+    "index-nested-100000": (lambda f: _sharded(f, '{"weight_map": %s}' % ("[" * 10**5 + "]" * 10**5)),
+                            "index.json: lists and objects are nested more than 100 deep"),
+    "too-big-for-memory": (lambda f: _edit_config(f, n_layer=1024, n_embd=65536, n_head=64, n_positions=1 << 21),
+                           "its config.json describes the model (52,917,425,012,736 parameters: n_layer 1024"),
 }
 
 

@@ -199,6 +199,12 @@ BROKEN = {
     "rope-list": (lambda f: _edit(f, rope_parameters=[1]), "rope_parameters is [1]; expected an object"),
     "tie-text": (lambda f: _edit(f, tie_word_embeddings="no"),
                  "tie_embeddings (tie_word_embeddings in config.json)"),
+    "theta-10**400": (lambda f: _edit(f, rope_theta=10**400, rope_parameters=None),
+                      "rope_theta (1000000000000000000"),
+    "layers-10**8": (lambda f: _edit(f, num_hidden_layers=10**8), "n_layer (num_hidden_layers in config.json) "
+                     "(100000000) must be at most 1,024"),
+    "head-dim-list": (lambda f: _edit(f, head_dim=[1], num_attention_heads=10**9),
+                      "head_size (head_dim in config.json) ([1]) must be an integer"),
 }
 
 

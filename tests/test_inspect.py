@@ -61,7 +61,8 @@ def test_script_reports_config_training_files_and_curve(trained):
         "Iteration     : 10",
         f"Best val loss : {state['best_val_loss']:.4f}",
         f"Last val loss : {state['last_val_loss']:.4f}",
-        f"Input file    : {trained / 'input.txt'} (unchanged: matches the sha256 recorded at training)",
+        f"Input file    : {trained / 'input.txt'} (present; --verify compares its content with the sha256 "
+        "recorded at training)",
         "Loss curve: checkpoints/m/loss.png",
     ):
         assert line in out, line
@@ -74,8 +75,12 @@ def test_script_reports_config_training_files_and_curve(trained):
 def test_input_file_changed_or_missing(trained, workdir, capsys):
     state = workdir / "checkpoints" / "m" / "training_state.json"  # as if trained here (paths are absolute)
     state.write_text(state.read_text().replace(str(trained), str(workdir)))
+    code, out, _ = inspect(capsys, "--verify")
+    assert code == 0 and "input.txt (unchanged: matches the sha256 recorded at training)" in out
     (workdir / "input.txt").write_text("other text", encoding="utf-8")
     code, out, _ = inspect(capsys)
+    assert code == 0 and "input.txt (present; --verify compares" in out  # not read without --verify
+    code, out, _ = inspect(capsys, "--verify")
     assert code == 0 and "input.txt (CHANGED since training: resuming needs --allow_data_change)" in out
     (workdir / "input.txt").unlink()
     code, out, _ = inspect(capsys)

@@ -33,7 +33,7 @@ FLAGS = [*tiny_arch_flags(), "--tokenizer", "char", "--eval_interval", "10", "--
 def overfit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Model m trained 40 iterations with --keep_every 20 on a text it overfits."""
     work = tmp_path_factory.mktemp("keep")
-    text = ("the cat sat on the mat. " * 400)[:9000] + corpus_text(1000)  # the last 10% is validation
+    text = ("the cat sat on the mat. " * 400)[:8998] + "s\n" + corpus_text(1000)  # validation: "\n" and the last 10%
     (work / "input.txt").write_text(text, encoding="utf-8")
     (work / "held_out.txt").write_text(corpus_text(1000), encoding="utf-8")  # the validation text
     r = run("--model_name", "m", "--input_file", "input.txt", "--max_iters", "40", "--keep_every", "20", *FLAGS,
@@ -164,7 +164,7 @@ def test_a_diverging_run_stops_with_status_1_and_keeps_the_last_good_checkpoint(
     good = run("--model_name", "d", "--input_file", "input.txt", "--max_iters", "10", *FLAGS, cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     before = (tmp_path / "checkpoints" / "d" / "model.pt").read_bytes()
-    r = run("--model_name", "d", "--max_iters", "30", "--learning_rate", "1e30", "--grad_clip", "0",
+    r = run("--model_name", "d", "--max_iters", "30", "--learning_rate", "1000", "--grad_clip", "0",
             "--log_interval", "1", cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert re.search(r"error: loss became (nan|inf) at iteration 1\d: training stopped and the last good checkpoint "

@@ -159,6 +159,40 @@ def test_prepare_with_a_tokenizer_file_makes_the_shards_train_py_uses(tmp_path):
     assert r.returncode == 2 and "train one (mypt tokenizer train) and pass --tokenizer FILE.json" in r.stderr
 
 
+def test_prepare_cuts_a_single_file_for_the_val_split_train_py_uses(tmp_path):
+    (tmp_path / "input.txt").write_text(TEXT[:30_000], encoding="utf-8")
+    r = run("--input_file", "input.txt", "--tokenizer", "char", "--val_split", "0.2", cwd=tmp_path, script="prepare.py")
+    assert r.returncode == 0, r.stderr
+    before = prepared_bytes(tmp_path / "checkpoints")
+    assert json.loads(before["manifest.json"])["cut"]["val_split"] == 0.2
+    t = run("--model_name", "m", "--input_file", "input.txt", "--tokenizer", "char", "--val_split", "0.2",
+            *tiny_arch_flags(), "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--device", "cpu",
+            cwd=tmp_path)
+    assert t.returncode == 0, t.stderr
+    assert "preparing" not in t.stderr and prepared_bytes(tmp_path / "checkpoints") == before
+    bad = run("--input_file", "input.txt", "--val_split", "0.9", cwd=tmp_path, script="prepare.py")
+    assert bad.returncode == 2 and "--val_split (0.9) must be above 0 and at most 0.5" in bad.stderr
+
+
+def test_a_damaged_shard_stops_training_with_one_message_and_writes_nothing(tmp_path):
+    import numpy as np
+
+    (tmp_path / "input.txt").write_text(TEXT[:30_000], encoding="utf-8")
+    assert run("--input_file", "input.txt", "--tokenizer", "char", cwd=tmp_path, script="prepare.py").returncode == 0
+    folder = dataset_folder(tmp_path / "checkpoints")
+    shard = json.loads((folder / "manifest.json").read_text())["shards"][0]
+    ids = np.fromfile(folder / shard["file"], dtype=shard["dtype"])
+    ids[::20] = 60_000
+    ids.tofile(folder / shard["file"])
+    t = run("--model_name", "m", "--input_file", "input.txt", "--tokenizer", "char", *tiny_arch_flags(),
+            "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--device", "cpu", cwd=tmp_path)
+    assert t.returncode == 2 and "Traceback" not in t.stderr, t.stderr
+    [line] = [x for x in t.stderr.splitlines() if "error:" in x]
+    assert f"the token cache checkpoints/.cache/{folder.name} is damaged: 00000.bin holds the id 60000" in line
+    assert "delete that folder (or all of checkpoints/.cache)" in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".cache"]
+
+
 MIX_FLAGS = ["--dtype", "fp32", "--eval_iters", "2", "--eval_interval", "4", "--warmup_iters", "2",
              "--lr_decay_iters", "8", "--device", "cpu", "--learning_rate", "1e-2", *tiny_arch_flags()]
 
@@ -196,7 +230,7 @@ def test_a_rank_that_sees_other_data_stops_with_one_message(tmp_path, monkeypatc
     (tmp_path / "input.txt").write_text(TEXT[:20_000], encoding="utf-8")
     tok = build_tokenizer("gpt2")
     sources = [data.Source("input", (str(tmp_path / "input.txt"),))]
-    corpus = data.prepare_corpus(sources, tok, tmp_path / "checkpoints" / ".cache", progress=False)
+    corpus = data.prepare_corpus(sources, tok, tmp_path / "checkpoints" / ".cache", val_split=0.1, progress=False)
     ckpt = tmp_path / "checkpoints" / "m"
     cfg, tc = train_run.ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), train_run.TrainConfig()
     plan = train_run.RunPlan(ckpt, cfg, tc, tok, sources, train_run.TrainState(), None, corpus=corpus)

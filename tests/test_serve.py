@@ -508,6 +508,10 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
     assert "--max_connections (0)" in r.stderr and "--request_timeout (nan)" in r.stderr
     assert "--max_body_bytes (1099511627776)" in r.stderr
     assert "serving" not in r.stdout and "Traceback" not in r.stderr
+    for device in ("meta", "xpu"):  # meta once started and then hung every request
+        r = run_cli("serve", "--model_name", "chars", "--device", device, "--port", "0", *base,
+                    script="src/mypt/__main__.py", cwd=ckpts.parent)
+        assert r.returncode == 2 and f"--device {device}" in r.stderr and "serving" not in r.stdout, r.stderr
     few_files = subprocess.run(  # a process that may open 200 files cannot hold 512 connections
         [sys.executable, "-m", "mypt", "serve", "--model_name", "chars", "--port", "0", *base], cwd=ckpts.parent,
         capture_output=True, text=True, timeout=300,

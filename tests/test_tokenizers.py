@@ -304,7 +304,14 @@ def _rehash(d: dict) -> dict:
     (lambda d: d["ranks"].__setitem__(700, "enp6eno=") or _rehash(d), "token 700 .* is not a merge"),
     (lambda d: d["ranks"].__setitem__(700, "%%%") or _rehash(d), "not base64"),
     (lambda d: d.__setitem__("version", 9) or _rehash(d), "format version 9"),
-    (lambda d: d.__setitem__("pattern", "(") or _rehash(d), "tiktoken cannot use its split pattern"),
+    (lambda d: d.__setitem__("pattern", "(") or _rehash(d), "split pattern is not a regular expression"),
+    # hashes recomputed: what is read back is checked, not only the hash
+    (lambda d: d.__setitem__("pattern", "a*") or _rehash(d), "split pattern matches the empty string"),
+    (lambda d: d.__setitem__("pattern", r"\s+|(?<=a)") or _rehash(d), "split pattern matches the empty string"),
+    (lambda d: d.__setitem__("pattern", r"\p{L}+|\s+") or _rehash(d), r"leaves characters of '1' out"),
+    (lambda d: d.__setitem__("extra", [[[]]]) or _rehash(d), "unknown key 'extra'"),
+    (lambda d: d.__setitem__("ranks", d["ranks"][:200]) or _rehash(d), "'ranks' holds 200 tokens"),
+    (lambda d: d.__setitem__("special_tokens", {"<|endoftext|>": 10**6}) or _rehash(d), "'special_tokens' must be"),
 ])
 def test_bpe_edited_or_corrupted_file_is_refused_by_name(bpe, change, message):
     with pytest.raises(MyPTError, match=f"^ckpt/tokenizer.json: .*{message}"):
@@ -352,6 +359,31 @@ def test_every_kind_has_an_end_of_text_id(gpt2, bpe):
     for tok in (gpt2, char, bpe):
         assert tok.eot_id == tok.n_vocab - 5 and tok.decode([tok.eot_id]) == "<|endoftext|>"
         assert tok.eot_id not in tok.encode("abc<|endoftext|>cba")
+
+
+def test_a_rehashed_file_whose_pattern_matches_nothing_never_reaches_tiktoken(tmp_path, bpe):
+    """tiktoken panics (a Rust panic, not an exception) on a split pattern that matches the empty string."""
+    d = _rehash(_edited(bpe.to_json(), lambda d: d.__setitem__("pattern", r"\s*")))
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(MyPTError, match=rf"^{path}: its split pattern matches the empty string .*restore it"):
+        load_tokenizer(path)
+
+
+def test_the_shipped_split_patterns_pass_the_check():
+    from mypt.tokenizers.bpe import pattern_problem
+    from mypt.tokenizers.gpt2 import GPT2_PAT_STR
+
+    assert pattern_problem(SPLIT_PATTERN) is None and pattern_problem(GPT2_PAT_STR) is None
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_tokenizer_file_nested_100000_deep_is_one_message(tmp_path, kind):
+    path = tmp_path / "tok.json"
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_text(f'{{"kind": "{kind}", "chars": {deep}}}')
+    with pytest.raises(MyPTError, match=rf"^{path}: lists and objects are nested more than 100 deep"):
+        load_tokenizer(path)
 
 
 CHAT_TEXT = "a<|system|>b<|user|>c<|assistant|>d<|end|>e<|endoftext|>"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, corpus_text, run_cli, snapshot, tiny_arch_flags
+from conftest import REPO, TINY_ARCH, corpus_text, run_cli, snapshot, tiny_arch_flags
 
 FAST = ["--eval_iters", "2", "--log_interval", "5", "--warmup_iters", "5", "--learning_rate", "3e-3"]
 
@@ -195,6 +196,22 @@ def test_token_cache_is_reused(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "preparing" not in again.stderr  # no progress bar: nothing was read or tokenized
     assert _files_with_identity(cache) == before  # not one cache file rewritten
+
+
+def test_too_short_input_suggests_the_block_size_the_run_can_change(tmp_path):
+    (tmp_path / "input.txt").write_text(corpus_text(300), encoding="utf-8")
+    (tmp_path / "cfg.json").write_text(json.dumps({**TINY_ARCH, "block_size": 64, "vocab_size": 50304}))
+    base = ["--model_name", "s", "--tokenizer", "char", "--input_file", "input.txt", "--max_iters", "2"]
+    preset = run_cli(*base, "--config_file", "cfg.json", "--block_size", "8", cwd=tmp_path)
+    assert preset.returncode == 2, preset.stderr
+    assert re.search(r"the validation part \(--val_split 0.1, the end of its text\) has \d+, but one block needs "
+                     r"block_size \+ 1 = 65; use a longer input, a config file with a smaller block_size than "
+                     r"cfg.json's 64 \(--block_size does not override --config_file\) or a larger --val_split$",
+                     preset.stderr.strip()), preset.stderr
+    flags = run_cli(*base, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "512", cwd=tmp_path)
+    assert flags.returncode == 2 and "use a longer input, a smaller --block_size (now 512) or a smaller --val_split" \
+        in flags.stderr, flags.stderr
+    assert not (tmp_path / "checkpoints" / "s").exists()
 
 
 def test_help_lists_flags_with_defaults(tmp_path):

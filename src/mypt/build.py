@@ -3,12 +3,14 @@
 The one place a model is rebuilt from a checkpoint (generate, eval, export, resume, inspect, the
 Python API): a folder describes itself, so nothing here comes from a command line. The weights'
 names and shapes are checked against config.json before they are loaded, and the output layer
-is re-tied after loading (GPT.tie_weights).
+is re-tied after loading (GPT.tie_weights). A new model is built here too (`new_model`); a model
+whose weights cannot fit the device, or fail to allocate there, is one MyPTError naming its sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,9 +57,11 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu", merge_adap
             apply_lora(model, cfg.lora_config)
     if ckpt.model_state:
         _load_weights(model, ckpt)
-        model.to(device)
+        with allocating(cfg, device):
+            model.to(device)
     elif torch.device(device).type != "meta":
-        model.to_empty(device=device)
+        with allocating(cfg, device):
+            model.to_empty(device=device)
         model.tie_weights()
         model.init_weights()
         for _, layer in adapted(model):
@@ -66,6 +70,49 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu", merge_adap
         merge_lora(model)
         cfg = replace(cfg, lora=None)
     return Built(model, cfg, tok)
+
+
+def new_model(cfg: ModelConfig, device: torch.device) -> GPT:
+    """A new GPT of cfg on device, initialised from torch's current seed (as GPT(cfg) is)."""
+    with allocating(cfg, device):
+        return GPT(cfg).to(device)
+
+
+def check_weights_fit(cfg: ModelConfig, device: str | torch.device) -> None:
+    """Refuse a model whose fp32 weights alone exceed the device's memory: it could never run, so
+    --skip_memory_check does not skip this."""
+    from mypt.estimate import count_params, detect_memory, human_bytes
+
+    n = count_params(cfg)
+    total, where = detect_memory(torch.device(device))
+    if 4 * n > total:
+        raise MyPTError(f"the model ({_sizes(cfg, n)}) needs {human_bytes(4 * n)} for its fp32 weights alone, more "
+                        f"than {where} ({human_bytes(total)}); {_SMALLER}")
+
+
+_SMALLER = "use a smaller config (fewer or narrower layers, a smaller vocab_size or block_size)"
+
+
+def _sizes(cfg: ModelConfig, n: int) -> str:
+    return (f"{n:,} parameters: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size {cfg.vocab_size}, "
+            f"block_size {cfg.block_size}")
+
+
+@contextmanager
+def allocating(cfg: ModelConfig, device: str | torch.device) -> Iterator[None]:
+    """Allocate cfg's weights on device inside: check_weights_fit first, and an allocation that
+    fails all the same becomes one MyPTError naming the config's sizes, not a traceback."""
+    check_weights_fit(cfg, device)
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "allocat" not in str(exc):
+            raise
+        from mypt.estimate import count_params
+
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MyPTError(f"the model ({_sizes(cfg, count_params(cfg))}) could not be allocated on "
+                        f"{torch.device(device)} ({reason}); {_SMALLER}") from None
 
 
 def tensor_problems(got: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],

@@ -59,7 +59,6 @@ SNAPSHOT_PREFIX = "iter_"
 BEST_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
 FORMAT_VERSION = 1
 MAX_NAME_LENGTH = 100
-MAX_JSON_BYTES = 1 << 30  # far above any config, training state or tokenizer (a 16M-token bpe: ~0.4 GB)
 _LOAD_ATTEMPTS = 3  # a save swapping the folder during a load makes the load start again
 
 _NAME_RULE = (
@@ -575,7 +574,7 @@ def _broken(path: Path, what: str, fix: str = "restore it from a backup or train
 def _size_limit(name: str) -> tuple[int, str]:
     """The most bytes a checkpoint file of this name can hold, and what that limit is."""
     if name.endswith(".json"):
-        return MAX_JSON_BYTES, "the limit for a checkpoint's JSON file"
+        return fsutil.MAX_JSON_BYTES, "the limit for a checkpoint's JSON file"
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory, which it must fit in"
     except (ValueError, OSError):

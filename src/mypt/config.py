@@ -2,7 +2,10 @@
 
 Owns `ModelConfig` (what a preset file holds: the architecture plus its batch size) and
 `TrainConfig` (the per-run training flags). Every problem in a config is collected and raised
-once as a `MyPTError` naming the file and the field. Precedence is written here and only here:
+once as a `MyPTError` naming the file and the field. Every number has a range with a finite top
+(MAX_SIZES, FLOAT_RANGES, MAX_COUNTS, MAX_SEED), so NaN, infinity and a 400-digit integer are
+refused by name instead of overflowing later; `seed_problem` is the one seed check.
+Precedence is written here and only here:
 
 * defaults < the preset's "training" block < CLI for training fields (new runs),
 * the preset file wins over the CLI's architecture flags (each ignored flag gets a warning),
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,16 @@ ARCH_CHOICES = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias")
 GPT2_VOCAB_SIZE = 50304  # 50257 GPT-2 tokens padded up to a multiple of 64 for fast matmuls
 MAX_SEED = 2**32 - 1  # seeds numpy, torch and the batch stream all accept, with room for offsets
+# The largest value of each size field: well beyond any model trained today, small enough that
+# no count, shape or loop built from a config overflows or runs for ever. Whether a model of
+# such sizes fits in memory is checked apart (estimate.py, the memory check before training).
+MAX_SIZES: dict[str, int] = {
+    "n_layer": 1024, "n_head": 1 << 16, "n_kv_head": 1 << 16, "n_embd": 1 << 16, "head_size": 1 << 16,
+    "intermediate_size": 1 << 20,
+    "block_size": 1 << 21, "vocab_size": 1 << 24, "batch_size": 1 << 20,
+}
+# Float fields as [low, high]; outside them a rotary table or a norm would overflow to inf or NaN.
+FLOAT_RANGES: dict[str, tuple[float, float]] = {"rope_theta": (1.0, 1e12), "norm_eps": (1e-12, 1.0)}
 
 PACKAGE_PRESETS = Path(__file__).parent / "presets"  # a link to the repository's configs/
 
@@ -103,7 +117,7 @@ class ModelConfig:
         if problems:
             raise MyPTError(_format_problems(source, problems))
         values = {k: (float(v) if known.get(k) is float and v is not None else v) for k, v in data.items()}
-        return cls(**values)
+        return cls(**values)  # the floats are in range, so float() cannot overflow
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -180,7 +194,7 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
         if want is None or (value is None and (key in OPTIONAL_FIELDS or key in _NULLABLE)):
             continue
         if not _type_ok(value, want):
-            problems.append(f"{key} ({json.dumps(value)}) must be {_TYPE_NAMES[want]}")
+            problems.append(f"{key} ({shown(value)}) must be {_TYPE_NAMES[want]}")
             continue
         problem = _value_problem(key, value, want)
         if problem:
@@ -194,16 +208,26 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
     return problems + _shape_problems(valid)
 
 
+def shown(value: Any, as_json: bool = True, limit: int = 60) -> str:
+    """A value for a message (as JSON, or as a flag prints it), cut to `limit` characters: it may
+    be a user's megabyte, or a number of 400 digits."""
+    text = json.dumps(value, default=repr) if as_json else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _value_problem(key: str, value: Any, want: type) -> str | None:
-    """The range problem of one well-typed field, if any."""
+    """The range problem of one well-typed field, if any (NaN, inf and 10**400 fail every range)."""
     if want is int and value <= 0:
-        return f"{key} ({value}) must be a positive integer"
+        return f"{key} ({shown(value)}) must be a positive integer"
+    if key in MAX_SIZES and value > MAX_SIZES[key]:
+        return f"{key} ({shown(value)}) must be at most {MAX_SIZES[key]:,}"
     if key == "dropout" and not 0 <= value < 1:
-        return f"dropout ({value}) must be at least 0 and below 1"
+        return f"dropout ({shown(value)}) must be at least 0 and below 1"
     if key in ARCH_CHOICES and value not in ARCH_CHOICES[key]:
-        return f"{key} ({json.dumps(value)}) must be one of {', '.join(ARCH_CHOICES[key])}"
-    if key in ("rope_theta", "norm_eps") and not 0 < value < float("inf"):
-        return f"{key} ({value}) must be a number above 0"
+        return f"{key} ({shown(value)}) must be one of {', '.join(ARCH_CHOICES[key])}"
+    if key in FLOAT_RANGES and not FLOAT_RANGES[key][0] <= value <= FLOAT_RANGES[key][1]:
+        low, high = FLOAT_RANGES[key]
+        return f"{key} ({shown(value)}) must be a number from {low:g} to {high:g}"
     if key == "rope_scaling":
         return rope_scaling_problem(value)
     return None
@@ -260,7 +284,7 @@ def _training_problems(block: dict[str, Any]) -> list[str]:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(TRAIN_FIELD_TYPES)})"
             problems.append(f"training: unknown field '{key}'{hint}")
         elif not (_type_ok(value, want) or (value is None and key in ("min_lr", "lr_decay_iters"))):
-            problems.append(f"training.{key} ({json.dumps(value)}) must be {_TYPE_NAMES[want]}")
+            problems.append(f"training.{key} ({shown(value)}) must be {_TYPE_NAMES[want]}")
     if not problems:
         problems = [p.replace("--", "training.", 1) for p in train_problems(block)]
     return problems
@@ -462,48 +486,73 @@ def check_train_flags(flags: dict[str, Any]) -> None:
         raise MyPTError(_format_problems("training flags", problems))
 
 
+# Upper bounds of the counting flags: far beyond any run, small enough that no loop or buffer
+# sized by them (eval_iters losses, accumulation steps) is impossible.
+MAX_ITERS = 10**12
+MAX_COUNTS = {"max_iters": MAX_ITERS, "eval_interval": MAX_ITERS, "log_interval": MAX_ITERS,
+              "eval_iters": 10**6, "grad_accum_steps": 10**6}
+MAX_RATE = 1e3  # learning rates and decay: far above any that trains
+
+
+def seed_problem(seed: Any, name: str = "--seed") -> str | None:
+    """Why seed is not a seed MyPT takes (None: it is): the one seed check of every command."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        return f"{name} ({shown(seed, False)}) must be an integer from 0 to {MAX_SEED}"
+    return None
+
+
+def _in(values: dict[str, Any], key: str, low: float, high: float, default: Any = None) -> bool:
+    """True if values[key] (or default; None passes) is within [low, high]: NaN, inf and 10**400 are not."""
+    value = values.get(key, default)
+    return value is None or low <= value <= high
+
+
 def train_problems(values: dict[str, Any]) -> list[str]:
     """Range problems of training settings (those present in `values`), named as their CLI flags."""
-    problems = []
-    for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps"):
-        value = values.get(key, 1)
-        if not isinstance(value, int) or value <= 0:
-            problems.append(f"--{key} ({value}) must be a positive integer")
-    if values.get("keep_every", 0) < 0:
-        problems.append(f"--keep_every ({values['keep_every']}) must be 0 (off) or a positive number of iterations")
-    seed = values.get("seed", 0)
-    if not 0 <= seed <= MAX_SEED:
-        problems.append(f"--seed ({seed}) must be an integer from 0 to {MAX_SEED}")
-    # checks across two fields apply once both are known (a resume's flags alone leave some out)
-    decay, warmup = values.get("lr_decay_iters"), values.get("warmup_iters")
-    if decay is not None and (decay <= 0 or (warmup is not None and decay < warmup)):
-        problems.append(f"--lr_decay_iters ({decay}) must be a positive number of iterations, at least "
-                        f"--warmup_iters ({warmup or 0})")
+    v = lambda key: shown(values[key], as_json=False)  # noqa: E731
+    problems = _count_problems(values, v)
+    seed = seed_problem(values.get("seed", 0))
+    problems += [seed] if seed else []
     lr, min_lr = values.get("learning_rate"), values.get("min_lr")
     if None not in (lr, min_lr) and min_lr > lr:
-        problems.append(f"--min_lr ({min_lr}) must not exceed --learning_rate ({lr}): the rate would climb "
-                        "during the decay")
+        problems.append(f"--min_lr ({v('min_lr')}) must not exceed --learning_rate ({v('learning_rate')}): the "
+                        "rate would climb during the decay")
     for key in ("min_lr", "weight_decay", "grad_clip"):
-        value = values.get(key)
-        if value is not None and not (value >= 0 and value != float("inf")):
-            problems.append(f"--{key} ({value}) must be a non-negative number")
-    if not 0 < values.get("learning_rate", 1) < float("inf"):
-        problems.append(f"--learning_rate ({values['learning_rate']}) must be a number above 0")
-    if values.get("warmup_iters", 0) < 0:
-        problems.append(f"--warmup_iters ({values['warmup_iters']}) must be 0 or more")
-    for key in ("beta1", "beta2"):
-        if not 0 <= values.get(key, 0) < 1:
-            problems.append(f"--{key} ({values[key]}) must be at least 0 and below 1")
+        if not _in(values, key, 0, MAX_RATE):
+            problems.append(f"--{key} ({v(key)}) must be a non-negative number (at most {MAX_RATE:g})")
+    for key in ("learning_rate", "muon_lr"):
+        if not _in(values, key, 0, MAX_RATE) or values.get(key) == 0:
+            problems.append(f"--{key} ({v(key)}) must be a number above 0 (at most {MAX_RATE:g})")
+    for key in ("beta1", "beta2", "muon_momentum"):
+        if not _in(values, key, 0, 1) or values.get(key) == 1:
+            problems.append(f"--{key} ({v(key)}) must be at least 0 and below 1")
     if not 0 < values.get("val_split", 0.1) <= 0.5:
-        problems.append(f"--val_split ({values['val_split']}) must be above 0 and at most 0.5")
+        problems.append(f"--val_split ({v('val_split')}) must be above 0 and at most 0.5")
     if values.get("dtype", "auto") not in ("auto", "fp32", "bf16", "fp16"):
-        problems.append(f"--dtype ({values['dtype']}) must be one of auto, fp32, bf16, fp16")
+        problems.append(f"--dtype ({v('dtype')}) must be one of auto, fp32, bf16, fp16")
     if values.get("optimizer", "adamw") not in OPTIMIZERS:
-        problems.append(f"--optimizer ({values['optimizer']}) must be one of {', '.join(OPTIMIZERS)}")
-    if not 0 < values.get("muon_lr", 1) < float("inf"):
-        problems.append(f"--muon_lr ({values['muon_lr']}) must be a number above 0")
-    if not 0 <= values.get("muon_momentum", 0) < 1:
-        problems.append(f"--muon_momentum ({values['muon_momentum']}) must be at least 0 and below 1")
+        problems.append(f"--optimizer ({v('optimizer')}) must be one of {', '.join(OPTIMIZERS)}")
+    return problems
+
+
+def _count_problems(values: dict[str, Any], v: Callable[[str], str]) -> list[str]:
+    """Range problems of the iteration counts."""
+    problems = []
+    for key, most in MAX_COUNTS.items():
+        value = values.get(key, 1)
+        if not isinstance(value, int) or not 0 < value <= most:
+            too_big = f" of at most {most:,}" if isinstance(value, int) and value > most else ""
+            problems.append(f"--{key} ({shown(value, as_json=False)}) must be a positive integer{too_big}")
+    if not _in(values, "keep_every", 0, MAX_ITERS):
+        problems.append(f"--keep_every ({v('keep_every')}) must be 0 (off) or a positive number of iterations "
+                        f"(at most {MAX_ITERS:,})")
+    if not _in(values, "warmup_iters", 0, MAX_ITERS):
+        problems.append(f"--warmup_iters ({v('warmup_iters')}) must be 0 or more (at most {MAX_ITERS:,})")
+    # checks across two fields apply once both are known (a resume's flags alone leave some out)
+    decay, warmup = values.get("lr_decay_iters"), values.get("warmup_iters")
+    if decay is not None and (not 0 < decay <= MAX_ITERS or (warmup is not None and decay < warmup)):
+        problems.append(f"--lr_decay_iters ({v('lr_decay_iters')}) must be a positive number of iterations, at "
+                        f"least --warmup_iters ({warmup or 0})")
     return problems
 
 

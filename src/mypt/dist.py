@@ -72,30 +72,52 @@ def print0(*args: object, **kwargs: object) -> None:
         print(*args, **kwargs, flush=True)
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes, in every command
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda)(?::(\d{1,4}))?")
+
+
+def check_device(requested: str) -> torch.device | None:
+    """The device --device names, refused by name unless MyPT runs on it here (None: auto).
+
+    Every command's --device goes through this check: train, generate, eval, compare, serve.
+    """
+    m = _DEVICE.fullmatch(requested)
+    kind = m.group(1) if m else None
+    if kind is None or (m.group(2) is not None and kind != "cuda"):
+        why = ("the meta device holds no data (it is for counting parameters), so nothing runs on it"
+               if requested == "meta" else "unknown device, or one MyPT does not run on")
+        raise MyPTError(f"--device {requested}: {why}; use {DEVICES}")
+    if kind == "auto":
+        return None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise MyPTError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if m.group(2) is not None and int(m.group(2)) >= count:
+            raise MyPTError(f"--device {requested}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}; pick one of them (or cuda: each process takes its own)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise MyPTError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
+    return torch.device(requested)
+
+
 def pick_device(requested: str, info: DistInfo) -> torch.device:
-    """'auto' -> cuda (this rank's GPU), then mps, then cpu; an unavailable device is an error.
+    """'auto' -> cuda (this rank's GPU), then mps, then cpu; check_device refuses the rest.
 
     Processes sharing a machine's CPU split its cores, so they do not slow each other down.
     """
-    if requested == "auto":
+    device = check_device(requested)
+    if device is None:
         if torch.cuda.is_available():
-            requested = "cuda"
+            device = torch.device("cuda")
         elif torch.backends.mps.is_available():
-            requested = "mps"
+            device = torch.device("mps")
         else:
-            requested = "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise MyPTError(f"--device {requested}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+            device = torch.device("cpu")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MyPTError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise MyPTError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
     elif device.type == "cpu" and info.enabled:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cpus // info.local_world_size))

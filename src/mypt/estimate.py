@@ -160,12 +160,16 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 
           "T": 2**40, "TB": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MAX_MEMORY = 1 << 60  # 1 EiB: more than any machine, and a size every estimate compares with exactly
+
+
 def parse_memory(text: str) -> int:
     """'8GB', '16 GiB', '512MB' -> bytes (binary units: what tools report for RAM and VRAM)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
-        raise MyPTError(f"--memory {text!r}: expected a size such as 8GB, 16GiB or 512MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = float(m.group(1)) * _UNITS.get(m.group(2).upper(), 0) if m else 0.0  # a 400-digit number: inf
+    if not 1 <= size <= MAX_MEMORY:
+        raise MyPTError(f"--memory {text[:40]!r}: expected a size such as 8GB, 16GiB or 512MB (at most 1 EiB)")
+    return int(size)
 
 
 def detect_memory(device: torch.device | None = None) -> tuple[int, str]:

@@ -5,8 +5,10 @@ it); a checkpoint's files are made by `create_file` in a temp folder that `swap_
 place of the old one (renameat2's exchange where the OS has it). A failed write becomes one
 `MyPTError` naming the file and the fix (`write_error`). Every path a user gives is checked for
 what it is before it is opened (`check_regular_file`), and every checkpoint file is opened by
-`open_regular`, so a FIFO or a device never blocks or floods a command. JSON is read by
-`read_json`, which names the file and refuses duplicate keys. `FileLock` is an OS lock (flock)
+`open_regular`, so a FIFO or a device never blocks or floods a command; sizes are checked by
+reading (`read_limited`, `is_empty`), since procfs files report a size of 0. Every JSON file is
+read by `parse_json` / `read_json`, which name the file and refuse duplicate keys, numbers too
+long to read and nesting too deep to walk. `FileLock` is an OS lock (flock)
 that records the host and pid holding it; it dies with its process, on any machine that shares
 the file system.
 
@@ -307,23 +309,27 @@ def file_kind(mode: int) -> str | None:
     return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
 
 
-def check_regular_file(path: str | Path, what: str) -> Path:
+def check_regular_file(path: str | Path, what: str, max_bytes: int | None = None) -> Path:
     """path if it names a regular file (links followed); else MyPTError naming `what`.
 
     A FIFO, socket or device would block or never end when read: refused before it is opened.
+    With max_bytes, a file whose size says it is larger is refused too. A size of 0 proves
+    nothing (procfs and sysfs files report 0 and have content): read_limited decides by reading.
     """
     path = Path(path)
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise MyPTError(f"{what}: no such file") from None
     except OSError as exc:
         raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(st.st_mode):
         raise MyPTError(f"{what}: is a directory, not a file; pass a file")
-    kind = file_kind(mode)
+    kind = file_kind(st.st_mode)
     if kind is not None:
         raise MyPTError(f"{what}: is {kind}, not a regular file; save its content to a file and pass that")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _too_big(what, max_bytes)
     return path
 
 
@@ -347,6 +353,46 @@ def open_regular(path: str | Path, what: str, fix: str, *, dir_fd: int | None = 
     return fd
 
 
+def _too_big(what: str, max_bytes: int) -> MyPTError:
+    return MyPTError(f"{what}: is larger than {max_bytes:,} bytes, the most MyPT reads of such a file; "
+                     "pass a smaller file")
+
+
+def read_limited(path: str | Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes, checked by reading (not by its reported
+    size, which procfs files give as 0); every problem is a MyPTError naming `what`."""
+    check_regular_file(path, what, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+    if len(data) > max_bytes:
+        raise _too_big(what, max_bytes)
+    return data
+
+
+def is_empty(path: str | Path, what: str) -> bool:
+    """True if a regular file has no bytes, found by reading one (procfs files report size 0)."""
+    try:
+        with open(path, "rb") as f:
+            return not f.read(1)
+    except OSError as exc:
+        raise MyPTError(f"{what}: cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+
+
+# ----------------------------------------------------------------------------- JSON
+
+MAX_JSON_DEPTH = 100  # lists and objects inside each other; MyPT's own files nest 4 deep
+MAX_JSON_BYTES = 1 << 30  # a bpe tokenizer.json of the largest vocabulary is about 250 MB
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -356,29 +402,55 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if value nests lists and objects more than `limit` deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
-def parse_json(text: str, source: str) -> Any:
-    """Parse JSON text; malformed JSON or a repeated key in one object is a MyPTError naming source."""
+def parse_json(text: str | bytes, source: str, line: int | None = None) -> Any:
+    """Parse JSON text: the one JSON reader for every file a user can hand MyPT.
+
+    Malformed JSON, a key repeated in one object, a number of more than 4300 digits and nesting
+    deeper than MAX_JSON_DEPTH are each one MyPTError naming source (and `line`, for a line of a
+    JSON-lines file). What it returns is safe to walk recursively.
+    """
+    where = source if line is None else f"{source} line {line}"
+    deep = f"{where}: lists and objects are nested more than {MAX_JSON_DEPTH} deep; MyPT reads no JSON this deep"
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
-        raise MyPTError(f"{source}: the key '{e.key}' appears twice in one object; keep one of them") from None
+        raise MyPTError(f"{where}: the key '{e.key}' appears twice in one object; keep one of them") from None
     except json.JSONDecodeError as e:
-        raise MyPTError(f"{source}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if line is not None:
+            raise MyPTError(f"{where} is not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                            "JSON object (fix or remove the line)") from None
+        raise MyPTError(f"{where}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise MyPTError(deep) from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise MyPTError(f"{where}: holds a number MyPT cannot read ({str(e).split(':')[0]}); "
+                        "write a number of sensible size") from None
+    if isinstance(value, (dict, list)) and _too_deep(value, MAX_JSON_DEPTH):
+        raise MyPTError(deep)
+    return value
 
 
 def read_json(path: Path, what: str = "file") -> Any:
     """Parse a JSON file, checked to be a regular UTF-8 file; every problem names the path."""
     path = Path(path)
-    check_regular_file(path, str(path))
+    data = read_limited(path, str(path), MAX_JSON_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise MyPTError(f"{path}: cannot be read as a UTF-8 JSON {what} ({e})") from None
     return parse_json(text, str(path))
 

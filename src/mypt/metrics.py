@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mypt import fsutil
+from mypt.errors import MyPTError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -64,11 +65,13 @@ def read_metrics(ckpt_dir: Path) -> list[dict[str, Any]]:
     with open(fd, encoding="utf-8", errors="replace") as f:
         text = f.read()
     rows = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: the rest of the file is still good
+            row = fsutil.parse_json(line, str(path), line=number)
+        except MyPTError:
+            continue  # a line cut by a crash (or edited past reading): the rest of the file is still good
+        if isinstance(row, dict) and isinstance(row.get("iter"), int):
+            rows.append(row)
     return rows
 
 

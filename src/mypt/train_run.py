@@ -2,15 +2,18 @@
 
 Everything the user gave is checked before anything is written. Owns the resume rules of the
 spec: the saved config.json and tokenizer.json win, the saved training data are reused (changed
-data need --allow_data_change), saved training flags are the defaults for the new run. The data
-module prepares the data (once, into the token cache) on rank 0 while the plan is made.
+data need --allow_data_change), saved training flags are the defaults for the new run.
+
+Rank 0 makes the plan in one order, for every tokenizer: the configs; the split (decided on the
+text, data.TrainingText); the tokenizer (saved, loaded, or made from the text: a char one from
+its characters, a bpe one trained on its training split); the model's vocabulary and the memory
+check; the data, prepared once into the token cache and opened. Then every rank trains.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 
 from mypt import data, dist
-from mypt.build import build_model, checkpoint_tokenizer
+from mypt.build import build_model, check_weights_fit, checkpoint_tokenizer, new_model
 from mypt.checkpoint import (
     SAVED,
     checkpoint_dir,
@@ -57,12 +60,10 @@ from mypt.tokenizers import (
     tokenizer_for,
     train_bpe,
 )
-from mypt.tokenizers.base import padded_vocab
 from mypt.tokenizers.bpe import check_vocab_size
 from mypt.trainer import Stop, Trainer, TrainState, get_lr
 
 DEFAULT_BPE_VOCAB = 4096
-BPE_TRIES = 3  # trainings of a bpe tokenizer before giving up on keeping validation text out of it
 
 
 @dataclass
@@ -72,14 +73,16 @@ class RunPlan:
     ckpt_dir: Path
     model_cfg: ModelConfig
     train_cfg: TrainConfig
-    tokenizer: Tokenizer | None  # None until a new char or bpe model's data are read (they give its vocabulary)
+    tokenizer: Tokenizer | None  # None until a new char or bpe tokenizer is made from the text
     sources: list[data.Source]
     state: TrainState
     resume: Any  # the loaded Checkpoint, or None for a new model
     expect_sha256: str | None = None  # a resume: the recorded content hash of its data
     corpus: data.Corpus | None = None  # the training data, prepared (rank 0's manifests)
     splits: Any = None  # rank 0's (train, val) streams, opened while planning; not sent to other ranks
-    bpe_vocab: int | None = None  # a new bpe model: its tokenizer's size (trained while the data are prepared)
+    new_tokenizer: str | None = None  # a new model's "char" or "bpe": made from the text
+    bpe_vocab: int | None = None  # a new bpe tokenizer's size
+    config_file: str | None = None  # a new model's --config_file
     # A fine-tune (mypt.finetune.run) sets these: its resume is the base's weights when new, its
     # splits are packed conversations, its data are not a prepared corpus.
     trainer: type[Trainer] = Trainer
@@ -119,18 +122,16 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         saved = saved_optimizer(plan.resume.training_state) if plan.resume else None
         check_optimizer(plan.train_cfg, fsdp, saved, given=train_flags)
 
-        def fits() -> None:
-            if not skip_memory_check:
-                check_memory(plan.model_cfg, plan.train_cfg, dtype, torch_device, info, fsdp)
-
-        if plan.tokenizer is None and plan.bpe_vocab is None:
-            _prepare_data(plan, allow_data_change, then=fits)  # a new char model: its size comes from the data
-            return plan
-        fits()  # the model is known: refuse it before any data are prepared (or a tokenizer trained)
-        if plan.bpe_vocab is not None:
-            _bpe_for_run(plan, plan.bpe_vocab, allow_data_change)
+        text = data.TrainingText(plan.sources, _cache(ckpt_dir), tc.val_split)  # 1. the split, on the text
+        if plan.tokenizer is None:  # 2. the tokenizer: saved or loaded, else made from the text
+            plan.tokenizer = _new_tokenizer(plan, text)
+        if plan.resume is None:  # 3. the model: a new one's vocabulary, then its memory
+            plan.model_cfg = _model_vocab(plan.model_cfg, plan.tokenizer, plan.config_file)
+        if skip_memory_check:  # weights alone beyond the device's memory could never run all the same
+            check_weights_fit(plan.model_cfg, torch_device)
         else:
-            _prepare_data(plan, allow_data_change)
+            check_memory(plan.model_cfg, tc, dtype, torch_device, info, fsdp)
+        _prepare_data(plan, allow_data_change)  # 4. the data: prepared once, opened
         return plan
 
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
@@ -196,15 +197,13 @@ def plan_new(ckpt_dir: Path, config_file: str | None, sources: list[data.Source]
     if sources is None:
         sources = [data.Source("input", (BUILTIN_CORPUS,))]
         dist.print0(f"no --input_file given: training on the built-in corpus ({BUILTIN_CORPUS})")
-    plan = RunPlan(ckpt_dir, cfg, tc, None, sources, TrainState(), None)
+    plan = RunPlan(ckpt_dir, cfg, tc, None, sources, TrainState(), None, config_file=config_file)
     choice = tokenizer or "gpt2"
-    if choice == "bpe":  # trained on the training split while the data are prepared
-        plan.bpe_vocab = vocab_size or DEFAULT_BPE_VOCAB
-        plan.model_cfg = _model_vocab(cfg, "bpe", plan.bpe_vocab, padded_vocab(plan.bpe_vocab), config_file)
-    elif choice != "char":  # char: its vocabulary comes from the data
-        tok = tokenizer_for(choice)
-        plan.tokenizer = tok
-        plan.model_cfg = _model_vocab(cfg, tok.kind, tok.n_vocab, tok.model_vocab_size(), config_file)
+    if choice in ("char", "bpe"):  # made from the text once the split is known
+        plan.new_tokenizer = choice
+        plan.bpe_vocab = (vocab_size or DEFAULT_BPE_VOCAB) if choice == "bpe" else None
+    else:
+        plan.tokenizer = tokenizer_for(choice)
     return plan
 
 
@@ -217,16 +216,32 @@ def _check_vocab_flag(tokenizer: str | None, vocab_size: int | None) -> None:
     check_vocab_size(vocab_size)
 
 
-def _model_vocab(cfg: ModelConfig, kind: str, n_vocab: int, size: int, config_file: str | None) -> ModelConfig:
-    """The config with the vocab_size (`size`) that a tokenizer of n_vocab ids needs; gpt2 keeps the
-    preset's if it is large enough."""
+def _new_tokenizer(plan: RunPlan, text: data.TrainingText) -> Tokenizer:
+    """A new model's char tokenizer (the characters of its whole text) or bpe tokenizer (trained on
+    the training split only: validation text never reaches it)."""
+    if plan.new_tokenizer == "char":
+        return CharTokenizer(text.characters())
+    assert plan.new_tokenizer == "bpe" and plan.bpe_vocab is not None
+    what = f"the training part of {text.label()} (--val_split {plan.train_cfg.val_split:g} left out)"
+    dist.print0(f"training a bpe tokenizer of {plan.bpe_vocab} tokens on {what}")
+    start = time.perf_counter()
+    tok = train_bpe(text, plan.bpe_vocab, what)
+    dist.print0(f"bpe tokenizer trained in {time.perf_counter() - start:.1f} s on {text.describe()} "
+                f"({tok.id_string()})")
+    return tok
+
+
+def _model_vocab(cfg: ModelConfig, tok: Tokenizer, config_file: str | None) -> ModelConfig:
+    """The config with the vocab_size that the tokenizer needs; gpt2 keeps the preset's if it is
+    large enough."""
+    kind, n_vocab, size = tok.kind, tok.n_vocab, tok.model_vocab_size()
     if kind == "gpt2":
         if cfg.vocab_size < n_vocab:
             raise MyPTError(f"{config_file or '--vocab_size'}: vocab_size ({cfg.vocab_size}) is smaller than "
                             f"the gpt2 tokenizer's {n_vocab} tokens; use {GPT2_VOCAB_SIZE} or --tokenizer char")
         return cfg
     if cfg.vocab_size != size:
-        why = ("the characters of the training data, end-of-text and the chat tokens" if kind == "char" else
+        why = ("the characters of the text, end-of-text and the chat tokens" if kind == "char" else
                f"its {n_vocab} tokens" + (" padded to a multiple of 64" if size > n_vocab else ""))
         dist.print0(f"{kind} tokenizer: vocab_size is {size} ({why}), not the config's {cfg.vocab_size}")
         cfg = _replace(cfg, vocab_size=size)
@@ -237,27 +252,21 @@ def _cache(ckpt_dir: Path) -> Path:
     return ckpt_dir.parent / data.CACHE_DIR
 
 
-def _prepare_data(plan: RunPlan, allow_change: bool, then: Callable[[], None] | None = None) -> None:
-    """Prepare the data (rank 0; once, into the cache), settle a new char model's vocabulary, open
-    the train / validation streams, then run `then` (a check that needs the vocabulary). Data a
-    new run just prepared are removed again if it stops here: too short, or a check failed."""
+def _prepare_data(plan: RunPlan, allow_change: bool) -> None:
+    """Prepare the data with the run's tokenizer (rank 0; once, into the cache) and open the train /
+    validation streams. Data a new run just prepared are removed again if it stops here (too short)."""
     try:
         plan.corpus = data.prepare_corpus(plan.sources, plan.tokenizer, _cache(plan.ckpt_dir),
-                                          expect_sha256=plan.expect_sha256, allow_change=allow_change)
+                                          val_split=plan.train_cfg.val_split, expect_sha256=plan.expect_sha256,
+                                          allow_change=allow_change)
     except data.DataChanged:
         saved = data.describe_sources(data.saved_sources(plan.resume.training_state)[0])
         what = ", ".join(i for s in plan.sources for i in s.inputs)
         raise MyPTError(f"--input_file {what}: its content differs from the text '{plan.ckpt_dir.name}' was "
                         f"trained on ({saved}); pass --allow_data_change to continue on the new text") from None
     try:
-        if plan.tokenizer is None:
-            plan.tokenizer = CharTokenizer(plan.corpus.chars())
-            plan.model_cfg = _model_vocab(plan.model_cfg, "char", plan.tokenizer.n_vocab, plan.tokenizer.n_vocab,
-                                          None)
         train, val, lines = data.open_splits(plan.corpus, plan.tokenizer, plan.train_cfg.val_split,
-                                             plan.model_cfg.block_size)
-        if then is not None:
-            then()
+                                             plan.model_cfg.block_size, _smaller_block(plan))
     except MyPTError:
         if plan.resume is None:
             plan.corpus.discard_created()
@@ -267,33 +276,15 @@ def _prepare_data(plan: RunPlan, allow_change: bool, then: Callable[[], None] | 
     plan.splits = (train, val)
 
 
-def _bpe_for_run(plan: RunPlan, vocab_size: int, allow_change: bool) -> None:
-    """Train a new model's bpe tokenizer on the training split of its data, then prepare the data.
-
-    Validation documents are left out exactly (data.TrainingText). A source of one document
-    validates on its last val_split of tokens, so where that starts in its text is known only
-    once it is tokenized: the tokenizer learns from the bytes before (1 - val_split) of it, the
-    data are prepared with it, and if validation starts before the end of that text (the end
-    tokenizes more compactly than the rest), it is trained again on less.
-    """
-    text = data.TrainingText(plan.sources, _cache(plan.ckpt_dir), plan.train_cfg.val_split)
-    what = f"the training part of {text.label()} (--val_split {plan.train_cfg.val_split:g} left out)"
-    for _ in range(BPE_TRIES):
-        dist.print0(f"training a bpe tokenizer of {vocab_size} tokens on {what}")
-        start = time.perf_counter()
-        tok = train_bpe(text, vocab_size, what)
-        dist.print0(f"bpe tokenizer trained in {time.perf_counter() - start:.1f} s on {text.describe()} "
-                    f"({tok.id_string()})")
-        plan.tokenizer = tok
-        _prepare_data(plan, allow_change)
-        too_far = text.too_far(plan.corpus, tok.byte_lengths())
-        if not too_far:
-            return
-        plan.corpus.discard_created()
-        for line in too_far:
-            dist.print0(f"note: {line} with this tokenizer: training it again on less")
-    raise MyPTError(f"the validation part keeps moving into the text the bpe tokenizer is trained on ({BPE_TRIES} "
-                    "tries); train one on a text of your choice (mypt tokenizer train) and pass --tokenizer FILE.json")
+def _smaller_block(plan: RunPlan) -> str | None:
+    """How this run would get a smaller block_size (None: a resumed model keeps its own)."""
+    if plan.resume is not None:
+        return None
+    size = plan.model_cfg.block_size
+    if plan.config_file:
+        return (f"a config file with a smaller block_size than {plan.config_file}'s {size} (--block_size "
+                "does not override --config_file)")
+    return f"a smaller --block_size (now {size})"
 
 
 def _check_folders(ckpt_dir: Path) -> None:
@@ -460,7 +451,7 @@ def build_for_training(plan: RunPlan, info: dist.DistInfo, device: torch.device,
             model = build_model(plan.resume, device).model
         else:
             torch.manual_seed(tc.seed)
-            model = GPT(cfg).to(device)
+            model = new_model(cfg, device)
         wrapped = dist.wrap_model(model, info, device)
     model.gradient_checkpointing = tc.gradient_checkpointing
     return model, wrapped
@@ -473,7 +464,7 @@ def _splits(plan: RunPlan, info: dist.DistInfo) -> tuple[data.Mixture, data.Mixt
     if plan.splits is not None:
         return plan.splits
     corpus = data.prepare_corpus([p.source for p in plan.corpus.parts], plan.tokenizer, _cache(plan.ckpt_dir),
-                                 progress=False)
+                                 val_split=plan.train_cfg.val_split, progress=False)
     if corpus.content_sha256 != plan.corpus.content_sha256:
         raise MyPTError(f"process {info.rank}: the training data on this machine "
                         f"({data.describe_sources([p.source for p in corpus.parts])}) differ from the data rank 0 "

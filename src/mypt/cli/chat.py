@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mypt.cli.generate import INTERRUPTED, add_runtime_arguments, add_sampling_arguments, sampling_options, unescape
-from mypt.sampling import fresh_seed
+from mypt.cli.options import add_runtime_arguments, add_sampling_arguments, run_seed, sampling_options, unescape
+from mypt.cli.output import INTERRUPTED
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    seed = fresh_seed() if args.seed is None else args.seed
+    seed = run_seed(args)
     options = sampling_options(args, seed)  # every bad flag reported before the model is loaded
     from mypt.api import load_model
     from mypt.finetune.template import Message, check_template, fit_history

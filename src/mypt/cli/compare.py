@@ -14,26 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mypt.cli.evaluate import format_params
-from mypt.cli.generate import (
+from mypt.cli.options import (
+    add_prompt_arguments,
     add_runtime_arguments,
     add_sampling_arguments,
+    add_stream_argument,
     read_prompt,
+    run_seed,
     sampling_options,
-    used_prompt,
-    write_sample,
 )
-from mypt.sampling import fresh_seed
+from mypt.cli.output import format_params, used_prompt, write_sample
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", nargs="+", required=True, metavar="NAME", help="the models to compare")
-    prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="", help="text to continue (default: empty, each model's start token)")
-    prompt.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
+    add_prompt_arguments(p, "text to continue (default: empty, each model's start token)")
     add_sampling_arguments(p)
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="print text as it is generated (default: on when stdout is a terminal)")
+    add_stream_argument(p)
     add_runtime_arguments(p)
 
 
@@ -42,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from mypt.checkpoint import require_models
 
     prompt, what = read_prompt(args)
-    seed = fresh_seed() if args.seed is None else args.seed
+    seed = run_seed(args)
     options = sampling_options(args, seed)
     require_models(args.model_name, args.checkpoints_dir)
     live = sys.stdout.isatty() if args.stream is None else args.stream

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mypt.cli.options import folder_path
 from mypt.config import ModelConfig, list_presets, load_model_config, resolve_config_path
 from mypt.errors import MyPTError
 from mypt.estimate import (
@@ -28,7 +29,7 @@ RULE = "=" * 70
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config_file", help="show one config in detail (a path, or a preset name such as tiny)")
-    p.add_argument("--configs_dir", type=Path, help="list the configs of this folder (default: configs/)")
+    p.add_argument("--configs_dir", type=folder_path, help="list the configs of this folder (default: configs/)")
     p.add_argument("--memory", help="memory to check the estimate against, e.g. 8GB "
                    "(default: the detected GPU's memory, else this machine's RAM)")
     p.add_argument("--gradient_checkpointing", action="store_true",

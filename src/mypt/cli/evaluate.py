@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mypt.cli.generate import add_runtime_arguments, read_text_file
-from mypt.errors import MyPTError
+from mypt.cli.options import add_runtime_arguments, check_count, read_text_file
+from mypt.cli.output import format_params
 
 COLUMNS = ("model", "tokenizer", "parameters", "iterations", "tokens", "loss", "perplexity", "bits/char")
 WIDTHS = (20, 9, 10, 10, 10, 8, 10, 9)
+MAX_CHARS = 1 << 40  # --max_chars: more than any text
+MAX_BATCH = 1 << 16  # --batch_size: windows per forward pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,10 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
 
 
-def format_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
-
-
 def format_row(cells: tuple[str, ...]) -> str:
     first = f"{cells[0]:<{WIDTHS[0]}}"
     rest = (f"{c:>{w}}" for c, w in zip(cells[1:], WIDTHS[1:], strict=True))
@@ -46,10 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from mypt.api import load_model
     from mypt.checkpoint import require_models
 
-    if args.max_chars is not None and args.max_chars < 1:
-        raise MyPTError(f"--max_chars ({args.max_chars}) must be 1 or more")
-    if args.batch_size < 1:
-        raise MyPTError(f"--batch_size ({args.batch_size}) must be 1 or more")
+    check_count("--max_chars", args.max_chars, MAX_CHARS)
+    check_count("--batch_size", args.batch_size, MAX_BATCH)
     text = read_text_file(args.input_file, "--input_file")[0][: args.max_chars]
     require_models(args.model_name, args.checkpoints_dir)
     print(f"{args.input_file}: {len(text):,} characters", flush=True)

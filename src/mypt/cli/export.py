@@ -30,19 +30,20 @@ does generate.py once the folder sits in a checkpoints folder. Training cannot r
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from mypt.cli.options import add_checkpoints_dir, folder_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to export (a folder under --checkpoints_dir)")
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
     p.add_argument("--format", choices=("hf", "safetensors", "peft"), default="hf",
                    help="hf: a transformers folder (GPT-2, Llama or Qwen3; a LoRA fine-tune's adapters merged); "
                         "safetensors: MyPT's weights-only folder; peft: a LoRA fine-tune's adapters as a PEFT "
                         "folder (default: %(default)s)")
     p.add_argument("--best", action="store_true", help="export the weights with the best validation loss "
                    "(checkpoints/NAME/best/) instead of the latest")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=folder_path, required=True,
                    help="folder to create (it must not exist yet, or be empty)")
 
 

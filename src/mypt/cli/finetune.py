@@ -31,7 +31,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mypt.cli.train import SIGNAL_EXIT, add_training_arguments, train_flags
+from mypt.cli.options import SIGNAL_EXIT, add_checkpoints_dir, add_training_arguments, train_flags
 from mypt.config import TrainConfig
 from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS
 from mypt.finetune.chat_data import FORMATS
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, help="the shape of every line (default: detected per file)")
     p.add_argument("--epochs", type=int, help=f"passes over the training conversations (default: {DEFAULT_EPOCHS}; "
                    "or --max_iters)")
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
     p.add_argument("--allow_data_change", action="store_true",
                    help="on resume, accept data whose content differs from the data fine-tuned on")
     p.add_argument("--batch_size", type=int, help="rows per micro-batch (default: the base's)")

@@ -22,15 +22,16 @@ fine-tuning run needs --input_file.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from mypt.cli.options import add_checkpoints_dir, folder_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hf_dir", type=Path, required=True,
+    p.add_argument("--hf_dir", type=folder_path, required=True,
                    help="a transformers GPT-2, Llama or Qwen3 folder on this machine (config.json, "
                    "model.safetensors)")
     p.add_argument("--model_name", required=True, help="name of the new checkpoint folder")
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
 
 
 def run(args: argparse.Namespace) -> int:

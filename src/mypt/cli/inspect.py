@@ -5,9 +5,10 @@ examples:
   mypt inspect --model_name dante --checkpoints_dir runs/ --verify
 
 Prints the architecture, the tokenizer and its size, the exact parameter count, training
-progress (iteration, best and last validation loss), the input file and whether it still
-matches the sha256 recorded at training, every file with its size (checked against the
-manifest; --verify also checks the sha256 of each), and where the loss curve is.
+progress (iteration, best and last validation loss), the input file and whether it is still
+there, every file with its size (checked against the manifest), and where the loss curve is.
+--verify also reads every file: each checkpoint file's sha256 against the manifest, and the
+input's against the sha256 recorded at training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mypt.cli.options import add_checkpoints_dir
 from mypt.errors import MyPTError
 
 RULE = "=" * 70
@@ -23,9 +25,10 @@ RULE = "=" * 70
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to inspect (a folder under --checkpoints_dir)")
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
     p.add_argument("--verify", action="store_true",
-                   help="also check each file's sha256 against the manifest (reads every byte)")
+                   help="also check each file's sha256 against the manifest, and the input's against the one "
+                   "recorded at training (reads every byte)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +48,7 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     """The report's lines for the checkpoint folder (a damaged one too: that is what it is for)."""
     from mypt.build import checkpoint_config, checkpoint_tokenizer
     from mypt.checkpoint import Checkpoint
-    from mypt.cli.tokenizer import summary
+    from mypt.cli.output import tokenizer_summary
     from mypt.estimate import count_params
     from mypt.fsutil import read_json
 
@@ -58,10 +61,10 @@ def describe(folder: Path, verify: bool = False) -> list[str]:
     lines += _architecture(cfg, count_params(cfg))
     if tokenizer is not None:
         tok = checkpoint_tokenizer(ckpt, cfg)
-        lines.append(f"  {'Tokenizer':<14}: {summary(tok)}")
+        lines.append(f"  {'Tokenizer':<14}: {tokenizer_summary(tok)}")
     else:
         lines.append(f"  {'Tokenizer':<14}: tokenizer.json is missing")
-    lines += [""] + _training(state) + [""] + _files(folder, state, verify) + [""]
+    lines += [""] + _training(state, verify) + [""] + _files(folder, state, verify) + [""]
     lines += _curves(folder) + [RULE]
     return lines
 
@@ -89,7 +92,7 @@ def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "not evaluated yet"
 
 
-def _training(state: dict[str, Any]) -> list[str]:
+def _training(state: dict[str, Any], verify: bool) -> list[str]:
     if not state:
         return ["Training: training_state.json is missing"]
     lines = ["Training (training_state.json):"]
@@ -97,7 +100,7 @@ def _training(state: dict[str, Any]) -> list[str]:
             ("Best val loss", _loss(state.get("best_val_loss"))),
             ("Last val loss", _loss(state.get("last_val_loss"))),
             ("Tokens seen", f"{state.get('tokens_seen', 0):,}"),
-            ("Input file", _input_status(state))]
+            ("Input file", _input_status(state, verify))]
     if state.get("imported_from"):
         rows.append(("Imported from", state["imported_from"]))
     if state.get("exported_from"):
@@ -107,10 +110,10 @@ def _training(state: dict[str, Any]) -> list[str]:
     return lines + [f"  {label:<14}: {value}" for label, value in rows]
 
 
-def _input_status(state: dict[str, Any]) -> str:
+def _input_status(state: dict[str, Any], verify: bool) -> str:
     from mypt.data import input_status
 
-    return input_status(state)
+    return input_status(state, verify)
 
 
 def _size(path: Path) -> int:

@@ -9,9 +9,11 @@ examples:
 
 train.py prepares what it needs by itself; this command does that step alone (say, before
 starting a job on many machines). It reads every input once, checks it (UTF-8, JSON lines,
-Parquet columns, compressed files), hashes it and tokenizes it on all cores into shards of
---shard_tokens ids under CHECKPOINTS_DIR/.cache/, with a manifest. Stop it at any time and run
-it again: finished shards are kept and it continues. Data already prepared is not read again.
+Parquet columns, compressed files), hashes it and tokenizes it on every core it may use into
+shards of --shard_tokens ids under CHECKPOINTS_DIR/.cache/, with a manifest. A source of one
+text file is cut where its validation starts, so pass the --val_split train.py will use (a
+source of several documents does not depend on it). Stop it at any time and run it again:
+finished shards are kept and it continues. Data already prepared is not read again.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mypt.cli.options import add_checkpoints_dir, check_count
+from mypt.cli.output import INTERRUPTED
+from mypt.config import check_train_flags
 from mypt.errors import MyPTError
 
 if TYPE_CHECKING:
     from mypt.tokenizers import Tokenizer
 
-INTERRUPTED = 130
+MAX_SHARD_TOKENS = 1 << 32  # ids per shard file: 16 GiB of uint32 ids
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mypt.config import TrainConfig
     from mypt.data import SHARD_TOKENS
 
     p.add_argument("--input_file", action="append", metavar="PATH",
@@ -40,24 +46,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="gpt2", metavar="{gpt2,char,FILE.json}",
                    help="the tokenizer of the model that will train on it: gpt2, char, or a tokenizer file "
                    "(mypt tokenizer train writes one) (default: %(default)s)")
-    p.add_argument("--checkpoints_dir", default="checkpoints",
-                   help="the cache is CHECKPOINTS_DIR/.cache, as for train.py (default: %(default)s)")
+    add_checkpoints_dir(p, "the cache is CHECKPOINTS_DIR/.cache, as for train.py (default: %(default)s)")
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS,
                    help="token ids per shard file (default: %(default)s)")
+    p.add_argument("--val_split", type=float, default=TrainConfig.val_split,
+                   help="the --val_split train.py will use: where a single text file's validation starts (its "
+                   "last fraction of text); sources of several documents do not depend on it (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     from mypt import data
 
-    if args.shard_tokens < 1:
-        raise MyPTError(f"--shard_tokens ({args.shard_tokens}) must be 1 or more")
+    check_count("--shard_tokens", args.shard_tokens, MAX_SHARD_TOKENS)
+    check_train_flags({"val_split": args.val_split})
     sources = data.sources_from_flags(args.input_file, args.text_field, args.data)
     if sources is None:
         raise MyPTError("name the data to prepare with --input_file (repeatable) or --data MIX.json")
     tokenizer = _tokenizer(args.tokenizer)
     cache = Path(args.checkpoints_dir) / data.CACHE_DIR
     try:
-        corpus = data.prepare_corpus(sources, tokenizer, cache, shard_tokens=args.shard_tokens)
+        corpus = data.prepare_corpus(sources, tokenizer, cache, val_split=args.val_split,
+                                     shard_tokens=args.shard_tokens)
     except KeyboardInterrupt:
         print("\ninterrupted: the finished shards are kept; run the same command to continue", file=sys.stderr)
         return INTERRUPTED

@@ -22,7 +22,8 @@ import os
 import socket
 import sys
 
-from mypt.cli.generate import INTERRUPTED, add_runtime_arguments
+from mypt.cli.options import add_runtime_arguments
+from mypt.cli.output import INTERRUPTED
 from mypt.errors import MyPTError
 from mypt.sampling import MAX_COUNT
 

@@ -7,11 +7,12 @@ examples:
   mypt tokenizer inspect --model_name dante --top 20
 
 train: a byte-level BPE of --vocab_size tokens (end-of-text and the 4 chat tokens included) on
---input_file, written as a self-contained tokenizer.json. One tokenizer file can serve several models (train.py
---tokenizer FILE.json), so their losses compare token for token. --val_split F leaves out what
+--input_file, written as a self-contained tokenizer.json. One tokenizer file can serve several
+models (train.py --tokenizer FILE.json), so their losses compare token for token. --val_split F leaves out what
 train.py --val_split F validates on: whole documents chosen by their names, or for a single
-document (one text file) the text after (1 - F) of its bytes, so that a model trained on the
-same data with the same --val_split validates on text the tokenizer never saw.
+document (one text file) its text from the last line break before (1 - F) of its bytes, so
+that a model trained on the same data with the same --val_split validates on text the
+tokenizer never saw.
 
 inspect: the kind, the vocabulary size, the end-of-text id and the cache key of a tokenizer
 file or a model's tokenizer; bytes and characters per token on --input_file; the longest tokens.
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mypt.cli.options import add_checkpoints_dir
+from mypt.cli.output import tokenizer_summary
 from mypt.errors import MyPTError
 from mypt.tokenizers import BPETokenizer, Tokenizer
 
@@ -50,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Describe a tokenizer: size, bytes per token on a text, longest tokens.")
     i.add_argument("file", nargs="?", help="a tokenizer .json file (or give --model_name)")
     i.add_argument("--model_name", help="inspect this model's tokenizer.json instead")
-    i.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(i)
     i.add_argument("--input_file", help="report bytes and characters per token on this text (a file, folder "
                    "or glob, read as train.py reads it)")
     i.add_argument("--top", type=int, default=10, help="how many of the longest tokens to list (default: 10)")
@@ -91,17 +94,9 @@ def _text(input_files: list[str], text_field: str | None, val_split: float) -> T
     return data.TrainingText(sources, Path("checkpoints") / data.CACHE_DIR, val_split)
 
 
-def summary(tok: Tokenizer) -> str:
-    """One line: kind, size, end-of-text and chat ids and cache key (mypt inspect shows it too)."""
-    eot = "no end-of-text id (saved by an older MyPT)" if tok.eot_id is None else f"end-of-text {tok.eot_id}"
-    chat = f", chat tokens {min(tok.chat_ids.values())}-{max(tok.chat_ids.values())}" if tok.chat else ""
-    template = f", chat template {tok.chat_format}" if tok.chat_format else ""
-    return f"{tok.kind}, {tok.n_vocab:,} tokens ({eot}{chat}{template}; {tok.id_string()})"
-
-
 def inspect(args: argparse.Namespace) -> int:
     tok, source = _inspected(args)
-    lines = [f"Tokenizer   : {source}", f"Kind        : {summary(tok)}",
+    lines = [f"Tokenizer   : {source}", f"Kind        : {tokenizer_summary(tok)}",
              f"Model vocab : {tok.model_vocab_size():,} (the vocab_size a new model gets)"]
     if isinstance(tok, BPETokenizer):
         lines.append(f"Split       : {tok.pattern}")

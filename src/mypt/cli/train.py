@@ -20,15 +20,12 @@ saved training flags are the defaults.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
-from mypt.config import ARCH_FLAGS, OPTIMIZERS, TrainConfig
-
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from mypt.cli.options import SIGNAL_EXIT, add_checkpoints_dir, add_training_arguments, train_flags
+from mypt.config import ARCH_FLAGS, TrainConfig
 
 
 def _bool(text: str) -> bool:
@@ -51,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the JSON field / Parquet column holding the text (default: text)")
     p.add_argument("--data", metavar="MIX.json",
                    help='a mixture: {"sources": [{"name": "prose", "input_file": ["books/"], "weight": 0.7}, ...]}')
-    p.add_argument("--checkpoints_dir", default="checkpoints", help="where model folders live (default: %(default)s)")
+    add_checkpoints_dir(p)
     p.add_argument("--tokenizer", metavar="{gpt2,char,bpe,FILE.json}",
                    help="gpt2 (GPT-2's BPE), char (the characters of the text), bpe (a byte-level BPE trained "
                    "on the training part of the text, --vocab_size tokens) or a tokenizer file from "
@@ -67,44 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(p, TrainConfig().to_dict())
     p.add_argument("--skip_memory_check", action="store_true",
                    help="start even if the estimated training memory exceeds this machine's (or GPU's)")
-
-
-def add_training_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    """The training flags (TrainConfig's fields and the run's switches); `defaults` (by field) for --help."""
-    t = p.add_argument_group("training (on resume the saved values are the defaults)")
-    helps = {
-        "max_iters": "total iterations to train to", "eval_interval": "evaluate and save every N iterations",
-        "eval_iters": "batches per evaluation", "log_interval": "print progress every N iterations",
-        "learning_rate": "peak learning rate", "min_lr": "final learning rate (default: learning_rate / 10)",
-        "warmup_iters": "linear warmup iterations", "lr_decay_iters": "cosine decay ends here (default: max_iters)",
-        "weight_decay": "AdamW weight decay on matrices", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
-        "grad_clip": "clip the gradient norm to this (0: off)", "grad_accum_steps": "micro-batches per step",
-        "muon_lr": "peak learning rate of Muon's matrices (--optimizer muon)",
-        "muon_momentum": "Muon's momentum (--optimizer muon)",
-        "seed": "seed of batches, dropout and initialisation", "val_split": "fraction of the text held out",
-    }
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in helps:
-            kind = int if f.type in ("int", "int | None") else float
-            t.add_argument(f"--{f.name}", type=kind, help=f"{helps[f.name]} (default: {defaults[f.name]})")
-    t.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="adamw, or muon: Muon on the blocks' matrices, AdamW (--learning_rate) on embeddings, "
-                   "output layer and gains (default: adamw)")
-    t.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 autocast where the device runs it fast, fp16 on older GPUs, else fp32")
-    t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: off)")
-    t.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute block activations in backward: less memory, more time (default: off)")
-    t.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="write TensorBoard scalars to checkpoints/NAME/tensorboard/ (default: off)")
-    t.add_argument("--keep_best", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the weights with the best validation loss in checkpoints/NAME/best/ (default: on; "
-                   "--no-keep_best turns it off)")
-    t.add_argument("--keep_every", type=int, help="also keep the checkpoint every N iterations in "
-                   "checkpoints/NAME/iter_N/ (default: 0, off)")
-    t.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (torchrun only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,9 +82,3 @@ def run(args: argparse.Namespace) -> int:
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)
         return SIGNAL_EXIT[signal.SIGINT]
     return SIGNAL_EXIT.get(stop.signum, 0) if stop.signum else 0
-
-
-def train_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The training flags given on the command line (None means: not given)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}

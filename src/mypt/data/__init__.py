@@ -5,11 +5,13 @@
   .zst) and reading it as documents, with every check of the input.
 - `prepare`: the one streaming pass per source (check, hash, tokenize, char vocabulary) into
   shards, resumable after a kill.
-- `dataset`: a prepared dataset on disk: still current?, its train/validation split.
+- `split`: the train/validation rule, decided on the text before any tokenizer exists.
+- `dataset`: a prepared dataset on disk: still current?, its train/validation streams.
 - `corpus`: a run's named sources and weights (mixtures), preparing and opening them, and what
   training_state.json records about them.
 - `sampler`: token streams over the shards, mixtures and `batch_at`.
-- `training_text`: the training split's text before any tokenizer exists (to train one on).
+- `training_text`: a run's text before any tokenizer exists: the training split's (to train a
+  bpe tokenizer on) and the characters of the whole (a char tokenizer's vocabulary).
 
 It knows nothing about the model or the CLI. The token cache is CHECKPOINTS_DIR/.cache.
 """

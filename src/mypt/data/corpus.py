@@ -12,16 +12,16 @@ Weights are relative (they need not sum to 1); relative paths are taken from the
 file's folder. Paths are stored absolute, so a run resumes from any working directory.
 
 Each source is prepared into `cache/<tokenizer>-<key>/`, the key a hash of its inputs (as
-given), its text field and the tokenizer; the manifest inside holds the content hash. The
-corpus' content hash is the one recorded in training_state.json and compared on resume and
-across machines: a single source's own hash (a single text file: the file's sha256, as older
-MyPT recorded it), or a hash of the sources' names, weights and hashes.
+given), its text field, the tokenizer and, for a source of one text file, the val_split it is
+cut at (split.py); the manifest inside holds the content hash. The corpus' content hash is
+the one recorded in training_state.json and compared on resume and across machines: a single
+source's own hash (a single text file: the file's sha256, as older MyPT recorded it), or a
+hash of the sources' names, weights and hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mypt.data import builtin, dataset
+from mypt.data import split as splits
 from mypt.data.prepare import (
     CHAR_EOT,
     FORMAT,
@@ -51,6 +52,7 @@ from mypt.tokenizers import Tokenizer
 CACHE_DIR = ".cache"  # the token cache, inside the checkpoints folder
 DEFAULT_TEXT_FIELD = "text"
 SOURCE_KEYS = {"name", "input_file", "weight", "text_field"}
+MAX_WEIGHT = 1e6  # weights are relative; below this any number of them sums to a finite total
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,9 @@ def _check_source(d: object, where: str) -> None:
     if not isinstance(inputs, list) or not inputs or not all(isinstance(v, str) and v for v in inputs):
         raise MyPTError(f"{where}: 'input_file' must be a path (file, folder or glob) or a list of them")
     weight = d.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
-        raise MyPTError(f"{where}: 'weight' ({weight!r}) must be a number above 0")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+        raise MyPTError(f"{where}: 'weight' ({str(weight)[:40]}) must be a number above 0 and at most {MAX_WEIGHT:g} "
+                        "(weights are relative: 0.7 and 0.3 mix as 7 and 3 do)")
     if not isinstance(d.get("text_field", DEFAULT_TEXT_FIELD), str):
         raise MyPTError(f"{where}: 'text_field' must be a string")
 
@@ -193,11 +196,13 @@ def source_files(source: Source, cache: Path) -> list[InputFile]:
     return files + list_files(others) if others else files
 
 
-def dataset_folder(source: Source, files: Sequence[InputFile], tokenizer: Tokenizer | None, cache: Path) -> Path:
+def dataset_folder(source: Source, files: Sequence[InputFile], tokenizer: Tokenizer | None, cache: Path,
+                   val_split: float) -> Path:
     key = encoder_key(tokenizer)
     structured = any(f.kind != "text" for f in files)
     ident = {"format": FORMAT, "inputs": list(source.inputs), "tokenizer": key,
-             "text_field": source.text_field if structured else None}
+             "text_field": source.text_field if structured else None,
+             "val_split": val_split if splits.one_document(files) else None}
     return cache / f"{key}-{hashlib.sha256(json_bytes(ident)).hexdigest()[:16]}"
 
 
@@ -215,14 +220,14 @@ def _mkdirs(folder: Path) -> list[Path]:
 
 
 def _prepare_one(source: Source, files: list[InputFile], tokenizer: Tokenizer | None, folder: Path,
-                 corpus: Corpus, progress: bool, shard_tokens: int, chunk_size: int) -> Prepared:
+                 corpus: Corpus, val_split: float, progress: bool, shard_tokens: int, chunk_size: int) -> Prepared:
     made = _mkdirs(folder)
     lock = wait_for_lock(folder, f"preparing {folder.name}", quiet=not progress)
     try:
         manifest, _ = dataset.current_manifest(folder, files)  # another process may have just finished it
         if manifest is None:
-            manifest = prepare(files, source.text_field, tokenizer, folder, shard_tokens=shard_tokens,
-                               progress=progress, chunk_size=chunk_size,
+            manifest = prepare(files, source.text_field, tokenizer, folder, val_split=val_split,
+                               shard_tokens=shard_tokens, progress=progress, chunk_size=chunk_size,
                                label=source_label(source, [f.path for f in files]))
             corpus.created.append((folder, made))
     except WriteFailed:
@@ -270,10 +275,11 @@ def _current(source: Source, files: list[InputFile], folder: Path) -> dict[str, 
     return manifest
 
 
-def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache: Path, *,
+def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache: Path, *, val_split: float,
                    expect_sha256: str | None = None, allow_change: bool = False, progress: bool = True,
                    shard_tokens: int = SHARD_TOKENS, chunk_size: int = CHUNK_SIZE) -> Corpus:
-    """Prepare every source that is not prepared yet (tokenizer None: a new char model).
+    """Prepare every source that is not prepared yet (tokenizer None: char data), a source of one
+    text file cut for val_split (see split.py).
 
     With expect_sha256 (a resume), content that differs from it stops with a MyPTError before
     anything is written, unless allow_change.
@@ -281,7 +287,7 @@ def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache
     listed = [(s, source_files(s, cache)) for s in sources]
     found = []
     for s, files in listed:
-        folder = dataset_folder(s, files, tokenizer, cache)
+        folder = dataset_folder(s, files, tokenizer, cache, val_split)
         found.append((s, files, folder, _current(s, files, folder)))
     if expect_sha256 is not None and not allow_change:
         hashes = [(s, m["content_sha256"] if m else _files_sha256(s, files)) for s, files, _, m in found]
@@ -293,7 +299,8 @@ def prepare_corpus(sources: Sequence[Source], tokenizer: Tokenizer | None, cache
             corpus.parts.append(Prepared(s, folder, manifest))
             continue
         try:
-            corpus.parts.append(_prepare_one(s, files, tokenizer, folder, corpus, progress, shard_tokens, chunk_size))
+            corpus.parts.append(_prepare_one(s, files, tokenizer, folder, corpus, val_split, progress, shard_tokens,
+                                             chunk_size))
         except WriteFailed:
             raise
         except MyPTError:
@@ -336,15 +343,16 @@ def end_of_text(tokenizer: Tokenizer) -> int:
     return tokenizer.start_ids()[0]
 
 
-def open_splits(corpus: Corpus, tokenizer: Tokenizer, val_split: float, block_size: int
-                ) -> tuple[Mixture, Mixture, list[str]]:
-    """(train, validation) mixtures and a line per source saying how it was split."""
+def open_splits(corpus: Corpus, tokenizer: Tokenizer, val_split: float, block_size: int,
+                smaller_block: str = "a smaller block_size") -> tuple[Mixture, Mixture, list[str]]:
+    """(train, validation) mixtures and a line per source saying how it was split. `smaller_block`:
+    how this run gets a smaller block_size, for the message of a source too short (None: it cannot)."""
     train, val, lines = [], [], []
     for p in corpus.parts:
         char = p.manifest["tokenizer"]["kind"] == "chars"
         table = char_table(p.manifest, tokenizer, _label(p)) if char else None
-        t, v, s = dataset.streams(p.folder, p.manifest, val_split, table, p.source.name)
-        _check_long_enough(p, t, v, s, val_split, block_size)
+        t, v, s = dataset.streams(p.folder, p.manifest, val_split, table, tokenizer.n_vocab, p.source.name, _label(p))
+        _check_long_enough(p, t, v, s, val_split, block_size, smaller_block)
         train.append(t)
         val.append(v)
         lines.append(describe(p, s, val_split))
@@ -356,24 +364,26 @@ def _label(p: Prepared) -> str:
     return source_label(p.source, [f["path"] for f in p.manifest["files"]])
 
 
-def _check_long_enough(p: Prepared, train: Any, val: Any, s: dataset.Split, val_split: float,
-                       block_size: int) -> None:
+def _check_long_enough(p: Prepared, train: Any, val: Any, s: splits.Split, val_split: float,
+                       block_size: int, smaller_block: str | None) -> None:
     need = block_size + 1
     n = p.manifest["n_tokens"]
-    how = "whole documents" if s.n_documents > 1 else "its last tokens"
-    for part, stream in (("training", train), ("validation", val)):
+    how = "whole documents" if p.manifest["cut"] is None else "the end of its text"
+    for part, stream, other in (("training", train, "smaller"), ("validation", val, "larger")):
         if len(stream) < need:
+            fixes = ["a longer input", *([smaller_block] if smaller_block else []), f"a {other} --val_split"]
             raise MyPTError(
                 f"{_label(p)} is too short: it has {n} tokens, so the {part} part (--val_split {val_split}, "
-                f"{how}) has {len(stream)}, but one block needs block_size + 1 = {need}; use a longer input "
-                "file, a smaller --block_size, or another --val_split")
+                f"{how}) has {len(stream)}, but one block needs block_size + 1 = {need}; use "
+                + ", ".join(fixes[:-1]) + f" or {fixes[-1]}")
 
 
-def describe(p: Prepared, s: dataset.Split, val_split: float) -> str:
+def describe(p: Prepared, s: splits.Split, val_split: float) -> str:
     m = p.manifest
     head = f"{_label(p)}: {len(m['files'])} file(s), {m['n_documents']:,} document(s), {m['n_tokens']:,} tokens"
-    if s.n_documents == 1:
-        return f"{head}; validation: its last {val_split:.0%}"
+    if m["cut"] is not None:
+        return (f"{head}; validation: its last {val_split:.0%} of the text, from byte {m['cut']['byte']:,} "
+                f"({s.tokens(s.val):,} tokens)")
     share = s.tokens(s.val) / max(1, m["n_tokens"])
     return f"{head}; validation: {s.val_documents:,} whole documents ({share:.1%} of the tokens)"
 
@@ -428,8 +438,9 @@ def missing_inputs(sources: Sequence[Source]) -> str | None:
     return None
 
 
-def input_status(state: dict[str, Any]) -> str:
-    """For `mypt inspect`: the recorded inputs and whether they are still here, unchanged."""
+def input_status(state: dict[str, Any], verify: bool = False) -> str:
+    """For `mypt inspect`: the recorded inputs and whether they are still here; with verify,
+    whether their content is unchanged (each file is read and hashed)."""
     sources, sha = saved_sources(state)
     if sources is None:
         return "none recorded (pass --input_file to train it)"
@@ -440,6 +451,8 @@ def input_status(state: dict[str, Any]) -> str:
         return f"{label} (MISSING here: resuming needs --input_file)"
     if not sha:
         return f"{label} (no sha256 recorded to compare with)"
+    if not verify:
+        return f"{label} (present; --verify compares its content with the sha256 recorded at training)"
     try:
         hashes = [(s, _files_sha256(s, list_files(s.inputs))) for s in sources]
     except MyPTError:
@@ -456,7 +469,7 @@ def training_data(inputs: Sequence[str], tokenizer: Tokenizer | None, cache: Pat
     from mypt.tokenizers import CharTokenizer
 
     corpus = prepare_corpus([Source("input", tuple(_absolute(str(v)) for v in inputs))], tokenizer, cache,
-                            progress=False)
+                            val_split=val_split, progress=False)
     tok = tokenizer if tokenizer is not None else CharTokenizer(corpus.chars())
     train, val, _ = open_splits(corpus, tok, val_split, block_size)
     return tok, train, val

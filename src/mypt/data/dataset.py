@@ -3,52 +3,36 @@
 A dataset is current when its manifest lists the same files and every file's size and mtime
 match; only a file whose size or mtime differ is hashed again, and if its content is the same
 the manifest takes the new size and mtime. Opening one reads the manifest and the document
-index, and maps the shards; nothing else is read, whatever the corpus size.
-
-Validation is chosen by whole documents: a document goes to validation when its key (a hash
-of its file's name and its row, see prepare.doc_keys) falls below val_split, so about that
-fraction of the documents is held out, the same ones on every machine and every run, and a
-document stays on its side when files are added. At least one document goes to each side. A
-dataset of one document (one text file) keeps MyPT's earlier rule: the last val_split of its
-tokens is validation, so results on one file compare with earlier runs.
+index, and maps the shards; nothing else is read, whatever the corpus size. What is read back
+is checked before it is used: the document index and the cut against the manifest when a
+dataset is opened, and every token id against the vocabulary as the sampler reads it, so a
+damaged cache is one message naming its folder. Which tokens validate is split.py's rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mypt.data import split as splits
 from mypt.data.prepare import FORMAT
-from mypt.data.sampler import Shards, TokenStream
+from mypt.data.sampler import Shards, TokenStream, damaged
 from mypt.data.sources import InputFile, hash_file
 from mypt.errors import MyPTError
 from mypt.fsutil import atomic_write_bytes, json_bytes, read_json
 
 
-@dataclass(frozen=True)
-class Split:
-    """Where a dataset's tokens go: runs [start, end) of its token stream."""
-
-    train: np.ndarray
-    val: np.ndarray
-    val_documents: int
-    n_documents: int
-
-    def tokens(self, runs: np.ndarray) -> int:
-        return int((runs[:, 1] - runs[:, 0]).sum())
-
-
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The folder's manifest if it is whole and of this format, and its shards are all there."""
+    """The folder's manifest if it is whole, of this format and well formed, and its shards are all
+    there (None: the dataset is prepared again)."""
     path = folder / "manifest.json"
     if not path.exists():
         return None
     try:
         manifest = read_json(path)
-        if manifest.get("format") != FORMAT:
+        if manifest.get("format") != FORMAT or not _well_formed(manifest):
             return None
         for shard in manifest["shards"]:
             size = shard["tokens"] * np.dtype(shard["dtype"]).itemsize
@@ -57,6 +41,27 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     except (MyPTError, OSError, KeyError, TypeError, ValueError, AttributeError):
         return None
     return manifest
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _well_formed(m: dict[str, Any]) -> bool:
+    """Every field that opening the dataset reads has its type (a KeyError or TypeError: not so)."""
+    shards, cut, tok = m["shards"], m["cut"], m["tokenizer"]
+    names = [(s["file"], s["docs"]) for s in shards]
+    return (all(_count(v) for v in (m["n_tokens"], m["n_documents"], *(s["tokens"] for s in shards),
+                                    *(s["documents"] for s in shards)))
+            and sum(s["tokens"] for s in shards) == m["n_tokens"]
+            and sum(s["documents"] for s in shards) == m["n_documents"]
+            and names == [(f"{k:05d}.bin", f"{k:05d}.docs") for k in range(len(shards))]
+            and all(s["dtype"] in ("uint16", "uint32") for s in shards)
+            and all(isinstance(f["path"], str) and _count(f["size"]) and _count(f["mtime_ns"])
+                    and isinstance(f["sha256"], str) for f in m["files"])
+            and isinstance(m["content_sha256"], str) and isinstance(tok["kind"], str)
+            and all(isinstance(c, str) and len(c) == 1 for c in tok.get("chars", []))
+            and (cut is None or (_count(cut["byte"]) and _count(cut["token"]) and isinstance(cut["val_split"], float))))
 
 
 def current_manifest(folder: Path, files: list[InputFile]) -> tuple[dict[str, Any] | None, list[int]]:
@@ -86,48 +91,32 @@ def shards(folder: Path, manifest: dict[str, Any]) -> Shards:
 
 
 def documents(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(end offsets, keys) of every document, in order."""
+    """(end offsets, keys) of every document, in order; a MyPTError if they do not fit the manifest."""
     n = manifest["n_documents"]
     ends, keys = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint32)
     at = 0
     for shard in manifest["shards"]:
         k = shard["documents"]
         raw = np.fromfile(folder / shard["docs"], dtype=np.uint8)
+        if len(raw) != 12 * k or at + k > n:
+            raise damaged(folder, f"{shard['docs']} does not hold the {k} documents its manifest lists")
         ends[at:at + k] = raw[: 8 * k].view(np.uint64)
         keys[at:at + k] = raw[8 * k:].view(np.uint32)
         at += k
+    if at != n or not n or int(ends[-1]) != manifest["n_tokens"] or (np.diff(ends.astype(np.int64)) <= 0).any():
+        raise damaged(folder, "its document index does not fit its manifest")
     return ends, keys
 
 
-def val_threshold(val_split: float) -> int:
-    """A document whose key is below this validates (see the module docstring for the exceptions)."""
-    return int(val_split * 2**32)
-
-
-def split(ends: np.ndarray, keys: np.ndarray, val_split: float) -> Split:
-    """Train and validation runs for documents ending at `ends` (see the module docstring)."""
-    n = len(ends)
-    if n == 1:
-        body = int(ends[0]) - 1  # the end-of-text stays with the tail
-        cut = int(body * (1 - val_split))
-        return Split(np.array([[0, cut]]), np.array([[cut, int(ends[0])]]), 0, 1)
-    is_val = keys.astype(np.uint64) < np.uint64(val_threshold(val_split))
-    if not is_val.any():
-        is_val[int(np.argmin(keys))] = True
-    if is_val.all():
-        is_val[int(np.argmax(keys))] = False
-    change = np.flatnonzero(is_val[1:] != is_val[:-1]) + 1
-    first = np.concatenate([[0], change])
-    last = np.concatenate([change, [n]]) - 1
-    starts = np.where(first == 0, 0, ends[np.maximum(first - 1, 0)].astype(np.int64))
-    runs = np.stack([starts, ends[last].astype(np.int64)], axis=1)
-    val = is_val[first]
-    return Split(runs[~val], runs[val], int(is_val.sum()), n)
-
-
 def streams(folder: Path, manifest: dict[str, Any], val_split: float, table: np.ndarray | None,
-            name: str) -> tuple[TokenStream, TokenStream, Split]:
-    """The train and validation streams of a dataset, memory-mapped."""
-    s = split(*documents(folder, manifest), val_split)
+            n_ids: int, name: str, label: str) -> tuple[TokenStream, TokenStream, splits.Split]:
+    """The train and validation streams of a dataset, memory-mapped; `n_ids`: the stored ids are below it."""
+    ends, keys = documents(folder, manifest)
+    cut = manifest["cut"]
+    if cut is not None:
+        assert cut["val_split"] == val_split, "the dataset folder's name includes the val_split it was cut for"
+        if not 0 <= cut["token"] < int(ends[0]):
+            raise damaged(folder, "its manifest's cut lies outside its document")
+    s = splits.split(ends, keys, val_split, None if cut is None else cut["token"], label)
     store = shards(folder, manifest)
-    return TokenStream(store, s.train, table, name), TokenStream(store, s.val, table, name), s
+    return (TokenStream(store, s.train, table, name, n_ids), TokenStream(store, s.val, table, name, n_ids), s)

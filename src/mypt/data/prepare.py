@@ -6,12 +6,16 @@ A prepared dataset is a folder in the token cache:
     NNNNN.docs   the documents whose end-of-text lies in the shard: end offsets (uint64, in the
                  whole dataset's token stream, just past the end-of-text), then keys (uint32)
     manifest.json  written last: the files (sizes, mtimes, sha256, documents, tokens), the
-                 content hash, the tokenizer and its hash, the shards with their sha256
+                 content hash, the tokenizer and its hash, the shards with their sha256, and
+                 for a source of one text file where its validation starts (`cut`: the byte
+                 and the token, for the val_split it was prepared for; see split.py)
 
 Every file is read once. The main thread reads, decompresses, checks and hashes; tokenizer
-threads (tiktoken releases the GIL) encode batches of documents side by side; the main thread
-writes the finished batches in order. At most `workers + 1` batches are in flight, so memory
-does not grow with the corpus.
+threads, one per core this process may use (tiktoken releases the GIL), encode batches of
+documents side by side; the main thread collects the finished batches in order. At most
+`workers + 1` batches are in flight and one shard is held until it is full (128 MiB at the
+default size), so memory does not grow with the corpus. Each full shard is written through
+fsutil.atomic_write like every other file.
 
 Char datasets do not need the vocabulary in advance: each new character gets the next id in
 order of first appearance (id 0 is the end-of-text), and the manifest lists the characters in
@@ -37,29 +41,27 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from mypt.data.sources import CHUNK_SIZE, InputFile, Item, check_readable, items
+from mypt.data.split import cut_of
 from mypt.errors import MyPTError
 from mypt.fsutil import (
     FileLock,
     LockHeld,
-    atomic_write_bytes,
+    atomic_write,
     is_temp_name,
     json_bytes,
     read_json,
     sha256_file,
-    temp_path,
-    write_error,
 )
 from mypt.tokenizers import Tokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: a source of one text file splits by bytes, at the cut its manifest records
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB as uint16
-TOKENIZE_THREADS = 4  # at most this many batches tokenized at once (and no more than the cores)
 CHAR_EOT = 0  # a char dataset's end-of-text id; characters are 1, 2, ... in order of first appearance
 _SENTINEL = 0x110000  # the end-of-text among code points: one above the last code point
 _UINT16_MAX = 65535
@@ -71,10 +73,22 @@ class WriteFailed(MyPTError):
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
+    _write(path, [data])
+
+
+def _write(path: Path, parts: Sequence[Any]) -> None:
+    """Write the buffers `parts` as the file `path`, atomically."""
     try:
-        atomic_write_bytes(path, data, f"the prepared data {path}")
+        atomic_write(path, lambda f: [f.write(part) for part in parts], f"the prepared data {path}")
     except MyPTError as e:
         raise WriteFailed(f"{e} ({_KEPT})") from None
+
+
+def tokenize_threads() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def doc_keys(name: str, rows: np.ndarray) -> np.ndarray:
@@ -265,6 +279,7 @@ class Progress:
     file_documents: int = 0  # the counts of that file before that item
     file_tokens: int = 0
     n_chars: int = 0  # char datasets: the characters seen before that item
+    cut_token: int = -1  # a one-text-file source: the token at its cut, once produced
     final: bool = False  # every file is done
 
 
@@ -273,11 +288,15 @@ def _shard_name(k: int, suffix: str) -> str:
 
 
 class ShardWriter:
-    """Writes the token stream into fixed-size shards, each with its documents and a record."""
+    """Writes the token stream into fixed-size shards, each with its documents and a record.
+
+    `cut`: the byte of a one-text-file source's text where validation starts; the token the piece
+    starting there begins with is its `cut_token`.
+    """
 
     def __init__(self, folder: Path, files: Sequence[InputFile], shard_tokens: int, records: list[dict[str, Any]],
-                 encoder: Encoder) -> None:
-        self.folder, self.files, self.size, self.encoder = folder, files, shard_tokens, encoder
+                 encoder: Encoder, cut: int | None) -> None:
+        self.folder, self.files, self.size, self.encoder, self.cut = folder, files, shard_tokens, encoder, cut
         self.records = records  # the finished shards' records, in order
         start = Progress(**records[-1]["next"]) if records else Progress()
         self.progress = start
@@ -287,42 +306,25 @@ class ShardWriter:
         self.done = {int(i): v for r in records for i, v in r["files"].items()}  # finished files' stats
         self.recorded_upto = start.file  # files below this are in earlier records
         self.n_chars = start.n_chars
+        self.cut_token = start.cut_token
         self._open_shard()
 
-    # -- the current shard
+    # -- the current shard, held until it is full
 
     def _open_shard(self) -> None:
         self.path = self.folder / _shard_name(self.progress.shard, "bin")
-        self.tmp = temp_path(self.path)
         self.dtype = np.dtype(np.uint16)
+        self.parts: list[np.ndarray] = []
         self.count = 0
-        self.hasher = hashlib.sha256()
         self.doc_ends: list[np.ndarray] = []
         self.doc_keys: list[np.ndarray] = []
-        self.out: BinaryIO = self._guard(lambda: open(self.tmp, "wb"), self.tmp)
-
-    def _guard(self, action: Any, path: Path) -> Any:
-        try:
-            return action()
-        except OSError as exc:
-            raise WriteFailed(str(write_error(f"the prepared data {path}", exc, _KEPT))) from None
 
     def _write(self, ids: np.ndarray) -> None:
         if self.dtype == np.uint16 and len(ids) and int(ids.max()) > _UINT16_MAX:
-            self._widen()
-        data = ids.astype(self.dtype, copy=False).tobytes()
-        self.hasher.update(data)
-        self._guard(lambda: self.out.write(data), self.tmp)
+            self.dtype = np.dtype(np.uint32)  # an id above 65535: the whole shard is uint32
+            self.parts = [part.astype(self.dtype) for part in self.parts]
+        self.parts.append(ids.astype(self.dtype))
         self.count += len(ids)
-
-    def _widen(self) -> None:
-        """The shard meets an id above 65535: rewrite what it holds so far as uint32."""
-        self.out.close()
-        old = np.fromfile(self.tmp, dtype=np.uint16).astype(np.uint32)
-        self.dtype = np.dtype(np.uint32)
-        self.hasher = hashlib.sha256(old.tobytes())
-        self.out = self._guard(lambda: open(self.tmp, "wb"), self.tmp)
-        self._guard(lambda: self.out.write(old.tobytes()), self.tmp)
 
     # -- consuming batches
 
@@ -332,6 +334,7 @@ class ShardWriter:
         ends_mask = np.asarray(batch.ends, dtype=bool)
         item_ends = self.produced + np.cumsum(lengths)
         self._tally(files, ends_mask, lengths)
+        self._find_cut(batch, item_ends, lengths)
         self.done.update(batch.done)
         doc_ends = item_ends[ends_mask]
         keys = self._keys(files[ends_mask], np.asarray(batch.rows, dtype=np.int64)[ends_mask])
@@ -349,6 +352,15 @@ class ShardWriter:
                 self._close(self._resume_at(batch, j, item_ends, lengths, files, ends_mask, new_at, shard_end))
         self.produced = int(item_ends[-1]) if len(item_ends) else self.produced
         self.n_chars = len(self.encoder.chars) if isinstance(self.encoder, CharEncoder) else 0
+
+    def _find_cut(self, batch: Batch, item_ends: np.ndarray, lengths: np.ndarray) -> None:
+        """The token the piece starting at the cut begins with (the source's only file is file 0)."""
+        if self.cut is None or self.cut_token >= 0:
+            return
+        for j, (fi, position) in enumerate(zip(batch.files, batch.positions, strict=True)):
+            if fi == 0 and position == self.cut:
+                self.cut_token = int(item_ends[j] - lengths[j])
+                return
 
     def _tally(self, files: np.ndarray, ends_mask: np.ndarray, lengths: np.ndarray) -> None:
         for fi in np.unique(files).tolist():
@@ -377,11 +389,15 @@ class ShardWriter:
             documents=self.progress.documents + sum(len(d) for d in self.doc_ends),
             file=fi, position=batch.positions[j], row=batch.rows[j], skip=shard_end - start,
             file_documents=self.file_docs[fi] - int(ends_mask[j:][later].sum()),
-            file_tokens=self.file_tokens[fi] - int(lengths[j:][later].sum()), n_chars=n_chars)
+            file_tokens=self.file_tokens[fi] - int(lengths[j:][later].sum()), n_chars=n_chars,
+            cut_token=self.cut_token if 0 <= self.cut_token < shard_end else -1)
 
     def _close(self, nxt: Progress) -> None:
-        """Finish the shard: rename it into place, write its documents, then its record."""
-        self._guard(self._flush_shard, self.tmp)
+        """Finish the shard: write it, then its documents, then its record."""
+        hasher = hashlib.sha256()
+        for part in self.parts:
+            hasher.update(part)
+        _write(self.path, self.parts)
         ends = np.concatenate(self.doc_ends).astype(np.uint64) if self.doc_ends else np.empty(0, np.uint64)
         keys = np.concatenate(self.doc_keys).astype(np.uint32) if self.doc_keys else np.empty(0, np.uint32)
         docs = ends.tobytes() + keys.tobytes()
@@ -389,7 +405,7 @@ class ShardWriter:
         _write_bytes(docs_path, docs)
         record = {
             "shard": {"file": self.path.name, "dtype": self.dtype.name, "tokens": self.count,
-                      "sha256": self.hasher.hexdigest(), "documents": len(ends),
+                      "sha256": hasher.hexdigest(), "documents": len(ends),
                       "docs_sha256": hashlib.sha256(docs).hexdigest()},
             "next": asdict(nxt),
             "files": {str(i): self._file_done(i) for i in range(self.recorded_upto, nxt.file)},
@@ -409,28 +425,15 @@ class ShardWriter:
             self.done[i] = {**self.done[i], "documents": self.file_docs.get(i, 0), "tokens": self.file_tokens.get(i, 0)}
         return self.done[i]
 
-    def _flush_shard(self) -> None:
-        self.out.flush()
-        os.fsync(self.out.fileno())
-        self.out.close()
-        os.replace(self.tmp, self.path)
-
     def finish(self, n_files: int) -> None:
         """After the last batch: close the last shard (if it holds anything) as the final one."""
         last = Progress(shard=self.progress.shard + 1, tokens=self.progress.tokens + self.count,
                         documents=self.progress.documents + sum(len(d) for d in self.doc_ends), file=n_files,
-                        n_chars=self.n_chars, final=True)
+                        n_chars=self.n_chars, cut_token=self.cut_token, final=True)
         if self.count:
             self._close(last)
         for i in range(n_files):
             self._file_done(i)
-
-    def abort(self) -> None:
-        """Close and remove the unfinished shard (there is always one open)."""
-        try:
-            self.out.close()
-        finally:
-            Path(self.tmp).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +476,7 @@ def _run(files: Sequence[InputFile], stats: Sequence[dict[str, int]], text_field
             meter = _Meter(bar)
             first = fi == start.file
             for item in items(f, meter, text_field, start.position if first else 0, start.row if first else 0,
-                              chunk_size):
+                              chunk_size, writer.cut):
                 batch.add(fi, item)
                 if batch.n_chars >= chunk_size:
                     pending.append((pool.submit(encoder.encode, batch), batch))
@@ -496,8 +499,8 @@ def _changed(f: InputFile) -> MyPTError:
 
 
 def _plan(files: Sequence[InputFile], stats: Sequence[dict[str, int]], text_field: str, key: str,
-          shard_tokens: int) -> dict[str, Any]:
-    return {"format": FORMAT, "tokenizer": key, "text_field": text_field, "shard_tokens": shard_tokens,
+          shard_tokens: int, cut: int | None) -> dict[str, Any]:
+    return {"format": FORMAT, "tokenizer": key, "text_field": text_field, "shard_tokens": shard_tokens, "cut": cut,
             "files": [{"path": str(f.path), "name": f.name, **st} for f, st in zip(files, stats, strict=True)]}
 
 
@@ -541,8 +544,13 @@ def _resume(folder: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
-def _manifest(files: Sequence[InputFile], records: list[dict[str, Any]], encoder: Encoder, text_field: str,
-              shard_tokens: int, content_sha256: str, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _manifest(files: Sequence[InputFile], writer: ShardWriter, encoder: Encoder, text_field: str,
+              shard_tokens: int, content_sha256: str, val_split: float) -> dict[str, Any]:
+    records, done = writer.records, writer.done
+    cut = None
+    if writer.cut is not None:
+        assert writer.cut_token >= 0, "the piece at the cut was produced"
+        cut = {"val_split": val_split, "byte": writer.cut, "token": writer.cut_token}
     return {
         "format": FORMAT,
         "files": [{"path": str(f.path), "kind": f.kind, "compression": f.compression, **done[i]}
@@ -554,6 +562,7 @@ def _manifest(files: Sequence[InputFile], records: list[dict[str, Any]], encoder
         "n_documents": sum(r["shard"]["documents"] for r in records),
         "shard_tokens": shard_tokens,
         "shards": [{**r["shard"], "docs": _shard_name(k, "docs")} for k, r in enumerate(records)],
+        "cut": cut,
     }
 
 
@@ -594,30 +603,28 @@ def wait_for_lock(folder: Path, what: str, quiet: bool) -> FileLock:
 
 
 def prepare(files: Sequence[InputFile], text_field: str, tokenizer: Tokenizer | None, folder: Path, *,
-            shard_tokens: int = SHARD_TOKENS, progress: bool = True, chunk_size: int = CHUNK_SIZE,
-            threads: int = TOKENIZE_THREADS, label: str = "") -> dict[str, Any]:
+            val_split: float, shard_tokens: int = SHARD_TOKENS, progress: bool = True, chunk_size: int = CHUNK_SIZE,
+            threads: int | None = None, label: str = "") -> dict[str, Any]:
     """Prepare `files` into `folder` (resuming an interrupted prepare there) and return the
     manifest. tokenizer None (or a char tokenizer): a char dataset, characters by first appearance.
+    val_split: where a source of one text file is cut (split.cut_of); threads: all cores if None.
 
     The caller holds the folder's lock. A bad input raises MyPTError; the caller removes the folder.
     """
     check_readable(files, text_field)
     stats = [_stat(f) for f in files]
-    plan = _plan(files, stats, text_field, encoder_key(tokenizer), shard_tokens)
+    cut = cut_of(files, val_split)
+    plan = _plan(files, stats, text_field, encoder_key(tokenizer), shard_tokens, cut)
     records = _resume(folder, plan)
     encoder = _encoder(tokenizer, files, records[-1].get("chars", []) if records else [])
-    writer = ShardWriter(folder, files, plan["shard_tokens"], records, encoder)
-    try:
-        if not writer.progress.final:
-            start = writer.progress
-            with tqdm(total=sum(st["size"] for st in stats), unit="B", unit_scale=True, unit_divisor=1024,
-                      file=sys.stderr, disable=not progress, desc=f"preparing {label or files[0].name}") as bar:
-                bar.update(sum(st["size"] for st in stats[: start.file]))
-                workers = max(1, min(threads, os.cpu_count() or 1))
-                _run(files, stats, text_field, encoder, writer, start, bar, workers, chunk_size)
-                writer.finish(len(files))
-    finally:
-        writer.abort()
+    writer = ShardWriter(folder, files, plan["shard_tokens"], records, encoder, cut)
+    if not writer.progress.final:
+        start = writer.progress
+        with tqdm(total=sum(st["size"] for st in stats), unit="B", unit_scale=True, unit_divisor=1024,
+                  file=sys.stderr, disable=not progress, desc=f"preparing {label or files[0].name}") as bar:
+            bar.update(sum(st["size"] for st in stats[: start.file]))
+            _run(files, stats, text_field, encoder, writer, start, bar, threads or tokenize_threads(), chunk_size)
+            writer.finish(len(files))
     records = writer.records
     if not sum(r["shard"]["documents"] for r in records):
         kinds = {f.kind for f in files}
@@ -626,8 +633,8 @@ def prepare(files: Sequence[InputFile], text_field: str, tokenizer: Tokenizer | 
         raise MyPTError(f"{label or files[0].label} has no documents ({what}); pass some text (or another "
                         "--text_field)")
     shas = [writer.done[i]["sha256"] for i in range(len(files))]
-    manifest = _manifest(files, records, encoder, text_field, plan["shard_tokens"],
-                         content_sha256(files, shas, text_field), writer.done)
+    manifest = _manifest(files, writer, encoder, text_field, plan["shard_tokens"],
+                         content_sha256(files, shas, text_field), val_split)
     _write_bytes(folder / "manifest.json", json_bytes(manifest))
     for k in range(len(records)):
         (folder / _shard_name(k, "json")).unlink(missing_ok=True)

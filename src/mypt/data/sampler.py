@@ -4,6 +4,7 @@ A `TokenStream` is one split of one source: runs of the dataset's token stream (
 documents, or a single document's head or tail), read as one sequence. Reading a window maps
 its positions to shards and pulls only those pages from disk, so each process (or machine)
 reads just the windows it trains on, and opening a stream costs the same for any corpus size.
+Every id read is checked against the vocabulary: a damaged shard is one message naming it.
 
 `batch_at` is a pure function of (seed, index): resuming needs no sampler state, and the
 trainer gives each rank its own global micro-batch index, so ranks draw different windows. A
@@ -18,21 +19,29 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mypt.errors import MyPTError
+
 if TYPE_CHECKING:
     import torch
+
+
+def damaged(folder: Path, what: str) -> MyPTError:
+    """The one message for a prepared dataset that does not read back as it was written."""
+    return MyPTError(f"the token cache {folder} is damaged: {what}; delete that folder (or all of "
+                     f"{folder.parent}), and the next run or mypt prepare prepares it again")
 
 
 class Shards:
     """The token files of a prepared dataset, memory-mapped, as one global token stream."""
 
-    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
-        self.arrays = list(arrays)
+    def __init__(self, arrays: Sequence[np.ndarray], paths: Sequence[Path] = ()) -> None:
+        self.arrays, self.paths = list(arrays), list(paths)
         self.starts = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])]).astype(np.int64)
 
     @classmethod
     def open(cls, paths: Sequence[Path], dtypes: Sequence[str], counts: Sequence[int]) -> Shards:
         return cls([np.memmap(p, dtype=np.dtype(d), mode="r", shape=(n,))
-                    for p, d, n in zip(paths, dtypes, counts, strict=True)])
+                    for p, d, n in zip(paths, dtypes, counts, strict=True)], paths)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -51,10 +60,12 @@ class Shards:
 
 class TokenStream:
     """Runs [start, end) of a Shards stream read as one sequence; `table` maps stored ids to the
-    model's (char datasets store ids by first appearance)."""
+    model's (char datasets store ids by first appearance). Stored ids must be below `n_ids`."""
 
-    def __init__(self, shards: Shards, runs: np.ndarray, table: np.ndarray | None = None, name: str = "") -> None:
+    def __init__(self, shards: Shards, runs: np.ndarray, table: np.ndarray | None = None, name: str = "",
+                 n_ids: int | None = None) -> None:
         self.shards, self.table, self.name = shards, table, name
+        self.n_ids = len(table) if table is not None else n_ids
         runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
         self.run_starts = runs[:, 0]
         self.offsets = np.concatenate([[0], np.cumsum(runs[:, 1] - runs[:, 0])]).astype(np.int64)
@@ -74,7 +85,17 @@ class TokenStream:
             run = np.searchsorted(self.offsets, positions, side="right") - 1
             index = positions - self.offsets[run] + self.run_starts[run]
         ids = self.shards.take(index)
+        if self.n_ids is not None and ids.size and int(ids.max()) >= self.n_ids:
+            self._out_of_range(index, ids)
         return self.table[ids] if self.table is not None else ids
+
+    def _out_of_range(self, index: np.ndarray, ids: np.ndarray) -> None:
+        at = np.unravel_index(int(np.argmax(ids)), ids.shape)
+        shard = int(np.searchsorted(self.shards.starts, index[at], side="right") - 1)
+        path = self.shards.paths[shard]
+        raise damaged(path.parent, f"{path.name} holds the id {int(ids[at])} at position "
+                                   f"{int(index[at] - self.shards.starts[shard]):,}, beyond the "
+                                   f"{self.n_ids:,} ids of its tokenizer")
 
 
 class Mixture:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mypt.errors import MyPTError
-from mypt.fsutil import check_regular_file, sha256_file
+from mypt.fsutil import check_regular_file, is_empty, parse_json, sha256_file
 from mypt.tokenizers.base import NEWLINE_CUT, WHITESPACE_CUT
 
 try:  # twice as fast as json on JSON lines; part of the "data" extra, and json does the same job without it
@@ -159,7 +159,7 @@ def _expand(value: str) -> list[InputFile]:
     if not os.path.lexists(path):
         raise MyPTError(f"input file {value} does not exist; check the path")
     check_regular_file(path, f"input file {value}")
-    if path.stat().st_size == 0:
+    if is_empty(path, f"input file {value}"):
         raise MyPTError(f"input file {value} is empty; pass a file with some text in it")
     return [_input_file(path, path.name)]
 
@@ -195,6 +195,13 @@ def check_readable(files: Sequence[InputFile], text_field: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Bytes: raw (hashed) and decompressed
+
+
+class NoHash:
+    """A hasher for reads whose bytes need no hash."""
+
+    def update(self, data: bytes) -> None:
+        pass
 
 
 class _HashingReader:
@@ -261,6 +268,43 @@ def _skip(chunks: Iterator[bytes], start: int) -> Iterator[bytes]:
             yield from chunks
             return
         done += len(chunk)
+
+
+def _break_at(chunks: Iterator[bytes], start: int, at: int) -> Iterator[bytes]:
+    """The chunks (which begin at byte `start`), one of them split so that a chunk ends at byte `at`."""
+    done = start
+    for chunk in chunks:
+        if done < at < done + len(chunk):
+            yield chunk[:at - done]
+            chunk = chunk[at - done:]
+        done += len(chunk)
+        yield chunk
+
+
+def text_size(f: InputFile) -> int:
+    """The bytes of a text file's text: its size, or for a compressed file the bytes it decompresses to
+    (read through once to count them)."""
+    if f.compression is None:
+        return f.path.stat().st_size
+    return sum(len(chunk) for chunk in byte_chunks(f, NoHash()))
+
+
+def text_bytes(f: InputFile, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a text file's text (a compressed file is decompressed up to `end`)."""
+    if f.compression is None:
+        try:
+            with open(f.path, "rb") as raw:
+                raw.seek(start)
+                return raw.read(end - start)
+        except OSError as e:
+            raise MyPTError(f"cannot read input file {f.label} ({e.strerror or e}); check its permissions") from None
+    out, done = [], 0
+    for chunk in byte_chunks(f, NoHash()):
+        out.append(chunk[max(0, start - done): end - done])
+        done += len(chunk)
+        if done >= end:
+            break
+    return b"".join(out)
 
 
 def hash_file(f: InputFile) -> str:
@@ -355,12 +399,24 @@ def split_safely(text: str, force: bool) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def text_items(f: InputFile, hasher: Any, start: int = 0, chunk_size: int = CHUNK_SIZE) -> Iterator[Item]:
-    """The file as one document, in pieces cut at safe points; from byte `start` on when resuming."""
+def text_items(f: InputFile, hasher: Any, start: int = 0, chunk_size: int = CHUNK_SIZE,
+               cut: int | None = None) -> Iterator[Item]:
+    """The file as one document, in pieces cut at safe points; from byte `start` on when resuming.
+
+    `cut` (a character boundary): a piece also ends there, wherever it is, so the text before
+    it is tokenized apart from the text after it (where a single file's validation starts).
+    """
     chunks = byte_chunks(f, hasher, chunk_size)
+    if start:
+        chunks = _skip(chunks, start)
+    if cut is not None and cut > start:
+        chunks = _break_at(chunks, start, cut)
     position, carry, seen = start, "", start > 0
-    for text, end in _decoded(f, _skip(chunks, start) if start else chunks, start):
-        head, carry = split_safely(carry + text, force=len(carry) >= MAX_CARRY_CHUNKS * chunk_size)
+    for text, end in _decoded(f, chunks, start):
+        if end == cut:
+            head, carry = carry + text, ""
+        else:
+            head, carry = split_safely(carry + text, force=len(carry) >= MAX_CARRY_CHUNKS * chunk_size)
         if head:
             yield Item(head, False, position, 0)
             position = end - len(carry.encode("utf-8"))
@@ -382,20 +438,23 @@ _BLANK = object()  # a blank line's record
 
 
 def _parsed(f: InputFile, line: bytes, number: int) -> Any:
-    """The JSON value of one line (_BLANK: the line is blank)."""
-    try:
-        return _loads(line)
-    except ValueError:  # invalid JSON or UTF-8; or what only json accepts (a BOM, NaN, a lone surrogate)
-        if not line.strip():
-            return _BLANK
-        return _strict(f, line, number)
+    """The JSON value of one line, read by the one JSON reader (_BLANK: the line is blank)."""
+    if not line.strip():
+        return _BLANK
+    return _strict(f, line, number)
 
 
 def _document(f: InputFile, line: bytes, number: int, field: str) -> str | None:
     """The text of one JSON line (None: blank, or the field is null or empty)."""
-    record = _parsed(f, line, number)
-    if record is _BLANK:
-        return None
+    try:
+        record = _loads(line)
+    except (ValueError, RecursionError):  # invalid or too deep; or what only json accepts (a BOM, NaN)
+        if not line.strip():
+            return None
+        record = _strict(f, line, number)
+    else:
+        if line.count(b'"%s"' % field.encode()) > 1:  # maybe a repeated key, which orjson lets pass
+            record = _strict(f, line, number)
     value = record.get(field) if isinstance(record, dict) else None
     if type(value) is not str:  # noqa: E721 (the common case first, fast)
         if value is None and isinstance(record, dict) and field in record:
@@ -410,16 +469,14 @@ def _document(f: InputFile, line: bytes, number: int, field: str) -> str | None:
 
 
 def _strict(f: InputFile, line: bytes, number: int) -> Any:
-    """The line parsed by json, or one MyPTError naming the line and what is wrong."""
-    where = f"input file {f.label} line {number}"
+    """The line parsed by the one JSON reader (fsutil.parse_json), or one MyPTError naming the
+    line and what is wrong."""
     try:
-        return json.loads(line.decode("utf-8-sig"))
+        text = line.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise MyPTError(f"{where} is not valid UTF-8 ({e.reason} at byte {e.start} of the line); convert the "
-                        "file to UTF-8") from None
-    except ValueError as e:
-        raise MyPTError(f"{where} is not valid JSON ({e}); each line must be one JSON object "
-                        "(fix or remove the line)") from None
+        raise MyPTError(f"input file {f.label} line {number} is not valid UTF-8 ({e.reason} at byte {e.start} of "
+                        "the line); convert the file to UTF-8") from None
+    return parse_json(text, f"input file {f.label}", line=number)
 
 
 def _bad_record(f: InputFile, record: object, number: int, field: str) -> None:
@@ -554,12 +611,12 @@ def _check_text(f: InputFile, text: str, row: int) -> None:
 
 
 def items(f: InputFile, hasher: Any, text_field: str, position: int = 0, row: int = 0,
-          chunk_size: int = CHUNK_SIZE) -> Iterator[Item]:
-    """The Items of any kind of file, from (position, row) on."""
+          chunk_size: int = CHUNK_SIZE, cut: int | None = None) -> Iterator[Item]:
+    """The Items of any kind of file, from (position, row) on; `cut`: see text_items."""
     if f.kind == "jsonl":
         return jsonl_items(f, hasher, text_field, position, row, chunk_size)
     if f.kind == "parquet":
         return parquet_items(f, hasher, text_field, row)
-    return text_items(f, hasher, position, chunk_size)
+    return text_items(f, hasher, position, chunk_size, cut)
 
 

@@ -1,8 +1,10 @@
-"""The text of a run's training split, read before any tokenizer exists (a bpe tokenizer trained
-for a run learns from it, and never from validation text).
+"""A run's text before any tokenizer exists: the training split's text (a bpe tokenizer trained
+for a run learns from it, and never from validation text), and the characters of the whole
+text (a char tokenizer's vocabulary).
 
-The split is dataset.split's, source by source:
+The split is split.py's, source by source:
 
+- A source of one text file gives its text up to its cut (split.cut_of), read once.
 - A source of several documents validates on whole documents chosen by key, and a key depends
   only on the document's file name and row (prepare.doc_keys), so each document is sorted as
   it is read. The one exception needs the whole source: if no key falls below the threshold,
@@ -10,10 +12,6 @@ The split is dataset.split's, source by source:
   lowest-keyed training candidate so far (and the highest-keyed validation document) is put
   aside until the end; one it replaces is training text. JSON lines and Parquet records put
   aside are kept in memory; a text file put aside is read again (it may be large).
-- A source of one document validates on its last val_split of *tokens*, and tokens exist only
-  once a tokenizer does. Its text is read up to `heads[i]` bytes, first (1 - val_split) of
-  it; once the source is prepared with the tokenizer, `too_far` says whether validation starts
-  inside that text, and then moves the head back for the next try.
 
 val_split 0 reads every document whole.
 """
@@ -26,19 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mypt.data import dataset
-from mypt.data.corpus import Corpus, Prepared, Source, source_files, source_label
+from mypt.data import split as splits
+from mypt.data.corpus import Source, source_files, source_label
 from mypt.data.prepare import doc_keys
-from mypt.data.sources import InputFile, items, split_safely
+from mypt.data.sources import InputFile, NoHash, items
 
-_COUNT_STEP = 1 << 22  # tokens looked up at a time when counting the bytes before validation
-
-
-class _NoHash:
-    """items() feeds every byte read to a hasher; here nothing needs the hash."""
-
-    def update(self, data: bytes) -> None:
-        pass
+_N_POINTS = 0x110000  # code points
 
 
 @dataclass
@@ -50,7 +41,6 @@ class _Doc:
     row: int
     key: int
     texts: list[str] | None
-    n_bytes: int = 0
 
 
 @dataclass
@@ -60,6 +50,7 @@ class _Tally:
     n_documents: int = 0
     n_training: int = 0
     n_validation: int = 0
+    cut: int | None = None  # a source of one text file: the bytes of text given
     low: _Doc | None = None  # the training candidate with the lowest key
     high: _Doc | None = None  # the validation document with the highest key
     later: list[_Doc] = field(default_factory=list)  # put aside as `low`, then replaced: training
@@ -68,13 +59,12 @@ class _Tally:
 class TrainingText:
     """Iterable over the training split's text of `sources` (see the module docstring).
 
-    Each iteration reads the sources again, so a tokenizer can be trained on it more than once.
-    `cache` is the token cache (the built-in corpus is written there if a source is it).
+    Each iteration reads the sources again. `cache` is the token cache (the built-in corpus is
+    written there if a source is it).
     """
 
     def __init__(self, sources: Sequence[Source], cache: Path, val_split: float) -> None:
         self.sources, self.cache, self.val_split = list(sources), cache, val_split
-        self.heads: dict[int, int] = {}  # one-document sources: bytes of their text read
         self.n_bytes = 0  # UTF-8 bytes given by the last iteration
         self._read: dict[int, tuple[str, _Tally]] = {}
 
@@ -85,6 +75,15 @@ class TrainingText:
                 self.n_bytes += len(text.encode("utf-8", errors="surrogatepass"))
                 yield text
 
+    def characters(self) -> list[str]:
+        """The sorted characters of the whole text, validation included (what a char tokenizer knows)."""
+        seen = np.zeros(_N_POINTS, dtype=bool)
+        for source in self.sources:
+            for f in source_files(source, self.cache):
+                for item in items(f, NoHash(), source.text_field):
+                    seen[np.frombuffer(item.text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)] = True
+        return [chr(c) for c in np.flatnonzero(seen).tolist()]
+
     def label(self) -> str:
         """The sources in a few words, for messages: a file, a number of files, named sources."""
         return ", ".join(source_label(s, [f.path for f in source_files(s, self.cache)]) for s in self.sources)
@@ -92,9 +91,9 @@ class TrainingText:
     def describe(self) -> str:
         """What the last iteration read, source by source."""
         parts = []
-        for i, (label, tally) in sorted(self._read.items()):
-            if i in self.heads:
-                parts.append(f"the first {self.heads[i]:,} bytes of {label}")
+        for _, (label, tally) in sorted(self._read.items()):
+            if tally.cut is not None:
+                parts.append(f"the first {tally.cut:,} bytes of {label}")
             elif self.val_split == 0:
                 parts.append(f"all {tally.n_documents:,} documents of {label}")
             else:
@@ -102,44 +101,33 @@ class TrainingText:
                              "(the others validate)")
         return "; ".join(parts)
 
-    def too_far(self, corpus: Corpus, byte_lengths: np.ndarray) -> list[str]:
-        """After `corpus` (these sources) is prepared with a tokenizer trained on this text: a line
-        for each one-document source whose validation starts inside the text read, which then
-        reads as far before that start as it read past it. `byte_lengths`: bytes of each id."""
-        lines = []
-        for i, head in self.heads.items():
-            part = corpus.parts[i]
-            start = _validation_start(part, self.val_split, byte_lengths)
-            if start < head:
-                self.heads[i] = max(0, start - (head - start))
-                lines.append(f"validation starts at byte {start:,} of {self._read[i][0]}, before the end of the "
-                             f"{head:,} bytes read")
-        return lines
-
     # -- reading one source
 
     def _source_text(self, index: int, source: Source) -> Iterator[str]:
         files = source_files(source, self.cache)
         tally = _Tally()
-        self._read[index] = (source_label(source, [f.path for f in files]), tally)
-        threshold = dataset.val_threshold(self.val_split)
+        label = source_label(source, [f.path for f in files])
+        self._read[index] = (label, tally)
+        tally.cut = splits.cut_of(files, self.val_split)
+        if tally.cut is not None:
+            yield from _head(files[0], tally.cut)
+            return
+        threshold = splits.val_threshold(self.val_split)
         for f in files:
             doc, mode = None, ""
-            for item in items(f, _NoHash(), source.text_field):
+            for item in items(f, NoHash(), source.text_field):
                 if doc is None:
                     doc = _Doc(f, item.position, item.row, int(doc_keys(f.name, np.array([item.row]))[0]),
                                None if f.kind == "text" else [])
                     mode = self._sort(doc, threshold, tally)
                 if mode == "train":
                     yield item.text
-                elif mode == "aside":
-                    doc.n_bytes += len(item.text.encode("utf-8", errors="surrogatepass"))
-                    if doc.texts is not None:
-                        doc.texts.append(item.text)
+                elif mode == "aside" and doc.texts is not None:
+                    doc.texts.append(item.text)
                 if item.doc_end:
                     doc = None
         if self.val_split > 0:
-            yield from self._finish(index, source, tally)
+            yield from self._finish(label, source, tally)
 
     def _sort(self, doc: _Doc, threshold: int, tally: _Tally) -> str:
         """'train', 'aside' (decided at the end of the source) or 'skip' (validation)."""
@@ -161,14 +149,10 @@ class TrainingText:
         tally.n_training += 1
         return "train"
 
-    def _finish(self, index: int, source: Source, tally: _Tally) -> Iterator[str]:
+    def _finish(self, label: str, source: Source, tally: _Tally) -> Iterator[str]:
         """The training text of the documents put aside, once the whole source is seen."""
         if tally.n_documents == 1:
-            only = tally.low or tally.high
-            assert only is not None
-            head = self.heads.setdefault(index, int(only.n_bytes * (1 - self.val_split)))
-            yield from _head(_texts(only, source), head)
-            return
+            raise splits.one_record_error(label)
         training = list(tally.later)
         if 0 < tally.n_validation < tally.n_documents:
             training.append(tally.low)  # else no key is below the threshold: the lowest validates
@@ -180,6 +164,14 @@ class TrainingText:
             yield from _texts(doc, source)
 
 
+def _head(f: InputFile, cut: int) -> Iterator[str]:
+    """A text file's text before byte `cut` (where a piece ends, see sources.text_items)."""
+    for item in items(f, NoHash(), "", cut=cut):
+        if item.position >= cut:
+            return
+        yield item.text
+
+
 def _texts(doc: _Doc, source: Source) -> Iterable[str]:
     """A put-aside document's text: kept, or read again from its file."""
     if doc.texts is not None:
@@ -188,33 +180,7 @@ def _texts(doc: _Doc, source: Source) -> Iterable[str]:
 
 
 def _read_again(doc: _Doc, source: Source) -> Iterator[str]:
-    for item in items(doc.file, _NoHash(), source.text_field, doc.position, doc.row):
+    for item in items(doc.file, NoHash(), source.text_field, doc.position, doc.row):
         yield item.text
         if item.doc_end:
             return
-
-
-def _head(texts: Iterable[str], limit: int) -> Iterator[str]:
-    """The texts up to `limit` UTF-8 bytes, the last one cut at a safe point (so a little less)."""
-    done = 0
-    for text in texts:
-        data = text.encode("utf-8", errors="surrogatepass")
-        if done + len(data) <= limit:
-            done += len(data)
-            yield text
-            continue
-        head, _ = split_safely(data[:limit - done].decode("utf-8", errors="ignore"), force=False)
-        yield head
-        return
-
-
-def _validation_start(part: Prepared, val_split: float, byte_lengths: np.ndarray) -> int:
-    """The byte of a one-document source's text at which its validation tokens start."""
-    s = dataset.split(*dataset.documents(part.folder, part.manifest), val_split)
-    assert s.n_documents == 1, "only a one-document source splits on tokens"
-    store = dataset.shards(part.folder, part.manifest)
-    start, end = (int(x) for x in s.train[0])
-    total = 0
-    for i in range(start, end, _COUNT_STEP):
-        total += int(byte_lengths[store.take(np.arange(i, min(i + _COUNT_STEP, end)))].sum())
-    return total

@@ -31,9 +31,9 @@ import numpy as np
 from mypt.data import Source
 from mypt.data.builtin import is_builtin
 from mypt.data.corpus import corpus_sha256
-from mypt.data.dataset import val_threshold
 from mypt.data.prepare import content_sha256, doc_keys
 from mypt.data.sources import InputFile, json_records, list_files, parquet_records
+from mypt.data.split import validates
 from mypt.errors import MyPTError
 from mypt.finetune.template import ROLES, Message
 
@@ -182,8 +182,8 @@ def _alpaca(record: dict[str, Any], where: str) -> tuple[Message, ...]:
 
 def split(conversations: list[Conversation], val_split: float, source: Source
           ) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, validation): a conversation validates when its key (data.prepare.doc_keys of its
-    file name and row) is below val_split; at least one on each side."""
+    """(train, validation): a conversation validates as a document does (data.split.validates on
+    data.prepare.doc_keys of its file name and row)."""
     if len(conversations) < 2:
         raise MyPTError(f"{label(source)} holds {len(conversations)} conversation: fine-tuning needs at least "
                         "2 (some for training, some held out for validation)")
@@ -191,11 +191,7 @@ def split(conversations: list[Conversation], val_split: float, source: Source
     for name in {c.file for c in conversations}:
         at = np.array([i for i, c in enumerate(conversations) if c.file == name])
         keys[at] = doc_keys(name, np.array([conversations[i].row for i in at]))
-    is_val = keys.astype(np.uint64) < np.uint64(val_threshold(val_split))
-    if not is_val.any():
-        is_val[int(np.argmin(keys))] = True
-    if is_val.all():
-        is_val[int(np.argmax(keys))] = False
+    is_val = validates(keys, val_split)
     return ([c for c, v in zip(conversations, is_val, strict=True) if not v],
             [c for c, v in zip(conversations, is_val, strict=True) if v])
 

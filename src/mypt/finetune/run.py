@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mypt import data, dist
-from mypt.build import checkpoint_tokenizer
+from mypt.build import check_weights_fit, checkpoint_tokenizer
 from mypt.checkpoint import (
     CONFIG_FILE,
     SAVED,
@@ -105,7 +105,9 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
             _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
         saved = saved_optimizer(plan.resume.training_state) if plan.resume.has_optimizer else None
         check_optimizer(plan.train_cfg, fsdp, saved, given=train_flags)
-        if not skip_memory_check:
+        if skip_memory_check:  # weights alone beyond the device's memory could never run all the same
+            check_weights_fit(plan.model_cfg, torch_device)
+        else:
             check_memory(plan.model_cfg, plan.train_cfg, dtype, torch_device, info, fsdp)
         return plan
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mypt import fsutil, weights_only
-from mypt.build import Built
+from mypt.build import Built, check_weights_fit
 from mypt.checkpoint import now, recover, save_checkpoint, training_lock, versions, write_folder
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
@@ -104,8 +104,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / HF_WEIGHTS).is_file():
         files = [hf_dir / HF_WEIGHTS]
     elif index.is_file():
-        weight_map = fsutil.read_json(index, "weights index").get("weight_map", {})
-        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        files = [hf_dir / name for name in _shard_names(index)]
     elif (hf_dir / "pytorch_model.bin").is_file():
         raise MyPTError(
             f"{hf_dir} has only pytorch_model.bin, a pickle, which MyPT does not load; convert it first: "
@@ -122,6 +121,17 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise MyPTError(f"{path} could not be read ({first}); download it again") from None
     return tensors
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The safetensors files model.safetensors.index.json names (files in its own folder)."""
+    doc = fsutil.read_json(index, "weights index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+        raise MyPTError(f"{index}: expected {{\"weight_map\": {{tensor name: file name in this folder}}}}; "
+                        "download the folder again")
+    return sorted(names)
 
 
 FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
@@ -163,6 +173,7 @@ def _from_gpt2(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str,
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_gpt2.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
+    _check_fits(cfg, hf_dir)
     shapes = hf_gpt2.hf_shapes(cfg)
     weights = hf_gpt2.hub_names(_read_hf_weights(hf_dir))
     tok, problems = _tokenizer(hf_dir, hf, cfg)
@@ -184,6 +195,7 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
     if problems:
         raise MyPTError(_problems(hf_dir, problems))
     cfg = hf_llama.import_config(hf, hf_dir, str(hf_dir / HF_CONFIG))
+    _check_fits(cfg, hf_dir)
     weights = _read_hf_weights(hf_dir)
     tok, problems = _tokenizer(hf_dir, hf, cfg)
     problems = hf_llama.weight_problems(weights, hf_llama.hf_shapes(cfg)) + problems
@@ -192,6 +204,14 @@ def _from_llama(hf: dict[str, Any], hf_dir: Path) -> tuple[ModelConfig, dict[str
     notes = [f"block_size {cfg.block_size} (max_position_embeddings): each token attends to at most that many, "
              "as a sliding window past it"]
     return cfg, hf_llama.from_hf_state(weights, cfg), tok, notes
+
+
+def _check_fits(cfg: ModelConfig, hf_dir: Path) -> None:
+    """Refuse, before any weight is read, a config.json whose model's fp32 weights exceed this machine's memory."""
+    try:
+        check_weights_fit(cfg, "cpu")
+    except MyPTError as e:
+        raise MyPTError(_problems(hf_dir, [f"its config.json describes {e}"])) from None
 
 
 def _tokenizer(hf_dir: Path, hf: dict[str, Any], cfg: ModelConfig) -> tuple[Tokenizer, list[str]]:

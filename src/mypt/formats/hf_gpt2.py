@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mypt.build import tensor_problems
-from mypt.config import ModelConfig
+from mypt.config import ModelConfig, shown
 from mypt.formats.hf_config import hf_value, model_config
 from mypt.tokenizers import Tokenizer
 
@@ -125,8 +125,8 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
     """What keeps a transformers config from being MyPT's architecture (empty: nothing)."""
     problems = []
     archs = hf.get("architectures") or ["GPT2LMHeadModel"]
-    if not set(archs) & set(HF_ARCHITECTURES):
-        problems.append(f"architectures {archs} has no GPT-2 language model "
+    if not isinstance(archs, list) or not set(a for a in archs if isinstance(a, str)) & set(HF_ARCHITECTURES):
+        problems.append(f"architectures {shown(archs)} has no GPT-2 language model "
                         f"({' or '.join(HF_ARCHITECTURES)})")
     act = hf_value(hf, "activation_function", "gelu_new")
     if act not in TANH_GELUS:
@@ -136,18 +136,23 @@ def architecture_problems(hf: dict[str, Any]) -> list[str]:
     if n_inner is not None and n_inner != 4 * n_embd:  # (a bad n_embd is named by import_config)
         problems.append(f"n_inner is {n_inner}; MyPT's MLP is 4 * n_embd = {4 * n_embd} wide")
     eps = hf_value(hf, "layer_norm_epsilon", LAYER_NORM_EPS)
-    if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
-        problems.append(f"layer_norm_epsilon is {eps}; MyPT's LayerNorm uses {LAYER_NORM_EPS}")
+    if not _number_in(eps, 0, 1) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
+        problems.append(f"layer_norm_epsilon is {shown(eps)}; MyPT's LayerNorm uses {LAYER_NORM_EPS}")
     for key in ("resid_pdrop", "attn_pdrop"):
         value = hf_value(hf, key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key} is {value!r}; expected a probability from 0 to 1")
+        if not _number_in(value, 0, 1):
+            problems.append(f"{key} is {shown(value)}; expected a probability from 0 to 1")
     checks = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
               "add_cross_attention": False, "tie_word_embeddings": True}
     for key, want in checks.items():
         if hf_value(hf, key, want) != want:
             problems.append(f"{key} is {hf[key]}; MyPT needs {str(want).lower()}")
     return problems
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    """A JSON number from low to high (not true/false, NaN, inf or a 400-digit integer)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def weight_problems(hf: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> list[str]:

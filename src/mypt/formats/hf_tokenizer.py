@@ -38,7 +38,7 @@ from mypt.tokenizers import (
     bpe_parts,
     gpt2_encoding,
 )
-from mypt.tokenizers.bpe import ranks_problem
+from mypt.tokenizers.bpe import pattern_problem, ranks_problem
 from mypt.tokenizers.hf_bpe import HFBPETokenizer, bytes_to_unicode
 
 
@@ -327,7 +327,7 @@ def _bpe_from_hf(d: dict[str, Any], source: str) -> BPETokenizer:
     """The byte-level BPE of a tokenizer.json like the one _bpe_tokenizer_files writes."""
     pattern = _split_pattern(d, source)
     ranks = _byte_ranks(d["model"]["vocab"], source)
-    problem = ranks_problem(ranks)
+    problem = ranks_problem(ranks) or pattern_problem(pattern)
     if problem is None and _eot_from_hf(d, source) != len(ranks):
         problem = f"{EOT} must be the special token right after the vocabulary (id {len(ranks)})"
     if problem is None:

@@ -24,7 +24,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import tiktoken
 
 from mypt.errors import MyPTError
@@ -95,10 +94,6 @@ class BPETokenizer(TiktokenTokenizer):
     def id_string(self) -> str:
         return "bpe-" + self.sha256[:12]
 
-    def byte_lengths(self) -> np.ndarray:
-        """The UTF-8 length of every id's text (the special tokens count 0: they stand for no text)."""
-        return np.array([len(token) for token in self.ranks] + [0] * (self.n_vocab - self.eot_id), dtype=np.int64)
-
 
 def _content(ranks: Sequence[bytes], pattern: str, special: dict[str, int]) -> dict:
     return {
@@ -127,10 +122,16 @@ def bpe_from_json(d: dict, source: str) -> BPETokenizer:
     if d.get("version") != FORMAT_VERSION:
         raise MyPTError(f"{source}: bpe tokenizer format version {d.get('version')!r} is not one this "
                         f"MyPT reads ({FORMAT_VERSION}); upgrade MyPT or train the tokenizer again")
+    unknown = sorted(set(d) - {*_content([], "", {}), "sha256", "chat_format"})
+    if unknown:
+        raise MyPTError(f"{source}: unknown key '{unknown[0]}' in a bpe tokenizer file; {_DAMAGED}")
     ranks = _ranks_from_json(d.get("ranks"), source)
     pattern = d.get("pattern")
     if not isinstance(pattern, str) or not pattern:
         raise MyPTError(f"{source}: 'pattern' must be the split pattern (a regular expression); {_DAMAGED}")
+    problem = pattern_problem(pattern)
+    if problem:
+        raise MyPTError(f"{source}: {problem}; {_DAMAGED}")
     chat = chat_in(d.get("special_tokens"), len(ranks), source, _DAMAGED)
     try:
         tok = BPETokenizer(ranks, pattern, chat)
@@ -139,9 +140,43 @@ def bpe_from_json(d: dict, source: str) -> BPETokenizer:
     return chat_format_of(d, tok, source)
 
 
+# Texts a split pattern must cut into non-empty pieces that join back into the whole text: the
+# kinds of character the pattern tells apart (letters, digits, punctuation, spaces, line ends,
+# other scripts, emoji), alone and in a row.
+PATTERN_PROBES = ("a", "1", "!", " ", "\n", "\t", "\r\n", "é", "日", "😀", "'s",
+                  "Hello, world! It's 2024.\n\n  Tabs\tand   spaces \r\nnaïve 日本語 😀 x=y+1;  \n")
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why tiktoken cannot split text with `pattern` (None: it can).
+
+    It must compile, never match the empty string (tiktoken panics on an empty piece) and
+    cover every character of a text (tiktoken silently drops what no piece matches).
+    """
+    import regex  # tiktoken's own dependency; it reads \p{L} and possessive quantifiers as tiktoken does
+
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as e:
+        return f"its split pattern is not a regular expression MyPT can use ({e})"
+    for text in PATTERN_PROBES:
+        try:
+            pieces = [m.group() for m in compiled.finditer(text, timeout=1.0)]
+        except TimeoutError:
+            return f"its split pattern takes more than a second to split {text!r}"
+        if "" in pieces:
+            return f"its split pattern matches the empty string (in {text!r}), which tiktoken cannot split with"
+        if "".join(pieces) != text:
+            return f"its split pattern leaves characters of {text!r} out of every piece, so they would be lost"
+    return None
+
+
 def _ranks_from_json(ranks: object, source: str) -> list[bytes]:
     if not isinstance(ranks, list) or not all(isinstance(r, str) for r in ranks):
         raise MyPTError(f"{source}: 'ranks' must be a list of base64 strings; {_DAMAGED}")
+    if not MIN_VOCAB - N_SPECIAL <= len(ranks) <= MAX_VOCAB - N_SPECIAL:
+        raise MyPTError(f"{source}: 'ranks' holds {len(ranks):,} tokens; a bpe tokenizer has {MIN_VOCAB - N_SPECIAL} "
+                        f"to {MAX_VOCAB - N_SPECIAL:,}; {_DAMAGED}")
     try:
         tokens = [base64.b64decode(r, validate=True) for r in ranks]
     except binascii.Error:
