@@ -384,6 +384,35 @@ def test_resumed_finetune_equals_the_straight_run_bit_for_bit(trained):
 
 
 @pytest.mark.slow
+def test_a_lora_finetune_trains_only_its_adapters_resumes_bit_for_bit_and_exports(trained, capsys):
+    common = ["--input_file", "chat.jsonl", "--lora_rank", "4", "--lora_targets", "attn", *SCHEDULE]
+    straight = finetune(trained, "--from", "base", "--model_name", "lora", "--max_iters", "8", *common)
+    first = finetune(trained, "--from", "base", "--model_name", "lora2", "--max_iters", "4", *common)
+    second = finetune(trained, "--model_name", "lora2", "--max_iters", "8")
+    for r in (straight, first, second):
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "LoRA rank 4 (alpha 8, dropout 0) on the blocks' attn linear layers" in straight.stdout
+    ckpts = trained / "checkpoints"
+    assert_same_checkpoint(ckpts / "lora", ckpts / "lora2")
+    base, tuned = load_checkpoint(ckpts / "base").model_state, load_checkpoint(ckpts / "lora")
+    assert tuned.config["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "attn"}
+    adapters = {k for k in tuned.model_state if ".lora_" in k}
+    assert adapters == {f"transformer.h.{i}.attn.{m}.lora_{x}" for i in range(2) for m in ("c_attn", "c_proj")
+                        for x in "AB"}
+    for name, tensor in base.items():  # frozen: every weight of the base is saved as it was
+        assert torch.equal(tuned.model_state[name], tensor), name
+    assert any(tuned.model_state[k].abs().sum() > 0 for k in adapters if k.endswith("lora_B"))  # B has moved
+    moments = torch.load(ckpts / "lora" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert sum(v["exp_avg"].numel() for v in moments.values()) == sum(tuned.model_state[k].numel() for k in adapters)
+    assert run_command("export", ["--model_name", "lora", "--checkpoints_dir", str(ckpts), "--format", "peft",
+                                  "--out", str(trained / "adapter")]) == 0
+    assert (trained / "adapter" / "adapter_model.safetensors").is_file()
+    bad = finetune(trained, "--from", "base", "--model_name", "lora3", "--input_file", "chat.jsonl",
+                   "--lora_alpha", "8")
+    assert bad.returncode == 2 and "add --lora_rank R" in bad.stderr and not (ckpts / "lora3").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_base_without_chat_tokens_grows_its_embedding(tmp_path, tie):
     """A char tokenizer saved before the chat tokens: 4 rows more, each the mean of the base's rows

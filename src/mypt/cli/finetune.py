@@ -30,9 +30,11 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from mypt.cli.options import SIGNAL_EXIT, add_checkpoints_dir, add_training_arguments, train_flags
 from mypt.config import TrainConfig
+from mypt.errors import MyPTError
 from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS
 from mypt.finetune.chat_data import FORMATS
 
@@ -61,8 +63,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, help="rows per micro-batch (default: the base's)")
     p.add_argument("--dropout", type=float, help="dropout while fine-tuning (default: the base's)")
     add_training_arguments(p, HELP_DEFAULTS)
+    lora = p.add_argument_group("LoRA (without --lora_rank: every weight is fine-tuned)")
+    lora.add_argument("--lora_rank", type=int, help="train rank-R adapters on the blocks' linear layers; the base's "
+                      "weights stay frozen (no gradients, no optimizer state)")
+    lora.add_argument("--lora_alpha", type=float, help="the adapters' update is scaled by alpha / rank "
+                      "(default: 2 x --lora_rank)")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input "
+                      "(default: %(default)s)")
+    lora.add_argument("--lora_targets", choices=("attn", "mlp", "all"), default="all",
+                      help="which linear layers of the blocks get adapters (default: %(default)s)")
     p.add_argument("--skip_memory_check", action="store_true",
                    help="start even if the estimated training memory exceeds this machine's (or GPU's)")
+
+
+def lora_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The LoRA block the --lora_* flags ask for (None: a full fine-tune), checked field by field."""
+    from mypt.config import lora_problems
+
+    if args.lora_rank is None:
+        if args.lora_alpha is not None or args.lora_dropout or args.lora_targets != "all":
+            raise MyPTError("--lora_alpha, --lora_dropout and --lora_targets set LoRA adapters: add --lora_rank R")
+        return None
+    block = {"rank": args.lora_rank, "alpha": args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
+             "dropout": args.lora_dropout, "targets": args.lora_targets}
+    problems = lora_problems(block)
+    if problems:
+        raise MyPTError("; ".join(f"--lora_{p}" for p in problems))
+    return block
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             input_files=args.input_file, data_file=args.data, form=args.format, epochs=args.epochs,
             arch_flags={"batch_size": args.batch_size, "dropout": args.dropout}, train_flags=train_flags(args),
             device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
-            skip_memory_check=args.skip_memory_check,
+            skip_memory_check=args.skip_memory_check, lora=lora_flags(args),
         )
     except KeyboardInterrupt:
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mypt.config import LoRAConfig
+from mypt.config import LoRAConfig, ModelConfig
+from mypt.model import GPT
 
 # The blocks' linear layers each --lora_targets value adapts (names below transformer.h.N).
 TARGET_LAYERS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
@@ -104,3 +105,18 @@ def merge_lora(model: nn.Module) -> None:
 
 def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fresh_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[str, torch.Tensor]:
+    """New adapters for a model of cfg (without "lora"), as state-dict entries: A drawn as
+    LoRALinear draws it (Kaiming-uniform: bound 1 / sqrt(in)) from `seed`, B zero."""
+    with torch.device("meta"):
+        shell = GPT(cfg)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in target_names(shell, lora.targets):
+        layer = shell.get_submodule(name)
+        bound = 1 / math.sqrt(layer.in_features)
+        out[f"{name}.lora_A"] = torch.empty(lora.rank, layer.in_features).uniform_(-bound, bound, generator=g)
+        out[f"{name}.lora_B"] = torch.zeros(layer.out_features, lora.rank)
+    return out

@@ -19,6 +19,7 @@ conversations (mypt.finetune.packing); the defaults below suit fine-tuning and a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 from dataclasses import replace
@@ -43,6 +44,7 @@ from mypt.checkpoint import (
     training_lock,
 )
 from mypt.config import (
+    LoRAConfig,
     ModelConfig,
     TrainConfig,
     apply_arch_flags,
@@ -53,6 +55,7 @@ from mypt.config import (
 )
 from mypt.errors import MyPTError
 from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LR_FRACTION, chat_data, template
+from mypt.finetune.lora import fresh_adapters
 from mypt.finetune.packing import ChatBatches, Packed, pack, to_device
 from mypt.fsutil import FileLock, json_bytes, sha256_file
 from mypt.metrics import read_metrics
@@ -76,7 +79,7 @@ NOISE = 0.1  # a grown row's noise, in standard deviations of the existing rows
 def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_files: list[str] | None,
              data_file: str | None, form: str | None, epochs: int | None, arch_flags: dict[str, Any],
              train_flags: dict[str, Any], device: str, allow_data_change: bool = False, fsdp: bool = False,
-             skip_memory_check: bool = False) -> Stop:
+             skip_memory_check: bool = False, lora: dict[str, Any] | None = None) -> Stop:
     info = dist.dist_info()
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: _check_flags(train_flags, epochs))
@@ -91,10 +94,13 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
             locks[0].acquire()
             recover(ckpt_dir)
         if folder_state(ckpt_dir) == SAVED:  # a folder with anything else in it is refused, never trained over
+            if lora is not None:
+                dist.print0(f"warning: --lora_* ignored: resuming '{ckpt_dir.name}' keeps the adapters it started with")
             plan = _plan_resume(ckpt_dir, base, sources, form, epochs, arch_flags, train_flags, allow_data_change,
                                 info)
         else:
-            plan = _plan_new(ckpt_dir, base, checkpoints_dir, sources, form, epochs, arch_flags, train_flags, info)
+            plan = _plan_new(ckpt_dir, base, checkpoints_dir, sources, form, epochs, arch_flags, train_flags, info,
+                             lora)
         tc = plan.train_cfg
         if plan.state.iteration >= tc.max_iters:
             return plan
@@ -219,6 +225,21 @@ def _chat_base(ckpt: Checkpoint, cfg: ModelConfig, seed: int) -> tuple[Checkpoin
     return start, cfg, tok
 
 
+def _with_adapters(start: Checkpoint, cfg: ModelConfig, lora: LoRAConfig,
+                   seed: int) -> tuple[Checkpoint, ModelConfig]:
+    """The starting checkpoint with new LoRA adapters (B zero: the base's function at first)."""
+    if cfg.lora is not None:
+        raise MyPTError("--lora_rank: the base is itself a LoRA fine-tune; export it merged (mypt export "
+                        "--format safetensors) and fine-tune that, or fine-tune it without --lora_rank")
+    adapters = fresh_adapters(cfg, lora, seed)
+    total = sum(t.numel() for t in start.model_state.values())
+    trained = sum(t.numel() for t in adapters.values())
+    dist.print0(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}, dropout {lora.dropout:g}) on the blocks' "
+                f"{lora.targets} linear layers: {trained:,} trainable parameters; the base's {total:,} are frozen")
+    cfg = replace(cfg, lora=dataclasses.asdict(lora))
+    return replace(start, config=cfg.to_dict(), model_state={**start.model_state, **adapters}), cfg
+
+
 def _arch(cfg: ModelConfig, arch_flags: dict[str, Any], source: str, new: bool) -> ModelConfig:
     """--batch_size and --dropout: a new fine-tune takes them over the base's; a resume keeps its own."""
     given = {k: v for k, v in arch_flags.items() if v is not None}
@@ -236,7 +257,7 @@ def _arch(cfg: ModelConfig, arch_flags: dict[str, Any], source: str, new: bool) 
 
 def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: list[data.Source] | None,
               form: str | None, epochs: int | None, arch_flags: dict[str, Any], train_flags: dict[str, Any],
-              info: dist.DistInfo) -> RunPlan:
+              info: dist.DistInfo, lora: dict[str, Any] | None = None) -> RunPlan:
     if base is None:
         raise MyPTError(f"there is no fine-tune '{ckpt_dir.name}' in {ckpt_dir.parent}/ yet: start one with "
                         f"--from BASE (the model to fine-tune) and --input_file CHAT.jsonl")
@@ -248,6 +269,8 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     cfg = _arch(replace(cfg, training={}), arch_flags, "", new=True)  # the base's pretraining settings: not ours
     seed = train_flags.get("seed", TrainConfig.seed)
     start, cfg, tok = _chat_base(ckpt, cfg, seed)
+    if lora is not None:
+        start, cfg = _with_adapters(start, cfg, LoRAConfig(**lora), seed)
     val_split = train_flags.get("val_split", TrainConfig.val_split)
     parts, train, val = _read_data(sources, form, tok, cfg.block_size, val_split)
     values = _defaults(train, val, cfg, train_flags, epochs, info, _base_lr(ckpt)) | train_flags
