@@ -339,8 +339,8 @@ CASES |= {
                                             "'weight' (1e+308) must be a number above 0 and at most 1e+06",
                                             mixture(1e308, 1e308)),
     "mixture-weight-10**400": Case([*NEW_NO_INPUT, "--data", "mix.json"], "'weight' (1000000000", mixture(10**400)),
-    "memory-check-skipped-impossible-size": Case(GIANT, "(51,539,744,653,312 parameters: n_layer 1000, n_embd 65536, "
-                                                 "vocab_size 59, block_size 32) needs 187.50 TiB for its fp32 weights"),
+    "memory-check-skipped-impossible-size": Case(GIANT, "(51,539,744,915,456 parameters: n_layer 1000, n_embd 65536, "
+                                                 "vocab_size 63, block_size 32) needs 187.50 TiB for its fp32 weights"),
     "arch-batch-size-2**21": Case([*NEW_TINY, "--batch_size", str(2**21)], "batch_size (2097152) must be at most"),
     "generate-seed-2**64": Case([*GENERATE, "--seed", str(2**64)], "--seed (18446744073709551616) must be an integer "
                                 "from 0 to 4294967295", script="generate.py"),

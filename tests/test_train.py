@@ -45,8 +45,10 @@ def test_training_writes_the_checkpoint_folder_and_loss_falls(trained):
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     n_chars = len(tokenizer["chars"])
-    assert tokenizer["kind"] == "char" and tokenizer["special_tokens"] == {"<|endoftext|>": n_chars}
-    assert config["vocab_size"] == n_chars + 1  # the characters and end-of-text
+    assert tokenizer["kind"] == "char" and tokenizer["special_tokens"] == {
+        "<|endoftext|>": n_chars, "<|system|>": n_chars + 1, "<|user|>": n_chars + 2, "<|assistant|>": n_chars + 3,
+        "<|end|>": n_chars + 4}
+    assert config["vocab_size"] == n_chars + 5  # the characters, end-of-text and the 4 chat tokens
     weights = torch.load(folder / "model.pt", weights_only=True)
     assert weights["transformer.wte.weight"].shape == (config["vocab_size"], 32)
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,7 +115,7 @@ def test_builtin_tinyshakespeare_trains_a_char_model_and_resumes_without_naming_
     state = json.loads((tmp_path / "checkpoints" / "s" / "training_state.json").read_text())
     assert state["input_file"] == "builtin:tinyshakespeare"
     assert state["input_sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-    assert json.loads((tmp_path / "checkpoints" / "s" / "config.json").read_text())["vocab_size"] == 66
+    assert json.loads((tmp_path / "checkpoints" / "s" / "config.json").read_text())["vocab_size"] == 70
     result = train(tmp_path, "--model_name", "s", "--max_iters", "6")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "checkpoints" / "s" / "training_state.json").read_text())["iteration"] == 6
