@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,9 @@ import pytest
 # Tests train 32-wide models: intra-op threads only fight each other on a small shared machine
 # (measured up to 50x slower per iteration). Child processes inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ctrl-C tests send SIGINT: a test run started as a background job (`cmd &` in a script) inherits
+# it ignored, and so would every child; give it Python's default handler, which children get too.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
