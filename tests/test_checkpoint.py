@@ -548,7 +548,8 @@ def test_a_file_too_big_for_any_checkpoint_is_refused_unread(ckpt: Path, name: s
     """A (sparse) file past the size limit is refused before a byte is read, even with a manifest
     claiming that size: a machine's memory for weights, MAX_JSON_BYTES for JSON."""
     _save(ckpt)
-    limit = fsutil.MAX_JSON_BYTES if name.endswith(".json") else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = fsutil.MAX_JSON_BYTES if name.endswith(".json") else memory
     os.truncate(ckpt / name, limit + 1)
     state = json.loads((ckpt / "training_state.json").read_text())
     state["manifest"][name]["size"] = limit + 1
