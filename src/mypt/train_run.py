@@ -102,7 +102,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
     locks: list[FileLock] = []  # rank 0 holds the model's lock from before reading the checkpoint to the end
 
     def make_plan() -> RunPlan:
-        _check_folders(ckpt_dir)
+        check_folders(ckpt_dir)
         if ckpt_dir.parent.is_dir():  # else nothing to read yet: it is taken before training starts
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()  # so no other trainer swaps the checkpoint while it is read
@@ -118,7 +118,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         dtype = dist.pick_dtype(tc.dtype, torch_device)  # flags that stop the run: before data are written
         if tc.compile:
             dist.check_compile(torch_device)
-        _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+        fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
         saved = saved_optimizer(plan.resume.training_state) if plan.resume else None
         check_optimizer(plan.train_cfg, fsdp, saved, given=train_flags)
 
@@ -136,7 +136,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
 
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: [lock.release() for lock in locks])
-        plan = dist.from_main(make_plan, share=_for_other_ranks)  # rank 0 reads the files
+        plan = dist.from_main(make_plan, share=for_other_ranks)  # rank 0 reads the files
         tc = plan.train_cfg
         if plan.state.iteration >= tc.max_iters:
             dist.print0(f"'{model_name}' is already trained to iteration {plan.state.iteration}; "
@@ -148,7 +148,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         if info.is_main and not locks:
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
-        return _run(plan, info, torch_device, dtype, fsdp)
+        return run_plan(plan, info, torch_device, dtype, fsdp)
 
 
 def check_memory(cfg: ModelConfig, tc: TrainConfig, dtype: str, device: torch.device, info: dist.DistInfo,
@@ -175,7 +175,7 @@ def check_memory(cfg: ModelConfig, tc: TrainConfig, dtype: str, device: torch.de
         "start anyway")
 
 
-def _for_other_ranks(plan: RunPlan) -> RunPlan:
+def for_other_ranks(plan: RunPlan) -> RunPlan:
     """The plan without the weights and optimizer state: the other ranks get those by broadcast."""
     if plan.resume is None:
         return replace(plan, splits=None)
@@ -287,7 +287,7 @@ def _smaller_block(plan: RunPlan) -> str | None:
     return f"a smaller --block_size (now {size})"
 
 
-def _check_folders(ckpt_dir: Path) -> None:
+def check_folders(ckpt_dir: Path) -> None:
     """The model's folder (or the folder its link points to), and the nearest existing folder above
     it, must not be files."""
     real_folder(ckpt_dir)
@@ -332,7 +332,7 @@ def plan_resume(ckpt_dir: Path, config_file: str | None, sources: list[data.Sour
                         "--val_split out, or pass --allow_data_change to accept that")
     saved_sources, saved_sha = data.saved_sources(ts, source)
     dist.print0(f"resuming '{ckpt_dir.name}' from iteration {state.iteration}")
-    dist.print0(_schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
+    dist.print0(schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
     if not ckpt.has_optimizer:
         dist.print0(f"note: {ckpt_dir.name} has no optimizer.pt (imported or weights only): starting a fresh "
                     "optimizer")
@@ -354,7 +354,7 @@ def _warn_ignored_tokenizer(choice: str | None, vocab_size: int | None, saved: T
         dist.print0(f"warning: --vocab_size {vocab_size} ignored: '{name}' uses its saved {saved.kind} tokenizer")
 
 
-def _schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:
+def schedule_note(tc: TrainConfig, iteration: int, replanned: bool) -> str:
     how = "re-planned by --lr_decay_iters" if replanned else "as saved; pass --lr_decay_iters N to re-plan it"
     return (f"learning-rate schedule: cosine decay to {tc.final_lr:.2e} ends at iteration {tc.lr_decay_iters} "
             f"({how}); learning rate at iteration {iteration}: {get_lr(iteration, tc):.2e}")
@@ -376,7 +376,7 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
     return ModelConfig.from_dict({**cfg.to_dict(), **changes}, "config")
 
 
-def _run(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
+def run_plan(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
     cfg, tc = plan.model_cfg, plan.train_cfg
     train_data, val_data = _splits(plan, info)
     model, wrapped = build_for_training(plan, info, device, fsdp)
@@ -488,7 +488,7 @@ class _Reporter:
         self.progress.eval(iteration, losses)
 
 
-def _fit_world_size(plan: RunPlan, world_size: int, accum_given: bool) -> None:
+def fit_world_size(plan: RunPlan, world_size: int, accum_given: bool) -> None:
     """Keep the global batch when a run resumes with a different number of processes.
 
     An explicit --grad_accum_steps is used as given (the global batch then changes, by choice).

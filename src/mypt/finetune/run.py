@@ -63,12 +63,12 @@ from mypt.optim import check_optimizer, saved_optimizer
 from mypt.tokenizers import Tokenizer
 from mypt.train_run import (
     RunPlan,
-    _check_folders,
-    _fit_world_size,
-    _for_other_ranks,
-    _run,
-    _schedule_note,
+    check_folders,
     check_memory,
+    fit_world_size,
+    for_other_ranks,
+    run_plan,
+    schedule_note,
 )
 from mypt.trainer import Stop, Trainer, TrainState
 
@@ -88,7 +88,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
     locks: list[FileLock] = []
 
     def make_plan() -> RunPlan:
-        _check_folders(ckpt_dir)
+        check_folders(ckpt_dir)
         if ckpt_dir.parent.is_dir():
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
@@ -108,7 +108,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
         if tc.compile:
             dist.check_compile(torch_device)
         if plan.state.iteration > 0:
-            _fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
+            fit_world_size(plan, info.world_size, "grad_accum_steps" in train_flags)
         saved = saved_optimizer(plan.resume.training_state) if plan.resume.has_optimizer else None
         check_optimizer(plan.train_cfg, fsdp, saved, given=train_flags)
         if skip_memory_check:  # weights alone beyond the device's memory could never run all the same
@@ -119,7 +119,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
 
     with dist.process_group(info, torch_device), contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: [lock.release() for lock in locks])
-        plan = dist.from_main(make_plan, share=lambda p: replace(_for_other_ranks(p), splits=p.splits))
+        plan = dist.from_main(make_plan, share=lambda p: replace(for_other_ranks(p), splits=p.splits))
         if plan.state.iteration >= plan.train_cfg.max_iters:
             dist.print0(f"'{model_name}' is already fine-tuned to iteration {plan.state.iteration}; nothing to do "
                         f"(pass a --max_iters above {plan.state.iteration}, or more --epochs, to train further)")
@@ -128,7 +128,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
         if info.is_main and not locks:
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
-        return _run(plan, info, torch_device, dtype, fsdp)
+        return run_plan(plan, info, torch_device, dtype, fsdp)
 
 
 def _check_flags(train_flags: dict[str, Any], epochs: int | None) -> None:
@@ -322,7 +322,7 @@ def _plan_resume(ckpt_dir: Path, base: str | None, sources: list[data.Source] | 
     tc = resume_train_config(saved, flags)
     dist.print0(f"resuming the fine-tune '{ckpt_dir.name}' of '{ft.get('base_model')}' from iteration "
                 f"{state.iteration}")
-    dist.print0(_schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
+    dist.print0(schedule_note(tc, state.iteration, "lr_decay_iters" in train_flags))
     data_state = {**_data_state(sources, parts), "finetune": {**ft, "format": form}}
     return RunPlan(ckpt_dir, cfg, tc, tok, sources, state, ckpt, saved_sha, splits=(train, val), trainer=SFTTrainer,
                    data_state=data_state, command=COMMAND)
