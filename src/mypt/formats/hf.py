@@ -57,14 +57,18 @@ def export_hf(built: Built, out: Path) -> list[str]:
         files[HF_GENERATION_CONFIG] = fsutil.json_bytes({"bos_token_id": tok.eot_id, "eos_token_id": stops})
     if family is hf_llama:
         notes += hf_llama.export_notes(cfg)
+    write_with_weights(out, files, HF_WEIGHTS, family.to_hf_state(built.model.state_dict(), cfg))
+    return notes
+
+
+def write_with_weights(out: Path, files: dict[str, bytes], weights_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A new folder `out` with files (name -> bytes) and the tensors as a safetensors file."""
     with fsutil.new_folder(out) as tmp:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        save_file(family.to_hf_state(built.model.state_dict(), cfg), str(tmp / HF_WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
         # safetensors creates its file private (0600): give it the mode the other files got
-        os.chmod(tmp / HF_WEIGHTS, (tmp / HF_CONFIG).stat().st_mode & 0o777)
-    return notes
+        os.chmod(tmp / weights_name, (tmp / next(iter(files))).stat().st_mode & 0o777)
 
 
 def export_family(cfg: ModelConfig) -> ModuleType:

@@ -8,17 +8,14 @@ peft itself is never imported.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
-
-from safetensors.torch import save_file
 
 from mypt import fsutil
 from mypt.build import Built
 from mypt.errors import MyPTError
 from mypt.finetune.lora import adapted
-from mypt.formats.hf import export_family
+from mypt.formats.hf import export_family, write_with_weights
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -45,10 +42,7 @@ def export_peft(built: Built, out: Path, base: str | None = None) -> list[str]:
         "target_modules": sorted(modules), "fan_in_fan_out": family.PEFT_FAN_IN_FAN_OUT,
         "inference_mode": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }
-    with fsutil.new_folder(out) as tmp:
-        (tmp / ADAPTER_CONFIG).write_bytes(fsutil.json_bytes(config))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        os.chmod(tmp / ADAPTER_WEIGHTS, (tmp / ADAPTER_CONFIG).stat().st_mode & 0o777)
+    write_with_weights(out, {ADAPTER_CONFIG: fsutil.json_bytes(config)}, ADAPTER_WEIGHTS, tensors)
     return [f"{len(modules)} kinds of layer adapted ({', '.join(sorted(modules))}), rank {lora.rank}, alpha "
             f"{lora.alpha:g}; load it onto the transformers export of the base model: "
             f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF_DIR), '{out}')"]
