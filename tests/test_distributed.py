@@ -27,7 +27,7 @@ from mypt import dist
 from mypt.checkpoint import load_checkpoint
 from mypt.config import TrainConfig
 from mypt.errors import MyPTError
-from mypt.train_run import _fit_world_size
+from mypt.train_run import fit_world_size
 
 # fp32 and no dropout: the 1- and 2-process runs then differ only by float summation order.
 EXACT = ["--tokenizer", "char", "--input_file", "input.txt", "--dtype", "fp32", "--eval_iters", "2",
@@ -299,12 +299,12 @@ def _plan(saved_world: int, saved_accum: int) -> SimpleNamespace:
                            ckpt_dir=Path("checkpoints/m"))
 
 
-def test_fit_world_size_keeps_the_global_batch_or_says_why_not():
+def testfit_world_size_keeps_the_global_batch_or_says_why_not():
     plan = _plan(saved_world=2, saved_accum=3)
-    _fit_world_size(plan, world_size=6, accum_given=False)
+    fit_world_size(plan, world_size=6, accum_given=False)
     assert plan.train_cfg.grad_accum_steps == 1
     with pytest.raises(MyPTError, match="divides 6"):
-        _fit_world_size(_plan(saved_world=2, saved_accum=3), world_size=4, accum_given=False)
+        fit_world_size(_plan(saved_world=2, saved_accum=3), world_size=4, accum_given=False)
     given = _plan(saved_world=2, saved_accum=3)  # an explicit --grad_accum_steps wins
-    _fit_world_size(given, world_size=4, accum_given=True)
+    fit_world_size(given, world_size=4, accum_given=True)
     assert given.train_cfg.grad_accum_steps == 3
