@@ -1,9 +1,11 @@
 """The HTTP server: routes, authentication, request limits, streaming, and the page at `/`.
 
-    GET  /                      the page (page.html): choose a model, type a prompt, watch it stream
+    GET  /                      the page (page.html): choose a model, type a prompt, watch it stream;
+                                it opens in chat mode for a model with a chat template
     GET  /health                200 with each model's batch and queue once the models are loaded;
                                 503 once a model is out of service (its "error" says why)
-    GET  /v1/models             the loaded models (the id is the model name); /v1/models/{id}
+    GET  /v1/models             the loaded models (the id is the model name; "chat_template" names a
+                                fine-tuned model's chat template, null otherwise); /v1/models/{id}
     POST /v1/completions        OpenAI completions; "stream": true sends server-sent events
     POST /v1/chat/completions   OpenAI chat, the messages rendered by mypt.serve.chat
 
@@ -36,7 +38,7 @@ from mypt.errors import MyPTError
 from mypt.sampling import fresh_seed
 from mypt.serve import protocol
 from mypt.serve.batcher import Batcher, Job, OutOfService, Overloaded
-from mypt.serve.chat import load_template
+from mypt.serve.chat import ModelTemplate, load_template
 from mypt.serve.protocol import APIError, Limits
 
 RETRY_AFTER_SECONDS = 1
@@ -79,6 +81,12 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; this server has {', '.join(self.models)} "
                            "(GET /v1/models)", param="model", code="model_not_found")
         return lm
+
+    def card(self, lm: LoadedModel) -> dict[str, Any]:
+        """lm's model object for /v1/models."""
+        trained = isinstance(self.templates[lm.name], ModelTemplate)
+        return protocol.model_card(lm.name, self.created[lm.name], lm.config.block_size,
+                                   lm.tokenizer.chat_format if trained else None)
 
     def prompt_limit(self, lm: LoadedModel) -> int:
         return self.limits.max_prompt_tokens or lm.config.block_size
@@ -295,14 +303,12 @@ def create_app(server: Server) -> Starlette:
 
     async def models(request: HTTPRequest) -> Response:
         server.authorize(request)
-        cards = [protocol.model_card(name, server.created[name], lm.config.block_size)
-                 for name, lm in server.models.items()]
-        return JSONResponse({"object": "list", "data": cards})
+        return JSONResponse({"object": "list", "data": [server.card(lm) for lm in server.models.values()]})
 
     async def one_model(request: HTTPRequest) -> Response:
         server.authorize(request)
         lm = server.model(request.path_params["model"])
-        return JSONResponse(protocol.model_card(lm.name, server.created[lm.name], lm.config.block_size))
+        return JSONResponse(server.card(lm))
 
     def generation_route(chat: bool):
         async def handle(request: HTTPRequest) -> Response:

@@ -258,5 +258,8 @@ def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None 
     return out
 
 
-def model_card(name: str, created: int, context: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "mypt", "max_model_len": context}
+def model_card(name: str, created: int, context: int, chat_template: str | None) -> dict[str, Any]:
+    """A model object: OpenAI's fields, vLLM's max_model_len, and chat_template: the name of the chat
+    template the model was fine-tuned with (null for a model that continues text)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "mypt", "max_model_len": context,
+            "chat_template": chat_template}
