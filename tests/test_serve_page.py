@@ -124,7 +124,7 @@ def test_chat_mode_shows_both_turns(page) -> None:
 
 
 @pytest.fixture(scope="module")
-def chat_url(chat_model: Path):
+def chat_url(chat_model: Path):  # noqa: F811 (the fixture imported above)
     with running_server(chat_model, ["ay", "base"]) as base:
         yield base
 
