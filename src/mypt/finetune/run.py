@@ -268,6 +268,7 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     cfg = ModelConfig.from_dict(ckpt.config, f"{ckpt.path}/config.json")
     cfg = _arch(replace(cfg, training={}), arch_flags, "", new=True)  # the base's pretraining settings: not ours
     seed = train_flags.get("seed", TrainConfig.seed)
+    base_vocab = cfg.vocab_size
     start, cfg, tok = _chat_base(ckpt, cfg, seed)
     if lora is not None:
         start, cfg = _with_adapters(start, cfg, LoRAConfig(**lora), seed)
@@ -275,7 +276,9 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     parts, train, val = _read_data(sources, form, tok, cfg.block_size, val_split)
     values = _defaults(train, val, cfg, train_flags, epochs, info, _base_lr(ckpt)) | train_flags
     tc, _ = new_run_train_config(cfg, values)
-    state = {**_data_state(sources, parts), "finetune": {**record, "template": template.TEMPLATE, "format": form}}
+    # base_vocab_size below the fine-tune's vocab_size: the base grew, and a PEFT export carries the grown layers
+    state = {**_data_state(sources, parts), "finetune": {**record, "base_vocab_size": base_vocab,
+                                                         "template": template.TEMPLATE, "format": form}}
     dist.print0(f"fine-tuning '{record['base_model']}' into '{ckpt_dir.name}' (the base is read, never written)")
     return RunPlan(ckpt_dir, cfg, tc, tok, sources, TrainState(), start, splits=(train, val), trainer=SFTTrainer,
                    data_state=state, command=COMMAND)
