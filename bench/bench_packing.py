@@ -1,8 +1,8 @@
 """Packing: supervised tokens per second of fine-tuning steps, packed rows against one conversation per row.
 
 usage: python bench/bench_packing.py [--input_file CHAT.jsonl] [--n_train 3000]
-                                     [--preset configs/shakespeare-char-modern.json] [--block_size 512]
-                                     [--batch_size 16] [--steps 20] [--threads 2]
+                                     [--preset configs/shakespeare-char-chat.json] [--block_size N]
+                                     [--batch_size N] [--steps 20] [--threads 2]
 
 The conversations are bench/sft_data.py's training set (--n_train of them, seed 0), or the chat
 JSON lines --input_file names (any shape mypt finetune reads). A char tokenizer of their
@@ -14,8 +14,9 @@ rows of block_size + 1 tokens in three ways:
 - one per row, each batch padded to its longest conversation (as a padding collator does);
 - one per row, padded to block_size + 1.
 
-Each layout trains a fresh model of --preset (the same seed; its vocabulary is the tokenizer's,
-its block_size --block_size) for --steps steps after one warm-up step: forward, backward and a
+Each layout trains a fresh model of --preset (the README's fine-tuning base by default; the same
+seed; its vocabulary is the tokenizer's; block_size and batch_size the preset's unless given)
+for --steps steps after one warm-up step: forward, backward and a
 step of the preset's optimizer, in fp32 on the CPU, on the batches mypt finetune would draw
 (mypt.finetune.packing.ChatBatches, seed 0). The table gives the supervised targets (the
 assistant's tokens and their end-of-turn, the ones the loss counts) per second of step time, the
@@ -37,7 +38,7 @@ import torch
 from _machine import header
 from sft_data import build
 
-from mypt.config import load_model_config, new_run_train_config
+from mypt.config import ModelConfig, TrainConfig, load_model_config, new_run_train_config
 from mypt.data.sources import InputFile
 from mypt.finetune import chat_data
 from mypt.finetune.packing import ChatBatches, Packed, pack, to_device
@@ -81,14 +82,16 @@ def batch(rows: ChatBatches, layout: str, size: int, index: int, pad_id: int) ->
     return tokens, labels
 
 
-def run(layout: str, packed: Packed, cfg, tc, args: argparse.Namespace, pad_id: int) -> dict[str, float]:
+def run(layout: str, packed: Packed, cfg: ModelConfig, tc: TrainConfig, steps: int, pad_id: int) -> dict[str, float]:
+    """A fresh model trained `steps` steps (after one warm-up) on the layout's batches: supervised
+    targets per second of step time, and the share of input positions that are padding."""
     torch.manual_seed(0)
     model = GPT(cfg)
     optimizer = make_optimizer(model, tc, torch.device("cpu"))
     rows = ChatBatches([packed], [1.0])
     seconds, supervised, padding, positions = 0.0, 0, 0, 0
-    for step in range(args.steps + 1):
-        tokens, labels = batch(rows, layout, args.batch_size, step, pad_id)
+    for step in range(steps + 1):
+        tokens, labels = batch(rows, layout, cfg.batch_size, step, pad_id)
         x, y = to_device(tokens, labels, torch.device("cpu"))
         start = time.perf_counter()
         _, loss = model(x, y)
@@ -106,10 +109,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input_file", type=Path, help="chat JSON lines (default: bench/sft_data.py's training set)")
     ap.add_argument("--n_train", type=int, default=3000, help="conversations of bench/sft_data.py")
-    ap.add_argument("--preset", default="configs/shakespeare-char-modern.json",
+    ap.add_argument("--preset", default="configs/shakespeare-char-chat.json",
                     help="a preset name or file (a relative path is also looked up in the repository)")
-    ap.add_argument("--block_size", type=int, default=512)
-    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--block_size", type=int, help="default: the preset's")
+    ap.add_argument("--batch_size", type=int, help="default: the preset's")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -119,20 +122,21 @@ def main() -> None:
     tok = CharTokenizer(sorted({ch for c in convs for m in c for ch in m.content}))
     encoded = [turns(tok, c) for c in convs]
     preset = load_model_config(preset_path(args.preset))
-    cfg = replace(preset, vocab_size=tok.model_vocab_size(), block_size=args.block_size, batch_size=args.batch_size)
+    cfg = replace(preset, vocab_size=tok.model_vocab_size(), block_size=args.block_size or preset.block_size,
+                  batch_size=args.batch_size or preset.batch_size)
     tc, _ = new_run_train_config(preset, {})
-    data = layouts(encoded, args.block_size, tok.eot_id)
+    data = layouts(encoded, cfg.block_size, tok.eot_id)
     total = int((data["packed"].labels[:, 1:] >= 0).sum())
     lengths = [sum(len(t.ids) for t in c) for c in encoded]
     source = args.input_file or "bench/sft_data.py (training set)"
     print(f"data: {source}: {len(convs):,} conversations of {np.mean(lengths):.0f} tokens on average (longest "
           f"{max(lengths)}), {total:,} supervised targets; {data['packed'].cut} cut, {data['packed'].dropped} left out")
     print(f"model: {args.preset} ({cfg.n_layer} layers x {cfg.n_embd}, vocabulary {cfg.vocab_size}), block_size "
-          f"{args.block_size}, batch {args.batch_size}, optimizer {tc.optimizer}, fp32; {args.steps} steps after "
+          f"{cfg.block_size}, batch {cfg.batch_size}, optimizer {tc.optimizer}, fp32; {args.steps} steps after "
           "one warm-up, the faster of two runs per layout")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in LAYOUTS}
     for name in [*LAYOUTS, *reversed(LAYOUTS)]:
-        results[name].append(run(name, data[name], cfg, tc, args, tok.eot_id))
+        results[name].append(run(name, data[name], cfg, tc, args.steps, tok.eot_id))
     print("| layout | rows per epoch | padding | supervised tokens/s | one epoch (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, label in LAYOUTS.items():
