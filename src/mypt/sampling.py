@@ -6,6 +6,10 @@ temperature, top-k, top-p), the context-window policy, and the one decoding step
 steps any number of `Continuation`s of one model over a batched KV cache (one forward pass for
 all of them, then each picks its token with its own generator, penalty state and stop strings;
 a continuation whose logits are not finite fails alone, the others go on).
+A continuation may also record its tokens' log-probabilities (`TokenLogprob`), and
+`prompt_logprobs` scores a whole prompt in one forward pass: both are of the model's raw
+distribution (log_softmax over all its logits, before the penalty, temperature, top-k and top-p),
+as vLLM reports them by default and as transformers computes them on the exported model.
 `generate_ids` (token ids) and `TextStream` (text pieces that never split a UTF-8 character and
 stop at a stop string) run one continuation through it; `mypt.serve` runs many. No I/O: nothing
 here prints or reads files; `mypt.api` and the CLI do that.
@@ -217,6 +221,58 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator)
 
 
 # ---------------------------------------------------------------------------------------------
+# Log-probabilities
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token anyone may ask for (as OpenAI)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution, and the `top` likeliest
+    tokens as (id, logprob), likeliest first. logprob is None for a text's first token, which
+    nothing predicts."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int, vocab_size: int) -> list[TokenLogprob]:
+    """TokenLogprob of tokens (n,) under the raw logits (n, model vocab): log_softmax over every
+    row of the model's head; the `top` alternatives among the tokenizer's ids (below vocab_size)."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if top == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(tokens.tolist(), chosen, strict=True)]
+    values, ids = logprobs[:, :vocab_size].topk(min(top, vocab_size), dim=-1)
+    return [TokenLogprob(t, lp, tuple(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(tokens.tolist(), chosen, ids.tolist(), values.tolist(), strict=True)]
+
+
+def prompt_logprobs(model: GPT, ids: Sequence[int], top: int, vocab_size: int,
+                    amp: AmpFactory = contextlib.nullcontext, chunk: int = 256) -> list[TokenLogprob]:
+    """Each prompt token's TokenLogprob given the tokens before it, from one forward pass (the
+    first token's logprob is None). A learned-position model takes at most block_size tokens; a
+    rotary one more, each token seeing the block_size tokens ending at itself (as generation)."""
+    import torch
+
+    cfg = model.config
+    if not ids:
+        raise MyPTError("a prompt to score needs at least one token")
+    if cfg.position != "rope" and len(ids) > cfg.block_size:
+        raise MyPTError(f"{len(ids)} prompt tokens are more than this model scores at once (its block_size "
+                        f"{cfg.block_size}; learned positions cannot slide)")
+    device = model.lm_head.weight.device
+    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    out = [TokenLogprob(ids[0], None)]
+    with torch.inference_mode(), amp():
+        hidden = model.hidden_states(idx)[0, :-1]  # (T - 1, n_embd): position t predicts token t + 1
+        for i in range(0, hidden.size(0), chunk):  # (chunk, vocab) logits at a time, not (T, vocab)
+            out += logprobs_of(model.lm_head(hidden[i: i + chunk]), idx[0, i + 1: i + 1 + chunk], top, vocab_size)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Context window and decoding
 
 
@@ -239,14 +295,17 @@ class Continuation:
     eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot) or at one of
     cfg.stop_ids (also not taken), "error" when its logits are not finite (`error` says so; the
     other continuations go on);
-    `take_text()` hands over the text produced since it was last called.
+    `take_text()` hands over the text produced since it was last called; with `logprobs` (the
+    number of alternatives, 0 to MAX_TOP_LOGPROBS) `take_logprobs()` its tokens' TokenLogprobs.
     """
 
     def __init__(self, prompt_ids: Sequence[int], cfg: SamplingConfig, *, seed: int, vocab_size: int,
-                 tokenizer: Tokenizer | None = None, eot_id: int | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, eot_id: int | None = None, logprobs: int | None = None) -> None:
         if not prompt_ids:
             raise MyPTError("generation needs at least one prompt token (an empty prompt uses the start token)")
         self.cfg, self.seed, self.vocab_size = cfg, seed, vocab_size
+        self.logprobs = logprobs  # None: not recorded; else each new token's TokenLogprob with this many alternatives
+        self._logprobs: list[TokenLogprob] = []
         self.eot_id = None if cfg.ignore_eot else eot_id
         self.tokens = list(prompt_ids)  # the context so far; Decoder.add keeps the last block_size
         self.n_new = 0
@@ -270,6 +329,7 @@ class Continuation:
         are not all finite end this continuation alone: finish_reason "error", the reason in `error`."""
         import torch
 
+        raw = logits
         logits = logits[: self.vocab_size].float()  # padded ids beyond the tokenizer's are never produced
         if self.seen is not None:
             logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
@@ -282,6 +342,9 @@ class Continuation:
             self.error = (f"the model's next-token scores are not finite (NaN or infinite) at new token "
                           f"{self.n_new + 1}")
             return None
+        if self.logprobs is not None:  # every token produced, the one that ends the text included
+            self._logprobs += logprobs_of(raw[None], torch.tensor([token], device=raw.device), self.logprobs,
+                                          self.vocab_size)
         if token == self.eot_id or token in self.cfg.stop_ids:
             self.finish_reason = "stop"
             if self.text is not None:
@@ -308,6 +371,11 @@ class Continuation:
 
     def take_text(self) -> str:
         out, self._pieces = "".join(self._pieces), []
+        return out
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The TokenLogprobs of the tokens produced since this was last called (when recorded)."""
+        out, self._logprobs = self._logprobs, []
         return out
 
 

@@ -5,6 +5,9 @@ free rows of the KV cache (at most `prefill_tokens` prompt tokens join per step,
 request), each step gives every active continuation one token from one forward pass, and a
 continuation leaves as soon as it finishes or its client goes away, so a long request never
 holds up a short one. The step itself is the one in mypt.sampling that generate.py uses too.
+A job that asks for its prompt's logprobs (echo) gets them from one forward pass over the prompt
+(mypt.sampling.prompt_logprobs) as it joins, before its first token; its continuations record
+their tokens' logprobs as they step.
 
 A continuation whose logits are not finite fails its own request (500) while the others go
 on; a step that raises fails the requests in it (500) and the cache is zeroed; should the loop
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 from mypt import dist
 from mypt.api import LoadedModel
-from mypt.sampling import Continuation, Decoder, SamplingConfig
+from mypt.sampling import Continuation, Decoder, SamplingConfig, TokenLogprob, prompt_logprobs
 
 log = logging.getLogger("mypt.serve")
 
@@ -42,24 +45,29 @@ class OutOfService(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """New text of choice `index`; finish_reason set when that choice is done ("stop" or
-    "length"). finish_reason "error": the whole request failed (the message in text; `status`
-    500, or 503 when the model went out of service)."""
+    """New text of choice `index` and its new tokens' logprobs (when asked for); finish_reason set
+    when that choice is done ("stop" or "length"). finish_reason "error": the whole request
+    failed (the message in text; `status` 500, or 503 when the model went out of service).
+    `prompt`: the event holds the prompt's logprobs (echo), sent once before any new text."""
 
     index: int
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
     status: int = 500
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt: bool = False
 
 
 class Job:
     """One prompt of a request: its continuations (choices first_index, first_index + 1, ...) and
     the queue its handler reads events from."""
 
-    def __init__(self, continuations: list[Continuation], events: asyncio.Queue[Event], first_index: int) -> None:
+    def __init__(self, continuations: list[Continuation], events: asyncio.Queue[Event], first_index: int,
+                 prompt_logprobs: int | None = None) -> None:
         self.continuations = continuations
         self.events, self.first_index = events, first_index
+        self.prompt_logprobs = prompt_logprobs  # None, or the alternatives per prompt token (echo)
         self.cancelled = False
         self.admitted = 0  # continuations that have a row (they join in order)
         self.open = len(continuations)  # continuations not finished yet
@@ -85,16 +93,19 @@ class Batcher:
         self.stopped: str | None = None  # why the loop stopped (out of service), if it did
 
     def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int],
-               events: asyncio.Queue[Event], first_index: int = 0) -> Job:
+               events: asyncio.Queue[Event], first_index: int = 0, *, logprobs: int | None = None,
+               echo: bool = False) -> Job:
         """Queue one prompt of len(seeds) choices (choice first_index + i samples with seeds[i]);
-        their text arrives in `events`."""
+        their text arrives in `events`. logprobs: None, or the alternatives per token recorded for
+        the new tokens, and with echo for the prompt's too."""
         if self.stopped is not None:
             raise OutOfService(self.stopped)
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
         tok = self.lm.tokenizer
         job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.sampled_vocab, tokenizer=tok,
-                                eot_id=tok.eot_id) for seed in seeds], events, first_index)
+                                eot_id=tok.eot_id, logprobs=logprobs) for seed in seeds], events, first_index,
+                  logprobs if echo else None)
         self.waiting.append(job)
         self._wake.set()
         return job
@@ -147,9 +158,14 @@ class Batcher:
             job = self.waiting[0]
             c = job.continuations[job.admitted]
             cost = min(len(c.tokens), self.lm.config.block_size)
+            if job.admitted == 0 and job.prompt_logprobs is not None:
+                cost += len(c.tokens)
             if cost > budget and budget < self.prefill_tokens:
                 break  # the rest joins at the next step
             budget -= cost
+            if job.admitted == 0 and job.prompt_logprobs is not None and not self._send_prompt_logprobs(job, c.tokens):
+                self.waiting.popleft()  # failed alone
+                continue
             self.decoder.add(c)
             job.admitted += 1
             if job.admitted == 1:
@@ -158,6 +174,23 @@ class Batcher:
                 self.waiting.popleft()
             if c.finish_reason is not None:  # max_tokens 0: done without a step
                 self._publish([c])
+
+    def _send_prompt_logprobs(self, job: Job, prompt_ids: list[int]) -> bool:
+        """Score the job's prompt (one forward pass) and send it to each of its choices; False
+        when that failed (the job is then failed alone, with 500)."""
+        lm = self.lm
+        try:
+            scored = tuple(prompt_logprobs(lm.model, prompt_ids, job.prompt_logprobs, lm.tokenizer.n_vocab,
+                                           amp=lambda: dist.autocast(lm.device, lm.dtype)))
+        except Exception as e:
+            log.exception("scoring a prompt failed")
+            job.events.put_nowait(Event(job.first_index, f"scoring the prompt failed: {type(e).__name__}: {e}",
+                                        "error"))
+            job.cancel()
+            return False
+        for i in range(job.first_index, job.first_index + len(job.continuations)):
+            job.events.put_nowait(Event(i, "", logprobs=scored, prompt=True))
+        return True
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self.waiting if j.cancelled]:
@@ -173,16 +206,16 @@ class Batcher:
         finished = {id(c) for c in done}
         for job in list(self.running):
             for i, c in enumerate(job.continuations[: job.admitted], start=job.first_index):
-                text = c.take_text()
+                text, logprobs = c.take_text(), tuple(c.take_logprobs())
                 if id(c) in finished and c.error is not None:  # this request alone fails; its rows are freed
                     job.events.put_nowait(Event(i, f"decoding failed: {c.error}", "error"))
                     job.cancel()
                     break
                 if id(c) in finished:
-                    job.events.put_nowait(Event(i, text, c.finish_reason, c.n_new))
+                    job.events.put_nowait(Event(i, text, c.finish_reason, c.n_new, logprobs=logprobs))
                     job.open -= 1
-                elif text:
-                    job.events.put_nowait(Event(i, text))
+                elif text or logprobs:
+                    job.events.put_nowait(Event(i, text, logprobs=logprobs))
             if job.open == 0:
                 self._forget(job)
 
