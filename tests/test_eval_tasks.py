@@ -248,3 +248,71 @@ def test_input_file_keeps_working(tmp_path: Path, trained: Path, capsys: pytest.
     assert code == 0 and "bits/char" in capsys.readouterr().out
     assert run_command("eval", ["--checkpoints_dir", str(trained), "--model_name", "m"]) == 2
     assert "give --task FILE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+LM_EVAL_TASK = """task: mypt_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def lm_eval_command(export: Path, tasks_dir: Path, out: Path) -> list[str]:
+    """The README's command line for lm-eval on a `mypt export --format hf` folder (lm-eval's CLI entry point)."""
+    return ["lm_eval", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32", "--tasks", "mypt_mc",
+            "--include_path", str(tasks_dir), "--device", "cpu", "--batch_size", "8", "--output_path", str(out),
+            "--log_samples"]
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_on_the_export_agrees_with_mypt_eval(tmp_path: Path) -> None:
+    """The real lm_eval CLI on the transformers folder `mypt export` writes, on a YAML task with local
+    JSON lines: the same per-choice log-likelihoods (within 1e-3) and accuracy as mypt eval --task."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import require
+
+    require("lm_eval", "eval")
+    text = corpus_text(40_000)
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    ck = tmp_path / "ck"
+    assert run_command("train", ["--model_name", "g", "--tokenizer", "gpt2", "--checkpoints_dir", str(ck),
+                                 "--input_file", str(tmp_path / "train.txt"), "--max_iters", "20",
+                                 "--eval_interval", "20", *ARCH]) == 0
+    export = tmp_path / "export"
+    assert run_command("export", ["--checkpoints_dir", str(ck), "--model_name", "g", "--out", str(export)]) == 0
+    rows = [{"context": text[i:i + 60], "choices": [text[i + 60:i + 75], text[i + 900:i + 915], " the end."],
+             "answer": 0} for i in range(0, 12_000, 600)]
+    data = write_lines(tmp_path / "mc.jsonl", rows)
+    tasks_dir = tmp_path / "lm_eval_tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "mypt_mc.yaml").write_text(LM_EVAL_TASK.format(data=data), encoding="utf-8")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = lm_eval_command(export, tasks_dir, tmp_path / "out")
+    command[0] = shutil.which("lm_eval", path=str(Path(sys.executable).parent)) or command[0]
+    r = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [samples] = list((tmp_path / "out").rglob("samples_mypt_mc_*.jsonl"))
+    theirs = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
+    [ours] = load_model("g", ck, device="cpu").evaluate_task(str(data))
+    assert len(theirs) == len(ours.items) == len(rows)
+    for sample, item in zip(theirs, ours.items, strict=True):
+        lls = [float(ll) for ll, _greedy in sample["filtered_resps"]]
+        assert item.logprobs == pytest.approx(lls, abs=1e-3)
+        assert sample["acc"] == item.acc and sample["acc_norm"] == item.acc_norm
