@@ -316,3 +316,49 @@ def test_lm_eval_hf_on_the_export_agrees_with_mypt_eval(tmp_path: Path) -> None:
         lls = [float(ll) for ll, _greedy in sample["filtered_resps"]]
         assert item.logprobs == pytest.approx(lls, abs=1e-3)
         assert sample["acc"] == item.acc and sample["acc_norm"] == item.acc_norm
+
+
+# ----------------------------------------------------------------------------- during training
+
+
+def test_eval_task_logs_accuracy_beside_val_loss_and_resume_stays_exact(tmp_path: Path) -> None:
+    """--eval_task scores at every evaluation go to metrics.jsonl (and loss.png); a run stopped at iteration 2
+    and resumed with the flag ends with the same weights as one run straight to 4."""
+    from conftest import assert_same
+
+    from mypt.metrics import read_metrics
+
+    text = corpus_text(30_000)
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    rows = [{"context": text[i:i + 20], "choices": [text[i + 20:i + 26], text[i + 400:i + 406]], "answer": 0}
+            for i in range(0, 2000, 200)]
+    task = write_lines(tmp_path / "mc.jsonl", rows)
+    ck = tmp_path / "ck"
+
+    def train(name: str, iters: int, *flags: str) -> int:
+        return run_command("train", ["--model_name", name, "--tokenizer", "char", "--checkpoints_dir", str(ck),
+                                     "--input_file", str(tmp_path / "train.txt"), "--max_iters", str(iters),
+                                     "--eval_interval", "2", "--seed", "3", *ARCH, *flags])
+
+    assert train("straight", 4, "--eval_task", str(task)) == 0
+    assert train("resumed", 2, "--eval_task", str(task)) == 0
+    assert train("resumed", 4, "--eval_task", str(task)) == 0
+    assert train("plain", 4) == 0
+    assert_same(torch.load(ck / "straight" / "model.pt"), torch.load(ck / "resumed" / "model.pt"), "model")
+    assert_same(torch.load(ck / "straight" / "model.pt"), torch.load(ck / "plain" / "model.pt"), "model")
+    logged = read_metrics(ck / "straight")
+    assert [r["iter"] for r in logged] == [2, 4]
+    lm = load_model("straight", ck, device="cpu")
+    [result] = lm.evaluate_task(str(task))
+    assert logged[-1]["mc/acc"] == result.acc
+    assert [r["mc/acc"] for r in read_metrics(ck / "resumed")] == [r["mc/acc"] for r in logged]
+    assert "mc/acc" not in read_metrics(ck / "plain")[-1]
+
+
+def test_eval_task_bad_file_stops_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = write_lines(tmp_path / "bad.jsonl", [{"context": "A", "choices": ["b"], "answer": 1}])
+    code = run_command("train", ["--model_name", "x", "--checkpoints_dir", str(tmp_path / "ck"), "--max_iters", "2",
+                                 "--eval_task", str(bad), *ARCH])
+    assert code == 2
+    assert f"{bad} line 1: 'answer' is 1, out of range" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()

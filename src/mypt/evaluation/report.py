@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mypt.evaluation.scoring import ItemResult, score_items, text_nats
+from mypt.evaluation.scoring import ItemResult, encode_pair, score_items, text_nats
 from mypt.evaluation.tasks import MULTIPLE_CHOICE, TEXT, Task
 from mypt.model import GPT
 from mypt.tokenizers import Tokenizer
@@ -85,6 +85,36 @@ def evaluate_task(model: GPT, tok: Tokenizer, task: Task, device: torch.device, 
                           bits_per_char=nats / math.log(2) / n_chars)
     items = score_items(model, tok, task.items, device, dtype, f"--task {task.source}")
     return TaskResult(model_name, task.name, task.kind, len(items), task.chance, items)
+
+
+def task_scores(model: GPT, tok: Tokenizer, tasks: list[Task], device: torch.device, dtype: str) -> dict[str, float]:
+    """Each task's acc ("NAME/acc"; a text task's "NAME/bits_per_byte"), the model put in eval mode meanwhile:
+    the numbers a training run logs beside its validation loss."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        for task in tasks:
+            r = evaluate_task(model, tok, task, device, dtype)
+            if r.acc is None:
+                out[f"{task.name}/bits_per_byte"] = r.bits_per_byte
+            else:
+                out[f"{task.name}/acc"] = r.acc
+    finally:
+        model.train(was_training)
+    return out
+
+
+def check_tasks(tok: Tokenizer, tasks: list[Task]) -> None:
+    """Encode every item (a text task's text) once, so a task the tokenizer cannot read stops a run before it trains."""
+    for task in tasks:
+        if task.kind == TEXT:
+            tok.encode(task.text, f"--eval_task {task.source}")
+            continue
+        for item in task.items:
+            where = f"--eval_task {task.source}" + (f" line {item.line}" if item.line else "")
+            for context, choice in zip(item.contexts, item.choices, strict=True):
+                encode_pair(tok, context, choice, where)
 
 
 def _cell(value: float | None, digits: int = 4) -> str:
