@@ -222,6 +222,12 @@ def add_training_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any])
     t.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (torchrun only)")
 
 
+def add_eval_task_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval_task", action="append", metavar="FILE",
+                   help="at every evaluation also score a task (a file as mypt eval --task reads, or 'builtin', "
+                   "the built-in set) and log its accuracy beside the validation loss; repeatable")
+
+
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The training flags given on the command line (None means: not given)."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]

@@ -67,6 +67,7 @@ from mypt.train_run import (
     check_memory,
     fit_world_size,
     for_other_ranks,
+    load_eval_tasks,
     run_plan,
     schedule_note,
 )
@@ -79,8 +80,10 @@ NOISE = 0.1  # a grown row's noise, in standard deviations of the existing rows
 def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_files: list[str] | None,
              data_file: str | None, form: str | None, epochs: int | None, arch_flags: dict[str, Any],
              train_flags: dict[str, Any], device: str, allow_data_change: bool = False, fsdp: bool = False,
-             skip_memory_check: bool = False, lora: dict[str, Any] | None = None) -> Stop:
+             skip_memory_check: bool = False, lora: dict[str, Any] | None = None,
+             eval_tasks: list[str] | None = None) -> Stop:
     info = dist.dist_info()
+    tasks = dist.same_on_every_rank(lambda: load_eval_tasks(eval_tasks, fsdp))
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: _check_flags(train_flags, epochs))
     sources = dist.same_on_every_rank(lambda: data.sources_from_flags(input_files, None, data_file))
@@ -128,7 +131,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
         if info.is_main and not locks:
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
-        return run_plan(plan, info, torch_device, dtype, fsdp)
+        return run_plan(plan, info, torch_device, dtype, fsdp, tasks)
 
 
 def _check_flags(train_flags: dict[str, Any], epochs: int | None) -> None:
