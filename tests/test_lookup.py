@@ -117,13 +117,15 @@ def test_rejected_drafts_are_undone_also_in_a_full_rotary_row(kind: str, models:
         assert lookup.drafted > 0
 
 
-def test_lookup_drafts_no_further_than_max_new_tokens(models: dict[str, GPT]) -> None:
-    """The cache of generate_ids is sized for the text: a draft past max_new_tokens would not fit."""
-    m, prompt = models["rotary"], [3, 1, 4, 1, 5, 9, 2, 6] * 2
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_lookup_drafts_no_further_than_max_new_tokens(kind: str, models: dict[str, GPT]) -> None:
+    """The cache of generate_ids is sized for the text (here shorter than block_size): a draft past
+    max_new_tokens would not fit in it."""
+    m, prompt = models[kind], [2, 9, 2, 9, 2]
     for n in (1, 2, 3, 7):
         fast = list(generate_ids(m, prompt, SamplingConfig(max_new_tokens=n, temperature=0, lookup=10),
                                  vocab_size=VOCAB, seed=0))
-        assert fast == reference("rotary", m, prompt, n)
+        assert fast == reference(kind, m, prompt, n)
 
 
 # ----------------------------------------------------------------------------- sampling and the other settings
