@@ -29,10 +29,12 @@ is speculative sampling's accept/reject for a proposal that puts all its mass on
 come from the same generator in the same order as without lookup, so a seed gives the same text
 (up to floating point's last bits: a forward pass of several tokens sums in another order).
 
-Back-off: a step whose draft is rejected from its first token is a miss; after MISSES misses in
-a row drafting pauses for a number of steps that doubles with each pause (PAUSE up to MAX_PAUSE)
-and is back to PAUSE after the next accepted draft. Free text, where drafts rarely hold, so runs
-plain steps nearly all the time.
+Back-off: a draft rejected from its first token is a miss, and drafting then pauses for a
+number of steps that doubles with each miss (PAUSE up to MAX_PAUSE); a draft of which at least
+PAYS tokens hold brings the pause back to PAUSE. The draft's length adapts too: up by 2 (to N)
+after a wholly accepted draft, down by 1 after one cut short, so a verifying pass is not much
+longer than what tends to hold. Free text, where drafts rarely hold, so runs plain steps nearly
+all the time.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ if TYPE_CHECKING:
 
 MAX_NGRAM = 3  # the longest suffix looked up
 MAX_LOOKUP = 64  # the most tokens one step may draft (SamplingConfig.lookup's bound)
-MISSES = 2  # missed drafts in a row before drafting pauses
-PAUSE, MAX_PAUSE = 4, 256  # steps of the first pause; each further pause doubles, up to MAX_PAUSE
+PAUSE, MAX_PAUSE = 4, 256  # steps of the pause after a miss; each further miss doubles it, up to MAX_PAUSE
+PAYS = 2  # accepted tokens of a draft that end the back-off
 
 
 class Lookup:
@@ -63,7 +65,7 @@ class Lookup:
         self.drafted = self.accepted = 0
         self._next: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram)]  # [n-1]: n-gram -> index after it
         self._indexed = 0  # n-grams ending before this index are in _next
-        self._misses, self._pause, self._wait = 0, PAUSE, 0
+        self._length, self._pause, self._wait = n_draft, PAUSE, 0
         self._saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def propose(self, c: Continuation, cache: KVCache, pending: int) -> list[int]:
@@ -73,7 +75,7 @@ class Lookup:
         if self._wait:
             self._wait -= 1
             return self.drafts
-        room = min(self.n_draft, c.cfg.max_new_tokens - c.n_new - 1, _space(cache, c.held, pending))
+        room = min(self._length, c.cfg.max_new_tokens - c.n_new - 1, _space(cache, c.held, pending))
         if room > 0:
             self.drafts = self._draft(c.tokens, room)
         return self.drafts
@@ -135,12 +137,12 @@ class Lookup:
     def _score(self, accepted: int) -> None:
         self.drafted += len(self.drafts)
         self.accepted += accepted
-        if accepted:
-            self._misses, self._pause = 0, PAUSE
-            return
-        self._misses += 1
-        if self._misses >= MISSES:
-            self._misses, self._wait, self._pause = 0, self._pause, min(2 * self._pause, MAX_PAUSE)
+        whole = accepted == len(self.drafts)
+        self._length = min(self.n_draft, self._length + 2) if whole else max(1, self._length - 1)
+        if accepted >= PAYS:
+            self._pause = PAUSE
+        elif not accepted:
+            self._wait, self._pause = self._pause, min(2 * self._pause, MAX_PAUSE)
 
 
 def _space(cache: KVCache, held: int, pending: int) -> int:

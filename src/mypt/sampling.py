@@ -327,9 +327,9 @@ class Decoder:
     length being prefilled or learned-position window being refilled, and one per distinct
     draft length of continuations with prompt lookup (which may take several tokens in a step,
     see mypt.lookup); then each continuation picks its token from its own logits with its own
-    generator. generate_ids runs one
-    continuation through it, a server many: the tokens are the same either way, up to the last
-    bits of floating-point sums that a batched matrix product orders differently.
+    generator. generate_ids runs one continuation through it, a server many: the tokens are the
+    same either way, up to the last bits of floating-point sums that a batched matrix product
+    orders differently.
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
     (tokens a row holds, at most block_size) sizes the cache for continuations known to stay shorter.
     """
