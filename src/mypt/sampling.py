@@ -164,7 +164,8 @@ def setting_problems(values: dict[str, object]) -> list[tuple[str, str]]:
         if what is not None:
             problems.append((field, what))
     if values.get("lookup") and values.get("use_cache") is False:
-        problems.append(("lookup", "needs the KV cache: turn the cache on, or lookup off"))
+        problems.append(("lookup", "needs the KV cache: leave the cache on (no --no-cache, no use_cache=false), "
+                                   "or set lookup to 0"))
     return problems
 
 
