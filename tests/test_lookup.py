@@ -254,3 +254,16 @@ def test_bad_lookup_values_are_refused_naming_the_field() -> None:
     with pytest.raises(MyPTError, match=r"lookup \(3\) needs the KV cache"):
         SamplingConfig(lookup=3, use_cache=False)
     assert SamplingConfig(lookup=0, use_cache=False).lookup == 0
+
+
+def test_draft_length_and_pause_follow_what_held() -> None:
+    lookup = Lookup(10)
+    for accepted, length, wait in ((10, 10, 0), (3, 9, 0), (0, 8, PAUSE), (1, 7, 0), (0, 6, 2 * PAUSE), (2, 5, 0),
+                                   (0, 4, PAUSE)):  # 2 held: the pause is back to PAUSE
+        lookup.drafts = [1] * lookup._length
+        lookup._wait = 0
+        lookup._score(accepted)
+        assert (lookup._length, lookup._wait) == (length, wait)
+    lookup.drafts = [1] * 4
+    lookup._score(4)
+    assert lookup._length == 6  # a wholly accepted draft: 2 longer
