@@ -11,8 +11,9 @@
     print(chat.chat([{"role": "user", "content": "Who speaks next?"}]).text())
 
 generate/stream take the fields of mypt.sampling.SamplingConfig as keywords (max_new_tokens,
-temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache, ignore_eot). The text ends
-at the model's end-of-text token unless ignore_eot=True. A checkpoint folder
+temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache, ignore_eot, lookup). The text
+ends at the model's end-of-text token unless ignore_eot=True. lookup=N turns on prompt-lookup
+decoding (mypt.lookup): the same text, several tokens per forward pass where it repeats the prompt. A checkpoint folder
 describes itself: the model is rebuilt from its config.json, tokenizer.json and model.pt alone,
 never from the current command line.
 """

@@ -303,16 +303,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None,
-                    start: int = 0) -> torch.Tensor:
+                    start: int = 0, last: int = 0) -> torch.Tensor:
         """Logits (n, vocab) for the position after each row of idx (n, T).
 
         With a cache, idx holds each row's new tokens only: row i of idx continues cache row
         rows[i] (rows: a LongTensor of n distinct row indices; None = every row, in order); the
         other rows keep their content. Without one, idx is a whole window whose first token
         sits at position `start` (it matters only to a rotary model past block_size).
+        last > 0: the logits after each of the last `last` tokens instead, (n, last, vocab)
+        (mypt.lookup verifies drafted tokens with them).
         """
         step = None if cache is None else cache.step(rows, idx.size(1))
-        x = self.hidden_states(idx, step, start)[:, -1, :]
+        x = self.hidden_states(idx, step, start)
+        x = x[:, -last:, :] if last else x[:, -1, :]
         if step is not None:
             step.commit()
             if cache.head is not None:

@@ -10,6 +10,8 @@ A continuation may also record its tokens' log-probabilities (`TokenLogprob`), a
 `prompt_logprobs` scores a whole prompt in one forward pass: both are of the model's raw
 distribution (log_softmax over all its logits, before the penalty, temperature, top-k and top-p),
 as vLLM reports them by default and as transformers computes them on the exported model.
+With prompt lookup (SamplingConfig.lookup, mypt.lookup) a continuation may take several
+tokens in one step, the same tokens it would take one step at a time.
 `generate_ids` (token ids) and `TextStream` (text pieces that never split a UTF-8 character and
 stop at a stop string) run one continuation through it; `mypt.serve` runs many. No I/O: nothing
 here prints or reads files; `mypt.api` and the CLI do that.
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mypt.errors import MyPTError
+from mypt.lookup import MAX_LOOKUP, Lookup
 from mypt.tokenizers import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -85,6 +88,7 @@ BOUNDS = {
     "top_p": Bound(0, 1, low_open=True, note="1: off"),
     "repetition_penalty": Bound(0.01, 100, note="1: off"),
     "seed": Bound(-(2**63), 2**63 - 1, integer=True),
+    "lookup": Bound(0, MAX_LOOKUP, integer=True, note="0: off"),
 }
 
 
@@ -114,6 +118,7 @@ class SamplingConfig:
     use_cache: bool = True
     ignore_eot: bool = False  # keep going past the end-of-text token (by default it ends the text)
     stop_ids: tuple[int, ...] = ()  # tokens that end the text, unseen, like end-of-text (a chat reply's end-of-turn)
+    lookup: int = 0  # prompt-lookup decoding: up to this many drafted tokens verified per step (mypt.lookup); 0: off
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, tuple)):
@@ -162,6 +167,9 @@ def setting_problems(values: dict[str, object]) -> list[tuple[str, str]]:
             continue
         if what is not None:
             problems.append((field, what))
+    if values.get("lookup") and values.get("use_cache") is False:
+        problems.append(("lookup", "needs the KV cache: leave the cache on (no --no-cache, no use_cache=false), "
+                                   "or set lookup to 0"))
     return problems
 
 
@@ -319,6 +327,7 @@ class Continuation:
         self.start = 0
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # tokens already in the text (repetition penalty)
+        self.lookup = Lookup(cfg.lookup) if cfg.lookup else None  # drafts tokens to verify (mypt.lookup)
 
     @property
     def last(self) -> int:
@@ -384,10 +393,12 @@ class Decoder:
 
     Every `step()` gives each active continuation one token: one forward pass for all those
     decoding (one new token each, rows at their own lengths), plus one per distinct prompt
-    length being prefilled or learned-position window being refilled; then each continuation
-    picks its token from its own logits with its own generator. generate_ids runs one
-    continuation through it, a server many: the tokens are the same either way, up to the last
-    bits of floating-point sums that a batched matrix product orders differently.
+    length being prefilled or learned-position window being refilled, and one per distinct
+    draft length of continuations with prompt lookup (which may take several tokens in a step,
+    see mypt.lookup); then each continuation picks its token from its own logits with its own
+    generator. generate_ids runs one continuation through it, a server many: the tokens are the
+    same either way, up to the last bits of floating-point sums that a batched matrix product
+    orders differently.
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
     (tokens a row holds, at most block_size) sizes the cache for continuations known to stay shorter.
     """
@@ -461,17 +472,21 @@ class Decoder:
 
         with torch.inference_mode(), self.amp():
             for c, logits in zip(self.active, self._logits(), strict=True):
-                c.choose(logits)
+                if logits.dim() == 2:  # after its pending token and after each drafted one
+                    c.lookup.verify(c, logits, self.cache)
+                else:
+                    c.choose(logits)
         done = [c for c in self.active if c.finish_reason is not None]
         for c in done:
             self.remove(c)
         return done
 
     def _logits(self) -> list[torch.Tensor]:
-        """Next-token logits (vocab,) for each active continuation, in order."""
+        """Next-token logits (vocab,) for each active continuation, in order; (drafts + 1, vocab)
+        for one with drafted tokens to verify."""
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
         out: list[torch.Tensor | None] = [None] * len(self.active)
-        feeds: dict[int, list[int]] = {}  # new tokens per row -> indices into active
+        feeds: dict[tuple[int, int], list[int]] = {}  # (new tokens, drafted tokens) per row -> indices into active
         for i, c in enumerate(self.active):
             if not slides:  # a learned-position window jumps; its row is then refilled
                 start = window_start(len(c.tokens), c.start, block_size)
@@ -480,14 +495,18 @@ class Decoder:
             if not c.cfg.use_cache:
                 out[i] = _uncached_logits(self.model, c.tokens, c.start, self.device)
             else:
-                feeds.setdefault(len(c.tokens) - c.start - c.held, []).append(i)
-        for n_new, members in feeds.items():
-            for i, logits in zip(members, self._feed([self.active[i] for i in members], n_new), strict=True):
+                n_new = len(c.tokens) - c.start - c.held
+                n_drafts = 0 if c.lookup is None else len(c.lookup.propose(c, self.cache, n_new))
+                feeds.setdefault((n_new, n_drafts), []).append(i)
+        for (n_new, n_drafts), members in feeds.items():
+            group = [self.active[i] for i in members]
+            for i, logits in zip(members, self._feed(group, n_new, n_drafts), strict=True):
                 out[i] = logits
         return out
 
-    def _feed(self, group: list[Continuation], n_new: int) -> torch.Tensor:
-        """One forward pass of each continuation's n_new newest tokens into its row: (n, vocab)."""
+    def _feed(self, group: list[Continuation], n_new: int, n_drafts: int = 0) -> torch.Tensor:
+        """One forward pass of each continuation's n_new newest tokens into its row: (n, vocab);
+        followed by its n_drafts drafted tokens, (n, n_drafts + 1, vocab)."""
         import torch
 
         cache = self.cache
@@ -495,11 +514,14 @@ class Decoder:
         fresh = [c.slot for c in group if c.held == 0]
         if fresh:
             cache.reset(torch.tensor(fresh))
-        idx = torch.tensor([c.tokens[-n_new:] for c in group], dtype=torch.long, device=self.device)
+        idx = torch.tensor([c.tokens[-n_new:] + (c.lookup.drafts if n_drafts else []) for c in group],
+                           dtype=torch.long, device=self.device)
         rows = None if slots == list(range(self.slots)) else torch.tensor(slots)  # host: the cache plans on it
         for c in group:
-            c.held += n_new
-        return self.model.next_logits(idx, cache, rows)
+            if n_drafts:
+                c.lookup.keep_overwritten(cache, c.slot, n_new)
+            c.held += n_new + n_drafts  # verify() rewinds past the rejected drafts
+        return self.model.next_logits(idx, cache, rows, last=n_drafts + 1 if n_drafts else 0)
 
 
 def _uncached_logits(model: GPT, tokens: list[int], start: int, device: torch.device) -> torch.Tensor:
@@ -541,8 +563,8 @@ def generate_ids(
     while c.finish_reason is None:
         before = c.n_new
         decoder.step()
-        if c.n_new > before:  # not the end-of-text token, which ends the text unseen
-            yield c.last
+        # the tokens taken (with lookup, several; not the end-of-text token, which ends the text unseen)
+        yield from c.tokens[len(c.tokens) - (c.n_new - before):]
     if c.error is not None:
         raise MyPTError(f"generation stopped: {c.error}; the checkpoint's weights may hold NaN or infinite values, "
                         "or a 16-bit dtype overflowed (try dtype fp32)")

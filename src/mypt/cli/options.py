@@ -139,6 +139,8 @@ def sampling_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
                    stop=tuple(unescape(s) for s in args.stop), use_cache=args.cache, ignore_eot=args.ignore_eot)
+    if getattr(args, "lookup", 0):  # generate.py's --lookup
+        options["lookup"] = args.lookup
     try:
         SamplingConfig(**options)  # every bad flag reported before the model is loaded
     except SamplingError as e:
