@@ -34,6 +34,8 @@ from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.finetune.template import ROLES, Message, check_template, prompt_ids, stop_ids
 from mypt.model import GPT
+from mypt.quant import check_kind
+from mypt.quant import quantize as quantize_model
 from mypt.sampling import SamplingConfig, TextStream, fresh_seed, generate_ids
 from mypt.tokenizers import Tokenizer
 
@@ -86,6 +88,13 @@ class LoadedModel:
         """The model's folder in checkpoints/ (also when these are its best/ weights)."""
         path = self.checkpoint.path
         return path.parent if path.name == BEST_DIR else path
+
+    @property
+    def num_params(self) -> int:
+        """The architecture's parameters (a tied head counted once), however they are stored."""
+        from mypt.estimate import count_params
+
+        return count_params(self.config)
 
     @property
     def name(self) -> str:
@@ -169,12 +178,13 @@ def inference_dtype(requested: str, device: torch.device) -> str:
 
 def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "checkpoints", *,
                path: str | Path | None = None, best: bool = False, device: str = "auto",
-               dtype: str = "auto") -> LoadedModel:
+               dtype: str = "auto", quantize: str | None = None) -> LoadedModel:
     """Load checkpoints_dir/model_name (or the folder `path`) for inference, in eval mode.
 
     best: the weights with the best validation loss (the folder's best/) instead of the latest.
     device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps. dtype: the autocast dtype
-    of the forward pass (auto, fp32, bf16, fp16); the weights stay fp32.
+    of the forward pass (auto, fp32, bf16, fp16); the weights stay fp32 unless quantize is "int8":
+    then the matrices of the blocks and the output layer are int8 (mypt.quant; CPU only).
     """
     if path is None:
         if model_name is None:
@@ -183,7 +193,10 @@ def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "che
     folder = best_dir(Path(path)) if best else Path(path)
     torch_device = dist.pick_device(device, dist.DistInfo())
     run_dtype = inference_dtype(dtype, torch_device)
+    check_kind(quantize, torch_device)
     ckpt = load_checkpoint(folder)
     built = build_model(ckpt, torch_device, merge_adapters=True)
     built.model.eval()
+    if quantize is not None:
+        quantize_model(built.model, quantize)
     return LoadedModel(built.model, built.config, built.tokenizer, ckpt, torch_device, run_dtype)

@@ -295,9 +295,10 @@ class GPT(nn.Module):
         capacity = c.block_size if capacity is None else min(capacity, c.block_size)
         cache = KVCache(c.n_layer, batch, c.kv_heads, capacity, c.head_dim, device, dtype,
                         ring=c.position == "rope" and capacity == c.block_size)
-        if device.type == "cpu":
+        if device.type == "cpu" and type(self.lm_head) is nn.Linear:
             # On a CPU, one row of logits is faster against a contiguous (n_embd, vocab) copy of
-            # the head than through nn.Linear's (vocab, n_embd) (BENCHMARKS.md, Generation).
+            # the head than through nn.Linear's (vocab, n_embd) (BENCHMARKS.md, Generation). A head
+            # replaced from outside (mypt.quant's int8 layer) runs itself.
             cache.head = self.lm_head.weight.detach().t().contiguous()
         return cache
 

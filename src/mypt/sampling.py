@@ -406,7 +406,7 @@ class Decoder:
     def __init__(self, model: GPT, slots: int = 1, amp: AmpFactory = contextlib.nullcontext,
                  capacity: int | None = None) -> None:
         self.model, self.slots, self.amp, self.capacity = model, slots, amp, capacity
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
         self.active: list[Continuation] = []
         self._free = list(range(slots - 1, -1, -1))
         self._cache: KVCache | None = None
@@ -418,7 +418,7 @@ class Decoder:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.slots, self.device, self.model.lm_head.weight.dtype,
+            self._cache = self.model.new_cache(self.slots, self.device, self.model.transformer.wte.weight.dtype,
                                                self.capacity)
         return self._cache
 

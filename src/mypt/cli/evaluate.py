@@ -111,10 +111,11 @@ def run_text(args: argparse.Namespace, text: str) -> None:
     print(format_row(COLUMNS))
     print(format_row(tuple("-" * w for w in WIDTHS)), flush=True)
     for name in args.model_name:
-        lm = load_model(name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
+        lm = load_model(name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype,
+                    quantize=args.quantize)
         r = lm.evaluate(text, what=f"--input_file {args.input_file}", batch_size=args.batch_size)
         iters = "?" if lm.iterations is None else f"{lm.iterations:,}"
-        cells = (name, lm.tokenizer.kind, format_params(lm.model.num_params()), iters, f"{r.n_tokens:,}",
+        cells = (name, lm.tokenizer.kind, format_params(lm.num_params), iters, f"{r.n_tokens:,}",
                  f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.bits_per_char:.4f}")
         print(format_row(cells), flush=True)
         del lm

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     prompt, what = read_prompt(args)
     seed = run_seed(args, args.num_samples)
     options = sampling_options(args, seed)
-    lm = load_model(args.model_name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model_name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype,
+                    quantize=args.quantize)
     shown = used_prompt(lm, prompt, what)
     live = sys.stdout.isatty() if args.stream is None else args.stream
     tokens, seconds = 0, 0.0
