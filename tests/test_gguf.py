@@ -322,3 +322,14 @@ def test_bad_requests_are_refused_and_change_nothing(tmp_path, capsys):
     assert existing.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "old.gguf"]
 
+
+def test_hf_gpt2_config_has_what_llama_cpp_converter_reads(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py reads GPT-2's n_ctx (older transformers' name), which a
+    config.json with only n_positions lacks (KeyError 'n_ctx')."""
+    make_checkpoint(tmp_path, "g", {})
+    assert run_command("export", ["--model_name", "g", "--checkpoints_dir", str(tmp_path),
+                                  "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, want in {"n_ctx": 16, "n_positions": 16, "n_embd": 64, "n_head": 4, "n_layer": 2,
+                      "layer_norm_epsilon": 1e-5}.items():
+        assert config[key] == want, key
