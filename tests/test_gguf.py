@@ -165,7 +165,7 @@ def test_read_back_file_computes_mypt_logits(tmp_path, variant):
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("outtype,tol", [("f16", 0.05), ("q8_0", 0.3)])
+@pytest.mark.parametrize("outtype,tol", [("f16", 0.005), ("q8_0", 0.05)])
 def test_f16_and_q8_0_files_stay_close_to_mypt(tmp_path, outtype, tol):
     fields, _ = VARIANTS["llama-gqa-untied"]
     make_checkpoint(tmp_path, "m", fields)
@@ -183,7 +183,7 @@ def test_f16_and_q8_0_files_stay_close_to_mypt(tmp_path, outtype, tol):
         want = model(torch.tensor([ids]))[0][0]
     got = ggml_forward(out, ids)
     spread = want.std().item()
-    assert (got - want).abs().max().item() < tol * spread, "quantized logits drifted from MyPT's"
+    assert (got - want).abs().mean().item() < tol * spread, "rounded logits drifted from MyPT's"
     assert not torch.equal(got, want)  # the weights were rounded
 
 
@@ -269,6 +269,17 @@ def test_char_tokenizer_is_bpe_whose_merges_rebuild_each_character(tmp_path):
     assert len(merges) == 3 + 2 * 2 + 4
     text = "the quick 日本 fox: Ünïcödé 🎉"
     assert bpe_encode(text.split(" "), tokens, merges) == [i for i in tok.encode(text) if i != tok.encode(" ")[0]]
+
+
+def test_ascii_char_tokenizer_still_has_a_merge(tmp_path):
+    """llama.cpp refuses a BPE vocabulary without tokenizer.ggml.merges; the one written never applies."""
+    tok = CharTokenizer.from_text("abc ABC\n")
+    make_checkpoint(tmp_path, "a", {}, tok=tok)
+    assert export(tmp_path, "a", tmp_path / "a.gguf") == 0
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    tokens, merges = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.merges")
+    assert merges == ["À Á"] == [f"{bytes_to_unicode()[0xC0]} {bytes_to_unicode()[0xC1]}"]
+    assert bpe_encode(["abc", " ABC", "\n"], tokens, merges) == tok.encode("abc ABC\n")
 
 
 def test_bpe_tokenizer_merges_encode_like_mypt(tmp_path):

@@ -216,7 +216,9 @@ def _char_vocab(tok: CharTokenizer) -> tuple[list[str], list[str]]:
         data = c.encode("utf-8", errors="surrogatepass")
         tokens.append("".join(spell[b] for b in data))
         merges += [f"{tokens[-1][:n]} {tokens[-1][n]}" for n in range(1, len(data))]
-    return tokens, merges
+    # llama.cpp refuses a BPE vocabulary without merges (and the gguf package drops an empty list):
+    # all-ASCII characters get one that never applies, 0xC0 and 0xC1 being bytes UTF-8 never has
+    return tokens, merges or [f"{spell[0xC0]} {spell[0xC1]}"]
 
 
 def _base_vocab(tok: Tokenizer) -> tuple[list[str], list[str], str]:
