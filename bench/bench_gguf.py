@@ -8,8 +8,9 @@ For each preset a MyPT GPT is built (random weights, seed 0, fp32) with block_si
 --context so that the whole prompt and continuation fit, exported with `mypt export --format gguf`
 at each --outtypes, and timed at batch 1 with --threads threads (torch and llama.cpp alike):
 
-* decode: tokens/s of --new_tokens greedy tokens after a 16-token prompt (MyPT: sampling.generate_ids
-  with its KV cache, as generate.py; llama.cpp: one Llama.eval per token, argmax of the logits);
+* decode: tokens/s of --new_tokens greedy tokens after a 16-token prompt, timed from the first new
+  token to the last (MyPT: sampling.generate_ids with its KV cache, as generate.py; llama.cpp: one
+  Llama.eval per token, argmax of the logits);
 * prefill: tokens/s of one --prefill-token prompt into an empty cache (MyPT: GPT.next_logits with a
   KV cache; llama.cpp: one Llama.eval of the prompt, n_batch covering it).
 
@@ -63,31 +64,30 @@ def build(cfg: ModelConfig) -> GPT:
 
 
 def best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """The least of fn()'s measured seconds over repeats runs, after a warm-up run."""
+    fn()
+    return min(fn() for _ in range(repeats))
 
 
 def time_mypt(model: GPT, prompt: list[int], new_tokens: int, prefill: list[int], repeats: int) -> dict:
     vocab = GPT2Tokenizer().sampled_vocab
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eot=True, seed=0)
 
-    def decode() -> None:
-        assert len(list(generate_ids(model, prompt, cfg, vocab_size=vocab, seed=0))) == new_tokens
+    def decode() -> float:
+        """Seconds from the first new token (which includes the prompt's prefill) to the last."""
+        ids = generate_ids(model, prompt, cfg, vocab_size=vocab, seed=0)
+        next(ids)
+        start = time.perf_counter()
+        assert len(list(ids)) == new_tokens - 1
+        return time.perf_counter() - start
 
-    def fill() -> None:
+    def fill() -> float:
         cache = model.new_cache(1, torch.device("cpu"), torch.float32, capacity=len(prefill))
+        start = time.perf_counter()
         model.next_logits(torch.tensor([prefill]), cache)
+        return time.perf_counter() - start
 
-    # decode time includes the prompt's prefill: subtract a prompt-only run to get per-token speed
-    prompt_only = SamplingConfig(max_new_tokens=1, temperature=0, ignore_eot=True, seed=0)
-    t_prompt = best(lambda: list(generate_ids(model, prompt, prompt_only, vocab_size=vocab, seed=0)), repeats)
-    t_decode = best(decode, repeats) - t_prompt
-    return {"decode": (new_tokens - 1) / t_decode, "prefill": len(prefill) / best(fill, repeats)}
+    return {"decode": (new_tokens - 1) / best(decode, repeats), "prefill": len(prefill) / best(fill, repeats)}
 
 
 def last_logits(llm):
@@ -106,16 +106,22 @@ def llama_cpp_child(job: dict) -> dict:
     llm = Llama(model_path=job["path"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"], n_threads=job["threads"],
                 n_threads_batch=job["threads"], verbose=False)
 
-    def run(ids: list[int], steps: int) -> None:
+    def decode() -> float:
         llm.reset()
-        llm.eval(ids)
-        for _ in range(steps):
+        llm.eval(job["prompt"])
+        start = time.perf_counter()
+        for _ in range(job["new_tokens"] - 1):
             llm.eval([int(np.argmax(last_logits(llm)))])
+        return time.perf_counter() - start
 
-    t_prompt = best(lambda: run(job["prompt"], 1), job["repeats"])
-    t_decode = best(lambda: run(job["prompt"], job["new_tokens"]), job["repeats"]) - t_prompt
-    t_fill = best(lambda: run(job["prefill"], 0), job["repeats"])
-    return {"decode": (job["new_tokens"] - 1) / t_decode, "prefill": len(job["prefill"]) / t_fill}
+    def fill() -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(job["prefill"])
+        return time.perf_counter() - start
+
+    return {"decode": (job["new_tokens"] - 1) / best(decode, job["repeats"]),
+            "prefill": len(job["prefill"]) / best(fill, job["repeats"])}
 
 
 def time_llama_cpp(job: dict) -> dict | str:
