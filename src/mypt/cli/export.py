@@ -31,6 +31,15 @@ embedding and output layer (modules_to_save).
 --format safetensors writes MyPT's own folder with model.safetensors in place of model.pt and
 no optimizer state (nothing in it is a pickle): mypt.api.load_model(path=DIR) reads it, and so
 does generate.py once the folder sits in a checkpoints folder. Training cannot resume from it.
+
+--format gguf writes one file for llama.cpp (llama-cli, llama-server, llama-cpp-python) and the
+runtimes on top of it (Ollama, LM Studio), in the llama.cpp architecture that computes the model:
+gpt2 for the GPT-2 recipe, llama for rotary + RMSNorm + SwiGLU, qwen3 for the same with qk_norm.
+The tokenizer (gpt2, bpe or char), end-of-text, the chat tokens and a fine-tuned model's chat
+template are inside. --outtype sets the matrices' type: f32, f16 (the default) or q8_0.
+
+  mypt export --model_name dante --format gguf --out dante.gguf
+  llama-cli -m dante.gguf -p "ROMEO:" -n 64 --temp 0
 """
 
 from __future__ import annotations
@@ -38,27 +47,36 @@ from __future__ import annotations
 import argparse
 
 from mypt.cli.options import add_checkpoints_dir, folder_path
+from mypt.errors import MyPTError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", required=True, help="the model to export (a folder under --checkpoints_dir)")
     add_checkpoints_dir(p)
-    p.add_argument("--format", choices=("hf", "safetensors", "peft"), default="hf",
+    p.add_argument("--format", choices=("hf", "safetensors", "peft", "gguf"), default="hf",
                    help="hf: a transformers folder (GPT-2, Llama or Qwen3; a LoRA fine-tune's adapters merged); "
                         "safetensors: MyPT's weights-only folder; peft: a LoRA fine-tune's adapters as a PEFT "
-                        "folder (default: %(default)s)")
+                        "folder; gguf: one file for llama.cpp and Ollama (default: %(default)s)")
+    p.add_argument("--outtype", default=None, metavar="{f32,f16,q8_0}",
+                   help="--format gguf only: the type of the weight matrices, f32, f16 or q8_0 (default: f16)")
     p.add_argument("--best", action="store_true", help="export the weights with the best validation loss "
                    "(checkpoints/NAME/best/) instead of the latest")
     p.add_argument("--out", type=folder_path, required=True,
-                   help="folder to create (it must not exist yet, or be empty)")
+                   help="folder to create (it must not exist yet, or be empty); for --format gguf, the file "
+                        "to create (it must not exist; its folder must)")
 
 
 def run(args: argparse.Namespace) -> int:
     from mypt.build import build_model
     from mypt.checkpoint import best_dir, checkpoint_dir, load_checkpoint
+    from mypt.formats.gguf import DEFAULT_OUTTYPE, check_request, export_gguf
     from mypt.formats.hf import export_hf, export_weights_only
     from mypt.formats.peft import export_peft
 
+    if args.outtype is not None and args.format != "gguf":
+        raise MyPTError(f"--outtype is for --format gguf; --format {args.format} writes the weights as trained")
+    if args.format == "gguf":
+        check_request(args.out, args.outtype or DEFAULT_OUTTYPE)
     folder = checkpoint_dir(args.checkpoints_dir, args.model_name)
     if args.best:
         folder = best_dir(folder)
@@ -68,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
         notes = export_hf(built, args.out)
     elif args.format == "peft":
         notes = export_peft(built, args.out, ckpt.training_state.get("finetune"))
+    elif args.format == "gguf":
+        notes = export_gguf(built, args.out, args.outtype or DEFAULT_OUTTYPE, args.model_name)
     else:
         notes = export_weights_only(built, ckpt.training_state, folder, args.out)
     which = " (best-validation weights)" if args.best else ""
-    print(f"exported '{args.model_name}'{which} ({args.format}) to {args.out}/")
+    where = args.out if args.format == "gguf" else f"{args.out}/"
+    print(f"exported '{args.model_name}'{which} ({args.format}) to {where}")
     for note in notes:
         print(f"note: {note}")
     return 0

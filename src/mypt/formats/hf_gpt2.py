@@ -101,6 +101,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,  # older transformers' name, which llama.cpp's convert_hf_to_gguf.py reads
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
