@@ -41,7 +41,7 @@ from mypt.tokenizers import StreamDecoder, Tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from mypt.kvcache import KVCache
+    from mypt.kvcache import KVCache, PrefixCache
     from mypt.model import GPT
 
 AmpFactory = Callable[[], contextlib.AbstractContextManager]
@@ -178,42 +178,83 @@ def fresh_seed() -> int:
 # Logits -> token
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL repetition penalty: logits of tokens already seen shrink toward "less likely"."""
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL repetition penalty: logits of tokens already seen shrink toward "less likely".
+    penalty: a number, or (n, 1) for n rows of logits."""
     scaled = (logits / penalty).where(logits > 0, logits * penalty)
     return scaled.where(seen, logits)
 
 
 def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
     """The next token from 1-D logits (vocab,): argmax at temperature 0, else a filtered sample."""
-    return int(_pick(logits, cfg, generator))
+    return int(pick_tokens(logits[None], [cfg], [generator])[0])
 
 
-def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """pick_token's token as a 0-dim tensor on the logits' device (read without a device sync)."""
-    if cfg.temperature == 0:
-        return logits.argmax()
+def pick_tokens(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The next token of each row of logits (n, vocab), row i with cfgs[i] and generators[i]:
+    (n,) on the logits' device, without a device sync.
+
+    Rows are processed together, grouped by the shape their sample is drawn from (the full
+    vocabulary, its top_k, or all of it sorted for top_p), so a step costs a few tensor operations
+    whatever the batch. Each sampled row draws its own exponential noise from its own generator,
+    exactly as `Tensor.multinomial(1)` does (argmax of probs / Exp(1) noise), so a row gets the
+    token it would get alone.
+    """
     import torch
 
+    out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    groups: dict[str, list[int]] = {}
+    vocab = logits.size(1)
+    for i, cfg in enumerate(cfgs):
+        kind = ("greedy" if cfg.temperature == 0 else "top_k" if 0 < cfg.top_k < vocab
+                else "sorted" if cfg.top_p < 1 else "plain")
+        groups.setdefault(kind, []).append(i)
+    for kind, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        x = logits[index]
+        if kind == "greedy":
+            out[index] = x.argmax(-1)
+        else:
+            out[index] = _sample_rows(x, kind, [cfgs[i] for i in rows], [generators[i] for i in rows])
+    return out
+
+
+def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Sampled tokens (m,) for rows x (m, vocab) of one kind ("top_k", "sorted" or "plain")."""
+    import torch
+
+    device, vocab = x.device, x.size(1)
     # shifted to <= 0 and the temperature kept a representable positive number: however small it
     # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
-    temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
-    logits = (logits - logits.max()) / temperature
-    if 0 < cfg.top_k < logits.numel():
-        logits, ids = logits.topk(cfg.top_k)  # sorted, largest first
-    elif cfg.top_p < 1:
-        logits, ids = logits.sort(descending=True)
-    else:
-        ids = None
-    probs = logits.softmax(dim=-1)
-    if cfg.top_p < 1:
+    tiny = torch.finfo(x.dtype).tiny
+    temperature = torch.tensor([[max(c.temperature, tiny)] for c in cfgs], dtype=x.dtype, device=device)
+    x = (x - x.amax(-1, keepdim=True)) / temperature
+    lengths = [vocab] * len(cfgs)  # how many candidates each row draws among
+    ids = None
+    if kind == "top_k":
+        lengths = [c.top_k for c in cfgs]
+        x, ids = x.topk(max(lengths))  # sorted, largest first
+        if min(lengths) < x.size(1):  # rows of a smaller top_k: their extra candidates cannot be drawn
+            beyond = torch.arange(x.size(1), device=device) >= torch.tensor(lengths, device=device)[:, None]
+            x = x.masked_fill(beyond, float("-inf"))
+    elif kind == "sorted":
+        x, ids = x.sort(descending=True)
+    probs = x.softmax(dim=-1)
+    if any(c.top_p < 1 for c in cfgs):
         # keep the smallest prefix of the sorted tokens whose mass reaches top_p; the likeliest
         # always (a top_p below float32's smallest number would compare as 0 and keep none)
-        dropped = probs.cumsum(-1) - probs >= cfg.top_p
-        dropped[0] = False
+        top_p = torch.tensor([[c.top_p if c.top_p < 1 else math.inf] for c in cfgs], dtype=probs.dtype,
+                             device=device)
+        dropped = probs.cumsum(-1) - probs >= top_p
+        dropped[:, 0] = False
         probs = probs.masked_fill(dropped, 0.0)
-    choice = probs.multinomial(1, generator=generator)[0]
-    return ids[choice] if ids is not None else choice
+    noise = torch.ones_like(probs)
+    for row, (n, generator) in enumerate(zip(lengths, generators, strict=True)):
+        noise[row, :n].exponential_(generator=generator)  # what multinomial(1) draws for n candidates
+    choice = (probs / noise).argmax(-1)
+    return choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,35 +301,26 @@ class Continuation:
         self.start = 0
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # tokens already in the text (repetition penalty)
+        self.reused: int | None = None  # prompt tokens the prefix cache supplied (None: no prefix cache)
 
     @property
     def last(self) -> int:
         return self.tokens[-1]
 
-    def choose(self, logits: torch.Tensor) -> int | None:
-        """Pick the next token from this continuation's logits (vocab,) and take it. Logits that
-        are not all finite end this continuation alone: finish_reason "error", the reason in `error`."""
-        import torch
-
-        logits = logits[: self.vocab_size].float()  # padded ids beyond the tokenizer's are never produced
-        if self.seen is not None:
-            logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
-        finite = torch.isfinite(logits).all()
-        # a bad row samples from zeros instead: no NaN reaches multinomial (on a GPU a device-side
-        # assert that would end every row), and the token and the check come back in one sync
-        token, ok = torch.stack((_pick(logits.where(finite, 0.0), self.cfg, self.generator), finite.long())).tolist()
-        if not ok:
+    def accept(self, token: int, finite: bool) -> None:
+        """Take the token `choose_tokens` picked. Logits that were not all finite end this
+        continuation alone: finish_reason "error", the reason in `error`."""
+        if not finite:
             self.finish_reason = "error"
             self.error = (f"the model's next-token scores are not finite (NaN or infinite) at new token "
                           f"{self.n_new + 1}")
-            return None
+            return
         if token == self.eot_id or token in self.cfg.stop_ids:
             self.finish_reason = "stop"
             if self.text is not None:
                 self._pieces.append(self.text.finish())
         else:
             self._take(token)
-        return token
 
     def _take(self, token: int) -> None:
         if self.seen is not None:
@@ -311,23 +343,62 @@ class Continuation:
         return out
 
 
+def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
+    """Each continuation of `group` picks its next token from its row of logits (n, vocab) and
+    takes it: every row at once, with one host sync for the whole group.
+
+    A row whose logits are not all finite samples from zeros instead: no NaN reaches the
+    sampler (on a GPU a device-side assert that would end every row); that continuation alone
+    ends with an error.
+    """
+    import torch
+
+    vocab = min(c.vocab_size for c in group)
+    if any(c.vocab_size != vocab for c in group):  # one model serves one tokenizer; but be exact anyway
+        for c, row in zip(group, logits, strict=True):
+            choose_tokens([c], row[None])
+        return
+    logits = logits[:, :vocab].float()  # padded ids beyond the tokenizer's are never produced
+    penalized = [i for i, c in enumerate(group) if c.seen is not None]
+    if penalized:
+        index = torch.tensor(penalized, device=logits.device)
+        penalty = torch.tensor([[group[i].cfg.repetition_penalty] for i in penalized], device=logits.device)
+        seen = torch.stack([group[i].seen for i in penalized])
+        logits[index] = penalize(logits[index], seen, penalty)
+    finite = torch.isfinite(logits).all(-1)
+    tokens = pick_tokens(logits.where(finite[:, None], 0.0), [c.cfg for c in group], [c.generator for c in group])
+    tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
+    for c, token, ok in zip(group, tokens, finite, strict=True):
+        c.accept(token, bool(ok))
+
+
 class Decoder:
     """Steps continuations of one model together over one KV cache of `slots` rows.
 
-    Every `step()` gives each active continuation one token: one forward pass for all those
-    decoding (one new token each, rows at their own lengths), plus one per distinct prompt
-    length being prefilled or learned-position window being refilled; then each continuation
-    picks its token from its own logits with its own generator. generate_ids runs one
-    continuation through it, a server many: the tokens are the same either way, up to the last
-    bits of floating-point sums that a batched matrix product orders differently.
+    Every `step()` gives each active continuation whose prompt is in the cache one token: one
+    forward pass for all those decoding (one new token each, rows at their own lengths), plus one
+    per distinct number of prompt tokens being prefilled or learned-position window being
+    refilled; then every continuation picks its token from its own logits with its own generator,
+    all rows at once (`choose_tokens`, one host sync). generate_ids runs one continuation
+    through it, a server many: the tokens are the same either way, up to the last bits of
+    floating-point sums that a batched matrix product orders differently.
+
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
-    (tokens a row holds, at most block_size) sizes the cache for continuations known to stay shorter.
+    (tokens a row holds, at most block_size) sizes the cache for continuations known to stay
+    shorter; `dtype` is the cache's (the compute dtype: bf16 under bf16 autocast; default the
+    weights'). `prefill_chunk`: at most that many prompt tokens enter the cache per step, so a
+    long prompt is prefilled over several steps while the other rows go on decoding (a row
+    whose prompt is not all in yet gets no token that step). `prefix_cache`: keys and values of
+    prompt starts seen before are copied in instead of computed (mypt.kvcache.PrefixCache).
     """
 
     def __init__(self, model: GPT, slots: int = 1, amp: AmpFactory = contextlib.nullcontext,
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, *, dtype: torch.dtype | None = None, prefill_chunk: int | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.slots, self.amp, self.capacity = model, slots, amp, capacity
         self.device = model.lm_head.weight.device
+        self.dtype = dtype or model.lm_head.weight.dtype
+        self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         self.active: list[Continuation] = []
         self._free = list(range(slots - 1, -1, -1))
         self._cache: KVCache | None = None
@@ -339,12 +410,12 @@ class Decoder:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.slots, self.device, self.model.lm_head.weight.dtype,
-                                               self.capacity)
+            self._cache = self.model.new_cache(self.slots, self.device, self.dtype, self.capacity)
         return self._cache
 
     def add(self, c: Continuation) -> None:
-        """Give c a free row; its prompt is prefilled by the next step (its last block_size tokens)."""
+        """Give c a free row; its prompt is prefilled by the next steps (its last block_size
+        tokens), after what the prefix cache holds of it."""
         import torch
 
         if not self._free:
@@ -358,6 +429,9 @@ class Decoder:
         self.active.append(c)
         if c.finish_reason is not None:  # nothing to generate
             self.remove(c)
+        elif self.prefix_cache is not None and c.cfg.use_cache:
+            with torch.inference_mode():
+                c.held = c.reused = self.prefix_cache.load(c.tokens, self.cache, c.slot)
 
     def remove(self, c: Continuation) -> None:
         """Take c out of the batch (finished, or its client went away); its row is free again.
@@ -378,6 +452,8 @@ class Decoder:
             c.slot = None
         self.active = []
         self._zero(slice(None))
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def _zero(self, rows: int | slice) -> None:
         import torch
@@ -388,38 +464,57 @@ class Decoder:
                 self._cache.v[:, rows] = 0
 
     def step(self) -> list[Continuation]:
-        """One token for every active continuation; returns those that finished (now removed)."""
+        """One token for every active continuation whose prompt is in; returns those that finished
+        (now removed)."""
         import torch
 
         with torch.inference_mode(), self.amp():
-            for c, logits in zip(self.active, self._logits(), strict=True):
-                c.choose(logits)
+            ready, logits = self._logits()
+            if ready:
+                first = [c for c in ready if c.n_new == 0 and c.reused is not None]
+                choose_tokens(ready, logits)
+                if self.prefix_cache is not None:
+                    for c in first:
+                        if c.finish_reason != "error" and c.start == 0:
+                            self.prefix_cache.store(c.tokens[:c.held], self.cache, c.slot)
         done = [c for c in self.active if c.finish_reason is not None]
         for c in done:
             self.remove(c)
         return done
 
-    def _logits(self) -> list[torch.Tensor]:
-        """Next-token logits (vocab,) for each active continuation, in order."""
+    def _logits(self) -> tuple[list[Continuation], torch.Tensor | None]:
+        """The continuations that get a token this step and their next-token logits (n, vocab)."""
+        import torch
+
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
-        out: list[torch.Tensor | None] = [None] * len(self.active)
-        feeds: dict[int, list[int]] = {}  # new tokens per row -> indices into active
-        for i, c in enumerate(self.active):
+        budget = self.prefill_chunk
+        ready: list[Continuation] = []
+        parts: list[torch.Tensor] = []
+        feeds: dict[int, list[Continuation]] = {}  # tokens fed per row -> its continuations
+        for c in self.active:
             if not slides:  # a learned-position window jumps; its row is then refilled
                 start = window_start(len(c.tokens), c.start, block_size)
                 if start != c.start:
                     c.start, c.held = start, 0
             if not c.cfg.use_cache:
-                out[i] = _uncached_logits(self.model, c.tokens, c.start, self.device)
-            else:
-                feeds.setdefault(len(c.tokens) - c.start - c.held, []).append(i)
-        for n_new, members in feeds.items():
-            for i, logits in zip(members, self._feed([self.active[i] for i in members], n_new), strict=True):
-                out[i] = logits
-        return out
+                ready.append(c)
+                parts.append(_uncached_logits(self.model, c.tokens, c.start, self.device)[None])
+                continue
+            pending = len(c.tokens) - c.start - c.held
+            if pending > 1 and budget is not None:  # a prompt (or refill): within this step's budget
+                if budget <= 0:
+                    continue
+                pending, budget = min(pending, budget), budget - pending
+            feeds.setdefault(pending, []).append(c)
+        for n_new, group in feeds.items():
+            logits = self._feed(group, n_new)
+            fed = [i for i, c in enumerate(group) if c.held == len(c.tokens) - c.start]
+            ready += [group[i] for i in fed]
+            parts.append(logits if len(fed) == len(group) else logits[fed])
+        return ready, torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
     def _feed(self, group: list[Continuation], n_new: int) -> torch.Tensor:
-        """One forward pass of each continuation's n_new newest tokens into its row: (n, vocab)."""
+        """One forward pass of each continuation's next n_new tokens into its row: (n, vocab)."""
         import torch
 
         cache = self.cache
@@ -427,7 +522,7 @@ class Decoder:
         fresh = [c.slot for c in group if c.held == 0]
         if fresh:
             cache.reset(torch.tensor(fresh))
-        idx = torch.tensor([c.tokens[-n_new:] for c in group], dtype=torch.long, device=self.device)
+        idx = torch.tensor([c.tokens[c.start + c.held:][:n_new] for c in group], dtype=torch.long, device=self.device)
         rows = None if slots == list(range(self.slots)) else torch.tensor(slots)  # host: the cache plans on it
         for c in group:
             c.held += n_new
