@@ -605,11 +605,13 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
     taken.close()
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
     r = run_cli("serve", "--model_name", "chars", "--max_batch", str(10**9), "--max_connections", "0",
-                "--request_timeout", "nan", "--max_body_bytes", str(2**40), "--port", "0", *base,
+                "--request_timeout", "nan", "--max_body_bytes", str(2**40), "--prefill_tokens", "0",
+                "--prefix_cache_tokens", "-1", "--port", "0", *base,
                 script="src/mypt/__main__.py", cwd=ckpts.parent)  # once: a list of 10**9 free rows, then 8 GB later
     assert r.returncode == 2 and "--max_batch (1000000000) must be from 1 to 65,536" in r.stderr
     assert "--max_connections (0)" in r.stderr and "--request_timeout (nan)" in r.stderr
-    assert "--max_body_bytes (1099511627776)" in r.stderr
+    assert "--max_body_bytes (1099511627776)" in r.stderr and "--prefill_tokens (0) must be from 1" in r.stderr
+    assert "--prefix_cache_tokens (-1) must be from 0" in r.stderr
     assert "serving" not in r.stdout and "Traceback" not in r.stderr
     for device in ("meta", "xpu"):  # meta once started and then hung every request
         r = run_cli("serve", "--model_name", "chars", "--device", device, "--port", "0", *base,

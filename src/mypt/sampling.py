@@ -386,9 +386,10 @@ class Decoder:
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
     (tokens a row holds, at most block_size) sizes the cache for continuations known to stay
     shorter; `dtype` is the cache's (the compute dtype: bf16 under bf16 autocast; default the
-    weights'). `prefill_chunk`: at most that many prompt tokens enter the cache per step, so a
-    long prompt is prefilled over several steps while the other rows go on decoding (a row
-    whose prompt is not all in yet gets no token that step). `prefix_cache`: keys and values of
+    weights'). `prefill_chunk`: while some row is decoding, at most that many prompt tokens
+    enter the cache per step, so a long prompt is prefilled over several steps while the other
+    rows go on decoding (a row whose prompt is not all in yet gets no token that step);
+    `prefilled` counts the prompt tokens the last step fed. `prefix_cache`: keys and values of
     prompt starts seen before are copied in instead of computed (mypt.kvcache.PrefixCache).
     """
 
@@ -399,6 +400,7 @@ class Decoder:
         self.device = model.lm_head.weight.device
         self.dtype = dtype or model.lm_head.weight.dtype
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
+        self.prefilled = 0
         self.active: list[Continuation] = []
         self._free = list(range(slots - 1, -1, -1))
         self._cache: KVCache | None = None
@@ -487,7 +489,9 @@ class Decoder:
         import torch
 
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
-        budget = self.prefill_chunk
+        streaming = any(c.n_new > 0 for c in self.active)  # someone would wait for a long prefill
+        budget = self.prefill_chunk if streaming else None
+        self.prefilled = 0
         ready: list[Continuation] = []
         parts: list[torch.Tensor] = []
         feeds: dict[int, list[Continuation]] = {}  # tokens fed per row -> its continuations
@@ -506,6 +510,7 @@ class Decoder:
                     continue
                 pending, budget = min(pending, budget), budget - pending
             feeds.setdefault(pending, []).append(c)
+            self.prefilled += pending if pending > 1 else 0
         for n_new, group in feeds.items():
             logits = self._feed(group, n_new)
             fed = [i for i, c in enumerate(group) if c.held == len(c.tokens) - c.start]

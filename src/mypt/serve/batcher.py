@@ -9,8 +9,10 @@ per step.
 
 Between steps the engine drops the jobs whose clients went away and gives waiting continuations
 the free rows of the KV cache. Each step gives every continuation whose prompt is in the cache
-one token; prompts enter the cache `prefill_tokens` at a time (chunked prefill), so a long
-prompt delays the other streams' next token by one chunk at most. A prefix cache
+one token. While some streams are decoding, prompts enter the cache a chunk at a time (chunked
+prefill), so a long prompt delays their next token by one chunk at most: the chunk is sized
+from measured step times so that a step with prefill takes about STALL times a plain decoding
+step (at least MIN_CHUNK tokens, at most `prefill_tokens`). A prefix cache
 (mypt.kvcache.PrefixCache, `prefix_cache_tokens`) keeps the keys and values of prompt starts
 seen before.
 
@@ -42,6 +44,8 @@ log = logging.getLogger("mypt.serve")
 
 MAX_RESTARTS = 1  # a failed engine restarts once; the next failure puts the model out of service
 PREFIX_BLOCK = 16  # tokens per prefix-cache block
+STALL = 2.0  # a step that prefills may take this many plain decoding steps' time
+MIN_CHUNK = 8  # prompt tokens per step at least, however slow the prefill
 
 
 class Overloaded(Exception):
@@ -109,6 +113,8 @@ class Batcher:
         self.error: str | None = None  # the latest engine failure
         self.restarting: str | None = None  # why, while the engine restarts
         self.stopped: str | None = None  # why the model is out of service, if it is
+        self._decode_s: float | None = None  # running means: a plain decoding step, a prefilled token
+        self._token_s: float | None = None
 
     def _new_decoder(self) -> Decoder:
         """A decoder with its KV cache allocated now (not on the first request), in the compute dtype."""
@@ -233,10 +239,31 @@ class Batcher:
                     self._wake.wait(timeout=1.0)
                 continue
             self.metrics.batch_size.set(len(self.decoder.active))
+            self.decoder.prefill_chunk = self._chunk()
+            started = time.perf_counter()
             done = self.decoder.step()
+            self._timed(time.perf_counter() - started, self.decoder.prefilled)
             self.steps += 1
             self._publish(done)
             self._flush()
+
+    def _chunk(self) -> int:
+        """Prompt tokens the next step may prefill while others decode: what keeps it within
+        STALL plain decoding steps, by the step times measured so far."""
+        if self._decode_s is None:  # nothing measured yet
+            return self.prefill_tokens
+        if self._token_s is None:  # learn what a prompt token costs on a small chunk first
+            return MIN_CHUNK
+        spare = (STALL - 1) * self._decode_s
+        return max(MIN_CHUNK, min(self.prefill_tokens, int(spare / self._token_s)))
+
+    def _timed(self, seconds: float, prefilled: int) -> None:
+        """Update the running means of a plain decoding step and of a prefilled token."""
+        if prefilled == 0:
+            self._decode_s = seconds if self._decode_s is None else 0.9 * self._decode_s + 0.1 * seconds
+        elif self._decode_s is not None:
+            per_token = max(seconds - self._decode_s, 0.0) / prefilled
+            self._token_s = per_token if self._token_s is None else 0.7 * self._token_s + 0.3 * per_token
 
     def _admit(self) -> None:
         """Waiting continuations take the free rows, in arrival order (the decoder meters their
