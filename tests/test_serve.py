@@ -459,6 +459,26 @@ def test_health_answers_at_once_during_a_long_step(ckpts: Path) -> None:
             assert "data: [DONE]" in list(stream.iter_lines())[-2:]
 
 
+def test_prefill_chunk_follows_the_measured_step_times() -> None:
+    """Unmeasured: the largest chunk; then a small one to learn from; then what keeps a step
+    within STALL decoding steps. A prefill step measured faster than the mean decoding step
+    (prompt tokens for free) gives the largest chunk, not a division by zero (an engine failure)."""
+    from mypt.serve.batcher import MIN_CHUNK, STALL, ChunkSizer
+
+    sizer = ChunkSizer(512)
+    assert sizer.size() == 512
+    sizer.observe(0.010, 0)
+    assert sizer.size() == MIN_CHUNK
+    sizer.observe(0.005, 8)
+    assert sizer.size() == 512
+    sizer = ChunkSizer(512)
+    sizer.observe(0.010, 0)
+    sizer.observe(0.010 + 0.001 * MIN_CHUNK, MIN_CHUNK)  # 1 ms a prompt token
+    assert int((STALL - 1) * 10) - 1 <= sizer.size() <= int((STALL - 1) * 10)  # 10 ms spare / 1 ms
+    sizer.observe(0.010 + 1.0, 10)  # very slow prompt tokens: still MIN_CHUNK a step
+    assert sizer.size() == MIN_CHUNK
+
+
 def test_metrics_parse_with_prometheus_and_count_the_requests(ckpts: Path, models) -> None:
     """/metrics after 3 answered requests (one streamed, two sharing a 16-token prompt start), a
     400 and a 404: prometheus_client's own parser reads the fixed names, and the counts match.

@@ -89,6 +89,35 @@ class Job:
         self.cancelled = True
 
 
+class ChunkSizer:
+    """The prefill chunk: prompt tokens a step may feed while others decode, sized from the step
+    times measured so far so that such a step takes about STALL plain decoding steps (at least
+    MIN_CHUNK tokens, at most `largest`)."""
+
+    def __init__(self, largest: int) -> None:
+        self.largest = largest
+        self.decode_s: float | None = None  # running means: a plain decoding step, a prefilled token
+        self.token_s: float | None = None
+
+    def size(self) -> int:
+        if self.decode_s is None:  # nothing measured yet
+            return self.largest
+        if self.token_s is None:  # learn what a prompt token costs on a small chunk first
+            return MIN_CHUNK
+        spare = (STALL - 1) * self.decode_s
+        if spare >= self.token_s * self.largest:  # also when prompt tokens measured free (0 s)
+            return self.largest
+        return max(MIN_CHUNK, int(spare / self.token_s))
+
+    def observe(self, seconds: float, prefilled: int) -> None:
+        """A step took `seconds` and fed `prefilled` prompt tokens."""
+        if prefilled == 0:
+            self.decode_s = seconds if self.decode_s is None else 0.9 * self.decode_s + 0.1 * seconds
+        elif self.decode_s is not None:
+            per_token = max(seconds - self.decode_s, 0.0) / prefilled
+            self.token_s = per_token if self.token_s is None else 0.7 * self.token_s + 0.3 * per_token
+
+
 class Batcher:
     """Schedules the requests of one model onto a Decoder of `max_batch` rows, in an engine thread."""
 
@@ -113,8 +142,7 @@ class Batcher:
         self.error: str | None = None  # the latest engine failure
         self.restarting: str | None = None  # why, while the engine restarts
         self.stopped: str | None = None  # why the model is out of service, if it is
-        self._decode_s: float | None = None  # running means: a plain decoding step, a prefilled token
-        self._token_s: float | None = None
+        self.chunks = ChunkSizer(prefill_tokens)
 
     def _new_decoder(self) -> Decoder:
         """A decoder with its KV cache allocated now (not on the first request), in the compute dtype."""
@@ -239,31 +267,13 @@ class Batcher:
                     self._wake.wait(timeout=1.0)
                 continue
             self.metrics.batch_size.set(len(self.decoder.active))
-            self.decoder.prefill_chunk = self._chunk()
+            self.decoder.prefill_chunk = self.chunks.size()
             started = time.perf_counter()
             done = self.decoder.step()
-            self._timed(time.perf_counter() - started, self.decoder.prefilled)
+            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled)
             self.steps += 1
             self._publish(done)
             self._flush()
-
-    def _chunk(self) -> int:
-        """Prompt tokens the next step may prefill while others decode: what keeps it within
-        STALL plain decoding steps, by the step times measured so far."""
-        if self._decode_s is None:  # nothing measured yet
-            return self.prefill_tokens
-        if self._token_s is None:  # learn what a prompt token costs on a small chunk first
-            return MIN_CHUNK
-        spare = (STALL - 1) * self._decode_s
-        return max(MIN_CHUNK, min(self.prefill_tokens, int(spare / self._token_s)))
-
-    def _timed(self, seconds: float, prefilled: int) -> None:
-        """Update the running means of a plain decoding step and of a prefilled token."""
-        if prefilled == 0:
-            self._decode_s = seconds if self._decode_s is None else 0.9 * self._decode_s + 0.1 * seconds
-        elif self._decode_s is not None:
-            per_token = max(seconds - self._decode_s, 0.0) / prefilled
-            self._token_s = per_token if self._token_s is None else 0.7 * self._token_s + 0.3 * per_token
 
     def _admit(self) -> None:
         """Waiting continuations take the free rows, in arrival order (the decoder meters their
