@@ -1,12 +1,12 @@
 """The worked example of the README: a small Shakespeare model, fine-tuned on chat tasks with a right answer.
 
-usage: python bench/bench_finetune.py [--work DIR] [--pretrain_iters 600] [--epochs 2] [--n_train 3000]
+usage: python bench/bench_finetune.py [--work DIR] [--n_train 3000] [--finetune_flags "..."]
 
-1. pretrains a small char-level model on builtin:tinyshakespeare with train.py (3 layers x 96,
-   block 192: the README's command), unless DIR/checkpoints/base exists;
-2. builds the chat data with bench/sft_data.py (next speaker, missing word: train / held out);
-3. fine-tunes it with `mypt finetune` (full SFT, the default settings unless given);
-4. scores the base model, prompted with the same chat template, and the fine-tuned one on the
+1. pretrains a small char-level model on builtin:tinyshakespeare with train.py and
+   configs/shakespeare-char-chat.json (the README's command), unless DIR/checkpoints/base exists;
+2. builds the chat data with bench/sft_data.py (speaker, last word, next speaker: train / held out);
+3. fine-tunes it with `mypt finetune`: full SFT, then LoRA rank 16 (the defaults unless given);
+4. scores the base model, prompted with the same chat template, and the fine-tuned ones on the
    held-out conversations: the loss on the assistant's tokens (nats per token, the tokens the
    fine-tune trains on) and exact match (greedy reply, up to its end-of-turn or first newline,
    stripped, equal to the answer), per task.
@@ -23,16 +23,13 @@ from pathlib import Path
 
 import torch
 from _machine import header
-from sft_data import build
+from sft_data import TASKS, build
 
 from mypt.api import LoadedModel, load_model
 from mypt.cli import run_command
 from mypt.finetune.template import Message, encode, prompt_ids, stop_ids
 from mypt.ops import IGNORE_INDEX
 from mypt.sampling import SamplingConfig, generate_ids
-
-ARCH = ["--n_layer", "3", "--n_head", "4", "--n_embd", "96", "--block_size", "192", "--batch_size", "8",
-        "--dropout", "0"]
 
 
 def step(title: str, command: str, args: list[str]) -> float:
@@ -76,40 +73,45 @@ def greedy_reply(lm: LoadedModel, messages: list[Message]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("bench_finetune"))
-    p.add_argument("--pretrain_iters", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--n_train", type=int, default=3000)
     p.add_argument("--n_heldout", type=int, default=300)
-    p.add_argument("--finetune_flags", default="", help="more mypt finetune flags, as one string")
+    p.add_argument("--pretrain_flags", default="", help="more train.py flags for the base, as one string")
+    p.add_argument("--finetune_flags", default="", help="more mypt finetune flags (both runs), as one string")
+    p.add_argument("--lora_rank", type=int, default=16, help="the LoRA run's rank (0: no LoRA run)")
     args = p.parse_args()
-    print(header("bench_finetune: full SFT of a small Shakespeare model on chat tasks"))
+    print(header("bench_finetune: full SFT and LoRA of a small Shakespeare model on chat tasks"))
     ck = args.work / "checkpoints"
     data = args.work / "data"
     times = {}
     if not (ck / "base" / "config.json").exists():
         times["pretrain"] = step("pretrain", "train", [
-            "--model_name", "base", "--checkpoints_dir", str(ck), "--tokenizer", "char", "--input_file",
-            "builtin:tinyshakespeare", *ARCH, "--learning_rate", "3e-3", "--warmup_iters", "30", "--max_iters",
-            str(args.pretrain_iters), "--eval_interval", str(args.pretrain_iters), "--eval_iters", "20"])
+            "--config_file", "configs/shakespeare-char-chat.json", "--model_name", "base", "--checkpoints_dir",
+            str(ck), "--tokenizer", "char", "--input_file", "builtin:tinyshakespeare", *args.pretrain_flags.split()])
     train, heldout = build(args.n_train, args.n_heldout)
     data.mkdir(parents=True, exist_ok=True)
     (data / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in train), encoding="utf-8")
-    times["finetune"] = step("finetune", "finetune", [
-        "--from", "base", "--model_name", "sft", "--checkpoints_dir", str(ck), "--input_file",
-        str(data / "train.jsonl"), "--epochs", str(args.epochs), *args.finetune_flags.split()])
+    runs = {"sft": []} | ({f"lora{args.lora_rank}": ["--lora_rank", str(args.lora_rank)]} if args.lora_rank else {})
+    for name, flags in runs.items():
+        times[name] = step(name, "finetune", ["--from", "base", "--model_name", name, "--checkpoints_dir", str(ck),
+                                              "--input_file", str(data / "train.jsonl"), *flags,
+                                              *args.finetune_flags.split()])
     rows = {}
-    for name in ("base", "sft"):
+    for name in ("base", *runs):
         start = time.perf_counter()
         rows[name] = score(load_model(name, ck, device="cpu", dtype="fp32"), heldout)
         times[f"score {name}"] = time.perf_counter() - start
-    counts = {t: sum(c["task"] == t for c in heldout) for t in ("next", "word")}
-    print(f"\nheld out: {len(heldout)} conversations ({counts['next']} next speaker, {counts['word']} missing word)")
-    print("| model | assistant-token loss | exact match | next speaker | missing word |")
-    print("|---|---|---|---|---|")
+    counts = ", ".join(f"{sum(c['task'] == t for c in heldout)} {t}" for t in TASKS)
+    print(f"\nheld out: {len(heldout)} conversations ({counts})")
+    print("| model | assistant-token loss | exact match | " + " | ".join(TASKS) + " |")
+    print("|---|---|---|" + "---|" * len(TASKS))
     for name, r in rows.items():
-        print(f"| {name} | {r['loss']:.3f} | {r['exact']:.1%} | {r['exact_next']:.1%} | {r['exact_word']:.1%} |")
-    ratio = rows["sft"]["exact"] / rows["base"]["exact"] if rows["base"]["exact"] else float("inf")
-    print(f"SFT exact match / base: {ratio:.1f}x")
+        print(f"| {name} | {r['loss']:.3f} | {r['exact']:.1%} | "
+              + " | ".join(f"{r[f'exact_{t}']:.1%}" for t in TASKS) + " |")
+    base, sft = rows["base"]["exact"], rows["sft"]["exact"]
+    print(f"SFT exact match / base: {sft / base:.1f}x" if base else "SFT exact match / base: base 0")
+    for name in runs:
+        if name != "sft" and sft:
+            print(f"{name} exact match / SFT: {rows[name]['exact'] / sft:.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 

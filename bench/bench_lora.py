@@ -13,9 +13,8 @@ which includes the weights. The modes of a shape run one after the other, altern
 Shapes:
 - small-modern: configs/small-modern.json (29.9M parameters, vocabulary 50304).
 - qwen3-0.6b: Qwen3-0.6B's public config.json values at full depth (28 layers, hidden 1024, 16
-  heads, 8 key/value heads, MLP 3072, vocabulary 151936, tied, QK-norm, RMSNorm, SwiGLU, rope
-  theta 1e6) except its head_dim of 128: MyPT's head size is n_embd / n_head (64), so q/k/v are
-  half as wide as Qwen's (a 0.44B-parameter model of Qwen's depth, width and vocabulary).
+  heads of 128, 8 key/value heads, MLP 3072, vocabulary 151936, tied, QK-norm, RMSNorm, SwiGLU,
+  rope theta 1e6): the shape `mypt import` builds from that config (0.6B parameters).
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "small-modern": {"preset": "configs/small-modern.json"},
-    "qwen3-0.6b": {"fields": {"n_layer": 28, "n_head": 16, "n_kv_head": 8, "n_embd": 1024, "intermediate_size": 3072,
+    "qwen3-0.6b": {"fields": {"n_layer": 28, "n_head": 16, "n_kv_head": 8, "n_embd": 1024, "head_size": 128,
+                              "intermediate_size": 3072,
                               "vocab_size": 151936, "block_size": 256, "batch_size": 4, "dropout": 0.0,
                               "bias": False, "position": "rope", "rope_theta": 1e6, "norm": "rmsnorm",
                               "norm_eps": 1e-6, "mlp": "swiglu", "qk_norm": True, "tie_embeddings": True}},

@@ -3,13 +3,15 @@
 usage: python bench/sft_data.py [--out DIR] [--n_train 3000] [--n_heldout 300] [--seed 0]
 
 Writes DIR/train.jsonl and DIR/heldout.jsonl, one conversation per line in the "messages" shape
-(mypt finetune reads it). Two tasks, each with one right answer taken from the play:
+(mypt finetune reads it). Three tasks, each with one right answer taken from the play:
 
+- speaker: the first line of a speech after its speaker's name, "Who is speaking?"; the answer
+  is that name (read from the prompt);
+- last word: a line, "Which word ends this line?"; the answer is its last word (read from the
+  prompt);
 - next speaker: the first lines of two speeches, "Who speaks next?"; the answer is the name of
   the character who speaks the following speech (a model can learn that in a dialogue the
-  speaker before last often answers);
-- missing word: a line with one word replaced by "...", "Which word is missing?"; the answer is
-  that word.
+  speaker before last often answers, but not always: the hardest of the three).
 
 The speeches of the first 90% of the text give the training conversations, those of the last
 10% (the part a base trained by train.py holds out for validation) the held-out ones; both are
@@ -28,7 +30,9 @@ from mypt.data.builtin import TINYSHAKESPEARE, builtin_text
 
 SPEECH = re.compile(r"^([A-Z][A-Za-z ]*):\n((?:.+\n?)+)", re.M)
 MAX_LINE = 40  # characters of a speech's line in a prompt
-SYSTEM = {"next": "Answer with the name of a character.", "word": "Answer with one word."}
+SYSTEM = {"speaker": "Answer with the name of a character.", "next": "Answer with the name of a character.",
+          "last": "Answer with one word."}
+TASKS = tuple(SYSTEM)
 
 
 def speeches(text: str) -> list[tuple[str, str, int]]:
@@ -36,18 +40,23 @@ def speeches(text: str) -> list[tuple[str, str, int]]:
     return [(m[1], m[2].splitlines()[0][:MAX_LINE], m.start()) for m in SPEECH.finditer(text)]
 
 
-def next_speaker(s: list[tuple[str, str, int]], i: int) -> dict:
+def speaker(s: list[tuple[str, str, int]], i: int) -> dict | None:
+    name, line, _ = s[i]
+    return _chat("speaker", f"{name}:\n{line}\n\nWho is speaking?", name)
+
+
+def next_speaker(s: list[tuple[str, str, int]], i: int) -> dict | None:
     (a, la, _), (b, lb, _), (c, _, _) = s[i - 2], s[i - 1], s[i]
     return _chat("next", f"{a}:\n{la}\n\n{b}:\n{lb}\n\nWho speaks next?", c)
 
 
-def missing_word(s: list[tuple[str, str, int]], i: int, rng: random.Random) -> dict | None:
+def last_word(s: list[tuple[str, str, int]], i: int) -> dict | None:
     line = s[i][1]
-    words = list(re.finditer(r"[A-Za-z]{3,}", line))
-    if not words:
-        return None
-    w = rng.choice(words)
-    return _chat("word", f"{line[:w.start()]}...{line[w.end():]}\n\nWhich word is missing?", w[0])
+    words = re.findall(r"[A-Za-z']+", line)
+    return _chat("last", f"{line}\n\nWhich word ends this line?", words[-1]) if words else None
+
+
+MAKERS = {"speaker": speaker, "next": next_speaker, "last": last_word}
 
 
 def _chat(task: str, question: str, answer: str) -> dict:
@@ -57,7 +66,7 @@ def _chat(task: str, question: str, answer: str) -> dict:
 
 
 def build(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) conversations, half of each task."""
+    """(training, held-out) conversations, a third of each task."""
     text = builtin_text(TINYSHAKESPEARE)
     s = speeches(text)
     cut = int(len(text) * 0.9)
@@ -65,9 +74,10 @@ def build(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dict], list
     out = []
     for part, n in (([i for i in range(2, len(s)) if s[i][2] < cut]), n_train), \
                    (([i for i in range(2, len(s)) if s[i - 2][2] >= cut]), n_heldout):
-        chosen = rng.sample(part, min(len(part), n))
-        convs = [next_speaker(s, i) for i in chosen[: n // 2]]
-        convs += [c for i in chosen[n // 2:] if (c := missing_word(s, i, rng)) is not None]
+        convs = []
+        for k, task in enumerate(TASKS):
+            chosen = rng.sample(part, min(len(part), n // len(TASKS) + (k < n % len(TASKS))))
+            convs += [c for i in chosen if (c := MAKERS[task](s, i)) is not None]
         rng.shuffle(convs)
         out.append(convs)
     return out[0], out[1]

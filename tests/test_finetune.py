@@ -566,7 +566,7 @@ def test_readme_chat_walkthrough_runs_as_written(tmp_path, capsys):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     block = next(b for b in readme_blocks() if "mypt finetune --from shake" in b)
     pretrain, data, tune, chat = (to_argv(line) for line in block.strip().splitlines())
-    run_line(pretrain, tmp_path)
+    run_line([*pretrain, "--max_iters", "3", "--eval_interval", "3", "--eval_iters", "1"], tmp_path)
     run_line([*data, "--n_train", "60", "--n_heldout", "10"], tmp_path)
     out = run_line([*tune, "--max_iters", "2", "--eval_interval", "1", "--eval_iters", "1"], tmp_path).stdout
     assert "fine-tuning 'shake' into 'shake-chat'" in out and "60 conversations" in out

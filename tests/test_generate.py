@@ -97,6 +97,18 @@ def test_greedy_api_cached_equals_reference_for_gpt2(ckpts: Path) -> None:
     assert text == reference_greedy(lm, "The king", 40)
 
 
+def test_lookup_gives_the_text_without_it_on_the_cli_and_the_api(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    """--lookup N: greedy text equal to plain greedy past block_size (32), and a seed's sampled text too."""
+    common = ["--model_name", "chars", "--prompt", "To be, or not to be. To be, or not", "--max_new_tokens", "80"]
+    for flags in (["--temperature", "0"], ["--temperature", "0.9", "--top_k", "20", "--seed", "5"]):
+        code, plain, _ = generate(capsys, ckpts, *common, *flags)
+        assert code == 0
+        assert generate(capsys, ckpts, *common, *flags, "--lookup", "6")[:2] == (0, plain)
+    lm = load_model("bpe", ckpts, device="cpu", dtype="fp32")
+    prompt = "The king is dead. The king is dead. The king"
+    assert lm.generate(prompt, max_new_tokens=40, temperature=0, lookup=5) == reference_greedy(lm, prompt, 40)
+
+
 def test_streaming_prints_the_same_text(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
     common = ["--model_name", "bpe", "--prompt", "Hello", "--max_new_tokens", "30", "--seed", "3"]
     streamed = generate(capsys, ckpts, *common, "--stream")[1]
@@ -199,7 +211,7 @@ def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture) -
     out = capsys.readouterr().out
     for flag in ("--max_new_tokens", "--temperature", "--top_k", "--top_p", "--repetition_penalty", "--seed",
                  "--num_samples", "--prompt_file", "--stop", "--stream", "--device", "--dtype",
-                 "--checkpoints_dir", "slides in steps"):
+                 "--checkpoints_dir", "slides in steps", "--lookup"):
         assert flag in out
     assert "(default: 200)" in out and "(default: 0.8)" in out
 
@@ -272,6 +284,14 @@ def test_sampling_values_that_could_make_nan_are_refused_naming_the_flag(capsys:
         chars.generate("ROMEO:", repetition_penalty=1e-38)
     assert chars.generate("ROMEO:", max_new_tokens=10, top_p=1e-50, seed=1) == chars.generate(
         "ROMEO:", max_new_tokens=10, temperature=0)  # only the likeliest token is left
+
+
+def test_bad_lookup_values_exit_2_naming_the_flag(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
+    for bad in ("-1", "65"):
+        err = assert_error(capsys, ckpts, "--model_name", "chars", "--lookup", bad)
+        assert f"--lookup ({bad}) must be an integer from 0 to 64" in err
+    err = assert_error(capsys, ckpts, "--model_name", "chars", "--lookup", "3", "--no-cache")
+    assert "--lookup (3) needs the KV cache" in err
 
 
 def test_bad_flags_and_prompt_file(capsys: pytest.CaptureFixture, ckpts: Path) -> None:

@@ -166,3 +166,51 @@ def test_peft_export_of_a_model_without_adapters_is_refused(tmp_path, capsys):
                                   "--out", str(tmp_path / "adapter")]) == 2
     assert "--format peft: this model has no LoRA adapters" in capsys.readouterr().err
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["older-checkpoint-llama-untied", "imported-gpt2"])
+def test_peft_export_of_a_grown_base_carries_the_embedding_and_head(tmp_path, source, capsys):
+    """A base without chat-token rows grows when fine-tuned; its adapter carries the grown embedding
+    and head (modules_to_save) and loads, as the export says, onto the base's export resized."""
+    transformers, peft = require("transformers"), require("peft")
+    from test_finetune import CHARS, conversations, finetune, make_base, write_jsonl
+
+    from mypt.tokenizers import CharTokenizer
+
+    ck = tmp_path / "checkpoints"
+    write_jsonl(tmp_path / "chat.jsonl", conversations(20))
+    if source == "imported-gpt2":  # GPT-2's 50257 rows: 50304 with the chat tokens (padded to 64)
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+        base, base_hf, embedding = str(tmp_path / "hf"), tmp_path / "hf", "transformer.wte"
+    else:  # a char tokenizer saved before the chat tokens: 4 rows more
+        make_base(ck, "old", CharTokenizer(CHARS, chat=False), tie=False, **{**LLAMA, "rope_theta": 10000.0})
+        assert run_command("export", ["--model_name", "old", "--checkpoints_dir", str(ck),
+                                      "--out", str(tmp_path / "base-hf")]) == 0
+        base, base_hf, embedding = "old", tmp_path / "base-hf", "model.embed_tokens"
+    r = finetune(tmp_path, "--from", base, "--model_name", "tuned", "--input_file", "chat.jsonl", "--lora_rank", "4",
+                 "--max_iters", "3", "--learning_rate", "1e-2", "--batch_size", "2", "--eval_iters", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    tuned = load_checkpoint(ck / "tuned")
+    vocab, base_vocab = tuned.config["vocab_size"], tuned.training_state["finetune"]["base_vocab_size"]
+    assert base_vocab < vocab and f"grow from {base_vocab} to {vocab} rows" in r.stdout
+    capsys.readouterr()
+    adapter = tmp_path / "adapter"
+    assert run_command("export", ["--model_name", "tuned", "--checkpoints_dir", str(ck), "--format", "peft",
+                                  "--out", str(adapter)]) == 0
+    assert f"model.resize_token_embeddings({vocab}, mean_resizing=False)" in capsys.readouterr().out
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == [embedding, "lm_head"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_hf)
+    assert hf.config.vocab_size == base_vocab
+    hf.resize_token_embeddings(vocab, mean_resizing=False)  # the README's recipe
+    model = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    ours = build_model(tuned).model.eval()
+    tok = build_model(tuned).tokenizer
+    x = torch.randint(0, tok.n_vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+    x[:, :4] = torch.tensor(sorted(tok.chat_ids.values()))  # the grown rows are read, and their logits compared
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours(x)[0], atol=1e-4, rtol=0)
+    theirs = transformers.AutoTokenizer.from_pretrained(adapter)  # the fine-tune's tokenizer, with its template
+    assert theirs.chat_template and theirs.convert_tokens_to_ids("<|end|>") == tok.chat_ids["<|end|>"]

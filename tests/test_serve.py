@@ -174,6 +174,156 @@ def test_a_models_own_chat_template(ckpts: Path) -> None:
         (folder / "chat_template.json").unlink()
 
 
+# ----------------------------------------------------------------------------- logprobs
+
+
+def reference_logprobs(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """(T, vocab) log_softmax of a direct full forward pass: row t scores the token after ids[t]."""
+    with torch.no_grad():
+        logits, _ = lm.model(torch.tensor([ids]))
+    return logits[0].float().log_softmax(-1)
+
+
+def check_offsets(lp, text: str) -> None:
+    """Each token's text sits at its text_offset in the choice's text (a char tokenizer: one char a token)."""
+    for token, offset in zip(lp.tokens, lp.text_offset, strict=True):
+        assert text[offset: offset + len(token)] == token
+
+
+@pytest.mark.parametrize("name", ["chars", "rope"])
+def test_echoed_token_id_prompt_logprobs_equal_a_full_forward_pass(client, models, name: str) -> None:
+    lm = models[name]
+    ids = lm.tokenizer.encode("ROMEO:\nWhat say you, my lord?")
+    answer = complete(client, name, prompt=ids, echo=True, logprobs=3, max_tokens=0, temperature=0)
+    choice = answer.choices[0]
+    lp, ref = choice.logprobs, reference_logprobs(lm, ids)
+    assert choice.text == lm.tokenizer.decode(ids) and choice.finish_reason == "length"
+    assert lp.tokens == [lm.tokenizer.decode([t]) for t in ids] and lp.text_offset == list(range(len(ids)))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4)
+    for t, top, row in zip(lp.tokens[1:], lp.top_logprobs[1:], ref[:-1], strict=True):
+        best = row[: lm.tokenizer.n_vocab].topk(3)
+        assert list(top.values())[:3] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert t in top and len(top) in (3, 4)  # the 3 likeliest, and the token itself
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == 0
+
+
+def test_a_batch_of_token_id_lists_as_lm_eval_sends_it(url: str, models) -> None:
+    """lm-evaluation-harness 0.4's local-completions request: one choice per list, in order, each
+    with the prompt's logprobs and one new token's."""
+    tok = models["chars"].tokenizer
+    prompts = [tok.encode("ROMEO:\nWhat"), tok.encode("JULIET:\nO Romeo, Romeo"), tok.encode("A")]
+    body = {"model": "chars", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    choices = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for ids, choice in zip(prompts, choices, strict=True):
+        lp = choice["logprobs"]
+        ref = reference_logprobs(models["chars"], ids)
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ids) + 1
+        assert lp["token_logprobs"][1:-1] == pytest.approx(ref[range(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+        best = ref[-1, : tok.n_vocab].max().item()  # the greedy new token is the likeliest after the prompt
+        assert lp["token_logprobs"][-1] == pytest.approx(best, abs=1e-4)
+        assert max(lp["top_logprobs"][-1].values()) == lp["token_logprobs"][-1]
+        assert choice["text"] == tok.decode(ids) + lp["tokens"][-1]
+
+
+@pytest.mark.parametrize("name", ["chars", "rope"])
+def test_new_tokens_logprobs_are_their_steps(client, models, name: str) -> None:
+    lm = models[name]
+    choice = complete(client, name, max_tokens=15, temperature=0, logprobs=2).choices[0]
+    lp = choice.logprobs
+    ids = lm.tokenizer.encode(PROMPT)
+    new = [lm.tokenizer.encode(t)[0] for t in lp.tokens]
+    ref = reference_logprobs(lm, ids + new)[len(ids) - 1: -1]  # the step before each new token
+    assert torch.allclose(torch.tensor(lp.token_logprobs), ref[range(len(new)), new], atol=1e-4)
+    for t, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert list(top)[0] == t and top[t] == logprob and len(top) == 2  # greedy: the likeliest, in its top 2
+    assert "".join(lp.tokens) == choice.text
+    check_offsets(lp, choice.text)
+    echoed = complete(client, name, max_tokens=15, temperature=0, logprobs=2, echo=True).choices[0]
+    assert echoed.logprobs.token_logprobs[len(ids):] == lp.token_logprobs and echoed.logprobs.tokens[0] == "R"
+    check_offsets(echoed.logprobs, echoed.text)
+
+
+def test_sampled_logprobs_are_of_the_raw_distribution(client, models) -> None:
+    """Not the tempered or top-k-filtered one: temperature changes the token, not its logprob."""
+    lm = models["chars"]
+    choice = complete(client, max_tokens=10, temperature=1.5, extra_body={"top_k": 5}, seed=3, logprobs=0).choices[0]
+    ids = lm.tokenizer.encode(PROMPT)
+    new = [lm.tokenizer.encode(t)[0] for t in choice.logprobs.tokens]
+    ref = reference_logprobs(lm, ids + new)[len(ids) - 1: -1]
+    assert choice.logprobs.token_logprobs == pytest.approx(ref[range(len(new)), new].tolist(), abs=1e-4)
+    assert [list(top) for top in choice.logprobs.top_logprobs] == [[t] for t in choice.logprobs.tokens]
+    assert choice.text == solo(lm, PROMPT, max_tokens=10, temperature=1.5, top_k=5, seed=3)
+
+
+def test_chat_logprobs(client) -> None:
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    kw = dict(model="rope", messages=messages, max_tokens=20, temperature=0)
+    reply = client.chat.completions.create(logprobs=True, top_logprobs=3, **kw).choices[0]
+    content = reply.logprobs.content
+    assert reply.message.content == client.chat.completions.create(**kw).choices[0].message.content
+    assert "".join(e.token for e in content).lstrip().startswith(reply.message.content)
+    for e in content:
+        assert e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob  # greedy
+    plain = client.chat.completions.create(logprobs=True, **kw).choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in plain] == [(e.token, e.logprob) for e in content]
+    assert all(e.top_logprobs == [] for e in plain)
+    chunks = client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kw)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for piece in streamed for e in piece.content] == [e.logprob for e in content]
+
+
+def test_streamed_logprobs_equal_the_whole_answer(client, models) -> None:
+    ids = models["chars"].tokenizer.encode(PROMPT)
+    kw = dict(prompt=[ids, ids[:4]], max_tokens=12, temperature=0.8, seed=5, logprobs=2, echo=True)
+    whole = complete(client, **kw).choices
+    pieces: dict[int, dict[str, list]] = {0: {}, 1: {}}
+    texts = {0: "", 1: ""}
+    for c in complete(client, stream=True, **kw):
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+            if choice.logprobs is not None:
+                for key, values in choice.logprobs.to_dict().items():
+                    pieces[choice.index].setdefault(key, []).extend(values)
+    for choice in whole:
+        assert texts[choice.index] == choice.text
+        assert pieces[choice.index] == choice.logprobs.to_dict()
+
+
+@pytest.mark.parametrize("name", ["chars", "rope"])
+def test_concurrent_requests_with_and_without_logprobs(url: str, models, name: str) -> None:
+    lm = models[name]
+
+    async def one(client, prompt: str, kw: dict, logprobs: int | None):
+        extra = {k: kw[k] for k in ("top_k", "repetition_penalty") if k in kw}
+        plain = {k: v for k, v in kw.items() if k not in extra}
+        ids = lm.tokenizer.encode(prompt)
+        return await client.completions.create(model=name, prompt=ids, extra_body=extra, logprobs=logprobs,
+                                               echo=logprobs is not None, **plain)
+
+    async def all_at_once() -> list:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+            return await asyncio.gather(*(one(client, p, kw, lp) for (p, kw), lp in
+                                          zip(MIXED + MIXED, [1, None, 0, 5, None, 2] * 2, strict=True)))
+
+    answers = asyncio.run(all_at_once())
+    expected = [solo(lm, p, **{**kw, "stop": tuple(kw.get("stop", ()))}) for p, kw in MIXED]
+    for (prompt, _), answer, text in zip(MIXED + MIXED, answers, expected + expected, strict=True):
+        choice = answer.choices[0]
+        if choice.logprobs is None:
+            assert choice.text == text
+            continue
+        assert choice.text == prompt + text
+        ids = lm.tokenizer.encode(prompt)
+        logprobs = choice.logprobs.token_logprobs[1: len(ids)]
+        ref = reference_logprobs(lm, ids)
+        assert logprobs == pytest.approx(ref[range(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -245,6 +395,45 @@ def test_hostile_bodies_are_400s_naming_the_field(url: str) -> None:
     assert many["param"] == "prompt" and "--max_queue" in many["message"]
     unknown = post({"model": "chars", "prompt": "ROMEO: €", "max_tokens": 2})
     assert unknown["param"] == "prompt" and not unknown["message"].startswith("prompt: prompt")
+
+
+@pytest.mark.parametrize(("chat", "fields", "param"), [
+    (False, {"logprobs": 21}, "logprobs"), (False, {"logprobs": -1}, "logprobs"),
+    (False, {"logprobs": "1"}, "logprobs"), (False, {"logprobs": True}, "logprobs"),
+    (False, {"logprobs": 1.0}, "logprobs"), (False, {"echo": "yes"}, "echo"),
+    (False, {"prompt": []}, "prompt"), (False, {"prompt": [[]]}, "prompt[0]"),
+    (False, {"prompt": [5, -1]}, "prompt[1]"), (False, {"prompt": [5, 2.5]}, "prompt[1]"),
+    (False, {"prompt": [5, True]}, "prompt[1]"),
+    (False, {"prompt": [[5], [5, "a"]]}, "prompt[1][1]"), (False, {"prompt": ["a", [5]]}, "prompt"),
+    (False, {"prompt": [5, 64]}, "prompt"), (False, {"prompt": [[5], [5, 10**6]]}, "prompt"),
+    (True, {"logprobs": 1}, "logprobs"), (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (True, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"), (True, {"top_logprobs": 2}, "top_logprobs"),
+    (True, {"logprobs": False, "top_logprobs": 1}, "top_logprobs"), (True, {"echo": True}, "echo"),
+])
+def test_bad_logprobs_echo_and_token_ids_are_400s_naming_the_field(url: str, chat: bool, fields: dict,
+                                                                    param: str) -> None:
+    base = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": PROMPT}
+    r = httpx.post(url + ("/v1/chat/completions" if chat else "/v1/completions"),
+                   json={"model": "chars", "max_tokens": 2, **base, **fields})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    if fields.get("prompt") == [[5], [5, 10**6]]:
+        assert "prompt[1][1]: token id 1000000 is not in the vocabulary of 'chars'" in error["message"]
+
+
+def test_echo_logprobs_beyond_block_size(client, models) -> None:
+    """A rotary model scores a prompt longer than its block_size through its sliding window
+    exactly; a learned-position model cannot, and says so."""
+    ids = models["rope"].tokenizer.encode("ROMEO:\nWhat say you, my lord? Speak, speak, I pray thee.")
+    assert len(ids) > 32
+    lp = complete(client, "rope", prompt=ids, echo=True, logprobs=0, max_tokens=0).choices[0].logprobs
+    ref = reference_logprobs(models["rope"], ids)
+    assert lp.token_logprobs[1:] == pytest.approx(ref[range(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, "chars", prompt=ids, echo=True, logprobs=0, max_tokens=0)
+    assert error_of(e)["code"] == "context_length_exceeded" and "block_size" in error_of(e)["message"]
+    assert complete(client, "chars", prompt=ids, max_tokens=1).choices[0].text  # generation still slides
 
 
 def test_too_long_prompt_and_too_big_body(client, url: str) -> None:

@@ -1,6 +1,7 @@
 """The page at `/` in a real headless Chromium (Debian's `chromium` package; .ci/run installs it),
 driven by Playwright's Python API: load it, choose a model, send a prompt, watch the text stream
-in, stop a long reply, chat; a screenshot is saved under the test's tmp dir.
+in, stop a long reply, chat; a screenshot is saved under the test's tmp dir. A model fine-tuned
+for chat (mypt finetune) opens in chat mode and keeps the conversation; a base model does not.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 from serving import running_server, train_models
+from test_finetune import LINES, chat_model  # noqa: F401 (chat_model: a fixture, a fine-tune that answers "Ay.")
 
 httpx = require("httpx")
 sync_api = require("playwright.sync_api")
@@ -34,13 +36,19 @@ def url(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def page(url: str):
+def browser():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        tab = browser.new_page(viewport={"width": 1100, "height": 700})
-        tab.goto(url + "/")
-        yield tab
-        browser.close()
+        chromium = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, url: str):
+    tab = browser.new_page(viewport={"width": 1100, "height": 700})
+    tab.goto(url + "/")
+    yield tab
+    tab.close()
 
 
 def record_lengths(page) -> None:
@@ -113,3 +121,45 @@ def test_chat_mode_shows_both_turns(page) -> None:
     assert len(turns) == 2 and turns[0] == "You: Who art thou?" and turns[1].startswith("Model: ")
     assert len(turns[1]) > len("Model: ")
     assert page.input_value("#prompt") == ""
+
+
+@pytest.fixture(scope="module")
+def chat_url(chat_model: Path):  # noqa: F811 (the fixture imported above)
+    with running_server(chat_model, ["ay", "base"]) as base:
+        yield base
+
+
+@pytest.mark.slow
+def test_a_chat_model_opens_in_chat_mode_and_keeps_the_conversation(browser, chat_url: str) -> None:
+    cards = httpx.get(chat_url + "/v1/models").json()["data"]
+    assert [(c["id"], c["chat_template"]) for c in cards] == [("ay", "mypt-chat-1"), ("base", None)]
+    tab = browser.new_page()
+    posted: list[tuple[str, dict]] = []
+    tab.on("request", lambda r: posted.append((r.url.removeprefix(chat_url), r.post_data_json))
+           if r.method == "POST" else None)
+    tab.goto(chat_url + "/")
+    tab.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    assert tab.locator("#model option").all_inner_texts() == ["ay (context 64, chat)", "base (context 64)"]
+    assert tab.input_value("#model") == "ay" and tab.input_value("#mode") == "chat"
+    history: list[dict] = []
+    for line in (LINES[300], LINES[301]):
+        send(tab, "ay", line, temperature="0", max_tokens="20")
+        tab.wait_for_function(FINISHED)
+        history.append({"role": "user", "content": line})
+        url, body = posted[-1]
+        assert url == "/v1/chat/completions" and body["messages"] == history and body["stream"] is True
+        answer = httpx.post(chat_url + url, json={**body, "stream": False, "stream_options": None},
+                            timeout=60).json()["choices"][0]
+        assert answer["message"]["content"] == "Ay." and answer["finish_reason"] == "stop"  # the template's turn
+        history.append({"role": "assistant", "content": "Ay."})
+    assert "finished: stop" in tab.inner_text("#status")
+    turns = tab.locator("#output .turn").all_inner_texts()
+    assert turns == [f"You: {LINES[300]}", "Model: Ay.", f"You: {LINES[301]}", "Model: Ay."]
+    tab.select_option("#model", "base")  # a model without a template: completion mode, a fresh page
+    assert tab.input_value("#mode") == "complete" and tab.inner_text("#output") == ""
+    send(tab, "base", "ROMEO:", max_tokens="5")
+    tab.wait_for_function(FINISHED)
+    assert posted[-1][0] == "/v1/completions" and posted[-1][1]["prompt"] == "ROMEO:"
+    tab.select_option("#model", "ay")
+    assert tab.input_value("#mode") == "chat"
+    tab.close()

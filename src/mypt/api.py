@@ -6,12 +6,14 @@
     for piece in lm.stream("To be", temperature=0):   # text as it is generated
         print(piece, end="", flush=True)
     lm.evaluate(open("held_out.txt").read()).bits_per_char
+    lm.evaluate_task("builtin")[0].acc           # task accuracy (mypt.evaluation)
     chat = load_model("dante-chat")               # a model fine-tuned by mypt finetune
     print(chat.chat([{"role": "user", "content": "Who speaks next?"}]).text())
 
 generate/stream take the fields of mypt.sampling.SamplingConfig as keywords (max_new_tokens,
-temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache, ignore_eot). The text ends
-at the model's end-of-text token unless ignore_eot=True. A checkpoint folder
+temperature, top_k, top_p, repetition_penalty, seed, stop, use_cache, ignore_eot, lookup). The text
+ends at the model's end-of-text token unless ignore_eot=True. lookup=N turns on prompt-lookup
+decoding (mypt.lookup): the same text, several tokens per forward pass where it repeats the prompt. A checkpoint folder
 describes itself: the model is rebuilt from its config.json, tokenizer.json and model.pt alone,
 never from the current command line.
 """
@@ -19,10 +21,9 @@ never from the current command line.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,8 +34,14 @@ from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.finetune.template import ROLES, Message, check_template, prompt_ids, stop_ids
 from mypt.model import GPT
+from mypt.quant import check_kind
+from mypt.quant import quantize as quantize_model
 from mypt.sampling import SamplingConfig, TextStream, fresh_seed, generate_ids
 from mypt.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from mypt.evaluation.report import TaskResult
+    from mypt.evaluation.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class EvalResult:
     n_tokens: int
     n_chars: int
     total_nats: float
+    n_bytes: int = 0  # UTF-8 bytes of the text
 
     @property
     def perplexity(self) -> float:
@@ -54,6 +62,11 @@ class EvalResult:
     def bits_per_char(self) -> float:
         """Comparable across tokenizers: total information over the number of characters."""
         return self.total_nats / (math.log(2) * self.n_chars)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Comparable across tokenizers and scripts: total information over the text's UTF-8 bytes."""
+        return self.total_nats / (math.log(2) * self.n_bytes)
 
 
 @dataclass
@@ -75,6 +88,13 @@ class LoadedModel:
         """The model's folder in checkpoints/ (also when these are its best/ weights)."""
         path = self.checkpoint.path
         return path.parent if path.name == BEST_DIR else path
+
+    @property
+    def num_params(self) -> int:
+        """The architecture's parameters (a tied head counted once), however they are stored."""
+        from mypt.estimate import count_params
+
+        return count_params(self.config)
 
     @property
     def name(self) -> str:
@@ -125,29 +145,22 @@ class LoadedModel:
         return self.stream(prompt, **options).text()
 
     def evaluate(self, text: str, *, what: str = "text", batch_size: int = 8) -> EvalResult:
-        """Loss, perplexity and bits per character of this model on text (`what` names it in errors)."""
-        if not text:
-            raise MyPTError(f"{what} is empty: there is nothing to evaluate")
-        ids = torch.tensor(self.tokenizer.start_ids()[:1] + self.tokenizer.encode(text, what), device=self.device)
-        total = 0.0
-        for x, y in _eval_batches(ids, self.config.block_size, batch_size):
-            with torch.inference_mode(), dist.autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
-            total += loss.item() * y.numel()
-        n_tokens = ids.numel() - 1
-        return EvalResult(total / n_tokens, n_tokens, len(text), total)
+        """Loss, perplexity, bits per character and per byte of this model on text (`what` names it in errors)."""
+        from mypt.evaluation.scoring import text_nats
 
+        n_tokens, total = text_nats(self.model, self.tokenizer, text, self.device, self.dtype, what, batch_size)
+        return EvalResult(total / n_tokens, n_tokens, len(text), total, len(text.encode("utf-8")))
 
-def _eval_batches(ids: torch.Tensor, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) covering ids[1:] once: non-overlapping windows, full ones batched."""
-    n = ids.numel() - 1  # tokens to predict
-    full = n // block_size
-    x = ids[: full * block_size].view(full, block_size)
-    y = ids[1 : full * block_size + 1].view(full, block_size)
-    for i in range(0, full, batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]
-    if n > full * block_size:
-        yield ids[full * block_size : n][None], ids[full * block_size + 1 :][None]
+    def evaluate_task(self, task: str | Task, *, num_fewshot: int = 0, limit: int | None = None,
+                      seed: int = 1234) -> list[TaskResult]:
+        """Scores on a task file, `builtin` (the built-in set) or a Task (see mypt.evaluation): one
+        TaskResult per task, whose .items hold each item's log-likelihoods."""
+        from mypt.evaluation import tasks as taskfiles
+        from mypt.evaluation.report import evaluate_task
+
+        loaded = taskfiles.load_tasks(task) if isinstance(task, str) else [task]
+        return [evaluate_task(self.model, self.tokenizer, taskfiles.prepare(t, num_fewshot, limit, seed),
+                              self.device, self.dtype, self.name) for t in loaded]
 
 
 def inference_dtype(requested: str, device: torch.device) -> str:
@@ -165,12 +178,13 @@ def inference_dtype(requested: str, device: torch.device) -> str:
 
 def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "checkpoints", *,
                path: str | Path | None = None, best: bool = False, device: str = "auto",
-               dtype: str = "auto") -> LoadedModel:
+               dtype: str = "auto", quantize: str | None = None) -> LoadedModel:
     """Load checkpoints_dir/model_name (or the folder `path`) for inference, in eval mode.
 
     best: the weights with the best validation loss (the folder's best/) instead of the latest.
     device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps. dtype: the autocast dtype
-    of the forward pass (auto, fp32, bf16, fp16); the weights stay fp32.
+    of the forward pass (auto, fp32, bf16, fp16); the weights stay fp32 unless quantize is "int8":
+    then the matrices of the blocks and the output layer are int8 (mypt.quant; CPU only).
     """
     if path is None:
         if model_name is None:
@@ -179,7 +193,10 @@ def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "che
     folder = best_dir(Path(path)) if best else Path(path)
     torch_device = dist.pick_device(device, dist.DistInfo())
     run_dtype = inference_dtype(dtype, torch_device)
+    check_kind(quantize, torch_device)
     ckpt = load_checkpoint(folder)
     built = build_model(ckpt, torch_device, merge_adapters=True)
     built.model.eval()
+    if quantize is not None:
+        quantize_model(built.model, quantize)
     return LoadedModel(built.model, built.config, built.tokenizer, ckpt, torch_device, run_dtype)

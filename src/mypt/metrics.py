@@ -119,6 +119,8 @@ class MetricsWriter:
             tb = self._tb()
             tb.add_scalar("val/loss", row["val_loss"], row["iter"])
             tb.add_scalar("eval/train_loss", row["train_loss"], row["iter"])
+            for key in task_keys([row]):
+                tb.add_scalar(f"tasks/{key}", row[key], row["iter"])
             tb.flush()
 
     def close(self) -> None:
@@ -128,7 +130,13 @@ class MetricsWriter:
             self.writer.close()
 
 
+def task_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The --eval_task scores in eval rows: "TASK/acc" (a text task's "TASK/bits_per_byte"), first seen first."""
+    return list(dict.fromkeys(k for r in rows for k in r if k.endswith(("/acc", "/bits_per_byte"))))
+
+
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    """Train and validation loss by iteration; --eval_task accuracies on a second axis, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,6 +150,14 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_title(path.parent.name)
     ax.grid(alpha=0.3)
+    accs = [k for k in task_keys(rows) if k.endswith("/acc")]
+    if accs:
+        ax2 = ax.twinx()
+        for key in accs:
+            shown = [r for r in rows if key in r]
+            ax2.plot([r["iter"] for r in shown], [r[key] for r in shown], marker=".", linestyle="--", label=key)
+        ax2.set_ylabel("task accuracy")
+        ax2.legend(loc="upper center", fontsize="small")
     ax.legend()
     try:
         fsutil.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))

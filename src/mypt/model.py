@@ -295,24 +295,28 @@ class GPT(nn.Module):
         capacity = c.block_size if capacity is None else min(capacity, c.block_size)
         cache = KVCache(c.n_layer, batch, c.kv_heads, capacity, c.head_dim, device, dtype,
                         ring=c.position == "rope" and capacity == c.block_size)
-        if device.type == "cpu":
+        if device.type == "cpu" and type(self.lm_head) is nn.Linear:
             # On a CPU, one row of logits is faster against a contiguous (n_embd, vocab) copy of
-            # the head than through nn.Linear's (vocab, n_embd) (BENCHMARKS.md, Generation).
+            # the head than through nn.Linear's (vocab, n_embd) (BENCHMARKS.md, Generation). A head
+            # replaced from outside (mypt.quant's int8 layer) runs itself.
             cache.head = self.lm_head.weight.detach().t().contiguous()
         return cache
 
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None,
-                    start: int = 0) -> torch.Tensor:
+                    start: int = 0, last: int = 0) -> torch.Tensor:
         """Logits (n, vocab) for the position after each row of idx (n, T).
 
         With a cache, idx holds each row's new tokens only: row i of idx continues cache row
         rows[i] (rows: a LongTensor of n distinct row indices; None = every row, in order); the
         other rows keep their content. Without one, idx is a whole window whose first token
         sits at position `start` (it matters only to a rotary model past block_size).
+        last > 0: the logits after each of the last `last` tokens instead, (n, last, vocab)
+        (mypt.lookup verifies drafted tokens with them).
         """
         step = None if cache is None else cache.step(rows, idx.size(1))
-        x = self.hidden_states(idx, step, start)[:, -1, :]
+        x = self.hidden_states(idx, step, start)
+        x = x[:, -last:, :] if last else x[:, -1, :]
         if step is not None:
             step.commit()
             if cache.head is not None:

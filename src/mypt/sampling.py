@@ -6,6 +6,12 @@ temperature, top-k, top-p), the context-window policy, and the one decoding step
 steps any number of `Continuation`s of one model over a batched KV cache (one forward pass for
 all of them, then each picks its token with its own generator, penalty state and stop strings;
 a continuation whose logits are not finite fails alone, the others go on).
+A continuation may also record its tokens' log-probabilities (`TokenLogprob`), and
+`prompt_logprobs` scores a whole prompt in one forward pass: both are of the model's raw
+distribution (log_softmax over all its logits, before the penalty, temperature, top-k and top-p),
+as vLLM reports them by default and as transformers computes them on the exported model.
+With prompt lookup (SamplingConfig.lookup, mypt.lookup) a continuation may take several
+tokens in one step, the same tokens it would take one step at a time.
 `generate_ids` (token ids) and `TextStream` (text pieces that never split a UTF-8 character and
 stop at a stop string) run one continuation through it; `mypt.serve` runs many. No I/O: nothing
 here prints or reads files; `mypt.api` and the CLI do that.
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mypt.errors import MyPTError
+from mypt.lookup import MAX_LOOKUP, Lookup
 from mypt.tokenizers import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -81,6 +88,7 @@ BOUNDS = {
     "top_p": Bound(0, 1, low_open=True, note="1: off"),
     "repetition_penalty": Bound(0.01, 100, note="1: off"),
     "seed": Bound(-(2**63), 2**63 - 1, integer=True),
+    "lookup": Bound(0, MAX_LOOKUP, integer=True, note="0: off"),
 }
 
 
@@ -110,6 +118,7 @@ class SamplingConfig:
     use_cache: bool = True
     ignore_eot: bool = False  # keep going past the end-of-text token (by default it ends the text)
     stop_ids: tuple[int, ...] = ()  # tokens that end the text, unseen, like end-of-text (a chat reply's end-of-turn)
+    lookup: int = 0  # prompt-lookup decoding: up to this many drafted tokens verified per step (mypt.lookup); 0: off
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, tuple)):
@@ -158,6 +167,9 @@ def setting_problems(values: dict[str, object]) -> list[tuple[str, str]]:
             continue
         if what is not None:
             problems.append((field, what))
+    if values.get("lookup") and values.get("use_cache") is False:
+        problems.append(("lookup", "needs the KV cache: leave the cache on (no --no-cache, no use_cache=false), "
+                                   "or set lookup to 0"))
     return problems
 
 
@@ -258,6 +270,58 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
 
 
 # ---------------------------------------------------------------------------------------------
+# Log-probabilities
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token anyone may ask for (as OpenAI)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution, and the `top` likeliest
+    tokens as (id, logprob), likeliest first. logprob is None for a text's first token, which
+    nothing predicts."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int, vocab_size: int) -> list[TokenLogprob]:
+    """TokenLogprob of tokens (n,) under the raw logits (n, model vocab): log_softmax over every
+    row of the model's head; the `top` alternatives among the tokenizer's ids (below vocab_size)."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if top == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(tokens.tolist(), chosen, strict=True)]
+    values, ids = logprobs[:, :vocab_size].topk(min(top, vocab_size), dim=-1)
+    return [TokenLogprob(t, lp, tuple(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(tokens.tolist(), chosen, ids.tolist(), values.tolist(), strict=True)]
+
+
+def prompt_logprobs(model: GPT, ids: Sequence[int], top: int, vocab_size: int,
+                    amp: AmpFactory = contextlib.nullcontext, chunk: int = 256) -> list[TokenLogprob]:
+    """Each prompt token's TokenLogprob given the tokens before it, from one forward pass (the
+    first token's logprob is None). A learned-position model takes at most block_size tokens; a
+    rotary one more, each token seeing the block_size tokens ending at itself (as generation)."""
+    import torch
+
+    cfg = model.config
+    if not ids:
+        raise MyPTError("a prompt to score needs at least one token")
+    if cfg.position != "rope" and len(ids) > cfg.block_size:
+        raise MyPTError(f"{len(ids)} prompt tokens are more than this model scores at once (its block_size "
+                        f"{cfg.block_size}; learned positions cannot slide)")
+    device = model.lm_head.weight.device
+    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    out = [TokenLogprob(ids[0], None)]
+    with torch.inference_mode(), amp():
+        hidden = model.hidden_states(idx)[0, :-1]  # (T - 1, n_embd): position t predicts token t + 1
+        for i in range(0, hidden.size(0), chunk):  # (chunk, vocab) logits at a time, not (T, vocab)
+            out += logprobs_of(model.lm_head(hidden[i: i + chunk]), idx[0, i + 1: i + 1 + chunk], top, vocab_size)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Context window and decoding
 
 
@@ -280,14 +344,18 @@ class Continuation:
     eot_id (the end-of-text token, not taken into the text; unless cfg.ignore_eot) or at one of
     cfg.stop_ids (also not taken), "error" when its logits are not finite (`error` says so; the
     other continuations go on);
-    `take_text()` hands over the text produced since it was last called.
+    `take_text()` hands over the text produced since it was last called; with `logprobs` (the
+    number of alternatives, 0 to MAX_TOP_LOGPROBS) `take_logprobs()` its tokens' TokenLogprobs.
     """
 
     def __init__(self, prompt_ids: Sequence[int], cfg: SamplingConfig, *, seed: int, vocab_size: int,
-                 tokenizer: Tokenizer | None = None, eot_id: int | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, eot_id: int | None = None, logprobs: int | None = None) -> None:
         if not prompt_ids:
             raise MyPTError("generation needs at least one prompt token (an empty prompt uses the start token)")
         self.cfg, self.seed, self.vocab_size = cfg, seed, vocab_size
+        self.logprobs = logprobs  # None: not recorded; else each new token's TokenLogprob with this many alternatives
+        self._logprobs: list[TokenLogprob] = []
+        self._chosen: int | None = None  # the token choose() took last
         self.eot_id = None if cfg.ignore_eot else eot_id
         self.tokens = list(prompt_ids)  # the context so far; Decoder.add keeps the last block_size
         self.n_new = 0
@@ -302,10 +370,17 @@ class Continuation:
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # tokens already in the text (repetition penalty)
         self.reused: int | None = None  # prompt tokens the prefix cache supplied (None: no prefix cache)
+        self.lookup = Lookup(cfg.lookup) if cfg.lookup else None  # drafts tokens to verify (mypt.lookup)
 
     @property
     def last(self) -> int:
         return self.tokens[-1]
+
+    def choose(self, logits: torch.Tensor) -> int | None:
+        """Pick the next token from this continuation's logits (vocab,) and take it (as
+        choose_tokens does for a batch); None when they were not all finite."""
+        choose_tokens([self], logits[None])
+        return None if self.finish_reason == "error" else self._chosen
 
     def accept(self, token: int, finite: bool) -> None:
         """Take the token `choose_tokens` picked. Logits that were not all finite end this
@@ -315,6 +390,7 @@ class Continuation:
             self.error = (f"the model's next-token scores are not finite (NaN or infinite) at new token "
                           f"{self.n_new + 1}")
             return
+        self._chosen = token
         if token == self.eot_id or token in self.cfg.stop_ids:
             self.finish_reason = "stop"
             if self.text is not None:
@@ -342,6 +418,11 @@ class Continuation:
         out, self._pieces = "".join(self._pieces), []
         return out
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The TokenLogprobs of the tokens produced since this was last called (when recorded)."""
+        out, self._logprobs = self._logprobs, []
+        return out
+
 
 def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
     """Each continuation of `group` picks its next token from its row of logits (n, vocab) and
@@ -353,6 +434,7 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
     """
     import torch
 
+    raw = logits
     vocab = min(c.vocab_size for c in group)
     if any(c.vocab_size != vocab for c in group):  # one model serves one tokenizer; but be exact anyway
         for c, row in zip(group, logits, strict=True):
@@ -368,7 +450,10 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
     finite = torch.isfinite(logits).all(-1)
     tokens = pick_tokens(logits.where(finite[:, None], 0.0), [c.cfg for c in group], [c.generator for c in group])
     tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
-    for c, token, ok in zip(group, tokens, finite, strict=True):
+    for i, (c, token, ok) in enumerate(zip(group, tokens, finite, strict=True)):
+        if ok and c.logprobs is not None:  # every token produced, the one that ends the text included
+            c._logprobs += logprobs_of(raw[i][None], torch.tensor([token], device=raw.device), c.logprobs,
+                                       c.vocab_size)
         c.accept(token, bool(ok))
 
 
@@ -381,7 +466,9 @@ class Decoder:
     refilled; then every continuation picks its token from its own logits with its own generator,
     all rows at once (`choose_tokens`, one host sync). generate_ids runs one continuation
     through it, a server many: the tokens are the same either way, up to the last bits of
-    floating-point sums that a batched matrix product orders differently.
+    floating-point sums that a batched matrix product orders differently. A continuation with
+    prompt lookup also feeds its drafted tokens (one forward pass per distinct draft length) and
+    takes the ones its logits confirm (mypt.lookup), row by row.
 
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
     (tokens a row holds, at most block_size) sizes the cache for continuations known to stay
@@ -397,8 +484,8 @@ class Decoder:
                  capacity: int | None = None, *, dtype: torch.dtype | None = None, prefill_chunk: int | None = None,
                  prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.slots, self.amp, self.capacity = model, slots, amp, capacity
-        self.device = model.lm_head.weight.device
-        self.dtype = dtype or model.lm_head.weight.dtype
+        self.device = model.transformer.wte.weight.device
+        self.dtype = dtype or model.transformer.wte.weight.dtype
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         self.prefilled = 0
         self.active: list[Continuation] = []
@@ -466,26 +553,29 @@ class Decoder:
                 self._cache.v[:, rows] = 0
 
     def step(self) -> list[Continuation]:
-        """One token for every active continuation whose prompt is in; returns those that finished
-        (now removed)."""
+        """One token (with lookup, maybe several) for every active continuation whose prompt is
+        in; returns those that finished (now removed)."""
         import torch
 
         with torch.inference_mode(), self.amp():
-            ready, logits = self._logits()
+            ready, logits, drafted = self._logits()
+            first = [c for c in ready if c.n_new == 0 and c.reused is not None]
             if ready:
-                first = [c for c in ready if c.n_new == 0 and c.reused is not None]
                 choose_tokens(ready, logits)
-                if self.prefix_cache is not None:
-                    for c in first:
-                        if c.finish_reason != "error" and c.start == 0:
-                            self.prefix_cache.store(c.tokens[:c.held], self.cache, c.slot)
+            for c, rows in drafted:  # after its pending token and after each drafted one
+                c.lookup.verify(c, rows, self.cache)
+            if self.prefix_cache is not None:
+                for c in first:
+                    if c.finish_reason != "error" and c.start == 0:
+                        self.prefix_cache.store(c.tokens[:c.held], self.cache, c.slot)
         done = [c for c in self.active if c.finish_reason is not None]
         for c in done:
             self.remove(c)
         return done
 
-    def _logits(self) -> tuple[list[Continuation], torch.Tensor | None]:
-        """The continuations that get a token this step and their next-token logits (n, vocab)."""
+    def _logits(self) -> tuple[list[Continuation], torch.Tensor | None, list[tuple[Continuation, torch.Tensor]]]:
+        """The continuations that get one token this step and their next-token logits (n, vocab);
+        and those with drafted tokens to verify, each with its (drafts + 1, vocab) logits."""
         import torch
 
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
@@ -494,7 +584,9 @@ class Decoder:
         self.prefilled = 0
         ready: list[Continuation] = []
         parts: list[torch.Tensor] = []
-        feeds: dict[int, list[Continuation]] = {}  # tokens fed per row -> its continuations
+        drafted: list[tuple[Continuation, torch.Tensor]] = []
+        feeds: dict[tuple[int, int], list[Continuation]] = {}  # (tokens fed, drafted) per row -> its continuations
+        complete: set[int] = set()  # rows whose pending tokens are all fed this step
         for c in self.active:
             if not slides:  # a learned-position window jumps; its row is then refilled
                 start = window_start(len(c.tokens), c.start, block_size)
@@ -504,22 +596,30 @@ class Decoder:
                 ready.append(c)
                 parts.append(_uncached_logits(self.model, c.tokens, c.start, self.device)[None])
                 continue
-            pending = len(c.tokens) - c.start - c.held
+            pending = fed = len(c.tokens) - c.start - c.held
             if pending > 1 and budget is not None:  # a prompt (or refill): within this step's budget
                 if budget <= 0:
                     continue
-                pending, budget = min(pending, budget), budget - pending
-            feeds.setdefault(pending, []).append(c)
-            self.prefilled += pending if pending > 1 else 0
-        for n_new, group in feeds.items():
-            logits = self._feed(group, n_new)
-            fed = [i for i, c in enumerate(group) if c.held == len(c.tokens) - c.start]
+                fed, budget = min(pending, budget), budget - pending
+            if fed == pending:
+                complete.add(id(c))
+            n_drafts = 0 if c.lookup is None or fed < pending else len(c.lookup.propose(c, self.cache, fed))
+            feeds.setdefault((fed, n_drafts), []).append(c)
+            self.prefilled += fed if fed > 1 else 0
+        for (n_new, n_drafts), group in feeds.items():
+            logits = self._feed(group, n_new, n_drafts)
+            if n_drafts:
+                drafted += list(zip(group, logits, strict=True))
+                continue
+            fed = [i for i, c in enumerate(group) if id(c) in complete]
             ready += [group[i] for i in fed]
             parts.append(logits if len(fed) == len(group) else logits[fed])
-        return ready, torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+        logits = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+        return ready, logits, drafted
 
-    def _feed(self, group: list[Continuation], n_new: int) -> torch.Tensor:
-        """One forward pass of each continuation's next n_new tokens into its row: (n, vocab)."""
+    def _feed(self, group: list[Continuation], n_new: int, n_drafts: int = 0) -> torch.Tensor:
+        """One forward pass of each continuation's next n_new tokens into its row: (n, vocab);
+        followed by its n_drafts drafted tokens, (n, n_drafts + 1, vocab)."""
         import torch
 
         cache = self.cache
@@ -527,11 +627,14 @@ class Decoder:
         fresh = [c.slot for c in group if c.held == 0]
         if fresh:
             cache.reset(torch.tensor(fresh))
-        idx = torch.tensor([c.tokens[c.start + c.held:][:n_new] for c in group], dtype=torch.long, device=self.device)
+        idx = torch.tensor([c.tokens[c.start + c.held:][:n_new] + (c.lookup.drafts if n_drafts else [])
+                            for c in group], dtype=torch.long, device=self.device)
         rows = None if slots == list(range(self.slots)) else torch.tensor(slots)  # host: the cache plans on it
         for c in group:
-            c.held += n_new
-        return self.model.next_logits(idx, cache, rows)
+            if n_drafts:
+                c.lookup.keep_overwritten(cache, c.slot, n_new)
+            c.held += n_new + n_drafts  # verify() rewinds past the rejected drafts
+        return self.model.next_logits(idx, cache, rows, last=n_drafts + 1 if n_drafts else 0)
 
 
 def _uncached_logits(model: GPT, tokens: list[int], start: int, device: torch.device) -> torch.Tensor:
@@ -573,8 +676,8 @@ def generate_ids(
     while c.finish_reason is None:
         before = c.n_new
         decoder.step()
-        if c.n_new > before:  # not the end-of-text token, which ends the text unseen
-            yield c.last
+        # the tokens taken (with lookup, several; not the end-of-text token, which ends the text unseen)
+        yield from c.tokens[len(c.tokens) - (c.n_new - before):]
     if c.error is not None:
         raise MyPTError(f"generation stopped: {c.error}; the checkpoint's weights may hold NaN or infinite values, "
                         "or a 16-bit dtype overflowed (try dtype fp32)")

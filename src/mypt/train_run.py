@@ -48,6 +48,8 @@ from mypt.config import (
 from mypt.data.builtin import DEFAULT as BUILTIN_CORPUS
 from mypt.errors import MyPTError
 from mypt.estimate import detect_memory, estimate_memory, human_bytes, max_batch_size
+from mypt.evaluation.report import check_tasks, task_scores
+from mypt.evaluation.tasks import Task, load_tasks
 from mypt.fsutil import FileLock
 from mypt.metrics import MetricsWriter, Progress, read_metrics
 from mypt.model import GPT
@@ -93,8 +95,10 @@ class RunPlan:
 def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, input_files: list[str] | None,
           tokenizer: str | None, arch_flags: dict[str, Any], train_flags: dict[str, Any], device: str,
           allow_data_change: bool = False, fsdp: bool = False, skip_memory_check: bool = False,
-          text_field: str | None = None, data_file: str | None = None, vocab_size: int | None = None) -> Stop:
+          text_field: str | None = None, data_file: str | None = None, vocab_size: int | None = None,
+          eval_tasks: list[str] | None = None) -> Stop:
     info = dist.dist_info()
+    tasks = dist.same_on_every_rank(lambda: load_eval_tasks(eval_tasks, fsdp))
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: check_train_flags(train_flags))  # flag errors first, before any file is read
     sources = dist.same_on_every_rank(lambda: data.sources_from_flags(input_files, text_field, data_file))
@@ -148,7 +152,7 @@ def train(*, model_name: str, checkpoints_dir: Path, config_file: str | None, in
         if info.is_main and not locks:
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
-        return run_plan(plan, info, torch_device, dtype, fsdp)
+        return run_plan(plan, info, torch_device, dtype, fsdp, tasks)
 
 
 def check_memory(cfg: ModelConfig, tc: TrainConfig, dtype: str, device: torch.device, info: dist.DistInfo,
@@ -376,8 +380,20 @@ def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
     return ModelConfig.from_dict({**cfg.to_dict(), **changes}, "config")
 
 
-def run_plan(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool) -> Stop:
+def load_eval_tasks(specs: list[str] | None, fsdp: bool) -> list[Task]:
+    """The --eval_task tasks, read before anything else happens."""
+    if specs and fsdp:
+        raise MyPTError("--eval_task does not run with --fsdp (each process holds a shard of the model); evaluate "
+                        "the saved checkpoints with mypt eval --task instead")
+    return [task for spec in specs or [] for task in load_tasks(spec)]
+
+
+def run_plan(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: str, fsdp: bool,
+             tasks: list[Task] | None = None) -> Stop:
+    """Train the planned run; at each evaluation the main process also scores `tasks` (--eval_task)."""
     cfg, tc = plan.model_cfg, plan.train_cfg
+    tasks = tasks or []
+    check_tasks(plan.tokenizer, tasks)
     train_data, val_data = _splits(plan, info)
     model, wrapped = build_for_training(plan, info, device, fsdp)
     optimizer = make_optimizer(wrapped, tc, device)
@@ -410,7 +426,11 @@ def run_plan(plan: RunPlan, info: dist.DistInfo, device: torch.device, dtype: st
 
     def on_eval(state: TrainState, row: dict[str, Any]) -> None:
         if info.is_main:
-            metrics.eval_row(row)
+            scores = task_scores(model, plan.tokenizer, tasks, device, dtype)
+            if scores:
+                print(f"tasks at iter {row['iter']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+                      flush=True)
+            metrics.eval_row({**row, **scores})
 
     try:
         stop = trainer.fit(plan.state, save, on_eval, _Reporter(progress, metrics, info.is_main))

@@ -35,7 +35,7 @@ SUMMARIES = {
     "chat": "talk to a fine-tuned chat model in the terminal",
     "configs": "list the presets with exact parameter counts and memory estimates",
     "inspect": "show what a checkpoint folder holds",
-    "eval": "loss, perplexity and bits per character of models on one text",
+    "eval": "accuracy of models on tasks, or loss and bits per character on one text",
     "compare": "continue one prompt with several models side by side",
     "export": "write a model as a Hugging Face transformers folder",
     "import": "turn a Hugging Face GPT-2, Llama or Qwen3 folder into a MyPT checkpoint",

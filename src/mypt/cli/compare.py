@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
           f"max_new_tokens {args.max_new_tokens}", flush=True)
     rows = []
     for name in args.model_name:
-        lm = load_model(name, args.checkpoints_dir, device=args.device, dtype=args.dtype)
-        params = format_params(lm.model.num_params())
+        lm = load_model(name, args.checkpoints_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        params = format_params(lm.num_params)
         iters = "?" if lm.iterations is None else f"{lm.iterations:,}"
         print(f"\n===== {name}: {params} parameters, {iters} iterations, {lm.tokenizer.kind} tokenizer =====",
               flush=True)

@@ -16,11 +16,17 @@ refused with the fields that differ. With no MyPT code and no network:
 
 A LoRA fine-tune (mypt finetune --lora_rank R) exports with its adapters merged into the
 weights; --format peft writes the adapters alone (adapter_config.json and
-adapter_model.safetensors), which peft loads onto the --format hf export of the base model:
+adapter_model.safetensors, and the fine-tune's tokenizer files), which peft loads onto the
+--format hf export of the base model (or the transformers folder it was fine-tuned from):
 
   from peft import PeftModel
-  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("exports/base-hf"),
-                                    "exports/dante-lora")
+  model = AutoModelForCausalLM.from_pretrained("exports/base-hf")
+  model.resize_token_embeddings(VOCAB_SIZE, mean_resizing=False)  # only if the export says so
+  model = PeftModel.from_pretrained(model, "exports/dante-lora")
+
+The resize is needed where the base grew for the chat tokens (an older checkpoint, an imported
+folder): the export then says so and names VOCAB_SIZE, and the adapter carries the grown
+embedding and output layer (modules_to_save).
 
 --format safetensors writes MyPT's own folder with model.safetensors in place of model.pt and
 no optimizer state (nothing in it is a pickle): mypt.api.load_model(path=DIR) reads it, and so
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         notes = export_hf(built, args.out)
     elif args.format == "peft":
-        notes = export_peft(built, args.out)
+        notes = export_peft(built, args.out, ckpt.training_state.get("finetune"))
     else:
         notes = export_weights_only(built, ckpt.training_state, folder, args.out)
     which = " (best-validation weights)" if args.best else ""

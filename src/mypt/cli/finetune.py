@@ -32,7 +32,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mypt.cli.options import SIGNAL_EXIT, add_checkpoints_dir, add_training_arguments, train_flags
+from mypt.cli.options import (
+    SIGNAL_EXIT,
+    add_checkpoints_dir,
+    add_eval_task_argument,
+    add_training_arguments,
+    train_flags,
+)
 from mypt.config import TrainConfig
 from mypt.errors import MyPTError
 from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS
@@ -63,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, help="rows per micro-batch (default: the base's)")
     p.add_argument("--dropout", type=float, help="dropout while fine-tuning (default: the base's)")
     add_training_arguments(p, HELP_DEFAULTS)
+    add_eval_task_argument(p)
     lora = p.add_argument_group("LoRA (without --lora_rank: every weight is fine-tuned)")
     lora.add_argument("--lora_rank", type=int, help="train rank-R adapters on the blocks' linear layers; the base's "
                       "weights stay frozen (no gradients, no optimizer state)")
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             input_files=args.input_file, data_file=args.data, form=args.format, epochs=args.epochs,
             arch_flags={"batch_size": args.batch_size, "dropout": args.dropout}, train_flags=train_flags(args),
             device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
-            skip_memory_check=args.skip_memory_check, lora=lora_flags(args),
+            skip_memory_check=args.skip_memory_check, lora=lora_flags(args), eval_tasks=args.eval_task,
         )
     except KeyboardInterrupt:
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)

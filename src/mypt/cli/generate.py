@@ -5,6 +5,7 @@ examples:
   python generate.py --model_name dante --prompt "To be" --temperature 0 --max_new_tokens 100
   python generate.py --model_name dante --prompt_file prompt.txt --num_samples 3 --seed 42
   python generate.py --model_name dante --prompt "Q: why?" --stop "\\n\\n" "Q:"
+  python generate.py --model_name dante --prompt_file passage.txt --temperature 0 --lookup 10
   mypt generate --model_name dante     # empty prompt: starts from <|endoftext|> (gpt2) or a newline (char)
 
 The prompt and its continuation go to stdout; notes (seed, speed) go to stderr. The same
@@ -40,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_samples", type=int, default=1, help="independent continuations; sample i uses "
                    "seed + i (default: %(default)s)")
     add_sampling_arguments(p)
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup decoding: each step drafts up to N tokens by finding the text's last few "
+                   "tokens earlier in the prompt or output and verifies them in one forward pass; the same text, "
+                   "faster where the output repeats its input (quoting, editing, continuing a passage); drafting "
+                   "pauses by itself where it does not pay. 0: off (default: %(default)s)")
     add_stream_argument(p)
     add_runtime_arguments(p)
 
@@ -51,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     prompt, what = read_prompt(args)
     seed = run_seed(args, args.num_samples)
     options = sampling_options(args, seed)
-    lm = load_model(args.model_name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model_name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype,
+                    quantize=args.quantize)
     shown = used_prompt(lm, prompt, what)
     live = sys.stdout.isatty() if args.stream is None else args.stream
     tokens, seconds = 0, 0.0

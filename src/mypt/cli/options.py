@@ -2,7 +2,7 @@
 
 Each command module adds its own flags and calls these for the shared ones, so a flag means the
 same everywhere and no command module imports another: the checkpoints folder; the runtime
-(--device, --dtype); the prompt and the sampling flags of generate, compare and chat; the
+(--device, --dtype, --quantize); the prompt and the sampling flags of generate, compare and chat; the
 training flags of train and finetune; reading a prompt or text file; the seed. Every number a
 flag gives is range-checked here or in the dataclass it fills (config.TrainConfig,
 sampling.SamplingConfig) before it is used.
@@ -24,6 +24,7 @@ from mypt.fsutil import check_regular_file
 
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE = ("int8",)  # mypt.quant.KINDS (not imported: torch loads only when a command runs)
 PROMPT_MAX_BYTES = 1 << 20  # a prompt file's tail read: far more than any context window's tokens
 MAX_SAMPLES = 10_000  # --num_samples: continuations of one prompt in one command
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # a training command stopped by a signal
@@ -48,11 +49,13 @@ def add_checkpoints_dir(p: argparse.ArgumentParser | argparse._ArgumentGroup, he
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """--checkpoints_dir, --device, --dtype (generate, eval, compare, serve)."""
+    """--checkpoints_dir, --device, --dtype, --quantize (generate, eval, compare, serve)."""
     add_checkpoints_dir(p)
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="autocast precision; auto: fp32 on CPU, bf16 (or fp16) on GPUs (default: %(default)s)")
+    p.add_argument("--quantize", choices=QUANTIZE, help="int8: weight-only int8 matrices (per output row), "
+                   "for faster decoding on a CPU; the embeddings stay fp32 (default: off, fp32 weights)")
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser, prompt_help: str) -> None:
@@ -139,6 +142,8 @@ def sampling_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed,
                    stop=tuple(unescape(s) for s in args.stop), use_cache=args.cache, ignore_eot=args.ignore_eot)
+    if getattr(args, "lookup", 0):  # generate.py's --lookup
+        options["lookup"] = args.lookup
     try:
         SamplingConfig(**options)  # every bad flag reported before the model is loaded
     except SamplingError as e:
@@ -220,6 +225,12 @@ def add_training_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any])
     t.add_argument("--keep_every", type=int, help="also keep the checkpoint every N iterations in "
                    "checkpoints/NAME/iter_N/ (default: 0, off)")
     t.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (torchrun only)")
+
+
+def add_eval_task_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval_task", action="append", metavar="FILE",
+                   help="at every evaluation also score a task (a file as mypt eval --task reads, or 'builtin', "
+                   "the built-in set) and log its accuracy beside the validation loss; repeatable")
 
 
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     require_models(args.model_name, args.checkpoints_dir)
     dist.pick_device(args.device, dist.DistInfo())  # a device MyPT cannot use is refused by name before listening
     sock = bind(args.host, args.port)
-    models = [load_model(name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype)
+    models = [load_model(name, args.checkpoints_dir, best=args.best, device=args.device, dtype=args.dtype,
+                         quantize=args.quantize)
               for name in args.model_name]
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     max_n=args.max_batch, max_body_bytes=args.max_body_bytes)

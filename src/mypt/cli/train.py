@@ -24,7 +24,13 @@ import signal
 import sys
 from pathlib import Path
 
-from mypt.cli.options import SIGNAL_EXIT, add_checkpoints_dir, add_training_arguments, train_flags
+from mypt.cli.options import (
+    SIGNAL_EXIT,
+    add_checkpoints_dir,
+    add_eval_task_argument,
+    add_training_arguments,
+    train_flags,
+)
 from mypt.config import ARCH_FLAGS, TrainConfig
 
 
@@ -62,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("batch_size", int), ("dropout", float), ("bias", _bool)):
         arch.add_argument(f"--{name}", type=kind)
     add_training_arguments(p, TrainConfig().to_dict())
+    add_eval_task_argument(p)
     p.add_argument("--skip_memory_check", action="store_true",
                    help="start even if the estimated training memory exceeds this machine's (or GPU's)")
 
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             arch_flags={k: getattr(args, k) for k in ARCH_FLAGS}, train_flags=train_flags(args),
             device=args.device, allow_data_change=args.allow_data_change, fsdp=args.fsdp,
             skip_memory_check=args.skip_memory_check, text_field=args.text_field, data_file=args.data,
-            vocab_size=args.vocab_size,
+            vocab_size=args.vocab_size, eval_tasks=args.eval_task,
         )
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns instead)
         print("\ninterrupted; the checkpoint folder is as it was last saved", file=sys.stderr, flush=True)

@@ -67,6 +67,7 @@ from mypt.train_run import (
     check_memory,
     fit_world_size,
     for_other_ranks,
+    load_eval_tasks,
     run_plan,
     schedule_note,
 )
@@ -79,8 +80,10 @@ NOISE = 0.1  # a grown row's noise, in standard deviations of the existing rows
 def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_files: list[str] | None,
              data_file: str | None, form: str | None, epochs: int | None, arch_flags: dict[str, Any],
              train_flags: dict[str, Any], device: str, allow_data_change: bool = False, fsdp: bool = False,
-             skip_memory_check: bool = False, lora: dict[str, Any] | None = None) -> Stop:
+             skip_memory_check: bool = False, lora: dict[str, Any] | None = None,
+             eval_tasks: list[str] | None = None) -> Stop:
     info = dist.dist_info()
+    tasks = dist.same_on_every_rank(lambda: load_eval_tasks(eval_tasks, fsdp))
     ckpt_dir = dist.same_on_every_rank(lambda: checkpoint_dir(checkpoints_dir, model_name))
     dist.same_on_every_rank(lambda: _check_flags(train_flags, epochs))
     sources = dist.same_on_every_rank(lambda: data.sources_from_flags(input_files, None, data_file))
@@ -128,7 +131,7 @@ def finetune(*, model_name: str, base: str | None, checkpoints_dir: Path, input_
         if info.is_main and not locks:
             locks.append(training_lock(ckpt_dir))
             locks[0].acquire()
-        return run_plan(plan, info, torch_device, dtype, fsdp)
+        return run_plan(plan, info, torch_device, dtype, fsdp, tasks)
 
 
 def _check_flags(train_flags: dict[str, Any], epochs: int | None) -> None:
@@ -268,6 +271,7 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     cfg = ModelConfig.from_dict(ckpt.config, f"{ckpt.path}/config.json")
     cfg = _arch(replace(cfg, training={}), arch_flags, "", new=True)  # the base's pretraining settings: not ours
     seed = train_flags.get("seed", TrainConfig.seed)
+    base_vocab = cfg.vocab_size
     start, cfg, tok = _chat_base(ckpt, cfg, seed)
     if lora is not None:
         start, cfg = _with_adapters(start, cfg, LoRAConfig(**lora), seed)
@@ -275,7 +279,9 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     parts, train, val = _read_data(sources, form, tok, cfg.block_size, val_split)
     values = _defaults(train, val, cfg, train_flags, epochs, info, _base_lr(ckpt)) | train_flags
     tc, _ = new_run_train_config(cfg, values)
-    state = {**_data_state(sources, parts), "finetune": {**record, "template": template.TEMPLATE, "format": form}}
+    # base_vocab_size below the fine-tune's vocab_size: the base grew, and a PEFT export carries the grown layers
+    state = {**_data_state(sources, parts), "finetune": {**record, "base_vocab_size": base_vocab,
+                                                         "template": template.TEMPLATE, "format": form}}
     dist.print0(f"fine-tuning '{record['base_model']}' into '{ckpt_dir.name}' (the base is read, never written)")
     return RunPlan(ckpt_dir, cfg, tc, tok, sources, TrainState(), start, splits=(train, val), trainer=SFTTrainer,
                    data_state=state, command=COMMAND)

@@ -2,6 +2,7 @@
 
 - app.py: routes, authentication, limits, streaming, the page (a Starlette application);
 - protocol.py: the OpenAI request and response shapes and error JSON;
+- logprobs.py: token logprobs in OpenAI's completions and chat shapes;
 - batcher.py: the continuous-batching scheduler around mypt.sampling.Decoder;
 - connections.py: how many connections may be open and how long a request may take to arrive;
 - chat.py: chat messages -> a prompt for a base model (a documented template, or the model's own);

@@ -1,12 +1,15 @@
 """The HTTP server: routes, authentication, request limits, streaming, and the page at `/`.
 
-    GET  /                      the page (page.html): choose a model, type a prompt, watch it stream
+    GET  /                      the page (page.html): choose a model, type a prompt, watch it stream;
+                                it opens in chat mode for a model with a chat template
     GET  /health                200 with each model's batch and queue once the models are loaded;
                                 503 while a model's engine restarts after a failure, or once it
                                 is out of service (its "error" says why)
     GET  /metrics               Prometheus metrics (mypt.serve.metrics)
-    GET  /v1/models             the loaded models (the id is the model name); /v1/models/{id}
-    POST /v1/completions        OpenAI completions; "stream": true sends server-sent events
+    GET  /v1/models             the loaded models (the id is the model name; "chat_template" names a
+                                fine-tuned model's chat template, null otherwise); /v1/models/{id}
+    POST /v1/completions        OpenAI completions (a prompt of text or token ids; logprobs, echo);
+                                "stream": true sends server-sent events
     POST /v1/chat/completions   OpenAI chat, the messages rendered by mypt.serve.chat
 
 A Starlette application (ASGI) run by uvicorn. Each model has a Batcher; handlers check the
@@ -37,8 +40,9 @@ from mypt.api import LoadedModel
 from mypt.errors import MyPTError
 from mypt.sampling import fresh_seed
 from mypt.serve import protocol
-from mypt.serve.batcher import Batcher, Job, OutOfService, Overloaded
-from mypt.serve.chat import load_template
+from mypt.serve.batcher import Batcher, Event, Job, OutOfService, Overloaded
+from mypt.serve.chat import ModelTemplate, load_template
+from mypt.serve.logprobs import ChoiceLogprobs, joined
 from mypt.serve.metrics import CONTENT_TYPE, ServeMetrics
 from mypt.serve.protocol import APIError, Limits
 
@@ -86,6 +90,12 @@ class Server:
                            "(GET /v1/models)", param="model", code="model_not_found")
         return lm
 
+    def card(self, lm: LoadedModel) -> dict[str, Any]:
+        """lm's model object for /v1/models."""
+        trained = isinstance(self.templates[lm.name], ModelTemplate)
+        return protocol.model_card(lm.name, self.created[lm.name], lm.config.block_size,
+                                   lm.tokenizer.chat_format if trained else None)
+
     def prompt_limit(self, lm: LoadedModel) -> int:
         return self.limits.max_prompt_tokens or lm.config.block_size
 
@@ -132,14 +142,21 @@ async def read_body(request: HTTPRequest, limit: int) -> Any:
         raise APIError(400, f"The body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
 
 
-def encode(lm: LoadedModel, text: str | list[int], param: str, limit: int) -> list[int]:
-    """A prompt's ids (a fine-tuned model's chat template renders ids itself), checked against the limit."""
+def encode(lm: LoadedModel, text: str | list[int], where: str, limit: int) -> list[int]:
+    """A prompt's ids (given as ids, or rendered as ids by a fine-tuned model's chat template, they
+    are checked against the vocabulary), checked against the limit. where: "prompt", "prompt[1]"..."""
+    param = where.partition("[")[0]
     try:
-        ids = lm.encode_prompt(text, param) if isinstance(text, str) else text
-    except MyPTError as e:  # its message names `param` already
+        ids = lm.encode_prompt(text, where) if isinstance(text, str) else text
+    except MyPTError as e:  # its message names `where` already
         raise APIError(400, str(e), param=param, code="invalid_value") from None
+    n_vocab = lm.tokenizer.n_vocab
+    outside = next((i for i, t in enumerate(ids) if t >= n_vocab), None)
+    if outside is not None:
+        raise APIError(400, f"{where}[{outside}]: token id {ids[outside]} is not in the vocabulary of '{lm.name}' "
+                       f"(ids 0 to {n_vocab - 1})", param=param, code="invalid_value")
     if len(ids) > limit:
-        raise APIError(400, f"{param}: {len(ids)} tokens, more than this server accepts for '{lm.name}' "
+        raise APIError(400, f"{where}: {len(ids)} tokens, more than this server accepts for '{lm.name}' "
                        f"({limit}; its context is {lm.config.block_size} tokens)", param=param,
                        code="context_length_exceeded")
     return ids
@@ -157,7 +174,6 @@ class Generation:
         lm = server.model(req.model)
         self.batcher = server.batchers[lm.name]
         self.id = protocol.new_id(chat)
-        limit = server.prompt_limit(lm)
         extra_stop: tuple[str, ...] = ()
         stop_ids: tuple[int, ...] = ()
         if chat:
@@ -166,15 +182,17 @@ class Generation:
                 prompts: list[Any] = [template.render(req.messages)]
             except MyPTError as e:  # a fine-tuned model's template encodes the messages; its message names them
                 raise APIError(400, str(e), param="messages", code="invalid_value") from None
-            extra_stop, stop_ids, param = template.stop, template.stop_ids, "messages"
+            extra_stop, stop_ids = template.stop, template.stop_ids
         else:
-            prompts, param = req.prompts, "prompt"
+            prompts = req.prompts
             if len(prompts) > self.batcher.max_queue:  # could never all wait at once: not worth a retry
                 raise APIError(400, f"prompt: {len(prompts)} prompts in one request, more than this server queues "
                                f"({self.batcher.max_queue}; --max_queue); send them in smaller requests",
                                param="prompt", code="invalid_value")
-        self.echo = prompts if req.echo else [""] * len(prompts)
-        ids = [encode(lm, p, param, limit) for p in prompts]
+        ids = self._prompt_ids(server, lm, prompts)
+        echo = req.echo and not chat
+        self.echo = [(p if isinstance(p, str) else lm.tokenizer.decode(p)) if echo else "" for p in prompts]
+        self.tokenizer = lm.tokenizer
         self.prompt_tokens = sum(len(i) for i in ids)
         max_tokens = server.limits.max_tokens if req.max_tokens is None else req.max_tokens
         cfg = dataclasses.replace(req.sampling_config(max_tokens, extra_stop), stop_ids=stop_ids)
@@ -183,7 +201,8 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()  # the text of every choice, as the batcher steps
         try:
             for j, p in enumerate(ids):
-                self.jobs.append(self.batcher.submit(p, cfg, [seed + i for i in range(req.n)], self.queue, j * req.n))
+                self.jobs.append(self.batcher.submit(p, cfg, [seed + i for i in range(req.n)], self.queue, j * req.n,
+                                                     logprobs=req.logprobs, echo=req.echo))
         except Overloaded as e:
             self.cancel()
             raise APIError(503, f"The server is busy ({e}); retry after {RETRY_AFTER_SECONDS} s", type="server_error",
@@ -193,6 +212,20 @@ class Generation:
             raise APIError(503, f"The model '{lm.name}' is out of service: {e}; restart the server",
                            type="server_error", code="model_unavailable") from None
         self.strip = [chat] * (len(ids) * req.n)  # a chat reply's leading spaces are dropped
+
+    def _prompt_ids(self, server: Server, lm: LoadedModel, prompts: list[Any]) -> list[list[int]]:
+        """Each prompt's ids, checked against the server's limit (and the model's block_size when
+        its logprobs are scored)."""
+        param = "messages" if self.chat else "prompt"
+        names = [param] if len(prompts) == 1 else [f"{param}[{j}]" for j in range(len(prompts))]
+        ids = [encode(lm, p, name, server.prompt_limit(lm)) for p, name in zip(prompts, names, strict=True)]
+        longest = max(map(len, ids))
+        scored = self.req.logprobs is not None and self.req.echo
+        if scored and lm.config.position != "rope" and longest > lm.config.block_size:
+            raise APIError(400, f"prompt: {longest} tokens; echo with logprobs scores at most {lm.config.block_size} "
+                           f"on '{lm.name}' (its block_size: learned positions cannot slide)", param="prompt",
+                           code="context_length_exceeded")
+        return ids
 
     @property
     def choices(self) -> int:
@@ -209,8 +242,12 @@ class Generation:
             self.strip[index] = not text
         return text
 
-    async def events(self) -> AsyncIterator[tuple[int, str, str | None, int]]:
-        """(choice index, new text, finish_reason or None, completion tokens) until every choice is done."""
+    def formatter(self) -> ChoiceLogprobs:
+        """A choice's logprobs in OpenAI's shape for this request."""
+        return ChoiceLogprobs(self.tokenizer, self.chat)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The batcher's events (their text as the choice shows it) until every choice is done."""
         open_choices = self.choices
         while open_choices:
             ev = await self.queue.get()
@@ -220,7 +257,7 @@ class Generation:
                                code="model_unavailable" if ev.status == 503 else "internal_error")
             if ev.finish_reason is not None:
                 open_choices -= 1
-            yield ev.index, self.text(ev.index, ev.text), ev.finish_reason, ev.completion_tokens
+            yield dataclasses.replace(ev, text=self.text(ev.index, ev.text))
 
 
 async def _until_disconnect(request: HTTPRequest) -> None:
@@ -231,13 +268,16 @@ async def _until_disconnect(request: HTTPRequest) -> None:
 async def answer_whole(request: HTTPRequest, gen: Generation) -> Response:
     """Wait for every choice (the request is cancelled if the client goes away first)."""
     texts, reasons, completion = [""] * gen.choices, [""] * gen.choices, 0
+    scored: list[list] = [[] for _ in range(gen.choices)]  # each choice's prompt TokenLogprobs (echo)
+    new: list[list] = [[] for _ in range(gen.choices)]  # and its new tokens'
 
     async def collect() -> None:
         nonlocal completion
-        async for index, text, reason, n_tokens in gen.events():
-            texts[index] += text
-            if reason is not None:
-                reasons[index], completion = reason, completion + n_tokens
+        async for ev in gen.events():
+            texts[ev.index] += ev.text
+            (scored if ev.prompt else new)[ev.index].extend(ev.logprobs)
+            if ev.finish_reason is not None:
+                reasons[ev.index], completion = ev.finish_reason, completion + ev.completion_tokens
 
     work, gone = asyncio.create_task(collect()), asyncio.create_task(_until_disconnect(request))
     try:
@@ -249,10 +289,23 @@ async def answer_whole(request: HTTPRequest, gen: Generation) -> Response:
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # nobody is listening
     work.result()  # raises the request's APIError, if any
-    texts = [e + t for e, t in zip([e for e in gen.echo for _ in range(gen.req.n)], texts, strict=True)]
+    echoes = [e for e in gen.echo for _ in range(gen.req.n)]
+    logprobs = None
+    if gen.req.logprobs is not None:
+        logprobs = [_whole_logprobs(gen.formatter(), s, n, len(e)) for s, n, e in zip(scored, new, echoes, strict=True)]
+    texts = [e + t for e, t in zip(echoes, texts, strict=True)]
     body = protocol.response(gen.chat, gen.id, gen.req.model, texts, reasons,
-                             protocol.usage(gen.prompt_tokens, completion))
+                             protocol.usage(gen.prompt_tokens, completion), logprobs)
     return JSONResponse(body)
+
+
+def _whole_logprobs(formatter: ChoiceLogprobs, scored: list, new: list, echo_chars: int) -> dict:
+    """A choice's logprobs: the echoed prompt's tokens (if any), then the new ones from echo_chars on."""
+    if not scored:
+        return formatter.format(new)
+    prompt = formatter.format(scored)
+    formatter.restart(echo_chars)
+    return joined(prompt, formatter.format(new))
 
 
 def _sse(data: dict | str) -> str:
@@ -274,19 +327,27 @@ async def stream_events(gen: Generation) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of text, a finish per choice, then data: [DONE]."""
     chat, rid, model = gen.chat, gen.id, gen.req.model
     completion = 0
+    scoring = gen.req.logprobs is not None
+    formatters = [gen.formatter() for _ in range(gen.choices)]
     try:
         for index in range(gen.choices):
             echo = gen.echo[index // gen.req.n]
             if chat:
                 yield _sse(protocol.chunk(True, rid, model, index, role=True))
-            elif echo:
+            elif echo and not scoring:  # else sent with the prompt's logprobs
                 yield _sse(protocol.chunk(False, rid, model, index, echo))
-        async for index, text, reason, n_tokens in gen.events():
-            if text:
-                yield _sse(protocol.chunk(chat, rid, model, index, text))
-            if reason is not None:
-                completion += n_tokens
-                yield _sse(protocol.chunk(chat, rid, model, index, None, reason))
+        async for ev in gen.events():
+            index, lp = ev.index, None
+            if ev.logprobs:
+                lp = formatters[index].format(ev.logprobs)
+            if ev.prompt:
+                formatters[index].restart(len(gen.echo[index // gen.req.n]))
+                yield _sse(protocol.chunk(False, rid, model, index, gen.echo[index // gen.req.n], logprobs=lp))
+            elif ev.text or lp:
+                yield _sse(protocol.chunk(chat, rid, model, index, ev.text, logprobs=lp))
+            if ev.finish_reason is not None:
+                completion += ev.completion_tokens
+                yield _sse(protocol.chunk(chat, rid, model, index, None, ev.finish_reason))
         if gen.req.include_usage:
             yield _sse(protocol.chunk(chat, rid, model, None, use=protocol.usage(gen.prompt_tokens, completion)))
     except APIError as e:
@@ -318,14 +379,12 @@ def create_app(server: Server) -> Starlette:
 
     async def models(request: HTTPRequest) -> Response:
         server.authorize(request)
-        cards = [protocol.model_card(name, server.created[name], lm.config.block_size)
-                 for name, lm in server.models.items()]
-        return JSONResponse({"object": "list", "data": cards})
+        return JSONResponse({"object": "list", "data": [server.card(lm) for lm in server.models.values()]})
 
     async def one_model(request: HTTPRequest) -> Response:
         server.authorize(request)
         lm = server.model(request.path_params["model"])
-        return JSONResponse(protocol.model_card(lm.name, server.created[lm.name], lm.config.block_size))
+        return JSONResponse(server.card(lm))
 
     def generation_route(chat: bool):
         async def handle(request: HTTPRequest) -> Response:

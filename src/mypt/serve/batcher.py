@@ -14,7 +14,9 @@ prefill), so a long prompt delays their next token by one chunk at most: the chu
 from measured step times so that a step with prefill takes about STALL times a plain decoding
 step (at least MIN_CHUNK tokens, at most `prefill_tokens`). A prefix cache
 (mypt.kvcache.PrefixCache, `prefix_cache_tokens`) keeps the keys and values of prompt starts
-seen before.
+seen before. A job that asks for its prompt's logprobs (echo) gets them from one forward pass
+over the prompt (mypt.sampling.prompt_logprobs) as it joins, before its first token; its
+continuations record their tokens' logprobs as they step.
 
 Failures. A continuation whose logits are not finite fails its own request (500) while the
 others go on. Anything the engine raises (a step, an allocation) is an engine failure: the
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from mypt import dist
 from mypt.api import LoadedModel
 from mypt.kvcache import PrefixCache
-from mypt.sampling import Continuation, Decoder, SamplingConfig
+from mypt.sampling import Continuation, Decoder, SamplingConfig, TokenLogprob, prompt_logprobs
 from mypt.serve.metrics import ServeMetrics
 
 log = logging.getLogger("mypt.serve")
@@ -58,24 +60,29 @@ class OutOfService(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """New text of choice `index`; finish_reason set when that choice is done ("stop" or
-    "length"). finish_reason "error": the whole request failed (the message in text; `status`
-    500, or 503 when the model went out of service)."""
+    """New text of choice `index` and its new tokens' logprobs (when asked for); finish_reason set
+    when that choice is done ("stop" or "length"). finish_reason "error": the whole request
+    failed (the message in text; `status` 500, or 503 when the model went out of service).
+    `prompt`: the event holds the prompt's logprobs (echo), sent once before any new text."""
 
     index: int
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
     status: int = 500
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt: bool = False
 
 
 class Job:
     """One prompt of a request: its continuations (choices first_index, first_index + 1, ...) and
     the queue its handler reads events from."""
 
-    def __init__(self, continuations: list[Continuation], events: asyncio.Queue[Event], first_index: int) -> None:
+    def __init__(self, continuations: list[Continuation], events: asyncio.Queue[Event], first_index: int,
+                 prompt_logprobs: int | None = None) -> None:
         self.continuations = continuations
         self.events, self.first_index = events, first_index
+        self.prompt_logprobs = prompt_logprobs  # None, or the alternatives per prompt token (echo)
         self.cancelled = False
         self.admitted = 0  # continuations that have a row (they join in order)
         self.open = len(continuations)  # continuations not finished yet
@@ -158,14 +165,17 @@ class Batcher:
     # ------------------------------------------------------------------ the event loop's side
 
     def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int],
-               events: asyncio.Queue[Event], first_index: int = 0) -> Job:
+               events: asyncio.Queue[Event], first_index: int = 0, *, logprobs: int | None = None,
+               echo: bool = False) -> Job:
         """Queue one prompt of len(seeds) choices (choice first_index + i samples with seeds[i]);
-        their text arrives in `events`."""
+        their text arrives in `events`. logprobs: None, or the alternatives per token recorded for
+        the new tokens, and with echo for the prompt's too."""
         if self.stopped is not None:
             raise OutOfService(self.stopped)
         tok = self.lm.tokenizer
         job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.sampled_vocab, tokenizer=tok,
-                                eot_id=tok.eot_id) for seed in seeds], events, first_index)
+                                eot_id=tok.eot_id, logprobs=logprobs) for seed in seeds], events, first_index,
+                  logprobs if echo else None)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
@@ -290,12 +300,34 @@ class Batcher:
             if job.admitted == 0:  # running before its row is taken: should that fail, the job hears of it
                 self.running.append(job)
                 self.metrics.queue_time.observe(now - job.submitted)
+                if job.prompt_logprobs is not None and not self._send_prompt_logprobs(job, c.tokens):
+                    continue  # failed alone
             self.decoder.add(c)
             job.admitted += 1
             if c.reused:
                 self.metrics.prefix_hits.inc()
             if c.finish_reason is not None:  # max_tokens 0: done without a step
                 self._publish([c])
+
+    def _send_prompt_logprobs(self, job: Job, prompt_ids: list[int]) -> bool:
+        """Score the job's prompt (one forward pass) and send it to each of its choices; False
+        when that failed (the job is then failed alone, with 500)."""
+        lm = self.lm
+        try:
+            scored = tuple(prompt_logprobs(lm.model, prompt_ids, job.prompt_logprobs, lm.tokenizer.n_vocab,
+                                           amp=lambda: dist.autocast(lm.device, lm.dtype)))
+        except Exception as e:
+            log.exception("scoring a prompt failed")
+            self._post(job, Event(job.first_index, f"scoring the prompt failed: {type(e).__name__}: {e}", "error"))
+            job.cancel()
+            self._forget(job)
+            with self._lock:
+                if job in self.waiting:
+                    self.waiting.remove(job)
+            return False
+        for i in range(job.first_index, job.first_index + len(job.continuations)):
+            self._post(job, Event(i, "", logprobs=scored, prompt=True))
+        return True
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -315,16 +347,16 @@ class Batcher:
             for j, c in enumerate(job.continuations[: job.admitted]):
                 i = job.first_index + j
                 self._timing(job, j, c.n_new, now)
-                text = c.take_text()
+                text, logprobs = c.take_text(), tuple(c.take_logprobs())
                 if id(c) in finished and c.error is not None:  # this request alone fails; its rows are freed
                     self._post(job, Event(i, f"decoding failed: {c.error}", "error"))
                     job.cancel()
                     break
                 if id(c) in finished:
-                    self._post(job, Event(i, text, c.finish_reason, c.n_new))
+                    self._post(job, Event(i, text, c.finish_reason, c.n_new, logprobs=logprobs))
                     job.open -= 1
-                elif text:
-                    self._post(job, Event(i, text))
+                elif text or logprobs:
+                    self._post(job, Event(i, text, logprobs=logprobs))
             if job.open == 0:
                 self._forget(job)
 

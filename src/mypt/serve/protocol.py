@@ -8,6 +8,11 @@ Sampling values are checked against mypt.sampling's ranges (BOUNDS), the same as
 Sampling fields left out take generate.py's defaults (mypt.sampling.SamplingConfig: temperature
 0.8, top_k 200, top_p 1), so a request and `generate.py` with the same settings and seed give the
 same text. An unknown field is refused (400, naming it) so that a typo is never silently ignored.
+
+A completion's prompt is a string, a list of token ids, or a list of either (one prompt each, as
+OpenAI's API and lm-evaluation-harness send them). `logprobs` (completions: 0 to 20 alternatives;
+chat: true, with `top_logprobs` 0 to 20) asks for each token's log-probability under the model's
+raw distribution (mypt.sampling.TokenLogprob); with `echo` the prompt's tokens come first.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from mypt.sampling import SamplingConfig, setting_problems
+from mypt.sampling import MAX_TOP_LOGPROBS, SamplingConfig, setting_problems
 
 MAX_STOPS = 4  # as OpenAI
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eot", "stop",
@@ -62,7 +67,7 @@ class Request:
     """A completion or chat request, checked: what to generate and how to answer."""
 
     model: str
-    prompts: list[str] | None  # completions
+    prompts: list[str | list[int]] | None  # completions: text, or token ids
     messages: list[dict[str, str]] | None  # chat (roles mapped to system / user / assistant)
     max_tokens: int | None  # None: as many as the server allows (chat)
     sampling: dict[str, Any]  # SamplingConfig fields except max_new_tokens and seed
@@ -71,6 +76,7 @@ class Request:
     stream: bool
     include_usage: bool
     echo: bool
+    logprobs: int | None = None  # None: no logprobs; else the alternatives per token
 
     def sampling_config(self, max_tokens: int, extra_stop: tuple[str, ...] = ()) -> SamplingConfig:
         stop = tuple(self.sampling.get("stop", ())) + extra_stop
@@ -150,8 +156,6 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "is required: the name of a model from GET /v1/models", "missing_required_parameter")
-    _unsupported(body, "logprobs", (None, False, 0))
-    _unsupported(body, "top_logprobs", (None, 0))
     _unsupported(body, "frequency_penalty", (None, 0), " (use repetition_penalty, e.g. 1.2)")
     _unsupported(body, "presence_penalty", (None, 0), " (use repetition_penalty, e.g. 1.2)")
     _unsupported(body, "logit_bias", (None, {}))
@@ -176,16 +180,40 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
         raise bad("user", "must be a string")
     return Request(model=model, prompts=None if chat else _prompts(body), messages=_messages(body) if chat else None,
                    max_tokens=max_tokens, sampling=sampling, seed=seed, n=n, stream=stream,
-                   include_usage=_stream_options(body, stream), echo=False if chat else _bool(body, "echo"))
+                   include_usage=_stream_options(body, stream), echo=False if chat else _bool(body, "echo"),
+                   logprobs=_chat_logprobs(body) if chat else _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS))
 
 
-def _prompts(body: dict) -> list[str]:
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's logprobs (true or false) and top_logprobs (0-20, only with logprobs true)."""
+    wanted = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return (top or 0) if wanted else None
+
+
+def _token_ids(value: list, where: str) -> list[int]:
+    if not value:
+        raise bad(where, "must not be empty: a prompt of token ids needs at least one")
+    for i, t in enumerate(value):
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise bad(f"{where}[{i}]", f"must be a token id (an integer, 0 or more), got {reprlib.repr(t)}")
+    return value
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    """A string, a list of token ids, or a non-empty list of strings or of lists of token ids."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return prompt
-    raise bad("prompt", "is required: a string, or a list of strings (token-id prompts are not supported)",
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return [_token_ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    if isinstance(prompt, list) and prompt and not any(isinstance(p, (str, list)) for p in prompt):
+        return [_token_ids(prompt, "prompt")]
+    raise bad("prompt", "is required: a string, a list of token ids, or a list of strings or of token-id lists",
               "missing_required_parameter" if prompt is None else "invalid_value")
 
 
@@ -228,29 +256,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(chat: bool, rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
-    """The whole answer of a non-streaming request."""
+def response(chat: bool, rid: str, model: str, texts: list[str], reasons: list[str], use: dict,
+             logprobs: list[dict | None] | None = None) -> dict:
+    """The whole answer of a non-streaming request (logprobs: each choice's, in mypt.serve.logprobs' shapes)."""
+    logprobs = logprobs or [None] * len(texts)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                    "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs, strict=True))]
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs, strict=True))]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": use}
 
 
 def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None = None,
-          finish_reason: str | None = None, use: dict | None = None, role: bool = False) -> dict:
-    """One streamed chunk: new text (or the role, or the finish) of choice `index`; with index None
-    the closing usage chunk."""
+          finish_reason: str | None = None, use: dict | None = None, role: bool = False,
+          logprobs: dict | None = None) -> dict:
+    """One streamed chunk: new text and its tokens' logprobs (or the role, or the finish) of choice
+    `index`; with index None the closing usage chunk."""
     choices = []
     if index is not None:
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+            choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         else:
-            choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+            choices = [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
@@ -258,5 +289,8 @@ def chunk(chat: bool, rid: str, model: str, index: int | None, text: str | None 
     return out
 
 
-def model_card(name: str, created: int, context: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "mypt", "max_model_len": context}
+def model_card(name: str, created: int, context: int, chat_template: str | None) -> dict[str, Any]:
+    """A model object: OpenAI's fields, vLLM's max_model_len, and chat_template: the name of the chat
+    template the model was fine-tuned with (null for a model that continues text)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "mypt", "max_model_len": context,
+            "chat_template": chat_template}

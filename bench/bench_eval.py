@@ -1,0 +1,153 @@
+"""Benchmark: task evaluation speed against lm-evaluation-harness, and the built-in set's sensitivity.
+
+    python bench/bench_eval.py                           # the full run (tens of minutes on a CPU)
+    python bench/bench_eval.py --items 40 --iters 20     # a quick check of the script itself
+
+1. Speed. A GPT-2-recipe model (--preset, gpt2 tokenizer, trained --speed_iters iterations on
+   tinyshakespeare) is exported with `mypt export --format hf`. A multiple-choice task of --items
+   items (4 choices each: the built-in shakespeare-words items) is written as JSON lines with a
+   YAML task for lm-eval (target_delimiter ""). Both score it in this one process: MyPT through
+   LoadedModel.evaluate_task (what `mypt eval --task` runs) and lm-eval through
+   lm_eval.simple_evaluate(model="hf") on the export (what `lm_eval --model hf` runs), each timed
+   from loading the model to the scores, best of --repeats. Prints items/s, the ratio, and the
+   largest per-choice log-likelihood difference between the two (they must agree).
+2. Sensitivity. The README's first command (configs/shakespeare-char-modern.json, char tokenizer,
+   the built-in corpus, --iters iterations, evaluated every half) is trained with --keep_every
+   iters/2; the built-in task set (`--task builtin`) is scored at iteration 0 (the same model
+   re-initialised: its zero-initialised head predicts uniformly, as at the start of training),
+   at half and at the end. Prints acc ± stderr per task and the average centered score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _machine import header
+
+from mypt.api import load_model
+from mypt.cli import run_command
+from mypt.evaluation import builtin
+from mypt.evaluation.report import TaskResult
+
+REPO = Path(__file__).resolve().parents[1]
+LM_EVAL_TASK = """task: bench_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def train(work: Path, name: str, flags: list[str]) -> None:
+    code = run_command("train", ["--model_name", name, "--checkpoints_dir", str(work / "ck"), *flags])
+    assert code == 0, f"training {name} failed"
+
+
+def write_task(work: Path, n: int) -> Path:
+    items = builtin.words_task().items[:n]
+    path = work / "bench_mc.jsonl"
+    path.write_text("".join(json.dumps({"context": i.contexts[0], "choices": list(i.choices), "answer": i.answer})
+                            + "\n" for i in items), encoding="utf-8")
+    (work / "tasks").mkdir(exist_ok=True)
+    (work / "tasks" / "bench_mc.yaml").write_text(LM_EVAL_TASK.format(data=path), encoding="utf-8")
+    return path
+
+
+def time_mypt(work: Path, task: Path) -> tuple[float, list[tuple[float, ...]]]:
+    start = time.perf_counter()
+    lm = load_model("speed", work / "ck", device="cpu", dtype="fp32")
+    [result] = lm.evaluate_task(str(task))
+    return time.perf_counter() - start, [i.logprobs for i in result.items]
+
+
+def time_lm_eval(work: Path, batch_size: int) -> tuple[float, list[tuple[float, ...]]]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    start = time.perf_counter()
+    out = simple_evaluate(model="hf", model_args=f"pretrained={work / 'export'},dtype=float32", tasks=["bench_mc"],
+                          task_manager=TaskManager(include_path=str(work / "tasks")), device="cpu",
+                          batch_size=batch_size, log_samples=True)
+    seconds = time.perf_counter() - start
+    samples = sorted(out["samples"]["bench_mc"], key=lambda s: s["doc_id"])
+    return seconds, [tuple(float(ll) for ll, _ in s["filtered_resps"]) for s in samples]
+
+
+def speed(work: Path, args: argparse.Namespace) -> None:
+    train(work, "speed", ["--config_file", args.preset, "--tokenizer", "gpt2", "--input_file",
+                          "builtin:tinyshakespeare", "--max_iters", str(args.speed_iters),
+                          "--eval_interval", str(args.speed_iters), "--eval_iters", "2", "--dtype", "fp32"])
+    assert run_command("export", ["--checkpoints_dir", str(work / "ck"), "--model_name", "speed",
+                                  "--out", str(work / "export")]) == 0
+    task = write_task(work, args.items)
+    mypt_s, ours = min((time_mypt(work, task) for _ in range(args.repeats)), key=lambda r: r[0])
+    lm_s, theirs = min((time_lm_eval(work, args.lm_eval_batch) for _ in range(args.repeats)), key=lambda r: r[0])
+    diff = max(abs(a - b) for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True))
+    print(header(f"Speed: {args.items} items x 4 choices, preset {args.preset}, CPU fp32, best of {args.repeats}"))
+    print(f"mypt eval --task        {mypt_s:8.2f} s  {args.items / mypt_s:8.1f} items/s")
+    print(f"lm_eval --model hf      {lm_s:8.2f} s  {args.items / lm_s:8.1f} items/s  (batch_size {args.lm_eval_batch})")
+    print(f"ratio {lm_s / mypt_s:.2f}x; largest per-choice log-likelihood difference {diff:.2e} nats")
+
+
+def _line(label: str, results: list[TaskResult]) -> str:
+    cells = [f"{r.acc:.3f} ± {r.stderr:.3f}" for r in results]
+    centered = sum(r.centered for r in results) / len(results)
+    return f"{label:<14}" + "".join(f"{c:>22}" for c in cells) + f"{centered:>12.3f}"
+
+
+def sensitivity(work: Path, args: argparse.Namespace) -> None:
+    half = args.iters // 2
+    train(work, "readme", ["--config_file", str(REPO / "configs" / "shakespeare-char-modern.json"), "--tokenizer",
+                           "char", "--max_iters", str(args.iters), "--eval_interval", str(half), "--eval_iters", "10",
+                           "--keep_every", str(half)])
+    tasks = builtin.builtin_tasks()
+    print(header(f"Sensitivity: --task builtin, the README's first command's model ({args.iters} iterations)"))
+    print(f"{'iteration':<14}" + "".join(f"{t.name:>22}" for t in tasks) + f"{'centered':>12}")
+    readme = work / "ck" / "readme"
+    for label, path, fresh in (("0", readme, True), (str(half), readme / f"iter_{half}", False),
+                               (str(args.iters), readme, False)):
+        lm = load_model(path=path, device="cpu")
+        if fresh:  # iteration 0: the zero-initialised head predicts uniformly whatever the other weights are
+            torch.manual_seed(0)
+            lm.model.init_weights()
+        print(_line(label, [r for t in tasks for r in lm.evaluate_task(t)]), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=250, help="speed: items of the multiple-choice task")
+    p.add_argument("--preset", default="tiny", help="speed: the model's preset (GPT-2 recipe: exportable)")
+    p.add_argument("--speed_iters", type=int, default=50, help="speed: iterations to train the model")
+    p.add_argument("--lm_eval_batch", type=int, default=32, help="speed: lm-eval's --batch_size")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--iters", type=int, default=460, help="sensitivity: the README command's --max_iters")
+    p.add_argument("--skip", choices=("speed", "sensitivity"), help="leave one part out")
+    p.add_argument("--work", type=Path, help="folder for checkpoints and exports (default: a temporary one)")
+    args = p.parse_args()
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        os.environ.setdefault("HF_HOME", str(work / "hf"))
+        if args.skip != "speed":
+            speed(work, args)
+        if args.skip != "sensitivity":
+            sensitivity(work, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Weight-only int8 quantisation of a loaded model, applied from outside it (model.py knows nothing of it).
+
+`quantize(model, "int8")` replaces every nn.Linear of the blocks, and the output layer, with an
+Int8Linear: int8 weights with one fp32 scale per output row (symmetric, the row's largest
+magnitude maps to 127). The token and position embeddings stay fp32: decoding reads one row of
+them per token. A tied output layer gets an int8 copy of its own (the embedding keeps the fp32
+matrix), since the output layer is read whole for every token: with GPT-2's 50k vocabulary it is a
+quarter of a 150M model's bytes.
+
+The matrix-vector products of batch-1 decoding run in MyPT's own kernel (csrc/int8_linear.cpp,
+AVX2 + FMA, OpenMP over output rows): each row of activations is quantised to int8 in blocks of
+32 (as llama.cpp's q8_0) and multiplied by int8 dot products. It is compiled with the system's
+C++ compiler (g++ or $CXX) on first use into a cache folder (~/.cache/mypt/kernels, or
+$MYPT_KERNEL_DIR) and called through ctypes. Many rows at once (a prompt's prefill, evaluation)
+and a CPU or platform where the kernel cannot be built take the plain path instead: the weights
+are dequantised to the activations' dtype per call and multiplied by torch, which is slower than
+fp32 (said once on stderr). Only CPUs are supported: the point is memory bandwidth on a CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mypt.errors import MyPTError
+
+KINDS = ("int8",)
+KERNEL_MAX_ROWS = 8  # more rows per call (prefill, batches): dequantise and let torch's GEMM do it
+QBLOCK = 32  # activations are quantised in blocks of this many values (as in csrc/int8_linear.cpp)
+_SOURCE = Path(__file__).parent / "csrc" / "int8_linear.cpp"
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def check_kind(kind: str | None, device: torch.device, what: str = "--quantize") -> None:
+    """Refuse a quantisation MyPT does not have, or a device it does not run on (one MyPTError)."""
+    if kind is None:
+        return
+    if kind not in KINDS:
+        raise MyPTError(f"{what} {kind!r} is not one of {', '.join(KINDS)}; leave it out for fp32 weights")
+    if device.type != "cpu":
+        raise MyPTError(f"{what} {kind} runs on CPUs only (a CPU kernel for memory-bound decoding), not on "
+                        f"{device}; pass --device cpu, or leave {what} out")
+
+
+class Int8Linear(nn.Module):
+    """A linear layer y = x W^T + b with W stored as int8 rows times fp32 scales (weight-only)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,) fp32
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,): each row's largest magnitude -> 127
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        return cls(q, scale.contiguous(), None if bias is None else bias.detach().float().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (out, in) fp32, built per access: for code that needs the matrix
+        (the loss over a whole output layer), never on the decoding path."""
+        return self.qweight.float() * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        kernel = _kernel() if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS else None
+        if kernel is None:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        xf = x.reshape(rows, self.in_features).float().contiguous()
+        out = torch.empty(rows, self.out_features)
+        xq = torch.empty(rows, self.in_features, dtype=torch.int8)
+        xs = torch.empty(rows, -(-self.in_features // QBLOCK))
+        kernel(xf.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), out.data_ptr(), xq.data_ptr(),
+               xs.data_ptr(), rows, self.out_features, self.in_features, torch.get_num_threads())
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize(model: nn.Module, kind: str = "int8") -> nn.Module:
+    """Replace model's blocks' nn.Linear layers and its output layer (model.lm_head) by Int8Linear, in place.
+
+    The model must be on a CPU (check_kind). Returns model.
+    """
+    check_kind(kind, next(model.parameters()).device, "quantize")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear.from_weight(child.weight, child.bias))
+    if not available():
+        _note_fallback()
+    return model
+
+
+def available() -> bool:
+    """Whether the int8 kernel runs here (built now if it is not yet)."""
+    return _kernel() is not None
+
+
+@functools.cache
+def _note_fallback() -> None:
+    print(f"note: MyPT's int8 kernel is not available here ({_loaded()[1]}); int8 layers dequantise their "
+          "weights per call, which is slower than fp32", file=sys.stderr, flush=True)
+
+
+def _platform_problem() -> str | None:
+    """Why the kernel cannot be built here (None: it can be tried)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it needs an x86-64 CPU with AVX2, this is {platform.machine()}"
+    if capability not in ("AVX2", "AVX512"):
+        return f"it needs AVX2, this CPU offers {capability}"
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler: {_compiler()} was not found (install g++ or set $CXX)"
+    return None
+
+
+@functools.cache
+def _loaded() -> tuple[object | None, str | None]:
+    """(the kernel as a ctypes function, None), or (None, why it is not available)."""
+    problem = _platform_problem()
+    if problem is not None:
+        return None, problem
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or "").strip().splitlines()
+        return None, f"compiling {_SOURCE.name} failed: {lines[-1][:200] if lines else e}"
+    except OSError as e:
+        return None, f"{_SOURCE.name} could not be built or loaded: {e}"
+    fn = lib.mypt_int8_linear
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn, None
+
+
+def _kernel():  # -> the ctypes function, or None
+    return _loaded()[0]
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def kernel_dir() -> Path:
+    if os.environ.get("MYPT_KERNEL_DIR"):
+        return Path(os.environ["MYPT_KERNEL_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mypt" / "kernels"
+
+
+def _build() -> Path:
+    """The compiled kernel, built once per source, compiler and flags (named by their hash)."""
+    cxx = _compiler()
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([cxx, *_FLAGS]).encode()).hexdigest()[:16]
+    out = kernel_dir() / f"int8_linear-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed into place whole
+        built = Path(tmp) / out.name
+        subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        os.replace(built, out)
+    return out
