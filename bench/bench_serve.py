@@ -75,12 +75,15 @@ def train_small(root: Path) -> str:
 THREADS = {"OMP_NUM_THREADS": "1"}  # set by --threads
 
 
-def start_server(names: list[str], ckpts: str, port: int, *extra: str) -> tuple[subprocess.Popen, float]:
-    """`mypt serve` in its own process; returns it and the seconds until its first answer."""
+def start_server(names: list[str], ckpts: str, port: int, *extra: str,
+                 src: str | None = None) -> tuple[subprocess.Popen, float]:
+    """`mypt serve` in its own process (the mypt package of `src`, a source folder, if given);
+    returns it and the seconds until its first answer."""
     t0 = time.perf_counter()
+    env = {**os.environ, **THREADS, **({"PYTHONPATH": src} if src else {})}
     proc = subprocess.Popen([sys.executable, "-m", "mypt", "serve", "--model_name", *names, "--checkpoints_dir", ckpts,
                              "--port", str(port), "--log_level", "warning", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **THREADS})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     body = {"model": names[0], "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     while True:
         try:

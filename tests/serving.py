@@ -48,9 +48,10 @@ def running_server(ckpts: Path, names: list[str], *, api_key: str | None = None,
     from mypt.serve.protocol import Limits
 
     max_batch, max_queue = limits.pop("max_batch", 4), limits.pop("max_queue", 8)
+    engine = {k: limits.pop(k) for k in ("prefill_tokens", "prefix_cache_tokens") if k in limits}
     models = loaded or [load_model(name, ckpts, device="cpu", dtype="fp32") for name in names]
     server = Server(models, limits=Limits(max_n=max_batch, **limits), max_batch=max_batch, max_queue=max_queue,
-                    api_key=api_key)
+                    api_key=api_key, **engine)
     sock = bind("127.0.0.1", 0)
     uv = uvicorn.Server(uvicorn_config(create_app(server), max_connections=max_connections,
                                        request_timeout=request_timeout, log_level="warning"))

@@ -11,6 +11,7 @@ import torch
 
 from mypt.config import ModelConfig
 from mypt.errors import MyPTError
+from mypt.kvcache import PrefixCache
 from mypt.model import GPT
 from mypt.sampling import (
     BOUNDS,
@@ -22,6 +23,7 @@ from mypt.sampling import (
     generate_ids,
     penalize,
     pick_token,
+    pick_tokens,
     window_start,
 )
 from mypt.tokenizers import CharTokenizer, GPT2Tokenizer
@@ -266,6 +268,88 @@ def test_decoder_batch_gives_each_continuation_its_solo_tokens(kind: str, model:
         assert len(decoder.active) <= 3
     assert [c.tokens[-c.n_new:] for c in everyone] == solo
     assert [c.finish_reason for c in everyone] == ["length"] * len(MIXED)
+
+
+def test_pick_tokens_gives_each_row_its_one_row_token() -> None:
+    """The vectorised sampler: rows of every kind (greedy, top_k of different sizes, top_p, plain)
+    picked together, each with its own generator, equal pick_token row by row, draw after draw."""
+    torch.manual_seed(1)
+    logits = torch.randn(7, VOCAB) * 3
+    cfgs = [SamplingConfig(temperature=0), SamplingConfig(temperature=0.9, top_k=5),
+            SamplingConfig(temperature=1.3, top_k=11, top_p=0.7), SamplingConfig(temperature=0.7, top_k=0, top_p=0.8),
+            SamplingConfig(temperature=1.0, top_k=0), SamplingConfig(temperature=1e-30, top_k=0),
+            SamplingConfig(temperature=2.0, top_k=5)]
+    together = [torch.Generator().manual_seed(i) for i in range(7)]
+    alone = [torch.Generator().manual_seed(i) for i in range(7)]
+    for _ in range(30):
+        picked = pick_tokens(logits, cfgs, together).tolist()
+        assert picked == [pick_token(row, cfg, g) for row, cfg, g in zip(logits, cfgs, alone, strict=True)]
+    assert len({pick_token(logits[4], cfgs[4], alone[4]) for _ in range(50)}) > 5  # they do sample
+
+
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_chunked_prefill_keeps_the_others_decoding_and_gives_the_same_tokens(kind: str, model: GPT,
+                                                                           rotary: GPT) -> None:
+    """A 15-token prompt joins while A decodes, at most 4 prompt tokens a step: A gets a token
+    every step, B's prompt takes 4 steps, and both get their solo tokens."""
+    m = model if kind == "learned" else rotary
+    solo_a = ids(m, [1, 2], seed=5, max_new_tokens=30, temperature=0.9)
+    long_prompt = [(3 * i) % VOCAB for i in range(15)]
+    solo_b = ids(m, long_prompt, max_new_tokens=12, temperature=0)
+    decoder = Decoder(m, slots=2, prefill_chunk=4)
+    a = Continuation([1, 2], SamplingConfig(max_new_tokens=30, temperature=0.9), seed=5, vocab_size=VOCAB)
+    b = Continuation(long_prompt, SamplingConfig(max_new_tokens=12, temperature=0), seed=0, vocab_size=VOCAB)
+    decoder.add(a)
+    decoder.step()
+    decoder.add(b)
+    for i in range(4):
+        before = a.n_new
+        decoder.step()
+        assert a.n_new == before + 1 and b.n_new == (1 if i == 3 else 0)
+    while decoder.active:
+        decoder.step()
+    assert a.tokens[-a.n_new:] == solo_a and b.tokens[-b.n_new:] == solo_b
+
+
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_prefix_cache_reuses_a_prompt_start_and_gives_the_same_tokens(kind: str, model: GPT, rotary: GPT) -> None:
+    m = model if kind == "learned" else rotary
+    system = [5, 9, 2, 7, 7, 1, 3, 8]  # two blocks of 4
+    prompts = [system + [1, 2, 3], system + [4], system[:6] + [11], system + [1, 2, 3]]
+    solo = [ids(m, p, seed=i, max_new_tokens=20, temperature=0.8) for i, p in enumerate(prompts)]
+    prefix = PrefixCache(block=4, max_tokens=64)
+    decoder = Decoder(m, slots=2, prefix_cache=prefix)
+    got, reused = [], []
+    for i, p in enumerate(prompts):
+        c = Continuation(p, SamplingConfig(max_new_tokens=20, temperature=0.8), seed=i, vocab_size=VOCAB)
+        decoder.add(c)
+        while decoder.active:
+            decoder.step()
+        got.append(c.tokens[-c.n_new:])
+        reused.append(c.reused)
+    assert got == solo
+    assert reused == [0, 8, 4, 8] and prefix.hits == 3
+    assert Continuation(system + [1], SamplingConfig(), seed=0, vocab_size=VOCAB).reused is None  # not in a decoder
+    small = PrefixCache(block=4, max_tokens=8)  # two blocks: the least recently used go first
+    decoder = Decoder(m, slots=1, prefix_cache=small)
+    for p in ([1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 9, 9, 9, 8]):
+        decoder.add(Continuation(p, SamplingConfig(max_new_tokens=1), seed=0, vocab_size=VOCAB))
+        decoder.step()
+    assert len(small) == 2
+    c = Continuation([1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingConfig(max_new_tokens=1), seed=0, vocab_size=VOCAB)
+    decoder.add(c)
+    assert c.reused == 0  # its first block was evicted
+
+
+def test_kv_cache_is_kept_in_the_compute_dtype(model: GPT) -> None:
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    decoder = Decoder(model, slots=1, amp=amp, dtype=torch.bfloat16)
+    c = Continuation([1, 2, 3], SamplingConfig(max_new_tokens=5, temperature=0), seed=0, vocab_size=VOCAB)
+    decoder.add(c)
+    while decoder.active:
+        decoder.step()
+    assert decoder.cache.k.dtype == decoder.cache.v.dtype == torch.bfloat16 and c.n_new == 5
+    assert Decoder(model, slots=1).cache.k.dtype == torch.float32
 
 
 def poisoned(model: GPT, mark: int):

@@ -546,37 +546,160 @@ def test_a_request_whose_logits_turn_nan_fails_alone(ckpts: Path, models) -> Non
         assert c.json()["choices"][0]["text"] == solo_c
 
 
-def test_a_step_that_raises_fails_its_request_promptly_and_the_next(ckpts: Path) -> None:
-    """A model whose forward raises (one layer left in float64): every request gets a prompt 500
-    in OpenAI's shape, and /health counts the failed steps."""
+class Injected(RuntimeError):
+    """The failure a test injects into the engine's step."""
+
+
+def failing_forward(lm: LoadedModel) -> list[int]:
+    """A forward hook on the model's first block: while the returned list holds a number, the
+    step raises Injected (and the number counts down); empty, the model runs as usual."""
+    armed: list[int] = []
+
+    def hook(module, inputs, out):
+        if armed:
+            armed[0] -= 1
+            if armed[0] <= 0:
+                armed.clear()
+            raise Injected("injected failure")
+
+    lm.model.transformer.h[0].register_forward_hook(hook)
+    return armed
+
+
+def test_an_engine_failure_fails_its_requests_restarts_once_then_the_model_is_out_of_service(
+        ckpts: Path, models) -> None:
+    """A step raises: its request gets a prompt 500 in OpenAI's shape and the engine restarts
+    (the next request is served as usual, /health counts the restart). The second failure hits
+    A's stream while B waits for the one row: A gets the error in its stream, B a 503, /health
+    says 503 and why, and later requests are refused with 503 at once. Nothing hangs."""
     lm = load_model("chars", ckpts, device="cpu", dtype="fp32")
-    lm.model.transformer.h[0].attn.c_attn.to(torch.float64)
-    with running_server(ckpts, ["chars"], loaded=[lm]) as base:
-        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
-        for _ in range(2):
-            with pytest.raises(openai.InternalServerError) as e:
-                complete(c, max_tokens=5)
-            assert "decoding failed: RuntimeError" in error_of(e)["message"]
-        health = httpx.get(base + "/health").json()
-        assert health["status"] == "ok" and health["models"]["chars"]["failed_steps"] == 2
+    armed = failing_forward(lm)
+    with running_server(ckpts, ["chars"], loaded=[lm], max_batch=1, max_queue=4, max_tokens=100_000) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=30)
+        armed.append(1)
+        with pytest.raises(openai.InternalServerError) as e:
+            complete(c, max_tokens=5)
+        assert "decoding failed: Injected: injected failure" in error_of(e)["message"]
+        health = httpx.get(base + "/health")
+        assert health.status_code == 200 and health.json()["models"]["chars"]["restarts"] == 1
+        assert "injected" in health.json()["models"]["chars"]["last_error"]
+        assert complete(c, max_tokens=20, temperature=0).choices[0].text == solo(models["chars"], PROMPT, max_tokens=20,
+                                                                                 temperature=0)
+        body = {"model": "chars", "prompt": PROMPT, "max_tokens": 100_000, "stream": True, "ignore_eot": True}
+        with httpx.Client(base_url=base, timeout=30) as a, httpx.Client(base_url=base, timeout=30) as b:
+            with a.stream("POST", "/v1/completions", json=body) as stream_a:
+                lines_a = stream_a.iter_lines()
+                assert next(lines_a).startswith("data: {")
+                with b.stream("POST", "/v1/completions", json=body) as stream_b:
+                    wait_for(base, active=1, waiting=1)
+                    armed.append(1)
+                    rest_a = list(lines_a)
+                    rest_b = list(stream_b.iter_lines())
+        errors = [json.loads(line[6:])["error"] for line in rest_a if line.startswith('data: {"error"')]
+        assert len(errors) == 1 and "Injected" in errors[0]["message"] and errors[0]["type"] == "server_error"
+        assert "data: [DONE]" in rest_a[-2:] and "data: [DONE]" in rest_b[-2:]
+        b_error = json.loads(next(line for line in rest_b if line.startswith("data: {"))[6:])["error"]
+        assert b_error["code"] == "model_unavailable" and "out of service" in b_error["message"]
+        health = httpx.get(base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "Injected" in health.json()["models"]["chars"]["error"]
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            complete(c, max_tokens=5)
+        assert e.value.status_code == 503 and error_of(e)["code"] == "model_unavailable"
+        assert time.monotonic() - started < 5
 
 
-def test_a_stopped_batcher_answers_every_request_and_health_says_why(ckpts: Path) -> None:
-    """A model on the meta device (what `serve --device meta` loaded): its loop stops at the first
-    request. That request and later ones get 503 at once instead of waiting for ever, /health too."""
+def test_a_model_that_cannot_run_fails_twice_then_answers_503(ckpts: Path) -> None:
+    """A model on the meta device (what `serve --device meta` loaded): every step raises. The
+    first two requests get 500 (the engine restarts once in between), later ones 503 at once,
+    and /health says why."""
     lm = load_model("chars", ckpts, device="cpu", dtype="fp32")
     lm.model.to("meta")
     lm = dataclasses.replace(lm, device=torch.device("meta"))
     with running_server(ckpts, ["chars"], loaded=[lm]) as base:
         c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
-        for _ in range(2):
+        statuses = []
+        for _ in range(4):
             with pytest.raises(openai.APIStatusError) as e:
                 complete(c, max_tokens=5)
-            assert e.value.status_code == 503 and error_of(e)["code"] == "model_unavailable"
-            assert "out of service" in error_of(e)["message"]
+            statuses.append(e.value.status_code)
+        assert statuses == [500, 500, 503, 503] and "out of service" in error_of(e)["message"]
         health = httpx.get(base + "/health")
         assert health.status_code == 503 and health.json()["status"] == "error"
         assert "META" in health.json()["models"]["chars"]["error"]
+
+
+def test_health_answers_at_once_during_a_long_step(ckpts: Path) -> None:
+    """A step that takes 3 s (a slow forward, as a long prefill would be): /health and the page
+    answer within a fraction of it, since the step runs in the engine's thread, not the event loop."""
+    lm = load_model("chars", ckpts, device="cpu", dtype="fp32")
+    slow: list[int] = []
+    lm.model.transformer.h[0].register_forward_hook(lambda *_: time.sleep(3) if slow and not slow.pop() else None)
+    with running_server(ckpts, ["chars"], loaded=[lm]) as base, httpx.Client(base_url=base, timeout=30) as http:
+        slow.append(0)
+        body = {"model": "chars", "prompt": PROMPT, "max_tokens": 5, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as stream:
+            wait_for(base, active=1)  # the slow step has begun (or is about to)
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+            assert time.monotonic() - started < 1.0
+            assert "data: [DONE]" in list(stream.iter_lines())[-2:]
+
+
+def test_prefill_chunk_follows_the_measured_step_times() -> None:
+    """Unmeasured: the largest chunk; then a small one to learn from; then what keeps a step
+    within STALL decoding steps. A prefill step measured faster than the mean decoding step
+    (prompt tokens for free) gives the largest chunk, not a division by zero (an engine failure)."""
+    from mypt.serve.batcher import MIN_CHUNK, STALL, ChunkSizer
+
+    sizer = ChunkSizer(512)
+    assert sizer.size() == 512
+    sizer.observe(0.010, 0)
+    assert sizer.size() == MIN_CHUNK
+    sizer.observe(0.005, 8)
+    assert sizer.size() == 512
+    sizer = ChunkSizer(512)
+    sizer.observe(0.010, 0)
+    sizer.observe(0.010 + 0.001 * MIN_CHUNK, MIN_CHUNK)  # 1 ms a prompt token
+    assert int((STALL - 1) * 10) - 1 <= sizer.size() <= int((STALL - 1) * 10)  # 10 ms spare / 1 ms
+    sizer.observe(0.010 + 1.0, 10)  # very slow prompt tokens: still MIN_CHUNK a step
+    assert sizer.size() == MIN_CHUNK
+
+
+def test_metrics_parse_with_prometheus_and_count_the_requests(ckpts: Path, models) -> None:
+    """/metrics after 3 answered requests (one streamed, two sharing a 16-token prompt start), a
+    400 and a 404: prometheus_client's own parser reads the fixed names, and the counts match.
+    The second prompt began from the prefix cache and its text is its solo text all the same.
+    (This server's registry is its own: the module's server runs in the same process.)"""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    start = "ROMEO:\nWhat say you, my"  # 23 characters: one 16-token block
+    with running_server(ckpts, ["chars"], max_batch=2) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=30)
+        tails = (" lord", " lady")
+        texts = [complete(c, prompt=start + tail, max_tokens=12, temperature=0).choices[0].text for tail in tails]
+        assert texts == [solo(models["chars"], start + tail, max_tokens=12, temperature=0) for tail in tails]
+        streamed = list(complete(c, max_tokens=8, seed=1, stream=True))
+        assert streamed
+        with pytest.raises(openai.BadRequestError):
+            complete(c, max_tokens=-1)
+        with pytest.raises(openai.NotFoundError):
+            complete(c, model="nope", max_tokens=1)
+        time.sleep(0.2)  # the stream is counted as it closes
+        text = httpx.get(base + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("mypt_requests_total", (("status", "200"),))] == 3
+    assert value[("mypt_requests_total", (("status", "400"),))] == 1
+    assert value[("mypt_requests_total", (("status", "404"),))] == 1
+    for name in ("mypt_time_to_first_token_seconds", "mypt_queue_time_seconds"):
+        assert families[name].type == "histogram" and value[(name + "_count", ())] == 3
+    gaps = 11 + 11 + 7  # tokens after each choice's first
+    assert value[("mypt_inter_token_latency_seconds_count", ())] == gaps
+    assert value[("mypt_prefix_cache_hits_total", ())] == 1
+    assert families["mypt_batch_size"].type == "gauge" and value[("mypt_batch_size", ())] >= 1
 
 
 # ----------------------------------------------------------------------------- connections
@@ -691,11 +814,13 @@ def test_serve_flags_are_checked_before_anything_starts(ckpts: Path) -> None:
     taken.close()
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
     r = run_cli("serve", "--model_name", "chars", "--max_batch", str(10**9), "--max_connections", "0",
-                "--request_timeout", "nan", "--max_body_bytes", str(2**40), "--port", "0", *base,
+                "--request_timeout", "nan", "--max_body_bytes", str(2**40), "--prefill_tokens", "0",
+                "--prefix_cache_tokens", "-1", "--port", "0", *base,
                 script="src/mypt/__main__.py", cwd=ckpts.parent)  # once: a list of 10**9 free rows, then 8 GB later
     assert r.returncode == 2 and "--max_batch (1000000000) must be from 1 to 65,536" in r.stderr
     assert "--max_connections (0)" in r.stderr and "--request_timeout (nan)" in r.stderr
-    assert "--max_body_bytes (1099511627776)" in r.stderr
+    assert "--max_body_bytes (1099511627776)" in r.stderr and "--prefill_tokens (0) must be from 1" in r.stderr
+    assert "--prefix_cache_tokens (-1) must be from 0" in r.stderr
     assert "serving" not in r.stdout and "Traceback" not in r.stderr
     for device in ("meta", "xpu"):  # meta once started and then hung every request
         r = run_cli("serve", "--model_name", "chars", "--device", device, "--port", "0", *base,

@@ -2,10 +2,15 @@
 
 Imports torch only. `GPT.new_cache` makes a `KVCache`; each forward pass of new tokens plans
 its positions, writes and attention mask once (`CacheStep`) and every layer stores its keys and
-values through it. `mypt.sampling` decides what to feed; this module only stores and masks.
+values through it. `PrefixCache` keeps the keys and values of prompt starts seen before (a
+system prompt, a few-shot block) so a row can begin from a copy of them. `mypt.sampling` decides
+what to feed; this module only stores and masks.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -144,3 +149,69 @@ class CacheStep:
 
     def commit(self) -> None:
         self.cache.pos[self.host_rows] += self.T
+
+
+class PrefixCache:
+    """Keys and values of prompt starts, in blocks of `block` tokens, least recently used first out.
+
+    A prompt's first n * block tokens are found block by block: an entry is keyed by its parent
+    entry (the tokens before it, which its keys and values depend on) and its own tokens, so a
+    hit is exact, never a hash collision. `load` copies the longest stored start of a prompt into
+    a fresh cache row (always leaving its last token to be computed, for its logits); `store`
+    keeps the blocks of a prefilled row that are not stored yet. At most `max_tokens` tokens are
+    kept (the memory of max_tokens / block_size rows of the decoding cache).
+    Rows must start at position 0 and not wrap around (sampling stores only such rows).
+    """
+
+    def __init__(self, block: int, max_tokens: int) -> None:
+        self.block, self.max_tokens = block, max_tokens
+        self._entries: OrderedDict[tuple[int, tuple[int, ...]], tuple[int, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._next_id = 1  # 0: the empty start, every first block's parent
+        self.hits = 0  # loads that reused at least one block
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _chain(self, tokens: Sequence[int], n_blocks: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The stored entries of tokens' first blocks, in order, up to the first one missing."""
+        found, parent, B = [], 0, self.block
+        for j in range(n_blocks):
+            key = (parent, tuple(tokens[j * B:(j + 1) * B]))
+            entry = self._entries.get(key)
+            if entry is None:
+                break
+            self._entries.move_to_end(key)
+            found.append(entry)
+            parent = entry[0]
+        return found
+
+    def load(self, tokens: Sequence[int], cache: KVCache, row: int) -> int:
+        """Copy the longest stored start of tokens (but not their last token) into the empty
+        cache row `row`; returns how many tokens it holds now (0 when none was stored)."""
+        found = self._chain(tokens, (len(tokens) - 1) // self.block)
+        if not found:
+            return 0
+        n = len(found) * self.block
+        cache.k[:, row, :, :n] = torch.cat([k for _, k, _ in found], dim=2)
+        cache.v[:, row, :, :n] = torch.cat([v for _, _, v in found], dim=2)
+        cache.pos[row] = n
+        self.hits += 1
+        return n
+
+    def store(self, tokens: Sequence[int], cache: KVCache, row: int) -> None:
+        """Keep the full blocks of `tokens`, which cache row `row` holds at positions 0 .. len - 1."""
+        if len(tokens) > cache.capacity or self.max_tokens < self.block:
+            return
+        B, n_blocks = self.block, len(tokens) // self.block
+        found = self._chain(tokens, n_blocks)
+        parent = found[-1][0] if found else 0
+        for j in range(len(found), n_blocks):
+            key = (parent, tuple(tokens[j * B:(j + 1) * B]))
+            parent, self._next_id = self._next_id, self._next_id + 1
+            k = cache.k[:, row, :, j * B:(j + 1) * B].clone()  # (n_layer, nkv, block, hs)
+            self._entries[key] = (parent, k, cache.v[:, row, :, j * B:(j + 1) * B].clone())
+        while len(self._entries) * B > self.max_tokens:
+            self._entries.popitem(last=False)

@@ -48,7 +48,7 @@ from mypt.tokenizers import StreamDecoder, Tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from mypt.kvcache import KVCache
+    from mypt.kvcache import KVCache, PrefixCache
     from mypt.model import GPT
 
 AmpFactory = Callable[[], contextlib.AbstractContextManager]
@@ -190,42 +190,83 @@ def fresh_seed() -> int:
 # Logits -> token
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL repetition penalty: logits of tokens already seen shrink toward "less likely"."""
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL repetition penalty: logits of tokens already seen shrink toward "less likely".
+    penalty: a number, or (n, 1) for n rows of logits."""
     scaled = (logits / penalty).where(logits > 0, logits * penalty)
     return scaled.where(seen, logits)
 
 
 def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
     """The next token from 1-D logits (vocab,): argmax at temperature 0, else a filtered sample."""
-    return int(_pick(logits, cfg, generator))
+    return int(pick_tokens(logits[None], [cfg], [generator])[0])
 
 
-def _pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """pick_token's token as a 0-dim tensor on the logits' device (read without a device sync)."""
-    if cfg.temperature == 0:
-        return logits.argmax()
+def pick_tokens(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The next token of each row of logits (n, vocab), row i with cfgs[i] and generators[i]:
+    (n,) on the logits' device, without a device sync.
+
+    Rows are processed together, grouped by the shape their sample is drawn from (the full
+    vocabulary, its top_k, or all of it sorted for top_p), so a step costs a few tensor operations
+    whatever the batch. Each sampled row draws its own exponential noise from its own generator,
+    exactly as `Tensor.multinomial(1)` does (argmax of probs / Exp(1) noise), so a row gets the
+    token it would get alone.
+    """
     import torch
 
+    out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    groups: dict[str, list[int]] = {}
+    vocab = logits.size(1)
+    for i, cfg in enumerate(cfgs):
+        kind = ("greedy" if cfg.temperature == 0 else "top_k" if 0 < cfg.top_k < vocab
+                else "sorted" if cfg.top_p < 1 else "plain")
+        groups.setdefault(kind, []).append(i)
+    for kind, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        x = logits[index]
+        if kind == "greedy":
+            out[index] = x.argmax(-1)
+        else:
+            out[index] = _sample_rows(x, kind, [cfgs[i] for i in rows], [generators[i] for i in rows])
+    return out
+
+
+def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Sampled tokens (m,) for rows x (m, vocab) of one kind ("top_k", "sorted" or "plain")."""
+    import torch
+
+    device, vocab = x.device, x.size(1)
     # shifted to <= 0 and the temperature kept a representable positive number: however small it
     # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
-    temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
-    logits = (logits - logits.max()) / temperature
-    if 0 < cfg.top_k < logits.numel():
-        logits, ids = logits.topk(cfg.top_k)  # sorted, largest first
-    elif cfg.top_p < 1:
-        logits, ids = logits.sort(descending=True)
-    else:
-        ids = None
-    probs = logits.softmax(dim=-1)
-    if cfg.top_p < 1:
+    tiny = torch.finfo(x.dtype).tiny
+    temperature = torch.tensor([[max(c.temperature, tiny)] for c in cfgs], dtype=x.dtype, device=device)
+    x = (x - x.amax(-1, keepdim=True)) / temperature
+    lengths = [vocab] * len(cfgs)  # how many candidates each row draws among
+    ids = None
+    if kind == "top_k":
+        lengths = [c.top_k for c in cfgs]
+        x, ids = x.topk(max(lengths))  # sorted, largest first
+        if min(lengths) < x.size(1):  # rows of a smaller top_k: their extra candidates cannot be drawn
+            beyond = torch.arange(x.size(1), device=device) >= torch.tensor(lengths, device=device)[:, None]
+            x = x.masked_fill(beyond, float("-inf"))
+    elif kind == "sorted":
+        x, ids = x.sort(descending=True)
+    probs = x.softmax(dim=-1)
+    if any(c.top_p < 1 for c in cfgs):
         # keep the smallest prefix of the sorted tokens whose mass reaches top_p; the likeliest
         # always (a top_p below float32's smallest number would compare as 0 and keep none)
-        dropped = probs.cumsum(-1) - probs >= cfg.top_p
-        dropped[0] = False
+        top_p = torch.tensor([[c.top_p if c.top_p < 1 else math.inf] for c in cfgs], dtype=probs.dtype,
+                             device=device)
+        dropped = probs.cumsum(-1) - probs >= top_p
+        dropped[:, 0] = False
         probs = probs.masked_fill(dropped, 0.0)
-    choice = probs.multinomial(1, generator=generator)[0]
-    return ids[choice] if ids is not None else choice
+    noise = torch.ones_like(probs)
+    for row, (n, generator) in enumerate(zip(lengths, generators, strict=True)):
+        noise[row, :n].exponential_(generator=generator)  # what multinomial(1) draws for n candidates
+    choice = (probs / noise).argmax(-1)
+    return choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +355,7 @@ class Continuation:
         self.cfg, self.seed, self.vocab_size = cfg, seed, vocab_size
         self.logprobs = logprobs  # None: not recorded; else each new token's TokenLogprob with this many alternatives
         self._logprobs: list[TokenLogprob] = []
+        self._chosen: int | None = None  # the token choose() took last
         self.eot_id = None if cfg.ignore_eot else eot_id
         self.tokens = list(prompt_ids)  # the context so far; Decoder.add keeps the last block_size
         self.n_new = 0
@@ -327,6 +369,7 @@ class Continuation:
         self.start = 0
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # tokens already in the text (repetition penalty)
+        self.reused: int | None = None  # prompt tokens the prefix cache supplied (None: no prefix cache)
         self.lookup = Lookup(cfg.lookup) if cfg.lookup else None  # drafts tokens to verify (mypt.lookup)
 
     @property
@@ -334,33 +377,26 @@ class Continuation:
         return self.tokens[-1]
 
     def choose(self, logits: torch.Tensor) -> int | None:
-        """Pick the next token from this continuation's logits (vocab,) and take it. Logits that
-        are not all finite end this continuation alone: finish_reason "error", the reason in `error`."""
-        import torch
+        """Pick the next token from this continuation's logits (vocab,) and take it (as
+        choose_tokens does for a batch); None when they were not all finite."""
+        choose_tokens([self], logits[None])
+        return None if self.finish_reason == "error" else self._chosen
 
-        raw = logits
-        logits = logits[: self.vocab_size].float()  # padded ids beyond the tokenizer's are never produced
-        if self.seen is not None:
-            logits = penalize(logits, self.seen, self.cfg.repetition_penalty)
-        finite = torch.isfinite(logits).all()
-        # a bad row samples from zeros instead: no NaN reaches multinomial (on a GPU a device-side
-        # assert that would end every row), and the token and the check come back in one sync
-        token, ok = torch.stack((_pick(logits.where(finite, 0.0), self.cfg, self.generator), finite.long())).tolist()
-        if not ok:
+    def accept(self, token: int, finite: bool) -> None:
+        """Take the token `choose_tokens` picked. Logits that were not all finite end this
+        continuation alone: finish_reason "error", the reason in `error`."""
+        if not finite:
             self.finish_reason = "error"
             self.error = (f"the model's next-token scores are not finite (NaN or infinite) at new token "
                           f"{self.n_new + 1}")
-            return None
-        if self.logprobs is not None:  # every token produced, the one that ends the text included
-            self._logprobs += logprobs_of(raw[None], torch.tensor([token], device=raw.device), self.logprobs,
-                                          self.vocab_size)
+            return
+        self._chosen = token
         if token == self.eot_id or token in self.cfg.stop_ids:
             self.finish_reason = "stop"
             if self.text is not None:
                 self._pieces.append(self.text.finish())
         else:
             self._take(token)
-        return token
 
     def _take(self, token: int) -> None:
         if self.seen is not None:
@@ -388,25 +424,70 @@ class Continuation:
         return out
 
 
+def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
+    """Each continuation of `group` picks its next token from its row of logits (n, vocab) and
+    takes it: every row at once, with one host sync for the whole group.
+
+    A row whose logits are not all finite samples from zeros instead: no NaN reaches the
+    sampler (on a GPU a device-side assert that would end every row); that continuation alone
+    ends with an error.
+    """
+    import torch
+
+    raw = logits
+    vocab = min(c.vocab_size for c in group)
+    if any(c.vocab_size != vocab for c in group):  # one model serves one tokenizer; but be exact anyway
+        for c, row in zip(group, logits, strict=True):
+            choose_tokens([c], row[None])
+        return
+    logits = logits[:, :vocab].float()  # padded ids beyond the tokenizer's are never produced
+    penalized = [i for i, c in enumerate(group) if c.seen is not None]
+    if penalized:
+        index = torch.tensor(penalized, device=logits.device)
+        penalty = torch.tensor([[group[i].cfg.repetition_penalty] for i in penalized], device=logits.device)
+        seen = torch.stack([group[i].seen for i in penalized])
+        logits[index] = penalize(logits[index], seen, penalty)
+    finite = torch.isfinite(logits).all(-1)
+    tokens = pick_tokens(logits.where(finite[:, None], 0.0), [c.cfg for c in group], [c.generator for c in group])
+    tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
+    for i, (c, token, ok) in enumerate(zip(group, tokens, finite, strict=True)):
+        if ok and c.logprobs is not None:  # every token produced, the one that ends the text included
+            c._logprobs += logprobs_of(raw[i][None], torch.tensor([token], device=raw.device), c.logprobs,
+                                       c.vocab_size)
+        c.accept(token, bool(ok))
+
+
 class Decoder:
     """Steps continuations of one model together over one KV cache of `slots` rows.
 
-    Every `step()` gives each active continuation one token: one forward pass for all those
-    decoding (one new token each, rows at their own lengths), plus one per distinct prompt
-    length being prefilled or learned-position window being refilled, and one per distinct
-    draft length of continuations with prompt lookup (which may take several tokens in a step,
-    see mypt.lookup); then each continuation picks its token from its own logits with its own
-    generator. generate_ids runs one continuation through it, a server many: the tokens are the
-    same either way, up to the last bits of floating-point sums that a batched matrix product
-    orders differently.
+    Every `step()` gives each active continuation whose prompt is in the cache one token: one
+    forward pass for all those decoding (one new token each, rows at their own lengths), plus one
+    per distinct number of prompt tokens being prefilled or learned-position window being
+    refilled; then every continuation picks its token from its own logits with its own generator,
+    all rows at once (`choose_tokens`, one host sync). generate_ids runs one continuation
+    through it, a server many: the tokens are the same either way, up to the last bits of
+    floating-point sums that a batched matrix product orders differently. A continuation with
+    prompt lookup also feeds its drafted tokens (one forward pass per distinct draft length) and
+    takes the ones its logits confirm (mypt.lookup), row by row.
+
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
-    (tokens a row holds, at most block_size) sizes the cache for continuations known to stay shorter.
+    (tokens a row holds, at most block_size) sizes the cache for continuations known to stay
+    shorter; `dtype` is the cache's (the compute dtype: bf16 under bf16 autocast; default the
+    weights'). `prefill_chunk`: while some row is decoding, at most that many prompt tokens
+    enter the cache per step, so a long prompt is prefilled over several steps while the other
+    rows go on decoding (a row whose prompt is not all in yet gets no token that step);
+    `prefilled` counts the prompt tokens the last step fed. `prefix_cache`: keys and values of
+    prompt starts seen before are copied in instead of computed (mypt.kvcache.PrefixCache).
     """
 
     def __init__(self, model: GPT, slots: int = 1, amp: AmpFactory = contextlib.nullcontext,
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, *, dtype: torch.dtype | None = None, prefill_chunk: int | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.slots, self.amp, self.capacity = model, slots, amp, capacity
         self.device = model.transformer.wte.weight.device
+        self.dtype = dtype or model.transformer.wte.weight.dtype
+        self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
+        self.prefilled = 0
         self.active: list[Continuation] = []
         self._free = list(range(slots - 1, -1, -1))
         self._cache: KVCache | None = None
@@ -418,12 +499,12 @@ class Decoder:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.slots, self.device, self.model.transformer.wte.weight.dtype,
-                                               self.capacity)
+            self._cache = self.model.new_cache(self.slots, self.device, self.dtype, self.capacity)
         return self._cache
 
     def add(self, c: Continuation) -> None:
-        """Give c a free row; its prompt is prefilled by the next step (its last block_size tokens)."""
+        """Give c a free row; its prompt is prefilled by the next steps (its last block_size
+        tokens), after what the prefix cache holds of it."""
         import torch
 
         if not self._free:
@@ -437,6 +518,9 @@ class Decoder:
         self.active.append(c)
         if c.finish_reason is not None:  # nothing to generate
             self.remove(c)
+        elif self.prefix_cache is not None and c.cfg.use_cache:
+            with torch.inference_mode():
+                c.held = c.reused = self.prefix_cache.load(c.tokens, self.cache, c.slot)
 
     def remove(self, c: Continuation) -> None:
         """Take c out of the batch (finished, or its client went away); its row is free again.
@@ -457,6 +541,8 @@ class Decoder:
             c.slot = None
         self.active = []
         self._zero(slice(None))
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def _zero(self, rows: int | slice) -> None:
         import torch
@@ -467,45 +553,72 @@ class Decoder:
                 self._cache.v[:, rows] = 0
 
     def step(self) -> list[Continuation]:
-        """One token for every active continuation; returns those that finished (now removed)."""
+        """One token (with lookup, maybe several) for every active continuation whose prompt is
+        in; returns those that finished (now removed)."""
         import torch
 
         with torch.inference_mode(), self.amp():
-            for c, logits in zip(self.active, self._logits(), strict=True):
-                if logits.dim() == 2:  # after its pending token and after each drafted one
-                    c.lookup.verify(c, logits, self.cache)
-                else:
-                    c.choose(logits)
+            ready, logits, drafted = self._logits()
+            first = [c for c in ready if c.n_new == 0 and c.reused is not None]
+            if ready:
+                choose_tokens(ready, logits)
+            for c, rows in drafted:  # after its pending token and after each drafted one
+                c.lookup.verify(c, rows, self.cache)
+            if self.prefix_cache is not None:
+                for c in first:
+                    if c.finish_reason != "error" and c.start == 0:
+                        self.prefix_cache.store(c.tokens[:c.held], self.cache, c.slot)
         done = [c for c in self.active if c.finish_reason is not None]
         for c in done:
             self.remove(c)
         return done
 
-    def _logits(self) -> list[torch.Tensor]:
-        """Next-token logits (vocab,) for each active continuation, in order; (drafts + 1, vocab)
-        for one with drafted tokens to verify."""
+    def _logits(self) -> tuple[list[Continuation], torch.Tensor | None, list[tuple[Continuation, torch.Tensor]]]:
+        """The continuations that get one token this step and their next-token logits (n, vocab);
+        and those with drafted tokens to verify, each with its (drafts + 1, vocab) logits."""
+        import torch
+
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
-        out: list[torch.Tensor | None] = [None] * len(self.active)
-        feeds: dict[tuple[int, int], list[int]] = {}  # (new tokens, drafted tokens) per row -> indices into active
-        for i, c in enumerate(self.active):
+        streaming = any(c.n_new > 0 for c in self.active)  # someone would wait for a long prefill
+        budget = self.prefill_chunk if streaming else None
+        self.prefilled = 0
+        ready: list[Continuation] = []
+        parts: list[torch.Tensor] = []
+        drafted: list[tuple[Continuation, torch.Tensor]] = []
+        feeds: dict[tuple[int, int], list[Continuation]] = {}  # (tokens fed, drafted) per row -> its continuations
+        complete: set[int] = set()  # rows whose pending tokens are all fed this step
+        for c in self.active:
             if not slides:  # a learned-position window jumps; its row is then refilled
                 start = window_start(len(c.tokens), c.start, block_size)
                 if start != c.start:
                     c.start, c.held = start, 0
             if not c.cfg.use_cache:
-                out[i] = _uncached_logits(self.model, c.tokens, c.start, self.device)
-            else:
-                n_new = len(c.tokens) - c.start - c.held
-                n_drafts = 0 if c.lookup is None else len(c.lookup.propose(c, self.cache, n_new))
-                feeds.setdefault((n_new, n_drafts), []).append(i)
-        for (n_new, n_drafts), members in feeds.items():
-            group = [self.active[i] for i in members]
-            for i, logits in zip(members, self._feed(group, n_new, n_drafts), strict=True):
-                out[i] = logits
-        return out
+                ready.append(c)
+                parts.append(_uncached_logits(self.model, c.tokens, c.start, self.device)[None])
+                continue
+            pending = fed = len(c.tokens) - c.start - c.held
+            if pending > 1 and budget is not None:  # a prompt (or refill): within this step's budget
+                if budget <= 0:
+                    continue
+                fed, budget = min(pending, budget), budget - pending
+            if fed == pending:
+                complete.add(id(c))
+            n_drafts = 0 if c.lookup is None or fed < pending else len(c.lookup.propose(c, self.cache, fed))
+            feeds.setdefault((fed, n_drafts), []).append(c)
+            self.prefilled += fed if fed > 1 else 0
+        for (n_new, n_drafts), group in feeds.items():
+            logits = self._feed(group, n_new, n_drafts)
+            if n_drafts:
+                drafted += list(zip(group, logits, strict=True))
+                continue
+            fed = [i for i, c in enumerate(group) if id(c) in complete]
+            ready += [group[i] for i in fed]
+            parts.append(logits if len(fed) == len(group) else logits[fed])
+        logits = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+        return ready, logits, drafted
 
     def _feed(self, group: list[Continuation], n_new: int, n_drafts: int = 0) -> torch.Tensor:
-        """One forward pass of each continuation's n_new newest tokens into its row: (n, vocab);
+        """One forward pass of each continuation's next n_new tokens into its row: (n, vocab);
         followed by its n_drafts drafted tokens, (n, n_drafts + 1, vocab)."""
         import torch
 
@@ -514,8 +627,8 @@ class Decoder:
         fresh = [c.slot for c in group if c.held == 0]
         if fresh:
             cache.reset(torch.tensor(fresh))
-        idx = torch.tensor([c.tokens[-n_new:] + (c.lookup.drafts if n_drafts else []) for c in group],
-                           dtype=torch.long, device=self.device)
+        idx = torch.tensor([c.tokens[c.start + c.held:][:n_new] + (c.lookup.drafts if n_drafts else [])
+                            for c in group], dtype=torch.long, device=self.device)
         rows = None if slots == list(range(self.slots)) else torch.tensor(slots)  # host: the cache plans on it
         for c in group:
             if n_drafts:

@@ -8,8 +8,8 @@ examples:
 Open http://127.0.0.1:8000/ for the page. The API (the model id is the model name):
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "dante", "prompt": "Nel mezzo", "max_tokens": 50}'
-Also /v1/chat/completions, /v1/models and /health. Concurrent requests are decoded together
-(continuous batching over --max_batch rows); more wait in a queue of --max_queue requests, and
+Also /v1/chat/completions, /v1/models, /health and /metrics (Prometheus). Concurrent requests
+are decoded together (continuous batching over --max_batch rows); more wait in a queue of --max_queue requests, and
 beyond it a request gets 503 with Retry-After. A request must arrive whole within
 --request_timeout seconds (else 408), and at most --max_connections connections are open at once
 (a new one beyond them gets 503). Needs the serve extra: pip install -e ".[serve]".
@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="largest request body; beyond it: 413 (default: %(default)s)")
     limits.add_argument("--max_connections", type=int, default=512,
                         help="connections open at once; beyond them a new one gets 503 (default: %(default)s)")
+    limits.add_argument("--prefill_tokens", type=int, default=512,
+                        help="prompt tokens prefilled per decoding step: a long prompt enters over several steps, "
+                        "delaying the other streams by one such chunk at most (default: %(default)s)")
+    limits.add_argument("--prefix_cache_tokens", type=int,
+                        help="tokens of repeated prompt starts whose keys and values are kept for reuse, per "
+                        "model; 0: off (default: 8 x each model's block_size)")
     limits.add_argument("--request_timeout", type=float, default=30.0,
                         help="seconds a request (headers and body) may take to arrive; beyond them: 408 and the "
                         "connection is closed (default: %(default)s)")
@@ -63,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # every number the server sizes something by, checked before anything is allocated
 FLAG_RANGES = {"max_batch": (1, 65536), "max_queue": (1, 1_000_000), "max_tokens": (1, MAX_COUNT),
                "max_prompt_tokens": (1, MAX_COUNT), "max_body_bytes": (1, 1 << 30),
-               "max_connections": (1, 1_000_000), "port": (0, 65535)}
+               "max_connections": (1, 1_000_000), "port": (0, 65535), "prefill_tokens": (1, MAX_COUNT),
+               "prefix_cache_tokens": (0, MAX_COUNT)}
 MAX_REQUEST_TIMEOUT = 3600.0
 
 
@@ -117,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     max_n=args.max_batch, max_body_bytes=args.max_body_bytes)
     server = Server(models, limits=limits, max_batch=args.max_batch, max_queue=args.max_queue,
-                    api_key=args.api_key)
+                    api_key=args.api_key, prefill_tokens=args.prefill_tokens,
+                    prefix_cache_tokens=args.prefix_cache_tokens)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving {', '.join(server.models)} at {url}/ (API: {url}/v1; "

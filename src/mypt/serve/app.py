@@ -3,7 +3,9 @@
     GET  /                      the page (page.html): choose a model, type a prompt, watch it stream;
                                 it opens in chat mode for a model with a chat template
     GET  /health                200 with each model's batch and queue once the models are loaded;
-                                503 once a model is out of service (its "error" says why)
+                                503 while a model's engine restarts after a failure, or once it
+                                is out of service (its "error" says why)
+    GET  /metrics               Prometheus metrics (mypt.serve.metrics)
     GET  /v1/models             the loaded models (the id is the model name; "chat_template" names a
                                 fine-tuned model's chat template, null otherwise); /v1/models/{id}
     POST /v1/completions        OpenAI completions (a prompt of text or token ids; logprobs, echo);
@@ -41,6 +43,7 @@ from mypt.serve import protocol
 from mypt.serve.batcher import Batcher, Event, Job, OutOfService, Overloaded
 from mypt.serve.chat import ModelTemplate, load_template
 from mypt.serve.logprobs import ChoiceLogprobs, joined
+from mypt.serve.metrics import CONTENT_TYPE, ServeMetrics
 from mypt.serve.protocol import APIError, Limits
 
 RETRY_AFTER_SECONDS = 1
@@ -50,12 +53,15 @@ class Server:
     """The models, their batchers and chat templates, the limits and the API key."""
 
     def __init__(self, models: list[LoadedModel], *, limits: Limits, max_batch: int, max_queue: int,
-                 api_key: str | None) -> None:
+                 api_key: str | None, prefill_tokens: int = 512, prefix_cache_tokens: int | None = None) -> None:
         self.models = {lm.name: lm for lm in models}
         self.limits, self.api_key = limits, api_key
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = ServeMetrics()
         self.templates = {lm.name: load_template(lm.folder, lm.tokenizer) for lm in models}
-        self.batchers = {lm.name: _batcher(lm, max_batch, max_queue) for lm in models}
+        engine = dict(max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens,
+                      prefix_cache_tokens=prefix_cache_tokens, metrics=self.metrics)
+        self.batchers = {lm.name: _batcher(lm, engine) for lm in models}
         self.created = {lm.name: _created(lm) for lm in models}
 
     @contextlib.asynccontextmanager
@@ -94,12 +100,13 @@ class Server:
         return self.limits.max_prompt_tokens or lm.config.block_size
 
 
-def _batcher(lm: LoadedModel, max_batch: int, max_queue: int) -> Batcher:
+def _batcher(lm: LoadedModel, engine: dict[str, Any]) -> Batcher:
     """lm's batcher with its KV cache allocated now, before the server listens."""
     try:
-        return Batcher(lm, max_batch=max_batch, max_queue=max_queue)
+        return Batcher(lm, **engine)
     except (RuntimeError, MemoryError) as e:  # the cache does not fit (torch reports it as a RuntimeError)
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        max_batch = engine["max_batch"]
         raise MyPTError(f"--max_batch {max_batch}: the KV cache of '{lm.name}' for {max_batch} rows could not be "
                         f"allocated ({first}); use a smaller --max_batch") from None
 
@@ -163,6 +170,7 @@ class Generation:
 
     def __init__(self, server: Server, req: protocol.Request, chat: bool) -> None:
         self.req, self.chat = req, chat
+        self.status = 200  # the request's HTTP status, once it fails
         lm = server.model(req.model)
         self.batcher = server.batchers[lm.name]
         self.id = protocol.new_id(chat)
@@ -244,6 +252,7 @@ class Generation:
         while open_choices:
             ev = await self.queue.get()
             if ev.finish_reason == "error":
+                self.status = ev.status
                 raise APIError(ev.status, ev.text, type="server_error",
                                code="model_unavailable" if ev.status == 503 else "internal_error")
             if ev.finish_reason is not None:
@@ -303,6 +312,17 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+async def counted(stream: AsyncIterator[str], gen: Generation, metrics: ServeMetrics) -> AsyncIterator[str]:
+    """The stream, counted in mypt_requests_total when it ends (499 if its client went away)."""
+    status = 499
+    try:
+        async for piece in stream:
+            yield piece
+        status = gen.status
+    finally:
+        metrics.answered(status)
+
+
 async def stream_events(gen: Generation) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of text, a finish per choice, then data: [DONE]."""
     chat, rid, model = gen.chat, gen.id, gen.req.model
@@ -349,10 +369,13 @@ def create_app(server: Server) -> Starlette:
         return HTMLResponse(page_html)
 
     async def health(request: HTTPRequest) -> Response:
-        stopped = any(b.stopped is not None for b in server.batchers.values())
-        return JSONResponse({"status": "error" if stopped else "ok",
+        ok = all(b.healthy for b in server.batchers.values())
+        return JSONResponse({"status": "ok" if ok else "error",
                              "models": {name: b.stats() for name, b in server.batchers.items()}},
-                            status_code=503 if stopped else 200)
+                            status_code=200 if ok else 503)
+
+    async def metrics(request: HTTPRequest) -> Response:
+        return Response(server.metrics.text(), media_type=CONTENT_TYPE)
 
     async def models(request: HTTPRequest) -> Response:
         server.authorize(request)
@@ -365,19 +388,32 @@ def create_app(server: Server) -> Starlette:
 
     def generation_route(chat: bool):
         async def handle(request: HTTPRequest) -> Response:
-            server.authorize(request)
-            body = await read_body(request, server.limits.max_body_bytes)
-            gen = Generation(server, protocol.parse_request(body, chat, server.limits), chat)
-            if gen.req.stream:
-                return StreamingResponse(stream_events(gen), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await answer_whole(request, gen)
+            status = 500
+            try:
+                server.authorize(request)
+                body = await read_body(request, server.limits.max_body_bytes)
+                gen = Generation(server, protocol.parse_request(body, chat, server.limits), chat)
+                if gen.req.stream:
+                    status = None  # counted when the stream ends
+                    return StreamingResponse(counted(stream_events(gen), gen, server.metrics),
+                                             media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                response = await answer_whole(request, gen)
+                status = response.status_code
+                return response
+            except APIError as e:
+                status = e.status
+                raise
+            finally:
+                if status is not None:
+                    server.metrics.answered(status)
 
         return handle
 
     routes = [
         Route("/", page),
         Route("/health", health),
+        Route("/metrics", metrics),
         Route("/v1/models", models),
         Route("/v1/models/{model:path}", one_model),
         Route("/v1/completions", generation_route(False), methods=["POST"]),

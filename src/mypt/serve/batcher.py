@@ -1,38 +1,53 @@
-"""Continuous batching for one loaded model: the server's scheduler around mypt.sampling.Decoder.
+"""The serving engine of one loaded model: continuous batching in a thread of its own.
 
-Requests wait in a bounded queue; between decoding steps the waiting continuations take the
-free rows of the KV cache (at most `prefill_tokens` prompt tokens join per step, at least one
-request), each step gives every active continuation one token from one forward pass, and a
-continuation leaves as soon as it finishes or its client goes away, so a long request never
-holds up a short one. The step itself is the one in mypt.sampling that generate.py uses too.
-A job that asks for its prompt's logprobs (echo) gets them from one forward pass over the prompt
-(mypt.sampling.prompt_logprobs) as it joins, before its first token; its continuations record
-their tokens' logprobs as they step.
+`Batcher` owns a `mypt.sampling.Decoder` (the decoding step generate.py uses too) and runs it in
+a dedicated engine thread, so the event loop never waits for the model: /health, the page and
+every stream stay responsive while a step runs. The loop and the engine meet in two places
+only: `submit` puts a job on the waiting queue (under a lock) and wakes the engine; the engine
+hands each job its text through the job's asyncio.Queue, with `loop.call_soon_threadsafe`, once
+per step.
 
-A continuation whose logits are not finite fails its own request (500) while the others go
-on; a step that raises fails the requests in it (500) and the cache is zeroed; should the loop
-itself stop, the model is out of service: every request gets 503 and /health says why.
+Between steps the engine drops the jobs whose clients went away and gives waiting continuations
+the free rows of the KV cache. Each step gives every continuation whose prompt is in the cache
+one token. While some streams are decoding, prompts enter the cache a chunk at a time (chunked
+prefill), so a long prompt delays their next token by one chunk at most: the chunk is sized
+from measured step times so that a step with prefill takes about STALL times a plain decoding
+step (at least MIN_CHUNK tokens, at most `prefill_tokens`). A prefix cache
+(mypt.kvcache.PrefixCache, `prefix_cache_tokens`) keeps the keys and values of prompt starts
+seen before. A job that asks for its prompt's logprobs (echo) gets them from one forward pass
+over the prompt (mypt.sampling.prompt_logprobs) as it joins, before its first token; its
+continuations record their tokens' logprobs as they step.
 
-Everything here runs on the server's event loop, `Decoder.step` included: between two steps the
-loop sends the new text and takes new requests, and nothing else touches the decoder, so no lock
-is needed. (A worker thread for the step was measured slower under load: its Python work and
-the loop's contend for the GIL; BENCHMARKS.md.) A request hears of its text through the
-asyncio.Queue of `Event`s it gave to `submit`.
+Failures. A continuation whose logits are not finite fails its own request (500) while the
+others go on. Anything the engine raises (a step, an allocation) is an engine failure: the
+requests in the batch get a 500 in OpenAI's shape, /health says 503 with the reason, and the
+engine restarts with a fresh decoder and cache; the waiting requests are then served. A second
+failure puts the model out of service: every request waiting gets 503, later ones are refused
+with 503 at once, and /health stays 503 with the reason. Nothing waits for an engine that is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mypt import dist
 from mypt.api import LoadedModel
+from mypt.kvcache import PrefixCache
 from mypt.sampling import Continuation, Decoder, SamplingConfig, TokenLogprob, prompt_logprobs
+from mypt.serve.metrics import ServeMetrics
 
 log = logging.getLogger("mypt.serve")
+
+MAX_RESTARTS = 1  # a failed engine restarts once; the next failure puts the model out of service
+PREFIX_BLOCK = 16  # tokens per prefix-cache block
+STALL = 2.0  # a step that prefills may take this many plain decoding steps' time
+MIN_CHUNK = 8  # prompt tokens per step at least, however slow the prefill
 
 
 class Overloaded(Exception):
@@ -40,7 +55,7 @@ class Overloaded(Exception):
 
 
 class OutOfService(Exception):
-    """The scheduling loop stopped on an error: no request can be served until a restart."""
+    """The engine failed more often than it may restart: no request can be served until a restart."""
 
 
 @dataclass(frozen=True)
@@ -71,26 +86,83 @@ class Job:
         self.cancelled = False
         self.admitted = 0  # continuations that have a row (they join in order)
         self.open = len(continuations)  # continuations not finished yet
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None  # when its first token came
+        self.tokens = [0] * len(continuations)  # tokens seen so far per continuation, and when the last came
+        self.last = [0.0] * len(continuations)
 
     def cancel(self) -> None:
         """The client went away: the job's rows are freed before the next step."""
         self.cancelled = True
 
 
-class Batcher:
-    """Schedules the requests of one model onto a Decoder of `max_batch` rows."""
+class ChunkSizer:
+    """The prefill chunk: prompt tokens a step may feed while others decode, sized from the step
+    times measured so far so that such a step takes about STALL plain decoding steps (at least
+    MIN_CHUNK tokens, at most `largest`)."""
 
-    def __init__(self, lm: LoadedModel, *, max_batch: int, max_queue: int, prefill_tokens: int = 512) -> None:
-        self.lm = lm
+    def __init__(self, largest: int) -> None:
+        self.largest = largest
+        self.decode_s: float | None = None  # running means: a plain decoding step, a prefilled token
+        self.token_s: float | None = None
+
+    def size(self) -> int:
+        if self.decode_s is None:  # nothing measured yet
+            return self.largest
+        if self.token_s is None:  # learn what a prompt token costs on a small chunk first
+            return MIN_CHUNK
+        spare = (STALL - 1) * self.decode_s
+        if spare >= self.token_s * self.largest:  # also when prompt tokens measured free (0 s)
+            return self.largest
+        return max(MIN_CHUNK, int(spare / self.token_s))
+
+    def observe(self, seconds: float, prefilled: int) -> None:
+        """A step took `seconds` and fed `prefilled` prompt tokens."""
+        if prefilled == 0:
+            self.decode_s = seconds if self.decode_s is None else 0.9 * self.decode_s + 0.1 * seconds
+        elif self.decode_s is not None:
+            per_token = max(seconds - self.decode_s, 0.0) / prefilled
+            self.token_s = per_token if self.token_s is None else 0.7 * self.token_s + 0.3 * per_token
+
+
+class Batcher:
+    """Schedules the requests of one model onto a Decoder of `max_batch` rows, in an engine thread."""
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int, max_queue: int, prefill_tokens: int = 512,
+                 prefix_cache_tokens: int | None = None, metrics: ServeMetrics | None = None) -> None:
+        self.lm, self.max_batch = lm, max_batch
         self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
-        self.decoder = Decoder(lm.model, max_batch, amp=lambda: dist.autocast(lm.device, lm.dtype))
-        self.decoder.cache  # noqa: B018 - allocate the KV cache now, not on the first request
-        self.waiting: deque[Job] = deque()
-        self.running: list[Job] = []
-        self._wake = asyncio.Event()
+        block = lm.config.block_size
+        self.prefix_cache_tokens = 8 * block if prefix_cache_tokens is None else prefix_cache_tokens
+        self.metrics = metrics or ServeMetrics()
+        self.decoder = self._new_decoder()
+        self.waiting: deque[Job] = deque()  # shared with the loop: under _lock
+        self.running: list[Job] = []  # the engine's own
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._outbox: list[tuple[Job, Event]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.steps = 0
         self.failed_steps = 0
-        self.stopped: str | None = None  # why the loop stopped (out of service), if it did
+        self.restarts = 0
+        self.error: str | None = None  # the latest engine failure
+        self.restarting: str | None = None  # why, while the engine restarts
+        self.stopped: str | None = None  # why the model is out of service, if it is
+        self.chunks = ChunkSizer(prefill_tokens)
+
+    def _new_decoder(self) -> Decoder:
+        """A decoder with its KV cache allocated now (not on the first request), in the compute dtype."""
+        lm = self.lm
+        prefix = None
+        if self.prefix_cache_tokens >= PREFIX_BLOCK:
+            prefix = PrefixCache(PREFIX_BLOCK, self.prefix_cache_tokens)
+        decoder = Decoder(lm.model, self.max_batch, amp=lambda: dist.autocast(lm.device, lm.dtype),
+                          dtype=dist.TORCH_DTYPES[lm.dtype], prefill_chunk=self.prefill_tokens, prefix_cache=prefix)
+        decoder.cache  # noqa: B018 - allocate it now
+        return decoder
+
+    # ------------------------------------------------------------------ the event loop's side
 
     def submit(self, prompt_ids: Sequence[int], cfg: SamplingConfig, seeds: Sequence[int],
                events: asyncio.Queue[Event], first_index: int = 0, *, logprobs: int | None = None,
@@ -100,13 +172,14 @@ class Batcher:
         the new tokens, and with echo for the prompt's too."""
         if self.stopped is not None:
             raise OutOfService(self.stopped)
-        if len(self.waiting) >= self.max_queue:
-            raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
         tok = self.lm.tokenizer
         job = Job([Continuation(prompt_ids, cfg, seed=seed, vocab_size=tok.sampled_vocab, tokenizer=tok,
                                 eot_id=tok.eot_id, logprobs=logprobs) for seed in seeds], events, first_index,
                   logprobs if echo else None)
-        self.waiting.append(job)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise Overloaded(f"'{self.lm.name}' has {self.max_queue} requests waiting already")
+            self.waiting.append(job)
         self._wake.set()
         return job
 
@@ -115,63 +188,124 @@ class Batcher:
 
     def stats(self) -> dict[str, int | str | None]:
         return {"slots": self.decoder.slots, "active": len(self.decoder.active), "waiting": len(self.waiting),
-                "steps": self.steps, "failed_steps": self.failed_steps, "error": self.stopped}
+                "steps": self.steps, "failed_steps": self.failed_steps, "restarts": self.restarts,
+                "error": self.stopped or self.restarting, "last_error": self.error}
+
+    @property
+    def healthy(self) -> bool:
+        return self.stopped is None and self.restarting is None
 
     async def run(self) -> None:
-        """The scheduling loop (a task for the server's lifetime), supervised: should it stop on an
-        error, every request waiting or running gets that error and later ones are refused
-        (OutOfService), instead of waiting for a loop that is gone."""
+        """Start the engine thread and keep it for the server's lifetime (cancel this to stop it)."""
+        self.loop = asyncio.get_running_loop()
+        thread = threading.Thread(target=self._supervise, name=f"mypt engine {self.lm.name}", daemon=True)
+        thread.start()
         try:
-            await self._loop()
-        except Exception as e:
-            log.exception("the scheduling loop of '%s' stopped", self.lm.name)
-            self.stopped = f"its decoding loop stopped ({type(e).__name__}: {e})"
-            for job in dict.fromkeys([*self.running, *self.waiting]):  # a job may be in both
-                job.events.put_nowait(Event(job.first_index, f"The model '{self.lm.name}' is out of service: "
-                                            f"{self.stopped}; restart the server", "error", status=503))
-            self.running, self.waiting = [], deque()
+            await asyncio.Future()  # until the server shuts down
+        finally:
+            self._closing = True
+            self._wake.set()
 
-    async def _loop(self) -> None:
-        while True:
+    def _deliver(self, batch: list[tuple[Job, Event]]) -> None:
+        for job, event in batch:
+            job.events.put_nowait(event)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _post(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the loop this step's events, in one callback."""
+        if self._outbox and self.loop is not None:
+            batch, self._outbox = self._outbox, []
+            try:
+                self.loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # the loop is closed: the server is gone
+                self._closing = True
+
+    def _supervise(self) -> None:
+        """The engine thread: run the loop; on a failure fail its requests and restart it once."""
+        while not self._closing:
+            try:
+                self._loop()
+            except BaseException as e:  # noqa: BLE001 - whatever it is, the requests must hear of it
+                if not self._recover(f"{type(e).__name__}: {e}"):
+                    return
+
+    def _recover(self, reason: str) -> bool:
+        """After an engine failure: fail the batch's requests (500), then restart with a fresh
+        decoder (True), or, past MAX_RESTARTS, put the model out of service (False)."""
+        log.exception("the engine of '%s' failed", self.lm.name)
+        self.failed_steps += 1
+        self.error = self.restarting = reason
+        for job in self.running:
+            self._post(job, Event(job.first_index, f"decoding failed: {reason}", "error"))
+        with self._lock:
+            for job in self.running:
+                if job in self.waiting:  # some of its choices were still waiting for a row
+                    self.waiting.remove(job)
+        self.running = []
+        if self.restarts < MAX_RESTARTS:
+            try:
+                self.decoder.reset()
+                self.decoder = self._new_decoder()
+                self.restarts += 1
+                self.restarting = None
+                self._flush()
+                return True
+            except BaseException as e:  # noqa: BLE001
+                reason = f"{reason}; its restart failed too ({type(e).__name__}: {e})"
+        self.stopped = f"its engine failed {self.failed_steps} times, the last time with {reason}"
+        self.restarting = None
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for job in waiting:
+            self._post(job, Event(job.first_index, f"The model '{self.lm.name}' is out of service: {self.stopped}; "
+                                  "restart the server", "error", status=503))
+        self._flush()
+        return False
+
+    def _loop(self) -> None:
+        while not self._closing:
             self._drop_cancelled()
             self._admit()
             if not self.decoder.active:
+                self._flush()
                 self._wake.clear()
-                await self._wake.wait()
+                if not self.waiting:
+                    self._wake.wait(timeout=1.0)
                 continue
-            try:
-                done = self.decoder.step()
-            except Exception as e:  # a failing step fails its requests, never the server
-                log.exception("decoding step failed")
-                self.failed_steps += 1
-                self.decoder.reset()
-                self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
-                continue
+            self.metrics.batch_size.set(len(self.decoder.active))
+            self.decoder.prefill_chunk = self.chunks.size()
+            started = time.perf_counter()
+            done = self.decoder.step()
+            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled)
             self.steps += 1
             self._publish(done)
-            await asyncio.sleep(0.001)  # the loop sends the text, takes new requests, notices gone clients
+            self._flush()
 
     def _admit(self) -> None:
-        """Waiting continuations take free rows, in arrival order, within the prefill budget."""
-        budget = self.prefill_tokens
-        while self.waiting and self.decoder.free_slots:
-            job = self.waiting[0]
+        """Waiting continuations take the free rows, in arrival order (the decoder meters their
+        prefill); a prompt start found in the prefix cache is copied in."""
+        now = time.perf_counter()
+        while self.decoder.free_slots:
+            with self._lock:
+                if not self.waiting:
+                    return
+                job = self.waiting[0]
+                if job.admitted + 1 == len(job.continuations):
+                    self.waiting.popleft()
             c = job.continuations[job.admitted]
-            cost = min(len(c.tokens), self.lm.config.block_size)
-            if job.admitted == 0 and job.prompt_logprobs is not None:
-                cost += len(c.tokens)
-            if cost > budget and budget < self.prefill_tokens:
-                break  # the rest joins at the next step
-            budget -= cost
-            if job.admitted == 0 and job.prompt_logprobs is not None and not self._send_prompt_logprobs(job, c.tokens):
-                self.waiting.popleft()  # failed alone
-                continue
+            if job.admitted == 0:  # running before its row is taken: should that fail, the job hears of it
+                self.running.append(job)
+                self.metrics.queue_time.observe(now - job.submitted)
+                if job.prompt_logprobs is not None and not self._send_prompt_logprobs(job, c.tokens):
+                    continue  # failed alone
             self.decoder.add(c)
             job.admitted += 1
-            if job.admitted == 1:
-                self.running.append(job)
-            if job.admitted == len(job.continuations):
-                self.waiting.popleft()
+            if c.reused:
+                self.metrics.prefix_hits.inc()
             if c.finish_reason is not None:  # max_tokens 0: done without a step
                 self._publish([c])
 
@@ -184,17 +318,21 @@ class Batcher:
                                            amp=lambda: dist.autocast(lm.device, lm.dtype)))
         except Exception as e:
             log.exception("scoring a prompt failed")
-            job.events.put_nowait(Event(job.first_index, f"scoring the prompt failed: {type(e).__name__}: {e}",
-                                        "error"))
+            self._post(job, Event(job.first_index, f"scoring the prompt failed: {type(e).__name__}: {e}", "error"))
             job.cancel()
+            self._forget(job)
+            with self._lock:
+                if job in self.waiting:
+                    self.waiting.remove(job)
             return False
         for i in range(job.first_index, job.first_index + len(job.continuations)):
-            job.events.put_nowait(Event(i, "", logprobs=scored, prompt=True))
+            self._post(job, Event(i, "", logprobs=scored, prompt=True))
         return True
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self.waiting if j.cancelled]:
-            self.waiting.remove(job)
+        with self._lock:
+            for job in [j for j in self.waiting if j.cancelled]:
+                self.waiting.remove(job)
         for job in [j for j in self.running if j.cancelled]:
             for c in job.continuations[: job.admitted]:
                 if c.slot is not None:
@@ -204,26 +342,33 @@ class Batcher:
     def _publish(self, done: list[Continuation]) -> None:
         """Hand each running job its new text; finished continuations say so."""
         finished = {id(c) for c in done}
+        now = time.perf_counter()
         for job in list(self.running):
-            for i, c in enumerate(job.continuations[: job.admitted], start=job.first_index):
+            for j, c in enumerate(job.continuations[: job.admitted]):
+                i = job.first_index + j
+                self._timing(job, j, c.n_new, now)
                 text, logprobs = c.take_text(), tuple(c.take_logprobs())
                 if id(c) in finished and c.error is not None:  # this request alone fails; its rows are freed
-                    job.events.put_nowait(Event(i, f"decoding failed: {c.error}", "error"))
+                    self._post(job, Event(i, f"decoding failed: {c.error}", "error"))
                     job.cancel()
                     break
                 if id(c) in finished:
-                    job.events.put_nowait(Event(i, text, c.finish_reason, c.n_new, logprobs=logprobs))
+                    self._post(job, Event(i, text, c.finish_reason, c.n_new, logprobs=logprobs))
                     job.open -= 1
                 elif text or logprobs:
-                    job.events.put_nowait(Event(i, text, logprobs=logprobs))
+                    self._post(job, Event(i, text, logprobs=logprobs))
             if job.open == 0:
                 self._forget(job)
 
-    def _fail_all(self, message: str) -> None:
-        for job in list(self.running):
-            job.events.put_nowait(Event(job.first_index, message, "error"))
-            job.cancel()
-        self._drop_cancelled()
+    def _timing(self, job: Job, j: int, n_new: int, now: float) -> None:
+        """Observe time to first token and the gaps between tokens of continuation j of job."""
+        if n_new > job.tokens[j]:
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.ttft.observe(now - job.submitted)
+            if job.tokens[j]:
+                self.metrics.inter_token.observe(now - job.last[j])
+            job.tokens[j], job.last[j] = n_new, now
 
     def _forget(self, job: Job) -> None:
         if job in self.running:
