@@ -87,6 +87,21 @@ def test_greedy_completion_equals_generate_py(client, ckpts: Path, name: str) ->
     assert len(set(answer.choices[0].text)) > 3  # a trained model's text, not one repeated character
 
 
+@pytest.mark.parametrize("name", ["chars", "rope"])
+def test_lookup_opt_in_gives_the_same_text_greedy_and_seeded(client, models, name: str) -> None:
+    """A request with lookup (generate.py's --lookup) gets plain decoding's text, past block_size,
+    whether its drafts hold (a prompt that repeats) or not; sampled with a seed, the same too."""
+    repeating = "To be or not to be. " * 3
+    for prompt, kw in ((repeating, dict(temperature=0)), (PROMPT, dict(temperature=0)),
+                       (repeating, dict(temperature=0.9, seed=3))):
+        plain = complete(client, name, prompt, max_tokens=120, **kw).choices[0].text
+        drafted = complete(client, name, prompt, max_tokens=120, extra_body={"lookup": 8}, **kw).choices[0].text
+        assert drafted == plain == solo(models[name], prompt, max_tokens=120, **{"seed": 0, **kw})
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, name, max_tokens=5, extra_body={"lookup": 65})
+    assert error_of(e)["param"] == "lookup"
+
+
 def test_models_are_listed_by_name(client) -> None:
     assert sorted(m.id for m in client.models.list().data) == ["chars", "rope"]
     assert client.models.retrieve("rope").id == "rope"

@@ -2,8 +2,10 @@
 responses and stream chunks as OpenAI's clients expect them, errors in OpenAI's error JSON.
 
 No I/O and no model here: `mypt.serve.app` reads requests, runs them and sends these shapes.
-Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k`, `repetition_penalty` and
-`ignore_eot` (keep going past the end-of-text token, which otherwise ends the text: "stop").
+Fields beyond OpenAI's that MyPT understands (as vLLM does): `top_k`, `repetition_penalty`,
+`ignore_eot` (keep going past the end-of-text token, which otherwise ends the text: "stop") and
+`lookup` (prompt-lookup decoding, generate.py's --lookup: the same tokens, sooner where the text
+repeats its prompt).
 Sampling values are checked against mypt.sampling's ranges (BOUNDS), the same as generate.py's.
 Sampling fields left out take generate.py's defaults (mypt.sampling.SamplingConfig: temperature
 0.8, top_k 200, top_p 1), so a request and `generate.py` with the same settings and seed give the
@@ -26,8 +28,8 @@ from typing import Any
 from mypt.sampling import MAX_TOP_LOGPROBS, SamplingConfig, setting_problems
 
 MAX_STOPS = 4  # as OpenAI
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eot", "stop",
-                 "seed", "n", "stream", "stream_options", "user", "logprobs", "frequency_penalty",
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eot", "lookup",
+                 "stop", "seed", "n", "stream", "stream_options", "user", "logprobs", "frequency_penalty",
                  "presence_penalty", "logit_bias"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
@@ -174,7 +176,7 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> Request:
     sampling = dict(temperature=_setting(body, "temperature", d.temperature), top_p=_setting(body, "top_p", d.top_p),
                     top_k=_setting({"top_k": top_k}, "top_k", d.top_k), stop=_stop(body),
                     repetition_penalty=_setting(body, "repetition_penalty", d.repetition_penalty),
-                    ignore_eot=_bool(body, "ignore_eot"))
+                    ignore_eot=_bool(body, "ignore_eot"), lookup=_setting(body, "lookup", d.lookup))
     seed = _setting(body, "seed", None)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "must be a string")
