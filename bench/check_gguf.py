@@ -75,8 +75,8 @@ def default_models(root: Path) -> list[str]:
     return list(models)
 
 
-def mypt_greedy(loaded, prompt_ids: list[int]) -> list[int]:
-    cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eot=True, seed=0)
+def mypt_greedy(loaded, prompt_ids: list[int], n: int) -> list[int]:
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eot=True, seed=0)
     return list(generate_ids(loaded.model, prompt_ids, cfg, vocab_size=loaded.tokenizer.sampled_vocab, seed=0,
                              eot_id=loaded.tokenizer.eot_id))
 
@@ -96,11 +96,11 @@ def llama_cpp_child(path: str, job: dict) -> dict:
     llm = Llama(model_path=path, n_ctx=job["n_ctx"], n_threads=job["threads"], n_batch=job["n_ctx"],
                 verbose=False)
     continuations = []
-    for ids in job["prompts"]:
+    for ids, n in zip(job["prompts"], job["new_tokens"], strict=True):
         llm.reset()
         llm.eval(ids)
         new = []
-        for _ in range(NEW_TOKENS):
+        for _ in range(n):
             logits = last_logits(llm)[:job["sampled_vocab"]]
             new.append(int(logits.argmax()))
             llm.eval([new[-1]])
@@ -136,7 +136,7 @@ def compare(label: str, path: Path, job: dict, want: list[list[int]], tok: Token
         return not exact
     same = sum(a == b for a, b in zip(got["continuations"], want, strict=True))
     agree = sum(x == y for a, b in zip(got["continuations"], want, strict=True) for x, y in zip(a, b, strict=True))
-    total = len(want) * NEW_TOKENS
+    total = sum(job["new_tokens"])
     print(f"  {label}: greedy continuations identical {same}/{len(want)}, tokens agreeing {agree}/{total} "
           f"({100 * agree / total:.1f}%)")
     for prompt, a, b in zip(job["prompts"], got["continuations"], want, strict=True):
@@ -150,14 +150,22 @@ def compare(label: str, path: Path, job: dict, want: list[list[int]], tok: Token
     return not exact or (same == len(want) and all(tok_same))
 
 
+def make_job(loaded, prompts: list[list[int]], texts: list[str], threads: int) -> tuple[dict, list[list[int]]]:
+    """The child's job and MyPT's greedy continuations, each within block_size (llama.cpp's
+    context ends there, where MyPT's window slides on)."""
+    new_tokens = [min(NEW_TOKENS, loaded.config.block_size - len(p)) for p in prompts]
+    want = [mypt_greedy(loaded, p, n) for p, n in zip(prompts, new_tokens, strict=True)]
+    job = {"prompts": prompts, "texts": texts, "n_ctx": loaded.config.block_size, "threads": threads,
+           "sampled_vocab": loaded.tokenizer.sampled_vocab, "new_tokens": new_tokens}
+    return job, want
+
+
 def check_model(root: Path, name: str, outtypes: list[str], threads: int, work: Path) -> bool:
     loaded = load_model(name, checkpoints_dir=str(root), device="cpu")
     tok = loaded.tokenizer
     texts = [t for t in TEXTS if not isinstance(tok, CharTokenizer) or set(t) <= set(tok.chars)]
     prompts = [tok.encode(p) for p in PROMPTS if not isinstance(tok, CharTokenizer) or set(p) <= set(tok.chars)]
-    want = [mypt_greedy(loaded, p) for p in prompts]
-    job = {"prompts": prompts, "texts": texts, "n_ctx": loaded.config.block_size, "threads": threads,
-           "sampled_vocab": tok.sampled_vocab}
+    job, want = make_job(loaded, prompts, texts, threads)
     print(f"{name}: {loaded.config.name}, {loaded.model.num_params():,} parameters, {tok.kind} tokenizer")
     ok = True
     for outtype in outtypes:
@@ -179,11 +187,9 @@ def check_converter(root: Path, converter: Path, threads: int, work: Path) -> bo
         return False
     loaded = load_model("gpt2", checkpoints_dir=str(root), device="cpu")
     tok = loaded.tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS]
-    job = {"prompts": prompts, "texts": TEXTS, "n_ctx": loaded.config.block_size, "threads": threads,
-           "sampled_vocab": tok.sampled_vocab}
+    job, want = make_job(loaded, [tok.encode(p) for p in PROMPTS], TEXTS, threads)
     print("gpt2 via --format hf and llama.cpp's convert_hf_to_gguf.py:")
-    return compare("f32  ", path, job, [mypt_greedy(loaded, p) for p in prompts], tok, exact=True)
+    return compare("f32  ", path, job, want, tok, exact=True)
 
 
 def main() -> int:
