@@ -16,8 +16,9 @@ at each --outtypes, and timed at batch 1 with --threads threads (torch and llama
 
 small-modern.json has a squared-ReLU MLP and LayerNorm, which no llama.cpp architecture computes:
 its llama-compatible variant (RMSNorm, SwiGLU of width 1024, so about the same parameters) is
-timed instead, as llama.cpp's qwen3 (it keeps QK-norm). MyPT has no int8 inference yet, so its
-column is fp32 only. Each figure is the best of --repeats runs after a warm-up; each llama.cpp
+timed instead, as llama.cpp's qwen3 (it keeps QK-norm). MyPT runs in fp32 and with
+`--quantize int8` (mypt.quant: int8 weights, MyPT's kernel), which q8_0 compares with. Each
+figure is the best of --repeats runs after a warm-up; each llama.cpp
 outtype runs in its own process, so a crash (q8_0 crashed on one CPU) is reported, not fatal.
 """
 
@@ -39,6 +40,7 @@ from mypt.build import Built
 from mypt.config import ModelConfig, load_model_config
 from mypt.formats.gguf import export_gguf
 from mypt.model import GPT
+from mypt.quant import quantize
 from mypt.sampling import SamplingConfig, generate_ids
 from mypt.tokenizers import GPT2Tokenizer
 
@@ -152,6 +154,8 @@ def bench_preset(preset: str, args: argparse.Namespace, work: Path) -> list[tupl
         rows.append((label, f"llama.cpp {outtype}", time_llama_cpp(job)))
         print(f"{label}: llama.cpp {outtype} {rows[-1][2]}", flush=True)
         path.unlink()
+    rows.append((label, "MyPT int8", time_mypt(quantize(model), prompt, args.new_tokens, prefill, args.repeats)))
+    print(f"{label}: MyPT int8 {rows[-1][2]}", flush=True)
     return rows
 
 

@@ -13,9 +13,11 @@ Writes DIR/train.jsonl and DIR/heldout.jsonl, one conversation per line in the "
   the character who speaks the following speech (a model can learn that in a dialogue the
   speaker before last often answers, but not always: the hardest of the three).
 
-The speeches of the first 90% of the text give the training conversations, those of the last
-10% (the part a base trained by train.py holds out for validation) the held-out ones; both are
-sampled with --seed, so the same command writes the same files.
+Only the first 90% of the text is used (the part a base trained by train.py trains on; the
+characters of the last 10%, The Tempest's, are names a base never saw). Its speeches, in runs of
+50, go one run in ten to the held-out conversations and the rest to the training ones, so no
+line is in both and the plays and names are shared; both are sampled with --seed, so the same
+command writes the same files.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mypt.data.builtin import TINYSHAKESPEARE, builtin_text
 
 SPEECH = re.compile(r"^([A-Z][A-Za-z ]*):\n((?:.+\n?)+)", re.M)
 MAX_LINE = 40  # characters of a speech's line in a prompt
+RUN = 50  # speeches: one run in ten is held out
 SYSTEM = {"speaker": "Answer with the name of a character.", "next": "Answer with the name of a character.",
           "last": "Answer with one word."}
 TASKS = tuple(SYSTEM)
@@ -72,8 +75,9 @@ def build(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dict], list
     cut = int(len(text) * 0.9)
     rng = random.Random(seed)
     out = []
-    for part, n in (([i for i in range(2, len(s)) if s[i][2] < cut]), n_train), \
-                   (([i for i in range(2, len(s)) if s[i - 2][2] >= cut]), n_heldout):
+    usable = [i for i in range(len(s)) if s[i][2] < cut and i % RUN >= 2]  # a next speaker's two speeches in its run
+    for part, n in ([i for i in usable if i // RUN % 10 != 9], n_train), ([i for i in usable if i // RUN % 10 == 9],
+                                                                          n_heldout):
         convs = []
         for k, task in enumerate(TASKS):
             chosen = rng.sample(part, min(len(part), n // len(TASKS) + (k < n % len(TASKS))))
