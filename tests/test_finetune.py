@@ -364,19 +364,6 @@ def test_finetune_a_trained_base_leaves_it_unchanged_and_records_it(trained):
     assert wrong.returncode == 2 and "resume it with mypt finetune --model_name chat" in wrong.stderr
 
 
-def test_default_learning_rate_is_a_tenth_of_the_bases_and_the_bases_own_under_lora(trained):
-    """Full fine-tuning starts from a tenth of the base's peak rate; LoRA's adapters (zero at the
-    start, scaled by alpha / rank) take the base's own rate, as the start of the run prints."""
-    lr = json.loads((trained / "checkpoints" / "base" / "training_state.json").read_text())["train_config"][
-        "learning_rate"]
-    for name, flags, expected in (("full_lr", [], f"learning_rate {lr / 10:g} (a tenth of the base's {lr:g})"),
-                                  ("lora_lr", ["--lora_rank", "2"],
-                                   f"learning_rate {lr:g} (LoRA: the same as the base's {lr:g})")):
-        r = finetune(trained, "--from", "base", "--model_name", name, "--input_file", "chat.jsonl", "--max_iters",
-                     "1", "--eval_iters", "1", *flags)
-        assert r.returncode == 0 and expected in r.stdout, r.stdout + r.stderr
-
-
 @pytest.mark.slow
 def test_resumed_finetune_equals_the_straight_run_bit_for_bit(trained):
     common = ["--input_file", "chat.jsonl", *SCHEDULE]

@@ -13,9 +13,6 @@ DEFAULT_EPOCHS = 2
 # Fine-tuning's own defaults (the flags override them; here, without torch, for --help): a tenth
 # of the base's peak learning rate (LR_FRACTION; 1e-4, a tenth of train.py's default, for a base
 # that records none) and no weight decay; the schedule, evaluation and logging scale with the
-# data (mypt.finetune.run). LoRA takes ten times that (the base's own peak rate, 1e-3 for a base
-# that records none): its adapters start at zero and their updates are scaled by alpha / rank,
-# and at a tenth they trail full fine-tuning (bench/bench_finetune.py).
+# data (mypt.finetune.run).
 LR_FRACTION = 0.1
-LORA_LR_FRACTION = 1.0
 DEFAULTS = {"learning_rate": 1e-4, "weight_decay": 0.0}

@@ -54,7 +54,7 @@ from mypt.config import (
     saved_train_config,
 )
 from mypt.errors import MyPTError
-from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LORA_LR_FRACTION, LR_FRACTION, chat_data, template
+from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LR_FRACTION, chat_data, template
 from mypt.finetune.lora import fresh_adapters
 from mypt.finetune.packing import ChatBatches, Packed, pack, to_device
 from mypt.fsutil import FileLock, json_bytes, sha256_file
@@ -390,14 +390,11 @@ def _defaults(train: ChatBatches, val: ChatBatches, cfg: ModelConfig, flags: dic
     """A new fine-tune's defaults, from the data and the base (printed; the flags override them)."""
     per_epoch = _iters_per_epoch(train, cfg, flags.get("grad_accum_steps", 1), info)
     max_iters = flags.get("max_iters", (epochs or DEFAULT_EPOCHS) * per_epoch)
-    fraction = LR_FRACTION if cfg.lora is None else LORA_LR_FRACTION
-    peak = DEFAULTS["learning_rate"] / LR_FRACTION if base_lr is None else base_lr  # train.py's default: 1e-3
-    lr = float(f"{peak * fraction:.3g}")
+    lr = DEFAULTS["learning_rate"] if base_lr is None else float(f"{base_lr * LR_FRACTION:.3g}")
     values = {**DEFAULTS, "learning_rate": lr, "max_iters": max_iters, "warmup_iters": min(100, max_iters // 20),
               "eval_interval": max(1, math.ceil(max_iters / 8)), "log_interval": max(1, min(10, max_iters // 20)),
               "eval_iters": max(1, min(100, math.ceil(val.rows / (cfg.batch_size * info.world_size))))}
-    share = "a tenth of" if cfg.lora is None else "LoRA: the same as"
-    why = {"learning_rate": "the base records none" if base_lr is None else f"{share} the base's {base_lr:g}"}
+    why = {"learning_rate": "the base records none" if base_lr is None else f"a tenth of the base's {base_lr:g}"}
     shown = [f"{k} {v:g}" + (f" ({why[k]})" if k in why else "") for k, v in values.items()
              if k != "max_iters" and k not in flags]
     length = (f"--max_iters {max_iters}" if "max_iters" in flags else
