@@ -131,6 +131,31 @@ def test_fused_loss_head_matches_plain_cross_entropy(rows):
         assert torch.allclose(linear_cross_entropy(x, w, t), ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("rows", [7, 1500])
+def test_fused_loss_head_with_a_frozen_weight_gives_the_input_gradient_alone(rows):
+    """LoRA freezes the output layer: the input gradient is the same, the weight gets none, and
+    the (vocab, n_embd) weight-gradient product is not made (fewer floating-point operations)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, 48, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 48, dtype=torch.float64)
+    t = torch.randint(-1, 300, (rows,))  # some ignored
+    flops = {}
+    for frozen in (True, False):
+        w.requires_grad_(not frozen)
+        with FlopCounterMode(display=False) as counter:
+            loss = linear_cross_entropy(x, w, t)
+            loss.backward()
+        flops[frozen] = counter.get_total_flops()
+        assert (w.grad is None) == frozen
+        gx, x.grad, w.grad = x.grad, None, None
+        ref = F.cross_entropy(x @ w.detach().T, t, ignore_index=-1)
+        (rx,) = torch.autograd.grad(ref, (x,))
+        assert torch.allclose(loss, ref, atol=1e-10) and torch.allclose(gx, rx, atol=1e-10)
+    assert flops[False] - flops[True] >= 2 * 300 * 48 * min(rows, 1024)  # (FlopCounterMode skips addmm_)
+
+
 def test_fused_loss_head_in_bf16_autocast_is_close_to_fp32():
     torch.manual_seed(0)
     x = torch.randn(512, 64, requires_grad=True)

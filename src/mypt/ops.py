@@ -121,8 +121,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     The logits are made chunk by chunk in the autocast dtype (bf16 where enabled), the softmax
     and loss in fp32, and the gradients for x and weight are computed in the same pass, so
-    backward only scales them, in place. Memory: one (chunk, vocab) block, allocated once, in
-    which each chunk of rows turns from logits into probabilities into gradients in place.
+    backward only scales them, in place. A weight that needs no gradient (a frozen output layer,
+    as under LoRA) gets none: its (vocab, n_embd) product, as costly as the logits, is skipped.
+    Memory: one (chunk, vocab) block, allocated once, in which each chunk of rows turns from
+    logits into probabilities into gradients in place.
     The loss comes from a softmax (one exp per logit, not log_softmax and exp, two).
 
     Targets below 0 (IGNORE_INDEX) are ignored: the mean is over the others, and an ignored
@@ -161,6 +163,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(tc.numel(), device=x.device), tc] = torch.expm1(target_logp).to(dtype)
                 grad_x[start:start + LOSS_CHUNK_ROWS] = probs @ w
                 grad_x[start:start + LOSS_CHUNK_ROWS] *= keep  # an ignored row: no input gradient
+                if not ctx.needs_input_grad[1]:  # a frozen output layer (LoRA): no weight gradient to make
+                    continue
                 if grad_w is None:
                     grad_w = (probs.T @ xc).to(acc)
                 elif dtype == acc:
@@ -169,7 +173,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     for total_rows, part in zip(grad_w.split(4096), (probs.T @ xc).split(4096), strict=True):
                         total_rows += part
         count = kept.sum().clamp(min=1)  # a tensor: no device sync
-        ctx.save_for_backward(grad_x, grad_w, count)
+        ctx.save_for_backward(grad_x, grad_w if grad_w is not None else count, count)
         ctx.weight_dtype = weight.dtype
         return total / count
 
@@ -179,6 +183,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_out / count
         # in place: no second (vocab, n_embd) buffer while every activation is still alive; a
         # second backward through the same graph fails with autograd's in-place error
+        if not ctx.needs_input_grad[1]:
+            return grad_x.mul_(scale), None, None, None
         return grad_x.mul_(scale), grad_w.mul_(scale).to(ctx.weight_dtype), None, None
 
 
