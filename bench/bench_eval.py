@@ -34,22 +34,9 @@ from mypt.api import load_model
 from mypt.cli import run_command
 from mypt.evaluation import builtin
 from mypt.evaluation.report import TaskResult
+from mypt.evaluation.tasks import lm_eval_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-LM_EVAL_TASK = """task: bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
 
 
 def train(work: Path, name: str, flags: list[str]) -> None:
@@ -63,7 +50,7 @@ def write_task(work: Path, n: int) -> Path:
     path.write_text("".join(json.dumps({"context": i.contexts[0], "choices": list(i.choices), "answer": i.answer})
                             + "\n" for i in items), encoding="utf-8")
     (work / "tasks").mkdir(exist_ok=True)
-    (work / "tasks" / "bench_mc.yaml").write_text(LM_EVAL_TASK.format(data=path), encoding="utf-8")
+    (work / "tasks" / "bench_mc.yaml").write_text(lm_eval_yaml("bench_mc", path), encoding="utf-8")
     return path
 
 

@@ -252,21 +252,6 @@ def test_input_file_keeps_working(tmp_path: Path, trained: Path, capsys: pytest.
 
 # ----------------------------------------------------------------------------- lm-evaluation-harness
 
-LM_EVAL_TASK = """task: mypt_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def lm_eval_command(export: Path, tasks_dir: Path, out: Path) -> list[str]:
@@ -301,7 +286,7 @@ def test_lm_eval_hf_on_the_export_agrees_with_mypt_eval(tmp_path: Path) -> None:
     data = write_lines(tmp_path / "mc.jsonl", rows)
     tasks_dir = tmp_path / "lm_eval_tasks"
     tasks_dir.mkdir()
-    (tasks_dir / "mypt_mc.yaml").write_text(LM_EVAL_TASK.format(data=data), encoding="utf-8")
+    (tasks_dir / "mypt_mc.yaml").write_text(tasks.lm_eval_yaml("mypt_mc", data), encoding="utf-8")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = lm_eval_command(export, tasks_dir, tmp_path / "out")

@@ -22,25 +22,11 @@ from conftest import REPO, corpus_text, require, run_cli
 from serving import ARCH, TRAIN
 
 from mypt.api import LoadedModel, load_model
+from mypt.evaluation.tasks import lm_eval_yaml
 
 httpx = require("httpx")
 require("lm_eval")
 
-TASK_YAML = """\
-task: mypt_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
 
@@ -101,7 +87,7 @@ def test_lm_eval_local_completions_against_mypt_serve(tmp_path: Path) -> None:
     task = items()
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(t) + "\n" for t in task), encoding="utf-8")
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "mypt_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "mc.jsonl"), encoding="utf-8")
+    (tmp_path / "tasks" / "mypt_mc.yaml").write_text(lm_eval_yaml("mypt_mc", tmp_path / "mc.jsonl"), encoding="utf-8")
 
     port = bind("127.0.0.1", 0).getsockname()[1]
     server = start_server(ckpts, port)

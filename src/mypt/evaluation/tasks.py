@@ -273,3 +273,12 @@ def with_fewshot(task: Task, k: int, seed: int, pool: tuple[Item, ...] | None = 
 def prepare(task: Task, num_fewshot: int = 0, n: int | None = None, seed: int = 1234) -> Task:
     """The task as evaluated: its first n items, each with num_fewshot examples drawn from all its items."""
     return with_fewshot(limit(task, n), num_fewshot, seed, pool=task.items)
+
+
+def lm_eval_yaml(name: str, data: Path | str) -> str:
+    """An lm-evaluation-harness task (YAML) that reads a MyPT multiple-choice file as it is: the
+    choice appended to the context with no separator (`target_delimiter: ""`), as `mypt eval
+    --task` scores it, with acc and acc_norm."""
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {Path(data).resolve()}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\n"
+            'doc_to_target: answer\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
