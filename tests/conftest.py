@@ -168,3 +168,26 @@ def hf_greedy(model: Any, ids: Any, steps: int) -> Any:
 
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
                           do_sample=False, pad_token_id=0)
+
+
+def spread_checkpoint(folder: Path, fields: dict, tok: Any = None, seed: int = 0) -> Path:
+    """A MyPT checkpoint at folder with random, well-spread weights (norm gains near 1, the rest of
+    std 0.5, so greedy choices are far from ties: no training needed) and tok (default gpt2)."""
+    import torch
+
+    from mypt.checkpoint import save_checkpoint
+    from mypt.config import ModelConfig
+    from mypt.model import GPT
+    from mypt.tokenizers import GPT2Tokenizer
+
+    torch.manual_seed(seed)
+    tok = tok or GPT2Tokenizer()
+    cfg = ModelConfig(**{"vocab_size": tok.model_vocab_size(), **fields})
+    model = GPT(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            gain = 1.0 if "norm" in n or "ln_" in n else 0.0
+            p.copy_(torch.randn_like(p) * (0.3 if gain else 0.5) + gain)
+    save_checkpoint(folder, model_state=model.state_dict(), config=cfg.to_dict(), tokenizer=tok.to_json(),
+                    training_state={"iteration": 3}, optimizer_state={})
+    return folder

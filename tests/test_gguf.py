@@ -17,16 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require
+from conftest import require, spread_checkpoint
 
 gguf = require("gguf")
 
 from mypt.api import load_model  # noqa: E402
-from mypt.checkpoint import save_checkpoint  # noqa: E402
 from mypt.cli import run_command  # noqa: E402
-from mypt.config import ModelConfig  # noqa: E402
 from mypt.finetune.template import JINJA, TEMPLATE  # noqa: E402
-from mypt.model import GPT  # noqa: E402
 from mypt.tokenizers import EOT, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, train_bpe  # noqa: E402
 from mypt.tokenizers.hf_bpe import bytes_to_unicode  # noqa: E402
 
@@ -47,19 +44,7 @@ CHAR_TEXT = "hello world\nthe quick brown fox: jumps!  Ünïcödé 日本 🎉\t
 
 
 def make_checkpoint(root: Path, name: str, fields: dict, tok: Tokenizer | None = None, seed: int = 0) -> Path:
-    """A MyPT checkpoint with random, well-spread weights (no training needed)."""
-    torch.manual_seed(seed)
-    tok = tok or GPT2Tokenizer()
-    cfg = ModelConfig(**{**SHAPE, "vocab_size": tok.model_vocab_size(), **fields})
-    model = GPT(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            gain = 1.0 if "norm" in n or "ln_" in n else 0.0
-            p.copy_(torch.randn_like(p) * (0.3 if gain else 0.5) + gain)
-    folder = root / name
-    save_checkpoint(folder, model_state=model.state_dict(), config=cfg.to_dict(), tokenizer=tok.to_json(),
-                    training_state={"iteration": 3}, optimizer_state={})
-    return folder
+    return spread_checkpoint(root / name, {**SHAPE, **fields}, tok, seed)
 
 
 def export(root: Path, name: str, out: Path, *extra: str) -> int:

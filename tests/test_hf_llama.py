@@ -14,18 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy, mypt_greedy, refused_import, require, run_cli
+from conftest import hf_greedy, mypt_greedy, refused_import, require, run_cli, spread_checkpoint
 from forked_cli import ONE_THREAD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = require("transformers")
 
 from mypt.api import load_model  # noqa: E402
-from mypt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from mypt.checkpoint import load_checkpoint  # noqa: E402
 from mypt.cli import run_command  # noqa: E402
-from mypt.config import ModelConfig  # noqa: E402
-from mypt.model import GPT  # noqa: E402
-from mypt.tokenizers import GPT2Tokenizer  # noqa: E402
 
 SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16, "batch_size": 4, "dropout": 0.0,
          "vocab_size": 50304}
@@ -42,17 +39,7 @@ VARIANTS = {
 
 def make_checkpoint(root: Path, name: str, fields: dict, seed: int = 0) -> Path:
     """A MyPT checkpoint of the variant with random, well-spread weights (no training needed)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**{**SHAPE, **fields})
-    model = GPT(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            gain = 1.0 if "norm" in n or "ln_" in n else 0.0
-            p.copy_(torch.randn_like(p) * (0.3 if gain else 0.5) + gain)
-    folder = root / name
-    save_checkpoint(folder, model_state=model.state_dict(), config=cfg.to_dict(),
-                    tokenizer=GPT2Tokenizer().to_json(), training_state={"iteration": 3}, optimizer_state={})
-    return folder
+    return spread_checkpoint(root / name, {**SHAPE, **fields}, seed=seed)
 
 
 def export(root: Path, name: str, out: Path) -> int:
