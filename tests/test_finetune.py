@@ -364,14 +364,21 @@ def test_finetune_a_trained_base_leaves_it_unchanged_and_records_it(trained):
     assert wrong.returncode == 2 and "resume it with mypt finetune --model_name chat" in wrong.stderr
 
 
+def straight_and_in_halves(root: Path, straight: str, halves: str, iters: int, flags: list[str]) -> tuple:
+    """Fine-tunes of base: `straight` to iters at once, `halves` to iters / 2 and then resumed to
+    iters (given only its name), each asserted to succeed; their three results."""
+    runs = (finetune(root, "--from", "base", "--model_name", straight, "--max_iters", str(iters), *flags),
+            finetune(root, "--from", "base", "--model_name", halves, "--max_iters", str(iters // 2), *flags),
+            finetune(root, "--model_name", halves, "--max_iters", str(iters)))
+    for r in runs:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return runs
+
+
 @pytest.mark.slow
 def test_resumed_finetune_equals_the_straight_run_bit_for_bit(trained):
-    common = ["--input_file", "chat.jsonl", *SCHEDULE]
-    straight = finetune(trained, "--from", "base", "--model_name", "straight", "--max_iters", "16", *common)
-    first = finetune(trained, "--from", "base", "--model_name", "halves", "--max_iters", "8", *common)
-    second = finetune(trained, "--model_name", "halves", "--max_iters", "16")
-    for r in (straight, first, second):
-        assert r.returncode == 0, r.stdout + r.stderr
+    straight, first, second = straight_and_in_halves(trained, "straight", "halves", 16,
+                                                     ["--input_file", "chat.jsonl", *SCHEDULE])
     assert "resuming the fine-tune 'halves' of 'base' from iteration 8" in second.stdout
     expected = logged_losses(straight.stdout)
     assert sorted(expected) == list(range(1, 17))
@@ -385,12 +392,8 @@ def test_resumed_finetune_equals_the_straight_run_bit_for_bit(trained):
 
 @pytest.mark.slow
 def test_a_lora_finetune_trains_only_its_adapters_resumes_bit_for_bit_and_exports(trained, capsys):
-    common = ["--input_file", "chat.jsonl", "--lora_rank", "4", "--lora_targets", "attn", *SCHEDULE]
-    straight = finetune(trained, "--from", "base", "--model_name", "lora", "--max_iters", "8", *common)
-    first = finetune(trained, "--from", "base", "--model_name", "lora2", "--max_iters", "4", *common)
-    second = finetune(trained, "--model_name", "lora2", "--max_iters", "8")
-    for r in (straight, first, second):
-        assert r.returncode == 0, r.stdout + r.stderr
+    straight, _, _ = straight_and_in_halves(trained, "lora", "lora2", 8, ["--input_file", "chat.jsonl", "--lora_rank",
+                                                                          "4", "--lora_targets", "attn", *SCHEDULE])
     assert "LoRA rank 4 (alpha 8, dropout 0) on the blocks' attn linear layers" in straight.stdout
     ckpts = trained / "checkpoints"
     assert_same_checkpoint(ckpts / "lora", ckpts / "lora2")
