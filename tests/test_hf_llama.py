@@ -87,7 +87,7 @@ def test_qwen3_slides_its_window_past_block_size_as_mypt_does(tmp_path):
     ({**LLAMA, "mlp": "relu2"}, "mlp is relu2"),
     ({**LLAMA, "mlp": "gelu"}, "mlp is gelu"),
     ({**LLAMA, "norm": "layernorm"}, "norm is layernorm"),
-    ({"tie_embeddings": False}, "tie_embeddings is False"),
+    ({"tie_embeddings": False}, "tie_embeddings is false"),  # as config.json spells it
     ({"mlp": "relu2"}, "mlp is relu2"),
 ], ids=["relu2", "gelu-rope", "layernorm-rope", "gpt2-untied", "gpt2-relu2"])
 def test_export_refuses_a_model_no_transformers_class_computes(tmp_path, capsys, fields, field):

@@ -154,6 +154,15 @@ class ModelConfig:
         """The MLP's hidden width (for swiglu: of each of its two input projections)."""
         return self.intermediate_size or 4 * self.n_embd
 
+    def mismatches(self, wanted: dict[str, Any], target: str) -> list[str]:
+        """'FIELD is VALUE; TARGET has FIELD WANTED' for each field (or derived property: head_dim,
+        kv_heads, hidden_size, named by their fields) whose value differs from wanted: why another
+        format's architecture cannot compute this model."""
+        fields = {"head_dim": "head_size", "kv_heads": "n_kv_head", "hidden_size": "intermediate_size"}
+        shown = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731 (config.json's spelling)
+        return [f"{fields.get(k, k)} is {shown(getattr(self, k))}; {target} has {fields.get(k, k)} {shown(want)}"
+                for k, want in wanted.items() if getattr(self, k) != want]
+
     def components(self) -> list[tuple[str, str]]:
         """The architecture's components as (label, value) rows, for show_configs and inspect."""
         position = f"rotary (theta {self.rope_theta:g})" if self.position == "rope" else "learned"

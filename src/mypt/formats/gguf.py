@@ -76,31 +76,13 @@ def _gguf() -> Any:
 
 def gpt2_problems(cfg: ModelConfig) -> list[str]:
     """What keeps the config from llama.cpp's gpt2 architecture, each naming its field."""
-    problems = []
-    if cfg.position != "learned":
-        problems.append(f"position is {cfg.position}; gpt2 has learned positions")
-    if cfg.norm != "layernorm":
-        problems.append(f"norm is {cfg.norm}; gpt2 has LayerNorm")
-    if cfg.mlp != "gelu":
-        problems.append(f"mlp is {cfg.mlp}; gpt2 has a GELU MLP")
-    if cfg.qk_norm:
-        problems.append("qk_norm is true; gpt2 has no QK-norm")
-    if cfg.n_head * cfg.head_dim != cfg.n_embd:
-        problems.append(f"head_size is {cfg.head_dim}; gpt2's heads are n_embd / n_head = "
-                        f"{cfg.n_embd // cfg.n_head} wide")
-    return problems
+    return cfg.mismatches({"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
+                           "head_dim": cfg.n_embd // cfg.n_head}, "llama.cpp's gpt2")
 
 
 def llama_problems(cfg: ModelConfig) -> list[str]:
     """What keeps the config from llama.cpp's llama (or, with qk_norm, qwen3) architecture."""
-    problems = []
-    if cfg.position != "rope":
-        problems.append(f"position is {cfg.position}; llama and qwen3 have rotary positions (position rope)")
-    if cfg.norm != "rmsnorm":
-        problems.append(f"norm is {cfg.norm}; llama and qwen3 have RMSNorm (norm rmsnorm)")
-    if cfg.mlp != "swiglu":
-        problems.append(f"mlp is {cfg.mlp}; llama and qwen3 have a SwiGLU MLP (mlp swiglu) and no llama.cpp "
-                        f"architecture has a {cfg.mlp} MLP with rotary attention")
+    problems = cfg.mismatches({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}, "llama.cpp's llama (and qwen3)")
     if cfg.qk_norm and cfg.bias:
         problems.append("bias is true with qk_norm; llama.cpp's qwen3 has no biases (llama has: leave out "
                         "qk_norm, or set bias false)")

@@ -30,12 +30,9 @@ EMBEDDING = "transformer.wte.weight"
 
 def export_problems(cfg: ModelConfig) -> list[str]:
     """What keeps the config from GPT2LMHeadModel, each naming its field (empty: nothing)."""
-    wanted = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
-              "norm_eps": LAYER_NORM_EPS, "hidden_size": 4 * cfg.n_embd, "kv_heads": cfg.n_head,
-              "head_dim": cfg.n_embd // cfg.n_head}
-    names = {"hidden_size": "intermediate_size", "kv_heads": "n_kv_head", "head_dim": "head_size"}
-    return [f"{names.get(k, k)} is {getattr(cfg, k)}; GPT-2 has {names.get(k, k)} {want}"
-            for k, want in wanted.items() if getattr(cfg, k) != want]
+    return cfg.mismatches({"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
+                           "tie_embeddings": True, "norm_eps": LAYER_NORM_EPS, "hidden_size": 4 * cfg.n_embd,
+                           "kv_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head}, "GPT-2")
 
 
 def hub_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

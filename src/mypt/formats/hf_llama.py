@@ -40,14 +40,7 @@ def model_type(cfg: ModelConfig) -> str:
 
 def export_problems(cfg: ModelConfig) -> list[str]:
     """What keeps the config from LlamaForCausalLM / Qwen3ForCausalLM, each naming its field."""
-    problems = []
-    if cfg.position != "rope":
-        problems.append(f"position is {cfg.position}; Llama and Qwen3 use rotary positions (position rope)")
-    if cfg.norm != "rmsnorm":
-        problems.append(f"norm is {cfg.norm}; Llama and Qwen3 use RMSNorm (norm rmsnorm)")
-    if cfg.mlp != "swiglu":
-        problems.append(f"mlp is {cfg.mlp}; Llama and Qwen3 have a gated SiLU MLP (mlp swiglu) and no "
-                        f"transformers class has a {cfg.mlp} MLP with rotary attention")
+    problems = cfg.mismatches({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}, "Llama (and Qwen3)")
     if cfg.bias and cfg.qk_norm:
         problems.append("bias is true; Qwen3's MLP has no biases (Llama's has: leave out qk_norm, or set bias false)")
     return problems
