@@ -64,6 +64,11 @@ FLOAT_RANGES: dict[str, tuple[float, float]] = {"rope_theta": (1.0, 1e12), "norm
 PACKAGE_PRESETS = Path(__file__).parent / "presets"  # a link to the repository's configs/
 
 
+def _as_json(value: Any) -> Any:
+    """A value as config.json spells it in a message (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A GPT architecture and the batch size it was tested with (one preset file)."""
@@ -159,9 +164,8 @@ class ModelConfig:
         kv_heads, hidden_size, named by their fields) whose value differs from wanted: why another
         format's architecture cannot compute this model."""
         fields = {"head_dim": "head_size", "kv_heads": "n_kv_head", "hidden_size": "intermediate_size"}
-        shown = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731 (config.json's spelling)
-        return [f"{fields.get(k, k)} is {shown(getattr(self, k))}; {target} has {fields.get(k, k)} {shown(want)}"
-                for k, want in wanted.items() if getattr(self, k) != want]
+        return [f"{fields.get(k, k)} is {_as_json(getattr(self, k))}; {target} has {fields.get(k, k)} "
+                f"{_as_json(want)}" for k, want in wanted.items() if getattr(self, k) != want]
 
     def components(self) -> list[tuple[str, str]]:
         """The architecture's components as (label, value) rows, for show_configs and inspect."""
