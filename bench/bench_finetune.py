@@ -1,11 +1,11 @@
 """The worked example of the README: a small Shakespeare model, fine-tuned on chat tasks with a right answer.
 
-usage: python bench/bench_finetune.py [--work DIR] [--n_train 3000] [--finetune_flags "..."]
+usage: python bench/bench_finetune.py [--work DIR] [--n_train 3000] [--finetune_flags "--epochs 4"]
 
 1. pretrains a small char-level model on builtin:tinyshakespeare with train.py and
    configs/shakespeare-char-chat.json (the README's command), unless DIR/checkpoints/base exists;
 2. builds the chat data with bench/sft_data.py (speaker, last word, next speaker: train / held out);
-3. fine-tunes it with `mypt finetune`: full SFT, then LoRA rank 16 (the defaults unless given);
+3. fine-tunes it with `mypt finetune` as the README does (4 epochs): full SFT, then LoRA rank 16;
 4. scores the base model, prompted with the same chat template, and the fine-tuned ones on the
    held-out conversations: the loss on the assistant's tokens (nats per token, the tokens the
    fine-tune trains on) and exact match (greedy reply, up to its end-of-turn or first newline,
@@ -76,7 +76,8 @@ def main() -> None:
     p.add_argument("--n_train", type=int, default=3000)
     p.add_argument("--n_heldout", type=int, default=300)
     p.add_argument("--pretrain_flags", default="", help="more train.py flags for the base, as one string")
-    p.add_argument("--finetune_flags", default="", help="more mypt finetune flags (both runs), as one string")
+    p.add_argument("--finetune_flags", default="--epochs 4", help="more mypt finetune flags (both runs), as one "
+                   "string (default: the README's)")
     p.add_argument("--lora_rank", type=int, default=16, help="the LoRA run's rank (0: no LoRA run)")
     args = p.parse_args()
     print(header("bench_finetune: full SFT and LoRA of a small Shakespeare model on chat tasks"))

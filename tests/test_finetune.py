@@ -30,7 +30,7 @@ from mypt.finetune.packing import ChatBatches, pack
 from mypt.finetune.template import Message
 from mypt.model import GPT
 from mypt.ops import linear_cross_entropy
-from mypt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, train_bpe
+from mypt.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_json, train_bpe
 
 LINES = [line for line in corpus_text(60_000).splitlines() if 0 < len(line) <= 40]
 CHARS = sorted(set(corpus_text(60_000)))
@@ -398,15 +398,22 @@ def test_a_lora_finetune_trains_only_its_adapters_resumes_bit_for_bit_and_export
     ckpts = trained / "checkpoints"
     assert_same_checkpoint(ckpts / "lora", ckpts / "lora2")
     base, tuned = load_checkpoint(ckpts / "base").model_state, load_checkpoint(ckpts / "lora")
-    assert tuned.config["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "attn"}
+    chat = sorted(tokenizer_from_json(tuned.tokenizer, "tokenizer.json").chat_ids.values())
+    assert tuned.config["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "attn", "tokens": chat}
     adapters = {k for k in tuned.model_state if ".lora_" in k}
     assert adapters == {f"transformer.h.{i}.attn.{m}.lora_{x}" for i in range(2) for m in ("c_attn", "c_proj")
                         for x in "AB"}
+    rows = {k for k in tuned.model_state if k.endswith("rows_delta")}  # the chat tokens' rows train too
+    layers = ("transformer.wte",) + (() if ModelConfig.from_dict(tuned.config, "c").tie_embeddings else ("lm_head",))
+    assert {k: tuple(tuned.model_state[k].shape) for k in rows} == {
+        f"{m}.rows_delta": (len(chat), TINY_ARCH["n_embd"]) for m in layers}
     for name, tensor in base.items():  # frozen: every weight of the base is saved as it was
         assert torch.equal(tuned.model_state[name], tensor), name
     assert any(tuned.model_state[k].abs().sum() > 0 for k in adapters if k.endswith("lora_B"))  # B has moved
+    assert all(tuned.model_state[k].abs().sum() > 0 for k in rows)
     moments = torch.load(ckpts / "lora" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
-    assert sum(v["exp_avg"].numel() for v in moments.values()) == sum(tuned.model_state[k].numel() for k in adapters)
+    learned = sum(tuned.model_state[k].numel() for k in adapters | rows)
+    assert sum(v["exp_avg"].numel() for v in moments.values()) == learned
     assert run_command("export", ["--model_name", "lora", "--checkpoints_dir", str(ckpts), "--format", "peft",
                                   "--out", str(trained / "adapter")]) == 0
     assert (trained / "adapter" / "adapter_model.safetensors").is_file()
@@ -571,6 +578,8 @@ def test_readme_chat_walkthrough_runs_as_written(tmp_path, capsys):
     pretrain, data, tune, chat = (to_argv(line) for line in block.strip().splitlines())
     run_line([*pretrain, "--max_iters", "3", "--eval_interval", "3", "--eval_iters", "1"], tmp_path)
     run_line([*data, "--n_train", "60", "--n_heldout", "10"], tmp_path)
+    at = tune.index("--epochs")  # the README's length, shortened
+    tune = tune[:at] + tune[at + 2:]
     out = run_line([*tune, "--max_iters", "2", "--eval_interval", "1", "--eval_iters", "1"], tmp_path).stdout
     assert "fine-tuning 'shake' into 'shake-chat'" in out and "60 conversations" in out
     r = subprocess.run(chat, input="ROMEO:\\nBut soft!\\n\\nWho speaks next?\n", capture_output=True, text=True,

@@ -29,7 +29,7 @@ LLAMA = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "intermediate_s
          "norm_eps": 1e-6}
 VARIANTS = {"gpt2": {}, "llama-gqa-untied": {**LLAMA, "n_kv_head": 2, "tie_embeddings": False},
             "qwen3-gqa": {**LLAMA, "qk_norm": True, "n_kv_head": 2}}
-LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "all"}
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "all", "tokens": [3, 50, 777]}  # rows that train too
 
 
 def spread(model: torch.nn.Module, seed: int) -> None:
@@ -63,6 +63,9 @@ def base_and_lora(root: Path, fields: dict, lora: dict = LORA) -> tuple[GPT, GPT
     with torch.no_grad():
         for _, layer in adapted(tuned):
             layer.lora_B.normal_(0, 0.3)
+        for name, rows in tuned.named_parameters():
+            if name.endswith("rows_delta"):
+                rows.normal_(0, 0.5)
     save(root / "tuned", tuned, ModelConfig(**{**SHAPE, **fields, "lora": lora}))
     return base.eval(), tuned.eval()
 
@@ -115,7 +118,7 @@ def test_a_lora_checkpoint_loads_with_its_adapters_or_merged(tmp_path):
     unmerged = build_model(ckpt)
     assert unmerged.config.lora_config == LoRAConfig(**LORA) and len(list(adapted(unmerged.model))) == 8
     assert {n for n, p in unmerged.model.named_parameters() if p.requires_grad} == \
-        {f"{n}.lora_{x}" for n, _ in adapted(unmerged.model) for x in "AB"}
+        {f"{n}.lora_{x}" for n, _ in adapted(unmerged.model) for x in "AB"} | {"transformer.wte.rows_delta"}
     lm = load_model("tuned", tmp_path, device="cpu")  # sampling, eval, serve: merged at load
     assert lm.config.lora is None and not list(adapted(lm.model))
     with torch.no_grad():

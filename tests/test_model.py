@@ -156,6 +156,27 @@ def test_fused_loss_head_with_a_frozen_weight_gives_the_input_gradient_alone(row
     assert flops[False] - flops[True] >= 2 * 300 * 48 * min(rows, 1024)  # (FlopCounterMode skips addmm_)
 
 
+@pytest.mark.parametrize("rows", [7, 1500])
+def test_fused_loss_head_trains_a_row_delta_of_a_frozen_weight(rows):
+    """LoRA's trained chat rows: the loss and gradients are those of weight + delta at the rows,
+    the frozen weight gets no gradient, and delta's comes from its rows alone."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 48, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 48, dtype=torch.float64)
+    ids = torch.tensor([5, 17, 299])
+    delta = torch.randn(3, 48, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(-1, 300, (rows,))
+    t[:3] = ids  # the rows are targets too
+    loss = linear_cross_entropy(x, w, t, ids, delta)
+    gx, gd = torch.autograd.grad(loss * 3.0, (x, delta))
+    ref = F.cross_entropy(x @ w.index_add(0, ids, delta).T, t, ignore_index=-1)
+    rx, rd = torch.autograd.grad(ref * 3.0, (x, delta))
+    assert torch.allclose(loss, ref, atol=1e-10)
+    assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(gd, rd, atol=1e-10) and gd.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(x, w, t, ids, delta), ref, atol=1e-10)
+
+
 def test_fused_loss_head_in_bf16_autocast_is_close_to_fp32():
     torch.manual_seed(0)
     x = torch.randn(512, 64, requires_grad=True)

@@ -218,6 +218,9 @@ def _field_problems(data: dict[str, Any]) -> list[str]:
         problems += _training_problems(valid["training"])
     if "lora" in valid:
         problems += [f"lora.{p}" for p in lora_problems(valid["lora"])]
+        tokens, vocab = valid["lora"].get("tokens"), valid.get("vocab_size")
+        if isinstance(tokens, list) and vocab and any(type(t) is int and t >= vocab for t in tokens):
+            problems.append(f"lora.tokens ({shown(tokens)}) must all be below vocab_size ({vocab})")
     return problems + _shape_problems(valid)
 
 
@@ -316,8 +319,10 @@ class LoRAConfig:
     alpha: float
     dropout: float = 0.0
     targets: str = "all"
+    tokens: tuple[int, ...] = ()  # token ids whose embedding and output rows train too (the chat tokens)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", tuple(self.tokens) if isinstance(self.tokens, list) else self.tokens)
         problems = lora_problems(dataclasses.asdict(self))
         if problems:
             raise MyPTError(_format_problems("lora", problems))
@@ -335,6 +340,10 @@ def lora_problems(d: dict[str, Any]) -> list[str]:
     dropout = d.get("dropout", 0.0)
     if not (_type_ok(dropout, float) and 0 <= dropout < 1):
         problems.append(f"dropout ({json.dumps(dropout)}) must be at least 0 and below 1")
+    tokens = d.get("tokens", [])
+    if not (isinstance(tokens, (list, tuple)) and all(type(t) is int and t >= 0 for t in tokens)
+            and len(set(tokens)) == len(tokens)):
+        problems.append(f"tokens ({shown(tokens)}) must be a list of distinct token ids (integers from 0)")
     if d.get("targets", "all") not in LORA_TARGETS:
         problems.append(f"targets ({json.dumps(d.get('targets'))}) must be one of {', '.join(LORA_TARGETS)}")
     return problems

@@ -282,6 +282,9 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
+        head_loss = getattr(self.lm_head, "cross_entropy", None)  # a head replaced from outside (LoRA's rows)
+        if head_loss is not None:
+            return None, head_loss(x.flatten(0, 1), targets.flatten())
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype,

@@ -127,19 +127,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     logits into probabilities into gradients in place.
     The loss comes from a softmax (one exp per logit, not log_softmax and exp, two).
 
+    rows, delta: an update to some of the weight's rows (LoRA's trained chat rows): the loss is
+    that of weight with delta (k, C) added at the row ids `rows` (k,), and delta's gradient is
+    made from those k columns only, so a frozen weight still costs no (vocab, n_embd) product.
+
     Targets below 0 (IGNORE_INDEX) are ignored: the mean is over the others, and an ignored
     row adds nothing to either gradient (its input row is zeroed before the weight gradient,
     its gradient row after: O(n_embd) per row, not O(vocab), and no device sync).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                rows: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
         n, vocab = x.size(0), weight.size(0)
-        w = weight.to(dtype)
+        w = with_rows(weight.to(dtype), rows, delta)
         grad_x = torch.empty_like(x)
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
         grad_w = None
+        grad_delta = None if delta is None else torch.zeros(delta.shape, dtype=acc, device=x.device)
         total = torch.zeros((), dtype=acc, device=x.device)
         grad = torch.empty(min(n, LOSS_CHUNK_ROWS), vocab, dtype=dtype, device=x.device)
         kept = targets >= 0
@@ -163,6 +168,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(tc.numel(), device=x.device), tc] = torch.expm1(target_logp).to(dtype)
                 grad_x[start:start + LOSS_CHUNK_ROWS] = probs @ w
                 grad_x[start:start + LOSS_CHUNK_ROWS] *= keep  # an ignored row: no input gradient
+                if grad_delta is not None:
+                    grad_delta.addmm_(probs[:, rows].T.to(acc), xc.to(acc))
                 if not ctx.needs_input_grad[1]:  # a frozen output layer (LoRA): no weight gradient to make
                     continue
                 if grad_w is None:
@@ -173,30 +180,42 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     for total_rows, part in zip(grad_w.split(4096), (probs.T @ xc).split(4096), strict=True):
                         total_rows += part
         count = kept.sum().clamp(min=1)  # a tensor: no device sync
-        ctx.save_for_backward(grad_x, grad_w if grad_w is not None else count, count)
+        ctx.save_for_backward(grad_x, grad_w if grad_w is not None else count, count,
+                              grad_delta if grad_delta is not None else count)
         ctx.weight_dtype = weight.dtype
+        ctx.delta_dtype = None if delta is None else delta.dtype
         return total / count
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        grad_x, grad_w, count = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_x, grad_w, count, grad_delta = ctx.saved_tensors
         scale = grad_out / count
         # in place: no second (vocab, n_embd) buffer while every activation is still alive; a
         # second backward through the same graph fails with autograd's in-place error
-        if not ctx.needs_input_grad[1]:
-            return grad_x.mul_(scale), None, None, None
-        return grad_x.mul_(scale), grad_w.mul_(scale).to(ctx.weight_dtype), None, None
+        grad_w = grad_w.mul_(scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_delta = grad_delta.mul_(scale).to(ctx.delta_dtype) if ctx.needs_input_grad[5] else None
+        return grad_x.mul_(scale), grad_w, None, None, None, grad_delta
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def with_rows(weight: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+    """weight with delta added at the row ids `rows` (a new tensor), or weight itself without them."""
+    if delta is None:
+        return weight
+    return weight.index_add(0, rows, delta.detach().to(weight.dtype))
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         rows: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits x @ weight.T (x: (N, C), weight: (V, C), targets: (N,)),
-    over the targets that are not IGNORE_INDEX (any negative target is ignored)."""
+    over the targets that are not IGNORE_INDEX (any negative target is ignored); with rows and
+    delta, of weight with delta (k, C) added at the row ids rows (k,)."""
     dtype = _compute_dtype(x)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(x, weight, targets, dtype)
+    trained = x.requires_grad or weight.requires_grad or (delta is not None and delta.requires_grad)
+    if torch.is_grad_enabled() and trained:
+        return _FusedLinearCrossEntropy.apply(x, weight, targets, dtype, rows, delta)
     acc = torch.promote_types(dtype, torch.float32)
     total = torch.zeros((), dtype=acc, device=x.device)
-    w = weight.to(dtype)
+    w = with_rows(weight.to(dtype), rows, delta)
     targets = targets.where(targets >= 0, IGNORE_INDEX)
     for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
         logits = (x[start:start + LOSS_CHUNK_ROWS].to(dtype) @ w.T).to(acc)

@@ -12,7 +12,9 @@ LoRA adapters applied from outside the model.
 DEFAULT_EPOCHS = 2
 # Fine-tuning's own defaults (the flags override them; here, without torch, for --help): a tenth
 # of the base's peak learning rate (LR_FRACTION; 1e-4, a tenth of train.py's default, for a base
-# that records none) and no weight decay; the schedule, evaluation and logging scale with the
-# data (mypt.finetune.run).
+# that records none), three times that for LoRA (LORA_LR_FACTOR: its few parameters move
+# slower; BENCHMARKS.md, Issue 21), and no weight decay; the schedule, evaluation and logging
+# scale with the data (mypt.finetune.run).
 LR_FRACTION = 0.1
+LORA_LR_FACTOR = 3
 DEFAULTS = {"learning_rate": 1e-4, "weight_decay": 0.0}

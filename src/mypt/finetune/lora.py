@@ -7,6 +7,13 @@ adapter trained here and one trained by PEFT start alike. The adapted layer keep
 the `weight`/`bias` parameters of the layer it replaces and adds `lora_A` and `lora_B`, so a
 LoRA checkpoint's model.pt is the base's state dict plus the adapters.
 
+LoRAConfig.tokens (a fine-tune's chat tokens) train beside the adapters: the embedding and the
+output layer stay frozen, and only those tokens' rows move, as a delta (k, n_embd) added to them
+(RowsEmbedding, RowsLinear; one delta for both when they are tied), as PEFT's
+`trainable_token_indices` does. A base trained before fine-tuning never saw its chat tokens, so
+their rows are what initialisation and pretraining left: the adapters alone would have to reach
+`<|end|>` through an output row that never learned to be picked (BENCHMARKS.md, Issue 21).
+
 model.py knows nothing of this: `apply_lora` swaps modules of a built GPT, `merge_lora` folds
 the adapters back into plain layers (for export, or for sampling at full speed).
 """
@@ -14,7 +21,7 @@ the adapters back into plain layers (for export, or for sampling at full speed).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,7 @@ from torch import nn
 
 from mypt.config import LoRAConfig, ModelConfig
 from mypt.model import GPT
+from mypt.ops import linear_cross_entropy, with_rows
 
 # The blocks' linear layers each --lora_targets value adapts (names below transformer.h.N).
 TARGET_LAYERS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
@@ -62,6 +70,72 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
 
 
+class RowsEmbedding(nn.Embedding):
+    """A frozen embedding whose rows `ids` train, as rows_delta (k, n_embd) added to them."""
+
+    def __init__(self, base: nn.Embedding, ids: Sequence[int]) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.ids = tuple(ids)
+        self.rows_delta = nn.Parameter(torch.zeros(len(self.ids), self.embedding_dim, device=self.weight.device,
+                                                   dtype=self.weight.dtype))
+        self._slots: torch.Tensor | None = None
+
+    def slots(self, device: torch.device) -> torch.Tensor:
+        """(vocab,): 1 + a trained row's place in ids, 0 for every other row (a cache)."""
+        if self._slots is None or self._slots.device != device:
+            slots = torch.zeros(self.num_embeddings, dtype=torch.long)
+            slots[list(self.ids)] = torch.arange(1, len(self.ids) + 1)
+            self._slots = slots.to(device)
+        return self._slots
+
+    def row_ids(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.ids, dtype=torch.long, device=device)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        # the delta by a second lookup (a zero row for every other token): no (vocab, n_embd) copy
+        deltas = F.pad(self.rows_delta, (0, 0, 1, 0))
+        return F.embedding(idx, self.weight) + F.embedding(self.slots(idx.device)[idx], deltas)
+
+    def merged(self) -> torch.Tensor:
+        return with_rows(self.weight, self.row_ids(self.weight.device), self.rows_delta)
+
+
+class RowsLinear(nn.Linear):
+    """A frozen output layer whose rows `ids` train, as rows_delta added to them; tied to a
+    RowsEmbedding (`shares`), it uses that one's delta and has none of its own."""
+
+    def __init__(self, base: nn.Linear, ids: Sequence[int], shares: RowsEmbedding | None = None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, None
+        self.weight.requires_grad_(False)
+        self.ids = tuple(ids)
+        self._shares = [shares] if shares is not None else []  # in a list: not a submodule (one state entry)
+        if shares is None:
+            self.rows_delta = nn.Parameter(torch.zeros(len(self.ids), self.in_features, device=self.weight.device,
+                                                       dtype=self.weight.dtype))
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self._shares[0].rows_delta if self._shares else self.rows_delta
+
+    def merged(self) -> torch.Tensor:
+        return with_rows(self.weight, torch.tensor(self.ids, device=self.weight.device), self.delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.tensor(self.ids, device=self.weight.device)
+        return F.linear(x, self.weight.index_add(0, rows, self.delta.to(self.weight.dtype)))
+
+    def cross_entropy(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """GPT.forward's loss through this head (the fused head, with the delta's rows)."""
+        return linear_cross_entropy(x, self.weight, targets, torch.tensor(self.ids, device=x.device), self.delta)
+
+
 def target_names(model: nn.Module, targets: str) -> list[str]:
     """The module names --lora_targets adapts in this model, in order."""
     wanted = TARGET_LAYERS[targets]
@@ -70,18 +144,20 @@ def target_names(model: nn.Module, targets: str) -> list[str]:
             and name.split(".", 3)[3] in wanted]
 
 
-def apply_lora(model: nn.Module, lora: LoRAConfig, trainable: tuple[str, ...] = ()) -> None:
-    """Freeze every parameter of model and adapt its target layers in place. Parameters whose
-    names start with one of `trainable` (a grown embedding, say) stay trainable as a whole."""
+def apply_lora(model: GPT, lora: LoRAConfig) -> None:
+    """Freeze every parameter of model, adapt its target layers and let lora.tokens' embedding
+    and output rows train (in place)."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name in target_names(model, lora.targets):
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent)
         setattr(owner, leaf, LoRALinear(getattr(owner, leaf), lora))
-    for name, param in model.named_parameters():
-        if name.startswith(trainable) and trainable:
-            param.requires_grad_(True)
+    if lora.tokens:
+        embedding = RowsEmbedding(model.transformer.wte, lora.tokens)
+        tied = model.lm_head.weight is model.transformer.wte.weight
+        model.transformer.wte = embedding
+        model.lm_head = RowsLinear(model.lm_head, lora.tokens, shares=embedding if tied else None)
 
 
 def adapted(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -91,16 +167,30 @@ def adapted(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its layer's weight and put plain linear layers back (in place)."""
+def merge_lora(model: GPT) -> None:
+    """Fold every adapter and trained row into its layer's weight and put plain layers back (in place)."""
     for name, module in list(adapted(model)):
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         plain.weight = nn.Parameter(module.weight + module.delta().to(module.weight.dtype))
         plain.bias = module.bias
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, plain)
+    embedding, head = model.transformer.wte, model.lm_head
+    if isinstance(embedding, RowsEmbedding):
+        model.transformer.wte = nn.Embedding(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        model.transformer.wte.weight = nn.Parameter(embedding.merged())
+    if isinstance(head, RowsLinear):
+        model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        model.lm_head.weight = nn.Parameter(head.merged()) if not head._shares else model.transformer.wte.weight
     for param in model.parameters():
         param.requires_grad_(True)
+
+
+def output_matrices(model: GPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding and output matrices the model computes with (trained rows added)."""
+    embedding, head = model.transformer.wte, model.lm_head
+    return (embedding.merged() if isinstance(embedding, RowsEmbedding) else embedding.weight,
+            head.merged() if isinstance(head, RowsLinear) else head.weight)
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -119,4 +209,8 @@ def fresh_adapters(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict[str, t
         bound = 1 / math.sqrt(layer.in_features)
         out[f"{name}.lora_A"] = torch.empty(lora.rank, layer.in_features).uniform_(-bound, bound, generator=g)
         out[f"{name}.lora_B"] = torch.zeros(layer.out_features, lora.rank)
+    if lora.tokens:
+        out["transformer.wte.rows_delta"] = torch.zeros(len(lora.tokens), cfg.n_embd)
+        if not cfg.tie_embeddings:
+            out["lm_head.rows_delta"] = torch.zeros(len(lora.tokens), cfg.n_embd)
     return out

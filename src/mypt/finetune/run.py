@@ -54,7 +54,7 @@ from mypt.config import (
     saved_train_config,
 )
 from mypt.errors import MyPTError
-from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LR_FRACTION, chat_data, template
+from mypt.finetune import DEFAULT_EPOCHS, DEFAULTS, LORA_LR_FACTOR, LR_FRACTION, chat_data, template
 from mypt.finetune.lora import fresh_adapters
 from mypt.finetune.packing import ChatBatches, Packed, pack, to_device
 from mypt.fsutil import FileLock, json_bytes, sha256_file
@@ -228,18 +228,22 @@ def _chat_base(ckpt: Checkpoint, cfg: ModelConfig, seed: int) -> tuple[Checkpoin
     return start, cfg, tok
 
 
-def _with_adapters(start: Checkpoint, cfg: ModelConfig, lora: LoRAConfig,
+def _with_adapters(start: Checkpoint, cfg: ModelConfig, lora: LoRAConfig, tok: Tokenizer,
                    seed: int) -> tuple[Checkpoint, ModelConfig]:
-    """The starting checkpoint with new LoRA adapters (B zero: the base's function at first)."""
+    """The starting checkpoint with new LoRA adapters (B zero: the base's function at first) and
+    the chat tokens' rows trained beside them (finetune/lora.py)."""
     if cfg.lora is not None:
         raise MyPTError("--lora_rank: the base is itself a LoRA fine-tune; export it merged (mypt export "
                         "--format safetensors) and fine-tune that, or fine-tune it without --lora_rank")
+    lora = replace(lora, tokens=tuple(sorted(tok.chat_ids.values())))
     adapters = fresh_adapters(cfg, lora, seed)
     total = sum(t.numel() for t in start.model_state.values())
     trained = sum(t.numel() for t in adapters.values())
+    rows = "output rows" if not cfg.tie_embeddings else "rows (tied to the output layer)"
     dist.print0(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}, dropout {lora.dropout:g}) on the blocks' "
-                f"{lora.targets} linear layers: {trained:,} trainable parameters; the base's {total:,} are frozen")
-    cfg = replace(cfg, lora=dataclasses.asdict(lora))
+                f"{lora.targets} linear layers, and the {len(lora.tokens)} chat tokens' embedding and {rows}: "
+                f"{trained:,} trainable parameters; the base's {total:,} are frozen")
+    cfg = replace(cfg, lora={**dataclasses.asdict(lora), "tokens": list(lora.tokens)})
     return replace(start, config=cfg.to_dict(), model_state={**start.model_state, **adapters}), cfg
 
 
@@ -274,7 +278,7 @@ def _plan_new(ckpt_dir: Path, base: str | None, checkpoints_dir: Path, sources: 
     base_vocab = cfg.vocab_size
     start, cfg, tok = _chat_base(ckpt, cfg, seed)
     if lora is not None:
-        start, cfg = _with_adapters(start, cfg, LoRAConfig(**lora), seed)
+        start, cfg = _with_adapters(start, cfg, LoRAConfig(**lora), tok, seed)
     val_split = train_flags.get("val_split", TrainConfig.val_split)
     parts, train, val = _read_data(sources, form, tok, cfg.block_size, val_split)
     values = _defaults(train, val, cfg, train_flags, epochs, info, _base_lr(ckpt)) | train_flags
@@ -390,11 +394,14 @@ def _defaults(train: ChatBatches, val: ChatBatches, cfg: ModelConfig, flags: dic
     """A new fine-tune's defaults, from the data and the base (printed; the flags override them)."""
     per_epoch = _iters_per_epoch(train, cfg, flags.get("grad_accum_steps", 1), info)
     max_iters = flags.get("max_iters", (epochs or DEFAULT_EPOCHS) * per_epoch)
-    lr = DEFAULTS["learning_rate"] if base_lr is None else float(f"{base_lr * LR_FRACTION:.3g}")
+    factor = LORA_LR_FACTOR if cfg.lora is not None else 1
+    lr = float(f"{(DEFAULTS['learning_rate'] if base_lr is None else base_lr * LR_FRACTION) * factor:.3g}")
     values = {**DEFAULTS, "learning_rate": lr, "max_iters": max_iters, "warmup_iters": min(100, max_iters // 20),
               "eval_interval": max(1, math.ceil(max_iters / 8)), "log_interval": max(1, min(10, max_iters // 20)),
               "eval_iters": max(1, min(100, math.ceil(val.rows / (cfg.batch_size * info.world_size))))}
     why = {"learning_rate": "the base records none" if base_lr is None else f"a tenth of the base's {base_lr:g}"}
+    if factor != 1:
+        why["learning_rate"] += f", times {factor} for LoRA"
     shown = [f"{k} {v:g}" + (f" ({why[k]})" if k in why else "") for k, v in values.items()
              if k != "max_iters" and k not in flags]
     length = (f"--max_iters {max_iters}" if "max_iters" in flags else

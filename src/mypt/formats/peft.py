@@ -6,8 +6,9 @@ The folder holds adapter_config.json and adapter_model.safetensors, in the names
 the transformers family that computes the base (hf_gpt2 or hf_llama; each maps its own layers),
 and the fine-tune's tokenizer files (its chat template). Where the base had to grow for the chat
 tokens (an older checkpoint, an imported folder: training_state.json's finetune.base_vocab_size
-is below vocab_size), the adapter also carries the whole embedding and output layer as PEFT's
-`modules_to_save`; the base is resized to the fine-tune's vocab_size before the adapter loads:
+is below vocab_size), or where the chat tokens' rows were trained (config.json's lora.tokens),
+the adapter also carries the whole embedding and output layer as PEFT's `modules_to_save`; a
+grown base is resized to the fine-tune's vocab_size before the adapter loads:
 
     model = AutoModelForCausalLM.from_pretrained(BASE_HF_DIR)
     model.resize_token_embeddings(VOCAB_SIZE, mean_resizing=False)
@@ -27,7 +28,7 @@ import torch
 from mypt import fsutil
 from mypt.build import Built
 from mypt.errors import MyPTError
-from mypt.finetune.lora import adapted
+from mypt.finetune.lora import adapted, output_matrices
 from mypt.formats.hf import export_family, write_with_weights
 from mypt.formats.hf_tokenizer import tokenizer_files
 
@@ -53,7 +54,7 @@ def export_peft(built: Built, out: Path, finetune: dict[str, Any] | None = None)
             tensors[f"{PREFIX}{hf_name}.lora_B.weight"] = hf_b.contiguous()
             modules.add(hf_name.rsplit(".", 1)[1])
     base_vocab = _base_vocab_size(finetune, cfg.vocab_size)
-    saved = _grown_layers(built, family.EMBEDDING) if base_vocab < cfg.vocab_size else {}
+    saved = _whole_layers(built, family.EMBEDDING) if base_vocab < cfg.vocab_size or lora.tokens else {}
     tensors |= {PREFIX + name: t for name, t in saved.items()}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
@@ -71,6 +72,10 @@ def export_peft(built: Built, out: Path, finetune: dict[str, Any] | None = None)
 
 def _loading_note(out: Path, saved: dict[str, torch.Tensor], base_vocab: int, vocab: int) -> str:
     load = f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF_DIR), '{out}')"
+    if saved and base_vocab >= vocab:
+        layers = ", ".join(name.removesuffix(".weight") for name in saved)
+        return (f"the chat tokens' rows were trained, so the adapter carries the embedding and output layer "
+                f"(modules_to_save: {layers}); load it onto the transformers export of the base model: {load}")
     if not saved:
         return f"load it onto the transformers export of the base model: {load}"
     layers = ", ".join(name.removesuffix(".weight") for name in saved)
@@ -97,9 +102,9 @@ def _base_vocab_size(finetune: dict[str, Any] | None, vocab_size: int) -> int:
         return 0
 
 
-def _grown_layers(built: Built, embedding: str) -> dict[str, torch.Tensor]:
-    """The embedding (under the family's name) and the output layer, both whole: PEFT keeps a copy
-    of each (tied in the base or not), and the copies compute what MyPT's layers do."""
-    state = built.model.state_dict()
-    return {embedding: state["transformer.wte.weight"].detach().float().cpu().clone(),
-            "lm_head.weight": state["lm_head.weight"].detach().float().cpu().clone()}
+def _whole_layers(built: Built, embedding: str) -> dict[str, torch.Tensor]:
+    """The embedding (under the family's name) and the output layer, both whole, their trained
+    rows added: PEFT keeps a copy of each (tied in the base or not), and the copies compute what
+    MyPT's layers do."""
+    wte, head = output_matrices(built.model)
+    return {embedding: wte.detach().float().cpu().clone(), "lm_head.weight": head.detach().float().cpu().clone()}
