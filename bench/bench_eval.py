@@ -11,7 +11,14 @@
    lm_eval.simple_evaluate(model="hf") on the export (what `lm_eval --model hf` runs), each timed
    from loading the model to the scores, best of --repeats. Prints items/s, the ratio, and the
    largest per-choice log-likelihood difference between the two (they must agree).
-2. Sensitivity. The README's first command (configs/shakespeare-char-modern.json, char tokenizer,
+2. Agreement. The three routes to a task score, on two models (the speed model, GPT-2 recipe and
+   tokenizer, and configs/shakespeare-char-chat.json, char tokenizer, rotary, QK-norm, SwiGLU:
+   a Qwen3 export, trained --agree_iters iterations on tinyshakespeare),
+   each on the same --agree_items items: `mypt eval --task` (LoadedModel.evaluate_task),
+   `lm_eval --model local-completions` against `mypt serve` (started as a command), and
+   `lm_eval --model hf` on `mypt export --format hf`. Prints acc and acc_norm per route and the
+   largest per-choice log-likelihood difference from MyPT's.
+3. Sensitivity. The README's first command (configs/shakespeare-char-modern.json, char tokenizer,
    the built-in corpus, --iters iterations, evaluated every half) is trained with --keep_every
    iters/2; the built-in task set (`--task builtin`) is scored at iteration 0 (the same model
    re-initialised: its zero-initialised head predicts uniformly, as at the start of training),
@@ -23,8 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -44,13 +56,13 @@ def train(work: Path, name: str, flags: list[str]) -> None:
     assert code == 0, f"training {name} failed"
 
 
-def write_task(work: Path, n: int) -> Path:
+def write_task(work: Path, n: int, name: str = "bench_mc") -> Path:
     items = builtin.words_task().items[:n]
-    path = work / "bench_mc.jsonl"
+    path = work / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"context": i.contexts[0], "choices": list(i.choices), "answer": i.answer})
                             + "\n" for i in items), encoding="utf-8")
     (work / "tasks").mkdir(exist_ok=True)
-    (work / "tasks" / "bench_mc.yaml").write_text(lm_eval_yaml("bench_mc", path), encoding="utf-8")
+    (work / "tasks" / f"{name}.yaml").write_text(lm_eval_yaml(name, path), encoding="utf-8")
     return path
 
 
@@ -74,12 +86,14 @@ def time_lm_eval(work: Path, batch_size: int) -> tuple[float, list[tuple[float, 
     return seconds, [tuple(float(ll) for ll, _ in s["filtered_resps"]) for s in samples]
 
 
-def speed(work: Path, args: argparse.Namespace) -> None:
+def speed(work: Path, args: argparse.Namespace, timed: bool = True) -> None:
     train(work, "speed", ["--config_file", args.preset, "--tokenizer", "gpt2", "--input_file",
                           "builtin:tinyshakespeare", "--max_iters", str(args.speed_iters),
                           "--eval_interval", str(args.speed_iters), "--eval_iters", "2", "--dtype", "fp32"])
     assert run_command("export", ["--checkpoints_dir", str(work / "ck"), "--model_name", "speed",
                                   "--out", str(work / "export")]) == 0
+    if not timed:
+        return
     task = write_task(work, args.items)
     mypt_s, ours = min((time_mypt(work, task) for _ in range(args.repeats)), key=lambda r: r[0])
     lm_s, theirs = min((time_lm_eval(work, args.lm_eval_batch) for _ in range(args.repeats)), key=lambda r: r[0])
@@ -88,6 +102,67 @@ def speed(work: Path, args: argparse.Namespace) -> None:
     print(f"mypt eval --task        {mypt_s:8.2f} s  {args.items / mypt_s:8.1f} items/s")
     print(f"lm_eval --model hf      {lm_s:8.2f} s  {args.items / lm_s:8.1f} items/s  (batch_size {args.lm_eval_batch})")
     print(f"ratio {lm_s / mypt_s:.2f}x; largest per-choice log-likelihood difference {diff:.2e} nats")
+
+
+def lm_eval_scores(work: Path, model: str, model_args: str, task: str) -> tuple[dict, list[tuple[float, ...]]]:
+    """lm_eval.simple_evaluate on the task in work/tasks: (acc and acc_norm, per-item log-likelihoods)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = simple_evaluate(model=model, model_args=model_args, tasks=[task], device="cpu", log_samples=True,
+                          task_manager=TaskManager(include_path=str(work / "tasks")))
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    metrics = out["results"][task]
+    return ({"acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"]},
+            [tuple(float(ll) for ll, _ in s["filtered_resps"]) for s in samples])
+
+
+def serve(ckpts: Path, name: str) -> tuple[subprocess.Popen, str]:
+    """`mypt serve` as a user starts it, on a free port; (the process, its /v1 URL) once it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mypt", "serve", "--model_name", name, "--checkpoints_dir",
+                             str(ckpts), "--port", str(port), "--log_level", "warning"], cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return proc, f"{url}/v1"
+        except OSError:
+            assert proc.poll() is None, "mypt serve exited"
+            time.sleep(0.1)
+    raise RuntimeError("mypt serve did not start")
+
+
+def agreement(work: Path, args: argparse.Namespace) -> None:
+    task = write_task(work, args.agree_items, "agree_mc")
+    print(header(f"Agreement: {args.agree_items} items x 4 choices, three routes, CPU fp32"))
+    train(work, "qwen3", ["--config_file", str(REPO / "configs" / "shakespeare-char-chat.json"), "--tokenizer",
+                          "char", "--input_file", "builtin:tinyshakespeare", "--max_iters", str(args.agree_iters),
+                          "--eval_interval", str(args.agree_iters), "--eval_iters", "10"])
+    print(f"{'model':<10}{'route':<44}{'acc':>8}{'acc_norm':>10}{'largest difference (nats)':>28}")
+    for name in ("speed", "qwen3"):
+        export = work / f"export-{name}"
+        assert run_command("export", ["--checkpoints_dir", str(work / "ck"), "--model_name", name,
+                                      "--out", str(export)]) == 0
+        lm = load_model(name, work / "ck", device="cpu", dtype="fp32")
+        [ours] = lm.evaluate_task(str(task))
+        mine = [i.logprobs for i in ours.items]
+        rows = [("mypt eval --task", {"acc": ours.acc, "acc_norm": ours.acc_norm}, mine)]
+        proc, url = serve(work / "ck", name)
+        try:
+            rows.append(("lm_eval local-completions -> mypt serve", *lm_eval_scores(
+                work, "local-completions", f"model={name},base_url={url}/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={export},max_length={lm.config.block_size}", "agree_mc")))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        rows.append(("lm_eval hf -> mypt export", *lm_eval_scores(
+            work, "hf", f"pretrained={export},dtype=float32", "agree_mc")))
+        for route, scores, lls in rows:
+            diff = max(abs(a - b) for x, y in zip(mine, lls, strict=True) for a, b in zip(x, y, strict=True))
+            print(f"{name:<10}{route:<44}{scores['acc']:>8.3f}{scores['acc_norm']:>10.3f}{diff:>28.2e}", flush=True)
 
 
 def _line(label: str, results: list[TaskResult]) -> str:
@@ -122,7 +197,10 @@ def main() -> None:
     p.add_argument("--lm_eval_batch", type=int, default=32, help="speed: lm-eval's --batch_size")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--iters", type=int, default=460, help="sensitivity: the README command's --max_iters")
-    p.add_argument("--skip", choices=("speed", "sensitivity"), help="leave one part out")
+    p.add_argument("--agree_items", type=int, default=100, help="agreement: items of the multiple-choice task")
+    p.add_argument("--agree_iters", type=int, default=300, help="agreement: iterations of the second model")
+    p.add_argument("--skip", choices=("speed", "agreement", "sensitivity"), action="append", default=[],
+                   help="leave a part out (repeatable)")
     p.add_argument("--work", type=Path, help="folder for checkpoints and exports (default: a temporary one)")
     args = p.parse_args()
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -130,10 +208,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         os.environ.setdefault("HF_HOME", str(work / "hf"))
-        if args.skip != "speed":
-            speed(work, args)
-        if args.skip != "sensitivity":
+        if "speed" not in args.skip or "agreement" not in args.skip:
+            speed(work, args, timed="speed" not in args.skip)
+        if "sensitivity" not in args.skip:
             sensitivity(work, args)
+        if "agreement" not in args.skip:
+            agreement(work, args)
 
 
 if __name__ == "__main__":

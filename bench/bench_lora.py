@@ -54,7 +54,9 @@ def child(shape: str, mode: str, rank: int, steps: int, batch: int, block: int, 
     cfg = load_model_config(str(REPO / spec["preset"])) if "preset" in spec else ModelConfig(**spec["fields"])
     model = GPT(cfg)
     if mode == "lora":
-        apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank))
+        # and four trained rows, as mypt finetune's chat tokens (the last ids: the vocabulary's padding)
+        chat = tuple(range(cfg.vocab_size - 4, cfg.vocab_size))
+        apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank, tokens=chat))
     optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     times = []
@@ -90,8 +92,9 @@ def main() -> None:
     from _machine import header
 
     print(header("LoRA vs full fine-tuning"))
-    print(f"rank {args.rank} (alpha {2 * args.rank}) on every linear layer of the blocks; batch {args.batch_size} x "
-          f"{args.block_size} tokens; median of {args.steps} steps after one warm-up; peak RSS of a fresh process")
+    print(f"rank {args.rank} (alpha {2 * args.rank}) on every linear layer of the blocks, 4 trained rows; batch "
+          f"{args.batch_size} x {args.block_size} tokens; median of {args.steps} steps after one warm-up; peak RSS "
+          "of a fresh process")
     print("| shape | mode | parameters | trainable | step (s) | peak RSS (MiB) | peak over imports (MiB) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for shape in args.shapes:
