@@ -25,6 +25,7 @@ outtype runs in its own process, so a crash (q8_0 crashed on one CPU) is reporte
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import subprocess
@@ -40,6 +41,7 @@ from mypt.build import Built
 from mypt.config import ModelConfig, load_model_config
 from mypt.formats.gguf import export_gguf
 from mypt.model import GPT
+from mypt.ops import lay_out_for_decoding
 from mypt.quant import quantize
 from mypt.sampling import SamplingConfig, generate_ids
 from mypt.tokenizers import GPT2Tokenizer
@@ -143,8 +145,10 @@ def bench_preset(preset: str, args: argparse.Namespace, work: Path) -> list[tupl
     prompt = torch.randint(0, 50000, (PROMPT_LEN,), generator=gen).tolist()
     prefill = torch.randint(0, 50000, (args.prefill,), generator=gen).tolist()
     label = f"{preset} ({cfg.name}, {model.num_params() / 1e6:.1f}M)"
-    rows: list[tuple[str, str, dict | str]] = [(label, "MyPT fp32", time_mypt(model, prompt, args.new_tokens,
+    decoding = lay_out_for_decoding(copy.deepcopy(model))  # as load_model lays it out
+    rows: list[tuple[str, str, dict | str]] = [(label, "MyPT fp32", time_mypt(decoding, prompt, args.new_tokens,
                                                                             prefill, args.repeats))]
+    del decoding
     print(f"{label}: MyPT {rows[-1][2]}", flush=True)
     for outtype in args.outtypes.split(","):
         path = work / f"{Path(preset).stem}-{outtype}.gguf"

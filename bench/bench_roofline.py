@@ -5,12 +5,14 @@
     python bench/bench_roofline.py --quality_model q --checkpoints_dir ckpts --input_file text.txt
 
 In one run: (1) the machine's read bandwidth, the best of --repeats sums over a 1 GiB fp32 tensor
-with --threads threads; (2) for each preset (random weights, seed 0, dropout 0) greedy decoding
-of --new_tokens tokens at batch 1 after a 16-token prompt through MyPT's own path
+with --threads threads; (2) for each preset (random weights, seed 0, dropout 0) greedy decoding of
+--new_tokens tokens at batch 1 after a 16-token prompt through MyPT's own path
 (sampling.generate_ids, KV cache), timed from the first new token to the last, best of --repeats,
-in fp32, in bf16 weights where the CPU has native bf16 (avx512_bf16 or AMX; else said and
-skipped) and in int8 (mypt.quant); bytes per token are the weights a step reads (every matrix
-whole, one embedding row, the norms) plus the KV cache at the mean context length, and the roofline
+each as load_model lays it out (mypt.ops.lay_out_for_decoding): in fp32, in fp32 with row-major
+matrices (fp32-rows, the layout before that), in bf16 weights where the CPU has native bf16
+(avx512_bf16 or AMX; else said and skipped) and in int8 (mypt.quant); bytes per token are the
+weights a step reads (every matrix whole, one embedding row, the norms) plus the KV cache at the
+mean context length, and the roofline
 fraction is tokens/s x bytes per token / bandwidth; (3) batch-1 matrix-vector products through
 150M.json's block stack (16 x 768-wide blocks: 64 matrices, no attention) in fp32 nn.Linear,
 MyPT's int8 kernel, torch._weight_int8pack_mm and torchao's Int8WeightOnlyConfig (when torchao is
@@ -36,6 +38,7 @@ from _machine import header
 from mypt import quant
 from mypt.config import load_model_config
 from mypt.model import GPT
+from mypt.ops import lay_out_for_decoding
 from mypt.sampling import SamplingConfig, generate_ids
 
 PRESETS = ["small-modern.json", "150M.json", "shakespeare-char.json"]
@@ -73,12 +76,15 @@ def build(preset: str) -> GPT:
 
 
 def variant(model: GPT, kind: str) -> GPT:
+    """The model as load_model gives it for `kind` (fp32-rows: fp32 without the decoding layout)."""
     m = copy.deepcopy(model)
+    if kind == "fp32-rows":
+        return m
     if kind == "bf16":
-        return m.to(torch.bfloat16)
-    if kind == "int8":
-        return quant.quantize(m)
-    return m
+        m = m.to(torch.bfloat16)
+    elif kind == "int8":
+        m = quant.quantize(m)
+    return lay_out_for_decoding(m)
 
 
 def bytes_per_token(model: GPT, context: float) -> float:
@@ -113,7 +119,7 @@ def decode_speed(model: GPT, new_tokens: int, repeats: int) -> float:
 def roofline(args: argparse.Namespace, bw: float) -> None:
     print("\n## Batch-1 decode against the roofline\n")
     print(f"{'preset':<24}{'weights':>8}{'MB/token':>10}{'tokens/s':>10}{'GB/s':>8}{'roofline':>10}{'vs fp32':>9}")
-    kinds = ["fp32", "bf16", "int8"] if native_bf16() else ["fp32", "int8"]
+    kinds = ["fp32", "fp32-rows", "bf16", "int8"] if native_bf16() else ["fp32", "fp32-rows", "int8"]
     context = PROMPT_LEN + args.new_tokens / 2
     for preset in args.presets:
         model = build(preset)

@@ -299,3 +299,19 @@ def test_bad_flags_and_prompt_file(capsys: pytest.CaptureFixture, ckpts: Path) -
     assert "temperature" in err and "top_p" in err
     err = assert_error(capsys, ckpts, "--model_name", "chars", "--prompt_file", str(ckpts / "missing.txt"))
     assert "--prompt_file" in err and "missing.txt" in err
+
+
+def test_a_loaded_model_keeps_its_weights_column_major_for_decoding(ckpts: Path, chars: LoadedModel) -> None:
+    """load_model lays the blocks' matrices out column-major (mypt.ops.lay_out_for_decoding): the
+    same matrices, so the same logits as the checkpoint's model, whose weights stay row-major."""
+    from mypt.build import build_model
+    from mypt.checkpoint import load_checkpoint
+
+    plain = build_model(load_checkpoint(ckpts / "chars")).model.eval()
+    linears = {n: m for n, m in chars.model.named_modules() if type(m) is torch.nn.Linear}
+    assert all(m.weight.t().is_contiguous() for n, m in linears.items() if n.startswith("transformer.h."))
+    assert chars.model.lm_head.weight.is_contiguous()
+    assert not any(m.weight.t().is_contiguous() for m in plain.modules() if type(m) is torch.nn.Linear)
+    ids = torch.tensor([chars.encode_prompt("ROMEO: But soft")])
+    with torch.no_grad():
+        torch.testing.assert_close(chars.model(ids)[0], plain(ids)[0], atol=1e-5, rtol=1e-5)

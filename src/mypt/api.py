@@ -34,6 +34,7 @@ from mypt.config import ModelConfig
 from mypt.errors import MyPTError
 from mypt.finetune.template import ROLES, Message, check_template, prompt_ids, stop_ids
 from mypt.model import GPT
+from mypt.ops import lay_out_for_decoding
 from mypt.quant import check_kind
 from mypt.quant import quantize as quantize_model
 from mypt.sampling import SamplingConfig, TextStream, fresh_seed, generate_ids
@@ -199,4 +200,5 @@ def load_model(model_name: str | None = None, checkpoints_dir: str | Path = "che
     built.model.eval()
     if quantize is not None:
         quantize_model(built.model, quantize)
+    lay_out_for_decoding(built.model)
     return LoadedModel(built.model, built.config, built.tokenizer, ckpt, torch_device, run_dtype)

@@ -222,3 +222,25 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         total += F.cross_entropy(logits, targets[start:start + LOSS_CHUNK_ROWS], reduction="sum",
                                  ignore_index=IGNORE_INDEX)
     return total / (targets >= 0).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference layout
+
+
+def lay_out_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """Store the weight (out, in) of every plain linear layer of the blocks column-major (its
+    transpose contiguous, the same matrix), in place, on a CPU; returns model.
+
+    Decoding multiplies one row by each matrix. With a row-major weight, x @ W.T reaches about
+    half the memory bandwidth on a CPU (BLAS's transposed matrix-vector product); column-major,
+    the same product streams the weight at nearly all of it (BENCHMARKS.md, Issue 23), and a
+    prompt's many rows run as fast as before. For inference only: a model that trains keeps its
+    row-major weights (the optimizer's state has their layout). The embedding and the output
+    layer keep theirs: the embedding is read by rows, and decoding reads the head through its
+    own transposed copy (GPT.new_cache).
+    """
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and ".h." in f".{name}" and module.weight.device.type == "cpu":
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
