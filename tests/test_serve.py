@@ -664,23 +664,29 @@ def test_health_answers_at_once_during_a_long_step(ckpts: Path) -> None:
 
 
 def test_prefill_chunk_follows_the_measured_step_times() -> None:
-    """Unmeasured: the largest chunk; then a small one to learn from; then what keeps a step
-    within STALL decoding steps. A prefill step measured faster than the mean decoding step
-    (prompt tokens for free) gives the largest chunk, not a division by zero (an engine failure)."""
-    from mypt.serve.batcher import MIN_CHUNK, STALL, ChunkSizer
+    """Unmeasured, or more rows prefilling than streaming: the largest chunk. Otherwise the chunk
+    grows while steps that used it stay within STALL decoding steps and shrinks when they do not,
+    within MIN_CHUNK .. largest; a step that did not use its whole chunk says nothing of it."""
+    from mypt.serve.batcher import GROW, MIN_CHUNK, SHRINK, STALL, ChunkSizer
 
     sizer = ChunkSizer(512)
-    assert sizer.size() == 512
-    sizer.observe(0.010, 0)
-    assert sizer.size() == MIN_CHUNK
-    sizer.observe(0.005, 8)
-    assert sizer.size() == 512
-    sizer = ChunkSizer(512)
-    sizer.observe(0.010, 0)
-    sizer.observe(0.010 + 0.001 * MIN_CHUNK, MIN_CHUNK)  # 1 ms a prompt token
-    assert int((STALL - 1) * 10) - 1 <= sizer.size() <= int((STALL - 1) * 10)  # 10 ms spare / 1 ms
-    sizer.observe(0.010 + 1.0, 10)  # very slow prompt tokens: still MIN_CHUNK a step
-    assert sizer.size() == MIN_CHUNK
+    assert sizer.size(1, 1) == 512  # no decoding step measured yet
+    sizer.observe(0.010, 0, 512)
+    assert sizer.size(1, 1) == MIN_CHUNK and sizer.size(1, 63) == 512
+    sizer.observe(0.010 * STALL, MIN_CHUNK, MIN_CHUNK)  # within STALL: grows
+    assert sizer.size(1, 1) == int(MIN_CHUNK * GROW)
+    for _ in range(60):
+        sizer.observe(0.001, sizer.chunk, sizer.chunk)  # prompt tokens measured free: up to the largest
+    assert sizer.size(4, 1) == 512
+    sizer.observe(0.010 * STALL * 2, 512, 512)  # too slow: shrinks
+    assert sizer.size(4, 1) == int(512 * SHRINK)
+    chunk = sizer.chunk
+    sizer.observe(1.0, 3, chunk)  # a prompt's last 3 tokens: not the chunk's doing
+    sizer.observe(1.0, chunk, 512)  # an unthrottled step
+    assert sizer.chunk == chunk
+    for _ in range(60):
+        sizer.observe(1.0, sizer.chunk, sizer.chunk)  # very slow prompt tokens: still MIN_CHUNK a step
+    assert sizer.size(1, 1) == MIN_CHUNK
 
 
 def test_metrics_parse_with_prometheus_and_count_the_requests(ckpts: Path, models) -> None:

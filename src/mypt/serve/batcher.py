@@ -10,9 +10,10 @@ per step.
 Between steps the engine drops the jobs whose clients went away and gives waiting continuations
 the free rows of the KV cache. Each step gives every continuation whose prompt is in the cache
 one token. While some streams are decoding, prompts enter the cache a chunk at a time (chunked
-prefill), so a long prompt delays their next token by one chunk at most: the chunk is sized
-from measured step times so that a step with prefill takes about STALL times a plain decoding
-step (at least MIN_CHUNK tokens, at most `prefill_tokens`). A prefix cache
+prefill), so a long prompt delays their next token by one chunk at most: the chunk is steered
+by measured step times so that a step with prefill takes about STALL times a plain decoding
+step (at least MIN_CHUNK tokens, at most `prefill_tokens`; ChunkSizer), and is not limited
+while more rows wait for their prompt than stream. A prefix cache
 (mypt.kvcache.PrefixCache, `prefix_cache_tokens`) keeps the keys and values of prompt starts
 seen before. A job that asks for its prompt's logprobs (echo) gets them from one forward pass
 over the prompt (mypt.sampling.prompt_logprobs) as it joins, before its first token; its
@@ -46,8 +47,9 @@ log = logging.getLogger("mypt.serve")
 
 MAX_RESTARTS = 1  # a failed engine restarts once; the next failure puts the model out of service
 PREFIX_BLOCK = 16  # tokens per prefix-cache block
-STALL = 2.0  # a step that prefills may take this many plain decoding steps' time
+STALL = 2.5  # a step that prefills may take this many plain decoding steps' time
 MIN_CHUNK = 8  # prompt tokens per step at least, however slow the prefill
+GROW, SHRINK = 1.25, 0.75  # the chunk after a step within STALL, and after one beyond it
 
 
 class Overloaded(Exception):
@@ -97,32 +99,33 @@ class Job:
 
 
 class ChunkSizer:
-    """The prefill chunk: prompt tokens a step may feed while others decode, sized from the step
-    times measured so far so that such a step takes about STALL plain decoding steps (at least
-    MIN_CHUNK tokens, at most `largest`)."""
+    """The prefill chunk: prompt tokens a step may feed while others decode.
+
+    A step that feeds prompt tokens costs a forward pass of its own (the weights read once more)
+    plus a share per token, so the chunk is steered by what steps measure, not predicted: after
+    each step the chunk limited, it grows by GROW while that step stayed within STALL plain
+    decoding steps' time and shrinks by SHRINK when it did not (MIN_CHUNK .. `largest`).
+    Unthrottled (`largest`): before a decoding step is measured, and while more rows wait for
+    their prompt than stream tokens (63 new requests must not queue behind one stream's pace).
+    """
 
     def __init__(self, largest: int) -> None:
         self.largest = largest
-        self.decode_s: float | None = None  # running means: a plain decoding step, a prefilled token
-        self.token_s: float | None = None
+        self.decode_s: float | None = None  # running mean of a plain decoding step
+        self.chunk = min(MIN_CHUNK, largest)
 
-    def size(self) -> int:
-        if self.decode_s is None:  # nothing measured yet
+    def size(self, streaming: int, prefilling: int) -> int:
+        if self.decode_s is None or prefilling > streaming:
             return self.largest
-        if self.token_s is None:  # learn what a prompt token costs on a small chunk first
-            return MIN_CHUNK
-        spare = (STALL - 1) * self.decode_s
-        if spare >= self.token_s * self.largest:  # also when prompt tokens measured free (0 s)
-            return self.largest
-        return max(MIN_CHUNK, int(spare / self.token_s))
+        return self.chunk
 
-    def observe(self, seconds: float, prefilled: int) -> None:
-        """A step took `seconds` and fed `prefilled` prompt tokens."""
+    def observe(self, seconds: float, prefilled: int, budget: int) -> None:
+        """A step took `seconds`, fed `prefilled` prompt tokens and was allowed `budget`."""
         if prefilled == 0:
             self.decode_s = seconds if self.decode_s is None else 0.9 * self.decode_s + 0.1 * seconds
-        elif self.decode_s is not None:
-            per_token = max(seconds - self.decode_s, 0.0) / prefilled
-            self.token_s = per_token if self.token_s is None else 0.7 * self.token_s + 0.3 * per_token
+        elif self.decode_s is not None and budget == self.chunk and prefilled >= budget:
+            factor = GROW if seconds <= STALL * self.decode_s else SHRINK
+            self.chunk = max(MIN_CHUNK, min(self.largest, int(self.chunk * factor)))
 
 
 class Batcher:
@@ -277,10 +280,11 @@ class Batcher:
                     self._wake.wait(timeout=1.0)
                 continue
             self.metrics.batch_size.set(len(self.decoder.active))
-            self.decoder.prefill_chunk = self.chunks.size()
+            streaming = sum(c.n_new > 0 for c in self.decoder.active)
+            budget = self.decoder.prefill_chunk = self.chunks.size(streaming, len(self.decoder.active) - streaming)
             started = time.perf_counter()
             done = self.decoder.step()
-            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled)
+            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled, budget)
             self.steps += 1
             self._publish(done)
             self._flush()
