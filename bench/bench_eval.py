@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,13 @@ REPO = Path(__file__).resolve().parents[1]
 def train(work: Path, name: str, flags: list[str]) -> None:
     code = run_command("train", ["--model_name", name, "--checkpoints_dir", str(work / "ck"), *flags])
     assert code == 0, f"training {name} failed"
+
+
+def export(work: Path, name: str, out: Path) -> Path:
+    """`mypt export --format hf` of the model `name` into out (a previous run's removed first)."""
+    shutil.rmtree(out, ignore_errors=True)
+    assert run_command("export", ["--checkpoints_dir", str(work / "ck"), "--model_name", name, "--out", str(out)]) == 0
+    return out
 
 
 def write_task(work: Path, n: int, name: str = "bench_mc") -> Path:
@@ -90,10 +98,9 @@ def speed(work: Path, args: argparse.Namespace, timed: bool = True) -> None:
     train(work, "speed", ["--config_file", args.preset, "--tokenizer", "gpt2", "--input_file",
                           "builtin:tinyshakespeare", "--max_iters", str(args.speed_iters),
                           "--eval_interval", str(args.speed_iters), "--eval_iters", "2", "--dtype", "fp32"])
-    assert run_command("export", ["--checkpoints_dir", str(work / "ck"), "--model_name", "speed",
-                                  "--out", str(work / "export")]) == 0
     if not timed:
         return
+    export(work, "speed", work / "export")
     task = write_task(work, args.items)
     mypt_s, ours = min((time_mypt(work, task) for _ in range(args.repeats)), key=lambda r: r[0])
     lm_s, theirs = min((time_lm_eval(work, args.lm_eval_batch) for _ in range(args.repeats)), key=lambda r: r[0])
@@ -143,9 +150,7 @@ def agreement(work: Path, args: argparse.Namespace) -> None:
                           "--eval_interval", str(args.agree_iters), "--eval_iters", "10"])
     print(f"{'model':<10}{'route':<44}{'acc':>8}{'acc_norm':>10}{'largest difference (nats)':>28}")
     for name in ("speed", "qwen3"):
-        export = work / f"export-{name}"
-        assert run_command("export", ["--checkpoints_dir", str(work / "ck"), "--model_name", name,
-                                      "--out", str(export)]) == 0
+        folder = export(work, name, work / f"export-{name}")
         lm = load_model(name, work / "ck", device="cpu", dtype="fp32")
         [ours] = lm.evaluate_task(str(task))
         mine = [i.logprobs for i in ours.items]
@@ -154,12 +159,12 @@ def agreement(work: Path, args: argparse.Namespace) -> None:
         try:
             rows.append(("lm_eval local-completions -> mypt serve", *lm_eval_scores(
                 work, "local-completions", f"model={name},base_url={url}/completions,tokenizer_backend=huggingface,"
-                f"tokenizer={export},max_length={lm.config.block_size}", "agree_mc")))
+                f"tokenizer={folder},max_length={lm.config.block_size}", "agree_mc")))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
         rows.append(("lm_eval hf -> mypt export", *lm_eval_scores(
-            work, "hf", f"pretrained={export},dtype=float32", "agree_mc")))
+            work, "hf", f"pretrained={folder},dtype=float32", "agree_mc")))
         for route, scores, lls in rows:
             diff = max(abs(a - b) for x, y in zip(mine, lls, strict=True) for a, b in zip(x, y, strict=True))
             print(f"{name:<10}{route:<44}{scores['acc']:>8.3f}{scores['acc_norm']:>10.3f}{diff:>28.2e}", flush=True)
