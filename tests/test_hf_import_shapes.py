@@ -432,3 +432,37 @@ def test_public_configs_count_exactly_what_transformers_builds(name, tmp_path):
         ours = GPT(cfg)
     assert count_params(cfg) == sum(p.numel() for p in theirs.parameters()) == ours.num_params()  # tied: once
     assert count_params(cfg) == {"Qwen3-0.6B": 596_049_920, "Llama-3.2-1B": 1_235_814_400}[name]
+
+
+def test_an_imported_model_fine_tunes_into_a_mypt_chat_model(tmp_path, hf_folder, capsys):
+    """`mypt finetune --from FOLDER` of a Qwen3 or Llama 3.2 folder (LoRA): MyPT's chat tokens join
+    its tokenizer as added special tokens after all of its ids (text keeps transformers' ids), the
+    LoRA trains their rows, and the export's apply_chat_template gives MyPT's ids for a
+    multi-turn conversation with a system message."""
+    from mypt.finetune.template import TEMPLATE, Message, prompt_ids
+
+    convs = [{"messages": [{"role": "user", "content": f"Who speaks {i}?"}, {"role": "assistant", "content": "ROMEO"}]}
+             for i in range(12)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs), encoding="utf-8")
+    ck = tmp_path / "ck"
+    assert run_command("finetune", ["--from", str(hf_folder), "--model_name", "chat", "--checkpoints_dir", str(ck),
+                                    "--input_file", str(tmp_path / "chat.jsonl"), "--lora_rank", "2", "--max_iters",
+                                    "2", "--eval_interval", "2", "--eval_iters", "1"]) == 0
+    assert "tokenizer has no chat tokens: added <|system|>, <|user|>, <|assistant|>, <|end|>" in capsys.readouterr().out
+    base = transformers.AutoTokenizer.from_pretrained(hf_folder)
+    lm = load_model("chat", ck, device="cpu")
+    tok = lm.tokenizer
+    assert tok.kind == "hf_bpe" and tok.chat_format == TEMPLATE
+    assert list(tok.chat_ids.values()) == list(range(len(base), len(base) + 4)) and tok.n_vocab == len(base) + 4
+    assert lm.config.lora is None and json.loads((ck / "chat" / "config.json").read_text())["lora"]["tokens"] == \
+        list(tok.chat_ids.values())
+    for text in TEXTS:
+        assert tok.encode(text) == base(text, add_special_tokens=False, split_special_tokens=True).input_ids, text
+    out = tmp_path / "hf"
+    assert run_command("export", ["--model_name", "chat", "--checkpoints_dir", str(ck), "--out", str(out)]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    ours = prompt_ids(tok, [Message(m["role"], m["content"]) for m in MESSAGES])
+    assert exported.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False) == ours
+    reply = lm.chat([{"role": "user", "content": "Who speaks 3?"}], max_new_tokens=3, temperature=0)
+    assert reply.text() == lm.chat([{"role": "user", "content": "Who speaks 3?"}], max_new_tokens=3,
+                                   temperature=0).text()

@@ -213,6 +213,10 @@ def _chat_base(ckpt: Checkpoint, cfg: ModelConfig, seed: int) -> tuple[Checkpoin
     tok = old.with_chat()
     tok.chat_format = template.TEMPLATE
     state = ckpt.model_state
+    if not old.chat and cfg.vocab_size >= tok.n_vocab:
+        ids = list(tok.chat_ids.values())
+        dist.print0(f"the base's {old.kind} tokenizer has no chat tokens: added {', '.join(tok.chat_ids)} (ids "
+                    f"{ids[0]}-{ids[-1]}, rows the base's {cfg.vocab_size}-row embedding already has)")
     if cfg.vocab_size < tok.n_vocab:
         grown = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.model_vocab_size()}, "config")
         state = grow_vocab(state, cfg, grown.vocab_size, old.n_vocab, seed)

@@ -131,11 +131,15 @@ def _bpe_tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, bytes]
 
 def tokenizer_files(tok: Tokenizer, block_size: int) -> tuple[dict[str, bytes], list[str]]:
     """The tokenizer files of an exported folder for tok, and notes for the user."""
-    if isinstance(tok, HFBPETokenizer):  # an imported model's own files, as they came
+    if isinstance(tok, HFBPETokenizer):  # an imported model's own files (with MyPT's chat tokens, once fine-tuned)
         config = {**tok.config, "model_max_length": block_size}
-        return {"tokenizer.json": json_bytes(tok.tokenizer), "tokenizer_config.json": json_bytes(config)}, [
-            "the tokenizer is the imported model's own: transformers turns its special-token strings in a text into "
-            "the special tokens unless you pass split_special_tokens=True, MyPT keeps them as text"]
+        notes = ["the tokenizer is the imported model's own: transformers turns its special-token strings in a text "
+                 "into the special tokens unless you pass split_special_tokens=True, MyPT keeps them as text"]
+        if tok.chat_format == TEMPLATE:
+            config["chat_template"] = JINJA
+            notes.append(f"chat template {TEMPLATE} (MyPT's chat tokens, ids {tok.chat_start}-{tok.n_vocab - 1}) "
+                         "written as tokenizer_config.json's chat_template, in place of the base model's")
+        return {"tokenizer.json": json_bytes(tok.tokenizer), "tokenizer_config.json": json_bytes(config)}, notes
     notes = []
     if tok.eot_id is not None:
         notes.append(f"{EOT} is the special token {tok.eot_id} (eos_token); transformers turns that string in a "

@@ -100,11 +100,11 @@ class Tokenizer(abc.ABC):
     def with_chat(self) -> Tokenizer:
         """This tokenizer with the chat tokens (itself if it has them): the same ids for text.
         gpt2, char and bpe add them after end-of-text; an imported model's own tokenizer (hf_bpe)
-        has its own special tokens and chat template instead."""
+        after its last id."""
         if self.chat:
             return self
-        raise MyPTError(f"a {self.kind} tokenizer (an imported model's own) has no room for MyPT's chat tokens: "
-                        "fine-tuning it into a MyPT chat model is not supported yet")
+        raise MyPTError(f"a {self.kind} tokenizer has no room for MyPT's chat tokens: fine-tuning it into a MyPT "
+                        "chat model is not supported")
 
     def _json_extra(self) -> dict:
         return {} if self.chat_format is None else {"chat_format": self.chat_format}

@@ -11,6 +11,11 @@ characters they are made of, never into the special ids, and adds no begin-of-te
 transformers' `tok(text, add_special_tokens=False, split_special_tokens=True)`; a prompt
 (mypt.api's encode_prompt) also gets prompt_prefix, so it is `tok(text, split_special_tokens=True)`.
 decode() writes special tokens as their strings, as transformers' decode does.
+
+Fine-tuning into a MyPT chat model (`with_chat`) adds MyPT's four chat tokens as added special
+tokens after every id the tokenizer has (`chat_start` on), so its ids for text stay transformers'
+and the fine-tune's exported tokenizer.json has them; the model's own chat template is kept in
+the config but not used: a MyPT fine-tune speaks MyPT's template (mypt.finetune.template).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mypt.errors import MyPTError
-from mypt.tokenizers.base import Tokenizer
+from mypt.tokenizers.base import CHAT_TOKENS, Tokenizer, chat_format_of
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -46,10 +51,11 @@ class HFBPETokenizer(Tokenizer):
     kind = "hf_bpe"
 
     def __init__(self, tokenizer: dict[str, Any], config: dict[str, Any], eot_id: int, bos_id: int | None,
-                 source: str) -> None:
+                 source: str, chat_start: int | None = None) -> None:
         import tokenizers
 
         self.tokenizer, self.config, self.eot_id, self.bos_id = tokenizer, config, eot_id, bos_id
+        self.chat_start, self.chat = chat_start, chat_start is not None
         try:
             self._tok = tokenizers.Tokenizer.from_str(json.dumps(tokenizer))
         except Exception as e:  # noqa: BLE001 - the library reports a bad file as a plain Exception
@@ -59,6 +65,32 @@ class HFBPETokenizer(Tokenizer):
         self.n_vocab = len(self._bytes)
         if not 0 <= eot_id < self.n_vocab or not (bos_id is None or 0 <= bos_id < self.n_vocab):
             raise MyPTError(f"{source}: end-of-text id {eot_id} or begin-of-text id {bos_id} is not a token id")
+        if self.chat and [self._bytes[i] for i in self.chat_ids.values() if i < self.n_vocab] != \
+                [t.encode() for t in CHAT_TOKENS]:
+            last = chat_start + len(CHAT_TOKENS) - 1
+            raise MyPTError(f"{source}: its chat tokens are not at ids {chat_start}-{last}; the file is damaged, "
+                            "restore it")
+
+    @property
+    def chat_ids(self) -> dict[str, int]:
+        """MyPT's chat tokens, added after every other id (with_chat); empty before."""
+        if self.chat_start is None:
+            return {}
+        return {token: self.chat_start + i for i, token in enumerate(CHAT_TOKENS)}
+
+    @property
+    def sampled_vocab(self) -> int:
+        return self.n_vocab  # the model's own special tokens are in its vocabulary: nothing to hold back
+
+    def with_chat(self) -> HFBPETokenizer:
+        """This tokenizer with MyPT's chat tokens as added special tokens after its last id."""
+        if self.chat:
+            return self
+        start = self.n_vocab
+        added = [{"id": start + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for i, t in enumerate(CHAT_TOKENS)]
+        tokenizer = {**self.tokenizer, "added_tokens": [*self.tokenizer.get("added_tokens", []), *added]}
+        return HFBPETokenizer(tokenizer, self.config, self.eot_id, self.bos_id, "the imported tokenizer", start)
 
     def _id_bytes(self, source: str) -> list[bytes]:
         """The bytes of every id: a vocabulary token's from GPT-2's byte spelling, an added token's UTF-8."""
@@ -107,8 +139,9 @@ class HFBPETokenizer(Tokenizer):
         return [self.eot_id if self.bos_id is None else self.bos_id]
 
     def to_json(self) -> dict:
+        chat = {} if self.chat_start is None else {"chat_start": self.chat_start}
         return {"kind": self.kind, "tokenizer": self.tokenizer, "config": self.config, "eot_id": self.eot_id,
-                "bos_id": self.bos_id}
+                "bos_id": self.bos_id, **chat, **self._json_extra()}
 
     def id_string(self) -> str:
         content = json.dumps([self.tokenizer, self.eot_id], sort_keys=True).encode()
@@ -118,8 +151,9 @@ class HFBPETokenizer(Tokenizer):
 def hf_bpe_from_json(d: dict, source: str) -> HFBPETokenizer:
     """The tokenizer to_json described; `source` names the file in errors."""
     tokenizer, config, eot, bos = d.get("tokenizer"), d.get("config"), d.get("eot_id"), d.get("bos_id")
+    chat = d.get("chat_start")
     if not isinstance(tokenizer, dict) or not isinstance(config, dict) or not isinstance(eot, int) or \
-            not (bos is None or isinstance(bos, int)):
+            not (bos is None or isinstance(bos, int)) or not (chat is None or type(chat) is int):
         raise MyPTError(f"{source}: an hf_bpe tokenizer needs \"tokenizer\" and \"config\" objects and an integer "
                         "\"eot_id\"; this file is damaged: import the model again")
-    return HFBPETokenizer(tokenizer, config, eot, bos, source)
+    return chat_format_of(d, HFBPETokenizer(tokenizer, config, eot, bos, source, chat), source)
