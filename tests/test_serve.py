@@ -665,9 +665,10 @@ def test_health_answers_at_once_during_a_long_step(ckpts: Path) -> None:
 
 def test_prefill_chunk_follows_the_measured_step_times() -> None:
     """Unmeasured, or more rows prefilling than streaming: the largest chunk. Otherwise the chunk
-    grows while steps that used it stay within STALL decoding steps and shrinks when they do not,
-    within MIN_CHUNK .. largest; a step that did not use its whole chunk says nothing of it."""
-    from mypt.serve.batcher import GROW, MIN_CHUNK, SHRINK, STALL, ChunkSizer
+    grows while steps that used it stay within STALL decoding steps, shrinks in proportion when
+    they do not, and follows the decoding step's time (MIN_CHUNK .. largest); a step that did not
+    use its whole chunk says nothing of it."""
+    from mypt.serve.batcher import GROW, MIN_CHUNK, STALL, ChunkSizer
 
     sizer = ChunkSizer(512)
     assert sizer.size(1, 1) == 512  # no decoding step measured yet
@@ -678,12 +679,15 @@ def test_prefill_chunk_follows_the_measured_step_times() -> None:
     for _ in range(60):
         sizer.observe(0.001, sizer.chunk, sizer.chunk)  # prompt tokens measured free: up to the largest
     assert sizer.size(4, 1) == 512
-    sizer.observe(0.010 * STALL * 2, 512, 512)  # too slow: shrinks
-    assert sizer.size(4, 1) == int(512 * SHRINK)
+    sizer.observe(0.010 * STALL * 4, 512, 512)  # four times too slow: a quarter
+    assert sizer.size(4, 1) == 128
     chunk = sizer.chunk
     sizer.observe(1.0, 3, chunk)  # a prompt's last 3 tokens: not the chunk's doing
     sizer.observe(1.0, chunk, 512)  # an unthrottled step
     assert sizer.chunk == chunk
+    for _ in range(30):
+        sizer.observe(0.002, 0, 512)  # the batch shrank: decoding steps 5x faster, the chunk with them
+    assert abs(sizer.chunk - chunk // 5) <= 2
     for _ in range(60):
         sizer.observe(1.0, sizer.chunk, sizer.chunk)  # very slow prompt tokens: still MIN_CHUNK a step
     assert sizer.size(1, 1) == MIN_CHUNK

@@ -473,9 +473,10 @@ class Decoder:
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
     (tokens a row holds, at most block_size) sizes the cache for continuations known to stay
     shorter; `dtype` is the cache's (the compute dtype: bf16 under bf16 autocast; default the
-    weights'). `prefill_chunk`: while some row is decoding, at most that many prompt tokens
-    enter the cache per step, so a long prompt is prefilled over several steps while the other
-    rows go on decoding (a row whose prompt is not all in yet gets no token that step);
+    weights'). `prefill_chunk`: while some row is decoding, at most that many of each row's
+    prompt tokens enter the cache per step, so a long prompt is prefilled over several steps
+    while the other rows go on decoding (a row whose prompt is not all in yet gets no token that
+    step; rows fed the same number of tokens share one forward pass);
     `prefilled` counts the prompt tokens the last step fed. `prefix_cache`: keys and values of
     prompt starts seen before are copied in instead of computed (mypt.kvcache.PrefixCache).
     """
@@ -597,10 +598,8 @@ class Decoder:
                 parts.append(_uncached_logits(self.model, c.tokens, c.start, self.device)[None])
                 continue
             pending = fed = len(c.tokens) - c.start - c.held
-            if pending > 1 and budget is not None:  # a prompt (or refill): within this step's budget
-                if budget <= 0:
-                    continue
-                fed, budget = min(pending, budget), budget - pending
+            if pending > 1 and budget is not None:  # a prompt (or refill): this step's chunk of it
+                fed = min(pending, budget)
             if fed == pending:
                 complete.add(id(c))
             n_drafts = 0 if c.lookup is None or fed < pending else len(c.lookup.propose(c, self.cache, fed))

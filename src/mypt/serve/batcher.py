@@ -99,20 +99,28 @@ class Job:
 
 
 class ChunkSizer:
-    """The prefill chunk: prompt tokens a step may feed while others decode.
+    """The prefill chunk: prompt tokens a step may feed of each prompt while others decode.
 
     A step that feeds prompt tokens costs a forward pass of its own (the weights read once more)
-    plus a share per token, so the chunk is steered by what steps measure, not predicted: after
-    each step the chunk limited, it grows by GROW while that step stayed within STALL plain
-    decoding steps' time and shrinks by SHRINK when it did not (MIN_CHUNK .. `largest`).
-    Unthrottled (`largest`): before a decoding step is measured, and while more rows wait for
-    their prompt than stream tokens (63 new requests must not queue behind one stream's pace).
+    plus a share per token, so the chunk is steered by what steps measure, not predicted. It is
+    kept as prompt tokens per second of a plain decoding step (`rate`), so that it follows the
+    decoding step's time as the batch grows and shrinks: after each step the chunk limited, the
+    rate grows by GROW while that step stayed within STALL plain decoding steps' time and shrinks
+    in proportion (by SHRINK at least) when it did not. The chunk stays within MIN_CHUNK ..
+    `largest`. Unthrottled (`largest`): before a decoding step is measured, and while more rows
+    wait for their prompt than stream tokens (63 new requests must not queue behind one stream).
     """
 
     def __init__(self, largest: int) -> None:
         self.largest = largest
         self.decode_s: float | None = None  # running mean of a plain decoding step
-        self.chunk = min(MIN_CHUNK, largest)
+        self.rate: float | None = None  # chunk tokens per second of decode_s
+
+    @property
+    def chunk(self) -> int:
+        if self.decode_s is None or self.rate is None:
+            return min(MIN_CHUNK, self.largest)
+        return max(min(MIN_CHUNK, self.largest), min(self.largest, int(self.rate * self.decode_s)))
 
     def size(self, streaming: int, prefilling: int) -> int:
         if self.decode_s is None or prefilling > streaming:
@@ -120,12 +128,15 @@ class ChunkSizer:
         return self.chunk
 
     def observe(self, seconds: float, prefilled: int, budget: int) -> None:
-        """A step took `seconds`, fed `prefilled` prompt tokens and was allowed `budget`."""
+        """A step took `seconds`, fed `prefilled` prompt tokens and was allowed `budget` a row."""
         if prefilled == 0:
-            self.decode_s = seconds if self.decode_s is None else 0.9 * self.decode_s + 0.1 * seconds
-        elif self.decode_s is not None and budget == self.chunk and prefilled >= budget:
-            factor = GROW if seconds <= STALL * self.decode_s else SHRINK
-            self.chunk = max(MIN_CHUNK, min(self.largest, int(self.chunk * factor)))
+            self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
+            if self.rate is None:
+                self.rate = MIN_CHUNK / max(self.decode_s, 1e-6)
+        elif self.decode_s is not None and self.rate is not None and budget == self.chunk and prefilled >= budget:
+            limit = STALL * self.decode_s
+            factor = GROW if seconds <= limit else min(SHRINK, limit / seconds)
+            self.rate = max(MIN_CHUNK, min(self.largest, budget * factor)) / max(self.decode_s, 1e-6)
 
 
 class Batcher:
