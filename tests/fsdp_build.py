@@ -64,8 +64,10 @@ def main() -> None:
         model, _ = build_for_training(plan(12, 512), info, device, fsdp)
         rose = (memory_kb("VmHWM") - before) * 1024
         local = sum((p.to_local() if fsdp else p).numel() * p.element_size() for p in model.parameters())
-        print(json.dumps({"rank": info.rank, "rose": rose, "model": 4 * model.num_params(), "local": local,
-                          "same": same}), flush=True)
+        line = json.dumps({"rank": info.rank, "rose": rose, "model": 4 * model.num_params(), "local": local,
+                           "same": same})
+        sys.stdout.write(line + "\n")  # one write: print's text and newline could interleave with the other rank's
+        sys.stdout.flush()
         dist.barrier()
 
 
