@@ -132,6 +132,8 @@ def test_a_lora_checkpoint_loads_with_its_adapters_or_merged(tmp_path):
     ({"rank": 4, "alpha": 8, "targets": "head"}, "lora.targets (\"head\") must be one of attn, mlp, all"),
     ({"rank": 4, "alpha": 8, "dropout": 1.0}, "lora.dropout (1.0) must be at least 0 and below 1"),
     ({"rank": 4, "alpha": 8, "scale": 2}, "lora.unknown field 'scale'"),
+    ({"rank": 4, "alpha": 8, "tokens": [3, 3]}, "lora.tokens ([3, 3]) must be a list of distinct token ids"),
+    ({"rank": 4, "alpha": 8, "tokens": [50304]}, "lora.tokens ([50304]) must all be below vocab_size (50304)"),
 ])
 def test_a_bad_lora_block_in_config_json_is_named(bad, message):
     with pytest.raises(MyPTError) as err:
