@@ -463,6 +463,12 @@ def test_an_imported_model_fine_tunes_into_a_mypt_chat_model(tmp_path, hf_folder
     exported = transformers.AutoTokenizer.from_pretrained(out)
     ours = prompt_ids(tok, [Message(m["role"], m["content"]) for m in MESSAGES])
     assert exported.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False) == ours
+    from mypt.tokenizers import tokenizer_from_json
+
+    saved = json.loads((ck / "chat" / "tokenizer.json").read_text())
+    for bad in (3, -4):  # a damaged file: its chat tokens are not where it says
+        with pytest.raises(MyPTError, match=rf"^ck/chat/tokenizer.json: its chat tokens are not at ids {bad}-"):
+            tokenizer_from_json({**saved, "chat_start": bad}, "ck/chat/tokenizer.json")
     reply = lm.chat([{"role": "user", "content": "Who speaks 3?"}], max_new_tokens=3, temperature=0)
     assert reply.text() == lm.chat([{"role": "user", "content": "Who speaks 3?"}], max_new_tokens=3,
                                    temperature=0).text()

@@ -665,31 +665,31 @@ def test_health_answers_at_once_during_a_long_step(ckpts: Path) -> None:
 
 def test_prefill_chunk_follows_the_measured_step_times() -> None:
     """Unmeasured, or more rows prefilling than streaming: the largest chunk. Otherwise the chunk
-    grows while steps that used it stay within STALL decoding steps, shrinks in proportion when
-    they do not, and follows the decoding step's time (MIN_CHUNK .. largest); a step that did not
-    use its whole chunk says nothing of it."""
+    grows while steps in which it cut a prompt stay within STALL decoding steps, shrinks in
+    proportion when they do not, and follows the decoding step's time (MIN_CHUNK .. largest); a
+    step in which it cut nothing, or an unthrottled one, says nothing of it."""
     from mypt.serve.batcher import GROW, MIN_CHUNK, STALL, ChunkSizer
 
     sizer = ChunkSizer(512)
     assert sizer.size(1, 1) == 512  # no decoding step measured yet
-    sizer.observe(0.010, 0, 512)
-    assert sizer.size(1, 1) == MIN_CHUNK and sizer.size(1, 63) == 512
-    sizer.observe(0.010 * STALL, MIN_CHUNK, MIN_CHUNK)  # within STALL: grows
+    sizer.observe(0.010, 0, False)
+    assert sizer.size(1, 63) == 512 and sizer.size(1, 1) == MIN_CHUNK
+    sizer.observe(0.010 * STALL, MIN_CHUNK, True)  # within STALL: grows
     assert sizer.size(1, 1) == int(MIN_CHUNK * GROW)
     for _ in range(60):
-        sizer.observe(0.001, sizer.chunk, sizer.chunk)  # prompt tokens measured free: up to the largest
+        sizer.observe(0.001, sizer.chunk, True)  # prompt tokens measured free: up to the largest
     assert sizer.size(4, 1) == 512
-    sizer.observe(0.010 * STALL * 4, 512, 512)  # four times too slow: a quarter
+    sizer.observe(0.010 * STALL * 4, 512, True)  # four times too slow: a quarter
     assert sizer.size(4, 1) == 128
-    chunk = sizer.chunk
-    sizer.observe(1.0, 3, chunk)  # a prompt's last 3 tokens: not the chunk's doing
-    sizer.observe(1.0, chunk, 512)  # an unthrottled step
-    assert sizer.chunk == chunk
+    sizer.observe(1.0, 3, False)  # the chunk cut no prompt (a prompt's last 3 tokens): not its doing
+    sizer.size(1, 63)
+    sizer.observe(1.0, 512, True)  # an unthrottled step
+    assert sizer.size(4, 1) == 128
     for _ in range(30):
-        sizer.observe(0.002, 0, 512)  # the batch shrank: decoding steps 5x faster, the chunk with them
-    assert abs(sizer.chunk - chunk // 5) <= 2
+        sizer.observe(0.002, 0, False)  # the batch shrank: decoding steps 5x faster, the chunk with them
+    assert abs(sizer.size(4, 1) - 128 // 5) <= 2
     for _ in range(60):
-        sizer.observe(1.0, sizer.chunk, sizer.chunk)  # very slow prompt tokens: still MIN_CHUNK a step
+        sizer.observe(1.0, sizer.chunk, True)  # very slow prompt tokens: still MIN_CHUNK a step
     assert sizer.size(1, 1) == MIN_CHUNK
 
 

@@ -140,7 +140,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
                 rows: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
         n, vocab = x.size(0), weight.size(0)
-        w = with_rows(weight.to(dtype), rows, delta)
+        w = _with_rows(weight.to(dtype), rows, delta)
         grad_x = torch.empty_like(x)
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
         grad_w = None
@@ -197,7 +197,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_x.mul_(scale), grad_w, None, None, None, grad_delta
 
 
-def with_rows(weight: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+def _with_rows(weight: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
     """weight with delta added at the row ids `rows` (a new tensor), or weight itself without them."""
     if delta is None:
         return weight
@@ -215,7 +215,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _FusedLinearCrossEntropy.apply(x, weight, targets, dtype, rows, delta)
     acc = torch.promote_types(dtype, torch.float32)
     total = torch.zeros((), dtype=acc, device=x.device)
-    w = with_rows(weight.to(dtype), rows, delta)
+    w = _with_rows(weight.to(dtype), rows, delta)
     targets = targets.where(targets >= 0, IGNORE_INDEX)
     for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
         logits = (x[start:start + LOSS_CHUNK_ROWS].to(dtype) @ w.T).to(acc)

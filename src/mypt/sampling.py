@@ -477,8 +477,9 @@ class Decoder:
     prompt tokens enter the cache per step, so a long prompt is prefilled over several steps
     while the other rows go on decoding (a row whose prompt is not all in yet gets no token that
     step; rows fed the same number of tokens share one forward pass);
-    `prefilled` counts the prompt tokens the last step fed. `prefix_cache`: keys and values of
-    prompt starts seen before are copied in instead of computed (mypt.kvcache.PrefixCache).
+    `prefilled` counts the prompt tokens the last step fed, `chunked` whether the chunk cut one.
+    `prefix_cache`: keys and values of prompt starts seen before are copied in instead of
+    computed (mypt.kvcache.PrefixCache).
     """
 
     def __init__(self, model: GPT, slots: int = 1, amp: AmpFactory = contextlib.nullcontext,
@@ -488,7 +489,7 @@ class Decoder:
         self.device = model.transformer.wte.weight.device
         self.dtype = dtype or model.transformer.wte.weight.dtype
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
-        self.prefilled = 0
+        self.prefilled, self.chunked = 0, False
         self.active: list[Continuation] = []
         self._free = list(range(slots - 1, -1, -1))
         self._cache: KVCache | None = None
@@ -581,8 +582,8 @@ class Decoder:
 
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
         streaming = any(c.n_new > 0 for c in self.active)  # someone would wait for a long prefill
-        budget = self.prefill_chunk if streaming else None
-        self.prefilled = 0
+        chunk = self.prefill_chunk if streaming else None
+        self.prefilled, self.chunked = 0, False
         ready: list[Continuation] = []
         parts: list[torch.Tensor] = []
         drafted: list[tuple[Continuation, torch.Tensor]] = []
@@ -598,8 +599,8 @@ class Decoder:
                 parts.append(_uncached_logits(self.model, c.tokens, c.start, self.device)[None])
                 continue
             pending = fed = len(c.tokens) - c.start - c.held
-            if pending > 1 and budget is not None:  # a prompt (or refill): this step's chunk of it
-                fed = min(pending, budget)
+            if chunk is not None and pending > chunk:  # a prompt (or refill) longer than the chunk: a chunk of it
+                fed, self.chunked = chunk, True
             if fed == pending:
                 complete.add(id(c))
             n_drafts = 0 if c.lookup is None or fed < pending else len(c.lookup.propose(c, self.cache, fed))

@@ -29,7 +29,7 @@ from torch import nn
 
 from mypt.config import LoRAConfig, ModelConfig
 from mypt.model import GPT
-from mypt.ops import linear_cross_entropy, with_rows
+from mypt.ops import linear_cross_entropy
 
 # The blocks' linear layers each --lora_targets value adapts (names below transformer.h.N).
 TARGET_LAYERS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
@@ -70,6 +70,10 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
 
 
+def _row_ids(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 class RowsEmbedding(nn.Embedding):
     """A frozen embedding whose rows `ids` train, as rows_delta (k, n_embd) added to them."""
 
@@ -93,16 +97,14 @@ class RowsEmbedding(nn.Embedding):
             self._slots = slots.to(device)
         return self._slots
 
-    def row_ids(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.ids, dtype=torch.long, device=device)
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         # the delta by a second lookup (a zero row for every other token): no (vocab, n_embd) copy
         deltas = F.pad(self.rows_delta, (0, 0, 1, 0))
         return F.embedding(idx, self.weight) + F.embedding(self.slots(idx.device)[idx], deltas)
 
     def merged(self) -> torch.Tensor:
-        return with_rows(self.weight, self.row_ids(self.weight.device), self.rows_delta)
+        """The matrix this layer computes with: weight with the delta added at its rows."""
+        return self.weight.index_add(0, _row_ids(self.ids, self.weight.device), self.rows_delta.to(self.weight.dtype))
 
 
 class RowsLinear(nn.Linear):
@@ -125,15 +127,16 @@ class RowsLinear(nn.Linear):
         return self._shares[0].rows_delta if self._shares else self.rows_delta
 
     def merged(self) -> torch.Tensor:
-        return with_rows(self.weight, torch.tensor(self.ids, device=self.weight.device), self.delta)
+        """The matrix this layer computes with: weight with the delta added at its rows."""
+        return self.weight.index_add(0, _row_ids(self.ids, self.weight.device), self.delta.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = torch.tensor(self.ids, device=self.weight.device)
-        return F.linear(x, self.weight.index_add(0, rows, self.delta.to(self.weight.dtype)))
+        return F.linear(x, self.merged())
 
     def cross_entropy(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """GPT.forward's loss through this head (the fused head, with the delta's rows)."""
-        return linear_cross_entropy(x, self.weight, targets, torch.tensor(self.ids, device=x.device), self.delta)
+        """GPT.forward's loss through this head: the fused head, given the delta's rows (it makes
+        their gradient from those rows' columns alone, not from a merged matrix)."""
+        return linear_cross_entropy(x, self.weight, targets, _row_ids(self.ids, x.device), self.delta)
 
 
 def target_names(model: nn.Module, targets: str) -> list[str]:

@@ -213,20 +213,21 @@ def _chat_base(ckpt: Checkpoint, cfg: ModelConfig, seed: int) -> tuple[Checkpoin
     tok = old.with_chat()
     tok.chat_format = template.TEMPLATE
     state = ckpt.model_state
-    if not old.chat and cfg.vocab_size >= tok.n_vocab:
-        ids = list(tok.chat_ids.values())
-        dist.print0(f"the base's {old.kind} tokenizer has no chat tokens: added {', '.join(tok.chat_ids)} (ids "
-                    f"{ids[0]}-{ids[-1]}, rows the base's {cfg.vocab_size}-row embedding already has)")
-    if cfg.vocab_size < tok.n_vocab:
-        grown = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.model_vocab_size()}, "config")
-        state = grow_vocab(state, cfg, grown.vocab_size, old.n_vocab, seed)
-        added = sum(state[n].numel() - ckpt.model_state[n].numel() for n in ("transformer.wte.weight", "lm_head.weight")
-                    if n in state and not (cfg.tie_embeddings and n == "lm_head.weight"))
-        dist.print0(f"the base's {old.kind} tokenizer has no chat tokens: added {', '.join(tok.chat_ids)}; the "
-                    f"embedding{'' if cfg.tie_embeddings else ' and the output layer'} grow from {cfg.vocab_size} to "
-                    f"{grown.vocab_size} rows (+{added:,} parameters; new rows: the mean of the base's rows plus "
-                    f"noise)")
-        cfg = grown
+    if not old.chat:
+        added = f"the base's {old.kind} tokenizer has no chat tokens: added {', '.join(tok.chat_ids)}"
+        if cfg.vocab_size >= tok.n_vocab:
+            ids = list(tok.chat_ids.values())
+            dist.print0(f"{added} (ids {ids[0]}-{ids[-1]}, rows the base's {cfg.vocab_size}-row embedding already has)")
+        else:
+            grown = ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": tok.model_vocab_size()}, "config")
+            state = grow_vocab(state, cfg, grown.vocab_size, old.n_vocab, seed)
+            more = sum(state[n].numel() - ckpt.model_state[n].numel() for n in ("transformer.wte.weight",
+                                                                                 "lm_head.weight")
+                       if n in state and not (cfg.tie_embeddings and n == "lm_head.weight"))
+            layers = "embedding" if cfg.tie_embeddings else "embedding and the output layer"
+            dist.print0(f"{added}; the {layers} grow from {cfg.vocab_size} to {grown.vocab_size} rows (+{more:,} "
+                        "parameters; new rows: the mean of the base's rows plus noise)")
+            cfg = grown
     start = replace(ckpt, config=cfg.to_dict(), tokenizer=tok.to_json(), model_state=state, optimizer_state=None,
                     has_optimizer=False)  # the base's optimizer state is not this run's
     return start, cfg, tok

@@ -72,13 +72,12 @@ def export_peft(built: Built, out: Path, finetune: dict[str, Any] | None = None)
 
 def _loading_note(out: Path, saved: dict[str, torch.Tensor], base_vocab: int, vocab: int) -> str:
     load = f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF_DIR), '{out}')"
-    if saved and base_vocab >= vocab:
-        layers = ", ".join(name.removesuffix(".weight") for name in saved)
-        return (f"the chat tokens' rows were trained, so the adapter carries the embedding and output layer "
-                f"(modules_to_save: {layers}); load it onto the transformers export of the base model: {load}")
     if not saved:
         return f"load it onto the transformers export of the base model: {load}"
     layers = ", ".join(name.removesuffix(".weight") for name in saved)
+    if base_vocab >= vocab:
+        return (f"the chat tokens' rows were trained, so the adapter carries the embedding and output layer "
+                f"(modules_to_save: {layers}); load it onto the transformers export of the base model: {load}")
     grew = f"grew from {base_vocab}" if base_vocab else "may have grown (its size is not recorded)"
     return (f"the base's vocabulary {grew} to {vocab} rows for the chat tokens, so the adapter carries "
             f"the embedding and output layer (modules_to_save: {layers}); load it onto the transformers export of the "

@@ -104,39 +104,40 @@ class ChunkSizer:
     A step that feeds prompt tokens costs a forward pass of its own (the weights read once more)
     plus a share per token, so the chunk is steered by what steps measure, not predicted. It is
     kept as prompt tokens per second of a plain decoding step (`rate`), so that it follows the
-    decoding step's time as the batch grows and shrinks: after each step the chunk limited, the
-    rate grows by GROW while that step stayed within STALL plain decoding steps' time and shrinks
-    in proportion (by SHRINK at least) when it did not. The chunk stays within MIN_CHUNK ..
-    `largest`. Unthrottled (`largest`): before a decoding step is measured, and while more rows
-    wait for their prompt than stream tokens (63 new requests must not queue behind one stream).
+    decoding step's time as the batch grows and shrinks: after each step in which the chunk cut
+    a prompt, the rate grows by GROW while that step stayed within STALL plain decoding steps'
+    time and shrinks in proportion (by SHRINK at least) when it did not. The chunk stays within
+    MIN_CHUNK .. `largest`. Unthrottled (`largest`): before a decoding step is measured, and
+    while more rows wait for their prompt than stream tokens (63 new requests must not queue
+    behind one stream).
     """
 
     def __init__(self, largest: int) -> None:
-        self.largest = largest
+        self.largest, self.smallest = largest, min(MIN_CHUNK, largest)
         self.decode_s: float | None = None  # running mean of a plain decoding step
         self.rate: float | None = None  # chunk tokens per second of decode_s
+        self.throttled = False  # whether the last size() was the steered chunk
 
     @property
     def chunk(self) -> int:
         if self.decode_s is None or self.rate is None:
-            return min(MIN_CHUNK, self.largest)
-        return max(min(MIN_CHUNK, self.largest), min(self.largest, int(self.rate * self.decode_s)))
+            return self.smallest
+        return max(self.smallest, min(self.largest, int(self.rate * self.decode_s)))
 
     def size(self, streaming: int, prefilling: int) -> int:
-        if self.decode_s is None or prefilling > streaming:
-            return self.largest
-        return self.chunk
+        self.throttled = self.decode_s is not None and prefilling <= streaming
+        return self.chunk if self.throttled else self.largest
 
-    def observe(self, seconds: float, prefilled: int, budget: int) -> None:
-        """A step took `seconds`, fed `prefilled` prompt tokens and was allowed `budget` a row."""
+    def observe(self, seconds: float, prefilled: int, chunked: bool) -> None:
+        """A step took `seconds` and fed `prefilled` prompt tokens; `chunked`: the chunk cut a prompt."""
         if prefilled == 0:
             self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
             if self.rate is None:
                 self.rate = MIN_CHUNK / max(self.decode_s, 1e-6)
-        elif self.decode_s is not None and self.rate is not None and budget == self.chunk and prefilled >= budget:
+        elif self.throttled and chunked and self.rate is not None:
             limit = STALL * self.decode_s
             factor = GROW if seconds <= limit else min(SHRINK, limit / seconds)
-            self.rate = max(MIN_CHUNK, min(self.largest, budget * factor)) / max(self.decode_s, 1e-6)
+            self.rate = max(self.smallest, min(self.largest, self.chunk * factor)) / max(self.decode_s, 1e-6)
 
 
 class Batcher:
@@ -292,10 +293,10 @@ class Batcher:
                 continue
             self.metrics.batch_size.set(len(self.decoder.active))
             streaming = sum(c.n_new > 0 for c in self.decoder.active)
-            budget = self.decoder.prefill_chunk = self.chunks.size(streaming, len(self.decoder.active) - streaming)
+            self.decoder.prefill_chunk = self.chunks.size(streaming, len(self.decoder.active) - streaming)
             started = time.perf_counter()
             done = self.decoder.step()
-            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled, budget)
+            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled, self.decoder.chunked)
             self.steps += 1
             self._publish(done)
             self._flush()

@@ -65,8 +65,8 @@ class HFBPETokenizer(Tokenizer):
         self.n_vocab = len(self._bytes)
         if not 0 <= eot_id < self.n_vocab or not (bos_id is None or 0 <= bos_id < self.n_vocab):
             raise MyPTError(f"{source}: end-of-text id {eot_id} or begin-of-text id {bos_id} is not a token id")
-        if self.chat and [self._bytes[i] for i in self.chat_ids.values() if i < self.n_vocab] != \
-                [t.encode() for t in CHAT_TOKENS]:
+        if self.chat and (chat_start < 0 or [self._bytes[i] for i in self.chat_ids.values() if i < self.n_vocab]
+                          != [t.encode() for t in CHAT_TOKENS]):
             last = chat_start + len(CHAT_TOKENS) - 1
             raise MyPTError(f"{source}: its chat tokens are not at ids {chat_start}-{last}; the file is damaged, "
                             "restore it")
