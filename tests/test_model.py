@@ -291,6 +291,30 @@ def test_batched_rows_at_different_lengths_match_single_sequences(variant):
     assert cache.pos.tolist() == [6, 0, seqs[2].size(1) + 1]
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "qwen3"])
+def test_rows_read_in_place_or_gathered_give_each_row_its_own_logits(variant):
+    """A step over some rows reads the cache rows between them in place (their span) when it is at
+    most twice as many rows, else gathers them; rows in between, at other lengths, are left as they were."""
+    model = varied_model(block_size=16, **VARIANTS[variant])
+    seqs = [torch.randint(0, 50, (1, n)) for n in (6, 4, 9, 3, 7)]
+    cache = model.new_cache(5, torch.device("cpu"), torch.float32)
+    for row, seq in enumerate(seqs):
+        model.next_logits(seq, cache, rows=torch.tensor([row]))
+    before = cache.k.clone(), cache.v.clone()
+    for rows, T, in_place in (([3, 1], 2, True), ([0, 4], 1, False), ([4, 2, 3], 1, True)):
+        assert (cache.step(torch.tensor(rows), T).span is not None) == in_place
+        new = torch.randint(0, 50, (len(rows), T))
+        logits = model.next_logits(new, cache, rows=torch.tensor(rows))
+        for i, row in enumerate(rows):
+            seqs[row] = torch.cat((seqs[row], new[i:i + 1]), 1)
+            torch.testing.assert_close(logits[i], full_logits(model, seqs[row])[0, -1], atol=1e-5, rtol=1e-5)
+        others = [r for r in range(5) if r not in rows]
+        assert torch.equal(cache.k[:, others], before[0][:, others])
+        assert torch.equal(cache.v[:, others], before[1][:, others])
+        before = cache.k.clone(), cache.v.clone()
+    assert cache.pos.tolist() == [s.size(1) for s in seqs]
+
+
 def test_learned_position_cache_row_cannot_pass_block_size():
     model = varied_model(block_size=8)
     cache = model.new_cache(1, torch.device("cpu"), torch.float32)

@@ -664,33 +664,33 @@ def test_health_answers_at_once_during_a_long_step(ckpts: Path) -> None:
 
 
 def test_prefill_chunk_follows_the_measured_step_times() -> None:
-    """Unmeasured, or more rows prefilling than streaming: the largest chunk. Otherwise the chunk
-    grows while steps in which it cut a prompt stay within STALL decoding steps, shrinks in
-    proportion when they do not, and follows the decoding step's time (MIN_CHUNK .. largest); a
-    step in which it cut nothing, or an unthrottled one, says nothing of it."""
-    from mypt.serve.batcher import GROW, MIN_CHUNK, STALL, ChunkSizer
+    """Nothing streaming, or more rows prefilling than streaming: the largest chunk. Otherwise
+    MIN_CHUNK until a prompt token is measured; then as many prompt tokens as keep a step within
+    STALL plain steps by the measured costs, converging where a pass's fixed cost makes small
+    chunks dear, following the plain step as the batch changes, within MIN_CHUNK .. largest."""
+    from mypt.serve.batcher import MIN_CHUNK, STALL, ChunkSizer
 
     sizer = ChunkSizer(512)
-    assert sizer.size(1, 1) == 512  # no decoding step measured yet
-    sizer.observe(0.010, 0, False)
-    assert sizer.size(1, 63) == 512 and sizer.size(1, 1) == MIN_CHUNK
-    sizer.observe(0.010 * STALL, MIN_CHUNK, True)  # within STALL: grows
-    assert sizer.size(1, 1) == int(MIN_CHUNK * GROW)
-    for _ in range(60):
-        sizer.observe(0.001, sizer.chunk, True)  # prompt tokens measured free: up to the largest
-    assert sizer.size(4, 1) == 512
-    sizer.observe(0.010 * STALL * 4, 512, True)  # four times too slow: a quarter
-    assert sizer.size(4, 1) == 128
-    sizer.observe(1.0, 3, False)  # the chunk cut no prompt (a prompt's last 3 tokens): not its doing
-    sizer.size(1, 63)
-    sizer.observe(1.0, 512, True)  # an unthrottled step
-    assert sizer.size(4, 1) == 128
-    for _ in range(30):
-        sizer.observe(0.002, 0, False)  # the batch shrank: decoding steps 5x faster, the chunk with them
-    assert abs(sizer.size(4, 1) - 128 // 5) <= 2
-    for _ in range(60):
-        sizer.observe(1.0, sizer.chunk, True)  # very slow prompt tokens: still MIN_CHUNK a step
+    assert sizer.size(0, 5) == 512 and sizer.size(1, 63) == 512
+    assert sizer.size(1, 1) == MIN_CHUNK  # nothing measured yet
+    fixed, per_token, plain = 0.007, 0.0005, 0.0115  # a prefill pass: 7 ms + 0.5 ms a token
+    for _ in range(40):
+        chunk = sizer.size(1, 1)
+        sizer.observe(plain + fixed + per_token * chunk, chunk, fixed + per_token * chunk)
+    step = plain + fixed + per_token * sizer.size(1, 1)
+    assert step <= STALL * plain * 1.02 and step >= STALL * plain * 0.9  # the fixed point: STALL plain steps
+    small = sizer.size(1, 1)
+    assert small > 2 * MIN_CHUNK
+    for _ in range(20):  # 40 rows decoding: plain steps of 100 ms; the chunk grows with them
+        sizer.observe(0.100, 0, 0.0)
+    big = sizer.size(40, 1)
+    assert big == int((STALL - 1) * 0.100 / sizer.token_s) and big > 5 * small
+    for _ in range(20):
+        sizer.observe(3.0, 100, 2.9)  # very dear prompt tokens (29 ms each): still MIN_CHUNK a step
     assert sizer.size(1, 1) == MIN_CHUNK
+    for _ in range(20):
+        sizer.observe(1.0, 100, 0.001)  # nearly free ones: at most the largest
+    assert sizer.size(1, 1) == 512
 
 
 def test_metrics_parse_with_prometheus_and_count_the_requests(ckpts: Path, models) -> None:

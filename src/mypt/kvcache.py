@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mypt.ops import attention
+
 
 class KVCache:
     """Keys and values of every layer for `batch` independent rows (slots) of a decoding batch.
@@ -69,6 +71,12 @@ class CacheStep:
     row's slots. When T > 1 new tokens would overwrite (in a full rotary row) entries that the
     earlier of them still see, the queries attend to the old slots and the new keys side by
     side, and the new keys are written afterwards.
+
+    Two ways to read, in `attend`: the cache rows between the lowest and highest of `rows` (a
+    `span`) are read in place, the queries placed among them (the rows in between attend too,
+    and their output is dropped); or, where that span is over twice as many rows as are fed,
+    the rows' keys and values are gathered (copied) first. Copying a batch's keys and values
+    every layer cost more than the rest of a step (BENCHMARKS.md, the serving engine).
     """
 
     def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int) -> None:
@@ -91,6 +99,16 @@ class CacheStep:
             self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
         self.mask = self._mask(starts, device)
         self.is_causal = self.mask is None and T > 1  # every row starts at 0 and fits: plain causal
+        self.span: slice | None = None  # the cache rows read in place (see attend), if any
+        if rows is not None and not self.side_by_side:
+            fed = self.host_rows.tolist()
+            lo, hi = min(fed), max(fed) + 1
+            if hi - lo <= 2 * len(starts):
+                self.span, self.offsets = slice(lo, hi), (self.rows - lo)
+                if self.mask is not None and self.mask.dim() == 4:  # per row: those between see every key read
+                    mask = torch.ones((hi - lo, *self.mask.shape[1:]), dtype=torch.bool, device=device)
+                    mask[self.offsets] = self.mask
+                    self.mask = mask
 
     def _slot_positions(self, length_after: torch.Tensor) -> torch.Tensor:
         """(n, L) position held by each of the first L slots of each row once it holds
@@ -119,8 +137,19 @@ class CacheStep:
         visible = (keys >= 0) & (keys <= query) & (keys > query - S)
         return visible[:, None]  # (n, 1, T, keys): the same for every head
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this layer's new k, v (n, nkv, T, hs) and attend with q (n, nh, T, hs) over each
+        row's keys: (n, nh, T, hs)."""
+        keys, values = self.update(layer, k, v)
+        if self.span is None:
+            return attention(q, keys, values, self.mask, self.is_causal, fp32=False)
+        placed = q.new_zeros((keys.size(0), *q.shape[1:]))
+        placed[self.offsets] = q
+        return attention(placed, keys, values, self.mask, self.is_causal, fp32=False)[self.offsets]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (n, nkv, T, hs); return the keys and values to attend to."""
+        """Store this layer's new k, v (n, nkv, T, hs); return the keys and values to attend to:
+        of the rows fed, or of every row of the span."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, nkv, S, hs)
         if self.side_by_side:
             old_k, old_v = (ck, cv) if self.rows is None else (ck[self.rows], cv[self.rows])
@@ -130,6 +159,8 @@ class CacheStep:
         self._write(ck, cv, k, v)
         if self.rows is None:
             return ck[:, :, :self.length], cv[:, :, :self.length]
+        if self.span is not None:
+            return ck[self.span, :, :self.length], cv[self.span, :, :self.length]
         return ck[self.rows, :, :self.length], cv[self.rows, :, :self.length]
 
     def _write(self, ck: torch.Tensor, cv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

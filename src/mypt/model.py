@@ -124,13 +124,12 @@ class CausalSelfAttention(nn.Module):
             if not fp32:
                 q, k = q.to(v.dtype), k.to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-        causal = mask is None
-        if cache is not None:
-            k, v = cache.update(layer, k.to(v.dtype), v)  # (B, nkv, keys, hs)
-            mask, causal = cache.mask, cache.is_causal
         # No dropout on the attention probabilities: it would force the memory-hungry math
         # kernel (B, nh, T, T) instead of the flash kernel. Dropout acts on the residual stream.
-        y = attention(q, k, v, mask, causal, fp32)
+        if cache is not None:
+            y = cache.attend(layer, q, k.to(v.dtype), v)
+        else:
+            y = attention(q, k, v, mask, mask is None, fp32)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -308,22 +307,36 @@ class GPT(nn.Module):
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None,
                     start: int = 0, last: int = 0) -> torch.Tensor:
-        """Logits (n, vocab) for the position after each row of idx (n, T).
+        """Logits (n, vocab) for the position after each row of idx (n, T): head_logits of
+        next_hidden (see there)."""
+        return self.head_logits(self.next_hidden(idx, cache, rows, start, last), cache)
+
+    @torch.no_grad()
+    def next_hidden(self, idx: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                    start: int = 0, last: int = 0) -> torch.Tensor:
+        """Final hidden states (n, n_embd) for the position after each row of idx (n, T).
 
         With a cache, idx holds each row's new tokens only: row i of idx continues cache row
         rows[i] (rows: a LongTensor of n distinct row indices; None = every row, in order); the
         other rows keep their content. Without one, idx is a whole window whose first token
         sits at position `start` (it matters only to a rotary model past block_size).
-        last > 0: the logits after each of the last `last` tokens instead, (n, last, vocab)
-        (mypt.lookup verifies drafted tokens with them).
+        last > 0: those after each of the last `last` tokens instead, (n, last, n_embd)
+        (mypt.lookup verifies drafted tokens with their logits). A decoder that feeds rows in
+        several passes makes the logits of all of them in one head_logits: the head's weights,
+        the largest matrix of a small model, are then read once a step.
         """
         step = None if cache is None else cache.step(rows, idx.size(1))
         x = self.hidden_states(idx, step, start)
         x = x[:, -last:, :] if last else x[:, -1, :]
         if step is not None:
             step.commit()
-            if cache.head is not None:
-                return (x @ cache.head).float()
+        return x
+
+    def head_logits(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """fp32 logits (..., vocab) of final hidden states x (..., n_embd): through the cache's
+        copy of the head where it has one (see new_cache)."""
+        if cache is not None and cache.head is not None:
+            return (x @ cache.head).float()
         return self.lm_head(x).float()
 
 

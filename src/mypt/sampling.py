@@ -242,17 +242,19 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
     # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
     tiny = torch.finfo(x.dtype).tiny
     temperature = torch.tensor([[max(c.temperature, tiny)] for c in cfgs], dtype=x.dtype, device=device)
-    x = (x - x.amax(-1, keepdim=True)) / temperature
     lengths = [vocab] * len(cfgs)  # how many candidates each row draws among
     ids = None
-    if kind == "top_k":
+    if kind == "top_k":  # the candidates first (the scores below keep their order): the rest is over k, not vocab
         lengths = [c.top_k for c in cfgs]
         x, ids = x.topk(max(lengths))  # sorted, largest first
+        x = (x - x[:, :1]) / temperature
         if min(lengths) < x.size(1):  # rows of a smaller top_k: their extra candidates cannot be drawn
             beyond = torch.arange(x.size(1), device=device) >= torch.tensor(lengths, device=device)[:, None]
             x = x.masked_fill(beyond, float("-inf"))
-    elif kind == "sorted":
-        x, ids = x.sort(descending=True)
+    else:
+        x = (x - x.amax(-1, keepdim=True)) / temperature
+        if kind == "sorted":
+            x, ids = x.sort(descending=True)
     probs = x.softmax(dim=-1)
     if any(c.top_p < 1 for c in cfgs):
         # keep the smallest prefix of the sorted tokens whose mass reaches top_p; the likeliest
@@ -447,7 +449,7 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
         penalty = torch.tensor([[group[i].cfg.repetition_penalty] for i in penalized], device=logits.device)
         seen = torch.stack([group[i].seen for i in penalized])
         logits[index] = penalize(logits[index], seen, penalty)
-    finite = torch.isfinite(logits).all(-1)
+    finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))  # NaN propagates: all finite
     tokens = pick_tokens(logits.where(finite[:, None], 0.0), [c.cfg for c in group], [c.generator for c in group])
     tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
     for i, (c, token, ok) in enumerate(zip(group, tokens, finite, strict=True)):
@@ -473,11 +475,13 @@ class Decoder:
     `amp` makes the context (autocast) each step runs in; it is entered per step. `capacity`
     (tokens a row holds, at most block_size) sizes the cache for continuations known to stay
     shorter; `dtype` is the cache's (the compute dtype: bf16 under bf16 autocast; default the
-    weights'). `prefill_chunk`: while some row is decoding, at most that many of each row's
-    prompt tokens enter the cache per step, so a long prompt is prefilled over several steps
-    while the other rows go on decoding (a row whose prompt is not all in yet gets no token that
-    step; rows fed the same number of tokens share one forward pass);
-    `prefilled` counts the prompt tokens the last step fed, `chunked` whether the chunk cut one.
+    weights'). `prefill_chunk`: at most that many prompt tokens enter the cache per step, in
+    all: whole prompts in the order they came while they fit, and a prompt longer than that is
+    cut into chunks of it, so a long prompt is prefilled over several steps while the other rows
+    go on decoding, and of many prompts waiting the first get their tokens first (a row whose
+    prompt is not all in yet gets no token that step; rows fed the same number of tokens share
+    one forward pass); `prefilled` counts the prompt tokens the last step fed and
+    `prefill_seconds` the time of their forward passes.
     `prefix_cache`: keys and values of prompt starts seen before are copied in instead of
     computed (mypt.kvcache.PrefixCache).
     """
@@ -489,7 +493,7 @@ class Decoder:
         self.device = model.transformer.wte.weight.device
         self.dtype = dtype or model.transformer.wte.weight.dtype
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
-        self.prefilled, self.chunked = 0, False
+        self.prefilled, self.prefill_seconds = 0, 0.0
         self.active: list[Continuation] = []
         self._free = list(range(slots - 1, -1, -1))
         self._cache: KVCache | None = None
@@ -534,6 +538,7 @@ class Decoder:
         if c.finish_reason == "error":
             self._zero(c.slot)
         self._free.append(c.slot)
+        self._free.sort(reverse=True)  # the lowest row is taken next: the rows in use stay together (CacheStep.span)
         c.slot = None
 
     def reset(self) -> None:
@@ -581,11 +586,11 @@ class Decoder:
         import torch
 
         block_size, slides = self.model.config.block_size, self.model.config.position == "rope"
-        streaming = any(c.n_new > 0 for c in self.active)  # someone would wait for a long prefill
-        chunk = self.prefill_chunk if streaming else None
-        self.prefilled, self.chunked = 0, False
+        budget = self.prefill_chunk  # prompt tokens this step may still feed (None: no limit)
+        self.prefilled, self.prefill_seconds = 0, 0.0
         ready: list[Continuation] = []
-        parts: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []  # final hidden states of `ready`, in order
+        uncached: list[tuple[Continuation, torch.Tensor]] = []  # rows without a cache, with their logits
         drafted: list[tuple[Continuation, torch.Tensor]] = []
         feeds: dict[tuple[int, int], list[Continuation]] = {}  # (tokens fed, drafted) per row -> its continuations
         complete: set[int] = set()  # rows whose pending tokens are all fed this step
@@ -595,31 +600,44 @@ class Decoder:
                 if start != c.start:
                     c.start, c.held = start, 0
             if not c.cfg.use_cache:
-                ready.append(c)
-                parts.append(_uncached_logits(self.model, c.tokens, c.start, self.device)[None])
+                uncached.append((c, _uncached_logits(self.model, c.tokens, c.start, self.device)[None]))
                 continue
             pending = fed = len(c.tokens) - c.start - c.held
-            if chunk is not None and pending > chunk:  # a prompt (or refill) longer than the chunk: a chunk of it
-                fed, self.chunked = chunk, True
+            if budget is not None and pending > 1:  # a prompt (or a refill): within the step's budget
+                if pending > budget:
+                    if self.prefilled:  # it waits for a later step, whole
+                        continue
+                    fed = budget  # the first prompt of a step is cut to the budget
+                budget -= fed
             if fed == pending:
                 complete.add(id(c))
             n_drafts = 0 if c.lookup is None or fed < pending else len(c.lookup.propose(c, self.cache, fed))
             feeds.setdefault((fed, n_drafts), []).append(c)
             self.prefilled += fed if fed > 1 else 0
         for (n_new, n_drafts), group in feeds.items():
-            logits = self._feed(group, n_new, n_drafts)
+            started = time.perf_counter()
+            h = self._feed(group, n_new, n_drafts)
+            if n_new > 1:
+                if h.device.type == "cuda":  # the time of the work, not of queueing it
+                    torch.cuda.synchronize(h.device)
+                self.prefill_seconds += time.perf_counter() - started
             if n_drafts:
-                drafted += list(zip(group, logits, strict=True))
+                drafted += list(zip(group, self.model.head_logits(h, self.cache), strict=True))
                 continue
             fed = [i for i, c in enumerate(group) if id(c) in complete]
-            ready += [group[i] for i in fed]
-            parts.append(logits if len(fed) == len(group) else logits[fed])
+            if fed:
+                ready += [group[i] for i in fed]
+                hidden.append(h if len(fed) == len(group) else h[fed])
+        # one pass through the head for every row that takes a token (not one per forward pass)
+        parts = [self.model.head_logits(torch.cat(hidden), self.cache)] if hidden else []
+        ready += [c for c, _ in uncached]
+        parts += [logits for _, logits in uncached]
         logits = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
         return ready, logits, drafted
 
     def _feed(self, group: list[Continuation], n_new: int, n_drafts: int = 0) -> torch.Tensor:
-        """One forward pass of each continuation's next n_new tokens into its row: (n, vocab);
-        followed by its n_drafts drafted tokens, (n, n_drafts + 1, vocab)."""
+        """One forward pass of each continuation's next n_new tokens into its row: the final
+        hidden states (n, n_embd); followed by its n_drafts drafted tokens, (n, n_drafts + 1, n_embd)."""
         import torch
 
         cache = self.cache
@@ -634,7 +652,7 @@ class Decoder:
             if n_drafts:
                 c.lookup.keep_overwritten(cache, c.slot, n_new)
             c.held += n_new + n_drafts  # verify() rewinds past the rejected drafts
-        return self.model.next_logits(idx, cache, rows, last=n_drafts + 1 if n_drafts else 0)
+        return self.model.next_hidden(idx, cache, rows, last=n_drafts + 1 if n_drafts else 0)
 
 
 def _uncached_logits(model: GPT, tokens: list[int], start: int, device: torch.device) -> torch.Tensor:

@@ -9,10 +9,12 @@ per step.
 
 Between steps the engine drops the jobs whose clients went away and gives waiting continuations
 the free rows of the KV cache. Each step gives every continuation whose prompt is in the cache
-one token. While some streams are decoding, prompts enter the cache a chunk at a time (chunked
-prefill), so a long prompt delays their next token by one chunk at most: the chunk is steered
-by measured step times so that a step with prefill takes about STALL times a plain decoding
-step (at least MIN_CHUNK tokens, at most `prefill_tokens`; ChunkSizer), and is not limited
+one token. Prompts enter the cache at most a chunk of tokens a step (chunked prefill): whole
+prompts in arrival order while they fit, a longer one cut. So a long prompt delays the streams'
+next token by one chunk at most, and of many prompts arriving at once the first start streaming
+after one chunk's step, not after all of them. While some rows stream, the chunk is steered by
+measured step times so that a step with prefill takes about STALL times a plain decoding step
+(at least MIN_CHUNK tokens, at most `prefill_tokens`; ChunkSizer); it is `prefill_tokens`
 while more rows wait for their prompt than stream. A prefix cache
 (mypt.kvcache.PrefixCache, `prefix_cache_tokens`) keeps the keys and values of prompt starts
 seen before. A job that asks for its prompt's logprobs (echo) gets them from one forward pass
@@ -49,7 +51,6 @@ MAX_RESTARTS = 1  # a failed engine restarts once; the next failure puts the mod
 PREFIX_BLOCK = 16  # tokens per prefix-cache block
 STALL = 2.5  # a step that prefills may take this many plain decoding steps' time
 MIN_CHUNK = 8  # prompt tokens per step at least, however slow the prefill
-GROW, SHRINK = 1.25, 0.75  # the chunk after a step within STALL, and after one beyond it
 
 
 class Overloaded(Exception):
@@ -99,45 +100,41 @@ class Job:
 
 
 class ChunkSizer:
-    """The prefill chunk: prompt tokens a step may feed of each prompt while others decode.
+    """The prefill chunk: prompt tokens a step may feed, in all.
 
-    A step that feeds prompt tokens costs a forward pass of its own (the weights read once more)
-    plus a share per token, so the chunk is steered by what steps measure, not predicted. It is
-    kept as prompt tokens per second of a plain decoding step (`rate`), so that it follows the
-    decoding step's time as the batch grows and shrinks: after each step in which the chunk cut
-    a prompt, the rate grows by GROW while that step stayed within STALL plain decoding steps'
-    time and shrinks in proportion (by SHRINK at least) when it did not. The chunk stays within
-    MIN_CHUNK .. `largest`. Unthrottled (`largest`): before a decoding step is measured, and
-    while more rows wait for their prompt than stream tokens (63 new requests must not queue
-    behind one stream).
+    Each step is measured in two parts: the forward passes that fed prompt tokens and the rest,
+    which is what the step would have taken without them (the decoding rows' pass, sampling).
+    From running means of the rest (`decode_s`) and of the seconds per prompt token (`token_s`:
+    it includes each prefill pass's fixed cost, so a small chunk measures dear and the next one
+    is larger, until a step with prefill takes STALL plain steps), the chunk is the number of
+    prompt tokens that keeps a step within STALL plain steps: (STALL - 1) * decode_s / token_s,
+    within MIN_CHUNK .. `largest`; MIN_CHUNK before a prompt token was measured. It follows
+    the batch: more rows decoding make a longer plain step and a larger chunk. `largest` while
+    nothing streams, or while more rows wait for their prompt than stream (63 new requests must
+    not queue behind one stream).
     """
 
     def __init__(self, largest: int) -> None:
         self.largest, self.smallest = largest, min(MIN_CHUNK, largest)
-        self.decode_s: float | None = None  # running mean of a plain decoding step
-        self.rate: float | None = None  # chunk tokens per second of decode_s
-        self.throttled = False  # whether the last size() was the steered chunk
+        self.decode_s: float | None = None  # running mean of a step without its prefill
+        self.token_s: float | None = None  # running mean of prefill seconds per prompt token
 
     @property
     def chunk(self) -> int:
-        if self.decode_s is None or self.rate is None:
+        if self.decode_s is None or self.token_s is None:
             return self.smallest
-        return max(self.smallest, min(self.largest, int(self.rate * self.decode_s)))
+        return max(self.smallest, min(self.largest, int((STALL - 1) * self.decode_s / max(self.token_s, 1e-9))))
 
     def size(self, streaming: int, prefilling: int) -> int:
-        self.throttled = self.decode_s is not None and prefilling <= streaming
-        return self.chunk if self.throttled else self.largest
+        return self.chunk if 0 < streaming and prefilling <= streaming else self.largest
 
-    def observe(self, seconds: float, prefilled: int, chunked: bool) -> None:
-        """A step took `seconds` and fed `prefilled` prompt tokens; `chunked`: the chunk cut a prompt."""
-        if prefilled == 0:
-            self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
-            if self.rate is None:
-                self.rate = MIN_CHUNK / max(self.decode_s, 1e-6)
-        elif self.throttled and chunked and self.rate is not None:
-            limit = STALL * self.decode_s
-            factor = GROW if seconds <= limit else min(SHRINK, limit / seconds)
-            self.rate = max(self.smallest, min(self.largest, self.chunk * factor)) / max(self.decode_s, 1e-6)
+    def observe(self, seconds: float, prefilled: int, prefill_seconds: float) -> None:
+        """A step took `seconds`, of which `prefill_seconds` fed `prefilled` prompt tokens."""
+        plain = max(seconds - prefill_seconds, 1e-6)
+        self.decode_s = plain if self.decode_s is None else 0.7 * self.decode_s + 0.3 * plain
+        if prefilled:
+            per = prefill_seconds / prefilled
+            self.token_s = per if self.token_s is None else 0.5 * self.token_s + 0.5 * per
 
 
 class Batcher:
@@ -296,7 +293,7 @@ class Batcher:
             self.decoder.prefill_chunk = self.chunks.size(streaming, len(self.decoder.active) - streaming)
             started = time.perf_counter()
             done = self.decoder.step()
-            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled, self.decoder.chunked)
+            self.chunks.observe(time.perf_counter() - started, self.decoder.prefilled, self.decoder.prefill_seconds)
             self.steps += 1
             self._publish(done)
             self._flush()
