@@ -465,7 +465,8 @@ class Decoder:
     Every `step()` gives each active continuation whose prompt is in the cache one token: one
     forward pass for all those decoding (one new token each, rows at their own lengths), plus one
     per distinct number of prompt tokens being prefilled or learned-position window being
-    refilled; then every continuation picks its token from its own logits with its own generator,
+    refilled, then one pass through the output layer for every row that takes a token;
+    then every continuation picks its token from its own logits with its own generator,
     all rows at once (`choose_tokens`, one host sync). generate_ids runs one continuation
     through it, a server many: the tokens are the same either way, up to the last bits of
     floating-point sums that a batched matrix product orders differently. A continuation with
