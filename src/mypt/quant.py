@@ -85,15 +85,17 @@ class Int8Linear(nn.Module):
         kernel = _kernel() if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS else None
         if kernel is None:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        xf = x.reshape(rows, self.in_features).float().contiguous()
-        out = torch.empty(rows, self.out_features)
-        xq = torch.empty(rows, self.in_features, dtype=torch.int8)
-        xs = torch.empty(rows, -(-self.in_features // QBLOCK))
-        kernel(xf.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), out.data_ptr(), xq.data_ptr(),
-               xs.data_ptr(), rows, self.out_features, self.in_features, torch.get_num_threads())
+        # as few tensor calls as may be: at batch 1 a call's overhead is a share of its time
+        K, N = self.in_features, self.out_features
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        out = torch.empty(*x.shape[:-1], N)
+        at = -(-rows * K // 16) * 16  # the activations' int8 copy, then their fp32 block scales, aligned
+        scratch = torch.empty(at + 4 * rows * -(-K // QBLOCK), dtype=torch.int8)
+        kernel(xf.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+               scratch.data_ptr() + at, rows, N, K, torch.get_num_threads())
         if self.bias is not None:
             out += self.bias
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def quantize(model: nn.Module, kind: str = "int8") -> nn.Module:
