@@ -8,8 +8,9 @@ In one run: (1) the machine's read bandwidth, the best of --repeats sums over a 
 with --threads threads; (2) for each preset (random weights, seed 0, dropout 0) greedy decoding of
 --new_tokens tokens at batch 1 after a 16-token prompt through MyPT's own path
 (sampling.generate_ids, KV cache), timed from the first new token to the last, best of --repeats,
-each as load_model lays it out (mypt.ops.lay_out_for_decoding): in fp32, in fp32 with row-major
-matrices (fp32-rows, the layout before that), in bf16 weights where the CPU has native bf16
+each as load_model lays it out (mypt.ops.lay_out_for_decoding): in fp32 (MyPT's fp32 kernel where
+mypt.kernels runs, else column-major matrices), in fp32 as plain row-major nn.Linear layers and
+torch's products (fp32-rows), in bf16 weights where the CPU has native bf16
 (avx512_bf16 or AMX; else said and skipped) and in int8 (mypt.quant); bytes per token are the
 weights a step reads (every matrix whole, one embedding row, the norms) plus the KV cache at the
 mean context length, and the roofline
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 from _machine import header
 
-from mypt import quant
+from mypt import kernels, quant
 from mypt.config import load_model_config
 from mypt.model import GPT
 from mypt.ops import lay_out_for_decoding
@@ -249,7 +250,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(header("MyPT batch-1 decoding against the memory roofline"))
-    print(f"int8 kernel: {'MyPT AVX2 kernel' if quant.available() else 'not available: ' + str(quant._loaded()[1])}")
+    print(f"kernels: {'MyPT AVX2 kernels' if kernels.available() else 'not available: ' + str(kernels.problem())}")
     bw = bandwidth(args.repeats)
     print(f"read bandwidth: {bw / 1e9:.1f} GB/s (best torch sum over 1 GiB, {args.threads} threads)")
     roofline(args, bw)

@@ -301,17 +301,27 @@ def test_bad_flags_and_prompt_file(capsys: pytest.CaptureFixture, ckpts: Path) -
     assert "--prompt_file" in err and "missing.txt" in err
 
 
-def test_a_loaded_model_keeps_its_weights_column_major_for_decoding(ckpts: Path, chars: LoadedModel) -> None:
-    """load_model lays the blocks' matrices out column-major (mypt.ops.lay_out_for_decoding): the
-    same matrices, so the same logits as the checkpoint's model, whose weights stay row-major."""
+def test_a_loaded_model_decodes_through_mypts_kernels(ckpts: Path, chars: LoadedModel,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model readies the blocks' layers for decoding (mypt.ops.lay_out_for_decoding): where
+    MyPT's kernels run (CI's x86-64 runners), DecodeLinear layers with the same row-major
+    parameters, whose few-row products run in the kernel; the logits of a prompt and of each
+    decoding step are the checkpoint's model's."""
+    from mypt import kernels
     from mypt.build import build_model
     from mypt.checkpoint import load_checkpoint
+    from mypt.kernels import DecodeLinear, available
 
+    assert available()
+    monkeypatch.setattr(kernels, "MIN_WEIGHTS", 1)  # this tiny model's matrices too
     plain = build_model(load_checkpoint(ckpts / "chars")).model.eval()
-    linears = {n: m for n, m in chars.model.named_modules() if type(m) is torch.nn.Linear}
-    assert all(m.weight.t().is_contiguous() for n, m in linears.items() if n.startswith("transformer.h."))
-    assert chars.model.lm_head.weight.is_contiguous()
-    assert not any(m.weight.t().is_contiguous() for m in plain.modules() if type(m) is torch.nn.Linear)
+    blocks = [m for n, m in chars.model.named_modules() if n.startswith("transformer.h.") and
+              isinstance(m, torch.nn.Linear)]
+    assert blocks and all(type(m) is DecodeLinear and m.weight.is_contiguous() for m in blocks)
+    assert not any(type(m) is DecodeLinear for m in plain.modules())
     ids = torch.tensor([chars.encode_prompt("ROMEO: But soft")])
     with torch.no_grad():
         torch.testing.assert_close(chars.model(ids)[0], plain(ids)[0], atol=1e-5, rtol=1e-5)
+        for t in range(1, ids.size(1)):  # one row at a time: the kernel's path, against torch's
+            mine = chars.model.next_logits(ids[:, :t])
+            torch.testing.assert_close(mine, plain.next_logits(ids[:, :t]), atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, corpus_text, require, run_cli
 
-from mypt import quant
+from mypt import kernels, quant
 from mypt.api import load_model
 from mypt.cli import run_command
 from mypt.errors import MyPTError
@@ -50,10 +50,10 @@ def error_bound(q: quant.Int8Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_kernel_builds_here() -> None:
-    assert quant.available(), quant._loaded()[1]  # CI's runners are x86-64 with AVX2 and g++
+    assert kernels.available(), kernels.problem()  # CI's runners are x86-64 with AVX2 and g++
 
 
-@pytest.mark.parametrize("rows", [1, 3, quant.KERNEL_MAX_ROWS, quant.KERNEL_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40])
 @pytest.mark.parametrize("out_in", [(37, 33), (64, 95), (130, 768), (5, 7)])
 def test_int8_linear_equals_the_dequantised_product(rows: int, out_in: tuple[int, int]) -> None:
     torch.manual_seed(rows)
@@ -65,7 +65,7 @@ def test_int8_linear_equals_the_dequantised_product(rows: int, out_in: tuple[int
     got = q(x)
     assert got.shape == reference.shape and got.dtype == torch.float32
     assert ((got - reference).abs() <= error_bound(q, x)).all()
-    if rows <= quant.KERNEL_MAX_ROWS:  # activations already on the kernel's grid: no rounding at all
+    if rows <= kernels.MAX_ROWS:  # activations already on the kernel's grid: no rounding at all
         steps = torch.randint(-127, 128, x.shape).float()
         steps[:, ::32] = 127  # every block's largest magnitude: its scale is exactly 1
         torch.testing.assert_close(q(steps), torch.nn.functional.linear(steps, q.weight, q.bias),
@@ -160,7 +160,7 @@ def test_without_a_compiler_int8_still_runs_and_says_so_once(tmp_path: Path, ckp
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("MyPT's int8 kernel is not available here (no C++ compiler") == 1
     assert not (tmp_path / "kernels").exists()
-    monkeypatch.setattr(quant, "_kernel", lambda: None)  # the same dequantising path in this process
+    monkeypatch.setattr(kernels, "_loaded", lambda: (None, "off"))  # the same dequantising path in this process
     dequantised = load_model("chars", ckpts, device="cpu", quantize="int8")
     assert r.stdout == PROMPT + dequantised.generate(PROMPT, max_new_tokens=20, temperature=0) + "\n"
 

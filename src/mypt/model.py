@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mypt.kernels import MAX_ROWS, DecodeLinear
 from mypt.kvcache import CacheStep, KVCache
 from mypt.ops import attends_in_fp32, attention, linear_cross_entropy, rms_norm, squared_relu
 
@@ -297,10 +298,11 @@ class GPT(nn.Module):
         capacity = c.block_size if capacity is None else min(capacity, c.block_size)
         cache = KVCache(c.n_layer, batch, c.kv_heads, capacity, c.head_dim, device, dtype,
                         ring=c.position == "rope" and capacity == c.block_size)
-        if device.type == "cpu" and type(self.lm_head) is nn.Linear:
-            # On a CPU, one row of logits is faster against a contiguous (n_embd, vocab) copy of
-            # the head than through nn.Linear's (vocab, n_embd) (BENCHMARKS.md, Generation). A head
-            # replaced from outside (mypt.quant's int8 layer) runs itself.
+        if device.type == "cpu" and type(self.lm_head) in (nn.Linear, DecodeLinear):
+            # On a CPU, rows of logits are faster against a contiguous (n_embd, vocab) copy of
+            # the head than through torch's nn.Linear (vocab, n_embd) (BENCHMARKS.md, Generation);
+            # a few rows of a DecodeLinear head are faster still (head_logits). A head replaced
+            # from outside (mypt.quant's int8 layer) runs itself.
             cache.head = self.lm_head.weight.detach().t().contiguous()
         return cache
 
@@ -334,8 +336,10 @@ class GPT(nn.Module):
 
     def head_logits(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """fp32 logits (..., vocab) of final hidden states x (..., n_embd): through the cache's
-        copy of the head where it has one (see new_cache)."""
-        if cache is not None and cache.head is not None:
+        copy of the head where it has one (see new_cache), except for a few rows of a head laid
+        out for decoding (mypt.ops.lay_out_for_decoding: MyPT's kernel reads it faster)."""
+        few = x.numel() // x.size(-1) <= MAX_ROWS and type(self.lm_head) is DecodeLinear
+        if cache is not None and cache.head is not None and not few:
             return (x @ cache.head).float()
         return self.lm_head(x).float()
 

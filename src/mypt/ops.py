@@ -229,18 +229,27 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def lay_out_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
-    """Store the weight (out, in) of every plain linear layer of the blocks column-major (its
-    transpose contiguous, the same matrix), in place, on a CPU; returns model.
+    """Ready every plain linear layer of the blocks for decoding on a CPU, in place; returns model.
 
-    Decoding multiplies one row by each matrix. With a row-major weight, x @ W.T reaches about
-    half the memory bandwidth on a CPU (BLAS's transposed matrix-vector product); column-major,
-    the same product streams the weight at nearly all of it (BENCHMARKS.md, Issue 23), and a
-    prompt's many rows run as fast as before. For inference only: a model that trains keeps its
-    row-major weights (the optimizer's state has their layout). The embedding and the output
-    layer keep theirs: the embedding is read by rows, and decoding reads the head through its
-    own transposed copy (GPT.new_cache).
+    Decoding multiplies one row by each matrix, and torch's fp32 matrix-vector product reads a
+    row-major weight at about half the memory bandwidth (BENCHMARKS.md, Issue 23). Where MyPT's
+    kernels run (mypt.kernels), each such layer becomes a DecodeLinear: the same parameters,
+    row-major, whose products of a few rows run in MyPT's kernel (near the whole bandwidth).
+    Elsewhere the weight is stored column-major (its transpose contiguous, the same matrix),
+    which BLAS multiplies by one row without transposing, faster than row-major. A prompt's many
+    rows run as fast as before either way. For inference only: a model that trains keeps its
+    plain layers (the optimizer's state has their layout). The embedding stays as it is (read by
+    rows); the output layer becomes a DecodeLinear too where the kernels run, else stays
+    row-major (decoding then reads it through its own transposed copy, GPT.new_cache).
     """
+    from mypt.kernels import DecodeLinear, available
+
+    fast = available()
     for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and ".h." in f".{name}" and module.weight.device.type == "cpu":
+        if type(module) is not torch.nn.Linear or module.weight.device.type != "cpu":
+            continue
+        if fast and (".h." in f".{name}" or name == "lm_head"):
+            module.__class__ = DecodeLinear
+        elif ".h." in f".{name}":
             module.weight.data = module.weight.data.t().contiguous().t()
     return model

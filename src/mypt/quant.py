@@ -7,40 +7,29 @@ them per token. A tied output layer gets an int8 copy of its own (the embedding 
 matrix), since the output layer is read whole for every token: with GPT-2's 50k vocabulary it is a
 quarter of a 150M model's bytes.
 
-The matrix-vector products of batch-1 decoding run in MyPT's own kernel (csrc/int8_linear.cpp,
-AVX2 + FMA, OpenMP over output rows): each row of activations is quantised to int8 in blocks of
-32 (as llama.cpp's q8_0) and multiplied by int8 dot products. It is compiled with the system's
-C++ compiler (g++ or $CXX) on first use into a cache folder (~/.cache/mypt/kernels, or
-$MYPT_KERNEL_DIR) and called through ctypes. Many rows at once (a prompt's prefill, evaluation)
-and a CPU or platform where the kernel cannot be built take the plain path instead: the weights
+The matrix-vector products of batch-1 decoding run in MyPT's own kernel (mypt.kernels,
+csrc/decode.cpp: AVX2 + FMA, OpenMP over output rows): each row of activations is quantised to
+int8 in blocks of 32 (as llama.cpp's q8_0) and multiplied by int8 dot products. Many rows at
+once (a prompt's prefill, evaluation) and a CPU or platform where the kernel cannot be built
+take the plain path instead: the weights
 are dequantised to the activations' dtype per call and multiplied by torch, which is slower than
 fp32 (said once on stderr). Only CPUs are supported: the point is memory bandwidth on a CPU.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mypt import kernels
 from mypt.errors import MyPTError
 
 KINDS = ("int8",)
-KERNEL_MAX_ROWS = 8  # more rows per call (prefill, batches): dequantise and let torch's GEMM do it
-QBLOCK = 32  # activations are quantised in blocks of this many values (as in csrc/int8_linear.cpp)
-_SOURCE = Path(__file__).parent / "csrc" / "int8_linear.cpp"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+QBLOCK = 32  # activations are quantised in blocks of this many values (as in csrc/decode.cpp)
 
 
 def check_kind(kind: str | None, device: torch.device, what: str = "--quantize") -> None:
@@ -82,7 +71,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        kernel = _kernel() if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS else None
+        kernel = kernels.int8_function() if x.device.type == "cpu" and rows <= kernels.MAX_ROWS else None
         if kernel is None:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         # as few tensor calls as may be: at batch 1 a call's overhead is a share of its time
@@ -108,78 +97,12 @@ def quantize(model: nn.Module, kind: str = "int8") -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear.from_weight(child.weight, child.bias))
-    if not available():
+    if not kernels.available():
         _note_fallback()
     return model
 
 
-def available() -> bool:
-    """Whether the int8 kernel runs here (built now if it is not yet)."""
-    return _kernel() is not None
-
-
 @functools.cache
 def _note_fallback() -> None:
-    print(f"note: MyPT's int8 kernel is not available here ({_loaded()[1]}); int8 layers dequantise their "
+    print(f"note: MyPT's int8 kernel is not available here ({kernels.problem()}); int8 layers dequantise their "
           "weights per call, which is slower than fp32", file=sys.stderr, flush=True)
-
-
-def _platform_problem() -> str | None:
-    """Why the kernel cannot be built here (None: it can be tried)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"it needs an x86-64 CPU with AVX2, this is {platform.machine()}"
-    if capability not in ("AVX2", "AVX512"):
-        return f"it needs AVX2, this CPU offers {capability}"
-    if shutil.which(_compiler()) is None:
-        return f"no C++ compiler: {_compiler()} was not found (install g++ or set $CXX)"
-    return None
-
-
-@functools.cache
-def _loaded() -> tuple[object | None, str | None]:
-    """(the kernel as a ctypes function, None), or (None, why it is not available)."""
-    problem = _platform_problem()
-    if problem is not None:
-        return None, problem
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except subprocess.CalledProcessError as e:
-        lines = (e.stderr or "").strip().splitlines()
-        return None, f"compiling {_SOURCE.name} failed: {lines[-1][:200] if lines else e}"
-    except OSError as e:
-        return None, f"{_SOURCE.name} could not be built or loaded: {e}"
-    fn = lib.mypt_int8_linear
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return fn, None
-
-
-def _kernel():  # -> the ctypes function, or None
-    return _loaded()[0]
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX") or "g++"
-
-
-def kernel_dir() -> Path:
-    if os.environ.get("MYPT_KERNEL_DIR"):
-        return Path(os.environ["MYPT_KERNEL_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mypt" / "kernels"
-
-
-def _build() -> Path:
-    """The compiled kernel, built once per source, compiler and flags (named by their hash)."""
-    cxx = _compiler()
-    source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([cxx, *_FLAGS]).encode()).hexdigest()[:16]
-    out = kernel_dir() / f"int8_linear-{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed into place whole
-        built = Path(tmp) / out.name
-        subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
-        os.replace(built, out)
-    return out

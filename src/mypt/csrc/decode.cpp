@@ -1,11 +1,16 @@
-// Weight-only int8 linear layers for CPUs with AVX2 (mypt.quant builds and calls this file).
+// Batch-1 decoding's matrix-vector products for CPUs with AVX2 + FMA (mypt.kernels builds this file
+// and calls it; torch's own reach about half the memory bandwidth on small rows, BENCHMARKS.md).
+// Both functions split the output rows between OpenMP threads in equal parts and multiply all M
+// rows of x by one weight row while it is in L1, so W is read once per call.
 //
+// mypt_fp32_linear: y = x W^T, W fp32 (N, K) row-major: dot products with four accumulators.
+//
+// mypt_int8_linear: weight-only int8 (mypt.quant).
 // y[m, n] = wscale[n] * sum_k W[n, k] * x[m, k], W int8 (N, K) row-major, one scale per output row.
 // As llama.cpp's q8_0: each row of x is first quantised to int8 in blocks of 32 values, one fp32
 // scale per block; a block's dot product is then exact int8 x int8 arithmetic (maddubs + madd, 32
 // products in 4 instructions), scaled once per block. Output rows are split between OpenMP threads
-// in equal parts (a static schedule: 25% faster than a dynamic one on 150M's matrices, BENCHMARKS.md);
-// the M rows of x are all multiplied by one weight row while it is in L1, so W is read once per call.
+// in equal parts (a static schedule: 25% faster than a dynamic one on 150M's matrices, BENCHMARKS.md).
 // A block count K / 32 that is not whole leaves a tail, summed in scalar code.
 
 #include <immintrin.h>
@@ -70,6 +75,29 @@ void mypt_int8_linear(const float* x, const int8_t* w, const float* wscale, floa
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
         for (int64_t m = 0; m < M; m++) out[m * N + n] = dot_row(wr, xq + m * K, xs + m * nb, K) * wscale[n];
+    }
+}
+
+// out (M, N) = x (M, K) @ W.T for W fp32 (N, K) row-major.
+void mypt_fp32_linear(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t K32 = K / 32 * 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const float* wr = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float* xr = x + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t k = 0;
+            for (; k < K32; k += 32) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(xr + k), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 16), _mm256_loadu_ps(xr + k + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 24), _mm256_loadu_ps(xr + k + 24), a3);
+            }
+            float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (; k < K; k++) sum += wr[k] * xr[k];
+            out[m * N + n] = sum;
+        }
     }
 }
 
