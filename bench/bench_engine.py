@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="load rounds, the trees taking turns in each; the medians are compared (default: %(default)s)")
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error(f"--repeat ({args.repeat}) must be at least 1")
     bench_serve.THREADS["OMP_NUM_THREADS"] = str(args.threads)
     print(header("mypt serve engine") + f"\nserver threads: {args.threads}")
     ckpts = args.checkpoints_dir

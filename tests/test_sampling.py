@@ -311,6 +311,27 @@ def test_chunked_prefill_keeps_the_others_decoding_and_gives_the_same_tokens(kin
     assert a.tokens[-a.n_new:] == solo_a and b.tokens[-b.n_new:] == solo_b
 
 
+def test_prompts_arriving_together_go_in_whole_in_order_within_the_step_budget(rotary: GPT) -> None:
+    """A budget of 10 prompt tokens a step, prompts of 6, 6 and 3 tokens added at once: the first
+    goes in whole, the second (6 > 4 left) waits whole for the next step, the third fits the 4
+    left; the step reports what it prefilled and how long that took. Each gets its solo tokens."""
+    prompts = [[(5 * i + j) % VOCAB for i in range(n)] for j, n in enumerate((6, 6, 3))]
+    solos = [ids(rotary, p, max_new_tokens=5, temperature=0) for p in prompts]
+    decoder = Decoder(rotary, slots=3, prefill_chunk=10)
+    cs = [Continuation(p, SamplingConfig(max_new_tokens=5, temperature=0), seed=0, vocab_size=VOCAB) for p in prompts]
+    for c in cs:
+        decoder.add(c)
+    decoder.step()
+    assert [c.n_new for c in cs] == [1, 0, 1] and decoder.prefilled == 9 and decoder.prefill_seconds > 0
+    decoder.step()
+    assert [c.n_new for c in cs] == [2, 1, 2] and decoder.prefilled == 6
+    decoder.step()
+    assert decoder.prefilled == 0 and decoder.prefill_seconds == 0
+    while decoder.active:
+        decoder.step()
+    assert [c.tokens[-c.n_new:] for c in cs] == solos
+
+
 @pytest.mark.parametrize("kind", ["learned", "rotary"])
 def test_prefix_cache_reuses_a_prompt_start_and_gives_the_same_tokens(kind: str, model: GPT, rotary: GPT) -> None:
     m = model if kind == "learned" else rotary

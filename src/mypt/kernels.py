@@ -71,7 +71,7 @@ class DecodeLinear(nn.Linear):
     parameters, and torch's product for anything else (a prompt, autocast, training)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):  # autograd: torch's
             return F.linear(x, self.weight, self.bias)
         y = fp32_linear(x, self.weight)
         if y is None:

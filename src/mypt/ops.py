@@ -248,8 +248,9 @@ def lay_out_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
     for name, module in model.named_modules():
         if type(module) is not torch.nn.Linear or module.weight.device.type != "cpu":
             continue
-        if fast and (".h." in f".{name}" or name == "lm_head"):
+        block = ".h." in f".{name}"
+        if fast and (block or name == "lm_head"):
             module.__class__ = DecodeLinear
-        elif ".h." in f".{name}":
+        elif block:
             module.weight.data = module.weight.data.t().contiguous().t()
     return model

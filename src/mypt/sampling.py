@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import math
 import random
 import reprlib
@@ -496,7 +497,8 @@ class Decoder:
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         self.prefilled, self.prefill_seconds = 0, 0.0
         self.active: list[Continuation] = []
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))  # a heap: the lowest free row is taken next, so the rows in use stay
+        # together and a step reads them in place (CacheStep.span)
         self._cache: KVCache | None = None
 
     @property
@@ -521,7 +523,7 @@ class Decoder:
         if c.cfg.repetition_penalty != 1:
             c.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
             c.seen[torch.tensor(c.tokens, device=self.device)] = True
-        c.slot, c.held, c.start = self._free.pop(), 0, 0  # taken last: a failure above leaves no row lost
+        c.slot, c.held, c.start = heapq.heappop(self._free), 0, 0  # taken last: a failure above leaves no row lost
         self.active.append(c)
         if c.finish_reason is not None:  # nothing to generate
             self.remove(c)
@@ -538,14 +540,13 @@ class Decoder:
         self.active.remove(c)
         if c.finish_reason == "error":
             self._zero(c.slot)
-        self._free.append(c.slot)
-        self._free.sort(reverse=True)  # the lowest row is taken next: the rows in use stay together (CacheStep.span)
+        heapq.heappush(self._free, c.slot)
         c.slot = None
 
     def reset(self) -> None:
         """Remove every continuation and zero the cache: after a step that raised part-way."""
         for c in self.active:
-            self._free.append(c.slot)
+            heapq.heappush(self._free, c.slot)
             c.slot = None
         self.active = []
         self._zero(slice(None))
