@@ -6,6 +6,8 @@ decoding machinery, not the text.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from mypt.sampling import (
     SamplingConfig,
     StopFilter,
     TextStream,
+    argmax_rows,
     generate_ids,
     penalize,
     pick_token,
@@ -285,6 +288,53 @@ def test_pick_tokens_gives_each_row_its_one_row_token() -> None:
         picked = pick_tokens(logits, cfgs, together).tolist()
         assert picked == [pick_token(row, cfg, g) for row, cfg, g in zip(logits, cfgs, alone, strict=True)]
     assert len({pick_token(logits[4], cfgs[4], alone[4]) for _ in range(50)}) > 5  # they do sample
+
+
+def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution a row's token is drawn from, computed plainly: tempered, top_k, top_p."""
+    x = logits / cfg.temperature
+    if 0 < cfg.top_k < x.numel():
+        x = x.masked_fill(x < x.topk(cfg.top_k).values[-1], float("-inf"))
+    probs = x.softmax(-1)
+    if cfg.top_p < 1:
+        ordered, order = probs.sort(descending=True)
+        keep = ordered.cumsum(0) - ordered < cfg.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).index_put((order[keep],), ordered[keep])
+        probs /= probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=0.8, top_k=0),  # the whole vocabulary
+    dict(temperature=1.2, top_k=9),
+    dict(temperature=0.8, top_k=0, top_p=0.7),  # a nucleus among the 256 likeliest
+    dict(temperature=4.0, top_k=0, top_p=0.5),  # a nucleus of several hundred: more candidates looked at
+    dict(temperature=1.0, top_k=30, top_p=0.8),
+])
+def test_sampled_tokens_follow_the_filtered_distribution(options: dict) -> None:
+    """Thousands of rows of the same logits, each with its own generator: the tokens' frequencies
+    match the tempered, top-k and top-p filtered distribution, and nothing outside it is drawn."""
+    vocab, n = 2500, 6000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(4)) * 2
+    cfg = SamplingConfig(**options)
+    expected = filtered_probs(logits, cfg)
+    picks = pick_tokens(logits.expand(n, vocab), [cfg] * n, [torch.Generator().manual_seed(i) for i in range(n)])
+    freq = torch.bincount(picks, minlength=vocab).double() / n
+    assert freq[expected == 0].sum() == 0
+    # the L1 distance of n draws' frequencies from their distribution is about sqrt(2 / (pi n)) sum sqrt(p (1 - p))
+    typical = (2 / (math.pi * n)) ** 0.5 * (expected * (1 - expected)).double().sqrt().sum()
+    assert (freq - expected.double()).abs().sum() < 1.3 * typical + 0.01
+
+
+def test_argmax_rows_is_argmax_for_any_width_and_ties() -> None:
+    g = torch.Generator().manual_seed(5)
+    for width in (7, 300, 1000, 50257):
+        logits = torch.randn(6, width + 3, generator=g)[:, :width]  # a slice of padded rows, as the head's
+        logits[1, :] = 0.0  # all tied: the first
+        logits[2, width // 3] = logits[2, width - 1] = 9.0  # two maxima in different blocks
+        logits[3, -1] = 9.0  # the maximum in the last, partial block
+        assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("kind", ["learned", "rotary"])

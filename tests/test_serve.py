@@ -263,15 +263,16 @@ def test_new_tokens_logprobs_are_their_steps(client, models, name: str) -> None:
 
 
 def test_sampled_logprobs_are_of_the_raw_distribution(client, models) -> None:
-    """Not the tempered or top-k-filtered one: temperature changes the token, not its logprob."""
+    """Not the tempered, penalised or top-k-filtered one: those change the token, not its logprob."""
     lm = models["chars"]
-    choice = complete(client, max_tokens=10, temperature=1.5, extra_body={"top_k": 5}, seed=3, logprobs=0).choices[0]
+    choice = complete(client, max_tokens=10, temperature=1.5, extra_body={"top_k": 5, "repetition_penalty": 1.5},
+                      seed=3, logprobs=0).choices[0]
     ids = lm.tokenizer.encode(PROMPT)
     new = [lm.tokenizer.encode(t)[0] for t in choice.logprobs.tokens]
     ref = reference_logprobs(lm, ids + new)[len(ids) - 1: -1]
     assert choice.logprobs.token_logprobs == pytest.approx(ref[range(len(new)), new].tolist(), abs=1e-4)
     assert [list(top) for top in choice.logprobs.top_logprobs] == [[t] for t in choice.logprobs.tokens]
-    assert choice.text == solo(lm, PROMPT, max_tokens=10, temperature=1.5, top_k=5, seed=3)
+    assert choice.text == solo(lm, PROMPT, max_tokens=10, temperature=1.5, top_k=5, repetition_penalty=1.5, seed=3)
 
 
 def test_chat_logprobs(client) -> None:

@@ -206,13 +206,14 @@ def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
 def pick_tokens(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """The next token of each row of logits (n, vocab), row i with cfgs[i] and generators[i]:
-    (n,) on the logits' device, without a device sync.
+    (n,) on the logits' device, without a device sync (but on a CPU, where a sync is free).
 
-    Rows are processed together, grouped by the shape their sample is drawn from (the full
-    vocabulary, its top_k, or all of it sorted for top_p), so a step costs a few tensor operations
-    whatever the batch. Each sampled row draws its own exponential noise from its own generator,
-    exactly as `Tensor.multinomial(1)` does (argmax of probs / Exp(1) noise), so a row gets the
-    token it would get alone.
+    Rows are processed together, grouped by the shape their sample is drawn from (the argmax, the
+    top_k candidates, the nucleus for top_p, or the whole vocabulary), so a step costs a few tensor
+    operations whatever the batch. A sampled row draws one uniform number from its own generator
+    and takes the token at that point of its cumulative distribution (inverse transform
+    sampling: exact, and one draw where drawing a noise per candidate costs a millisecond a row
+    over a 50k vocabulary), so a row gets the token it would get alone. logits are not changed.
     """
     import torch
 
@@ -221,30 +222,48 @@ def pick_tokens(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
     vocab = logits.size(1)
     for i, cfg in enumerate(cfgs):
         kind = ("greedy" if cfg.temperature == 0 else "top_k" if 0 < cfg.top_k < vocab
-                else "sorted" if cfg.top_p < 1 else "plain")
+                else "nucleus" if cfg.top_p < 1 else "plain")
         groups.setdefault(kind, []).append(i)
     for kind, rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        x = logits[index]
-        if kind == "greedy":
-            out[index] = x.argmax(-1)
-        else:
+        every = len(rows) == logits.size(0)
+        index = slice(None) if every else torch.tensor(rows, device=logits.device)
+        if kind == "greedy":  # (the argmax of every row costs less than copying some)
+            out[index] = argmax_rows(logits) if every else argmax_rows(logits)[index]
+        else:  # the group's rows copied together (a slice of padded logits is slow to read)
+            x = logits.contiguous() if every else logits.index_select(0, index)
             out[index] = _sample_rows(x, kind, [cfgs[i] for i in rows], [generators[i] for i in rows])
     return out
 
 
-def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Sampled tokens (m,) for rows x (m, vocab) of one kind ("top_k", "sorted" or "plain")."""
+def argmax_rows(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """x.argmax(-1) of rows (n, vocab) without NaN (the first of equal maxima), found through each
+    block of `block` values' maximum: torch's argmax over a 50k vocabulary is about 7x slower than
+    its max (BENCHMARKS.md, Issue 23)."""
     import torch
 
-    device, vocab = x.device, x.size(1)
+    n, width = x.shape
+    whole = width // block * block
+    if whole < 4 * block:
+        return x.argmax(-1)
+    maxima = x[:, :whole].unflatten(1, (-1, block)).amax(-1)
+    if whole < width:
+        maxima = torch.cat([maxima, x[:, whole:].amax(-1, keepdim=True)], 1)
+    cols = (maxima.argmax(-1, keepdim=True) * block + torch.arange(block, device=x.device)).clamp_(max=width - 1)
+    return cols.gather(1, x.gather(1, cols).argmax(-1, keepdim=True))[:, 0]
+
+
+def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Sampled tokens (m,) for rows x (m, vocab) of one kind ("top_k", "nucleus" or "plain")."""
+    import torch
+
+    device = x.device
     # shifted to <= 0 and the temperature kept a representable positive number: however small it
     # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
     tiny = torch.finfo(x.dtype).tiny
     temperature = torch.tensor([[max(c.temperature, tiny)] for c in cfgs], dtype=x.dtype, device=device)
-    lengths = [vocab] * len(cfgs)  # how many candidates each row draws among
-    ids = None
+    top_p = torch.tensor([[c.top_p if c.top_p < 1 else math.inf] for c in cfgs], dtype=x.dtype, device=device)
+    ids = None  # the vocabulary ids of the candidates, when they are not all of it in order
     if kind == "top_k":  # the candidates first (the scores below keep their order): the rest is over k, not vocab
         lengths = [c.top_k for c in cfgs]
         x, ids = x.topk(max(lengths))  # sorted, largest first
@@ -252,24 +271,38 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
         if min(lengths) < x.size(1):  # rows of a smaller top_k: their extra candidates cannot be drawn
             beyond = torch.arange(x.size(1), device=device) >= torch.tensor(lengths, device=device)[:, None]
             x = x.masked_fill(beyond, float("-inf"))
+        probs = x.softmax(dim=-1)
     else:
-        x = (x - x.amax(-1, keepdim=True)) / temperature
-        if kind == "sorted":
-            x, ids = x.sort(descending=True)
-    probs = x.softmax(dim=-1)
-    if any(c.top_p < 1 for c in cfgs):
+        probs = ((x - x.amax(-1, keepdim=True)) / temperature).softmax(dim=-1)
+        if kind == "nucleus":
+            probs, ids = _nucleus_candidates(probs, top_p)
+    if ids is not None and any(c.top_p < 1 for c in cfgs):
         # keep the smallest prefix of the sorted tokens whose mass reaches top_p; the likeliest
         # always (a top_p below float32's smallest number would compare as 0 and keep none)
-        top_p = torch.tensor([[c.top_p if c.top_p < 1 else math.inf] for c in cfgs], dtype=probs.dtype,
-                             device=device)
         dropped = probs.cumsum(-1) - probs >= top_p
         dropped[:, 0] = False
         probs = probs.masked_fill(dropped, 0.0)
-    noise = torch.ones_like(probs)
-    for row, (n, generator) in enumerate(zip(lengths, generators, strict=True)):
-        noise[row, :n].exponential_(generator=generator)  # what multinomial(1) draws for n candidates
-    choice = (probs / noise).argmax(-1)
-    return choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    uniform = torch.stack([torch.rand((), generator=g, device=device, dtype=cdf.dtype) for g in generators])
+    # the first candidate whose cumulative mass passes u * total: never one of probability 0 (the
+    # point is kept below the total, which float rounding of u * total could reach)
+    point = torch.minimum(uniform[:, None] * total, total.nextafter(torch.zeros_like(total)))
+    choice = torch.searchsorted(cdf, point, right=True)
+    return choice[:, 0] if ids is None else ids.gather(1, choice)[:, 0]
+
+
+def _nucleus_candidates(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The likeliest tokens of rows probs (m, vocab), sorted, largest first, with their ids: on a
+    CPU as few as hold every row's top_p mass (a full sort of 50k values is 5 ms a row there);
+    elsewhere all of them (a partial one would need a device sync)."""
+    vocab = probs.size(1)
+    k = min(vocab, 256) if probs.device.type == "cpu" else vocab
+    while True:
+        values, ids = probs.topk(k) if k < vocab else probs.sort(descending=True)
+        if k == vocab or bool((values.cumsum(-1)[:, -1:] >= top_p).all()):
+            return values, ids
+        k = min(vocab, 8 * k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,13 +478,16 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
         return
     logits = logits[:, :vocab].float()  # padded ids beyond the tokenizer's are never produced
     penalized = [i for i, c in enumerate(group) if c.seen is not None]
-    if penalized:
+    if penalized:  # on a copy: the logprobs are of the raw logits
+        logits = logits.clone()
         index = torch.tensor(penalized, device=logits.device)
         penalty = torch.tensor([[group[i].cfg.repetition_penalty] for i in penalized], device=logits.device)
         seen = torch.stack([group[i].seen for i in penalized])
         logits[index] = penalize(logits[index], seen, penalty)
     finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))  # NaN propagates: all finite
-    tokens = pick_tokens(logits.where(finite[:, None], 0.0), [c.cfg for c in group], [c.generator for c in group])
+    if logits.device.type != "cpu" or not bool(finite.all()):  # (reading a CPU tensor is no device sync)
+        logits = logits.where(finite[:, None], 0.0)
+    tokens = pick_tokens(logits, [c.cfg for c in group], [c.generator for c in group])
     tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
     for i, (c, token, ok) in enumerate(zip(group, tokens, finite, strict=True)):
         if ok and c.logprobs is not None:  # every token produced, the one that ends the text included
