@@ -10,7 +10,7 @@ from conftest import REPO
 from mypt.config import ModelConfig, load_model_config
 from mypt.estimate import count_params, estimate_memory, flops_per_token, param_breakdown
 from mypt.model import GPT, RMSNorm, apply_rope, rope_table
-from mypt.ops import linear_cross_entropy, row_max
+from mypt.ops import linear_cross_entropy, row_max, squared_relu
 
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.json"))
 EXPECTED = {"tiny.json": 11_454_144, "small.json": 30_036_864, "150M.json": 152_101_632,
@@ -394,3 +394,16 @@ def test_loss_head_row_max_is_amax(dtype, vocab):
     t = (torch.randn(7, vocab) * 5).to(dtype)
     t[3, 700] = 99.0  # the largest value anywhere in a row
     assert torch.equal(row_max(t), t.amax(dim=1))
+
+
+def test_squared_relu_with_and_without_autograd() -> None:
+    """The same values whether a gradient is needed (its own backward) or not (decoding), and the
+    gradient 2 relu(x)."""
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = squared_relu(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), F.relu(x.detach()) ** 2)
+    assert torch.equal(x.grad, 2 * F.relu(x.detach()))
+    with torch.inference_mode():
+        assert torch.equal(squared_relu(x.detach()), y.detach())
+        assert torch.equal(squared_relu(x), y.detach())

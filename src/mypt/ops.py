@@ -70,8 +70,11 @@ class _SquaredReLU(torch.autograd.Function):
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)^2."""
-    return _SquaredReLU.apply(x)
+    """relu(x)^2 (without autograd's Function machinery where nothing needs a gradient: a
+    decoding step calls this once a block)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SquaredReLU.apply(x)
+    return torch.relu(x).square_()
 
 
 # ---------------------------------------------------------------------------------------------
