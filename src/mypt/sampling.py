@@ -262,7 +262,9 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
     # is, the scores become 0 and -inf (greedy), never inf - inf or 0 / 0 (NaN)
     tiny = torch.finfo(x.dtype).tiny
     temperature = torch.tensor([[max(c.temperature, tiny)] for c in cfgs], dtype=x.dtype, device=device)
-    top_p = torch.tensor([[c.top_p if c.top_p < 1 else math.inf] for c in cfgs], dtype=x.dtype, device=device)
+    top_p = None
+    if any(c.top_p < 1 for c in cfgs):
+        top_p = torch.tensor([[c.top_p if c.top_p < 1 else math.inf] for c in cfgs], dtype=x.dtype, device=device)
     ids = None  # the vocabulary ids of the candidates, when they are not all of it in order
     if kind == "top_k":  # the candidates first (the scores below keep their order): the rest is over k, not vocab
         lengths = [c.top_k for c in cfgs]
@@ -276,7 +278,7 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
         probs = ((x - x.amax(-1, keepdim=True)) / temperature).softmax(dim=-1)
         if kind == "nucleus":
             probs, ids = _nucleus_candidates(probs, top_p)
-    if ids is not None and any(c.top_p < 1 for c in cfgs):
+    if ids is not None and top_p is not None:
         # keep the smallest prefix of the sorted tokens whose mass reaches top_p; the likeliest
         # always (a top_p below float32's smallest number would compare as 0 and keep none)
         dropped = probs.cumsum(-1) - probs >= top_p
@@ -284,10 +286,11 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
         probs = probs.masked_fill(dropped, 0.0)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    uniform = torch.stack([torch.rand((), generator=g, device=device, dtype=cdf.dtype) for g in generators])
+    uniform = (torch.rand((1, 1), generator=generators[0], device=device, dtype=cdf.dtype) if len(generators) == 1
+               else torch.stack([torch.rand((1,), generator=g, device=device, dtype=cdf.dtype) for g in generators]))
     # the first candidate whose cumulative mass passes u * total: never one of probability 0 (the
     # point is kept below the total, which float rounding of u * total could reach)
-    point = torch.minimum(uniform[:, None] * total, total.nextafter(torch.zeros_like(total)))
+    point = torch.minimum(uniform * total, total.nextafter(torch.zeros_like(total)))
     choice = torch.searchsorted(cdf, point, right=True)
     return choice[:, 0] if ids is None else ids.gather(1, choice)[:, 0]
 
