@@ -228,7 +228,7 @@ def pick_tokens(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
         every = len(rows) == logits.size(0)
         index = slice(None) if every else torch.tensor(rows, device=logits.device)
         if kind == "greedy":  # (the argmax of every row costs less than copying some)
-            out[index] = argmax_rows(logits) if every else argmax_rows(logits)[index]
+            out[index] = argmax_rows(logits)[index]
         else:  # the group's rows copied together (a slice of padded logits is slow to read)
             x = logits.contiguous() if every else logits.index_select(0, index)
             out[index] = _sample_rows(x, kind, [cfgs[i] for i in rows], [generators[i] for i in rows])
@@ -286,8 +286,7 @@ def _sample_rows(x: torch.Tensor, kind: str, cfgs: list[SamplingConfig],
         probs = probs.masked_fill(dropped, 0.0)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    uniform = (torch.rand((1, 1), generator=generators[0], device=device, dtype=cdf.dtype) if len(generators) == 1
-               else torch.stack([torch.rand((1,), generator=g, device=device, dtype=cdf.dtype) for g in generators]))
+    uniform = torch.cat([torch.rand((1, 1), generator=g, device=device, dtype=cdf.dtype) for g in generators])
     # the first candidate whose cumulative mass passes u * total: never one of probability 0 (the
     # point is kept below the total, which float rounding of u * total could reach)
     point = torch.minimum(uniform * total, total.nextafter(torch.zeros_like(total)))
