@@ -8,10 +8,12 @@ In one run: (1) the machine's read bandwidth, the best of --repeats sums over a 
 with --threads threads; (2) for each preset (random weights, seed 0, dropout 0) greedy decoding of
 --new_tokens tokens at batch 1 after a 16-token prompt through MyPT's own path
 (sampling.generate_ids, KV cache), timed from the first new token to the last, best of --repeats,
-each as load_model lays it out (mypt.ops.lay_out_for_decoding): in fp32 (MyPT's fp32 kernel where
-mypt.kernels runs, else column-major matrices), in fp32 as plain row-major nn.Linear layers and
-torch's products (fp32-rows), in bf16 weights where the CPU has native bf16
-(avx512_bf16 or AMX; else said and skipped) and in int8 (mypt.quant); bytes per token are the
+each as load_model lays it out (mypt.ops.lay_out_for_decoding): in fp32 (where mypt.kernels runs,
+each token one call of the fused step, mypt.decode_step; else column-major matrices), the same
+decoded by eager PyTorch's operations with MyPT's kernel for each product (fp32-ops), in fp32 as
+plain row-major nn.Linear layers and torch's products (fp32-rows), in bf16 weights where the CPU
+has native bf16 (avx512_bf16 or AMX; else said and skipped) and in int8 (mypt.quant; fused, and
+int8-ops as fp32-ops); bytes per token are the
 weights a step reads (every matrix whole, one embedding row, the norms) plus the KV cache at the
 mean context length, and the roofline
 fraction is tokens/s x bytes per token / bandwidth; (3) batch-1 matrix-vector products through
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,8 +80,11 @@ def build(preset: str) -> GPT:
 
 
 def variant(model: GPT, kind: str) -> GPT:
-    """The model as load_model gives it for `kind` (fp32-rows: fp32 without the decoding layout)."""
+    """The model as load_model gives it for `kind` (fp32-rows: fp32 without the decoding layout;
+    a kind ending in -ops: as without it, decoded by eager PyTorch's operations instead of the
+    fused step, see decode_speed)."""
     m = copy.deepcopy(model)
+    kind = kind.removesuffix("-ops")
     if kind == "fp32-rows":
         return m
     if kind == "bf16":
@@ -103,8 +109,15 @@ def bytes_per_token(model: GPT, context: float) -> float:
     return total + kv
 
 
-def decode_speed(model: GPT, new_tokens: int, repeats: int) -> float:
-    """Best tokens/s of greedy batch-1 decoding, first new token to last (the prefill excluded)."""
+def decode_speed(model: GPT, new_tokens: int, repeats: int, fused: bool = True) -> float:
+    """Best tokens/s of greedy batch-1 decoding, first new token to last (the prefill excluded);
+    fused=False: without mypt.decode_step's one-call step (MYPT_DECODE_STEP=0)."""
+    if not fused:
+        os.environ["MYPT_DECODE_STEP"] = "0"
+        try:
+            return decode_speed(model, new_tokens, repeats)
+        finally:
+            del os.environ["MYPT_DECODE_STEP"]
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eot=True)
     prompt = torch.randint(0, model.config.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
     best = 0.0
@@ -119,18 +132,20 @@ def decode_speed(model: GPT, new_tokens: int, repeats: int) -> float:
 
 def roofline(args: argparse.Namespace, bw: float) -> None:
     print("\n## Batch-1 decode against the roofline\n")
-    print(f"{'preset':<24}{'weights':>8}{'MB/token':>10}{'tokens/s':>10}{'GB/s':>8}{'roofline':>10}{'vs fp32':>9}")
-    kinds = ["fp32", "fp32-rows", "bf16", "int8"] if native_bf16() else ["fp32", "fp32-rows", "int8"]
+    print(f"{'preset':<24}{'weights':>10}{'MB/token':>10}{'tokens/s':>10}{'GB/s':>8}{'roofline':>10}{'vs fp32':>9}")
+    kinds = ["fp32", "fp32-ops", "fp32-rows", "bf16", "int8", "int8-ops"]
+    if not native_bf16():
+        kinds.remove("bf16")
     context = PROMPT_LEN + args.new_tokens / 2
     for preset in args.presets:
         model = build(preset)
         base = None
         for kind in kinds:
             m = variant(model, kind)
-            speed = decode_speed(m, args.new_tokens, args.repeats)
+            speed = decode_speed(m, args.new_tokens, args.repeats, fused=not kind.endswith("-ops"))
             nbytes = bytes_per_token(m, min(context, m.config.block_size))
             base = base or speed
-            print(f"{preset:<24}{kind:>8}{nbytes / 1e6:>10.1f}{speed:>10.1f}{speed * nbytes / 1e9:>8.1f}"
+            print(f"{preset:<24}{kind:>10}{nbytes / 1e6:>10.1f}{speed:>10.1f}{speed * nbytes / 1e9:>8.1f}"
                   f"{speed * nbytes / bw:>10.0%}{speed / base:>8.2f}x", flush=True)
             del m
     if "bf16" not in kinds:

@@ -4,10 +4,12 @@ Decoding one sequence multiplies one row by every matrix, and torch's fp32 matri
 reads small matrices at about half the memory bandwidth (BENCHMARKS.md, Issue 23). csrc/decode.cpp
 holds the products MyPT runs instead (AVX2 + FMA, OpenMP over output rows): fp32 (`fp32_linear`,
 used by `DecodeLinear` and GPT.head_logits) and weight-only int8 (`int8_function`, used by
-mypt.quant). The file is compiled with the system's C++ compiler (g++ or $CXX) on first use into a
-cache folder (~/.cache/mypt/kernels, or $MYPT_KERNEL_DIR), named by a hash of the source, compiler
-and flags, and called through ctypes. Where it cannot be built (another CPU, no compiler), or for
-more than MAX_ROWS rows (a prompt, a batch), torch does the product: `problem()` says why.
+mypt.quant); and on top of them a whole decoding step of one token through every block
+(`decode_step_function`, used by mypt.decode_step). The file is compiled with the system's C++
+compiler (g++ or $CXX) on first use into a cache folder (~/.cache/mypt/kernels, or
+$MYPT_KERNEL_DIR), named by a hash of the source, compiler and flags, and called through ctypes.
+Where it cannot be built (another CPU, no compiler), or for more than MAX_ROWS rows (a prompt, a
+batch), torch does the product: `problem()` says why.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def problem() -> str | None:
 def int8_function():  # -> the ctypes function mypt_int8_linear, or None
     lib = _loaded()[0]
     return None if lib is None else lib.mypt_int8_linear
+
+
+def decode_step_function():  # -> the ctypes function mypt_decode_step (mypt.decode_step), or None
+    lib = _loaded()[0]
+    return None if lib is None else lib.mypt_decode_step
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -107,6 +114,9 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mypt_int8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.mypt_fp32_linear.restype = None
     lib.mypt_fp32_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.mypt_decode_step.restype = None
+    lib.mypt_decode_step.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+                                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
     return lib, None
 
 

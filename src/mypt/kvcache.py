@@ -40,6 +40,7 @@ class KVCache:
         self.pos = torch.zeros(batch, dtype=torch.long)  # on the host: no device sync to plan a step
         self.ring = ring  # rows wrap around (rotary positions, capacity == block_size)
         self.head: torch.Tensor | None = None  # lm_head weight as (n_embd, vocab), see GPT.new_cache
+        self.decode_step = None  # a mypt.decode_step.DecodeStep feeding this cache, see GPT.new_cache
 
     @property
     def batch(self) -> int:

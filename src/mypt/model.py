@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mypt import decode_step
 from mypt.kernels import MAX_ROWS, DecodeLinear
 from mypt.kvcache import CacheStep, KVCache
 from mypt.ops import attends_in_fp32, attention, linear_cross_entropy, rms_norm, squared_relu
@@ -298,12 +299,15 @@ class GPT(nn.Module):
         capacity = c.block_size if capacity is None else min(capacity, c.block_size)
         cache = KVCache(c.n_layer, batch, c.kv_heads, capacity, c.head_dim, device, dtype,
                         ring=c.position == "rope" and capacity == c.block_size)
-        if device.type == "cpu" and type(self.lm_head) in (nn.Linear, DecodeLinear):
+        head = type(self.lm_head)
+        if device.type == "cpu" and (head is nn.Linear or (head is DecodeLinear and batch > MAX_ROWS)):
             # On a CPU, rows of logits are faster against a contiguous (n_embd, vocab) copy of
             # the head than through torch's nn.Linear (vocab, n_embd) (BENCHMARKS.md, Generation);
-            # a few rows of a DecodeLinear head are faster still (head_logits). A head replaced
+            # a few rows of a DecodeLinear head are faster still (head_logits), so a cache of a
+            # few rows needs no copy (which costs as long as a dozen tokens). A head replaced
             # from outside (mypt.quant's int8 layer) runs itself.
             cache.head = self.lm_head.weight.detach().t().contiguous()
+        cache.decode_step = decode_step.plan(self, cache)  # one token of one row as one call, where it applies
         return cache
 
     @torch.no_grad()
@@ -327,6 +331,10 @@ class GPT(nn.Module):
         several passes makes the logits of all of them in one head_logits: the head's weights,
         the largest matrix of a small model, are then read once a step.
         """
+        if cache is not None and cache.decode_step is not None and not last:
+            x = cache.decode_step.run(idx, rows)
+            if x is not None:
+                return x
         step = None if cache is None else cache.step(rows, idx.size(1))
         x = self.hidden_states(idx, step, start)
         x = x[:, -last:, :] if last else x[:, -1, :]

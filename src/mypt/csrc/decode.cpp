@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define QBLOCK 32
 
@@ -67,7 +68,7 @@ static inline float dot_row(const int8_t* w, const int8_t* xq, const float* xs, 
 }
 
 // out (M, N) = (x (M, K) @ W.T) * wscale; xq (M, K) and xs (M, ceil(K/32)) are scratch space.
-void mypt_int8_linear(const float* x, const int8_t* w, const float* wscale, float* out, int8_t* xq, float* xs,
+static void int8_linear(const float* x, const int8_t* w, const float* wscale, float* out, int8_t* xq, float* xs,
                       int64_t M, int64_t N, int64_t K, int threads) {
     quantize_rows(x, M, K, xq, xs);
     const int64_t nb = (K + QBLOCK - 1) / QBLOCK;
@@ -78,8 +79,13 @@ void mypt_int8_linear(const float* x, const int8_t* w, const float* wscale, floa
     }
 }
 
+void mypt_int8_linear(const float* x, const int8_t* w, const float* wscale, float* out, int8_t* xq, float* xs,
+                      int64_t M, int64_t N, int64_t K, int threads) {
+    int8_linear(x, w, wscale, out, xq, xs, M, N, K, threads);
+}
+
 // out (M, N) = x (M, K) @ W.T for W fp32 (N, K) row-major.
-void mypt_fp32_linear(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K, int threads) {
+static void fp32_linear(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t K32 = K / 32 * 32;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
@@ -99,6 +105,174 @@ void mypt_fp32_linear(const float* x, const float* w, float* out, int64_t M, int
             out[m * N + n] = sum;
         }
     }
+}
+
+void mypt_fp32_linear(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K, int threads) {
+    fp32_linear(x, w, out, M, N, K, threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// mypt_decode_step: one token of batch-1 decoding through every block, as one call (mypt.fused
+// lays the model out in these structs). Eager PyTorch spends about 20 operator calls a block
+// on a token, a fixed cost that at batch 1 weighs as much as reading small weights
+// (BENCHMARKS.md, Issue 23); here a block is its matrix-vector products (the kernels above,
+// OpenMP over output rows) and a few loops over vectors of n_embd values. The same arithmetic
+// as mypt.model in fp32: norms, (qk-norm), rotary, attention over the row's cached keys
+// (which this call extends), MLP, residuals, the final norm.
+
+struct MyptLinear {
+    const void* w;       // fp32 (n, k) or int8 (n, k) row-major
+    const float* scale;  // int8: one scale per output row; fp32: null
+    const float* bias;   // (n,) or null
+    int64_t n, k;
+    int32_t int8;
+};
+
+struct MyptNorm {
+    const float* w;  // gain (dim,); null: no norm here (qk-norm off)
+    const float* b;  // bias (dim,) or null
+    float eps;
+    int32_t rms;  // 1: RMSNorm, 0: LayerNorm
+};
+
+struct MyptLayer {
+    MyptNorm ln_1, q_norm, k_norm, ln_2;
+    MyptLinear attn, attn_proj, fc, mlp_proj;
+};
+
+struct MyptModel {
+    int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, hidden, capacity;
+    int32_t mlp;  // 0: tanh GELU, 1: squared ReLU, 2: SwiGLU (c_fc holds gate, then up)
+    const float* wte;  // (vocab, n_embd)
+    const float* wpe;  // (block_size, n_embd), or null: rotary positions
+    const MyptLayer* layers;
+    MyptNorm ln_f;
+    float* scratch;  // n_embd + n_embd + qkv + n_head * head_dim + n_head * capacity + fc rows
+    int8_t* qscratch;  // int8 activations (max k) then their block scales (fp32, aligned)
+};
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float s = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void apply_norm(const MyptNorm& nm, const float* x, float* out, int64_t n) {
+    float mean = 0.f;
+    if (!nm.rms) {
+        for (int64_t i = 0; i < n; i++) mean += x[i];
+        mean /= (float)n;
+    }
+    float var = 0.f;
+    for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.f / sqrtf(var / (float)n + nm.eps);
+    for (int64_t i = 0; i < n; i++) {
+        const float y = (x[i] - mean) * rstd * nm.w[i];
+        out[i] = nm.b ? y + nm.b[i] : y;
+    }
+}
+
+static void linear(const MyptModel* m, const MyptLinear& l, const float* x, float* out, int threads) {
+    if (l.int8) {
+        const int64_t at = (l.k + 15) / 16 * 16;
+        int8_linear(x, (const int8_t*)l.w, l.scale, out, m->qscratch, (float*)(m->qscratch + at), 1, l.n, l.k,
+                    threads);
+    } else {
+        fp32_linear(x, (const float*)l.w, out, 1, l.n, l.k, threads);
+    }
+    if (l.bias)
+        for (int64_t i = 0; i < l.n; i++) out[i] += l.bias[i];
+}
+
+// Rotate each pair (v[2j], v[2j + 1]) by the complex number (rot[2j], rot[2j + 1]).
+static inline void rotate(float* v, const float* rot, int64_t hs) {
+    for (int64_t j = 0; j < hs / 2; j++) {
+        const float a = v[2 * j], b = v[2 * j + 1], c = rot[2 * j], s = rot[2 * j + 1];
+        v[2 * j] = a * c - b * s;
+        v[2 * j + 1] = a * s + b * c;
+    }
+}
+
+// token at position pos: its keys and values go to slot pos % capacity of the row whose layer-0
+// keys start at k0 (layer l's at k0 + l * layer_stride, laid out (n_kv_head, capacity, head_dim)),
+// and it attends to the first `length` slots. rot: the rotation of position pos (head_dim / 2
+// complex numbers as (cos, sin) pairs), null for learned positions. out: the final norm's output.
+void mypt_decode_step(const MyptModel* m, int64_t token, int64_t pos, int64_t length, const float* rot, float* k0,
+                      float* v0, int64_t layer_stride, float* out, int threads) {
+    const int64_t C = m->n_embd, nh = m->n_head, nkv = m->n_kv_head, hs = m->head_dim, S = m->capacity;
+    const int64_t slot = pos % S, group = nh / nkv, nq = nh * hs;
+    const float scale = 1.f / sqrtf((float)hs);
+    float* x = m->scratch;
+    float* h = x + C;
+    float* qkv = h + C;
+    float* y = qkv + nq + 2 * nkv * hs;
+    float* scores = y + nq;
+    float* f = scores + nh * S;
+    for (int64_t i = 0; i < C; i++) x[i] = m->wte[token * C + i] + (m->wpe ? m->wpe[pos * C + i] : 0.f);
+    for (int64_t layer = 0; layer < m->n_layer; layer++) {
+        const MyptLayer& L = m->layers[layer];
+        float* kc = k0 + layer * layer_stride;
+        float* vc = v0 + layer * layer_stride;
+        apply_norm(L.ln_1, x, h, C);
+        linear(m, L.attn, h, qkv, threads);
+        float* q = qkv;
+        float* k = qkv + nq;
+        float* v = k + nkv * hs;
+        for (int64_t j = 0; j < nh + nkv; j++) {  // queries then keys, one head at a time
+            float* head = qkv + j * hs;
+            const MyptNorm& nm = j < nh ? L.q_norm : L.k_norm;
+            if (nm.w) apply_norm(nm, head, head, hs);
+            if (rot) rotate(head, rot, hs);
+        }
+        for (int64_t g = 0; g < nkv; g++) {
+            memcpy(kc + (g * S + slot) * hs, k + g * hs, hs * sizeof(float));
+            memcpy(vc + (g * S + slot) * hs, v + g * hs, hs * sizeof(float));
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t j = 0; j < nh; j++) {
+            const float* qh = q + j * hs;
+            const float* keys = kc + (j / group) * S * hs;
+            const float* values = vc + (j / group) * S * hs;
+            float* sc = scores + j * S;
+            float top = -INFINITY;
+            for (int64_t s = 0; s < length; s++) {
+                sc[s] = dot(qh, keys + s * hs, hs) * scale;
+                top = fmaxf(top, sc[s]);
+            }
+            float total = 0.f;
+            for (int64_t s = 0; s < length; s++) total += (sc[s] = expf(sc[s] - top));
+            float* yh = y + j * hs;
+            for (int64_t i = 0; i < hs; i++) yh[i] = 0.f;
+            const float inv = 1.f / total;
+            for (int64_t s = 0; s < length; s++) {
+                const float p = sc[s] * inv;
+                const float* vs = values + s * hs;
+                for (int64_t i = 0; i < hs; i++) yh[i] += p * vs[i];
+            }
+        }
+        linear(m, L.attn_proj, y, h, threads);
+        for (int64_t i = 0; i < C; i++) x[i] += h[i];
+        apply_norm(L.ln_2, x, h, C);
+        linear(m, L.fc, h, f, threads);
+        const int64_t H = m->hidden;
+        if (m->mlp == 0) {
+            const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+            for (int64_t i = 0; i < H; i++) f[i] = 0.5f * f[i] * (1.f + tanhf(c * (f[i] + 0.044715f * f[i] * f[i] * f[i])));
+        } else if (m->mlp == 1) {
+            for (int64_t i = 0; i < H; i++) f[i] = f[i] > 0.f ? f[i] * f[i] : 0.f;
+        } else {
+            for (int64_t i = 0; i < H; i++) f[i] = f[i] / (1.f + expf(-f[i])) * f[H + i];
+        }
+        linear(m, L.mlp_proj, f, h, threads);
+        for (int64_t i = 0; i < C; i++) x[i] += h[i];
+    }
+    apply_norm(m->ln_f, x, out, C);
 }
 
 }

@@ -1,0 +1,138 @@
+"""Batch-1 decoding as one call: each new token of one row through every block in MyPT's kernel.
+
+Eager PyTorch runs a decoding step as about 20 operator calls a block, whose fixed cost at batch 1
+is as large as reading a small model's weights (BENCHMARKS.md, Issue 23). `GPT.new_cache` asks
+`plan(model, cache)` for a `DecodeStep` when the model is laid out for decoding on a CPU
+(mypt.ops.lay_out_for_decoding's DecodeLinear layers, or mypt.quant's Int8Linear) and the cache
+is fp32; `GPT.next_hidden` then feeds one token of one row through `DecodeStep.run`, a single
+call of csrc/decode.cpp's mypt_decode_step (the same arithmetic as mypt.model, in fp32, writing
+the same cache). Anything else takes the eager path: a prompt, several rows, drafted tokens,
+autocast, a layer of another kind (LoRA). `MYPT_DECODE_STEP=0` in the environment turns the
+fused step off (to compare against it, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mypt import kernels
+from mypt.kvcache import KVCache
+from mypt.quant import QBLOCK, Int8Linear
+
+MLP_KINDS = {"gelu": 0, "relu2": 1, "swiglu": 2}
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("int8", ctypes.c_int32)]
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("b", ctypes.c_void_p), ("eps", ctypes.c_float), ("rms", ctypes.c_int32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = ([(name, _Norm) for name in ("ln_1", "q_norm", "k_norm", "ln_2")]
+                + [(name, _Linear) for name in ("attn", "attn_proj", "fc", "mlp_proj")])
+
+
+class _Model(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int64)
+                 for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "hidden", "capacity")]
+                + [("mlp", ctypes.c_int32), ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p),
+                   ("layers", ctypes.POINTER(_Layer)), ("ln_f", _Norm), ("scratch", ctypes.c_void_p),
+                   ("qscratch", ctypes.c_void_p)])
+
+
+def _fp32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+def _linear(layer: nn.Module) -> _Linear | None:
+    if type(layer) is kernels.DecodeLinear and _fp32(layer.weight) and _fp32(layer.bias):
+        return _Linear(layer.weight.data_ptr(), None, _ptr(layer.bias), *layer.weight.shape, 0)
+    if type(layer) is Int8Linear and layer.qweight.is_contiguous() and _fp32(layer.bias):
+        return _Linear(layer.qweight.data_ptr(), layer.scale.data_ptr(), _ptr(layer.bias), *layer.qweight.shape, 1)
+    return None
+
+
+def _norm(norm: nn.Module | None) -> _Norm | None:
+    if norm is None:
+        return _Norm(None, None, 0.0, 0)
+    if type(norm) is nn.LayerNorm and norm.weight is not None and _fp32(norm.weight) and _fp32(norm.bias):
+        return _Norm(norm.weight.data_ptr(), _ptr(norm.bias), norm.eps, 0)
+    if isinstance(norm, nn.RMSNorm) and norm.weight is not None and norm.eps is not None and _fp32(norm.weight):
+        return _Norm(norm.weight.data_ptr(), None, norm.eps, 1)
+    return None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeStep:
+    """One model's fused decoding step over one cache (built by `plan`)."""
+
+    def __init__(self, model: Any, cache: KVCache, layers: list[_Layer], ln_f: _Norm) -> None:
+        cfg = model.config
+        self.model, self.cache = model, cache  # kept alive: the structs point into their tensors
+        self.rope = cfg.position == "rope"
+        self.vocab, self.n_embd = cfg.vocab_size, cfg.n_embd
+        S, nh, hs = cache.capacity, cfg.n_head, cfg.head_dim
+        fc_rows = model.transformer.h[0].mlp.c_fc.out_features if layers else 0
+        qkv = (nh + 2 * cfg.kv_heads) * hs
+        self.scratch = torch.empty(2 * cfg.n_embd + qkv + nh * hs + nh * S + fc_rows)
+        widest = max(cfg.n_embd, nh * hs, cfg.hidden_size)
+        self.qscratch = torch.empty(-(-widest // 16) * 16 + 4 * (-(-widest // QBLOCK)), dtype=torch.int8)
+        self.layers = (_Layer * len(layers))(*layers)
+        wpe = model.transformer.wpe.weight if cfg.position == "learned" else None
+        self.struct = _Model(cfg.n_layer, cfg.n_embd, nh, cfg.kv_heads, hs, cfg.hidden_size, S, MLP_KINDS[cfg.mlp],
+                             model.transformer.wte.weight.data_ptr(), _ptr(wpe), self.layers, ln_f,
+                             self.scratch.data_ptr(), self.qscratch.data_ptr())
+        self.row_bytes = cache.k[0, 0].numel() * 4
+        self.layer_stride = cache.k[0].numel()  # in values
+
+    def run(self, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The final hidden state (1, n_embd) after feeding idx (1, 1) to cache row rows[0] (row 0
+        if None) and advancing it; None where the eager path must run instead."""
+        cache = self.cache
+        if idx.shape != (1, 1) or torch.is_autocast_enabled("cpu") or (rows is None and cache.batch != 1):
+            return None
+        row = 0 if rows is None else int(rows[0])
+        token, pos = int(idx[0, 0]), int(cache.pos[row])
+        if not 0 <= token < self.vocab or (not cache.ring and pos >= cache.capacity):
+            return None  # the eager path says what is wrong
+        rot = self.model.rope(torch.tensor([pos]), pos + 1) if self.rope else None  # (1, 1, head_dim / 2) complex
+        out = torch.empty(1, self.n_embd)
+        kernels.decode_step_function()(
+            ctypes.addressof(self.struct), token, pos, min(cache.capacity, pos + 1), _ptr(rot),
+            cache.k.data_ptr() + row * self.row_bytes, cache.v.data_ptr() + row * self.row_bytes, self.layer_stride,
+            out.data_ptr(), torch.get_num_threads())
+        cache.pos[row] += 1
+        return out
+
+
+def plan(model: Any, cache: KVCache) -> DecodeStep | None:
+    """A DecodeStep for model (a GPT) and cache, or None where the fused step does not apply."""
+    cfg = model.config
+    if (os.environ.get("MYPT_DECODE_STEP") == "0" or model.training or cache.k.dtype != torch.float32
+            or cache.k.device.type != "cpu" or cfg.mlp not in MLP_KINDS or kernels.decode_step_function() is None):
+        return None
+    wte, wpe = model.transformer.wte, model.transformer.wpe if cfg.position == "learned" else None
+    if any(e is not None and (type(e) is not nn.Embedding or not _fp32(e.weight)) for e in (wte, wpe)):
+        return None
+    layers = []
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        norms = [_norm(n) for n in (block.ln_1, attn.q_norm, attn.k_norm, block.ln_2)]
+        linears = [_linear(lin) for lin in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
+        if any(part is None for part in norms + linears):
+            return None
+        layers.append(_Layer(*norms, *linears))
+    ln_f = _norm(model.transformer.ln_f)
+    return None if ln_f is None else DecodeStep(model, cache, layers, ln_f)

@@ -1,0 +1,108 @@
+"""The fused batch-1 decoding step (mypt.decode_step, csrc/decode.cpp) against the eager path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mypt import quant
+from mypt.config import ModelConfig
+from mypt.model import GPT
+from mypt.ops import lay_out_for_decoding
+from mypt.sampling import SamplingConfig, generate_ids
+
+VOCAB, BLOCK = 97, 24
+VARIANTS = {
+    "gpt2": dict(),  # learned positions, LayerNorm with biases, GELU, tied
+    "modern": dict(position="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, n_kv_head=2, bias=False,
+                   tie_embeddings=False),
+    "swiglu-layernorm": dict(position="rope", mlp="swiglu", qk_norm=True, bias=False),
+    "learned-rmsnorm-mqa": dict(norm="rmsnorm", n_kv_head=1),
+}
+CPU = torch.device("cpu")
+
+
+def model(variant: str, weights: str = "fp32", seed: int = 0) -> GPT:
+    """A 2-layer, 64-wide model laid out for decoding, its norms and biases moved off their
+    initial values (so a norm's gain or a bias left out would show)."""
+    torch.manual_seed(seed)
+    m = GPT(ModelConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=64, dropout=0.0,
+                        **VARIANTS[variant]))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "ln" in name or "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+            if name.endswith("c_proj.weight"):
+                p.normal_(0, 0.05)
+    m.eval()
+    if weights == "int8":
+        quant.quantize(m, "int8")
+    return lay_out_for_decoding(m)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_gives_the_eager_paths_hidden_states_and_cache(variant: str, weights: str, batch: int) -> None:
+    """Token by token, in the last row of a cache of `batch` rows, past block_size (a rotary row
+    wraps around): the same final hidden states and the same keys and values as eager PyTorch."""
+    m = model(variant, weights)
+    fused, eager = (m.new_cache(batch, CPU, torch.float32) for _ in range(2))
+    assert fused.decode_step is not None
+    eager.decode_step = None
+    rows = torch.tensor([batch - 1]) if batch > 1 else None
+    # int8: the activations are rounded to int8 in the kernel, so a last-bit difference in a
+    # layer's input can move one value by a step of its block's scale
+    atol, cache_atol = (1e-4, 1e-5) if weights == "fp32" else (0.05, 0.05)
+    torch.manual_seed(1)
+    steps = 2 * BLOCK if m.config.position == "rope" else BLOCK - 6
+    with torch.no_grad():
+        prompt = torch.randint(0, VOCAB, (1, 5))
+        m.next_hidden(prompt, fused, rows), m.next_hidden(prompt, eager, rows)
+        for _ in range(steps):
+            token = torch.randint(0, VOCAB, (1, 1))
+            a, b = m.next_hidden(token, fused, rows), m.next_hidden(token, eager, rows)
+            assert a.shape == b.shape == (1, 64)
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    assert fused.pos.tolist() == eager.pos.tolist() and int(fused.pos[batch - 1]) == 5 + steps
+    torch.testing.assert_close(fused.k, eager.k, atol=cache_atol, rtol=0)
+    torch.testing.assert_close(fused.v, eager.v, atol=cache_atol, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_greedy_text_is_the_same_with_and_without_the_fused_step(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past block_size for both position kinds (a learned-position window is refilled by the eager path)."""
+    m = model(variant, seed=3)
+    cfg = SamplingConfig(max_new_tokens=3 * BLOCK, temperature=0)
+    fused = list(generate_ids(m, [5, 6, 7], cfg, vocab_size=VOCAB, seed=0))
+    monkeypatch.setenv("MYPT_DECODE_STEP", "0")
+    assert m.new_cache(1, CPU, torch.float32).decode_step is None
+    eager = list(generate_ids(m, [5, 6, 7], cfg, vocab_size=VOCAB, seed=0))
+    assert len(fused) == 3 * BLOCK and fused == eager
+
+
+def test_fused_step_steps_aside_where_it_does_not_apply() -> None:
+    m = model("modern")
+    assert m.new_cache(1, CPU, torch.bfloat16).decode_step is None  # a bf16 cache: the eager path
+    plain = GPT(m.config).eval()  # not laid out for decoding: nn.Linear layers (a model that may train)
+    assert plain.new_cache(1, CPU, torch.float32).decode_step is None
+    m.train()
+    assert m.new_cache(1, CPU, torch.float32).decode_step is None
+    m.eval()
+    cache = m.new_cache(2, CPU, torch.float32)
+    step = cache.decode_step
+    assert step is not None
+    assert step.run(torch.tensor([[1]]), None) is None  # two rows fed: the eager path's batch
+    assert step.run(torch.tensor([[1, 2]]), torch.tensor([0])) is None  # several tokens (a prompt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert step.run(torch.tensor([[1]]), torch.tensor([0])) is None
+    assert step.run(torch.tensor([[VOCAB]]), torch.tensor([0])) is None  # out of range: eager raises
+    with pytest.raises(IndexError):
+        m.next_hidden(torch.tensor([[VOCAB]]), cache, torch.tensor([0]))
+    assert cache.pos.tolist() == [0, 0]
+    learned = model("gpt2")
+    full = learned.new_cache(1, CPU, torch.float32, capacity=4)
+    learned.next_hidden(torch.tensor([[1, 2, 3, 4]]), full)
+    with pytest.raises(ValueError, match="at most 4 tokens"):  # a learned-position row cannot grow
+        learned.next_hidden(torch.tensor([[5]]), full)
+
