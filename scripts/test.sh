@@ -34,4 +34,6 @@ python -m pip install -q --upgrade pip
 # The torch release MyPT is tested on, named explicitly: an unpinned install could pull a
 # multi-GB CUDA build. The package itself accepts a range (pyproject.toml).
 python -m pip install -q torch==2.13.0 -e ".[test]"
-python -m pytest -q "$@"
+# Two workers (pytest-xdist): many tests wait on a subprocess or a server, so even 2 cores do
+# nearly twice the work in the wall time of one; `-n 0` among the arguments runs one process.
+python -m pytest -q -n 2 "$@"
