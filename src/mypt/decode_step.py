@@ -1,14 +1,16 @@
-"""Batch-1 decoding as one call: each new token of one row through every block in MyPT's kernel.
+"""Batch-1 decoding as one call: a row's new tokens through every block in MyPT's kernel.
 
 Eager PyTorch runs a decoding step as about 20 operator calls a block, whose fixed cost at batch 1
 is as large as reading a small model's weights (BENCHMARKS.md, Issue 23). `GPT.new_cache` asks
 `plan(model, cache)` for a `DecodeStep` when the model is laid out for decoding on a CPU
 (mypt.ops.lay_out_for_decoding's DecodeLinear layers, or mypt.quant's Int8Linear) and the cache
-is fp32; `GPT.next_hidden` then feeds one token of one row through `DecodeStep.run`, a single
-call of csrc/decode.cpp's mypt_decode_step (the same arithmetic as mypt.model, in fp32, writing
-the same cache). Anything else takes the eager path: a prompt, several rows, drafted tokens,
-autocast, a layer of another kind (LoRA). `MYPT_DECODE_STEP=0` in the environment turns the
-fused step off (to compare against it, or to rule it out).
+is fp32; `GPT.next_hidden` then feeds up to MAX_TOKENS new tokens of one row (a decoding step,
+a token with its drafted successors from mypt.lookup, a short prompt) through `DecodeStep.run`,
+a single call of csrc/decode.cpp's mypt_decode_step (the same arithmetic as mypt.model, in fp32,
+writing the same cache; each weight row read once for all the tokens). Anything else takes the
+eager path: a longer prompt, several rows, autocast, a layer of another kind (LoRA).
+`MYPT_DECODE_STEP=0` in the environment turns the fused step off (to compare against it, or to
+rule it out).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mypt.kvcache import KVCache
 from mypt.quant import QBLOCK, Int8Linear
 
 MLP_KINDS = {"gelu": 0, "relu2": 1, "swiglu": 2}
+MAX_TOKENS = 2 * kernels.MAX_ROWS  # new tokens a call takes (more: torch's matrix products do better)
 
 
 class _Linear(ctypes.Structure):
@@ -42,8 +45,8 @@ class _Layer(ctypes.Structure):
 
 
 class _Model(ctypes.Structure):
-    _fields_ = ([(name, ctypes.c_int64)
-                 for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "hidden", "capacity")]
+    _fields_ = ([(name, ctypes.c_int64) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "hidden",
+                                                     "capacity", "max_tokens")]
                 + [("mlp", ctypes.c_int32), ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p),
                    ("layers", ctypes.POINTER(_Layer)), ("ln_f", _Norm), ("scratch", ctypes.c_void_p),
                    ("qscratch", ctypes.c_void_p)])
@@ -85,36 +88,41 @@ class DecodeStep:
         self.vocab, self.n_embd = cfg.vocab_size, cfg.n_embd
         S, nh, hs = cache.capacity, cfg.n_head, cfg.head_dim
         fc_rows = model.transformer.h[0].mlp.c_fc.out_features if layers else 0
-        qkv = (nh + 2 * cfg.kv_heads) * hs
-        self.scratch = torch.empty(2 * cfg.n_embd + qkv + nh * hs + nh * S + fc_rows)
+        qkv, T = (nh + 2 * cfg.kv_heads) * hs, MAX_TOKENS
+        self.scratch = torch.empty(T * (2 * cfg.n_embd + qkv + nh * hs + fc_rows) + nh * S)
         widest = max(cfg.n_embd, nh * hs, cfg.hidden_size)
-        self.qscratch = torch.empty(-(-widest // 16) * 16 + 4 * (-(-widest // QBLOCK)), dtype=torch.int8)
+        self.qscratch = torch.empty(-(-T * widest // 16) * 16 + 4 * T * (-(-widest // QBLOCK)), dtype=torch.int8)
         self.layers = (_Layer * len(layers))(*layers)
         wpe = model.transformer.wpe.weight if cfg.position == "learned" else None
-        self.struct = _Model(cfg.n_layer, cfg.n_embd, nh, cfg.kv_heads, hs, cfg.hidden_size, S, MLP_KINDS[cfg.mlp],
+        self.struct = _Model(cfg.n_layer, cfg.n_embd, nh, cfg.kv_heads, hs, cfg.hidden_size, S, T, MLP_KINDS[cfg.mlp],
                              model.transformer.wte.weight.data_ptr(), _ptr(wpe), self.layers, ln_f,
                              self.scratch.data_ptr(), self.qscratch.data_ptr())
         self.row_bytes = cache.k[0, 0].numel() * 4
         self.layer_stride = cache.k[0].numel()  # in values
 
-    def run(self, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
-        """The final hidden state (1, n_embd) after feeding idx (1, 1) to cache row rows[0] (row 0
-        if None) and advancing it; None where the eager path must run instead."""
+    def run(self, idx: torch.Tensor, rows: torch.Tensor | None, last: int = 0) -> torch.Tensor | None:
+        """GPT.next_hidden for one row: feed idx (1, T) to cache row rows[0] (row 0 if None) and
+        advance it; the final hidden state after the last token (1, n_embd), or after each of the
+        last `last` tokens (1, last, n_embd). None where the eager path must run instead."""
         cache = self.cache
-        if idx.shape != (1, 1) or torch.is_autocast_enabled("cpu") or (rows is None and cache.batch != 1):
+        n, T = idx.shape
+        if (n != 1 or not 0 < T <= min(MAX_TOKENS, cache.capacity) or torch.is_autocast_enabled("cpu")
+                or (rows is None and cache.batch != 1) or idx.dtype != torch.long):
             return None
         row = 0 if rows is None else int(rows[0])
-        token, pos = int(idx[0, 0]), int(cache.pos[row])
-        if not 0 <= token < self.vocab or (not cache.ring and pos >= cache.capacity):
+        pos = int(cache.pos[row])
+        tokens = idx[0].contiguous()
+        full = not cache.ring and pos + T > cache.capacity
+        if full or not 0 <= int(tokens.min()) <= int(tokens.max()) < self.vocab:
             return None  # the eager path says what is wrong
-        rot = self.model.rope(torch.tensor([pos]), pos + 1) if self.rope else None  # (1, 1, head_dim / 2) complex
-        out = torch.empty(1, self.n_embd)
+        rot = self.model.rope(torch.arange(pos, pos + T), pos + T) if self.rope else None  # (T, 1, head_dim / 2)
+        out = torch.empty(T, self.n_embd)
         kernels.decode_step_function()(
-            ctypes.addressof(self.struct), token, pos, min(cache.capacity, pos + 1), _ptr(rot),
+            ctypes.addressof(self.struct), tokens.data_ptr(), T, pos, _ptr(rot),
             cache.k.data_ptr() + row * self.row_bytes, cache.v.data_ptr() + row * self.row_bytes, self.layer_stride,
             out.data_ptr(), torch.get_num_threads())
-        cache.pos[row] += 1
-        return out
+        cache.pos[row] += T
+        return out[None, -last:] if last else out[-1:]
 
 
 def plan(model: Any, cache: KVCache) -> DecodeStep | None:

@@ -42,6 +42,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
     from mypt.kvcache import KVCache
@@ -115,8 +117,7 @@ class Lookup:
         """Take c's tokens from logits (len(drafts) + 1, vocab): the rows after its pending token and
         after each draft token, while the drafts hold; then rewind c's row past the rejected ones."""
         accepted = 0
-        for row in logits:
-            token = c.choose(row)
+        for token in _choices(c, logits):
             if c.finish_reason is not None or accepted == len(self.drafts) or token != self.drafts[accepted]:
                 break
             accepted += 1
@@ -143,6 +144,22 @@ class Lookup:
             self._pause = PAUSE
         elif not accepted:
             self._wait, self._pause = self._pause, min(2 * self._pause, MAX_PAUSE)
+
+
+def _choices(c: Continuation, logits: torch.Tensor) -> Iterator[int | None]:
+    """c takes a token from each row of logits in turn (Continuation.choose) while the caller
+    asks for more; each is yielded once taken (None: the logits were not finite)."""
+    from mypt.sampling import greedy_tokens
+
+    if c.cfg.temperature == 0 and c.seen is None and c.logprobs is None:
+        # each row's token is its own argmax whatever was taken before it: all rows' at once
+        tokens, finite = greedy_tokens(logits, c.vocab_size)
+        for token, ok in zip(tokens, finite, strict=True):
+            c.accept(token, ok)
+            yield token if ok else None
+    else:
+        for row in logits:
+            yield c.choose(row)
 
 
 def _space(cache: KVCache, held: int, pending: int) -> int:

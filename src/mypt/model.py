@@ -331,8 +331,8 @@ class GPT(nn.Module):
         several passes makes the logits of all of them in one head_logits: the head's weights,
         the largest matrix of a small model, are then read once a step.
         """
-        if cache is not None and cache.decode_step is not None and not last:
-            x = cache.decode_step.run(idx, rows)
+        if cache is not None and cache.decode_step is not None:
+            x = cache.decode_step.run(idx, rows, last)
             if x is not None:
                 return x
         step = None if cache is None else cache.step(rows, idx.size(1))

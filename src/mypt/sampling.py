@@ -486,7 +486,7 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
         penalty = torch.tensor([[group[i].cfg.repetition_penalty] for i in penalized], device=logits.device)
         seen = torch.stack([group[i].seen for i in penalized])
         logits[index] = penalize(logits[index], seen, penalty)
-    finite = torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))  # NaN propagates: all finite
+    finite = _finite_rows(logits)
     if logits.device.type != "cpu" or not bool(finite.all()):  # (reading a CPU tensor is no device sync)
         logits = logits.where(finite[:, None], 0.0)
     tokens = pick_tokens(logits, [c.cfg for c in group], [c.generator for c in group])
@@ -496,6 +496,25 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
             c._logprobs += logprobs_of(raw[i][None], torch.tensor([token], device=raw.device), c.logprobs,
                                        c.vocab_size)
         c.accept(token, bool(ok))
+
+
+def greedy_tokens(logits: torch.Tensor, vocab: int) -> tuple[list[int], list[bool]]:
+    """The argmax of each row of logits (n, vocab or more) among the first `vocab` ids, and
+    whether the row was all finite (else its token means nothing), with one host sync: what
+    choose_tokens picks for rows at temperature 0 without a repetition penalty, which depend on
+    nothing but their own logits (mypt.lookup takes a draft's rows this way at once)."""
+    import torch
+
+    logits = logits[:, :vocab].float()
+    tokens, finite = torch.stack((argmax_rows(logits), _finite_rows(logits).long())).tolist()
+    return tokens, [bool(ok) for ok in finite]
+
+
+def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: whether each row of logits (n, vocab) is all finite (NaN propagates to the extremes)."""
+    import torch
+
+    return torch.isfinite(logits.amax(-1)) & torch.isfinite(logits.amin(-1))
 
 
 class Decoder:

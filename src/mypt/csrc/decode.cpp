@@ -112,13 +112,13 @@ void mypt_fp32_linear(const float* x, const float* w, float* out, int64_t M, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// mypt_decode_step: one token of batch-1 decoding through every block, as one call (mypt.fused
-// lays the model out in these structs). Eager PyTorch spends about 20 operator calls a block
-// on a token, a fixed cost that at batch 1 weighs as much as reading small weights
-// (BENCHMARKS.md, Issue 23); here a block is its matrix-vector products (the kernels above,
-// OpenMP over output rows) and a few loops over vectors of n_embd values. The same arithmetic
-// as mypt.model in fp32: norms, (qk-norm), rotary, attention over the row's cached keys
-// (which this call extends), MLP, residuals, the final norm.
+// mypt_decode_step: a few new tokens of one row (batch-1 decoding: one token, or a token and its
+// drafted successors) through every block, as one call (mypt.decode_step lays the model out in
+// these structs). Eager PyTorch spends about 20 operator calls a block on a token, a fixed cost
+// that at batch 1 weighs as much as reading small weights (BENCHMARKS.md, Issue 23); here a block
+// is its products (the kernels above: each weight row read once for all the tokens) and a few
+// loops over vectors. The same arithmetic as mypt.model in fp32: norms, (qk-norm), rotary,
+// attention over the row's cached keys (which this call extends), MLP, residuals, final norm.
 
 struct MyptLinear {
     const void* w;       // fp32 (n, k) or int8 (n, k) row-major
@@ -141,14 +141,14 @@ struct MyptLayer {
 };
 
 struct MyptModel {
-    int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, hidden, capacity;
+    int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, hidden, capacity, max_tokens;
     int32_t mlp;  // 0: tanh GELU, 1: squared ReLU, 2: SwiGLU (c_fc holds gate, then up)
     const float* wte;  // (vocab, n_embd)
     const float* wpe;  // (block_size, n_embd), or null: rotary positions
     const MyptLayer* layers;
     MyptNorm ln_f;
-    float* scratch;  // n_embd + n_embd + qkv + n_head * head_dim + n_head * capacity + fc rows
-    int8_t* qscratch;  // int8 activations (max k) then their block scales (fp32, aligned)
+    float* scratch;  // max_tokens * (2 n_embd + qkv + n_head head_dim + fc rows) + n_head capacity
+    int8_t* qscratch;  // int8 activations (max_tokens * max k) then their block scales (fp32, aligned)
 };
 
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -178,16 +178,18 @@ static void apply_norm(const MyptNorm& nm, const float* x, float* out, int64_t n
     }
 }
 
-static void linear(const MyptModel* m, const MyptLinear& l, const float* x, float* out, int threads) {
+// out (M, n) = x (M, k) W^T + bias
+static void linear(const MyptModel* m, const MyptLinear& l, const float* x, float* out, int64_t M, int threads) {
     if (l.int8) {
-        const int64_t at = (l.k + 15) / 16 * 16;
-        int8_linear(x, (const int8_t*)l.w, l.scale, out, m->qscratch, (float*)(m->qscratch + at), 1, l.n, l.k,
+        const int64_t at = (M * l.k + 15) / 16 * 16;
+        int8_linear(x, (const int8_t*)l.w, l.scale, out, m->qscratch, (float*)(m->qscratch + at), M, l.n, l.k,
                     threads);
     } else {
-        fp32_linear(x, (const float*)l.w, out, 1, l.n, l.k, threads);
+        fp32_linear(x, (const float*)l.w, out, M, l.n, l.k, threads);
     }
     if (l.bias)
-        for (int64_t i = 0; i < l.n; i++) out[i] += l.bias[i];
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t i = 0; i < l.n; i++) out[r * l.n + i] += l.bias[i];
 }
 
 // Rotate each pair (v[2j], v[2j + 1]) by the complex number (rot[2j], rot[2j + 1]).
@@ -199,80 +201,91 @@ static inline void rotate(float* v, const float* rot, int64_t hs) {
     }
 }
 
-// token at position pos: its keys and values go to slot pos % capacity of the row whose layer-0
-// keys start at k0 (layer l's at k0 + l * layer_stride, laid out (n_kv_head, capacity, head_dim)),
-// and it attends to the first `length` slots. rot: the rotation of position pos (head_dim / 2
-// complex numbers as (cos, sin) pairs), null for learned positions. out: the final norm's output.
-void mypt_decode_step(const MyptModel* m, int64_t token, int64_t pos, int64_t length, const float* rot, float* k0,
-                      float* v0, int64_t layer_stride, float* out, int threads) {
+// One head's attention: y (hs) = softmax(q . keys[s] * scale) . values over the first `length` slots.
+static void attend(const float* q, const float* keys, const float* values, float* scores, float* y, int64_t length,
+                   int64_t hs, float scale) {
+    float top = -INFINITY;
+    for (int64_t s = 0; s < length; s++) {
+        scores[s] = dot(q, keys + s * hs, hs) * scale;
+        top = fmaxf(top, scores[s]);
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < length; s++) total += (scores[s] = expf(scores[s] - top));
+    for (int64_t i = 0; i < hs; i++) y[i] = 0.f;
+    const float inv = 1.f / total;
+    for (int64_t s = 0; s < length; s++) {
+        const float p = scores[s] * inv;
+        const float* v = values + s * hs;
+        for (int64_t i = 0; i < hs; i++) y[i] += p * v[i];
+    }
+}
+
+// The T tokens (T <= max_tokens) at positions pos .. pos + T - 1 of one cache row: the row's layer-0
+// keys start at k0 (layer l's at k0 + l * layer_stride, laid out (n_kv_head, capacity, head_dim));
+// position p's keys and values go to slot p % capacity, and its query attends to the first
+// min(capacity, p + 1) slots after they are written (in a full rotary row, the capacity positions
+// ending at p: a token never sees a later one, as each is written just before it attends). rot: the
+// rotations of the T positions (head_dim / 2 complex numbers each, as (cos, sin) pairs), null for
+// learned positions. out (T, n_embd): the final norm's output for each token.
+void mypt_decode_step(const MyptModel* m, const int64_t* tokens, int64_t T, int64_t pos, const float* rot,
+                      float* k0, float* v0, int64_t layer_stride, float* out, int threads) {
     const int64_t C = m->n_embd, nh = m->n_head, nkv = m->n_kv_head, hs = m->head_dim, S = m->capacity;
-    const int64_t slot = pos % S, group = nh / nkv, nq = nh * hs;
+    const int64_t group = nh / nkv, nq = nh * hs, nqkv = nq + 2 * nkv * hs, H = m->hidden;
+    const int64_t fc_n = m->layers[0].fc.n;
     const float scale = 1.f / sqrtf((float)hs);
-    float* x = m->scratch;
-    float* h = x + C;
-    float* qkv = h + C;
-    float* y = qkv + nq + 2 * nkv * hs;
-    float* scores = y + nq;
-    float* f = scores + nh * S;
-    for (int64_t i = 0; i < C; i++) x[i] = m->wte[token * C + i] + (m->wpe ? m->wpe[pos * C + i] : 0.f);
+    float* x = m->scratch;  // (T, C) the residual stream
+    float* h = x + T * C;  // (T, C)
+    float* qkv = h + T * C;  // (T, nqkv)
+    float* y = qkv + T * nqkv;  // (T, nq)
+    float* f = y + T * nq;  // (T, fc_n)
+    float* scores = f + T * fc_n;  // (nh, S)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < C; i++)
+            x[t * C + i] = m->wte[tokens[t] * C + i] + (m->wpe ? m->wpe[(pos + t) * C + i] : 0.f);
     for (int64_t layer = 0; layer < m->n_layer; layer++) {
         const MyptLayer& L = m->layers[layer];
         float* kc = k0 + layer * layer_stride;
         float* vc = v0 + layer * layer_stride;
-        apply_norm(L.ln_1, x, h, C);
-        linear(m, L.attn, h, qkv, threads);
-        float* q = qkv;
-        float* k = qkv + nq;
-        float* v = k + nkv * hs;
-        for (int64_t j = 0; j < nh + nkv; j++) {  // queries then keys, one head at a time
-            float* head = qkv + j * hs;
-            const MyptNorm& nm = j < nh ? L.q_norm : L.k_norm;
-            if (nm.w) apply_norm(nm, head, head, hs);
-            if (rot) rotate(head, rot, hs);
-        }
-        for (int64_t g = 0; g < nkv; g++) {
-            memcpy(kc + (g * S + slot) * hs, k + g * hs, hs * sizeof(float));
-            memcpy(vc + (g * S + slot) * hs, v + g * hs, hs * sizeof(float));
-        }
+        for (int64_t t = 0; t < T; t++) apply_norm(L.ln_1, x + t * C, h + t * C, C);
+        linear(m, L.attn, h, qkv, T, threads);
+        for (int64_t t = 0; t < T; t++) {
+            float* row = qkv + t * nqkv;  // queries, keys, values
+            for (int64_t j = 0; j < nh + nkv; j++) {  // each query head, then each key head
+                const MyptNorm& nm = j < nh ? L.q_norm : L.k_norm;
+                if (nm.w) apply_norm(nm, row + j * hs, row + j * hs, hs);
+                if (rot) rotate(row + j * hs, rot + t * hs, hs);
+            }
+            const int64_t slot = (pos + t) % S, length = pos + t + 1 < S ? pos + t + 1 : S;
+            for (int64_t g = 0; g < nkv; g++) {
+                memcpy(kc + (g * S + slot) * hs, row + nq + g * hs, hs * sizeof(float));
+                memcpy(vc + (g * S + slot) * hs, row + nq + (nkv + g) * hs, hs * sizeof(float));
+            }
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t j = 0; j < nh; j++) {
-            const float* qh = q + j * hs;
-            const float* keys = kc + (j / group) * S * hs;
-            const float* values = vc + (j / group) * S * hs;
-            float* sc = scores + j * S;
-            float top = -INFINITY;
-            for (int64_t s = 0; s < length; s++) {
-                sc[s] = dot(qh, keys + s * hs, hs) * scale;
-                top = fmaxf(top, sc[s]);
-            }
-            float total = 0.f;
-            for (int64_t s = 0; s < length; s++) total += (sc[s] = expf(sc[s] - top));
-            float* yh = y + j * hs;
-            for (int64_t i = 0; i < hs; i++) yh[i] = 0.f;
-            const float inv = 1.f / total;
-            for (int64_t s = 0; s < length; s++) {
-                const float p = sc[s] * inv;
-                const float* vs = values + s * hs;
-                for (int64_t i = 0; i < hs; i++) yh[i] += p * vs[i];
+            for (int64_t j = 0; j < nh; j++)
+                attend(row + j * hs, kc + (j / group) * S * hs, vc + (j / group) * S * hs, scores + j * S,
+                       y + t * nq + j * hs, length, hs, scale);
+        }
+        linear(m, L.attn_proj, y, h, T, threads);
+        for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
+        for (int64_t t = 0; t < T; t++) apply_norm(L.ln_2, x + t * C, h + t * C, C);
+        linear(m, L.fc, h, f, T, threads);
+        for (int64_t t = 0; t < T; t++) {
+            float* r = f + t * fc_n;
+            if (m->mlp == 0) {
+                const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+                for (int64_t i = 0; i < H; i++) r[i] = 0.5f * r[i] * (1.f + tanhf(c * (r[i] + 0.044715f * r[i] * r[i] * r[i])));
+            } else if (m->mlp == 1) {
+                for (int64_t i = 0; i < H; i++) r[i] = r[i] > 0.f ? r[i] * r[i] : 0.f;
+            } else {  // silu(gate) * up, written over the gate half: row t's hidden values at f + t * fc_n
+                for (int64_t i = 0; i < H; i++) r[i] = r[i] / (1.f + expf(-r[i])) * r[H + i];
             }
         }
-        linear(m, L.attn_proj, y, h, threads);
-        for (int64_t i = 0; i < C; i++) x[i] += h[i];
-        apply_norm(L.ln_2, x, h, C);
-        linear(m, L.fc, h, f, threads);
-        const int64_t H = m->hidden;
-        if (m->mlp == 0) {
-            const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-            for (int64_t i = 0; i < H; i++) f[i] = 0.5f * f[i] * (1.f + tanhf(c * (f[i] + 0.044715f * f[i] * f[i] * f[i])));
-        } else if (m->mlp == 1) {
-            for (int64_t i = 0; i < H; i++) f[i] = f[i] > 0.f ? f[i] * f[i] : 0.f;
-        } else {
-            for (int64_t i = 0; i < H; i++) f[i] = f[i] / (1.f + expf(-f[i])) * f[H + i];
-        }
-        linear(m, L.mlp_proj, f, h, threads);
-        for (int64_t i = 0; i < C; i++) x[i] += h[i];
+        if (m->mlp == 2)  // the products want the T rows of H values contiguous
+            for (int64_t t = 1; t < T; t++) memmove(f + t * H, f + t * fc_n, H * sizeof(float));
+        linear(m, L.mlp_proj, f, h, T, threads);
+        for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
     }
-    apply_norm(m->ln_f, x, out, C);
+    for (int64_t t = 0; t < T; t++) apply_norm(m->ln_f, x + t * C, out + t * C, C);
 }
 
 }
