@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -125,11 +128,12 @@ def test_fused_step_steps_aside_where_it_does_not_apply() -> None:
     cache = m.new_cache(2, CPU, torch.float32)
     step = cache.decode_step
     assert step is not None
-    assert step.run(torch.tensor([[1]]), None) is None  # two rows fed: the eager path's batch
-    assert step.run(torch.ones(1, MAX_TOKENS + 1, dtype=torch.long), torch.tensor([0])) is None  # a longer prompt
+    assert step.run(torch.tensor([[1]]), cache, None) is None  # two rows fed: the eager path's batch
+    longer = torch.ones(1, MAX_TOKENS + 1, dtype=torch.long)  # a longer prompt: torch's matrix products
+    assert step.run(longer, cache, torch.tensor([0])) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert step.run(torch.tensor([[1]]), torch.tensor([0])) is None
-    assert step.run(torch.tensor([[VOCAB]]), torch.tensor([0])) is None  # out of range: eager raises
+        assert step.run(torch.tensor([[1]]), cache, torch.tensor([0])) is None
+    assert step.run(torch.tensor([[VOCAB]]), cache, torch.tensor([0])) is None  # out of range: eager raises
     with pytest.raises(IndexError):
         m.next_hidden(torch.tensor([[VOCAB]]), cache, torch.tensor([0]))
     assert cache.pos.tolist() == [0, 0]
@@ -139,3 +143,18 @@ def test_fused_step_steps_aside_where_it_does_not_apply() -> None:
     with pytest.raises(ValueError, match="at most 4 tokens"):  # a learned-position row cannot grow
         learned.next_hidden(torch.tensor([[5]]), full)
 
+
+
+def test_a_dropped_cache_is_freed_at_once() -> None:
+    """The step is kept by its cache, not the other way round: no reference cycle that would
+    hold a generation's keys and values until the garbage collector's next full pass."""
+    m = model("modern")
+    cache = m.new_cache(1, CPU, torch.float32)
+    assert cache.decode_step is not None
+    ref = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()

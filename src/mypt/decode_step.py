@@ -79,13 +79,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class DecodeStep:
-    """One model's fused decoding step over one cache (built by `plan`)."""
+    """One model's fused decoding step for the caches of one shape (built by `plan`; the cache
+    keeps it, and it does not keep the cache)."""
 
     def __init__(self, model: Any, cache: KVCache, layers: list[_Layer], ln_f: _Norm) -> None:
         cfg = model.config
-        self.model, self.cache = model, cache  # kept alive: the structs point into their tensors
+        self.model = model  # kept alive: the structs point into its tensors
         self.rope = cfg.position == "rope"
-        self.vocab, self.n_embd = cfg.vocab_size, cfg.n_embd
+        self.vocab, self.n_embd, self.shape = cfg.vocab_size, cfg.n_embd, cache.k.shape
         S, nh, hs = cache.capacity, cfg.n_head, cfg.head_dim
         fc_rows = model.transformer.h[0].mlp.c_fc.out_features if layers else 0
         qkv, T = (nh + 2 * cfg.kv_heads) * hs, MAX_TOKENS
@@ -100,12 +101,14 @@ class DecodeStep:
         self.row_bytes = cache.k[0, 0].numel() * 4
         self.layer_stride = cache.k[0].numel()  # in values
 
-    def run(self, idx: torch.Tensor, rows: torch.Tensor | None, last: int = 0) -> torch.Tensor | None:
-        """GPT.next_hidden for one row: feed idx (1, T) to cache row rows[0] (row 0 if None) and
-        advance it; the final hidden state after the last token (1, n_embd), or after each of the
-        last `last` tokens (1, last, n_embd). None where the eager path must run instead."""
-        cache = self.cache
+    def run(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, last: int = 0) -> torch.Tensor | None:
+        """GPT.next_hidden for one row: feed idx (1, T) to row rows[0] (row 0 if None) of cache (of
+        the shape this step was planned for) and advance it; the final hidden state after the last
+        token (1, n_embd), or after each of the last `last` tokens (1, last, n_embd). None where
+        the eager path must run instead."""
         n, T = idx.shape
+        if cache.k.shape != self.shape or not cache.k.is_contiguous():
+            raise ValueError("a DecodeStep runs on caches of the shape it was planned for")
         if (n != 1 or not 0 < T <= min(MAX_TOKENS, cache.capacity) or torch.is_autocast_enabled("cpu")
                 or (rows is None and cache.batch != 1) or idx.dtype != torch.long):
             return None

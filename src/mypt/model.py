@@ -332,7 +332,7 @@ class GPT(nn.Module):
         the largest matrix of a small model, are then read once a step.
         """
         if cache is not None and cache.decode_step is not None:
-            x = cache.decode_step.run(idx, rows, last)
+            x = cache.decode_step.run(idx, cache, rows, last)
             if x is not None:
                 return x
         step = None if cache is None else cache.step(rows, idx.size(1))
