@@ -105,6 +105,35 @@ def test_several_tokens_at_once_as_eager(variant: str, weights: str) -> None:
     assert_close(fused.k, eager.k, weights)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("variant", ["modern", "gpt2"])
+def test_a_step_of_several_rows_as_eager(variant: str, weights: str) -> None:
+    """A decoding step of a server: a few rows of a cache at their own lengths (rows between them
+    untouched), one token each, then two rows with two tokens each (drafts), as eager PyTorch."""
+    m = model(variant, weights, seed=5)
+    fused, eager = (m.new_cache(6, CPU, torch.float32) for _ in range(2))
+    eager.decode_step = None
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for row, length in ((1, 3), (3, 7), (4, 1), (0, 2)):  # prompts of their own lengths
+            prompt = torch.randint(0, VOCAB, (1, length), generator=generator)
+            m.next_hidden(prompt, fused, torch.tensor([row])), m.next_hidden(prompt, eager, torch.tensor([row]))
+        rows = torch.tensor([4, 1, 3])
+        steps = 2 * BLOCK if m.config.position == "rope" else BLOCK - 12
+        for _ in range(steps):
+            idx = torch.randint(0, VOCAB, (3, 1), generator=generator)
+            a, b = m.next_hidden(idx, fused, rows), m.next_hidden(idx, eager, rows)
+            assert a.shape == b.shape == (3, 64)
+            assert_close(a, b, weights)
+        idx = torch.randint(0, VOCAB, (2, 2), generator=generator)
+        a, b = (m.next_hidden(idx, c, torch.tensor([3, 0]), last=2) for c in (fused, eager))
+        assert a.shape == b.shape == (2, 2, 64)
+        assert_close(a, b, weights)
+    assert fused.pos.tolist() == eager.pos.tolist() and fused.pos[[2, 5]].tolist() == [0, 0]
+    assert_close(fused.k, eager.k, weights)
+    assert_close(fused.v, eager.v, weights)
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "modern"])
 def test_greedy_text_is_the_same_with_and_without_the_fused_step(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past block_size for both position kinds (a learned-position window is refilled by the eager path)."""
@@ -128,12 +157,24 @@ def test_fused_step_steps_aside_where_it_does_not_apply() -> None:
     cache = m.new_cache(2, CPU, torch.float32)
     step = cache.decode_step
     assert step is not None
-    assert step.run(torch.tensor([[1]]), cache, None) is None  # two rows fed: the eager path's batch
+    assert step.run(torch.tensor([[1]]), cache, None) is None  # a cache of two rows: rows None means both
+    big = m.new_cache(MAX_TOKENS + 1, CPU, torch.float32)
+    many = torch.ones(MAX_TOKENS + 1, 1, dtype=torch.long)  # more rows than a call takes: torch's products
+    assert big.decode_step.run(many, big, None) is None
+    with pytest.raises(ValueError, match="shape it was planned for"):
+        big.decode_step.run(many, cache, None)
     longer = torch.ones(1, MAX_TOKENS + 1, dtype=torch.long)  # a longer prompt: torch's matrix products
     assert step.run(longer, cache, torch.tensor([0])) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert step.run(torch.tensor([[1]]), cache, torch.tensor([0])) is None
     assert step.run(torch.tensor([[VOCAB]]), cache, torch.tensor([0])) is None  # out of range: eager raises
+    calls = []  # a forward hook (a debugger's, a test's) runs only where the modules do: the eager path
+    handle = m.transformer.h[1].mlp.register_forward_hook(lambda *_: calls.append(1))
+    assert step.run(torch.tensor([[1]]), cache, torch.tensor([0])) is None
+    m.next_hidden(torch.tensor([[1]]), cache, torch.tensor([0]))
+    handle.remove()
+    assert calls == [1] and cache.pos.tolist() == [1, 0]
+    cache.reset()
     with pytest.raises(IndexError):
         m.next_hidden(torch.tensor([[VOCAB]]), cache, torch.tensor([0]))
     assert cache.pos.tolist() == [0, 0]
@@ -158,3 +199,43 @@ def test_a_dropped_cache_is_freed_at_once() -> None:
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_bad_rows_and_replaced_weights_take_the_eager_path() -> None:
+    """Arguments the eager path refuses are left to it (nothing written out of bounds), and
+    weights assigned anew after the cache was made are read by the eager path (the step's
+    pointers are to the old ones)."""
+    m = model("modern")
+    cache = m.new_cache(2, CPU, torch.float32)
+    step, token = cache.decode_step, torch.tensor([[1]])
+    for rows in (torch.tensor([-1]), torch.tensor([2]), torch.tensor([[0]]), torch.tensor([0, 1]), [0]):
+        assert step.run(token, cache, rows) is None
+    with pytest.raises(IndexError):
+        m.next_hidden(token, cache, torch.tensor([2]))
+    assert cache.pos.tolist() == [0, 0] and not cache.k.any()
+    other = model("modern", seed=9)
+    with torch.no_grad():
+        eager = other.new_cache(1, CPU, torch.float32)
+        eager.decode_step = None
+        expected = other.next_hidden(torch.tensor([[1, 2, 3]]), eager)
+        fused = m.new_cache(1, CPU, torch.float32)
+        m.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+        m.tie_weights()
+        torch.testing.assert_close(m.next_hidden(torch.tensor([[1, 2, 3]]), fused), expected)
+    assert fused.decode_step.stale
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_another_default_dtype_changes_nothing(default: torch.dtype) -> None:
+    m = model("gpt2")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        fused, eager = (m.new_cache(1, CPU, torch.float32) for _ in range(2))
+        eager.decode_step = None
+        with torch.no_grad():
+            a, b = (m.next_hidden(torch.tensor([[3, 4]]), c) for c in (fused, eager))
+    finally:
+        torch.set_default_dtype(previous)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

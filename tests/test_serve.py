@@ -286,11 +286,15 @@ def test_chat_logprobs(client) -> None:
         assert e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 3
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob  # greedy
     plain = client.chat.completions.create(logprobs=True, **kw).choices[0].logprobs.content
-    assert [(e.token, e.logprob) for e in plain] == [(e.token, e.logprob) for e in content]
+    # the same tokens and numbers; a repeated prompt's start comes from the prefix cache and its
+    # rest goes through another path (mypt.decode_step), so only up to the last bits
+    assert [e.token for e in plain] == [e.token for e in content]
+    assert [e.logprob for e in plain] == pytest.approx([e.logprob for e in content], abs=1e-5)
     assert all(e.top_logprobs == [] for e in plain)
     chunks = client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kw)
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
-    assert [e.logprob for piece in streamed for e in piece.content] == [e.logprob for e in content]
+    assert [e.logprob for piece in streamed for e in piece.content] == pytest.approx([e.logprob for e in content],
+                                                                                   abs=1e-5)
 
 
 def test_streamed_logprobs_equal_the_whole_answer(client, models) -> None:

@@ -1,14 +1,15 @@
-"""Batch-1 decoding as one call: a row's new tokens through every block in MyPT's kernel.
+"""Decoding a few tokens as one call: new tokens of one or a few rows through every block in MyPT's kernel.
 
 Eager PyTorch runs a decoding step as about 20 operator calls a block, whose fixed cost at batch 1
 is as large as reading a small model's weights (BENCHMARKS.md, Issue 23). `GPT.new_cache` asks
 `plan(model, cache)` for a `DecodeStep` when the model is laid out for decoding on a CPU
 (mypt.ops.lay_out_for_decoding's DecodeLinear layers, or mypt.quant's Int8Linear) and the cache
-is fp32; `GPT.next_hidden` then feeds up to MAX_TOKENS new tokens of one row (a decoding step,
-a token with its drafted successors from mypt.lookup, a short prompt) through `DecodeStep.run`,
-a single call of csrc/decode.cpp's mypt_decode_step (the same arithmetic as mypt.model, in fp32,
-writing the same cache; each weight row read once for all the tokens). Anything else takes the
-eager path: a longer prompt, several rows, autocast, a layer of another kind (LoRA).
+is fp32; `GPT.next_hidden` then feeds up to MAX_TOKENS new tokens in all (one token of each of a
+few rows, a token with its drafted successors from mypt.lookup, a short prompt) through
+`DecodeStep.run`, a single call of csrc/decode.cpp's mypt_decode_step: the same arithmetic as
+mypt.model, in fp32, writing the same cache, each weight row read once for all the tokens.
+Anything else takes the eager path: more tokens (a prompt, a large batch), autocast, a layer of
+another kind (LoRA), a model with forward hooks (which run only where its modules do).
 `MYPT_DECODE_STEP=0` in the environment turns the fused step off (to compare against it, or to
 rule it out).
 """
@@ -80,17 +81,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class DecodeStep:
     """One model's fused decoding step for the caches of one shape (built by `plan`; the cache
-    keeps it, and it does not keep the cache)."""
+    keeps it, and it does not keep the cache).
 
-    def __init__(self, model: Any, cache: KVCache, layers: list[_Layer], ln_f: _Norm) -> None:
+    The structs hold raw pointers into the model's tensors: each call first checks that the
+    modules still hold those tensors (a parameter assigned anew, `load_state_dict(assign=True)`,
+    turns the step off for good; the eager path then reads the new weights) and that no forward
+    hook is registered (hooks run only where the modules do).
+    """
+
+    def __init__(self, model: Any, cache: KVCache, layers: list[_Layer], ln_f: _Norm, used: list[nn.Module]) -> None:
         cfg = model.config
-        self.model = model  # kept alive: the structs point into its tensors
+        self.model = model
         self.rope = cfg.position == "rope"
         self.vocab, self.n_embd, self.shape = cfg.vocab_size, cfg.n_embd, cache.k.shape
         S, nh, hs = cache.capacity, cfg.n_head, cfg.head_dim
         fc_rows = model.transformer.h[0].mlp.c_fc.out_features if layers else 0
         qkv, T = (nh + 2 * cfg.kv_heads) * hs, MAX_TOKENS
-        self.scratch = torch.empty(T * (2 * cfg.n_embd + qkv + nh * hs + fc_rows) + nh * S)
+        self.scratch = torch.empty(T * (2 * cfg.n_embd + qkv + nh * hs + fc_rows) + nh * S, dtype=torch.float32)
         widest = max(cfg.n_embd, nh * hs, cfg.hidden_size)
         self.qscratch = torch.empty(-(-T * widest // 16) * 16 + 4 * T * (-(-widest // QBLOCK)), dtype=torch.int8)
         self.layers = (_Layer * len(layers))(*layers)
@@ -98,34 +105,61 @@ class DecodeStep:
         self.struct = _Model(cfg.n_layer, cfg.n_embd, nh, cfg.kv_heads, hs, cfg.hidden_size, S, T, MLP_KINDS[cfg.mlp],
                              model.transformer.wte.weight.data_ptr(), _ptr(wpe), self.layers, ln_f,
                              self.scratch.data_ptr(), self.qscratch.data_ptr())
-        self.row_bytes = cache.k[0, 0].numel() * 4
-        self.layer_stride = cache.k[0].numel()  # in values
+        self.row_stride, self.layer_stride = cache.k[0, 0].numel(), cache.k[0].numel()  # in values
+        self.modules = list(model.modules())
+        # (the dict holding a tensor the structs point into, its name, the pointer); the tensors
+        # themselves are kept too, so a replaced one is never freed while a call could read it
+        self.pointed = [(d, name, t.data_ptr()) for m in used for d in (m._parameters, m._buffers)
+                        for name, t in d.items() if t is not None]
+        self.tensors = [d[name] for d, name, _ in self.pointed]
+        self.stale = False
+
+    def usable(self) -> bool:
+        """Whether the modules still hold the tensors the structs point into (else never again),
+        and no forward hook is registered (on the model's modules, or on every module)."""
+        if not self.stale and any(d.get(name) is None or d[name].data_ptr() != ptr for d, name, ptr in self.pointed):
+            self.stale = True
+        hooks = nn.modules.module
+        return not (self.stale or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
 
     def run(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, last: int = 0) -> torch.Tensor | None:
-        """GPT.next_hidden for one row: feed idx (1, T) to row rows[0] (row 0 if None) of cache (of
-        the shape this step was planned for) and advance it; the final hidden state after the last
-        token (1, n_embd), or after each of the last `last` tokens (1, last, n_embd). None where
-        the eager path must run instead."""
-        n, T = idx.shape
+        """GPT.next_hidden where it fits: feed idx (n, T) to the rows `rows` of cache (every row, in
+        order, if None; a cache of the shape this step was planned for), n * T at most MAX_TOKENS
+        (a decoding step of a few rows, a token with its drafts, a short prompt), and advance them;
+        the final hidden states after each row's last token (n, n_embd), or after each of its last
+        `last` tokens (n, last, n_embd). None where the eager path must run instead (it also says
+        what is wrong with a bad argument)."""
         if cache.k.shape != self.shape or not cache.k.is_contiguous():
             raise ValueError("a DecodeStep runs on caches of the shape it was planned for")
-        if (n != 1 or not 0 < T <= min(MAX_TOKENS, cache.capacity) or torch.is_autocast_enabled("cpu")
-                or (rows is None and cache.batch != 1) or idx.dtype != torch.long):
+        outside = cache.k.is_inference() and not torch.is_inference_mode_enabled()  # eager refuses to write it
+        if (idx.dim() != 2 or idx.dtype != torch.long or not 0 < idx.numel() <= MAX_TOKENS
+                or torch.is_autocast_enabled("cpu") or outside or not self.usable()):
             return None
-        row = 0 if rows is None else int(rows[0])
-        pos = int(cache.pos[row])
-        tokens = idx[0].contiguous()
-        full = not cache.ring and pos + T > cache.capacity
+        n, T = idx.shape
+        if rows is None:
+            if n != cache.batch:
+                return None
+            rows = torch.arange(n)
+        elif (not isinstance(rows, torch.Tensor) or rows.dtype != torch.long or rows.shape != (n,)
+              or not 0 <= int(rows.min()) <= int(rows.max()) < cache.batch):
+            return None
+        rows = rows.cpu()
+        starts = cache.pos[rows]
+        tokens = idx.contiguous()
+        full = T > cache.capacity or (not cache.ring and int(starts.max()) + T > cache.capacity)
         if full or not 0 <= int(tokens.min()) <= int(tokens.max()) < self.vocab:
-            return None  # the eager path says what is wrong
-        rot = self.model.rope(torch.arange(pos, pos + T), pos + T) if self.rope else None  # (T, 1, head_dim / 2)
-        out = torch.empty(T, self.n_embd)
+            return None
+        positions = (starts[:, None] + torch.arange(T)).flatten()  # each row's tokens in order, row after row
+        vector_rows = rows.repeat_interleave(T) if T > 1 else rows.contiguous()
+        rot = self.model.rope(positions, int(positions.max()) + 1) if self.rope else None  # (n T, 1, head_dim / 2)
+        out = torch.empty(n, T, self.n_embd, dtype=torch.float32)
         kernels.decode_step_function()(
-            ctypes.addressof(self.struct), tokens.data_ptr(), T, pos, _ptr(rot),
-            cache.k.data_ptr() + row * self.row_bytes, cache.v.data_ptr() + row * self.row_bytes, self.layer_stride,
-            out.data_ptr(), torch.get_num_threads())
-        cache.pos[row] += T
-        return out[None, -last:] if last else out[-1:]
+            ctypes.addressof(self.struct), tokens.data_ptr(), positions.data_ptr(), vector_rows.data_ptr(), n * T,
+            _ptr(rot), cache.k.data_ptr(), cache.v.data_ptr(), self.row_stride, self.layer_stride, out.data_ptr(),
+            torch.get_num_threads())
+        cache.pos[rows] += T
+        return out[:, -last:] if last else out[:, -1]
 
 
 def plan(model: Any, cache: KVCache) -> DecodeStep | None:
@@ -137,13 +171,16 @@ def plan(model: Any, cache: KVCache) -> DecodeStep | None:
     wte, wpe = model.transformer.wte, model.transformer.wpe if cfg.position == "learned" else None
     if any(e is not None and (type(e) is not nn.Embedding or not _fp32(e.weight)) for e in (wte, wpe)):
         return None
-    layers = []
+    layers, used = [], [wte] + ([wpe] if wpe is not None else [])
     for block in model.transformer.h:
         attn, mlp = block.attn, block.mlp
-        norms = [_norm(n) for n in (block.ln_1, attn.q_norm, attn.k_norm, block.ln_2)]
-        linears = [_linear(lin) for lin in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
-        if any(part is None for part in norms + linears):
+        modules = [block.ln_1, attn.q_norm, attn.k_norm, block.ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj]
+        parts = [_norm(m) for m in modules[:4]] + [_linear(m) for m in modules[4:]]
+        if any(part is None for part in parts):
             return None
-        layers.append(_Layer(*norms, *linears))
+        layers.append(_Layer(*parts))
+        used += [m for m in modules if m is not None]
     ln_f = _norm(model.transformer.ln_f)
-    return None if ln_f is None else DecodeStep(model, cache, layers, ln_f)
+    if ln_f is None:
+        return None
+    return DecodeStep(model, cache, layers, ln_f, used + [model.transformer.ln_f])

@@ -115,8 +115,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mypt_fp32_linear.restype = None
     lib.mypt_fp32_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.mypt_decode_step.restype = None
-    lib.mypt_decode_step.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
-                                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    lib.mypt_decode_step.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
+                                     + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int])
     return lib, None
 
 

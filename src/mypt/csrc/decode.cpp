@@ -163,15 +163,16 @@ static inline float dot(const float* a, const float* b, int64_t n) {
     return s;
 }
 
+// LayerNorm (or RMSNorm: no mean) of x (n) with a gain and maybe a bias; sums in double, so a mean
+// large against the spread (a residual stream far from zero) loses no precision.
 static void apply_norm(const MyptNorm& nm, const float* x, float* out, int64_t n) {
-    float mean = 0.f;
-    if (!nm.rms) {
-        for (int64_t i = 0; i < n; i++) mean += x[i];
-        mean /= (float)n;
-    }
-    float var = 0.f;
-    for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
-    const float rstd = 1.f / sqrtf(var / (float)n + nm.eps);
+    double sum = 0.0;
+    if (!nm.rms)
+        for (int64_t i = 0; i < n; i++) sum += x[i];
+    const double mu = sum / (double)n;
+    double var = 0.0;
+    for (int64_t i = 0; i < n; i++) var += (x[i] - mu) * (x[i] - mu);
+    const float mean = (float)mu, rstd = (float)(1.0 / sqrt(var / (double)n + nm.eps));
     for (int64_t i = 0; i < n; i++) {
         const float y = (x[i] - mean) * rstd * nm.w[i];
         out[i] = nm.b ? y + nm.b[i] : y;
@@ -220,15 +221,18 @@ static void attend(const float* q, const float* keys, const float* values, float
     }
 }
 
-// The T tokens (T <= max_tokens) at positions pos .. pos + T - 1 of one cache row: the row's layer-0
-// keys start at k0 (layer l's at k0 + l * layer_stride, laid out (n_kv_head, capacity, head_dim));
-// position p's keys and values go to slot p % capacity, and its query attends to the first
-// min(capacity, p + 1) slots after they are written (in a full rotary row, the capacity positions
-// ending at p: a token never sees a later one, as each is written just before it attends). rot: the
-// rotations of the T positions (head_dim / 2 complex numbers each, as (cos, sin) pairs), null for
-// learned positions. out (T, n_embd): the final norm's output for each token.
-void mypt_decode_step(const MyptModel* m, const int64_t* tokens, int64_t T, int64_t pos, const float* rot,
-                      float* k0, float* v0, int64_t layer_stride, float* out, int threads) {
+// T vectors (T <= max_tokens), each a token at a position of a cache row: vector t is tokens[t] at
+// positions[t] of row rows[t]. Row r's layer-0 keys start at k + r * row_stride (layer l's
+// l * layer_stride further on, laid out (n_kv_head, capacity, head_dim)); position p's keys and
+// values go to slot p % capacity, and its query attends to the first min(capacity, p + 1) slots of
+// its row. The vectors are written and attend in order, each just before it attends, so vectors of
+// one row must come in the order of their positions (a token with its drafted successors): none
+// sees a later one, and in a full rotary row each sees the capacity positions ending at itself.
+// rot: the rotations of the T positions (head_dim / 2 complex numbers each, as (cos, sin) pairs),
+// null for learned positions. out (T, n_embd): the final norm's output for each vector.
+void mypt_decode_step(const MyptModel* m, const int64_t* tokens, const int64_t* positions, const int64_t* rows,
+                      int64_t T, const float* rot, float* k, float* v, int64_t row_stride, int64_t layer_stride,
+                      float* out, int threads) {
     const int64_t C = m->n_embd, nh = m->n_head, nkv = m->n_kv_head, hs = m->head_dim, S = m->capacity;
     const int64_t group = nh / nkv, nq = nh * hs, nqkv = nq + 2 * nkv * hs, H = m->hidden;
     const int64_t fc_n = m->layers[0].fc.n;
@@ -241,11 +245,9 @@ void mypt_decode_step(const MyptModel* m, const int64_t* tokens, int64_t T, int6
     float* scores = f + T * fc_n;  // (nh, S)
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = 0; i < C; i++)
-            x[t * C + i] = m->wte[tokens[t] * C + i] + (m->wpe ? m->wpe[(pos + t) * C + i] : 0.f);
+            x[t * C + i] = m->wte[tokens[t] * C + i] + (m->wpe ? m->wpe[positions[t] * C + i] : 0.f);
     for (int64_t layer = 0; layer < m->n_layer; layer++) {
         const MyptLayer& L = m->layers[layer];
-        float* kc = k0 + layer * layer_stride;
-        float* vc = v0 + layer * layer_stride;
         for (int64_t t = 0; t < T; t++) apply_norm(L.ln_1, x + t * C, h + t * C, C);
         linear(m, L.attn, h, qkv, T, threads);
         for (int64_t t = 0; t < T; t++) {
@@ -255,7 +257,9 @@ void mypt_decode_step(const MyptModel* m, const int64_t* tokens, int64_t T, int6
                 if (nm.w) apply_norm(nm, row + j * hs, row + j * hs, hs);
                 if (rot) rotate(row + j * hs, rot + t * hs, hs);
             }
-            const int64_t slot = (pos + t) % S, length = pos + t + 1 < S ? pos + t + 1 : S;
+            const int64_t p = positions[t], slot = p % S, length = p + 1 < S ? p + 1 : S;
+            float* kc = k + rows[t] * row_stride + layer * layer_stride;
+            float* vc = v + rows[t] * row_stride + layer * layer_stride;
             for (int64_t g = 0; g < nkv; g++) {
                 memcpy(kc + (g * S + slot) * hs, row + nq + g * hs, hs * sizeof(float));
                 memcpy(vc + (g * S + slot) * hs, row + nq + (nkv + g) * hs, hs * sizeof(float));
