@@ -117,11 +117,12 @@ class DecodeStep:
     def usable(self) -> bool:
         """Whether the modules still hold the tensors the structs point into (else never again),
         and no forward hook is registered (on the model's modules, or on every module)."""
-        if not self.stale and any(d.get(name) is None or d[name].data_ptr() != ptr for d, name, ptr in self.pointed):
+        if not self.stale and [d[name].data_ptr() if d.get(name) is not None else 0
+                               for d, name, _ in self.pointed] != [ptr for _, _, ptr in self.pointed]:
             self.stale = True
         hooks = nn.modules.module
         return not (self.stale or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                    or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
+                    or any([m._forward_hooks or m._forward_pre_hooks for m in self.modules]))
 
     def run(self, idx: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, last: int = 0) -> torch.Tensor | None:
         """GPT.next_hidden where it fits: feed idx (n, T) to the rows `rows` of cache (every row, in
@@ -140,25 +141,32 @@ class DecodeStep:
         if rows is None:
             if n != cache.batch:
                 return None
-            rows = torch.arange(n)
-        elif (not isinstance(rows, torch.Tensor) or rows.dtype != torch.long or rows.shape != (n,)
-              or not 0 <= int(rows.min()) <= int(rows.max()) < cache.batch):
+            row_list = list(range(n))
+        elif not isinstance(rows, torch.Tensor) or rows.dtype != torch.long or rows.shape != (n,):
             return None
-        rows = rows.cpu()
-        starts = cache.pos[rows]
-        tokens = idx.contiguous()
-        full = T > cache.capacity or (not cache.ring and int(starts.max()) + T > cache.capacity)
-        if full or not 0 <= int(tokens.min()) <= int(tokens.max()) < self.vocab:
+        else:
+            row_list = rows.tolist()
+        # plain ints from here (a few values: tensor operations would cost more than the arithmetic)
+        pos, tokens = cache.pos.tolist(), idx.tolist()
+        if not all(0 <= r < cache.batch for r in row_list) or T > cache.capacity:
             return None
-        positions = (starts[:, None] + torch.arange(T)).flatten()  # each row's tokens in order, row after row
-        vector_rows = rows.repeat_interleave(T) if T > 1 else rows.contiguous()
-        rot = self.model.rope(positions, int(positions.max()) + 1) if self.rope else None  # (n T, 1, head_dim / 2)
+        if not cache.ring and max(pos[r] for r in row_list) + T > cache.capacity:
+            return None
+        if not all(0 <= t < self.vocab for row in tokens for t in row):
+            return None
+        positions = [pos[r] + t for r in row_list for t in range(T)]  # each row's tokens in order, row after row
+        M = n * T
+        ints = torch.tensor([t for row in tokens for t in row] + positions + [r for r in row_list for _ in range(T)])
+        rot = self.model.rope(ints[M:2 * M], max(positions) + 1) if self.rope else None  # (M, 1, head_dim / 2)
         out = torch.empty(n, T, self.n_embd, dtype=torch.float32)
+        at = ints.data_ptr()
         kernels.decode_step_function()(
-            ctypes.addressof(self.struct), tokens.data_ptr(), positions.data_ptr(), vector_rows.data_ptr(), n * T,
-            _ptr(rot), cache.k.data_ptr(), cache.v.data_ptr(), self.row_stride, self.layer_stride, out.data_ptr(),
-            torch.get_num_threads())
-        cache.pos[rows] += T
+            ctypes.addressof(self.struct), at, at + 8 * M, at + 16 * M, M, _ptr(rot), cache.k.data_ptr(),
+            cache.v.data_ptr(), self.row_stride, self.layer_stride, out.data_ptr(), torch.get_num_threads())
+        if n == 1:
+            cache.pos[row_list[0]] += T
+        else:
+            cache.pos[row_list] += T
         return out[:, -last:] if last else out[:, -1]
 
 

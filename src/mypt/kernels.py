@@ -4,7 +4,7 @@ Decoding one sequence multiplies one row by every matrix, and torch's fp32 matri
 reads small matrices at about half the memory bandwidth (BENCHMARKS.md, Issue 23). csrc/decode.cpp
 holds the products MyPT runs instead (AVX2 + FMA, OpenMP over output rows): fp32 (`fp32_linear`,
 used by `DecodeLinear` and GPT.head_logits) and weight-only int8 (`int8_function`, used by
-mypt.quant); and on top of them a whole decoding step of one token through every block
+mypt.quant); and on top of them a whole decoding step of a few tokens through every block
 (`decode_step_function`, used by mypt.decode_step). The file is compiled with the system's C++
 compiler (g++ or $CXX) on first use into a cache folder (~/.cache/mypt/kernels, or
 $MYPT_KERNEL_DIR), named by a hash of the source, compiler and flags, and called through ctypes.

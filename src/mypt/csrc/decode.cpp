@@ -22,13 +22,37 @@
 
 extern "C" {
 
+// One full block of 32: xq = round(x / d) with d = max |x| / 127 (8 lanes at a time; the same
+// products and round-to-nearest-even as the scalar tail below, so the same int8 values).
+static inline float quantize_block(const float* x, int8_t* xq) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
+                 v3 = _mm256_loadu_ps(x + 24);
+    const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float d = _mm_cvtss_f32(h) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    const __m256 s = _mm256_set1_ps(inv);
+    const __m256i p = _mm256_packs_epi16(  // four rows of 8 int32 -> 32 int8, lane-interleaved
+        _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), _mm256_cvtps_epi32(_mm256_mul_ps(v1, s))),
+        _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), _mm256_cvtps_epi32(_mm256_mul_ps(v3, s))));
+    _mm256_storeu_si256((__m256i*)xq, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return d;
+}
+
 // x (M, K) fp32 -> xq (M, K) int8 and xs (M, ceil(K / 32)) fp32: x ~ xq * xs per block of 32.
 static void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) {
     const int64_t nb = (K + QBLOCK - 1) / QBLOCK;
     for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * K;
         for (int64_t b = 0; b < nb; b++) {
             const int64_t k0 = b * QBLOCK, k1 = k0 + QBLOCK < K ? k0 + QBLOCK : K;
-            const float* xr = x + m * K;
+            if (k1 - k0 == QBLOCK) {
+                xs[m * nb + b] = quantize_block(xr + k0, xq + m * K + k0);
+                continue;
+            }
             float amax = 0.f;
             for (int64_t k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xr[k]));
             const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
@@ -151,6 +175,51 @@ struct MyptModel {
     int8_t* qscratch;  // int8 activations (max_tokens * max k) then their block scales (fp32, aligned)
 };
 
+// e^x of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7 / 7!
+// (relative error about 1e-7, as expf), times 2^n through the exponent bits. x is clamped to
+// [-87, 88], so the result is finite and never a denormal.
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2 in two parts
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// v[i] = v[i] * sigmoid(a * u(v[i])) for the MLP's activations, 8 at a time (scalar tail):
+// tanh GELU, 0.5 x (1 + tanh(u)) = x sigmoid(2u) with u = sqrt(2 / pi) (x + 0.044715 x^3), and
+// SiLU, x sigmoid(x), times `up` (SwiGLU's other half) when given.
+static void gelu_or_silu(float* v, const float* up, int64_t n, bool gelu) {
+    const __m256 one = _mm256_set1_ps(1.f), c = _mm256_set1_ps(-2.f * 0.7978845608028654f);
+    const __m256 c3 = _mm256_set1_ps(0.044715f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(v + i);
+        // -2u for GELU, -x for SiLU: sigmoid(z) = 1 / (1 + e^-z)
+        const __m256 z = gelu ? _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x))
+                              : _mm256_sub_ps(_mm256_setzero_ps(), x);
+        __m256 y = _mm256_div_ps(x, _mm256_add_ps(one, exp8(z)));
+        if (up) y = _mm256_mul_ps(y, _mm256_loadu_ps(up + i));
+        _mm256_storeu_ps(v + i, y);
+    }
+    for (; i < n; i++) {
+        const float x = v[i];
+        const float z = gelu ? -2.f * 0.7978845608028654f * (x + 0.044715f * x * x * x) : -x;
+        const float y = x / (1.f + expf(fminf(z, 88.f)));
+        v[i] = up ? y * up[i] : y;
+    }
+}
+
 static inline float dot(const float* a, const float* b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
     int64_t i = 0;
@@ -211,7 +280,15 @@ static void attend(const float* q, const float* keys, const float* values, float
         top = fmaxf(top, scores[s]);
     }
     float total = 0.f;
-    for (int64_t s = 0; s < length; s++) total += (scores[s] = expf(scores[s] - top));
+    int64_t s = 0;
+    __m256 sum8 = _mm256_setzero_ps();
+    for (; s + 8 <= length; s += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + s, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    total = hsum(sum8);
+    for (; s < length; s++) total += (scores[s] = expf(scores[s] - top));
     for (int64_t i = 0; i < hs; i++) y[i] = 0.f;
     const float inv = 1.f / total;
     for (int64_t s = 0; s < length; s++) {
@@ -275,13 +352,10 @@ void mypt_decode_step(const MyptModel* m, const int64_t* tokens, const int64_t* 
         linear(m, L.fc, h, f, T, threads);
         for (int64_t t = 0; t < T; t++) {
             float* r = f + t * fc_n;
-            if (m->mlp == 0) {
-                const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-                for (int64_t i = 0; i < H; i++) r[i] = 0.5f * r[i] * (1.f + tanhf(c * (r[i] + 0.044715f * r[i] * r[i] * r[i])));
-            } else if (m->mlp == 1) {
+            if (m->mlp == 1) {
                 for (int64_t i = 0; i < H; i++) r[i] = r[i] > 0.f ? r[i] * r[i] : 0.f;
-            } else {  // silu(gate) * up, written over the gate half: row t's hidden values at f + t * fc_n
-                for (int64_t i = 0; i < H; i++) r[i] = r[i] / (1.f + expf(-r[i])) * r[H + i];
+            } else {  // SwiGLU: silu(gate) * up, written over the gate half (row t's H values at f + t * fc_n)
+                gelu_or_silu(r, m->mlp == 2 ? r + H : nullptr, H, m->mlp == 0);
             }
         }
         if (m->mlp == 2)  // the products want the T rows of H values contiguous
