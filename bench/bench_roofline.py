@@ -4,26 +4,25 @@
     python bench/bench_roofline.py --new_tokens 32 --repeats 1      # a quick check
     python bench/bench_roofline.py --quality_model q --checkpoints_dir ckpts --input_file text.txt
 
-In one run: (1) the machine's read bandwidth, the best of --repeats sums over a 1 GiB fp32 tensor
-with --threads threads, measured at the start, before each preset and after the last (the
-fractions are of the highest); (2) for each preset (random weights, seed 0, dropout 0) greedy decoding of
---new_tokens tokens at batch 1 after a 16-token prompt through MyPT's own path
-(sampling.generate_ids, KV cache), timed from the first new token to the last, best of --repeats,
-each as load_model lays it out (mypt.ops.lay_out_for_decoding): in fp32 (where mypt.kernels runs,
-each token one call of the fused step, mypt.decode_step; else column-major matrices), the same
-decoded by eager PyTorch's operations with MyPT's kernel for each product (fp32-ops), in fp32 as
-plain row-major nn.Linear layers and torch's products (fp32-rows), in bf16 weights where the CPU
-has native bf16 (avx512_bf16 or AMX; else said and skipped) and in int8 (mypt.quant; fused, and
-int8-ops as fp32-ops); bytes per token are the
-weights a step reads (every matrix whole, one embedding row, the norms) plus the KV cache at the
-mean context length, and the roofline
-fraction is tokens/s x bytes per token / bandwidth; (3) batch-1 matrix-vector products through
-150M.json's block stack (16 x 768-wide blocks: 64 matrices, no attention) in fp32 nn.Linear,
-MyPT's int8 kernel, torch._weight_int8pack_mm and torchao's Int8WeightOnlyConfig (when torchao is
-installed), in alternating rounds, best of --repeats; (4) with --profile, where an int8 step of
-150M.json spends its time; (5) with --quality_model, the validation loss of a trained checkpoint
-in fp32 and int8 on the last 10% of --input_file, and the greedy agreement over 256 tokens from
-prompts taken from it.
+In one run: (1) the machine's read bandwidth, the best of sums over a 1 GiB fp32 tensor with
+--threads threads, measured at the start and right before each timed decoding (it drifts); (2) for
+each preset (random weights, seed 0, dropout 0) greedy decoding of --new_tokens tokens at batch 1
+after a 16-token prompt through MyPT's own path (sampling.generate_ids, KV cache), timed from the
+first new token to the last, best of --repeats, each as load_model lays it out
+(mypt.ops.lay_out_for_decoding): in fp32 (where mypt.kernels runs, each token one call of the fused
+step, mypt.decode_step; else column-major matrices), the same decoded by eager PyTorch's operations
+with MyPT's kernel for each product (fp32-ops), in fp32 as plain row-major nn.Linear layers and
+torch's products (fp32-rows), in bf16 weights where the CPU has native bf16 (avx512_bf16 or AMX;
+else said and skipped) and in int8 (mypt.quant; fused, and int8-ops as fp32-ops); bytes per token
+are the weights a step reads (every matrix whole, one embedding row, the norms) plus the KV cache
+at the mean context length, and the roofline fraction is tokens/s x bytes per token / bandwidth
+(each run against the bandwidth just before it, the median of the runs); (3) batch-1 matrix-vector
+products through 150M.json's block stack (16 x 768-wide blocks: 64 matrices, no attention) in fp32
+nn.Linear, MyPT's int8 kernel, torch._weight_int8pack_mm and torchao's Int8WeightOnlyConfig (when
+torchao is installed), in alternating rounds, best of --repeats; (4) with --profile, where an int8
+step of 150M.json spends its time; (5) with --quality_model, the validation loss of a trained
+checkpoint in fp32 and int8 on the last 10% of --input_file, and the greedy agreement over 256
+tokens from prompts taken from it.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +83,7 @@ def build(preset: str) -> GPT:
 def variant(model: GPT, kind: str) -> GPT:
     """The model as load_model gives it for `kind` (fp32-rows: fp32 without the decoding layout;
     a kind ending in -ops: as without it, decoded by eager PyTorch's operations instead of the
-    fused step, see decode_speed)."""
+    fused step, see decode_runs)."""
     m = copy.deepcopy(model)
     kind = kind.removesuffix("-ops")
     if kind == "fp32-rows":
@@ -110,55 +110,67 @@ def bytes_per_token(model: GPT, context: float) -> float:
     return total + kv
 
 
-def decode_speed(model: GPT, new_tokens: int, repeats: int, fused: bool = True) -> float:
-    """Best tokens/s of greedy batch-1 decoding, first new token to last (the prefill excluded);
-    fused=False: without mypt.decode_step's one-call step (MYPT_DECODE_STEP=0)."""
+def decode_runs(model: GPT, new_tokens: int, repeats: int, before: Callable[[], float],
+                fused: bool = True) -> list[tuple[float, float]]:
+    """(tokens/s, what `before()` returned just before) of each of `repeats` greedy batch-1
+    decodings, first new token to last (the prefill excluded), after a warm-up; fused=False:
+    without mypt.decode_step's one-call step (MYPT_DECODE_STEP=0)."""
     if not fused:
         os.environ["MYPT_DECODE_STEP"] = "0"
         try:
-            return decode_speed(model, new_tokens, repeats)
+            return decode_runs(model, new_tokens, repeats, before)
         finally:
             del os.environ["MYPT_DECODE_STEP"]
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eot=True)
     prompt = torch.randint(0, model.config.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
-    best = 0.0
-    for _ in range(repeats + 1):  # the first is a warm-up
+    runs = []
+    for i in range(repeats + 1):  # the first is a warm-up
         ids = generate_ids(model, prompt.tolist(), cfg, vocab_size=model.config.vocab_size, seed=0)
         next(ids)
+        measured = before()
         start = time.perf_counter()
         n = sum(1 for _ in ids)
-        best = max(best, n / (time.perf_counter() - start))
-    return best
+        if i:
+            runs.append((n / (time.perf_counter() - start), measured))
+    return runs
 
 
-def roofline(args: argparse.Namespace, bw: float) -> None:
-    """The decode table. This VM's read bandwidth drifts (26-42 GB/s within an hour), so it is
-    measured again before each preset and after the last, and every fraction is against the
-    highest of the run's measurements (the roofline the machine showed; the lowest fractions)."""
+def roofline(args: argparse.Namespace) -> None:
+    """The decode table. This VM's read bandwidth drifts (26-52 GB/s within an hour, even within
+    a minute), so it is measured again right before each timed decoding (the best of two sums
+    over 1 GiB), and a row's roofline fraction is the median over its runs of each run's bytes
+    per second against the bandwidth measured just before it."""
     kinds = ["fp32", "fp32-ops", "fp32-rows", "bf16", "int8", "int8-ops"]
     if not native_bf16():
         kinds.remove("bf16")
     context = PROMPT_LEN + args.new_tokens / 2
-    rows, bws = [], [bw]
+    big = torch.ones(GIB // 4)
+    seen: list[float] = []
+
+    def bandwidth_now() -> float:
+        seen.append(GIB / min(_seconds(big.sum) for _ in range(2)))
+        return seen[-1]
+
+    rows = []
     for preset in args.presets:
-        bws.append(bandwidth(args.repeats))
         model = build(preset)
         for kind in kinds:
             m = variant(model, kind)
-            speed = decode_speed(m, args.new_tokens, args.repeats, fused=not kind.endswith("-ops"))
-            rows.append((preset, kind, bytes_per_token(m, min(context, m.config.block_size)), speed))
-            print(f"  {preset} {kind}: {speed:.1f} tokens/s", flush=True)
+            runs = decode_runs(m, args.new_tokens, args.repeats, bandwidth_now, fused=not kind.endswith("-ops"))
+            nbytes = bytes_per_token(m, min(context, m.config.block_size))
+            fraction = statistics.median(speed * nbytes / bw for speed, bw in runs)
+            rows.append((preset, kind, nbytes, max(speed for speed, _ in runs), fraction))
+            print(f"  {preset} {kind}: {rows[-1][3]:.1f} tokens/s", flush=True)
             del m
-    bws.append(bandwidth(args.repeats))
-    roof = max(bws)
-    print(f"\n## Batch-1 decode against the roofline\n\nread bandwidth measured {len(bws)} times in this run: "
-          f"{min(bws) / 1e9:.1f}-{roof / 1e9:.1f} GB/s; the fractions are of the highest\n")
+    print(f"\n## Batch-1 decode against the roofline\n\nread bandwidth measured before each of {len(seen)} timed runs: "
+          f"{min(seen) / 1e9:.1f}-{max(seen) / 1e9:.1f} GB/s (median {statistics.median(seen) / 1e9:.1f}); tokens/s "
+          "the best run, roofline the median of each run's fraction of the bandwidth just before it\n")
     print(f"{'preset':<24}{'weights':>10}{'MB/token':>10}{'tokens/s':>10}{'GB/s':>8}{'roofline':>10}{'vs fp32':>9}")
     base = {}
-    for preset, kind, nbytes, speed in rows:
+    for preset, kind, nbytes, speed, fraction in rows:
         base.setdefault(preset, speed)
         print(f"{preset:<24}{kind:>10}{nbytes / 1e6:>10.1f}{speed:>10.1f}{speed * nbytes / 1e9:>8.1f}"
-              f"{speed * nbytes / roof:>10.0%}{speed / base[preset]:>8.2f}x")
+              f"{fraction:>10.0%}{speed / base[preset]:>8.2f}x")
     if "bf16" not in kinds:
         print("bf16: skipped, this CPU has no native bf16 (avx512_bf16 or AMX): torch would convert every weight")
 
@@ -219,22 +231,23 @@ def stack(args: argparse.Namespace) -> None:
 
 
 def profile(args: argparse.Namespace) -> None:
-    """Where an int8 decoding step of 150M.json goes: the int8 layers (timed by hooks), the rest."""
+    """Where an int8 decoding step of 150M.json goes: the int8 layers (timed by hooks), the rest.
+    With hooks the model decodes through its modules (mypt.decode_step steps aside): this is the
+    eager path's profile (int8-ops in the table)."""
     model = quant.quantize(build("150M.json"))
     spent = [0.0]
     for m in model.modules():
         if isinstance(m, quant.Int8Linear):
             m.register_forward_pre_hook(lambda *_: spent.append(-time.perf_counter()))
             m.register_forward_hook(lambda *_: spent.append(time.perf_counter()))
-    decode_speed(model, 8, 0)
     spent[:] = [0.0]
     start = time.perf_counter()
-    n = args.new_tokens
-    speed = decode_speed(model, n, 0)
+    speed = decode_runs(model, args.new_tokens, 1, lambda: 0.0)[0][0]  # its warm-up and one run
     total = time.perf_counter() - start
     layers = sum(spent)
-    print(f"\n## Profile: 150M.json int8, {speed:.1f} tokens/s: {layers / total:.0%} of the time in the int8 layers "
-          f"(65 per token, incl. the head), {1 - layers / total:.0%} elsewhere (attention, norms, sampling, Python)")
+    print(f"\n## Profile: 150M.json int8 (eager), {speed:.1f} tokens/s: {layers / total:.0%} of the time in the "
+          f"int8 layers (65 per token, incl. the head), {1 - layers / total:.0%} elsewhere (attention, norms, "
+          "sampling, Python)")
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -278,8 +291,8 @@ def main() -> None:
     print(header("MyPT batch-1 decoding against the memory roofline"))
     print(f"kernels: {'MyPT AVX2 kernels' if kernels.available() else 'not available: ' + str(kernels.problem())}")
     bw = bandwidth(args.repeats)
-    print(f"read bandwidth: {bw / 1e9:.1f} GB/s (best torch sum over 1 GiB, {args.threads} threads)")
-    roofline(args, bw)
+    print(f"read bandwidth at the start: {bw / 1e9:.1f} GB/s (best torch sum over 1 GiB, {args.threads} threads)")
+    roofline(args)
     if not args.no_stack:
         stack(args)
     if args.profile:

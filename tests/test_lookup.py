@@ -258,12 +258,14 @@ def test_bad_lookup_values_are_refused_naming_the_field() -> None:
 
 def test_draft_length_and_pause_follow_what_held() -> None:
     lookup = Lookup(10)
-    for accepted, length, wait in ((10, 10, 0), (3, 9, 0), (0, 8, PAUSE), (1, 7, 0), (0, 6, 2 * PAUSE), (2, 5, 0),
-                                   (0, 4, PAUSE)):  # 2 held: the pause is back to PAUSE
+    # a draft cut short: 1 shorter; a miss (none held): half as long, and a pause that doubles
+    # until PAYS (2) tokens of a draft hold; a draft wholly held: 2 longer
+    for accepted, length, wait in ((10, 10, 0), (3, 9, 0), (0, 4, PAUSE), (1, 3, 0), (0, 1, 2 * PAUSE), (1, 3, 0),
+                                   (2, 2, 0), (0, 1, PAUSE)):
         lookup.drafts = [1] * lookup._length
         lookup._wait = 0
         lookup._score(accepted)
         assert (lookup._length, lookup._wait) == (length, wait)
-    lookup.drafts = [1] * 4
-    lookup._score(4)
-    assert lookup._length == 6  # a wholly accepted draft: 2 longer
+    lookup.drafts = [1]
+    lookup._score(1)
+    assert lookup._length == 3  # a wholly accepted draft: 2 longer

@@ -32,9 +32,9 @@ come from the same generator in the same order as without lookup, so a seed give
 Back-off: a draft rejected from its first token is a miss, and drafting then pauses for a
 number of steps that doubles with each miss (PAUSE up to MAX_PAUSE); a draft of which at least
 PAYS tokens hold brings the pause back to PAUSE. The draft's length adapts too: up by 2 (to N)
-after a wholly accepted draft, down by 1 after one cut short, so a verifying pass is not much
-longer than what tends to hold. Free text, where drafts rarely hold, so runs plain steps nearly
-all the time.
+after a wholly accepted draft, down by 1 after one cut short and by half after a miss, so a
+verifying pass is not much longer than what tends to hold. Free text, where drafts rarely hold,
+so runs plain steps nearly all the time.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ class Lookup:
         import torch
 
         self._saved = None
-        if cache.ring and self.drafts:
-            first = int(cache.pos[slot]) + pending
+        first = int(cache.pos[slot]) + pending
+        if cache.ring and self.drafts and first + len(self.drafts) > cache.capacity:  # it wraps: older positions
             slots = torch.arange(first, first + len(self.drafts), device=cache.k.device) % cache.capacity
             self._saved = (slots, cache.k[:, slot, :, slots].clone(), cache.v[:, slot, :, slots].clone())
 
@@ -138,8 +138,10 @@ class Lookup:
     def _score(self, accepted: int) -> None:
         self.drafted += len(self.drafts)
         self.accepted += accepted
-        whole = accepted == len(self.drafts)
-        self._length = min(self.n_draft, self._length + 2) if whole else max(1, self._length - 1)
+        if accepted == len(self.drafts):
+            self._length = min(self.n_draft, self._length + 2)
+        else:  # a miss halves it: the text has gone where the context does not predict
+            self._length = max(1, self._length - 1 if accepted else self._length // 2)
         if accepted >= PAYS:
             self._pause = PAUSE
         elif not accepted:
