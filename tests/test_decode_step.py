@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from mypt import quant
+from mypt import kernels, quant
 from mypt.config import ModelConfig
 from mypt.decode_step import MAX_TOKENS
 from mypt.model import GPT
@@ -239,3 +239,33 @@ def test_another_default_dtype_changes_nothing(default: torch.dtype) -> None:
         torch.set_default_dtype(previous)
     assert a.dtype == torch.float32
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["modern", "gpt2"])
+def test_a_step_of_many_rows_attends_row_by_row_as_sdpa(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than the fused step takes, at their own lengths (some past block_size in a
+    rotary ring), fed all together and as a subset: each row's attention over only its own slots
+    in MyPT's kernel (CacheStep.by_row) gives what torch's attention over the padded rows does."""
+    m = model(variant, seed=7)
+    rows_n = MAX_TOKENS + 4
+    fast, slow = (m.new_cache(rows_n, CPU, torch.float32) for _ in range(2))
+    fast.decode_step = slow.decode_step = None  # the eager path, whose attention is compared
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for r in range(rows_n):
+            prompt = torch.randint(0, VOCAB, (1, 1 + r % 9), generator=generator)
+            m.next_hidden(prompt, fast, torch.tensor([r])), m.next_hidden(prompt, slow, torch.tensor([r]))
+        subset = torch.tensor([0, 3, 4, 9, 17, 18, 19])
+        steps = 2 * BLOCK if m.config.position == "rope" else BLOCK - 12
+        for i in range(steps):
+            rows = subset if i % 3 == 2 else None
+            idx = torch.randint(0, VOCAB, (rows_n if rows is None else len(rows), 1), generator=generator)
+            a = m.next_hidden(idx, fast, rows)
+            with monkeypatch.context() as patch:
+                patch.setattr(kernels, "available", lambda: False)
+                assert not slow.step(rows, 1).by_row
+                b = m.next_hidden(idx, slow, rows)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert fast.step(None, 1).by_row and not fast.step(None, 2).by_row
+    assert fast.pos.tolist() == slow.pos.tolist()
+    torch.testing.assert_close(fast.k, slow.k, atol=1e-5, rtol=0)

@@ -54,6 +54,24 @@ def decode_step_function():  # -> the ctypes function mypt_decode_step (mypt.dec
     return None if lib is None else lib.mypt_decode_step
 
 
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int],
+                lengths: list[int]) -> torch.Tensor | None:
+    """One query per row (a decoding step of several rows): q (n, n_head, 1, head_dim) fp32
+    attending, row by row, to the first lengths[i] slots of row rows[i] of one layer's keys and
+    values k, v (batch, n_kv_head, capacity, head_dim), contiguous fp32 on a CPU. Returns
+    (n, n_head, 1, head_dim), or None where the kernels do not run (the caller attends itself)."""
+    lib = _loaded()[0]
+    if lib is None or torch.is_autocast_enabled("cpu") or q.dtype != torch.float32 or k.dtype != torch.float32:
+        return None
+    n, nh, _, hs = q.shape
+    q = q.contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    ints = torch.tensor(rows + lengths, dtype=torch.long)
+    lib.mypt_attend_rows(q.data_ptr(), k.data_ptr(), v.data_ptr(), ints.data_ptr(), ints.data_ptr() + 8 * n,
+                         out.data_ptr(), n, nh, k.size(1), k.size(2), hs, k[0].numel(), torch.get_num_threads())
+    return out
+
+
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x @ weight.T by MyPT's kernel where it applies: a CPU, fp32 x (..., K) of at most MAX_ROWS
     rows outside autocast, a contiguous fp32 weight (N, K) of at least MIN_WEIGHTS values, the
@@ -114,6 +132,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mypt_int8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.mypt_fp32_linear.restype = None
     lib.mypt_fp32_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.mypt_attend_rows.restype = None
+    lib.mypt_attend_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int]
     lib.mypt_decode_step.restype = None
     lib.mypt_decode_step.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
                                      + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int])

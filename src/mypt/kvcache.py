@@ -1,10 +1,11 @@
 """The KV cache of generation: keys and values of every layer for a batch of independent rows.
 
-Imports torch only. `GPT.new_cache` makes a `KVCache`; each forward pass of new tokens plans
-its positions, writes and attention mask once (`CacheStep`) and every layer stores its keys and
-values through it. `PrefixCache` keeps the keys and values of prompt starts seen before (a
-system prompt, a few-shot block) so a row can begin from a copy of them. `mypt.sampling` decides
-what to feed; this module only stores and masks.
+Imports torch (and mypt.kernels, for attention row by row). `GPT.new_cache` makes a `KVCache`;
+each forward pass of new tokens plans its positions, writes and attention mask once
+(`CacheStep`) and every layer stores its keys and values through it. `PrefixCache` keeps the
+keys and values of prompt starts seen before (a system prompt, a few-shot block) so a row can
+begin from a copy of them. `mypt.sampling` decides what to feed; this module only stores and
+masks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mypt import kernels
 from mypt.ops import attention
 
 
@@ -73,7 +75,9 @@ class CacheStep:
     earlier of them still see, the queries attend to the old slots and the new keys side by
     side, and the new keys are written afterwards.
 
-    Two ways to read, in `attend`: the cache rows between the lowest and highest of `rows` (a
+    Three ways to read, in `attend`. One new token a row on a CPU (a decoding step): each row's
+    query attends to its own filled slots in MyPT's kernel (mypt.kernels.attend_rows), nothing
+    padded or masked. Otherwise the cache rows between the lowest and highest of `rows` (a
     `span`) are read in place, the queries placed among them (the rows in between attend too,
     and their output is dropped); or, where that span is over twice as many rows as are fed,
     the rows' keys and values are gathered (copied) first. Copying a batch's keys and values
@@ -98,10 +102,16 @@ class CacheStep:
             self.positions = torch.arange(first, first + T, device=device)
         else:  # (n, T)
             self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        self.mask = self._mask(starts, device)
+        # one new token a row on a CPU: each row attends to its own slots in MyPT's kernel (by_row)
+        self.by_row = (T == 1 and device.type == "cpu" and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+                       and not torch.is_autocast_enabled("cpu") and kernels.available())
+        if self.by_row:
+            self.row_list = list(range(cache.batch)) if rows is None else self.host_rows.tolist()
+            self.lengths = [min(S, p + 1) for p in starts]
+        self.mask = None if self.by_row else self._mask(starts, device)
         self.is_causal = self.mask is None and T > 1  # every row starts at 0 and fits: plain causal
         self.span: slice | None = None  # the cache rows read in place (see attend), if any
-        if rows is not None and not self.side_by_side:
+        if rows is not None and not self.side_by_side and not self.by_row:
             fed = self.host_rows.tolist()
             lo, hi = min(fed), max(fed) + 1
             if hi - lo <= 2 * len(starts):
@@ -141,6 +151,12 @@ class CacheStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this layer's new k, v (n, nkv, T, hs) and attend with q (n, nh, T, hs) over each
         row's keys: (n, nh, T, hs)."""
+        if self.by_row:
+            ck, cv = self.cache.k[layer], self.cache.v[layer]
+            self._write(ck, cv, k, v)
+            y = kernels.attend_rows(q, ck, cv, self.row_list, self.lengths)
+            if y is not None:
+                return y
         keys, values = self.update(layer, k, v)
         if self.span is None:
             return attention(q, keys, values, self.mask, self.is_causal, fp32=False)

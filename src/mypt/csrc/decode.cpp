@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define QBLOCK 32
@@ -295,6 +296,28 @@ static void attend(const float* q, const float* keys, const float* values, float
         const float p = scores[s] * inv;
         const float* v = values + s * hs;
         for (int64_t i = 0; i < hs; i++) y[i] += p * v[i];
+    }
+}
+
+// One query per row for n rows of a KV cache's layer (a server's decoding step): out[i, j] is head j
+// of query i attending to the first lengths[i] slots of row rows[i], whose keys start at
+// k + rows[i] * row_stride, laid out (n_kv_head, capacity, head_dim). Each row reads only its own
+// slots: a batched attention over the rows pads them all to the longest and masks the rest.
+void mypt_attend_rows(const float* q, const float* k, const float* v, const int64_t* rows, const int64_t* lengths,
+                      float* out, int64_t n, int64_t n_head, int64_t n_kv_head, int64_t capacity, int64_t head_dim,
+                      int64_t row_stride, int threads) {
+    const int64_t hs = head_dim, group = n_head / n_kv_head;
+    const float scale = 1.f / sqrtf((float)hs);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = (float*)malloc(capacity * sizeof(float));
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t ij = 0; ij < n * n_head; ij++) {
+            const int64_t i = ij / n_head, j = ij % n_head;
+            const int64_t at = rows[i] * row_stride + (j / group) * capacity * hs;
+            attend(q + ij * hs, k + at, v + at, scores, out + ij * hs, lengths[i], hs, scale);
+        }
+        free(scores);
     }
 }
 
