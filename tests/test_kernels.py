@@ -46,3 +46,26 @@ def test_decode_linear_is_nn_linear_with_its_bias_and_its_gradients(monkeypatch:
     plain(x).sum().backward()
     torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
     assert fast.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 65, 50_257])
+def test_greedy_rows_is_argmax_and_the_finite_check(width: int) -> None:
+    """The first of equal maxima (ties, -0.0 against 0.0, a maximum in the tail past the last 8),
+    rows read through a slice of wider rows, and any NaN or infinity marking its row."""
+    torch.manual_seed(width)
+    wide = torch.randn(9, width + 5)
+    x = wide[:, :width]  # rows of `width` values, `width + 5` apart
+    x[1] = 0.5
+    x[2, -1] = 9.0
+    x[3] = -0.0
+    x[3, width // 2] = 0.0
+    x[4, 0] = float("nan")
+    x[5, -1] = float("inf")
+    x[6, width // 3] = float("-inf")
+    x[7, (2 * width) // 3:] = x[7].max() + 1
+    index, finite = kernels.greedy_rows(x)
+    expected_finite = torch.isfinite(x).all(1)
+    assert finite == expected_finite.tolist() and finite[4:7] == [False] * 3
+    rows = [i for i in range(9) if finite[i]]
+    assert [index[i] for i in rows] == x[rows].argmax(1).tolist()
+    assert index[1] == 0 and index[2] == width - 1 and index[3] == 0

@@ -54,6 +54,19 @@ def decode_step_function():  # -> the ctypes function mypt_decode_step (mypt.dec
     return None if lib is None else lib.mypt_decode_step
 
 
+def greedy_rows(logits: torch.Tensor) -> tuple[list[int], list[bool]] | None:
+    """(the first index of each row's largest value, whether the row is all finite) for fp32
+    logits (n, vocab) on a CPU whose rows are contiguous (a slice of columns is fine), in one
+    pass of MyPT's kernel; None where it does not run (the caller uses torch)."""
+    lib = _loaded()[0]
+    if lib is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(-1) != 1:
+        return None
+    n = logits.size(0)
+    index, finite = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.uint8)
+    lib.mypt_greedy_rows(logits.data_ptr(), n, logits.size(1), logits.stride(0), index.data_ptr(), finite.data_ptr())
+    return index.tolist(), [bool(ok) for ok in finite.tolist()]
+
+
 def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int],
                 lengths: list[int]) -> torch.Tensor | None:
     """One query per row (a decoding step of several rows): q (n, n_head, 1, head_dim) fp32
@@ -132,6 +145,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mypt_int8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.mypt_fp32_linear.restype = None
     lib.mypt_fp32_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.mypt_greedy_rows.restype = None
+    lib.mypt_greedy_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     lib.mypt_attend_rows.restype = None
     lib.mypt_attend_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int]
     lib.mypt_decode_step.restype = None

@@ -486,11 +486,14 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
         penalty = torch.tensor([[group[i].cfg.repetition_penalty] for i in penalized], device=logits.device)
         seen = torch.stack([group[i].seen for i in penalized])
         logits[index] = penalize(logits[index], seen, penalty)
-    finite = _finite_rows(logits)
-    if logits.device.type != "cpu" or not bool(finite.all()):  # (reading a CPU tensor is no device sync)
-        logits = logits.where(finite[:, None], 0.0)
-    tokens = pick_tokens(logits, [c.cfg for c in group], [c.generator for c in group])
-    tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
+    if all(c.cfg.temperature == 0 for c in group):  # each row's argmax (in one pass on a CPU)
+        tokens, finite = greedy_tokens(logits, vocab)
+    else:
+        finite = _finite_rows(logits)
+        if logits.device.type != "cpu" or not bool(finite.all()):  # (reading a CPU tensor is no device sync)
+            logits = logits.where(finite[:, None], 0.0)
+        tokens = pick_tokens(logits, [c.cfg for c in group], [c.generator for c in group])
+        tokens, finite = torch.stack((tokens, finite.long())).tolist()  # the one sync
     for i, (c, token, ok) in enumerate(zip(group, tokens, finite, strict=True)):
         if ok and c.logprobs is not None:  # every token produced, the one that ends the text included
             c._logprobs += logprobs_of(raw[i][None], torch.tensor([token], device=raw.device), c.logprobs,
@@ -505,7 +508,12 @@ def greedy_tokens(logits: torch.Tensor, vocab: int) -> tuple[list[int], list[boo
     nothing but their own logits (mypt.lookup takes a draft's rows this way at once)."""
     import torch
 
+    from mypt import kernels
+
     logits = logits[:, :vocab].float()
+    picked = kernels.greedy_rows(logits)  # one pass on a CPU
+    if picked is not None:
+        return picked
     tokens, finite = torch.stack((argmax_rows(logits), _finite_rows(logits).long())).tolist()
     return tokens, [bool(ok) for ok in finite]
 

@@ -299,6 +299,42 @@ static void attend(const float* q, const float* keys, const float* values, float
     }
 }
 
+// Greedy decoding's pick: for each of n rows of logits (row i at x + i * stride, `width` values),
+// the index of its first largest value, and whether every value is finite (no NaN, no infinity;
+// else the index means nothing). Two passes over a row (its maximum and finiteness, then the first
+// place it is reached), 8 lanes at a time: torch needs an argmax and two more reductions for this.
+void mypt_greedy_rows(const float* x, int64_t n, int64_t width, int64_t stride, int64_t* index, uint8_t* finite) {
+    for (int64_t i = 0; i < n; i++) {
+        const float* r = x + i * stride;
+        __m256 top = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= width; k += 8) {
+            const __m256 v = _mm256_loadu_ps(r + k), z = _mm256_mul_ps(v, _mm256_setzero_ps());  // NaN unless finite
+            top = _mm256_max_ps(top, v);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float best = _mm_cvtss_f32(h);
+        bool ok = _mm256_movemask_ps(bad) == 0;
+        for (; k < width; k++) {
+            ok = ok && isfinite(r[k]);
+            best = r[k] > best ? r[k] : best;
+        }
+        finite[i] = ok;
+        index[i] = 0;
+        if (!ok) continue;
+        const __m256 b8 = _mm256_set1_ps(best);
+        for (k = 0; k + 8 <= width; k += 8) {
+            const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + k), b8, _CMP_EQ_OQ));
+            if (mask) break;
+        }
+        while (r[k] != best) k++;  // within the 8 found above, or in the tail
+        index[i] = k;
+    }
+}
+
 // One query per row for n rows of a KV cache's layer (a server's decoding step): out[i, j] is head j
 // of query i attending to the first lengths[i] slots of row rows[i], whose keys start at
 // k + rows[i] * row_stride, laid out (n_kv_head, capacity, head_dim). Each row reads only its own
