@@ -47,7 +47,7 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "hidden",
-                                                     "capacity", "max_tokens")]
+                                                     "capacity")]
                 + [("mlp", ctypes.c_int32), ("wte", ctypes.c_void_p), ("wpe", ctypes.c_void_p),
                    ("layers", ctypes.POINTER(_Layer)), ("ln_f", _Norm), ("scratch", ctypes.c_void_p),
                    ("qscratch", ctypes.c_void_p)])
@@ -95,30 +95,31 @@ class DecodeStep:
         self.rope = cfg.position == "rope"
         self.vocab, self.n_embd, self.shape = cfg.vocab_size, cfg.n_embd, cache.k.shape
         S, nh, hs = cache.capacity, cfg.n_head, cfg.head_dim
-        fc_rows = model.transformer.h[0].mlp.c_fc.out_features if layers else 0
+        fc_rows = model.transformer.h[0].mlp.c_fc.out_features
         qkv, T = (nh + 2 * cfg.kv_heads) * hs, MAX_TOKENS
         self.scratch = torch.empty(T * (2 * cfg.n_embd + qkv + nh * hs + fc_rows) + nh * S, dtype=torch.float32)
         widest = max(cfg.n_embd, nh * hs, cfg.hidden_size)
         self.qscratch = torch.empty(-(-T * widest // 16) * 16 + 4 * T * (-(-widest // QBLOCK)), dtype=torch.int8)
         self.layers = (_Layer * len(layers))(*layers)
         wpe = model.transformer.wpe.weight if cfg.position == "learned" else None
-        self.struct = _Model(cfg.n_layer, cfg.n_embd, nh, cfg.kv_heads, hs, cfg.hidden_size, S, T, MLP_KINDS[cfg.mlp],
+        self.struct = _Model(cfg.n_layer, cfg.n_embd, nh, cfg.kv_heads, hs, cfg.hidden_size, S, MLP_KINDS[cfg.mlp],
                              model.transformer.wte.weight.data_ptr(), _ptr(wpe), self.layers, ln_f,
                              self.scratch.data_ptr(), self.qscratch.data_ptr())
         self.row_stride, self.layer_stride = cache.k[0, 0].numel(), cache.k[0].numel()  # in values
         self.modules = list(model.modules())
-        # (the dict holding a tensor the structs point into, its name, the pointer); the tensors
-        # themselves are kept too, so a replaced one is never freed while a call could read it
-        self.pointed = [(d, name, t.data_ptr()) for m in used for d in (m._parameters, m._buffers)
-                        for name, t in d.items() if t is not None]
-        self.tensors = [d[name] for d, name, _ in self.pointed]
+        # where each tensor the structs point into is held (a module's dict, its name), and the pointers
+        self.held = [(d, name) for m in used for d in (m._parameters, m._buffers) for name, t in d.items()
+                     if t is not None]
+        self.pointers = self.current_pointers()
         self.stale = False
+
+    def current_pointers(self) -> list[int]:
+        return [d[name].data_ptr() if d.get(name) is not None else 0 for d, name in self.held]
 
     def usable(self) -> bool:
         """Whether the modules still hold the tensors the structs point into (else never again),
         and no forward hook is registered (on the model's modules, or on every module)."""
-        if not self.stale and [d[name].data_ptr() if d.get(name) is not None else 0
-                               for d, name, _ in self.pointed] != [ptr for _, _, ptr in self.pointed]:
+        if not self.stale and self.current_pointers() != self.pointers:
             self.stale = True
         hooks = nn.modules.module
         return not (self.stale or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
@@ -163,10 +164,7 @@ class DecodeStep:
         kernels.decode_step_function()(
             ctypes.addressof(self.struct), at, at + 8 * M, at + 16 * M, M, _ptr(rot), cache.k.data_ptr(),
             cache.v.data_ptr(), self.row_stride, self.layer_stride, out.data_ptr(), torch.get_num_threads())
-        if n == 1:
-            cache.pos[row_list[0]] += T
-        else:
-            cache.pos[row_list] += T
+        cache.pos[row_list] += T
         return out[:, -last:] if last else out[:, -1]
 
 

@@ -307,7 +307,7 @@ class GPT(nn.Module):
             # few rows needs no copy (which costs as long as a dozen tokens). A head replaced
             # from outside (mypt.quant's int8 layer) runs itself.
             cache.head = self.lm_head.weight.detach().t().contiguous()
-        cache.decode_step = decode_step.plan(self, cache)  # one token of one row as one call, where it applies
+        cache.decode_step = decode_step.plan(self, cache)  # a few new tokens as one call, where it applies
         return cache
 
     @torch.no_grad()

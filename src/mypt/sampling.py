@@ -503,9 +503,9 @@ def choose_tokens(group: Sequence[Continuation], logits: torch.Tensor) -> None:
 
 def greedy_tokens(logits: torch.Tensor, vocab: int) -> tuple[list[int], list[bool]]:
     """The argmax of each row of logits (n, vocab or more) among the first `vocab` ids, and
-    whether the row was all finite (else its token means nothing), with one host sync: what
-    choose_tokens picks for rows at temperature 0 without a repetition penalty, which depend on
-    nothing but their own logits (mypt.lookup takes a draft's rows this way at once)."""
+    whether the row was all finite (else its token means nothing), with one host sync: the pick
+    of rows at temperature 0 (choose_tokens, after any repetition penalty; mypt.lookup takes a
+    draft's rows this way at once where no penalty makes a row depend on the tokens before it)."""
     import torch
 
     from mypt import kernels

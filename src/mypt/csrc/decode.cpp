@@ -137,13 +137,14 @@ void mypt_fp32_linear(const float* x, const float* w, float* out, int64_t M, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// mypt_decode_step: a few new tokens of one row (batch-1 decoding: one token, or a token and its
-// drafted successors) through every block, as one call (mypt.decode_step lays the model out in
-// these structs). Eager PyTorch spends about 20 operator calls a block on a token, a fixed cost
-// that at batch 1 weighs as much as reading small weights (BENCHMARKS.md, Issue 23); here a block
-// is its products (the kernels above: each weight row read once for all the tokens) and a few
-// loops over vectors. The same arithmetic as mypt.model in fp32: norms, (qk-norm), rotary,
-// attention over the row's cached keys (which this call extends), MLP, residuals, final norm.
+// mypt_decode_step: a few new tokens (one token of one row, a token and its drafted successors,
+// one token of each of a few rows) through every block, as one call (mypt.decode_step lays the
+// model out in these structs). Eager PyTorch spends about 20 operator calls a block on a token, a
+// fixed cost that at batch 1 weighs as much as reading small weights (BENCHMARKS.md, Issue 23);
+// here a block is its products (the kernels above: each weight row read once for all the tokens)
+// and a few loops over vectors. The same arithmetic as mypt.model in fp32: norms, (qk-norm),
+// rotary, attention over each row's cached keys (which this call extends), MLP, residuals, final
+// norm.
 
 struct MyptLinear {
     const void* w;       // fp32 (n, k) or int8 (n, k) row-major
@@ -166,14 +167,14 @@ struct MyptLayer {
 };
 
 struct MyptModel {
-    int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, hidden, capacity, max_tokens;
+    int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, hidden, capacity;
     int32_t mlp;  // 0: tanh GELU, 1: squared ReLU, 2: SwiGLU (c_fc holds gate, then up)
     const float* wte;  // (vocab, n_embd)
     const float* wpe;  // (block_size, n_embd), or null: rotary positions
     const MyptLayer* layers;
     MyptNorm ln_f;
-    float* scratch;  // max_tokens * (2 n_embd + qkv + n_head head_dim + fc rows) + n_head capacity
-    int8_t* qscratch;  // int8 activations (max_tokens * max k) then their block scales (fp32, aligned)
+    float* scratch;  // MAX_TOKENS * (2 n_embd + qkv + n_head head_dim + fc rows) + n_head capacity
+    int8_t* qscratch;  // int8 activations (MAX_TOKENS * max k) then their block scales (fp32, aligned)
 };
 
 // e^x of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7 / 7!
@@ -280,19 +281,18 @@ static void attend(const float* q, const float* keys, const float* values, float
         scores[s] = dot(q, keys + s * hs, hs) * scale;
         top = fmaxf(top, scores[s]);
     }
-    float total = 0.f;
-    int64_t s = 0;
     __m256 sum8 = _mm256_setzero_ps();
+    int64_t s = 0;
     for (; s + 8 <= length; s += 8) {
         const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), _mm256_set1_ps(top)));
         _mm256_storeu_ps(scores + s, e);
         sum8 = _mm256_add_ps(sum8, e);
     }
-    total = hsum(sum8);
+    float total = hsum(sum8);
     for (; s < length; s++) total += (scores[s] = expf(scores[s] - top));
     for (int64_t i = 0; i < hs; i++) y[i] = 0.f;
     const float inv = 1.f / total;
-    for (int64_t s = 0; s < length; s++) {
+    for (s = 0; s < length; s++) {
         const float p = scores[s] * inv;
         const float* v = values + s * hs;
         for (int64_t i = 0; i < hs; i++) y[i] += p * v[i];
@@ -357,8 +357,8 @@ void mypt_attend_rows(const float* q, const float* k, const float* v, const int6
     }
 }
 
-// T vectors (T <= max_tokens), each a token at a position of a cache row: vector t is tokens[t] at
-// positions[t] of row rows[t]. Row r's layer-0 keys start at k + r * row_stride (layer l's
+// T vectors (T <= mypt.decode_step.MAX_TOKENS), each a token at a position of a cache row: vector t
+// is tokens[t] at positions[t] of row rows[t]. Row r's layer-0 keys start at k + r * row_stride (layer l's
 // l * layer_stride further on, laid out (n_kv_head, capacity, head_dim)); position p's keys and
 // values go to slot p % capacity, and its query attends to the first min(capacity, p + 1) slots of
 // its row. The vectors are written and attend in order, each just before it attends, so vectors of
