@@ -97,6 +97,18 @@ def test_greedy_api_cached_equals_reference_for_gpt2(ckpts: Path) -> None:
     assert text == reference_greedy(lm, "The king", 40)
 
 
+def test_generation_keeps_its_kv_cache_in_the_compute_dtype(ckpts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the cache is bf16 (half the memory), as the server's; in fp32 it is fp32."""
+    from mypt.model import GPT
+
+    made = []
+    new_cache = GPT.new_cache
+    monkeypatch.setattr(GPT, "new_cache", lambda self, *a, **k: made.append(new_cache(self, *a, **k)) or made[-1])
+    for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        lm = load_model("chars", ckpts, device="cpu", dtype=dtype)
+        assert len(lm.generate("To be", max_new_tokens=40, temperature=0)) == 40  # 40: the context slides
+        assert made.pop().k.dtype == expected
+
 def test_lookup_gives_the_text_without_it_on_the_cli_and_the_api(capsys: pytest.CaptureFixture, ckpts: Path) -> None:
     """--lookup N: greedy text equal to plain greedy past block_size (32), and a seed's sampled text too."""
     common = ["--model_name", "chars", "--prompt", "To be, or not to be. To be, or not", "--max_new_tokens", "80"]

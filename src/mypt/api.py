@@ -127,7 +127,7 @@ class LoadedModel:
         seed = fresh_seed() if cfg.seed is None else cfg.seed
         ids = generate_ids(self.model, prompt_ids, cfg, vocab_size=self.tokenizer.sampled_vocab,
                            seed=seed, amp=lambda: dist.autocast(self.device, self.dtype),
-                           eot_id=self.tokenizer.eot_id)
+                           dtype=dist.TORCH_DTYPES[self.dtype], eot_id=self.tokenizer.eot_id)
         return TextStream(ids, self.tokenizer, cfg.stop, seed)
 
     def chat(self, messages: list[dict[str, str]], **options: Any) -> TextStream:

@@ -745,6 +745,7 @@ def generate_ids(
     vocab_size: int,
     seed: int,
     amp: AmpFactory = contextlib.nullcontext,
+    dtype: torch.dtype | None = None,
     eot_id: int | None = None,
 ) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens new token ids after prompt_ids (of which the last
@@ -753,10 +754,11 @@ def generate_ids(
 
     vocab_size is the tokenizer's: padded ids beyond it are never produced. `amp` makes the
     context (autocast) each forward step runs in; it is entered per step, never across a yield.
+    `dtype` is the KV cache's: the compute dtype (bf16 under bf16 autocast), default the weights'.
     """
     c = Continuation(prompt_ids, cfg, seed=seed, vocab_size=vocab_size, eot_id=eot_id)
     longest = min(len(prompt_ids), model.config.block_size) + cfg.max_new_tokens
-    decoder = Decoder(model, 1, amp, capacity=longest)  # a cache no longer than the text will be
+    decoder = Decoder(model, 1, amp, capacity=longest, dtype=dtype)  # a cache no longer than the text will be
     decoder.add(c)
     while c.finish_reason is None:
         before = c.n_new
