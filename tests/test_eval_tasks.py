@@ -16,7 +16,7 @@ from mypt.api import load_model
 from mypt.cli import run_command
 from mypt.config import ModelConfig
 from mypt.evaluation import builtin, tasks
-from mypt.evaluation.scoring import Request, encode_pair, loglikelihoods
+from mypt.evaluation.scoring import Request, encode_choices, loglikelihoods
 from mypt.model import GPT
 
 ARCH = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
@@ -53,6 +53,10 @@ def test_loglikelihoods_match_full_forward_passes(position: str) -> None:
         assert g.greedy == greedy
 
 
+def encode_pair(tok, context: str, continuation: str, what: str) -> Request:
+    return encode_choices(tok, [context], [continuation], what)[0]
+
+
 def test_encode_pair_takes_the_choice_tokens_after_the_context() -> None:
     from mypt.tokenizers.gpt2 import GPT2Tokenizer
 
@@ -61,6 +65,34 @@ def test_encode_pair_takes_the_choice_tokens_after_the_context() -> None:
     assert r.context == tuple(tok.encode("The cat sat on the"))
     assert r.continuation == tuple(tok.encode("The cat sat on the mat")[len(r.context):]) == tuple(tok.encode(" mat"))
     assert encode_pair(tok, "", "Hello", "t").context == tuple(tok.start_ids()[:1])
+
+
+def test_a_context_cut_inside_a_token_backs_off_to_the_shared_tokens() -> None:
+    """'daug' + 'hter' is one GPT-2 token ' daughter': lm-eval's split would score no tokens. Every
+    choice after the context backs off to the same shared tokens, and what is scored spells the rest."""
+    from mypt.tokenizers.gpt2 import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    context, choices = "Send for your daug", ["hter", "ht", "hter and son"]
+    requests = encode_choices(tok, [context] * 3, choices, "t")
+    assert len({r.context for r in requests}) == 1
+    head = tok.decode(list(requests[0].context))
+    assert context.startswith(head) and len(head) < len(context)
+    for r, choice in zip(requests, choices, strict=True):
+        assert r.continuation and head + tok.decode(list(r.continuation)) == context + choice
+    assert encode_pair(tok, "The cat", " sat", "t") == Request(tuple(tok.encode("The cat")), tuple(tok.encode(" sat")))
+
+
+def test_every_builtin_item_encodes_with_a_subword_tokenizer() -> None:
+    """The built-in set cuts words in half; with GPT-2's tokens each request still spells its text."""
+    from mypt.tokenizers.gpt2 import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    for task in builtin.builtin_tasks():
+        for item in task.items:
+            requests = encode_choices(tok, item.contexts, item.choices, task.name)
+            for r, context, choice in zip(requests, item.contexts, item.choices, strict=True):
+                assert r.continuation and tok.decode(list(r.context + r.continuation)) == context + choice
 
 
 # ----------------------------------------------------------------------------- task files
@@ -264,7 +296,8 @@ def lm_eval_command(export: Path, tasks_dir: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 def test_lm_eval_hf_on_the_export_agrees_with_mypt_eval(tmp_path: Path) -> None:
     """The real lm_eval CLI on the transformers folder `mypt export` writes, on a YAML task with local
-    JSON lines: the same per-choice log-likelihoods (within 1e-3) and accuracy as mypt eval --task."""
+    JSON lines: the same per-choice log-likelihoods (within 1e-3) and accuracy as mypt eval --task.
+    (Where a context stops inside a GPT-2 token the two differ on purpose: encode_choices.)"""
     import os
     import shutil
     import subprocess
@@ -281,8 +314,9 @@ def test_lm_eval_hf_on_the_export_agrees_with_mypt_eval(tmp_path: Path) -> None:
                                  "--eval_interval", "20", *ARCH]) == 0
     export = tmp_path / "export"
     assert run_command("export", ["--checkpoints_dir", str(ck), "--model_name", "g", "--out", str(export)]) == 0
-    rows = [{"context": text[i:i + 60], "choices": [text[i + 60:i + 75], text[i + 900:i + 915], " the end."],
-             "answer": 0} for i in range(0, 12_000, 600)]
+    cut = [(i, text.index(" ", i + 60), text.index(" ", i + 900)) for i in range(0, 12_000, 600)]
+    rows = [{"context": text[i:j], "choices": [text[j:j + 15], text[k:k + 15], " the end."], "answer": 0}
+            for i, j, k in cut]  # choices start with a space, as lm-eval's own tasks' do
     data = write_lines(tmp_path / "mc.jsonl", rows)
     tasks_dir = tmp_path / "lm_eval_tasks"
     tasks_dir.mkdir()

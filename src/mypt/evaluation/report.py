@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mypt.evaluation.scoring import ItemResult, encode_pair, score_items, text_nats
+from mypt.evaluation.scoring import ItemResult, encode_choices, score_items, text_nats
 from mypt.evaluation.tasks import MULTIPLE_CHOICE, TEXT, Task
 from mypt.model import GPT
 from mypt.tokenizers import Tokenizer
@@ -113,8 +113,7 @@ def check_tasks(tok: Tokenizer, tasks: list[Task]) -> None:
             continue
         for item in task.items:
             where = f"--eval_task {task.source}" + (f" line {item.line}" if item.line else "")
-            for context, choice in zip(item.contexts, item.choices, strict=True):
-                encode_pair(tok, context, choice, where)
+            encode_choices(tok, item.contexts, item.choices, where)
 
 
 def _cell(value: float | None, digits: int = 4) -> str:

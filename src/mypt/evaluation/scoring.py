@@ -2,7 +2,9 @@
 
 Tokenisation follows lm-eval's: trailing whitespace of a context moves to the front of its
 continuation, context + continuation is encoded as one text, and the continuation's tokens are
-those after the context's own tokens. An empty context is the tokenizer's start token. A request
+those after the context's own tokens (where a subword tokenizer merges across that boundary, the
+context backs off to the tokens the two encodings share: encode_choices). An empty context is
+the tokenizer's start token. A request
 longer than block_size + 1 tokens loses the start of its context (truncated from the left).
 
 Requests that share their context tokens are computed once: the context (all but its last token)
@@ -13,7 +15,7 @@ short, and the output head runs on real positions only).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,20 +45,33 @@ class Scored:
     n_tokens: int
 
 
-def encode_pair(tok: Tokenizer, context: str, continuation: str, what: str) -> Request:
-    """The request for continuation after context, tokenised as lm-eval tokenises it."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-        ctx = tok.start_ids()[:1]
-        cont = tok.encode(continuation, what)
-    else:
-        ctx = tok.encode(context, what)
-        cont = tok.encode(context + continuation, what)[len(ctx):]
-    if not cont:
-        raise MyPTError(f"{what}: a choice or target has no tokens; give it some text")
-    return Request(tuple(ctx), tuple(cont))
+def encode_choices(tok: Tokenizer, contexts: Sequence[str], continuations: Sequence[str], what: str) -> list[Request]:
+    """The request for each continuation after its context, tokenised as lm-eval tokenises them.
+
+    Where a subword tokenizer merges across the boundary (a context that stops inside a word),
+    the context's tokens are not the start of the whole text's, and lm-eval's split would score
+    tokens that do not spell the continuation, or none. The context then backs off to the tokens
+    both encodings share (token healing), the same for every continuation after that context, and
+    the rest of the whole text's tokens are scored.
+    """
+    pairs = []
+    for context, continuation in zip(contexts, continuations, strict=True):
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        ctx = tok.encode(context, what) if context else []
+        pairs.append((context, ctx, tok.encode(context + continuation, what)))
+    shared: dict[str, int] = {}
+    for context, ctx, whole in pairs:
+        n = next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), min(len(ctx), len(whole)))
+        shared[context] = min(shared.get(context, n), n)
+    requests = []
+    for context, _ctx, whole in pairs:
+        n = shared[context]
+        if len(whole) <= n:
+            raise MyPTError(f"{what}: a choice or target has no tokens; give it some text")
+        requests.append(Request(tuple(whole[:n]) or tuple(tok.start_ids()[:1]), tuple(whole[n:])))
+    return requests
 
 
 @dataclass(frozen=True)
@@ -180,8 +195,7 @@ def score_items(model: GPT, tok: Tokenizer, items: tuple[Item, ...], device: tor
     requests = []
     for item in items:
         where = f"{what} line {item.line}" if item.line else what
-        for context, choice in zip(item.contexts, item.choices, strict=True):
-            requests.append(encode_pair(tok, context, choice, where))
+        requests += encode_choices(tok, item.contexts, item.choices, where)
     scored = loglikelihoods(model, requests, device, dtype)
     out, at = [], 0
     for item in items:
