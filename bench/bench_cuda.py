@@ -12,7 +12,7 @@ if it fails; the results are printed as they come and written to --out as JSON a
   --compile, and with --compile at 4x the batch; tokens/s of the last log lines and the model FLOPs
   utilisation against the datasheet's dense bf16 rate (989 TFLOP/s for an H100/H200) and the peak;
 - resume: the eager run resumed for more iterations by the same command;
-- torchrun: one process over NCCL (DDP, then FSDP) on the tiny preset;
+- torchrun: one process over NCCL (DDP) on the tiny preset;
 - generate: generate.py greedy, then with --lookup 8, bf16 and fp32: tokens/s and equal text;
 - kv_cache: the cache's dtype under bf16 (the compute dtype) and its bytes;
 - lookup: greedy with lookup equal to plain greedy past block_size, both position kinds, fp32 and bf16;
@@ -43,20 +43,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 DATASHEET_BF16 = 989e12  # H100 / H200 SXM, dense bf16
 MYPT = [sys.executable, "-c", "import sys; from mypt.cli import main; sys.exit(main())"]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
 results: dict[str, dict] = {}
 
 
 def sh(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     print("$", " ".join(cmd[3:] if cmd[:3] == MYPT else cmd), flush=True)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
+                       env={**ENV, **(env or {})})
     tail = (r.stdout[-1500:] + "\n" + r.stderr[-2500:]).strip()
     print(f"  exit {r.returncode}\n  " + tail.replace("\n", "\n  "), flush=True)
     return r
 
 
 def speeds(log: str) -> list[float]:
-    return [float(m.group(1).replace(",", "")) for m in re.finditer(r"iter \d+: loss [\d.]+, lr \S+, ([\d,]+) tokens/s", log)]
+    lines = re.finditer(r"iter \d+: loss [\d.]+, lr \S+, ([\d,]+) tokens/s", log)
+    return [float(m.group(1).replace(",", "")) for m in lines]
 
 
 def check_peak(a) -> dict:
@@ -112,14 +114,14 @@ def check_resume(a) -> dict:
 
 def check_torchrun(a) -> dict:
     out = {}
-    for label, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for label, extra in (("ddp", []),):  # (--fsdp needs several processes: one GPU cannot give them NCCL ranks)
         r = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
                 "--config_file", "configs/tiny.json", "--model_name", f"tr-{label}", "--input_file",
                 "builtin:tinyshakespeare", "--checkpoints_dir", a.work, "--max_iters", "10", "--eval_interval", "10",
                 "--eval_iters", "2", *extra], env={"NCCL_DEBUG": "INFO"})
         log = r.stdout + r.stderr
         out[label] = {"exit": r.returncode, "nccl": "NCCL INFO" in log}
-        assert r.returncode == 0 and "NCCL INFO" in log, f"{label}: {out[label]}"
+        assert r.returncode == 0 and (out[label]["nccl"] or a.device == "cpu"), f"{label}: {out[label]}"
     return out
 
 
@@ -154,7 +156,7 @@ def check_kv_cache(a) -> dict:
     finally:
         GPT.new_cache = new_cache
     k = made[-1].k
-    assert k.dtype == torch.bfloat16 and k.device.type == "cuda", (k.dtype, k.device)
+    assert k.dtype == torch.bfloat16 and k.device.type == torch.device(a.device).type, (k.dtype, k.device)
     return {"dtype": str(k.dtype), "bytes_k_and_v": 2 * k.numel() * k.element_size()}
 
 
@@ -167,7 +169,7 @@ def check_lookup(a) -> dict:
     for kind, fields in (("learned", {}), ("rotary", ROTARY)):
         m = sharp_model(**fields).to(a.device)
         for dtype in (torch.float32, torch.bfloat16):
-            amp = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: B023, E731
+            amp = lambda: torch.autocast(torch.device(a.device).type, dtype=dtype)  # noqa: B023, E731
             ids = []
             for lookup in (0, 6):
                 cfg = SamplingConfig(max_new_tokens=60, temperature=0, lookup=lookup)
@@ -180,6 +182,9 @@ def check_lookup(a) -> dict:
 def check_quantize(a) -> dict:
     r = sh([sys.executable, "generate.py", "--model_name", "m-eager", "--checkpoints_dir", a.work, "--device",
             a.device, "--quantize", "int8", "--prompt", "x", "--max_new_tokens", "5"])
+    if a.device == "cpu":  # int8 runs there
+        assert r.returncode == 0, r.stderr
+        return {}
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     return {"message": r.stderr.strip()}
 
@@ -192,9 +197,8 @@ def check_serve(a) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     server = subprocess.Popen([*MYPT, "serve", "--model_name", "m-eager", "--checkpoints_dir", a.work, "--port",
-                               str(port), "--device", a.device, "--max_batch", "64"], cwd=ROOT, env=env)
+                               str(port), "--device", a.device, "--max_batch", "64"], cwd=ROOT, env=ENV)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -226,7 +230,8 @@ def check_serve(a) -> dict:
         assert "mypt_time_to_first_token_seconds" in metrics and "mypt_requests" in metrics, sorted(metrics)
         health = httpx.get(f"{url}/health").status_code
         assert health == 200
-        return {"streams": 64, "chunks": sum(n for _, n in got), "chunks_per_s": round(sum(n for _, n in got) / wall, 1),
+        chunks = sum(n for _, n in got)
+        return {"streams": 64, "chunks": chunks, "chunks_per_s": round(chunks / wall, 1),
                 "ttft_p50_s": round(statistics.median(f for f, _ in got), 3), "wall_s": round(wall, 2)}
     finally:
         server.terminate()
@@ -240,9 +245,9 @@ def check_eval(a) -> dict:
     return {"json_tail": r.stdout[-600:]}
 
 
-CHECKS = {"peak": check_peak, "train": check_train, "resume": check_resume, "torchrun": check_torchrun,
-          "generate": check_generate, "kv_cache": check_kv_cache, "lookup": check_lookup, "quantize": check_quantize,
-          "serve": check_serve, "eval": check_eval}
+CHECKS = {"peak": check_peak, "train": check_train, "generate": check_generate, "kv_cache": check_kv_cache,
+          "lookup": check_lookup, "quantize": check_quantize, "serve": check_serve, "eval": check_eval,
+          "resume": check_resume, "torchrun": check_torchrun}
 
 
 def main() -> None:
@@ -250,7 +255,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench_cuda")
     p.add_argument("--out", default="bench_cuda.json")
     p.add_argument("--preset", default="configs/150M.json")
-    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS))
     a = p.parse_args()

@@ -63,7 +63,7 @@ def encode_choices(tok: Tokenizer, contexts: Sequence[str], continuations: Seque
         pairs.append((context, ctx, tok.encode(context + continuation, what)))
     shared: dict[str, int] = {}
     for context, ctx, whole in pairs:
-        n = next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), min(len(ctx), len(whole)))
+        n = next((i for i, (a, b) in enumerate(zip(ctx, whole, strict=False)) if a != b), min(len(ctx), len(whole)))
         shared[context] = min(shared.get(context, n), n)
     requests = []
     for context, _ctx, whole in pairs:
