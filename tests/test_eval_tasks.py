@@ -53,6 +53,18 @@ def test_loglikelihoods_match_full_forward_passes(position: str) -> None:
         assert g.greedy == greedy
 
 
+def test_loglikelihoods_under_bf16_are_near_fp32s() -> None:
+    """Under bf16 autocast (--dtype bf16, and auto on a GPU) the cache is bf16 and the numbers stay
+    near fp32's (an fp32 cache made every bf16 scoring stop with a dtype error)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
+    model = GPT(cfg).eval()
+    requests = [Request((1, 2, 3, 4), (5, 6)), Request((1, 2, 3, 4), (7,)), Request((9,), (8, 8, 8))]
+    fp32 = loglikelihoods(model, requests, torch.device("cpu"), "fp32")
+    bf16 = loglikelihoods(model, requests, torch.device("cpu"), "bf16")
+    assert [b.logprob for b in bf16] == pytest.approx([f.logprob for f in fp32], abs=0.05)
+
+
 def encode_pair(tok, context: str, continuation: str, what: str) -> Request:
     return encode_choices(tok, [context], [continuation], what)[0]
 

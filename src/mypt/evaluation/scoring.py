@@ -129,9 +129,9 @@ def _prefill(model: GPT, cache: KVCache, batch: list[_Fitted], device: torch.dev
         cache.pos[row] = len(f.prefix)  # padding written past it is never attended to
 
 
-def _score_batch(model: GPT, batch: list[_Fitted], device: torch.device) -> list[Scored]:
+def _score_batch(model: GPT, batch: list[_Fitted], device: torch.device, dtype: str) -> list[Scored]:
     longest = max(len(f.prefix) for f in batch) + max(len(f.tail) for f in batch)
-    cache = model.new_cache(len(batch), device, model.lm_head.weight.dtype, capacity=longest)
+    cache = model.new_cache(len(batch), device, dist.TORCH_DTYPES[dtype], capacity=longest)  # the compute dtype
     _prefill(model, cache, batch, device)
     tails = _padded([f.tail for f in batch], device)
     h = model.hidden_states(tails, cache.step(None, tails.size(1)))  # (R, T, n_embd)
@@ -156,7 +156,7 @@ def loglikelihoods(model: GPT, requests: list[Request], device: torch.device, dt
     results: list[Scored | None] = [None] * len(fitted)
     for rows in _batches(fitted, order, block_size, max_tokens):
         with torch.inference_mode(), dist.autocast(device, dtype):
-            scored = _score_batch(model, [fitted[i] for i in rows], device)
+            scored = _score_batch(model, [fitted[i] for i in rows], device, dtype)
         for i, s in zip(rows, scored, strict=True):
             results[i] = s
     return results  # type: ignore[return-value]
