@@ -159,10 +159,10 @@ class CacheStep:
                 return y
         keys, values = self.update(layer, k, v)
         if self.span is None:
-            return attention(q, keys, values, self.mask, self.is_causal, fp32=False)
+            return attention(q, keys, values, self.mask, self.is_causal, fp32=False, shapes_vary=True)
         placed = q.new_zeros((keys.size(0), *q.shape[1:]))
         placed[self.offsets] = q
-        return attention(placed, keys, values, self.mask, self.is_causal, fp32=False)[self.offsets]
+        return attention(placed, keys, values, self.mask, self.is_causal, fp32=False, shapes_vary=True)[self.offsets]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (n, nkv, T, hs); return the keys and values to attend to:

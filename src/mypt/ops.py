@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LOSS_CHUNK_ROWS = 1024  # rows of the (B*T, vocab) logits, turned into their gradients, held at a time
 IGNORE_INDEX = -1  # a target that is not trained on (fine-tuning masks all but the assistant's tokens)
@@ -88,15 +89,25 @@ def attends_in_fp32(x: torch.Tensor, cached: bool) -> bool:
     return not cached and x.device.type == "cpu"
 
 
+# SDPA's backends for a KV cache's steps, whose key length changes with every step: not cuDNN's,
+# which builds a plan for each new shape (under bf16 on an H200, 2.9 ms of CPU per call against
+# the whole 16-layer step's 9 ms of GPU work: decoding ran 9x slower than fp32; BENCHMARKS.md).
+SHAPES_VARY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-              fp32: bool) -> torch.Tensor:
+              fp32: bool, shapes_vary: bool = False) -> torch.Tensor:
     """F.scaled_dot_product_attention of q (B, nh, T, hs) over k, v (B, nkv, S, hs), nkv dividing nh;
-    with fp32, in fp32 outside autocast (which would cast the inputs back down)."""
+    with fp32, in fp32 outside autocast (which would cast the inputs back down). shapes_vary: the
+    call is one of many of changing shapes (decoding), for which CUDA uses SHAPES_VARY_BACKENDS."""
     gqa = k.size(1) != q.size(1)
     if fp32:
         with torch.autocast(q.device.type, enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                   is_causal=causal, enable_gqa=gqa)
+    if shapes_vary and q.is_cuda:
+        with sdpa_kernel(SHAPES_VARY_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
