@@ -264,8 +264,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS))
     p.add_argument("--train_runs", nargs="+", default=["eager", "compile", "compile_4x_batch"],
-                   choices=["eager", "compile", "compile_4x_batch"], help="which trainings 'train' times ('eager' first: "
-                   "the later checks use its model)")
+                   choices=["eager", "compile", "compile_4x_batch"],
+                   help="which trainings 'train' times (keep 'eager': the later checks use its model)")
     a = p.parse_args()
     for name, fn in CHECKS.items():
         if name in a.skip:
