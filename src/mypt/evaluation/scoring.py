@@ -4,8 +4,8 @@ Tokenisation follows lm-eval's: trailing whitespace of a context moves to the fr
 continuation, context + continuation is encoded as one text, and the continuation's tokens are
 those after the context's own tokens (where a subword tokenizer merges across that boundary, the
 context backs off to the tokens the two encodings share: encode_choices). An empty context is
-the tokenizer's start token. A request
-longer than block_size + 1 tokens loses the start of its context (truncated from the left).
+the tokenizer's start token. A request longer than block_size + 1 tokens loses the start of its
+context (truncated from the left).
 
 Requests that share their context tokens are computed once: the context (all but its last token)
 is run through the model into one row of a KV cache and copied to the rows of its continuations,
