@@ -154,7 +154,12 @@ def check_kv_cache(a) -> dict:
 
     made = []
     new_cache = GPT.new_cache
-    GPT.new_cache = lambda self, *p, **k: made.append(new_cache(self, *p, **k)) or made[-1]
+
+    def recorded(self: GPT, *args, **kwargs):
+        made.append(new_cache(self, *args, **kwargs))
+        return made[-1]
+
+    GPT.new_cache = recorded
     try:
         lm = load_model("m-eager", a.work, device=a.device, dtype="bf16")
         lm.generate("ROMEO:", max_new_tokens=20, temperature=0)

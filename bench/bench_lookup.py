@@ -62,8 +62,8 @@ def train(work: Path, name: str, fields: dict, flags: list[str]) -> LoadedModel:
     return load_model(name, ckpts, device="cpu", dtype="fp32")
 
 
-def copy_practice(work: Path, text: str) -> Path:
-    """The training part of text as windows of 60-200 characters, each followed by a copy of itself."""
+def copy_practice(path: Path, text: str) -> None:
+    """Write text as windows of 60-200 characters, each followed by a copy of itself, to path."""
     rng, out = random.Random(0), []
     for _ in range(4):  # other windows each pass, so that copying, not the pairs, is what is learnt
         at = rng.randrange(100)
@@ -71,9 +71,7 @@ def copy_practice(work: Path, text: str) -> Path:
             window = text[at:at + rng.randrange(60, 200)]
             out.append(f"{window}\n\n{window}\n\n")
             at += len(window)
-    path = work / "copy-practice.txt"
     path.write_text("".join(out), encoding="utf-8")
-    return path
 
 
 def models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
@@ -83,9 +81,9 @@ def models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
                  ["--tokenizer", "char", "--input_file", TINYSHAKESPEARE, "--max_iters", str(args.train_iters),
                   "--eval_interval", str(args.train_iters)])
     text = builtin_text(TINYSHAKESPEARE)
-    data = work / "copy-practice.txt"
+    data = work / "copy-practice.txt"  # the copying model's training text, written where it is to be trained
     if not (work / "checkpoints" / "lookup-copy" / "model.pt").exists():
-        data = copy_practice(work, text[:int(len(text) * 0.9)])
+        copy_practice(data, text[:int(len(text) * 0.9)])  # the training part
     copier = train(work, "lookup-copy", {"block_size": 256, "batch_size": 16, "vocab_size": 1024},
                    ["--tokenizer", "bpe", "--vocab_size", "1024", "--input_file", str(data), "--max_iters",
                     str(args.copy_iters), "--eval_interval", str(args.copy_iters // 4)])

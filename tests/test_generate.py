@@ -103,7 +103,12 @@ def test_generation_keeps_its_kv_cache_in_the_compute_dtype(ckpts: Path, monkeyp
 
     made = []
     new_cache = GPT.new_cache
-    monkeypatch.setattr(GPT, "new_cache", lambda self, *a, **k: made.append(new_cache(self, *a, **k)) or made[-1])
+
+    def recorded(self: GPT, *args, **kwargs):
+        made.append(new_cache(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(GPT, "new_cache", recorded)
     for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         lm = load_model("chars", ckpts, device="cpu", dtype=dtype)
         assert len(lm.generate("To be", max_new_tokens=40, temperature=0)) == 40  # 40: the context slides

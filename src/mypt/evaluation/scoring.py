@@ -54,24 +54,31 @@ def encode_choices(tok: Tokenizer, contexts: Sequence[str], continuations: Seque
     both encodings share (token healing), the same for every continuation after that context, and
     the rest of the whole text's tokens are scored.
     """
-    pairs = []
+    encoded = []  # (context, the whole text's tokens, how many of them start as the context's own do)
     for context, continuation in zip(contexts, continuations, strict=True):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        ctx = tok.encode(context, what) if context else []
-        pairs.append((context, ctx, tok.encode(context + continuation, what)))
-    shared: dict[str, int] = {}
-    for context, ctx, whole in pairs:
-        n = next((i for i, (a, b) in enumerate(zip(ctx, whole, strict=False)) if a != b), min(len(ctx), len(whole)))
+        whole = tok.encode(context + continuation, what)
+        encoded.append((context, whole, _shared_start(tok.encode(context, what) if context else [], whole)))
+    shared: dict[str, int] = {}  # per context: the fewest, so every continuation after it backs off alike
+    for context, _whole, n in encoded:
         shared[context] = min(shared.get(context, n), n)
     requests = []
-    for context, _ctx, whole in pairs:
+    for context, whole, _n in encoded:
         n = shared[context]
         if len(whole) <= n:
             raise MyPTError(f"{what}: a choice or target has no tokens; give it some text")
         requests.append(Request(tuple(whole[:n]) or tuple(tok.start_ids()[:1]), tuple(whole[n:])))
     return requests
+
+
+def _shared_start(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
